@@ -1,0 +1,1 @@
+"""vmsim: a simulated virtual-memory testbed for ELF loading."""
