@@ -1,0 +1,631 @@
+"""Pictures of address spaces: maps, page states, before/after, and a trace of Mmap calls.
+
+This module sits on top of the layers: it reads only ``loader.mmap.Region`` lists (what any
+backend's ``maps()`` returns) and plain sequences, so it draws the simulator and the real kernel
+alike. It imports matplotlib but never picks a backend; pyplot is touched only to make a figure
+when the caller passes no ``ax``. Every plotting function takes an ``ax`` and returns it.
+
+Colours follow gef/pwndbg ``vmmap``: by role first (code red, data purple, rodata plain,
+guard cyan, extern stubs orange), then flags drawn on top (RELRO hatched, W+X hatched red).
+Regions are drawn to scale among themselves; gaps between them are compressed to one band that
+states their size. Tests find what was drawn through each artist's ``gid`` (see ``GIDS``).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.collections import PolyCollection
+from matplotlib.patches import Patch, Rectangle
+
+from loader.mmap import MapFlags, ProtFlags, Region
+from loader.pages import HOST_PAGE_SIZE
+
+if TYPE_CHECKING:
+    from matplotlib.animation import FuncAnimation
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "EXTERN_PATHS",
+    "GIDS",
+    "PAGE_COLORS",
+    "ROLE_COLORS",
+    "PageState",
+    "TraceStep",
+    "animate_trace",
+    "changed_regions",
+    "format_call",
+    "format_size",
+    "plot_before_after",
+    "plot_map",
+    "plot_pages",
+    "plot_trace",
+    "region_role",
+    "trace_frames",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Roles and colours
+
+EXTERN_PATHS: tuple[str, ...] = ("[extern]",)
+"""Paths that mark the loader's mapping of stubs for unresolved/extern symbols."""
+
+ROLE_COLORS: dict[str, str] = {
+    "code": "#e8554e",     # red, as vmmap prints executable mappings
+    "data": "#9b6fd0",     # purple: writable
+    "rodata": "#f4f4f4",   # plain: read-only
+    "guard": "#5fd3e0",    # cyan: PROT_NONE (reservations, guard pages)
+    "extern": "#f5a623",   # orange: the loader's extern stubs
+}
+ROLE_LEGEND: dict[str, str] = {
+    "code": "code (x)",
+    "data": "data (w)",
+    "rodata": "rodata (r only)",
+    "guard": "guard / reserved (---)",
+    "extern": "extern stubs",
+}
+RELRO_HATCH = "///"
+WX_HATCH = "xxx"
+WX_COLOR = "#b00000"
+CHANGED_COLOR = "#f2c200"
+
+GIDS: dict[str, str] = {
+    "region": "region:<start hex>: one Rectangle per region, facecolor = its role",
+    "relro": "relro:<start hex>: hatched overlay on the part of a region inside RELRO",
+    "wx": "wx:<start hex>: red hatched overlay on a writable+executable region",
+    "changed": "changed:<start hex>: thick yellow outline on a region that differs",
+    "gap": "gap:<start hex>: the compressed band for an unmapped gap (its Text has the size)",
+    "label": "label:<start hex>: the Text naming a region",
+    "pages": "pages: the PolyCollection of page cells in plot_pages",
+}
+"""How tests and users find what a picture contains: each artist's ``gid``."""
+
+
+def region_role(region: Region, *, extern_paths: Iterable[str] = EXTERN_PATHS) -> str:
+    """The role of a region: "extern", "guard", "code", "data" or "rodata".
+
+    The path decides "extern"; otherwise the permissions do, in that order (x before w).
+    """
+    if region.path in tuple(extern_paths):
+        return "extern"
+    if region.prot == ProtFlags.PROT_NONE:
+        return "guard"
+    if region.prot & ProtFlags.PROT_EXEC:
+        return "code"
+    if region.prot & ProtFlags.PROT_WRITE:
+        return "data"
+    return "rodata"
+
+
+def _is_wx(region: Region) -> bool:
+    both = ProtFlags.PROT_WRITE | ProtFlags.PROT_EXEC
+    return (region.prot & both) == both
+
+
+def format_size(nbytes: int) -> str:
+    """``nbytes`` in binary units with at most one decimal: "4 KiB", "1.9 GiB", "12 B"."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            text = f"{value:.1f}".removesuffix(".0")
+            return f"{text} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _object_name(region: Region) -> str:
+    if not region.path:
+        return "[anon]"
+    return region.path.rsplit("/", 1)[-1]
+
+
+def _region_label(region: Region, name_width: int = 0, offset_width: int = 0) -> str:
+    offset = f"{region.offset:#x}"
+    return (f"{_object_name(region):<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
+            f"{format_size(region.length)}")
+
+
+def _key(region: Region) -> tuple[int, int, int, bool, int, str]:
+    return (region.start, region.end, int(region.prot), region.shared, region.offset,
+            region.path)
+
+
+def changed_regions(before: Sequence[Region], after: Sequence[Region]) -> list[Region]:
+    """The regions of ``after`` that do not appear identically (same range, perms, offset,
+    path) in ``before``: what a step created or changed."""
+    old = {_key(r) for r in before}
+    return [r for r in after if _key(r) not in old]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: addresses -> drawing height (regions to scale, gaps compressed)
+
+@dataclass(frozen=True)
+class _Layout:
+    """A monotone piecewise-linear map from address to y (downwards, like a maps listing)."""
+
+    bounds: npt.NDArray[np.float64]
+    ys: npt.NDArray[np.float64]
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    shortened: list[tuple[int, int]] = field(default_factory=list)
+
+    def y(self, addr: int) -> float:
+        return float(np.interp(float(addr), self.bounds, self.ys))
+
+    @property
+    def height(self) -> float:
+        return float(self.ys[-1]) if len(self.ys) else 1.0
+
+
+def _layout(maps: Sequence[Sequence[Region]], *, min_height: float, max_height: float,
+            gap_height: float, median_height: float) -> _Layout:
+    """Lay out the union of several maps, so one address sits at one height in all of them.
+
+    Each covered piece between consecutive boundaries gets a height proportional to its
+    length (at least ``min_height``, at most ``max_height``: longer ones are drawn shortened);
+    each uncovered piece (a gap) gets ``gap_height``. The median covered piece gets
+    ``median_height``, which sets the scale.
+    """
+    regions = [r for m in maps for r in m]
+    if not regions:
+        return _Layout(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    edge_ints = sorted({a for r in regions for a in (r.start, r.end)})
+    edges = np.array(edge_ints, dtype=np.float64)
+    starts = np.array([r.start for r in regions], dtype=np.float64)
+    ends = np.array([r.end for r in regions], dtype=np.float64)
+    mids = (edges[:-1] + edges[1:]) / 2
+    inside = (starts[None, :] <= mids[:, None]) & (mids[:, None] < ends[None, :])
+    covered = np.asarray(inside.any(axis=1), dtype=np.bool_)
+    lengths = np.diff(edges)
+    unit = max(float(np.median(lengths[covered])) / median_height, 1.0)
+    heights = np.where(covered, np.clip(lengths / unit, min_height, max_height), gap_height)
+    ys = np.concatenate([[0.0], np.cumsum(heights)])
+    pieces = list(itertools.pairwise(edge_ints))
+    flags = [bool(c) for c in covered]
+    sizes: list[float] = lengths.tolist()
+    gaps = [p for p, c in zip(pieces, flags, strict=True) if not c]
+    short = [p for p, c, ln in zip(pieces, flags, sizes, strict=True)
+             if c and ln / unit > max_height]
+    return _Layout(edges, ys, gaps, short)
+
+
+def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
+    return _layout(maps, min_height=0.55, max_height=10.0, gap_height=0.9, median_height=1.5)
+
+
+def _new_axes(layout: _Layout, ncols: int = 1, width: float = 7.0) -> list[Axes]:
+    import matplotlib.pyplot as plt
+
+    height = min(max(0.32 * layout.height + 1.6, 3.0), 40.0)
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False,
+                             layout="constrained")
+    del fig
+    return list(axes[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Maps
+
+_BAR = (0.0, 0.26)      # x extent of the bars; labels start at _TEXT_X
+_TEXT_X = 0.29
+
+
+@dataclass
+class _MapStyle:
+    relro: tuple[int, int] | None = None
+    labels: Mapping[int, str] | Sequence[str] | None = None
+    extern_paths: tuple[str, ...] = EXTERN_PATHS
+    role_of: Callable[[Region], str] | None = None
+    changed: set[tuple[int, int, int, bool, int, str]] = field(default_factory=set)
+    changed_word: str = "changed"
+    fontsize: float = 8.0
+    name_width: int = 0
+    offset_width: int = 0
+    roles_seen: set[str] = field(default_factory=set)
+    flags_seen: set[str] = field(default_factory=set)
+
+
+def _label_for(style: _MapStyle, index: int, region: Region) -> str:
+    default = _region_label(region, style.name_width, style.offset_width)
+    if style.labels is None:
+        return default
+    if isinstance(style.labels, Mapping):
+        return style.labels.get(region.start, default)
+    return style.labels[index]
+
+
+def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
+                 style: _MapStyle) -> None:
+    top, bottom = layout.y(region.start), layout.y(region.end)
+    role = style.role_of(region) if style.role_of else region_role(
+        region, extern_paths=style.extern_paths)
+    style.roles_seen.add(role)
+    x0, x1 = _BAR
+    tag = f"{region.start:#x}"
+    ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor=ROLE_COLORS[role],
+                           edgecolor="#333333", linewidth=0.8, gid=f"region:{tag}"))
+    if _is_wx(region):
+        style.flags_seen.add("wx")
+        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+                               edgecolor=WX_COLOR, hatch=WX_HATCH, linewidth=2.0,
+                               gid=f"wx:{tag}"))
+    in_relro = False
+    if style.relro is not None:
+        lo, hi = max(region.start, style.relro[0]), min(region.end, style.relro[1])
+        if lo < hi:
+            in_relro = True
+            style.flags_seen.add("relro")
+            ax.add_patch(Rectangle((x0, layout.y(lo)), x1 - x0, layout.y(hi) - layout.y(lo),
+                                   facecolor="none", edgecolor="#222222", hatch=RELRO_HATCH,
+                                   linewidth=0.0, gid=f"relro:{tag}"))
+    text = _label_for(style, index, region) + ("  RELRO" if in_relro else "")
+    if _key(region) in style.changed:
+        style.flags_seen.add("changed")
+        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+                               edgecolor=CHANGED_COLOR, linewidth=3.0, gid=f"changed:{tag}"))
+        text += f"  ◀ {style.changed_word}"
+    if _is_wx(region):
+        text += "  W+X!"
+    ax.text(_TEXT_X, (top + bottom) / 2, text, va="center", ha="left",
+            fontsize=style.fontsize, family="monospace", gid=f"label:{tag}",
+            color=WX_COLOR if _is_wx(region) else "black")
+
+
+def _draw_gaps(ax: Axes, layout: _Layout, fontsize: float) -> None:
+    x0, x1 = _BAR
+    for lo, hi in layout.gaps:
+        top, bottom = layout.y(lo), layout.y(hi)
+        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+                               edgecolor="#aaaaaa", linestyle=(0, (2, 2)), linewidth=0.8,
+                               gid=f"gap:{lo:#x}"))
+        ax.text((x0 + x1) / 2, (top + bottom) / 2, f"gap {format_size(hi - lo)}",
+                ha="center", va="center", fontsize=fontsize, style="italic",
+                color="#555555", gid=f"gap:{lo:#x}")
+
+
+def _draw_shortened(ax: Axes, layout: _Layout) -> None:
+    """Mark pieces drawn shorter than to scale with a white zigzag across the bar."""
+    x0, x1 = _BAR
+    for lo, hi in layout.shortened:
+        mid = (layout.y(lo) + layout.y(hi)) / 2
+        xs = np.linspace(x0, x1, 9)
+        zig = mid + np.where(np.arange(9) % 2 == 0, -0.12, 0.12)
+        ax.plot(xs, zig, color="white", linewidth=3.0, gid=f"shortened:{lo:#x}")
+        ax.plot(xs, zig, color="#333333", linewidth=0.8)
+
+
+def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Patch]:
+    roles = [r for r in ROLE_COLORS if r in style.roles_seen] or list(ROLE_COLORS)
+    handles = [Patch(facecolor=ROLE_COLORS[r], edgecolor="#333333", label=ROLE_LEGEND[r])
+               for r in roles]
+    if "relro" in style.flags_seen:
+        handles.append(Patch(facecolor="white", edgecolor="#222222", hatch=RELRO_HATCH,
+                             label="RELRO (read-only after relocation)"))
+    if "wx" in style.flags_seen:
+        handles.append(Patch(facecolor="white", edgecolor=WX_COLOR, hatch=WX_HATCH,
+                             label="W+X: writable and executable!"))
+    if "changed" in style.flags_seen:
+        handles.append(Patch(facecolor="white", edgecolor=CHANGED_COLOR, linewidth=3.0,
+                             label=f"{style.changed_word} by this step"))
+    if has_gap:
+        handles.append(Patch(facecolor="white", edgecolor="#aaaaaa", linestyle=(0, (2, 2)),
+                             label="unmapped gap (not to scale)"))
+    if has_short:
+        handles.append(Patch(facecolor="#dddddd", edgecolor="#333333",
+                             label="≈ big region drawn shortened"))
+    return handles
+
+
+def _address_ticks(ax: Axes, regions: Sequence[Region], layout: _Layout,
+                   fontsize: float) -> None:
+    ends_of_runs = [a.end for a, b in itertools.pairwise(regions) if a.end != b.start]
+    marks = sorted({r.start for r in regions} | set(ends_of_runs)
+                   | ({regions[-1].end} if regions else set()))
+    ax.set_yticks([layout.y(a) for a in marks], [f"{a:#014x}" for a in marks],
+                  fontsize=fontsize, family="monospace")
+
+
+def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapStyle,
+              title: str | None) -> Axes:
+    regions = sorted(regions, key=lambda r: r.start)
+    style.name_width = max((len(_object_name(r)) for r in regions), default=0)
+    style.offset_width = max((len(f"{r.offset:#x}") for r in regions), default=0)
+    if style.labels is None and regions:
+        header = (f"{'object':<{style.name_width}}  perm  {'offset':>{style.offset_width}}  "
+                  "size")
+        ax.text(_TEXT_X, 0.0, header, va="bottom", ha="left", fontsize=style.fontsize,
+                family="monospace", color="#555555", gid="header")
+    for index, region in enumerate(regions):
+        _draw_region(ax, index, region, layout, style)
+    own_gaps = _Layout(layout.bounds, layout.ys,
+                       [g for g in layout.gaps if _inside_hull(g, regions)],
+                       layout.shortened)
+    _draw_gaps(ax, own_gaps, style.fontsize)
+    _draw_shortened(ax, layout)
+    _address_ticks(ax, regions, layout, style.fontsize)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(layout.height, 0.0)
+    ax.set_xticks([])
+    ax.set_ylabel("address (lowest at the top)", fontsize=style.fontsize)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    handles = _legend_handles(style, bool(own_gaps.gaps), bool(layout.shortened))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+              fontsize=style.fontsize, frameon=False)
+    if title is not None:
+        ax.set_title(title, fontsize=style.fontsize + 2, loc="left", pad=14)
+    return ax
+
+
+def _inside_hull(gap: tuple[int, int], regions: Sequence[Region]) -> bool:
+    return bool(regions) and regions[0].start <= gap[0] and gap[1] <= max(r.end for r in regions)
+
+
+def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
+             relro: tuple[int, int] | None = None,
+             labels: Mapping[int, str] | Sequence[str] | None = None,
+             extern_paths: Iterable[str] = EXTERN_PATHS,
+             role_of: Callable[[Region], str] | None = None,
+             title: str | None = None, fontsize: float = 8.0) -> Axes:
+    """Draw a map of an address space, lowest address at the top as ``/proc/self/maps`` lists it.
+
+    ``regions``: what a backend's ``maps()`` returns. ``relro``: an absolute (start, end) drawn
+    hatched. ``labels``: per-region text (by start address, or a list in address order) in place
+    of "name perms +offset size". ``role_of`` overrides :func:`region_role`. Returns ``ax``.
+    """
+    regions = sorted(regions, key=lambda r: r.start)
+    layout = _layout_for([regions])
+    ax = ax if ax is not None else _new_axes(layout)[0]
+    style = _MapStyle(relro=relro, labels=labels, extern_paths=tuple(extern_paths),
+                      role_of=role_of, fontsize=fontsize)
+    return _draw_map(ax, regions, layout, style, title)
+
+
+def plot_before_after(before: Sequence[Region], after: Sequence[Region],
+                      axes: Sequence[Axes] | None = None, *,
+                      relro: tuple[int, int] | None = None,
+                      titles: tuple[str, str] = ("before", "after"),
+                      extern_paths: Iterable[str] = EXTERN_PATHS,
+                      fontsize: float = 8.0) -> Sequence[Axes]:
+    """Draw two maps side by side on one address scale; regions that differ are outlined.
+
+    On the left, regions the step removed or changed; on the right, the ones it created or
+    changed. ``relro`` is hatched on the right only. Returns the two axes.
+    """
+    before = sorted(before, key=lambda r: r.start)
+    after = sorted(after, key=lambda r: r.start)
+    layout = _layout_for([before, after])
+    pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=7.0)
+    if len(pair) != 2:
+        raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
+    left = _MapStyle(extern_paths=tuple(extern_paths), fontsize=fontsize,
+                     changed={_key(r) for r in changed_regions(after, before)},
+                     changed_word="removed/changed")
+    right = _MapStyle(relro=relro, extern_paths=tuple(extern_paths), fontsize=fontsize,
+                      changed={_key(r) for r in changed_regions(before, after)},
+                      changed_word="new/changed")
+    _draw_map(pair[0], before, layout, left, titles[0])
+    _draw_map(pair[1], after, layout, right, titles[1])
+    return pair
+
+
+# ---------------------------------------------------------------------------------------------
+# Page states
+
+class PageState(enum.Enum):
+    """What backs one page of a mapping, as the MMU and the kernel see it."""
+
+    NOT_PRESENT = "not present"        # no page-table entry yet: first access will fault
+    ZERO = "zero page"                 # read before written: the shared zero frame
+    FILE = "shared file page"          # read of a file mapping: the page cache's frame
+    PRIVATE = "private copy"           # this mapping's own frame (copied, or filled), clean
+    DIRTY = "dirty"                    # own frame, written since it was filled or copied
+
+    @classmethod
+    def parse(cls, value: PageState | str) -> PageState:
+        """Accept a PageState, its value ("zero page") or its name ("ZERO", "zero")."""
+        if isinstance(value, PageState):
+            return value
+        for state in cls:
+            if value in (state.value, state.name) or value.upper() == state.name:
+                return state
+        allowed = ", ".join(repr(s.value) for s in cls)
+        raise ValueError(f"page state {value!r} is not one of {allowed}")
+
+
+PAGE_COLORS: dict[PageState, str] = {
+    PageState.NOT_PRESENT: "#ffffff",
+    PageState.ZERO: "#c9ddf0",
+    PageState.FILE: "#7cc47f",
+    PageState.PRIVATE: "#fdb56e",
+    PageState.DIRTY: "#d9480f",
+}
+
+
+def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
+               start: int | None = None, page_size: int = HOST_PAGE_SIZE,
+               columns: int | None = None, title: str | None = None,
+               fontsize: float = 8.0) -> Axes:
+    """Draw one cell per page of a region, coloured by its state, ``columns`` cells a row.
+
+    ``states``: one PageState (or its name) per page, in address order. ``start``: the
+    region's first address, used to label each row. Returns ``ax``.
+    """
+    order = list(PageState)
+    codes = np.array([order.index(PageState.parse(s)) for s in states], dtype=np.int64)
+    ncols = columns or max(1, min(len(codes), 32))
+    nrows = max(1, math.ceil(len(codes) / ncols))
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(max(4.0, 0.28 * ncols + 3.0), 0.3 * nrows + 1.8),
+                             layout="constrained")
+    idx = np.arange(len(codes))
+    x, y = (idx % ncols).astype(np.float64), (idx // ncols).astype(np.float64)
+    corners = np.array([[0.05, 0.05], [0.95, 0.05], [0.95, 0.95], [0.05, 0.95]])
+    verts = np.stack([x, y], axis=1)[:, None, :] + corners[None, :, :]
+    palette = [PAGE_COLORS[s] for s in order]
+    cells = PolyCollection(list(verts), facecolors=[palette[c] for c in codes.tolist()],
+                           edgecolors="#888888", linewidths=0.6)
+    cells.set_gid("pages")
+    ax.add_collection(cells)
+    ax.set_xlim(0.0, ncols)
+    ax.set_ylim(nrows, 0.0)
+    ax.set_aspect("equal")
+    ax.set_xticks(np.arange(ncols) + 0.5, [str(i) if i % 4 == 0 else "" for i in range(ncols)],
+                  fontsize=fontsize)
+    row_names = [f"{start + r * ncols * page_size:#x}" if start is not None else f"page {r * ncols}"
+                 for r in range(nrows)]
+    ax.set_yticks(np.arange(nrows) + 0.5, row_names, fontsize=fontsize, family="monospace")
+    counts = np.bincount(codes, minlength=len(order))
+    handles = [Patch(facecolor=PAGE_COLORS[s], edgecolor="#888888",
+                     label=f"{s.value} ({counts[i]})") for i, s in enumerate(order)]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+              fontsize=fontsize, frameon=False)
+    ax.set_title(title or f"{len(codes)} pages, {format_size(len(codes) * page_size)}",
+                 fontsize=fontsize + 2, loc="left")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces
+
+@dataclass(frozen=True)
+class TraceStep:
+    """One recorded Mmap call: its name, arguments, result, and the maps after it."""
+
+    op: str
+    args: dict[str, Any]
+    result: Any
+    maps: list[Region]
+    error: str | None = None
+
+
+_RECORD_KEYS = ("op", "result", "maps", "error", "args")
+
+
+def _as_step(call: Any) -> TraceStep:
+    """Accept a TraceStep, a dict (args nested under "args" or flat, as the JSON "calls"
+    lists them), or an object with ``op``/``args``/``result``/``maps`` attributes."""
+    if isinstance(call, TraceStep):
+        return call
+    if isinstance(call, Mapping):
+        args = dict(call.get("args") or {k: v for k, v in call.items() if k not in _RECORD_KEYS})
+        maps, result, error = call.get("maps"), call.get("result"), call.get("error")
+        op = call["op"]
+    else:
+        op, args = call.op, dict(getattr(call, "args", {}) or {})
+        maps, result = getattr(call, "maps", None), getattr(call, "result", None)
+        error = getattr(call, "error", None)
+    if maps is None:
+        raise ValueError(f"trace record for {op!r} has no maps-after; record with maps")
+    return TraceStep(str(op), args, result, [_as_region(r) for r in maps],
+                     None if error is None else str(error))
+
+
+def _as_region(region: Region | str | Mapping[str, Any]) -> Region:
+    if isinstance(region, Region):
+        return region
+    if isinstance(region, str):
+        return Region.parse(region)
+    return Region(start=int(region["start"]), end=int(region["end"]),
+                  prot=ProtFlags.from_rwx(str(region["perms"])),
+                  shared=str(region["perms"]).endswith("s"),
+                  offset=int(region.get("offset", 0)), path=str(region.get("path", "")))
+
+
+def trace_frames(calls: Iterable[Any]) -> list[TraceStep]:
+    """One frame per recorded call, in order: the call and the maps after it.
+
+    Each call may be a TraceStep, a dict or a record object (see ``_as_step``); each map entry
+    a Region, a ``/proc/self/maps`` line or a dict with start/end/perms/offset/path.
+    """
+    return [_as_step(c) for c in calls]
+
+
+def _format_value(name: str, value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if name == "prot":
+        return ProtFlags(int(value)).rwx
+    if name == "flags" and isinstance(value, int):
+        return "|".join(f.name or "" for f in MapFlags if f.value and f in MapFlags(value)
+                        and f not in (MapFlags.MAP_TYPE, MapFlags.MAP_SHARED_VALIDATE)
+                        ) or hex(value)
+    if isinstance(value, int) and name not in ("fd", "use_file"):
+        return hex(value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def format_call(step: TraceStep) -> str:
+    """``mmap(addr=0x7f.., length=0x5000, prot=r-x, ...) -> 0x7f..`` for a frame title."""
+    args = ", ".join(f"{k}={_format_value(k, v)}" for k, v in step.args.items())
+    result = step.result.addr if hasattr(step.result, "addr") else step.result
+    outcome = f"error {step.error}" if step.error else _format_value("result", result)
+    return f"{step.op}({args}) -> {outcome}"
+
+
+def plot_trace(calls: Sequence[Any], ax: Axes | None = None, *, step: int = -1,
+               relro: tuple[int, int] | None = None,
+               extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0) -> Axes:
+    """Draw frame ``step`` of a trace: the maps after that call, what it changed outlined,
+    the call itself as the title. All frames share one address scale. Returns ``ax``."""
+    frames = trace_frames(calls)
+    if not frames:
+        raise ValueError("calls: the trace is empty; record at least one Mmap call")
+    index = range(len(frames))[step]
+    layout = _layout_for([f.maps for f in frames])
+    ax = ax if ax is not None else _new_axes(layout)[0]
+    _draw_frame(ax, frames, index, layout, relro, tuple(extern_paths), fontsize)
+    return ax
+
+
+def _draw_frame(ax: Axes, frames: Sequence[TraceStep], index: int, layout: _Layout,
+                relro: tuple[int, int] | None, extern_paths: tuple[str, ...],
+                fontsize: float) -> None:
+    frame = frames[index]
+    before = frames[index - 1].maps if index else []
+    style = _MapStyle(relro=relro if index == len(frames) - 1 else None,
+                      extern_paths=extern_paths, fontsize=fontsize,
+                      changed={_key(r) for r in changed_regions(before, frame.maps)},
+                      changed_word="new/changed")
+    title = f"step {index + 1}/{len(frames)}: {format_call(frame)}"
+    _draw_map(ax, frame.maps, layout, style, title)
+
+
+def animate_trace(calls: Sequence[Any], fig: Figure | None = None, *, interval: int = 900,
+                  relro: tuple[int, int] | None = None,
+                  extern_paths: Iterable[str] = EXTERN_PATHS,
+                  fontsize: float = 8.0) -> FuncAnimation:
+    """An animation with one frame per call; in a notebook show it with ``.to_jshtml()``.
+
+    Every frame is drawn on one address scale so regions do not jump between frames.
+    """
+    from matplotlib.animation import FuncAnimation
+
+    frames = trace_frames(calls)
+    if not frames:
+        raise ValueError("calls: the trace is empty; record at least one Mmap call")
+    layout = _layout_for([f.maps for f in frames])
+    if fig is None:
+        ax = _new_axes(layout)[0]
+        fig = ax.get_figure()  # type: ignore[assignment]
+        assert fig is not None
+    else:
+        ax = fig.axes[0] if fig.axes else fig.add_subplot()
+    paths = tuple(extern_paths)
+
+    def draw(i: int) -> list[Any]:
+        ax.clear()
+        _draw_frame(ax, frames, i, layout, relro, paths, fontsize)
+        return []
+
+    return FuncAnimation(fig, draw, frames=len(frames), interval=interval, repeat=False)
