@@ -324,7 +324,7 @@ def test_trace_record_without_maps_says_what_to_do() -> None:
 def test_plot_trace_titles_each_step_and_outlines_its_change() -> None:
     calls = _trace()
     ax = viz.plot_trace(calls, step=2)
-    assert ax.get_title(loc="left").startswith("step 3/3: mprotect(")
+    assert ax.get_title(loc="left").startswith("step 3/3\nmprotect(")
     base = _reserve_then_map()[1][0].start
     assert set(patches(ax, "changed")) == {f"{base:#x}", f"{base + 2 * PAGE:#x}"}
     first = viz.plot_trace(calls, step=0)

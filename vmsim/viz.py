@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -336,8 +337,8 @@ def _address_ticks(ax: Axes, regions: Sequence[Region], layout: _Layout,
 def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapStyle,
               title: str | None) -> Axes:
     regions = sorted(regions, key=lambda r: r.start)
-    style.name_width = max((len(_object_name(r)) for r in regions), default=0)
-    style.offset_width = max((len(f"{r.offset:#x}") for r in regions), default=0)
+    style.name_width = max([len("object")] + [len(_object_name(r)) for r in regions])
+    style.offset_width = max([len("offset")] + [len(f"{r.offset:#x}") for r in regions])
     if style.labels is None and regions:
         header = (f"{'object':<{style.name_width}}  perm  {'offset':>{style.offset_width}}  "
                   "size")
@@ -480,8 +481,11 @@ def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
     ax.set_xlim(0.0, ncols)
     ax.set_ylim(nrows, 0.0)
     ax.set_aspect("equal")
-    ax.set_xticks(np.arange(ncols) + 0.5, [str(i) if i % 4 == 0 else "" for i in range(ncols)],
+    ax.xaxis.tick_top()
+    ax.set_xticks(np.arange(ncols) + 0.5, [f"+{i}" if i % 4 == 0 else "" for i in range(ncols)],
                   fontsize=fontsize)
+    ax.set_xlabel("page within the row", fontsize=fontsize)
+    ax.xaxis.set_label_position("top")
     row_names = [f"{start + r * ncols * page_size:#x}" if start is not None else f"page {r * ncols}"
                  for r in range(nrows)]
     ax.set_yticks(np.arange(nrows) + 0.5, row_names, fontsize=fontsize, family="monospace")
@@ -491,7 +495,7 @@ def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
               fontsize=fontsize, frameon=False)
     ax.set_title(title or f"{len(codes)} pages, {format_size(len(codes) * page_size)}",
-                 fontsize=fontsize + 2, loc="left")
+                 fontsize=fontsize + 2, loc="left", pad=6)
     return ax
 
 
@@ -597,7 +601,8 @@ def _draw_frame(ax: Axes, frames: Sequence[TraceStep], index: int, layout: _Layo
                       extern_paths=extern_paths, fontsize=fontsize,
                       changed={_key(r) for r in changed_regions(before, frame.maps)},
                       changed_word="new/changed")
-    title = f"step {index + 1}/{len(frames)}: {format_call(frame)}"
+    call = textwrap.fill(format_call(frame), width=72, subsequent_indent="    ")
+    title = f"step {index + 1}/{len(frames)}\n{call}"
     _draw_map(ax, frame.maps, layout, style, title)
 
 
