@@ -156,6 +156,12 @@ class LibcHarness(BackendHarness):
         self.max_map_count = int(Path("/proc/sys/vm/max_map_count").read_text())
         self.has_pkeys = host_has_pkeys()
 
+    def map_count(self) -> int:
+        """The kernel's mm->map_count: the maps lines minus the [vsyscall] gate area, which
+        /proc/self/maps shows but vm.max_map_count does not count."""
+        with open("/proc/self/maps") as maps:
+            return sum(1 for line in maps if not line.rstrip().endswith("[vsyscall]"))
+
     def probe(self, addr: int, access: str) -> str:
         """See :meth:`BackendHarness.probe`: done in a forked child."""
         return probe(addr, access)

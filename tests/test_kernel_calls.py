@@ -7,6 +7,7 @@ import errno
 import os
 
 from harness import BackendHarness, RelRegion, expect_errno
+
 from loader.mmap import MapFlags, MmapError, ProtFlags
 
 NONE, R, W, X = ProtFlags.PROT_NONE, ProtFlags.PROT_READ, ProtFlags.PROT_WRITE, ProtFlags.PROT_EXEC

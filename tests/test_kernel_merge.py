@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from harness import BackendHarness, RelRegion
+
 from loader.mmap import MapFlags, ProtFlags
 
 NONE, R, W, X = ProtFlags.PROT_NONE, ProtFlags.PROT_READ, ProtFlags.PROT_WRITE, ProtFlags.PROT_EXEC
