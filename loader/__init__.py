@@ -1,9 +1,51 @@
 """loader: an ELF loader written against the small ``Mmap`` interface (``loader.mmap``).
 
 It runs on any backend: the simulator (``vmsim.AddressSpace``) or the real kernel
-(``loader.libc.LibcMmap``).
+(``loader.libc.LibcMmap``). The pipeline: ``loader.elf`` and ``loader.tables`` parse and
+validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
+``loader.symbols`` relocate, ``loader.load`` protects, runs init and ties it together;
+``loader.outcome`` makes loads comparable and ``loader.trace`` records the calls.
 """
 
+from loader.errors import (
+    ElfDynamicError,
+    ElfError,
+    ElfHeaderError,
+    ElfRelocationError,
+    ElfSegmentError,
+    ElfSymbolError,
+    ElfUnsupportedError,
+)
+from loader.load import LoadedObject, load, runs_code
 from loader.mmap import MapFlags, Mapping, Mmap, MmapDefaults, MmapError, ProtFlags, Region
+from loader.outcome import Outcome
+from loader.plan import LoadPlan
+from loader.symbols import HostResolver, Resolver, StubResolver
+from loader.trace import CopyingMmap, TracingMmap
 
-__all__ = ["MapFlags", "Mapping", "Mmap", "MmapDefaults", "MmapError", "ProtFlags", "Region"]
+__all__ = [
+    "CopyingMmap",
+    "ElfDynamicError",
+    "ElfError",
+    "ElfHeaderError",
+    "ElfRelocationError",
+    "ElfSegmentError",
+    "ElfSymbolError",
+    "ElfUnsupportedError",
+    "HostResolver",
+    "LoadPlan",
+    "LoadedObject",
+    "MapFlags",
+    "Mapping",
+    "Mmap",
+    "MmapDefaults",
+    "MmapError",
+    "Outcome",
+    "ProtFlags",
+    "Region",
+    "Resolver",
+    "StubResolver",
+    "TracingMmap",
+    "load",
+    "runs_code",
+]

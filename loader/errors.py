@@ -1,0 +1,62 @@
+"""The loader's errors: ``ElfError`` (a ValueError) and its kinds, one per pipeline stage.
+
+Part of the ``loader`` layer; imports nothing from the project. Every message names the
+field, the value found and the limit it broke, so a fuzzer's shrunk example explains itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ElfError",
+    "ElfHeaderError",
+    "ElfSegmentError",
+    "ElfDynamicError",
+    "ElfRelocationError",
+    "ElfSymbolError",
+    "ElfUnsupportedError",
+]
+
+
+def _show(value: object) -> str:
+    """Integers in hex (addresses and sizes read better so), everything else as repr."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value)
+    return repr(value)
+
+
+class ElfError(ValueError):
+    """Bad or unsupported ELF input. ``field``, ``value`` and ``limit`` say what and why.
+
+    >>> str(ElfError("e_phnum", 70000, "at most 65535"))
+    'e_phnum = 0x11170: at most 65535'
+    """
+
+    def __init__(self, field: str, value: object, limit: str) -> None:
+        self.field = field
+        self.value = value
+        self.limit = limit
+        super().__init__(f"{field} = {_show(value)}: {limit}")
+
+
+class ElfHeaderError(ElfError):
+    """The ELF header or the file as a whole: magic, class, machine, truncation."""
+
+
+class ElfSegmentError(ElfError):
+    """Program headers: PT_LOAD order, overlap, sizes, offsets, alignment, RELRO."""
+
+
+class ElfDynamicError(ElfError):
+    """The dynamic section and the tables its tags point at (bounds, entry sizes)."""
+
+
+class ElfRelocationError(ElfError):
+    """A relocation: unknown type, target outside every writable segment."""
+
+
+class ElfSymbolError(ElfError):
+    """Symbols: index past the table, name past the string table, bad version index."""
+
+
+class ElfUnsupportedError(ElfError):
+    """Valid ELF this loader or this backend does not handle (e.g. PT_TLS on the host)."""

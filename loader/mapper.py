@@ -1,0 +1,97 @@
+"""Map: carry out a ``LoadPlan`` on any ``Mmap`` backend.
+
+Part of the ``loader`` layer (imports ``loader.plan``, ``loader.mmap``, ``loader.pages``).
+Reserve the span, map each PT_LOAD over it with MAP_PRIVATE|MAP_FIXED, honour ``need_copy``
+(write the bytes, then mprotect), clear the partial page after the file bytes, map the rest of
+.bss anonymously, leave holes PROT_NONE. On any failure the whole reservation is unmapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loader.errors import ElfSegmentError
+from loader.mmap import MapFlags, Mmap, ProtFlags
+from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
+from loader.plan import LoadPlan, SegmentPlan
+
+__all__ = ["map_plan", "reserve"]
+
+_FIXED = MapFlags.MAP_PRIVATE | MapFlags.MAP_FIXED
+
+
+def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool) -> int:
+    """Reserve the span and return its start. ``base`` asks for an exact address (an
+    ET_EXEC must be at ``plan.vmin``); otherwise the base is aligned to ``plan.align``
+    by over-reserving and trimming, as glibc does for p_align above the page size.
+
+    Raises ElfSegmentError when the exact address is not free (the backend placed it
+    elsewhere) and MmapError from the backend.
+    """
+    want = plan.vmin if plan.fixed and base is None else base
+    length = plan.span_length
+    if want is None and plan.align > plan.page_size:
+        extra = plan.align - plan.page_size
+        got = mm.mmap_reserve(None, length + extra, use_file)
+        start = page_round_up(got, plan.align)
+        if start > got:
+            mm.munmap(got, start - got)
+        if got + extra > start:
+            mm.munmap(start + length, got + extra - start)
+        return start
+    got = mm.mmap_reserve(want, length, use_file)
+    if want is not None and got != want:
+        mm.munmap(got, length)
+        raise ElfSegmentError("load address", want,
+                              f"a free range of {length:#x} bytes there (the backend "
+                              f"offered {got:#x})")
+    return got
+
+
+def _zero_tail(seg: SegmentPlan, bias: int, mm: Mmap, writable_now: bool) -> None:
+    """Clear ``[zero_start, zero_end)``: file bytes past p_filesz in its last file page.
+    A read-only segment is made writable for it and restored (as glibc does)."""
+    if seg.zero_end <= seg.zero_start:
+        return
+    page = page_round_down(seg.zero_start + bias, _page_of(mm))
+    if not writable_now:
+        mm.mprotect(page, _page_of(mm), seg.prot | ProtFlags.PROT_WRITE)
+    mm.write(seg.zero_start + bias, bytes(seg.zero_end - seg.zero_start))
+    if not writable_now:
+        mm.mprotect(page, _page_of(mm), seg.prot)
+
+
+def _page_of(mm: Mmap) -> int:
+    """The backend's page size (``page_size`` attribute; the host's when absent)."""
+    return int(getattr(mm, "page_size", HOST_PAGE_SIZE))
+
+
+def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: Any) -> None:
+    """Map one PT_LOAD: the file pages (or a copy), the zeroed tail, the anonymous rest."""
+    writable = bool(seg.prot & ProtFlags.PROT_WRITE)
+    if seg.map_end > seg.start:
+        length = seg.map_end - seg.start
+        got = mm.mmap(seg.start + bias, length, seg.prot, _FIXED, seg.offset, fd)
+        if got.need_copy:
+            mm.write(seg.start + bias, bytes(data[seg.offset: seg.offset + seg.content]))
+            mm.mprotect(seg.start + bias, length, seg.prot)
+        else:
+            _zero_tail(seg, bias, mm, writable)
+    if seg.anon_end > seg.anon_start:
+        mm.mmap_anonymous(seg.anon_start + bias, seg.anon_end - seg.anon_start, seg.prot,
+                          _FIXED)
+
+
+def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any) -> None:
+    """Map every segment of ``plan`` into the reservation at ``start`` (= vmin + bias).
+
+    ``fd`` None means no file: the backend answers need_copy and the bytes are copied from
+    ``data``. Holes are set PROT_NONE when the reservation may not be (no file). Raises
+    MmapError from the backend; the caller unmaps the reservation.
+    """
+    bias = start - plan.vmin
+    for seg in plan.segments:
+        _map_segment(seg, bias, mm, fd, data)
+    if fd is None:
+        for lo, hi in plan.holes():
+            mm.mprotect(lo + bias, hi - lo, ProtFlags.PROT_NONE)

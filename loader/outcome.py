@@ -1,0 +1,161 @@
+"""Outcomes: what a load left behind, in a form two backends' loads can be compared by.
+
+Part of the ``loader`` layer (imports ``loader.mmap``, ``loader.trace``). DESIGN.md
+"Outcomes": the regions inside the span (relative to its start: length, perms, file-backed or
+anonymous, file offset), the bytes of every readable page (a SHA-1 per page; ``diff`` names
+the pages that differ), the RELRO range, and the trace of Mmap calls. An Outcome is plain
+data: it pickles (out of a forked child) and prints as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loader.mmap import Region
+
+if TYPE_CHECKING:
+    from loader.load import LoadedObject
+
+__all__ = ["Outcome", "RegionRecord", "regions_in", "take_outcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRecord:
+    """One region inside the span, relative to the span start."""
+
+    start: int
+    length: int
+    perms: str
+    file_backed: bool
+    offset: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The comparable result of a load. ``pages`` maps each readable page's offset in the
+    span to the SHA-1 of its bytes; ``calls`` is the trace (fd numbers shown as "fd")."""
+
+    span_length: int
+    regions: tuple[RegionRecord, ...]
+    pages: dict[int, str]
+    relro: tuple[int, int] | None
+    calls: tuple[tuple[tuple[str, Any], ...], ...]
+    extern: dict[str, int] = field(default_factory=dict)
+    irelative: tuple[tuple[int, int], ...] = ()
+    inits: tuple[int, ...] = ()
+
+    def diff(self, other: Outcome) -> list[str]:
+        """Readable differences between two outcomes, empty when they are equal."""
+        out: list[str] = []
+        if self.span_length != other.span_length:
+            out.append(f"span length {self.span_length:#x} != {other.span_length:#x}")
+        if self.regions != other.regions:
+            out += _diff_lists("region", [_region_text(r) for r in self.regions],
+                               [_region_text(r) for r in other.regions])
+        if self.relro != other.relro:
+            out.append(f"relro {_range(self.relro)} != {_range(other.relro)}")
+        for off in sorted(set(self.pages) | set(other.pages)):
+            a, b = self.pages.get(off, "unreadable"), other.pages.get(off, "unreadable")
+            if a != b:
+                out.append(f"page +{off:#x}: {a[:12]} != {b[:12]}")
+        if self.calls != other.calls:
+            out += _diff_lists("call", [_call_text(c) for c in self.calls],
+                               [_call_text(c) for c in other.calls])
+        for name in ("extern", "irelative", "inits"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name}: {getattr(self, name)} != {getattr(other, name)}")
+        return out
+
+    def page_perms(self, page_size: int) -> list[str]:
+        """The perms of each page of the span (``"---p"`` where nothing is mapped)."""
+        perms = ["---p"] * (self.span_length // page_size)
+        for r in self.regions:
+            for off in range(r.start, r.start + r.length, page_size):
+                perms[off // page_size] = r.perms
+        return perms
+
+
+def _range(r: tuple[int, int] | None) -> str:
+    """``+0x1000-+0x2000`` or ``None``."""
+    return "None" if r is None else f"+{r[0]:#x}-+{r[1]:#x}"
+
+
+def _region_text(r: RegionRecord) -> str:
+    """One region as a maps-like line relative to the span."""
+    kind = f"file@{r.offset:#x}" if r.file_backed else "anon"
+    return f"+{r.start:#x}-+{r.start + r.length:#x} {r.perms} {kind}"
+
+
+def _call_text(call: tuple[tuple[str, Any], ...]) -> str:
+    """One call as ``op(arg=..., ...) -> result``."""
+    d = dict(call)
+    op = d.pop("op")
+    res = d.pop("result", d.pop("errno", None))
+    args = ", ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool)
+                     else f"{k}={v}" for k, v in d.items())
+    return f"{op}({args}) -> {res:#x}" if isinstance(res, int) else f"{op}({args}) -> {res}"
+
+
+def _diff_lists(what: str, a: list[str], b: list[str]) -> list[str]:
+    """Line-by-line differences of two lists, numbered."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else "(none)"
+        y = b[i] if i < len(b) else "(none)"
+        if x != y:
+            out.append(f"{what} {i}: {x}  !=  {y}")
+    return out
+
+
+def regions_in(maps: list[Region], start: int, end: int) -> list[Region]:
+    """The regions overlapping ``[start, end)``, clipped to it."""
+    out = []
+    for r in maps:
+        if r.end <= start or r.start >= end:
+            continue
+        lo, hi = max(r.start, start), min(r.end, end)
+        off = r.offset + (lo - r.start) if _file_backed(r) else 0
+        out.append(Region(lo, hi, r.prot, r.shared, off, r.dev, r.inode, r.path))
+    return out
+
+
+def _file_backed(r: Region) -> bool:
+    """True for a mapping of a file (an inode, or a path that is not a [label])."""
+    return bool(r.inode) or bool(r.path and not r.path.startswith("["))
+
+
+def _page_hashes(obj: LoadedObject, regions: list[Region], page: int) -> dict[int, str]:
+    """SHA-1 of every readable page in the span, keyed by offset from the span start."""
+    out = {}
+    for r in regions:
+        if not r.perms.startswith("r"):
+            continue
+        raw = obj.mm.inner.read(r.start, r.end - r.start)
+        for off in range(0, len(raw), page):
+            out[r.start - obj.span[0] + off] = hashlib.sha1(raw[off: off + page]).hexdigest()
+    return out
+
+
+def _calls(obj: LoadedObject) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """The trace with fd numbers replaced by "fd" (they differ between processes)."""
+    out = []
+    for c in obj.mm.calls:
+        d = c.as_dict()
+        if d.get("fd") is not None:
+            d["fd"] = "fd"
+        out.append(tuple(d.items()))
+    return tuple(out)
+
+
+def take_outcome(obj: LoadedObject) -> Outcome:
+    """Read ``obj``'s outcome from its backend now."""
+    start, end = obj.span
+    regions = regions_in(obj.mm.inner.maps(), start, end)
+    records = tuple(RegionRecord(r.start - start, r.end - r.start, r.perms, _file_backed(r),
+                                 r.offset) for r in regions)
+    relro = None if obj.relro is None else (obj.relro[0] - start, obj.relro[1] - start)
+    return Outcome(end - start, records, _page_hashes(obj, regions, obj.plan.page_size),
+                   relro, _calls(obj), dict(obj.relocations.extern),
+                   tuple(obj.relocations.irelative), tuple(obj.inits))

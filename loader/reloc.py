@@ -1,0 +1,380 @@
+"""Relocate: the x86-64 relocation table and the generic kinds that apply it.
+
+Part of the ``loader`` layer (imports ``loader.tables``, ``loader.symbols``, ``loader.mmap``).
+As musl does it, an architecture is a table from type number to (kind, width, addend rule);
+one function per kind does the work, with the ABI's letters: S (symbol address), A (addend),
+P (place), B (load bias). RELATIVE entries and RELR are one numpy scatter; the symbolic
+word-sized kinds are a second one. ``check_relocations`` validates every target before any
+memory is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from loader.elf import PF_W, ElfImage
+from loader.errors import ElfRelocationError, ElfSymbolError
+from loader.mmap import Mmap
+from loader.symbols import STT_GNU_IFUNC, STT_TLS, Resolution, Resolver
+from loader.tables import DynamicTables, RelocTable
+
+__all__ = [
+    "Kind",
+    "RelocOutcome",
+    "Rule",
+    "TlsLayout",
+    "X86_64",
+    "check_relocations",
+    "relocate",
+    "type_name",
+]
+
+
+class Kind(enum.Enum):
+    """The generic relocation kinds; an architecture maps its numbers onto these."""
+
+    NONE = "none"
+    RELATIVE = "relative"      # B + A
+    ABSOLUTE = "absolute"      # S + A (or S)
+    PCREL = "pcrel"            # S + A - P
+    COPY = "copy"              # copy st_size bytes from S to P
+    IRELATIVE = "irelative"    # resolver(B + A)()
+    TLS_MODULE = "tls_module"  # module id of the defining object
+    TLS_DTPOFF = "tls_dtpoff"  # S.st_value + A (offset in its TLS block)
+    TLS_TPOFF = "tls_tpoff"    # S.st_value + A - tls offset (static TLS, variant II)
+
+
+class Rule(NamedTuple):
+    """One type: its name, kind, width in bytes, whether the addend is used (S+A vs S)."""
+
+    name: str
+    kind: Kind
+    width: int
+    addend: bool
+
+
+X86_64: dict[int, Rule] = {
+    0: Rule("R_X86_64_NONE", Kind.NONE, 0, False),
+    1: Rule("R_X86_64_64", Kind.ABSOLUTE, 8, True),
+    2: Rule("R_X86_64_PC32", Kind.PCREL, 4, True),
+    5: Rule("R_X86_64_COPY", Kind.COPY, 0, False),
+    6: Rule("R_X86_64_GLOB_DAT", Kind.ABSOLUTE, 8, False),
+    7: Rule("R_X86_64_JUMP_SLOT", Kind.ABSOLUTE, 8, False),
+    8: Rule("R_X86_64_RELATIVE", Kind.RELATIVE, 8, True),
+    10: Rule("R_X86_64_32", Kind.ABSOLUTE, 4, True),
+    11: Rule("R_X86_64_32S", Kind.ABSOLUTE, 4, True),
+    16: Rule("R_X86_64_DTPMOD64", Kind.TLS_MODULE, 8, False),
+    17: Rule("R_X86_64_DTPOFF64", Kind.TLS_DTPOFF, 8, True),
+    18: Rule("R_X86_64_TPOFF64", Kind.TLS_TPOFF, 8, True),
+    24: Rule("R_X86_64_PC64", Kind.PCREL, 8, True),
+    37: Rule("R_X86_64_IRELATIVE", Kind.IRELATIVE, 8, True),
+    38: Rule("R_X86_64_RELATIVE64", Kind.RELATIVE, 8, True),
+}
+_TYPES = np.array(sorted(X86_64), dtype=np.uint32)
+_WIDTH = np.zeros(int(_TYPES.max()) + 1, dtype=np.uint64)
+_WIDTH[_TYPES] = [X86_64[t].width for t in _TYPES.tolist()]
+_SYMBOLIC = {Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
+             Kind.TLS_TPOFF}
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def type_name(r_type: int) -> str:
+    """``R_X86_64_...`` for a known type, else ``"type N"``."""
+    rule = X86_64.get(r_type)
+    return rule.name if rule else f"type {r_type}"
+
+
+def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
+               ) -> npt.NDArray[np.bool_]:
+    """Which entries of ``table`` have one of ``kinds`` (and ``width`` when given)."""
+    types = [t for t, r in X86_64.items() if r.kind in kinds and (width is None or
+                                                                   r.width == width)]
+    return np.isin(table.r_type, np.array(types, dtype=np.uint32))
+
+
+@dataclass(frozen=True, slots=True)
+class TlsLayout:
+    """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
+    blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
+    is the block's distance below the thread pointer."""
+
+    module_id: int
+    tp_offset: int
+
+    @classmethod
+    def first_static(cls, image: ElfImage, module_id: int = 1) -> TlsLayout | None:
+        """The layout glibc gives the first static TLS block: offset rounded up to p_align,
+        keeping the block's first byte congruent to p_vaddr (glibc's ``firstbyte``)."""
+        tls = image.tls
+        if tls is None:
+            return None
+        align = max(tls.p_align, 1)
+        firstbyte = -tls.p_vaddr & (align - 1)
+        offset = (tls.p_memsz - firstbyte + align - 1) // align * align + firstbyte
+        return cls(module_id, offset)
+
+
+def _segment_arrays(image: ElfImage, textrel: bool
+                    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
+    segs = [s for s in image.loads if textrel or s.p_flags & PF_W]
+    return (np.array([s.p_vaddr for s in segs], dtype=np.uint64),
+            np.array([s.end for s in segs], dtype=np.uint64))
+
+
+def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
+                   starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]) -> None:
+    """Every ``[off, off+width)`` inside one writable segment, else ElfRelocationError."""
+    if len(offs) == 0:
+        return
+    seg = np.searchsorted(starts, offs, side="right").astype(np.int64) - 1
+    ok = seg >= 0
+    if len(ends):
+        segc = np.clip(seg, 0, len(ends) - 1)
+        top = offs + widths
+        ok &= (top >= offs) & (top <= ends[segc])
+    else:
+        ok[:] = False
+    if not ok.all():
+        bad = int(offs[~ok][0])
+        raise ElfRelocationError(f"{name} r_offset", bad,
+                                 "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
+
+
+def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> None:
+    """Every type known, every target inside a writable segment, every COPY source sized,
+    before any memory is touched. Raises ElfRelocationError / ElfSymbolError."""
+    starts, ends = _segment_arrays(image, textrel)
+    for table in tables.relocs:
+        known = np.isin(table.r_type, _TYPES)
+        if not known.all():
+            bad = int(table.r_type[~known][0])
+            raise ElfRelocationError(f"{table.name} r_type", bad,
+                                     "a supported x86-64 type " + str(_TYPES.tolist()))
+        live = table.r_type != 0
+        widths = _WIDTH[table.r_type[live]]
+        copy = _kind_mask(table, {Kind.COPY})[live]
+        if copy.any():
+            widths = widths.copy()
+            widths[copy] = tables.symtab["st_size"][table.r_sym[live][copy]]
+        _check_targets(table.name, table.r_offset[live], widths, starts, ends)
+        needs_sym = _kind_mask(table, {Kind.COPY})
+        if (needs_sym & (table.r_sym == 0)).any():
+            bad_at = int(table.r_offset[needs_sym & (table.r_sym == 0)][0])
+            raise ElfSymbolError(f"{table.name} r_sym", 0,
+                                 f"a symbol for the symbolic relocation at {bad_at:#x}")
+    _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
+                   starts, ends)
+
+
+def _file_words(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The 64-bit words the file holds at ``vaddrs`` (0 past a segment's file bytes): the
+    implicit addends of REL and RELR, read from the file, so no memory read is needed."""
+    out = np.zeros(len(vaddrs), dtype=np.uint64)
+    raw = np.frombuffer(image.data, dtype=np.uint8)
+    for seg in image.loads:
+        inside = (vaddrs >= seg.p_vaddr) & (vaddrs + 8 <= seg.p_vaddr + seg.p_filesz)
+        if not inside.any():
+            continue
+        offs = (vaddrs[inside] - np.uint64(seg.p_vaddr) + np.uint64(seg.p_offset)).astype(
+            np.int64)
+        bytes8 = raw[offs[:, None] + np.arange(8)]
+        out[inside] = bytes8.copy().view("<u8").ravel()
+    return out
+
+
+@dataclass(slots=True)
+class RelocOutcome:
+    """What relocation did: counts per type, unresolved symbols, what only the host can do."""
+
+    applied: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    unresolved: list[str] = field(default_factory=list)
+    irelative: list[tuple[int, int]] = field(default_factory=list)   # (place, resolver)
+    extern: dict[str, int] = field(default_factory=dict)
+    extern_range: tuple[int, int] | None = None
+    tls: TlsLayout | None = None
+
+
+def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
+             ) -> npt.NDArray[np.uint64]:
+    """A (as uint64, two's complement) of the masked entries: explicit, or read from the file."""
+    if table.implicit:
+        return _file_words(image, table.r_offset[mask])
+    return table.r_addend[mask].view(np.uint64)
+
+
+def _apply_relative(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
+                    out: RelocOutcome) -> None:
+    """Every RELATIVE entry and every RELR target, B + A, as ONE write_words scatter."""
+    places, values = [], []
+    b = np.uint64(bias & _MASK64)
+    for table in tables.relocs:
+        mask = _kind_mask(table, {Kind.RELATIVE})
+        if mask.any():
+            places.append(table.r_offset[mask] + b)
+            values.append(_addends(image, table, mask) + b)
+            out.by_type["R_X86_64_RELATIVE"] += int(mask.sum())
+    if len(tables.relr):
+        places.append(tables.relr + b)
+        values.append(_file_words(image, tables.relr) + b)
+        out.by_type["R_X86_64_RELATIVE"] += len(tables.relr)
+    if places:
+        mm.write_words(np.concatenate(places), np.concatenate(values))
+
+
+def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
+    """Unique nonzero symbol indices referenced by symbolic relocations."""
+    parts = [t.r_sym[_kind_mask(t, _SYMBOLIC)] for t in tables.relocs]
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    idx: npt.NDArray[np.int64] = np.unique(np.concatenate(parts)).astype(np.int64)
+    return idx[idx != 0]
+
+
+def _call_ifunc(resolver_addr: int) -> int:
+    """Run an IFUNC resolver in this process (host only) and return what it selects."""
+    return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(resolver_addr)())
+
+
+def _apply_ifunc_symbols(tables: DynamicTables, res: Resolution, runs_code: bool,
+                         out: RelocOutcome) -> None:
+    """Symbols of type STT_GNU_IFUNC the object defines: call the resolver (host) or bind to
+    the resolver's address and record it (simulator)."""
+    syms = tables.symtab
+    own_ifunc = np.flatnonzero(res.bound & ((syms["st_info"] & 0xF) == STT_GNU_IFUNC)
+                               & (syms["st_shndx"] != 0))
+    for i in own_ifunc.tolist():
+        if runs_code:
+            res.addr[i] = _call_ifunc(int(res.addr[i]))
+        else:
+            out.irelative.append((0, int(res.addr[i])))
+
+
+def _apply_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
+                 mm: Mmap, out: RelocOutcome) -> None:
+    """The 8-byte ABSOLUTE kinds (64, GLOB_DAT, JUMP_SLOT): S (+ A), one scatter."""
+    places, values = [], []
+    b = np.uint64(bias & _MASK64)
+    for table in tables.relocs:
+        mask = _kind_mask(table, {Kind.ABSOLUTE}, 8)
+        if not mask.any():
+            continue
+        sym = table.r_sym[mask]
+        s = res.addr[sym]
+        with_addend = np.isin(table.r_type[mask], [t for t, r in X86_64.items()
+                                                   if r.kind is Kind.ABSOLUTE and r.addend])
+        a = np.where(with_addend, _addends(image, table, mask), np.uint64(0))
+        places.append(table.r_offset[mask] + b)
+        values.append(s + a)
+        for t, n in zip(*np.unique(table.r_type[mask], return_counts=True), strict=True):
+            out.by_type[type_name(int(t))] += int(n)
+    if places:
+        mm.write_words(np.concatenate(places), np.concatenate(values))
+
+
+def _one(image: ElfImage, tables: DynamicTables, table: RelocTable, k: int, rule: Rule,
+         res: Resolution, bias: int, mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
+    """Apply entry ``k`` of one of the rare kinds (PCREL, 4-byte, COPY, IRELATIVE, TLS)."""
+    place = (int(table.r_offset[k]) + bias) & _MASK64
+    sym = int(table.r_sym[k])
+    mask = np.zeros(len(table), dtype=bool)
+    mask[k] = True
+    a = int(_addends(image, table, mask)[0])
+    a = a - (1 << 64) if a >> 63 else a
+    if table.implicit and rule.width == 4:
+        a = int.from_bytes(mm.read(place, 4), "little", signed=True)
+    s = int(res.addr[sym]) if sym else 0
+    st_value = int(tables.symtab[sym]["st_value"]) if sym else 0
+    if rule.kind is Kind.COPY:
+        size = int(tables.symtab[sym]["st_size"])
+        mm.write(place, mm.read(s, size) if size else b"")
+        return
+    if rule.kind is Kind.IRELATIVE:
+        target = (bias + a) & _MASK64
+        value = _call_ifunc(target) if runs_code else target
+        if not runs_code:
+            out.irelative.append((place, target))
+    elif rule.kind is Kind.PCREL:
+        value = s + a - place
+    elif rule.kind is Kind.ABSOLUTE:
+        value = s + (a if rule.addend else 0)
+    else:
+        value = _tls_value(rule.kind, tables, sym, st_value, a, out.tls)
+    _store(mm, place, value, rule, table.name)
+
+
+def _tls_value(kind: Kind, tables: DynamicTables, sym: int, st_value: int, a: int,
+               tls: TlsLayout | None) -> int:
+    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block.
+
+    A TLS symbol the object does not define itself has no block here: it gets module 0,
+    offset 0 (recorded as unresolved by the caller)."""
+    own = sym == 0 or (int(tables.symtab[sym]["st_shndx"]) != 0 and
+                       int(tables.symtab[sym]["st_info"]) & 0xF == STT_TLS)
+    if tls is None or not own:
+        return 0
+    if kind is Kind.TLS_MODULE:
+        return tls.module_id
+    if kind is Kind.TLS_DTPOFF:
+        return st_value + a
+    return st_value + a - tls.tp_offset
+
+
+def _store(mm: Mmap, place: int, value: int, rule: Rule, table: str) -> None:
+    """Write ``value`` in ``rule.width`` bytes; a 4-byte value must fit (32S signed)."""
+    if rule.width == 8:
+        mm.write(place, (value & _MASK64).to_bytes(8, "little"))
+        return
+    signed = rule.kind is Kind.PCREL or rule.name.endswith("32S")
+    lo, hi = (-(1 << 31), (1 << 31) - 1) if signed else (0, (1 << 32) - 1)
+    if not lo <= value <= hi:
+        raise ElfRelocationError(f"{table} {rule.name} value at {place:#x}", value,
+                                 f"within [{lo:#x}, {hi:#x}]")
+    mm.write(place, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def _apply_rare(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
+                mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
+    """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, in table order."""
+    common = {t for t, r in X86_64.items()
+              if r.kind in (Kind.RELATIVE, Kind.NONE) or (r.kind is Kind.ABSOLUTE and
+                                                           r.width == 8)}
+    for table in tables.relocs:
+        rare = np.flatnonzero(~np.isin(table.r_type, list(common)))
+        for k in rare.tolist():
+            rule = X86_64[int(table.r_type[k])]
+            _one(image, tables, table, k, rule, res, bias, mm, runs_code, out)
+            out.by_type[rule.name] += 1
+
+
+def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
+             resolver: Resolver, runs_code: bool, near: int,
+             out: RelocOutcome | None = None) -> RelocOutcome:
+    """Apply every relocation (targets were checked by ``check_relocations``).
+
+    Order: RELATIVE and RELR (one scatter), symbolic words (one scatter), then the rare kinds
+    in table order (IRELATIVE last in practice, as linkers put them last). ``runs_code``: the
+    backend is this process, so IFUNC resolvers may be called. ``out`` is filled as work
+    is done (so a caller cleaning up after a failure sees any extern mapping made).
+    """
+    out = out if out is not None else RelocOutcome()
+    out.tls = TlsLayout.first_static(image)
+    _apply_relative(image, tables, bias, mm, out)
+    needed = _needed_symbols(tables)
+    res = resolver.resolve(tables, needed, bias, mm, near) if len(needed) else \
+        Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
+    out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
+    _apply_ifunc_symbols(tables, res, runs_code, out)
+    _apply_words(image, tables, res, bias, mm, out)
+    _apply_rare(image, tables, res, bias, mm, runs_code, out)
+    out.by_type.pop("R_X86_64_NONE", None)
+    out.applied = sum(out.by_type.values())
+    return out

@@ -1,0 +1,308 @@
+"""Symbols: lookup through the GNU and SysV hash tables with versions, and the resolver chain.
+
+Part of the ``loader`` layer (imports ``loader.tables``, ``loader.mmap``; ctypes for the host's
+dlsym). ``find`` answers "where does this object define NAME[@VERSION]"; ``Resolver`` answers
+"what does each symbol this object references bind to", in bulk, as numpy arrays.
+
+The chain, in order, as ``elf_loader`` (and close to glibc):
+1. ``pre_find`` hooks (callables ``(name, version) -> address | None``), for every symbol;
+2. the resolver's scope (``HostResolver``: the running process through dlsym/dlvsym), for the
+   symbols the object does not define itself;
+3. the object's own definition (load bias + st_value);
+4. ``post_find`` hooks, for what is still unbound;
+5. weak undefined symbols bind to 0;
+6. the resolver's fallback (``StubResolver``: an address in a labelled "extern" mapping).
+What is left is reported as unresolved (and written as 0).
+
+Deviation from glibc, deliberate and for speed: glibc would look every symbol up in the global
+scope first (so another object could interpose on one this object defines); here the scope is
+asked only for undefined symbols. A ``pre_find`` hook restores interposition where wanted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from loader.mmap import MapFlags, Mmap, ProtFlags
+from loader.pages import HOST_PAGE_SIZE, page_round_up
+from loader.tables import DynamicTables
+
+__all__ = [
+    "Finder",
+    "HostResolver",
+    "Resolver",
+    "Resolution",
+    "StubResolver",
+    "find",
+    "gnu_hash",
+    "split_version",
+    "sysv_hash",
+]
+
+Finder = Callable[[str, "str | None"], "int | None"]
+"""A resolver hook: ``(name, version or None) -> absolute address, or None to pass``."""
+
+STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 1, 2, 10
+STT_OBJECT, STT_FUNC, STT_TLS, STT_GNU_IFUNC = 1, 2, 6, 10
+SHN_UNDEF = 0
+VERSYM_HIDDEN = 0x8000
+
+
+def gnu_hash(name: bytes) -> int:
+    """The DT_GNU_HASH hash of ``name`` (Bernstein's h*33+c, 32 bits)."""
+    h = 5381
+    for c in name:
+        h = (h * 33 + c) & 0xFFFFFFFF
+    return h
+
+
+def sysv_hash(name: bytes) -> int:
+    """The DT_HASH (SysV ABI) hash of ``name``."""
+    h = 0
+    for c in name:
+        h = ((h << 4) + c) & 0xFFFFFFFF
+        g = h & 0xF0000000
+        if g:
+            h ^= g >> 24
+        h &= ~g & 0xFFFFFFFF
+    return h
+
+
+def split_version(query: str) -> tuple[str, str | None]:
+    """``"memcpy@GLIBC_2.14"`` -> ``("memcpy", "GLIBC_2.14")``; ``"@@"`` works too."""
+    name, _, version = query.replace("@@", "@").partition("@")
+    return name, version or None
+
+
+def _matches(tables: DynamicTables, i: int, name: bytes, version: str | None) -> bool:
+    """Symbol ``i`` is an exported definition of ``name`` with ``version`` (or default)."""
+    sym = tables.symtab[i]
+    bind = int(sym["st_info"]) >> 4
+    if int(sym["st_shndx"]) == SHN_UNDEF or bind not in (STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE):
+        return False
+    st_name = int(sym["st_name"])
+    if tables.strtab[st_name: st_name + len(name) + 1] != name + b"\0":
+        return False
+    if tables.versym is None:
+        return version is None
+    vs = int(tables.versym[i])
+    if version is None:
+        return not vs & VERSYM_HIDDEN
+    return tables.versions.get(vs & 0x7FFF) == version
+
+
+def _find_gnu(tables: DynamicTables, name: bytes, version: str | None) -> int | None:
+    """Symbol index through DT_GNU_HASH, or None."""
+    gh = tables.gnu_hash
+    assert gh is not None
+    h = gnu_hash(name)
+    i = int(gh.buckets[h % len(gh.buckets)])
+    if i == 0:
+        return None
+    for _ in range(len(gh.chains)):
+        j = i - gh.symoffset
+        if not 0 <= j < len(gh.chains) or i >= tables.nsyms:
+            return None
+        ch = int(gh.chains[j])
+        if (ch | 1) == (h | 1) and _matches(tables, i, name, version):
+            return i
+        if ch & 1:
+            return None
+        i += 1
+    return None
+
+
+def _find_sysv(tables: DynamicTables, name: bytes, version: str | None) -> int | None:
+    """Symbol index through DT_HASH, or None."""
+    sh = tables.sysv_hash
+    assert sh is not None
+    i = int(sh.buckets[sysv_hash(name) % len(sh.buckets)]) if len(sh.buckets) else 0
+    for _ in range(len(sh.chains)):
+        if i == 0 or i >= tables.nsyms:
+            return None
+        if _matches(tables, i, name, version):
+            return i
+        i = int(sh.chains[i])
+    return None
+
+
+def find(tables: DynamicTables, query: str) -> int | None:
+    """The symbol index defining ``query`` ("name" or "name@VERSION"), through the GNU hash
+    when present, else the SysV hash; None when the object does not export it."""
+    name, version = split_version(query)
+    raw = name.encode("utf-8", "surrogateescape")
+    if tables.gnu_hash is not None:
+        return _find_gnu(tables, raw, version)
+    if tables.sysv_hash is not None:
+        return _find_sysv(tables, raw, version)
+    return None
+
+
+@dataclass(slots=True)
+class Resolution:
+    """What each referenced symbol bound to: ``addr[i]`` for symbol index i where
+    ``bound[i]``; ``via`` counts bindings per chain step; ``unresolved`` names the rest."""
+
+    addr: npt.NDArray[np.uint64]
+    bound: npt.NDArray[np.bool_]
+    unresolved: list[str] = field(default_factory=list)
+    extern: dict[str, int] = field(default_factory=dict)
+    extern_range: tuple[int, int] | None = None
+
+
+def symbol_label(tables: DynamicTables, i: int) -> tuple[str, str | None]:
+    """(name, version) of symbol ``i`` as referenced (version None when unversioned)."""
+    name = tables.name(int(tables.symtab[i]["st_name"]))
+    if tables.versym is None:
+        return name, None
+    return name, tables.versions.get(int(tables.versym[i]) & 0x7FFF) if \
+        int(tables.versym[i]) & 0x7FFF > 1 else None
+
+
+class Resolver:
+    """The resolver chain (module docstring). Subclasses set the scope and the fallback.
+
+    ``pre_find`` and ``post_find`` are plain lists of hooks; append to them.
+    """
+
+    def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = ()) -> None:
+        self.pre_find: list[Finder] = list(pre_find)
+        self.post_find: list[Finder] = list(post_find)
+
+    def scope(self, name: str, version: str | None) -> int | None:
+        """Where the scope outside the object defines the symbol, or None (default: none)."""
+        return None
+
+    def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
+                 near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
+        """Bind what is left: ``imports`` lists (name, version, st_size). Returns
+        {label: address} and the range of any mapping made (default: binds nothing)."""
+        return {}, None
+
+    def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,
+                mm: Mmap, near: int) -> Resolution:
+        """Run the chain over symbol indices ``needed`` (unique, nonzero)."""
+        syms = tables.symtab
+        addr = np.zeros(tables.nsyms, dtype=np.uint64)
+        bound = np.zeros(tables.nsyms, dtype=bool)
+        defined = syms["st_shndx"][needed] != SHN_UNDEF
+        labels: dict[int, tuple[str, str | None]] = {}
+
+        def label(i: int) -> tuple[str, str | None]:
+            if i not in labels:
+                labels[i] = symbol_label(tables, i)
+            return labels[i]
+
+        self._hooks(self.pre_find, needed, addr, bound, label)
+        for i in needed[~defined & ~bound[needed]].tolist():
+            found = self.scope(*label(i))
+            if found is not None:
+                addr[i], bound[i] = found, True
+        own = needed[defined & ~bound[needed]]
+        addr[own] = (syms["st_value"][own] + np.uint64(bias & 0xFFFFFFFFFFFFFFFF))
+        bound[own] = True
+        self._hooks(self.post_find, needed[~bound[needed]], addr, bound, label)
+        left = needed[~bound[needed]]
+        weak = (syms["st_info"][left] >> 4) == STB_WEAK
+        bound[left[weak]] = True            # weak undefined: 0
+        left = left[~weak]
+        imports = [(*label(i), int(syms["st_size"][i])) for i in left.tolist()]
+        extern, extern_range = self.fallback(imports, mm, near) if imports else ({}, None)
+        unresolved = []
+        for i in left.tolist():
+            key = _label_text(*label(i))
+            if key in extern:
+                addr[i], bound[i] = extern[key], True
+            else:
+                unresolved.append(key)
+        return Resolution(addr, bound, unresolved, extern, extern_range)
+
+    @staticmethod
+    def _hooks(hooks: list[Finder], idx: npt.NDArray[np.int64], addr: npt.NDArray[np.uint64],
+               bound: npt.NDArray[np.bool_],
+               label: Callable[[int], tuple[str, str | None]]) -> None:
+        """Ask each hook about each unbound index in turn; the first answer wins."""
+        if not hooks:
+            return
+        for i in idx.tolist():
+            for hook in hooks:
+                found = hook(*label(i))
+                if found is not None:
+                    addr[i], bound[i] = found, True
+                    break
+
+
+def _label_text(name: str, version: str | None) -> str:
+    """``name@version`` or ``name``."""
+    return f"{name}@{version}" if version else name
+
+
+class HostResolver(Resolver):
+    """The host default: undefined symbols from the running process (``dlsym`` with
+    ``RTLD_DEFAULT``, ``dlvsym`` when the reference is versioned)."""
+
+    def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = ()) -> None:
+        super().__init__(pre_find, post_find)
+        libc = ctypes.CDLL(None)
+        self._dlsym = libc.dlsym
+        self._dlsym.restype, self._dlsym.argtypes = ctypes.c_void_p, [ctypes.c_void_p,
+                                                                      ctypes.c_char_p]
+        self._dlvsym = libc.dlvsym
+        self._dlvsym.restype = ctypes.c_void_p
+        self._dlvsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+
+    def scope(self, name: str, version: str | None) -> int | None:
+        """dlvsym(RTLD_DEFAULT, name, version) or dlsym(RTLD_DEFAULT, name); None if absent."""
+        raw = name.encode("utf-8", "surrogateescape")
+        found: Any = (self._dlvsym(None, raw, version.encode()) if version
+                      else self._dlsym(None, raw))
+        return int(found) if found else None
+
+
+STUB_SIZE = 16
+STUB_FILL = b"\xcc"   # int3: calling a stub traps instead of running on
+
+
+class StubResolver(Resolver):
+    """The simulator default: every import gets its own address in one read-only "extern"
+    mapping (functions 16 bytes of int3, data objects st_size zero bytes), so the loaded
+    image is complete and each binding is visible. ``extern_addr`` places that mapping
+    exactly (MAP_FIXED_NOREPLACE); otherwise it is a hint just past the span.
+    """
+
+    def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = (),
+                 *, extern_addr: int | None = None) -> None:
+        super().__init__(pre_find, post_find)
+        self.extern_addr = extern_addr
+
+    def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
+                 near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
+        """Map the extern area, fill it, seal it read-only; one slot per distinct label."""
+        page = int(getattr(mm, "page_size", HOST_PAGE_SIZE))
+        slots: dict[str, tuple[int, int]] = {}
+        at = 0
+        for name, version, size in imports:
+            key = _label_text(name, version)
+            if key not in slots:
+                slots[key] = (at, size)
+                at += max(STUB_SIZE, (size + STUB_SIZE - 1) // STUB_SIZE * STUB_SIZE)
+        length = page_round_up(at, page)
+        flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS
+        if self.extern_addr is not None:
+            flags |= MapFlags.MAP_FIXED_NOREPLACE
+        hint = self.extern_addr if self.extern_addr is not None else near
+        rw = ProtFlags.PROT_READ | ProtFlags.PROT_WRITE
+        base = mm.mmap(hint, length, rw, flags, 0, None).addr
+        image = bytearray(length)
+        for off, size in slots.values():
+            if size == 0:
+                image[off: off + STUB_SIZE] = STUB_FILL * STUB_SIZE
+        mm.write(base, bytes(image))
+        mm.mprotect(base, length, ProtFlags.PROT_READ)
+        return {key: base + off for key, (off, _) in slots.items()}, (base, base + length)
