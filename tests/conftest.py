@@ -19,10 +19,9 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
-from harness import BACKENDS, BackendHarness
+from harness import BACKENDS, BackendHarness, FileFd, OpenFile
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import InvalidArgument
@@ -86,15 +85,8 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[int], Bac
             harness.close()
 
 
-class OpenFile(NamedTuple):
-    """An open file descriptor and the canonical path it was opened from."""
-
-    fd: int
-    path: str
-
-
 @pytest.fixture
-def file_fd(tmp_path: Path) -> Iterator[Callable[..., OpenFile]]:
+def file_fd(tmp_path: Path) -> Iterator[FileFd]:
     """A factory ``file_fd(content=b"", *, size=None, flags=os.O_RDWR, path=None)``.
 
     Writes ``content`` to a new temp file (then truncates or extends it to ``size`` if given)

@@ -26,13 +26,26 @@ __all__ = [
     "BACKENDS",
     "READ_IMPLIES_EXEC",
     "BackendHarness",
+    "FileFd",
     "LibcHarness",
+    "OpenFile",
     "RelRegion",
     "expect_errno",
 ]
 
 READ_IMPLIES_EXEC = 0x0400000
 """The personality(2) flag that makes PROT_READ imply PROT_EXEC."""
+
+
+class OpenFile(NamedTuple):
+    """An open file descriptor and the canonical path it was opened from."""
+
+    fd: int
+    path: str
+
+
+FileFd = Callable[..., OpenFile]
+"""The ``file_fd`` fixture: ``file_fd(content=b"", *, size=None, flags=os.O_RDWR, path=None)``."""
 
 
 class RelRegion(NamedTuple):

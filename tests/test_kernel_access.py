@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from harness import BackendHarness, RelRegion
+from harness import BackendHarness, FileFd, RelRegion
 
 from loader.mmap import MapFlags, ProtFlags
 
@@ -57,7 +57,7 @@ def test_exec_only_readable_without_protection_keys(backend: BackendHarness) -> 
     assert probes(backend, code_page(backend, 4, X)) == expected
 
 
-def test_file_tail_zero_and_pages_past_eof_sigbus(backend: BackendHarness, file_fd) -> None:
+def test_file_tail_zero_and_pages_past_eof_sigbus(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"\xab" * (2 * p + 100))
     backend.mm.mmap(backend.at(4), 4 * p, R | W, PRIV | FIXED, 0, f.fd)
@@ -68,14 +68,15 @@ def test_file_tail_zero_and_pages_past_eof_sigbus(backend: BackendHarness, file_
 
 
 @pytest.mark.parametrize("maptype", [PRIV, SHARED], ids=["private", "shared"])
-def test_mapping_past_eof_sigbus(backend: BackendHarness, file_fd, maptype: MapFlags) -> None:
+def test_mapping_past_eof_sigbus(backend: BackendHarness,
+                                 file_fd: FileFd, maptype: MapFlags) -> None:
     p = backend.page
     f = file_fd(b"x" * p)
     backend.mm.mmap(backend.at(4), p, R | W, maptype | FIXED, 4 * p, f.fd)
     assert probes(backend, backend.at(4))[:2] == "BB"
 
 
-def test_empty_file_mapping_sigbus(backend: BackendHarness, file_fd) -> None:
+def test_empty_file_mapping_sigbus(backend: BackendHarness, file_fd: FileFd) -> None:
     f = file_fd(b"")
     backend.mm.mmap(backend.at(4), 2 * backend.page, R | W, PRIV | FIXED, 0, f.fd)
     assert probes(backend, backend.at(4))[:2] == "BB"
@@ -83,7 +84,7 @@ def test_empty_file_mapping_sigbus(backend: BackendHarness, file_fd) -> None:
 
 
 @pytest.mark.parametrize("maptype", [PRIV, SHARED], ids=["private", "shared"])
-def test_file_shrunk_sigbus_even_on_copied_pages(backend: BackendHarness, file_fd,
+def test_file_shrunk_sigbus_even_on_copied_pages(backend: BackendHarness, file_fd: FileFd,
                                                  maptype: MapFlags) -> None:
     p = backend.page
     f = file_fd(b"s" * 4 * p)
@@ -96,7 +97,7 @@ def test_file_shrunk_sigbus_even_on_copied_pages(backend: BackendHarness, file_f
     assert probes(backend, backend.at(7))[:2] == "BB"
 
 
-def test_file_grown_new_pages_read_zero(backend: BackendHarness, file_fd) -> None:
+def test_file_grown_new_pages_read_zero(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"g" * p)
     backend.mm.mmap(backend.at(4), 3 * p, R, PRIV | FIXED, 0, f.fd)
@@ -106,7 +107,7 @@ def test_file_grown_new_pages_read_zero(backend: BackendHarness, file_fd) -> Non
     assert backend.load(backend.at(4), 1) == b"g"
 
 
-def test_private_mapping_sees_file_until_written(backend: BackendHarness, file_fd) -> None:
+def test_private_mapping_sees_file_until_written(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"a" * 2 * p)
     backend.mm.mmap(backend.at(4), 2 * p, R | W, PRIV | FIXED, 0, f.fd)
@@ -123,7 +124,7 @@ def test_private_mapping_sees_file_until_written(backend: BackendHarness, file_f
 
 
 def test_read_only_fd_private_writable_never_changes_file(backend: BackendHarness,
-                                                          file_fd) -> None:
+                                                          file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"r" * p, flags=os.O_RDONLY)
     backend.mm.mmap(backend.at(4), p, R | W, PRIV | FIXED, 0, f.fd)
@@ -133,7 +134,8 @@ def test_read_only_fd_private_writable_never_changes_file(backend: BackendHarnes
     assert os.pread(f.fd, 5, 0) == b"rrrrr"
 
 
-def test_shared_writes_reach_file_and_other_mappings(backend: BackendHarness, file_fd) -> None:
+def test_shared_writes_reach_file_and_other_mappings(backend: BackendHarness,
+                                                     file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"0" * 2 * p)
     other = file_fd(path=f.path)

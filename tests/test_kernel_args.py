@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
-from harness import BackendHarness, RelRegion, expect_errno
+from harness import BackendHarness, FileFd, RelRegion, expect_errno
 
 from loader.mmap import MapFlags, ProtFlags
 
@@ -30,7 +31,7 @@ def test_arena_starts_as_one_prot_none_line(backend: BackendHarness) -> None:
 
 # length 0
 
-def test_mmap_length_zero_einval(backend: BackendHarness, file_fd) -> None:
+def test_mmap_length_zero_einval(backend: BackendHarness, file_fd: FileFd) -> None:
     f = file_fd(b"x" * backend.page)
     expect_errno(backend, errno.EINVAL, backend.mm.mmap, backend.at(1), 0, R, PRIV | FIXED | ANON,
                  0, None)
@@ -105,7 +106,8 @@ def test_unaligned_hint_rounded_down(backend: BackendHarness) -> None:
 # unaligned offset: checked first
 
 @pytest.mark.parametrize("anon", [True, False], ids=["anonymous", "file"])
-def test_unaligned_offset_einval_first(backend: BackendHarness, file_fd, anon: bool) -> None:
+def test_unaligned_offset_einval_first(backend: BackendHarness,
+                                       file_fd: FileFd, anon: bool) -> None:
     f = file_fd(b"x" * backend.page)
     os.close(f.fd)  # a closed fd would give EBADF; the offset is checked before it
     flags = PRIV | FIXED | (ANON if anon else MapFlags(0))
@@ -119,14 +121,15 @@ def test_unaligned_offset_einval_first(backend: BackendHarness, file_fd, anon: b
 
 @pytest.mark.parametrize("maptype", [0x0, 0x4, 0xF])
 @pytest.mark.parametrize("anon", [True, False], ids=["anonymous", "file"])
-def test_bad_map_type_einval(backend: BackendHarness, file_fd, maptype: int, anon: bool) -> None:
+def test_bad_map_type_einval(backend: BackendHarness,
+                             file_fd: FileFd, maptype: int, anon: bool) -> None:
     f = file_fd(b"x" * backend.page)
     flags = MapFlags(maptype) | FIXED | (ANON if anon else MapFlags(0))
     expect_errno(backend, errno.EINVAL, backend.mm.mmap, backend.at(1), backend.page, R, flags, 0,
                  None if anon else f.fd)
 
 
-def test_shared_validate_file_succeeds_shared(backend: BackendHarness, file_fd) -> None:
+def test_shared_validate_file_succeeds_shared(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"x" * p)
     assert backend.mm.mmap(backend.at(1), p, R | W, VALIDATE | FIXED, 0, f.fd).addr == backend.at(1)
@@ -139,7 +142,7 @@ def test_shared_validate_anonymous_einval(backend: BackendHarness) -> None:
 
 
 @pytest.mark.parametrize("extra", [UNKNOWN_MAP_FLAG, NOREPLACE], ids=["unknown", "noreplace"])
-def test_shared_validate_with_unknown_flag_eopnotsupp(backend: BackendHarness, file_fd,
+def test_shared_validate_with_unknown_flag_eopnotsupp(backend: BackendHarness, file_fd: FileFd,
                                                       extra: MapFlags) -> None:
     f = file_fd(b"x" * backend.page)
     backend.mm.munmap(backend.at(8), backend.page)
@@ -148,7 +151,7 @@ def test_shared_validate_with_unknown_flag_eopnotsupp(backend: BackendHarness, f
 
 
 @pytest.mark.parametrize("maptype", [SHARED, PRIV], ids=["shared", "private"])
-def test_legacy_map_types_ignore_unknown_flags(backend: BackendHarness, file_fd,
+def test_legacy_map_types_ignore_unknown_flags(backend: BackendHarness, file_fd: FileFd,
                                                maptype: MapFlags) -> None:
     p = backend.page
     f = file_fd(b"x" * p)
@@ -174,7 +177,7 @@ def test_mmap_fixed_at_top_of_address_space_enomem(backend: BackendHarness) -> N
                  None)
 
 
-def test_file_offset_overflow_eoverflow(backend: BackendHarness, file_fd) -> None:
+def test_file_offset_overflow_eoverflow(backend: BackendHarness, file_fd: FileFd) -> None:
     f = file_fd(b"x" * backend.page)
     expect_errno(backend, errno.EOVERFLOW, backend.mm.mmap, backend.at(1), backend.page, R,
                  PRIV | FIXED, (1 << 63) - 4096, f.fd)
@@ -209,7 +212,7 @@ def test_mprotect_bad_range_enomem(backend: BackendHarness, where: str) -> None:
 
 # file descriptors
 
-def test_closed_fd_ebadf(backend: BackendHarness, file_fd) -> None:
+def test_closed_fd_ebadf(backend: BackendHarness, file_fd: FileFd) -> None:
     f = file_fd(b"x" * backend.page)
     os.close(f.fd)
     expect_errno(backend, errno.EBADF, backend.mm.mmap, backend.at(1), backend.page, R,
@@ -225,7 +228,7 @@ def test_fd_checked_before_length_zero(backend: BackendHarness) -> None:
     expect_errno(backend, errno.EBADF, backend.mm.mmap, backend.at(1), 0, R, PRIV | FIXED, 0, -1)
 
 
-def test_anonymous_ignores_fd(backend: BackendHarness, file_fd) -> None:
+def test_anonymous_ignores_fd(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"x" * p)
     os.close(f.fd)
@@ -235,14 +238,14 @@ def test_anonymous_ignores_fd(backend: BackendHarness, file_fd) -> None:
 
 @pytest.mark.parametrize("prot", [NONE, R, R | W], ids=["none", "r", "rw"])
 @pytest.mark.parametrize("maptype", [SHARED, PRIV], ids=["shared", "private"])
-def test_write_only_fd_eacces(backend: BackendHarness, file_fd, prot: ProtFlags,
+def test_write_only_fd_eacces(backend: BackendHarness, file_fd: FileFd, prot: ProtFlags,
                               maptype: MapFlags) -> None:
     f = file_fd(b"x" * backend.page, flags=os.O_WRONLY)
     expect_errno(backend, errno.EACCES, backend.mm.mmap, backend.at(1), backend.page, prot,
                  maptype | FIXED, 0, f.fd)
 
 
-def test_read_only_fd_shared_write_eacces(backend: BackendHarness, file_fd) -> None:
+def test_read_only_fd_shared_write_eacces(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"x" * p, flags=os.O_RDONLY)
     expect_errno(backend, errno.EACCES, backend.mm.mmap, backend.at(1), p, R | W, SHARED | FIXED,
@@ -254,7 +257,7 @@ def test_read_only_fd_shared_write_eacces(backend: BackendHarness, file_fd) -> N
     assert backend.rel_maps()[1] == RelRegion(p, 2 * p, "r-xs", 0, f.path)
 
 
-def test_directory_fd_enodev(backend: BackendHarness, tmp_path) -> None:
+def test_directory_fd_enodev(backend: BackendHarness, tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         expect_errno(backend, errno.ENODEV, backend.mm.mmap, backend.at(1), backend.page, R,
@@ -273,7 +276,7 @@ def test_pipe_fd_enodev(backend: BackendHarness) -> None:
         os.close(wfd)
 
 
-def test_noexec_mount(backend: BackendHarness, file_fd, noexec_dir) -> None:
+def test_noexec_mount(backend: BackendHarness, file_fd: FileFd, noexec_dir: Path) -> None:
     p = backend.page
     path = noexec_dir / "lib"
     path.write_bytes(b"x" * p)
@@ -327,7 +330,8 @@ def test_growsdown_on_shared_anonymous_einval(backend: BackendHarness) -> None:
 
 
 @pytest.mark.parametrize("maptype", [SHARED, PRIV], ids=["shared", "private"])
-def test_growsdown_on_file_einval(backend: BackendHarness, file_fd, maptype: MapFlags) -> None:
+def test_growsdown_on_file_einval(backend: BackendHarness,
+                                  file_fd: FileFd, maptype: MapFlags) -> None:
     f = file_fd(b"x" * backend.page)
     expect_errno(backend, errno.EINVAL, backend.mm.mmap, backend.at(1), backend.page, R,
                  maptype | FIXED | MapFlags.MAP_GROWSDOWN, 0, f.fd)

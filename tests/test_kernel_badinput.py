@@ -155,4 +155,5 @@ def test_hypothesis_profile_loaded() -> None:
 
     expected = os.environ.get("VMSIM_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI")
                                                               else "dev")
+    assert settings.default is not None
     assert settings.default.max_examples == {"dev": 20, "ci": 100, "fuzz": 100_000}[expected]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from harness import BackendHarness, RelRegion, expect_errno
+from harness import BackendHarness, FileFd, RelRegion, expect_errno
 
 from loader.mmap import MapFlags, MmapError, ProtFlags
 
@@ -45,7 +45,7 @@ def test_hint_on_too_small_hole_placed_elsewhere(backend: BackendHarness) -> Non
     assert backend.rel_maps() == before
 
 
-def test_reservation_then_fixed_inside(backend: BackendHarness, file_fd) -> None:
+def test_reservation_then_fixed_inside(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(bytes(range(256)) * (4 * p // 256))
     backend.mm.mmap(backend.at(4), 2 * p, R | X, PRIV | FIXED, 0, f.fd)
@@ -69,7 +69,7 @@ def test_fixed_replaces_across_mappings_and_holes(backend: BackendHarness) -> No
                                       (9, 256, "---p", 0, "anon"))
 
 
-def test_failed_fixed_leaves_old_mappings(backend: BackendHarness, file_fd) -> None:
+def test_failed_fixed_leaves_old_mappings(backend: BackendHarness, file_fd: FileFd) -> None:
     mm = backend.mm
     mm.mmap_anonymous(backend.at(2), 3 * backend.page, R, PRIV | FIXED)
     f = file_fd(b"x" * backend.page, flags=os.O_WRONLY)
@@ -84,7 +84,7 @@ def test_munmap_of_unmapped_range_succeeds(backend: BackendHarness) -> None:
     assert backend.rel_maps() == before
 
 
-def test_partial_munmap_moves_upper_offset(backend: BackendHarness, file_fd) -> None:
+def test_partial_munmap_moves_upper_offset(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"y" * 6 * p)
     backend.mm.mmap(backend.at(4), 6 * p, R, PRIV | FIXED, 0, f.fd)
@@ -114,7 +114,7 @@ def test_mprotect_hole_after_prefix_changes_prefix(backend: BackendHarness) -> N
 
 
 def test_mprotect_eacces_in_second_mapping_changes_first(backend: BackendHarness,
-                                                         file_fd) -> None:
+                                                         file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"z" * p, flags=os.O_RDONLY)
     backend.mm.mmap_anonymous(backend.at(4), p, R, PRIV | FIXED)
@@ -139,7 +139,7 @@ def test_mprotect_split_then_restore_merges(backend: BackendHarness) -> None:
                                       (4, 10, "rw-p", 0, "anon"), (10, 256, "---p", 0, "anon"))
 
 
-def test_mprotect_split_then_restore_merges_file(backend: BackendHarness, file_fd) -> None:
+def test_mprotect_split_then_restore_merges_file(backend: BackendHarness, file_fd: FileFd) -> None:
     f = file_fd(b"q" * 6 * backend.page)
     backend.mm.mmap(backend.at(4), 6 * backend.page, R, PRIV | FIXED, 0, f.fd)
     backend.mm.mprotect(backend.at(6), 2 * backend.page, R | X)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def mm() -> LibcMmap:
 
 
 @pytest.fixture
-def rw_pages(mm: LibcMmap):
+def rw_pages(mm: LibcMmap) -> Iterator[int]:
     """Four fresh private read-write pages; unmapped afterwards."""
     length = 4 * mm.page_size
     addr = mm.mmap_anonymous(0, length, R | W, PRIV)

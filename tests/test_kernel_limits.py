@@ -21,7 +21,7 @@ def outcome(fn: Callable[..., Any], *args: Any) -> str:
     try:
         fn(*args)
     except MmapError as exc:
-        return errno.errorcode[exc.errno]
+        return errno.errorcode.get(exc.errno or 0, str(exc))
     return "ok"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from harness import BackendHarness, RelRegion
+from harness import BackendHarness, FileFd, RelRegion
 
 from loader.mmap import MapFlags, ProtFlags
 
@@ -98,7 +98,7 @@ def test_shared_anonymous_partial_unmap_moves_offset(backend: BackendHarness) ->
     assert inner(backend) == rows(backend, (4, 5, "rw-s", 0, ZERO), (6, 8, "rw-s", 2, ZERO))
 
 
-def test_file_consecutive_offsets_same_open_merge(backend: BackendHarness, file_fd) -> None:
+def test_file_consecutive_offsets_same_open_merge(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"f" * 4 * p)
     backend.mm.mmap(backend.at(4), p, R, PRIV | FIXED, 0, f.fd)
@@ -111,7 +111,7 @@ def test_file_consecutive_offsets_same_open_merge(backend: BackendHarness, file_
     assert inner(backend) == rows(backend, (4, 7, "r--p", 0, f.path))
 
 
-def test_file_second_open_does_not_merge(backend: BackendHarness, file_fd) -> None:
+def test_file_second_open_does_not_merge(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"f" * 4 * p)
     again = file_fd(path=f.path)
@@ -120,7 +120,8 @@ def test_file_second_open_does_not_merge(backend: BackendHarness, file_fd) -> No
     assert inner(backend) == rows(backend, (4, 5, "r--p", 0, f.path), (5, 6, "r--p", 1, f.path))
 
 
-def test_file_non_consecutive_offsets_do_not_merge(backend: BackendHarness, file_fd) -> None:
+def test_file_non_consecutive_offsets_do_not_merge(backend: BackendHarness,
+                                                   file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"f" * 4 * p)
     backend.mm.mmap(backend.at(4), p, R, PRIV | FIXED, 0, f.fd)
@@ -128,7 +129,7 @@ def test_file_non_consecutive_offsets_do_not_merge(backend: BackendHarness, file
     assert inner(backend) == rows(backend, (4, 5, "r--p", 0, f.path), (5, 6, "r--p", 2, f.path))
 
 
-def test_file_private_and_shared_do_not_merge(backend: BackendHarness, file_fd) -> None:
+def test_file_private_and_shared_do_not_merge(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"f" * 4 * p)
     backend.mm.mmap(backend.at(4), p, R, PRIV | FIXED, 0, f.fd)
@@ -136,7 +137,7 @@ def test_file_private_and_shared_do_not_merge(backend: BackendHarness, file_fd) 
     assert inner(backend) == rows(backend, (4, 5, "r--p", 0, f.path), (5, 6, "r--s", 1, f.path))
 
 
-def test_relro_like_file_mapping_stays_apart(backend: BackendHarness, file_fd) -> None:
+def test_relro_like_file_mapping_stays_apart(backend: BackendHarness, file_fd: FileFd) -> None:
     # a private file mapping that was ever writable keeps VM_ACCOUNT after mprotect(PROT_READ)
     p = backend.page
     f = file_fd(b"f" * 4 * p)
@@ -147,7 +148,7 @@ def test_relro_like_file_mapping_stays_apart(backend: BackendHarness, file_fd) -
 
 
 def test_file_split_by_mprotect_remerges_when_never_writable(backend: BackendHarness,
-                                                             file_fd) -> None:
+                                                             file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"f" * 4 * p)
     backend.mm.mmap(backend.at(4), 2 * p, R, PRIV | FIXED, 0, f.fd)
