@@ -49,14 +49,14 @@ def _child(write_fd: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None
             signal.signal(sig, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         try:
-            outcome: tuple[str, Any] = ("ok", fn(*args))
-        except BaseException as exc:
-            outcome = ("raised", (exc, traceback.format_exc()))
-        try:
-            payload = pickle.dumps(outcome)
-        except Exception:
-            text = outcome[1][1] if outcome[0] == "raised" else f"unpicklable {outcome[1]!r}"
-            payload = pickle.dumps(("unpicklable", text))
+            value = fn(*args)
+        except BaseException as exc:  # every exception goes to the parent
+            payload = _pickled_exception(exc, traceback.format_exc())
+        else:
+            try:
+                payload = pickle.dumps(("ok", value))
+            except Exception:  # an unpicklable result
+                payload = pickle.dumps(("unpicklable", f"unpicklable result {value!r}"))
         view = memoryview(payload)
         while view:
             view = view[os.write(write_fd, view):]
@@ -64,6 +64,16 @@ def _child(write_fd: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None
         code = 70
     finally:
         os._exit(code)
+
+
+def _pickled_exception(exc: BaseException, text: str) -> bytes:
+    """The message for an exception: the exception pickled on its own (it may fail to pickle
+    here or to unpickle in the parent) and its traceback text, which always travels."""
+    try:
+        blob: bytes | None = pickle.dumps(exc)
+    except Exception:
+        blob = None
+    return pickle.dumps(("raised", (blob, text)))
 
 
 def _collect(read_fd: int, pid: int, timeout: float) -> bytes:
@@ -112,8 +122,15 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> I
                          " without a result")
     kind, value = pickle.loads(payload)
     if kind == "raised":
-        exc, text = value
-        raise exc from ChildError(f"raised in the isolated child:\n{text}")
+        blob, text = value
+        cause = ChildError(f"raised in the isolated child:\n{text}")
+        try:
+            exc = pickle.loads(blob) if blob is not None else None
+        except Exception:  # the exception cannot be rebuilt here
+            exc = None
+        if not isinstance(exc, BaseException):
+            raise cause
+        raise exc from cause
     if kind == "unpicklable":
         raise ChildError(f"isolated child failed:\n{value}")
     return Isolated("ok", value)

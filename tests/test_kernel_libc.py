@@ -228,3 +228,16 @@ def test_bad_input_errno_via_libc(mm: LibcMmap) -> None:
     with pytest.raises(MmapError) as info:
         mm.munmap((1 << 70) + 1, mm.page_size)
     assert info.value.errno == errno.EINVAL
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a} {b}")  # pickles, but cannot be rebuilt from its args
+
+
+def test_child_exception_that_cannot_be_rebuilt_reported() -> None:
+    def boom() -> None:
+        raise _NeedsTwo(1, 2)
+
+    with pytest.raises(ChildError, match="_NeedsTwo: 1 2"):
+        run_isolated(boom)
