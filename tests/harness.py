@@ -8,6 +8,20 @@ does. The host harness is here; the simulator's lives in tests/harness_sim.py, w
 
 A factory is called as ``factory(arena_pages=256)`` and returns a :class:`BackendHarness`;
 the fixture calls :meth:`BackendHarness.close` afterwards.
+
+Adding a backend (what tests/harness_sim.py must provide; no test body changes):
+- subclass :class:`BackendHarness`, call ``super().__init__(mm, page, arena_pages)``; set
+  ``name``, ``max_map_count`` (may be smaller than the host's 65530 to keep the limit test
+  quick) and ``has_pkeys`` (configure it like the host: ``loader.libc.host_has_pkeys()``);
+- ``mm.maps()`` must name a file mapping by the fd's canonical path (what
+  ``os.path.realpath(f"/proc/self/fd/{fd}")`` gives) and shared anonymous memory
+  ``/dev/zero (deleted)``; the tests pass real host file descriptors (regular files, a
+  directory, a pipe, a file on a noexec tmpfs) and change files under the mapping with
+  ``os.pwrite``/``os.ftruncate``;
+- :meth:`probe` must not change the backend (the host probes in a forked child);
+  :meth:`isolated` turns a fault into ``Isolated(signal, None)``; :meth:`map_count` counts
+  what vm.max_map_count limits; :meth:`with_read_implies_exec` runs a callable under the
+  READ_IMPLIES_EXEC personality.
 """
 
 from __future__ import annotations
