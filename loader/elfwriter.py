@@ -377,6 +377,9 @@ class ElfImage:
     symbol_index: dict[str, int]
     words: dict[int, int] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"ElfImage(<{len(self.data)} bytes>, spec={self.spec!r})"
+
     def segment_vaddr(self, index: int) -> int:
         """The link-time vaddr of user segment ``index``."""
         return self.segments[index][1]

@@ -1,0 +1,725 @@
+"""Hypothesis strategies for ELF files: valid by construction, and field-aware corruptions.
+
+Place in the layers: on top of the loader, beside ``vmsim.strategies``; it imports only
+``loader.elfwriter`` (which writes the images), ``loader.pages`` and hypothesis. Public API in the
+style of ``hypothesis.extra.numpy``: noun names, core arguments positional, knobs keyword-only,
+every argument a value or a strategy, and argument errors (``InvalidArgument``) that say what was
+given and what is allowed.
+
+What they generate:
+
+* :func:`elf_specs` draws an :class:`~loader.elfwriter.ElfSpec` (segments, symbols, relocations,
+  RELRO, .bss, hash tables...); :func:`elf_images` builds it into an
+  :class:`~loader.elfwriter.ElfImage`. An image is not bare bytes, so that a property can check
+  what a loader did against what the writer predicts: ``image.data`` is the file,
+  ``image.spec`` the description, ``image.symbol_vaddr(name)`` and ``image.expected_words()``
+  the predictions, ``image.phdrs``/``image.tables`` the layout.
+* :func:`malformed_elf` draws a :class:`MalformedImage`: a valid image with one corruption
+  that knows which field it hit (``.mutation`` says it in words), or a truncation, or raw byte
+  flips. ``.data`` is the corrupted file.
+
+>>> from hypothesis import given
+>>> @given(elf_images(segments=2, relro=True))
+... def test_loads(image):
+...     assert image.data[:4] == b"\\x7fELF"
+>>> test_loads()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar, cast
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from loader import elfwriter as ew
+from loader.elfwriter import ElfImage, ElfSpec, Reloc, Segment, Symbol
+from loader.pages import HOST_PAGE_SIZE
+
+__all__ = [
+    "MUTATION_KINDS",
+    "RELOCATION_TYPES",
+    "MalformedImage",
+    "elf_images",
+    "elf_specs",
+    "malformed_elf",
+]
+
+T = TypeVar("T")
+ValueOrStrategy: TypeAlias = T | st.SearchStrategy[T]
+"""An argument that is either a value or a strategy drawing such values."""
+
+_BOOLEANS = st.booleans()
+_SEGMENT_COUNTS = st.integers(1, 4)
+_HASH_STYLES = st.sampled_from(["both", "gnu", "sysv"])
+
+RELOCATION_TYPES: tuple[str, ...] = ("RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT")
+"""Every relocation kind :func:`elf_specs` can emit (psABI names without ``R_X86_64_``)."""
+
+MUTATION_KINDS: tuple[str, ...] = (
+    "header", "phdr", "dynamic", "reloc", "symbol", "hash", "version", "truncate", "flip",
+)
+"""What :func:`malformed_elf` can corrupt: ELF header fields, program header fields, dynamic
+tags, relocation entries, symbols, hash tables, version tables; or cut the file short, or flip
+raw bytes."""
+
+_WORD = 8
+_PAGE = HOST_PAGE_SIZE
+
+
+def _strategy(value: Any, name: str) -> st.SearchStrategy[Any]:
+    """``value`` if it is a strategy, else ``st.just(value)``."""
+    return value if isinstance(value, st.SearchStrategy) else st.just(value)
+
+
+def _check_type(value: Any, name: str, types: tuple[type, ...], allowed: str) -> None:
+    """InvalidArgument naming ``name``, ``value`` and what is ``allowed`` unless ``value`` is a
+    strategy or an instance of ``types``."""
+    if isinstance(value, st.SearchStrategy) or (isinstance(value, types)
+                                                 and not (isinstance(value, bool)
+                                                          and bool not in types)):
+        return
+    raise InvalidArgument(f"{name}={value!r}: expected {allowed} or a strategy of them")
+
+
+def _check_range(value: Any, name: str, lo: int, hi: int) -> None:
+    """InvalidArgument unless ``value`` is a strategy or an int in ``[lo, hi]``."""
+    _check_type(value, name, (int,), f"an int in [{lo}, {hi}]")
+    if isinstance(value, int) and not lo <= value <= hi:
+        raise InvalidArgument(f"{name}={value!r}: expected an int in [{lo}, {hi}]")
+
+
+def _check_choice(value: Any, name: str, choices: Collection[Any]) -> None:
+    """InvalidArgument unless ``value`` is a strategy or one of ``choices``."""
+    if isinstance(value, st.SearchStrategy):
+        return
+    if value not in choices:
+        raise InvalidArgument(f"{name}={value!r}: expected one of {sorted(choices)!r} "
+                              "or a strategy")
+
+
+def _check_align(value: Any) -> None:
+    """InvalidArgument unless ``value`` is a strategy or a power of two >= the page size."""
+    _check_type(value, "max_page_size", (int,), "a power of two")
+    if isinstance(value, int) and (value < HOST_PAGE_SIZE or value & (value - 1)):
+        raise InvalidArgument(f"max_page_size={value!r}: expected a power of two >= "
+                              f"{HOST_PAGE_SIZE:#x} (this machine's page size)")
+
+
+def _check_relocation_types(value: Any) -> None:
+    """InvalidArgument unless ``value`` is a strategy or a collection of RELOCATION_TYPES."""
+    if isinstance(value, st.SearchStrategy):
+        return
+    if isinstance(value, str) or not isinstance(value, Collection):
+        raise InvalidArgument(f"relocation_types={value!r}: expected a collection drawn from "
+                              f"{RELOCATION_TYPES!r}")
+    unknown = set(value) - set(RELOCATION_TYPES)
+    if unknown:
+        raise InvalidArgument(f"relocation_types={value!r}: {sorted(unknown)!r} unknown; "
+                              f"allowed: {RELOCATION_TYPES!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Valid images.
+
+
+def elf_specs(
+    *,
+    segments: ValueOrStrategy[int] = _SEGMENT_COUNTS,
+    max_page_size: ValueOrStrategy[int] = HOST_PAGE_SIZE,
+    relocation_types: ValueOrStrategy[Collection[str]] = RELOCATION_TYPES,
+    max_relocations: ValueOrStrategy[int] = 12,
+    max_symbols: ValueOrStrategy[int] = 6,
+    relro: ValueOrStrategy[bool] = _BOOLEANS,
+    textrel: ValueOrStrategy[bool] = False,
+    bss: ValueOrStrategy[bool] = _BOOLEANS,
+    relr: ValueOrStrategy[bool] = _BOOLEANS,
+    rel_format: ValueOrStrategy[str] = "rela",
+    hash: ValueOrStrategy[str] = _HASH_STYLES,
+    kind: ValueOrStrategy[str] = "dyn",
+    sections: ValueOrStrategy[bool] = _BOOLEANS,
+    max_segment_pages: ValueOrStrategy[int] = 3,
+) -> st.SearchStrategy[ElfSpec]:
+    """Descriptions of valid ELF64 x86-64 objects, for :func:`loader.elfwriter.build`.
+
+    ``segments``: how many PT_LOADs of the user's (the writer adds a read-only headers segment
+    in front and a read-write ``.dynamic`` one behind), 0 to 8. ``max_page_size``: every
+    PT_LOAD's p_align, a power of two >= the page size. ``relocation_types``: which kinds to
+    emit, from :data:`RELOCATION_TYPES` (against the object's own symbols, so the result is
+    predictable). ``relro``: give one writable segment a PT_GNU_RELRO prefix (of any length,
+    not always whole pages). ``textrel``: also relocate read-only segments (DT_TEXTREL).
+    ``bss``: writable segments may have memsz > filesz. ``relr``: RELATIVE relocations as
+    DT_RELR. ``rel_format``: "rela" or "rel". ``hash``: "gnu", "sysv" or "both". ``kind``:
+    "dyn" (shared object) or "exec" (ET_EXEC at 0x400000). ``sections``: write section headers.
+    ``max_segment_pages``: the largest segment's file size in pages.
+
+    >>> spec = elf_specs(segments=2, relro=True, bss=False).example()
+    >>> len(spec.segments), any(s.relro for s in spec.segments)
+    (2, True)
+    """
+    _check_range(segments, "segments", 0, 8)
+    _check_align(max_page_size)
+    _check_relocation_types(relocation_types)
+    _check_range(max_relocations, "max_relocations", 0, 1000)
+    _check_range(max_symbols, "max_symbols", 0, 1000)
+    _check_range(max_segment_pages, "max_segment_pages", 1, 64)
+    for name, value in (("relro", relro), ("textrel", textrel), ("bss", bss), ("relr", relr),
+                        ("sections", sections)):
+        _check_type(value, name, (bool,), "a bool")
+    _check_choice(rel_format, "rel_format", ("rela", "rel"))
+    _check_choice(hash, "hash", ("gnu", "sysv", "both"))
+    _check_choice(kind, "kind", ("dyn", "exec"))
+    knobs = {
+        "segments": segments, "max_page_size": max_page_size,
+        "relocation_types": relocation_types, "max_relocations": max_relocations,
+        "max_symbols": max_symbols, "relro": relro, "textrel": textrel, "bss": bss,
+        "relr": relr, "rel_format": rel_format, "hash": hash, "kind": kind,
+        "sections": sections, "max_segment_pages": max_segment_pages,
+    }
+    return _elf_specs(knobs)
+
+
+def elf_images(**knobs: Any) -> st.SearchStrategy[ElfImage]:
+    """Valid ELF images: :func:`elf_specs` (same keyword-only knobs) built by the writer.
+
+    Each is an :class:`~loader.elfwriter.ElfImage`: ``.data`` is the file's bytes, ``.spec``
+    the description, ``.symbol_vaddr(name)`` and ``.expected_words()`` what a correct loader
+    produces (link-time vaddrs; relocated words as ``load_bias + delta``).
+
+    >>> image = elf_images(segments=1, relocation_types=["RELATIVE"]).example()
+    >>> image.data[:4], len(image.load_segments)
+    (b'\\x7fELF', 3)
+    """
+    return elf_specs(**knobs).map(ew.build)
+
+
+@st.composite
+def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
+    """Draw the knobs given as strategies, then the segments, symbols and relocations."""
+    k = {name: draw(v) if isinstance(v, st.SearchStrategy) else v for name, v in knobs.items()}
+    _check_drawn(k)
+    segs = [_segment(draw, k["max_segment_pages"], k["bss"]) for _ in range(k["segments"])]
+    writable = [i for i, s in enumerate(segs) if "w" in s.flags]
+    if k["relro"] and segs:
+        if not writable:
+            segs[0] = Segment("rw", segs[0].data, segs[0].bss, gap=segs[0].gap)
+            writable = [0]
+        at = writable[draw(st.integers(0, len(writable) - 1))]
+        seg = segs[at]
+        if not seg.memsz:
+            seg = Segment(seg.flags, bytes(_WORD), gap=seg.gap)
+        length = draw(st.integers(1, seg.memsz))
+        segs[at] = Segment(seg.flags, seg.data, seg.bss, relro=length, gap=seg.gap)
+    symbols = _symbols(draw, segs, k["max_symbols"])
+    relocs = _relocs(draw, segs, symbols, sorted(k["relocation_types"]), k)
+    return ElfSpec(
+        segments=tuple(segs), symbols=tuple(symbols), relocs=tuple(relocs), kind=k["kind"],
+        base=0x400000 if k["kind"] == "exec" else 0, align=k["max_page_size"],
+        rel_format=k["rel_format"], relr=k["relr"], hash=k["hash"],
+        textrel=k["textrel"] and any(r.segment not in writable for r in relocs),
+        sections=k["sections"],
+    )
+
+
+def _check_drawn(k: dict[str, Any]) -> None:
+    """Re-check knobs that came from a user's strategy (InvalidArgument, as for values)."""
+    _check_range(k["segments"], "segments", 0, 8)
+    _check_align(k["max_page_size"])
+    _check_relocation_types(k["relocation_types"])
+    for name in ("relro", "textrel", "bss", "relr", "sections"):
+        _check_type(k[name], name, (bool,), "a bool")
+    _check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
+    _check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
+    _check_choice(k["kind"], "kind", ("dyn", "exec"))
+
+
+_FLAGS: tuple[ew.Flags, ...] = ("rw", "r", "rx")
+_SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
+                  for bind in ("global", "weak")]
+
+
+def _segment(draw: st.DrawFn, max_pages: int, bss: bool) -> Segment:
+    """One user segment: flags, a seeded pseudo-random payload (zeros when the seed shrinks to
+    0), maybe .bss, maybe a gap of address space before it."""
+    flags = _FLAGS[draw(st.integers(0, len(_FLAGS) - 1))]
+    size = draw(st.integers(0, max_pages * _PAGE // _WORD)) * _WORD
+    seed = draw(st.integers(0, 2**16))
+    data = np.random.default_rng(seed).bytes(size) if seed else bytes(size)
+    extra = draw(st.integers(0, 3 * _PAGE)) if bss and "w" in flags else 0
+    gap = draw(st.integers(0, 2))
+    return Segment(flags, data, extra, gap=gap)
+
+
+def _pick_word(draw: st.DrawFn, segs: Sequence[Segment], where: Sequence[int],
+               in_file: bool = False) -> tuple[int, int] | None:
+    """One draw: a word-aligned (segment, offset) among segments ``where`` (within the file
+    bytes with ``in_file``, else within memsz); None when there is no room."""
+    sizes = [(len(segs[i].data) if in_file else segs[i].memsz) // _WORD for i in where]
+    total = sum(sizes)
+    if not total:
+        return None
+    n = draw(st.integers(0, total - 1))
+    for i, words in zip(where, sizes, strict=True):
+        if n < words:
+            return i, n * _WORD
+        n -= words
+    raise AssertionError("unreachable")
+
+
+def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list[Symbol]:
+    """Defined symbols at word-aligned places of the segments, some versioned, some weak."""
+    everywhere = range(len(segs))
+    if not any(s.memsz >= _WORD for s in segs):
+        return []
+    out = []
+    for n in range(draw(st.integers(0, max_symbols))):
+        place = _pick_word(draw, segs, everywhere)
+        assert place is not None
+        version, bind = _SYMBOL_STYLES[draw(st.integers(0, len(_SYMBOL_STYLES) - 1))]
+        kind = "func" if "x" in segs[place[0]].flags else "object"
+        out.append(Symbol(f"vmsim_sym{n}", segment=place[0], offset=place[1],
+                          type=cast(Any, kind), bind=cast(Any, bind), version=version))
+    return out
+
+
+def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
+            types: Sequence[str], k: dict[str, Any]) -> list[Reloc]:
+    """Relocations at distinct word-aligned sites of writable segments (any segment with
+    ``textrel``), each of a kind from ``types``; symbolic ones need a symbol to name. Sites
+    whose addend lives in the file (REL, RELR) are kept inside the file bytes."""
+    kinds = [t for t in types if t == "RELATIVE" or symbols]
+    sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
+    if not kinds or not sites:
+        return []
+    used: set[tuple[int, int]] = set()
+    out = []
+    for _ in range(draw(st.integers(0, k["max_relocations"]))):
+        rtype = kinds[draw(st.integers(0, len(kinds) - 1))]
+        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
+        site = _pick_word(draw, segs, sites, in_file)
+        if site is None or site in used:
+            continue
+        used.add(site)
+        if rtype == "RELATIVE":
+            target = _pick_word(draw, segs, range(len(segs)))
+            assert target is not None
+            out.append(Reloc("RELATIVE", *site, target=target))
+        else:
+            sym = symbols[draw(st.integers(0, len(symbols) - 1))].name
+            addend = draw(st.integers(-64, 64)) if rtype == "64" else 0
+            out.append(Reloc(cast(Any, rtype), *site, symbol=sym, addend=addend))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed images.
+
+
+@dataclass(frozen=True)
+class MalformedImage:
+    """A corrupted image: ``data`` (the file), the valid ``image`` it came from, and
+    ``mutation``, one line saying which field became what (or how the file was cut/flipped).
+    ``kind`` is one of :data:`MUTATION_KINDS`."""
+
+    data: bytes
+    image: ElfImage
+    kind: str
+    mutation: str
+
+    def __repr__(self) -> str:
+        return f"MalformedImage({self.kind}: {self.mutation}; {len(self.data)} bytes)"
+
+
+def malformed_elf(
+    images: ValueOrStrategy[ElfImage] | None = None,
+    *,
+    kinds: ValueOrStrategy[Collection[str]] = MUTATION_KINDS,
+) -> st.SearchStrategy[MalformedImage]:
+    """Valid images (``images``, default :func:`elf_images()`) with one corruption of a kind
+    from ``kinds`` (a subset of :data:`MUTATION_KINDS`).
+
+    Field-aware kinds write an out-of-range value into one named field: header fields (magic,
+    class, machine, e_phoff past EOF, e_phentsize, e_phnum), program headers (p_offset past EOF,
+    p_filesz > p_memsz, p_vaddr + p_memsz overflowing, p_offset not congruent to p_vaddr, two
+    PT_LOADs overlapping or out of order, absurd sizes, PT_GNU_RELRO or PT_DYNAMIC outside
+    every segment), dynamic tags (a table address outside the image, absurd sizes, wrong entry
+    sizes, no DT_NULL), relocations (target outside the writable segments or outside the
+    image, symbol index past the table, unknown type), symbols (name past the string table,
+    value outside), hash tables (empty or huge bucket counts, chains past the table), version
+    tables (index past the definitions, links outside). "truncate" cuts the file short; "flip"
+    xors a few random bytes.
+
+    >>> bad = malformed_elf(kinds=["phdr"]).example()
+    >>> bad.kind, bad.mutation.startswith("phdr[")
+    ('phdr', True)
+    """
+    if images is None:
+        images = elf_images()
+    if not isinstance(images, st.SearchStrategy | ElfImage):
+        raise InvalidArgument(f"images={images!r}: expected an ElfImage or a strategy of them")
+    _check_kinds(kinds)
+    return _malformed(_strategy(images, "images"), _strategy(kinds, "kinds"))
+
+
+def _check_kinds(kinds: Any) -> None:
+    """InvalidArgument unless ``kinds`` is a strategy or a non-empty collection of kinds."""
+    if isinstance(kinds, st.SearchStrategy):
+        return
+    if isinstance(kinds, str) or not isinstance(kinds, Collection) or not kinds:
+        raise InvalidArgument(f"kinds={kinds!r}: expected a non-empty collection drawn from "
+                              f"{MUTATION_KINDS!r}")
+    unknown = set(kinds) - set(MUTATION_KINDS)
+    if unknown:
+        raise InvalidArgument(f"kinds={kinds!r}: {sorted(unknown)!r} unknown; allowed: "
+                              f"{MUTATION_KINDS!r}")
+
+
+@st.composite
+def _malformed(draw: st.DrawFn, images: st.SearchStrategy[ElfImage],
+               kinds: st.SearchStrategy[Collection[str]]) -> MalformedImage:
+    """Draw an image and a kind, then let that kind's mutator corrupt a copy."""
+    image = draw(images)
+    allowed = draw(kinds)
+    _check_kinds(allowed)
+    usable = [k for k in sorted(allowed) if _MUTATORS[k][1](image)]
+    if not usable:
+        usable = ["truncate"]
+    kind = draw(st.sampled_from(usable))
+    data = bytearray(image.data)
+    mutation = _MUTATORS[kind][0](draw, image, data)
+    return MalformedImage(bytes(data), image, kind, mutation)
+
+
+# A mutator corrupts ``data`` in place and says what it did.
+Mutator = Callable[[st.DrawFn, ElfImage, bytearray], str]
+
+_U64 = 2**64 - 1
+
+
+def _put(data: bytearray, offset: int, size: int, value: int) -> None:
+    """Store ``value`` (wrapped to ``size`` bytes, little-endian) at ``offset``."""
+    data[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+def _field(dtype: np.dtype[Any], name: str) -> tuple[int, int]:
+    """(offset inside the record, size) of field ``name`` of ``dtype``."""
+    fdtype, offset = dtype.fields[name][:2]  # type: ignore[index]
+    return int(offset), int(fdtype.itemsize)
+
+
+def _set(data: bytearray, base: int, dtype: np.dtype[Any], name: str, value: int) -> None:
+    """Set field ``name`` of the ``dtype`` record at file offset ``base``."""
+    offset, size = _field(dtype, name)
+    _put(data, base + offset, size, value)
+
+
+def _span(image: ElfImage) -> tuple[int, int]:
+    """(lowest vaddr, highest vaddr + memsz) over the image's PT_LOADs."""
+    loads = image.load_segments
+    return int(loads["p_vaddr"].min()), int((loads["p_vaddr"] + loads["p_memsz"]).max())
+
+
+def _far_values(draw: st.DrawFn, image: ElfImage) -> int:
+    """A value far outside the image: past its span, past 2**47, or near 2**64."""
+    _lo, hi = _span(image)
+    return draw(st.sampled_from([hi + 0x10000, hi + len(image.data) * 4, 2**47, 2**63,
+                                 _U64 - 7, _U64 & ~0xFFF]))
+
+
+def _mutate_header(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt one ELF header field so that no loader may accept the file."""
+    size = len(data)
+    choices: list[tuple[str, int, int, int]] = [
+        ("e_ident[EI_MAG1]", 1, 1, ord("X")),
+        ("e_ident[EI_CLASS]", 4, 1, draw(st.sampled_from([0, 1, 3]))),
+        ("e_ident[EI_DATA]", 5, 1, draw(st.sampled_from([0, 2, 3]))),
+        ("e_ident[EI_VERSION]", 6, 1, draw(st.sampled_from([0, 2]))),
+        ("e_type", 16, 2, draw(st.sampled_from([0, 1, 4, 0xFEFF]))),
+        ("e_machine", 18, 2, draw(st.sampled_from([0, 3, 183, 0xFFFF]))),
+        ("e_phoff", 32, 8, draw(st.sampled_from([size, size - 8, 2**40, _U64 - 3]))),
+        ("e_phentsize", 54, 2, draw(st.sampled_from([0, 32, 55, 57, 64]))),
+        ("e_phnum", 56, 2, draw(st.sampled_from([0, 0xFFFF, 1000]))),
+    ]
+    name, offset, width, value = draw(st.sampled_from(choices))
+    _put(data, offset, width, value)
+    return f"{name} = {value:#x}"
+
+
+def _load_indices(image: ElfImage) -> list[int]:
+    """Indices (in the program header table) of the PT_LOAD entries."""
+    return [i for i, t in enumerate(image.phdrs["p_type"].tolist()) if t == ew.PT_LOAD]
+
+
+def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt one program header field (or the order of two) so that the file is invalid."""
+    loads = _load_indices(image)
+    i = draw(st.sampled_from(loads))
+    ph = image.phdrs[i]
+    at = image.phoff + i * ew.PHDR.itemsize
+    vaddr, memsz, filesz = int(ph["p_vaddr"]), int(ph["p_memsz"]), int(ph["p_filesz"])
+    size = len(data)
+    how = draw(st.sampled_from([
+        "offset_past_eof", "filesz_past_eof", "filesz_gt_memsz", "vaddr_overflow",
+        "misaligned", "overlap", "unsorted", "absurd_memsz", "align_not_power_of_two",
+        "relro_outside", "dynamic_outside",
+    ]))
+    if how in ("overlap", "unsorted") and len(loads) > 1:
+        j = draw(st.sampled_from([x for x in loads if x != i]))
+        other = image.phdrs[j]
+        if how == "overlap":
+            new = int(other["p_vaddr"]) + draw(st.integers(0, max(0, int(other["p_memsz"]) - 1)))
+            new += int(ph["p_offset"]) % _PAGE - new % _PAGE
+            _set(data, at, ew.PHDR, "p_vaddr", new)
+            return f"phdr[{i}].p_vaddr = {new:#x} (overlaps phdr[{j}])"
+        a, b = sorted((i, j))
+        pa, pb = image.phoff + a * ew.PHDR.itemsize, image.phoff + b * ew.PHDR.itemsize
+        rec_a, rec_b = bytes(data[pa:pa + 56]), bytes(data[pb:pb + 56])
+        data[pa:pa + 56], data[pb:pb + 56] = rec_b, rec_a
+        return f"phdr[{a}] and phdr[{b}] swapped (PT_LOADs out of order)"
+    if how == "relro_outside" or how == "dynamic_outside":
+        ptype = ew.PT_GNU_RELRO if how == "relro_outside" else ew.PT_DYNAMIC
+        found = [x for x, t in enumerate(image.phdrs["p_type"].tolist()) if t == ptype]
+        if found:
+            k = found[0]
+            far = _far_values(draw, image) & ~0xF
+            _set(data, image.phoff + k * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", far)
+            return f"phdr[{k}].p_vaddr = {far:#x} ({how.split('_')[0]} outside every segment)"
+        how = "offset_past_eof"
+    if how == "offset_past_eof" or how == "unsorted" or how == "overlap":
+        value = draw(st.sampled_from([size + _PAGE, 2**40, _U64 & ~0xFFF]))
+        value += vaddr % _PAGE
+        _set(data, at, ew.PHDR, "p_offset", value)
+        return f"phdr[{i}].p_offset = {value:#x} (past EOF at {size:#x})"
+    if how == "filesz_past_eof":
+        value = size + draw(st.integers(1, 4 * _PAGE))
+        _set(data, at, ew.PHDR, "p_filesz", value)
+        _set(data, at, ew.PHDR, "p_memsz", max(value, memsz))
+        return f"phdr[{i}].p_filesz = {value:#x} (past EOF at {size:#x})"
+    if how == "filesz_gt_memsz":
+        value = memsz + draw(st.integers(1, _PAGE))
+        _set(data, at, ew.PHDR, "p_filesz", value)
+        return f"phdr[{i}].p_filesz = {value:#x} > p_memsz {memsz:#x}"
+    if how == "vaddr_overflow":
+        value = 2**64 - vaddr + draw(st.integers(0, _PAGE))
+        _set(data, at, ew.PHDR, "p_memsz", value)
+        _set(data, at, ew.PHDR, "p_filesz", min(filesz, value))
+        return f"phdr[{i}].p_memsz = {value:#x} (p_vaddr + p_memsz overflows)"
+    if how == "misaligned":
+        delta = draw(st.integers(1, _PAGE - 1))
+        _set(data, at, ew.PHDR, "p_vaddr", vaddr + delta)
+        return f"phdr[{i}].p_vaddr = {vaddr + delta:#x} (not congruent to p_offset)"
+    if how == "absurd_memsz":
+        value = draw(st.sampled_from([2**47, 2**56, 2**63]))
+        _set(data, at, ew.PHDR, "p_memsz", value)
+        return f"phdr[{i}].p_memsz = {value:#x}"
+    value = draw(st.sampled_from([3, 0x1001, 0x1800, 0xFFFF]))
+    _set(data, at, ew.PHDR, "p_align", value)
+    return f"phdr[{i}].p_align = {value:#x} (not a power of two)"
+
+
+_DYN_POINTERS = {
+    ew.DT_STRTAB: "DT_STRTAB", ew.DT_SYMTAB: "DT_SYMTAB", ew.DT_HASH: "DT_HASH",
+    ew.DT_GNU_HASH: "DT_GNU_HASH", ew.DT_RELA: "DT_RELA", ew.DT_REL: "DT_REL",
+    ew.DT_JMPREL: "DT_JMPREL", ew.DT_RELR: "DT_RELR", ew.DT_VERSYM: "DT_VERSYM",
+    ew.DT_VERDEF: "DT_VERDEF", ew.DT_VERNEED: "DT_VERNEED",
+}
+_DYN_SIZES = {
+    ew.DT_STRSZ: "DT_STRSZ", ew.DT_RELASZ: "DT_RELASZ", ew.DT_RELSZ: "DT_RELSZ",
+    ew.DT_PLTRELSZ: "DT_PLTRELSZ", ew.DT_RELRSZ: "DT_RELRSZ",
+    ew.DT_RELACOUNT: "DT_RELACOUNT", ew.DT_VERDEFNUM: "DT_VERDEFNUM",
+    ew.DT_VERNEEDNUM: "DT_VERNEEDNUM",
+}
+_DYN_ENTSIZES = {
+    ew.DT_SYMENT: "DT_SYMENT", ew.DT_RELAENT: "DT_RELAENT", ew.DT_RELENT: "DT_RELENT",
+    ew.DT_RELRENT: "DT_RELRENT", ew.DT_PLTREL: "DT_PLTREL",
+}
+
+
+def _mutate_dynamic(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Point a table tag outside the image, make a size absurd or not a multiple of the entry
+    size, give an entry size the wrong value, or remove the terminating DT_NULL."""
+    dyn = image.tables["dynamic"]
+    tags = image.dynamic_tags
+    how = draw(st.sampled_from(["pointer", "size", "entsize", "no_null"]))
+    if how == "no_null":
+        # Overwrite DT_NULL (the last entry) with a harmless tag: the table runs off its end.
+        at = dyn.offset + tags[ew.DT_NULL] * ew.DYN.itemsize
+        _put(data, at, 8, ew.DT_DEBUG)
+        _put(data, at + 8, 8, 0xDEAD)
+        return f"dynamic[{tags[ew.DT_NULL]}] DT_NULL -> DT_DEBUG (no terminator)"
+    table = {"pointer": _DYN_POINTERS, "size": _DYN_SIZES, "entsize": _DYN_ENTSIZES}[how]
+    present = sorted(t for t in table if t in tags)
+    if not present:
+        present, table = sorted(t for t in _DYN_POINTERS if t in tags), _DYN_POINTERS
+        how = "pointer"
+    tag = draw(st.sampled_from(present))
+    at = dyn.offset + tags[tag] * ew.DYN.itemsize + 8
+    if how == "pointer":
+        value = _far_values(draw, image)
+    elif how == "size":
+        value = draw(st.sampled_from([2**40, _U64, 2**31 + 1, 2**20 + 3]))
+    else:
+        value = draw(st.sampled_from([0, 1, 7, 16, 23, 25, 100, 2**32]))
+    _put(data, at, 8, value)
+    return f"dynamic[{tags[tag]}] {table[tag]} = {value:#x}"
+
+
+def _reloc_tables(image: ElfImage) -> list[str]:
+    """Names of the RELA/REL/JMPREL tables the image has (entries with r_offset, r_info)."""
+    return [n for n in ("rela", "rel", "jmprel") if n in image.tables]
+
+
+def _mutate_reloc(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt one relocation entry: its target (into a read-only segment, or outside the
+    image), its symbol index (past the table), or its type (unknown)."""
+    names = _reloc_tables(image)
+    if not names:
+        return _mutate_relr(draw, image, data)
+    name = draw(st.sampled_from(names))
+    info = image.tables[name]
+    dtype = ew.RELA if image.spec.rel_format == "rela" else ew.REL
+    count = info.size // dtype.itemsize
+    i = draw(st.integers(0, count - 1))
+    at = info.offset + i * dtype.itemsize
+    old_info = int.from_bytes(data[at + 8:at + 16], "little")
+    how = draw(st.sampled_from(["target_readonly", "target_outside", "symbol", "type"]))
+    if how == "target_readonly":
+        value = image.tables["dynsym"].vaddr  # in the read-only headers segment
+        _set(data, at, dtype, "r_offset", value)
+        return f"{name}[{i}].r_offset = {value:#x} (in the read-only headers segment)"
+    if how == "target_outside":
+        value = _far_values(draw, image)
+        _set(data, at, dtype, "r_offset", value)
+        return f"{name}[{i}].r_offset = {value:#x} (outside every segment)"
+    nsyms = image.tables["dynsym"].size // ew.SYM.itemsize
+    if how == "symbol":
+        sym = draw(st.sampled_from([nsyms, nsyms + 1, 2**31, 2**32 - 1]))
+        _set(data, at, dtype, "r_info", ew.r_info(sym, old_info & 0xFFFFFFFF))
+        return f"{name}[{i}].r_info symbol = {sym} (table has {nsyms})"
+    rtype = draw(st.sampled_from([43, 200, 0xFFFF, 2**32 - 1]))
+    _set(data, at, dtype, "r_info", ((old_info >> 32) << 32) | rtype)
+    return f"{name}[{i}].r_info type = {rtype} (unknown)"
+
+
+def _mutate_relr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Point a DT_RELR address entry outside the image."""
+    info = image.tables["relr"]
+    words = np.frombuffer(data[info.offset:info.offset + info.size], dtype="<u8")
+    addrs = [k for k, w in enumerate(words.tolist()) if w % 2 == 0]
+    k = draw(st.sampled_from(addrs))
+    value = _far_values(draw, image) & ~7
+    _put(data, info.offset + k * 8, 8, value)
+    return f"relr[{k}] = {value:#x} (outside every segment)"
+
+
+def _mutate_symbol(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Give one symbol a name past the string table, or an absurd value or size."""
+    info = image.tables["dynsym"]
+    count = info.size // ew.SYM.itemsize
+    i = draw(st.integers(1, count - 1))
+    at = info.offset + i * ew.SYM.itemsize
+    strsz = image.tables["dynstr"].size
+    if draw(st.booleans()):
+        value = draw(st.sampled_from([strsz, strsz + 100, 2**32 - 1]))
+        _set(data, at, ew.SYM, "st_name", value)
+        return f"dynsym[{i}].st_name = {value:#x} (string table is {strsz:#x} bytes)"
+    value = _far_values(draw, image)
+    _set(data, at, ew.SYM, "st_value", value)
+    return f"dynsym[{i}].st_value = {value:#x} (outside every segment)"
+
+
+def _mutate_hash(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt a hash table header: no buckets, huge counts, a bloom size that is not a power
+    of two, symoffset past the symbol table, or a bucket pointing past it."""
+    names = [n for n in ("hash", "gnu_hash") if n in image.tables]
+    name = draw(st.sampled_from(names))
+    at = image.tables[name].offset
+    nsyms = image.tables["dynsym"].size // ew.SYM.itemsize
+    if name == "hash":
+        field, offset = draw(st.sampled_from([("nbucket", 0), ("nchain", 4), ("bucket[0]", 8)]))
+        value = draw(st.sampled_from([0, nsyms + 1, 2**31, 2**32 - 1])
+                     if field != "bucket[0]" else st.sampled_from([nsyms, 2**32 - 1]))
+        if field == "nbucket" and value == 0:
+            value = 2**32 - 1 if draw(st.booleans()) else 0
+        _put(data, at + offset, 4, value)
+        return f"hash.{field} = {value:#x} ({nsyms} symbols)"
+    field, offset = draw(st.sampled_from([("nbuckets", 0), ("symoffset", 4),
+                                          ("bloom_size", 8), ("bloom_shift", 12)]))
+    value = {
+        "nbuckets": draw(st.sampled_from([0, 2**31, 2**32 - 1])),
+        "symoffset": draw(st.sampled_from([nsyms + 1, 2**31])),
+        "bloom_size": draw(st.sampled_from([0, 3, 2**31])),
+        "bloom_shift": draw(st.sampled_from([64, 200, 2**32 - 1])),
+    }[field]
+    _put(data, at + offset, 4, value)
+    return f"gnu_hash.{field} = {value:#x} ({nsyms} symbols)"
+
+
+def _mutate_version(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Give a symbol a version index no table defines, or send a verdef/verneed link off the
+    end of the image."""
+    names = [n for n in ("versym", "verdef", "verneed") if n in image.tables]
+    name = draw(st.sampled_from(names))
+    info = image.tables[name]
+    if name == "versym":
+        count = info.size // 2
+        i = draw(st.integers(1, count - 1)) if count > 1 else 0
+        value = draw(st.sampled_from([100, 0x7FFF, 0xFFFF]))
+        _put(data, info.offset + 2 * i, 2, value)
+        return f"versym[{i}] = {value:#x} (no such version)"
+    field = "vd_next" if name == "verdef" else "vn_next"
+    dtype = ew.VERDEF if name == "verdef" else ew.VERNEED
+    value = draw(st.sampled_from([len(data), 2**31, 2**32 - 1]))
+    _set(data, info.offset, dtype, field, value)
+    return f"{name}[0].{field} = {value:#x} (past the end of the file)"
+
+
+def _mutate_truncate(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Cut the file short: inside the headers, the tables, or a segment's bytes."""
+    cut = draw(st.integers(0, len(data) - 1))
+    del data[cut:]
+    return f"truncated to {cut:#x} bytes of {len(image.data):#x}"
+
+
+def _mutate_flip(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """XOR a few random bytes, mostly in the headers and tables (where they matter)."""
+    count = draw(st.integers(1, 8))
+    hot = image.tables["dynamic"].offset + image.tables["dynamic"].size
+    flips = []
+    for _ in range(count):
+        limit = hot if draw(st.integers(0, 3)) else len(data)
+        at = draw(st.integers(0, limit - 1))
+        mask = draw(st.integers(1, 255))
+        data[at] ^= mask
+        flips.append(f"{at:#x}^{mask:#04x}")
+    return "flipped " + ", ".join(flips)
+
+
+def _always(image: ElfImage) -> bool:
+    return True
+
+
+_MUTATORS: dict[str, tuple[Mutator, Callable[[ElfImage], bool]]] = {
+    "header": (_mutate_header, _always),
+    "phdr": (_mutate_phdr, _always),
+    "dynamic": (_mutate_dynamic, _always),
+    "reloc": (_mutate_reloc, lambda im: bool(_reloc_tables(im)) or "relr" in im.tables),
+    "symbol": (_mutate_symbol, lambda im: im.tables["dynsym"].size > ew.SYM.itemsize),
+    "hash": (_mutate_hash, _always),
+    "version": (_mutate_version,
+                lambda im: any(n in im.tables for n in ("versym", "verdef", "verneed"))),
+    "truncate": (_mutate_truncate, _always),
+    "flip": (_mutate_flip, _always),
+}
+
+
+def _hypothesis_setup_hook() -> None:
+    """Hypothesis entry point: ``st.from_type(ElfSpec)``/``(ElfImage)``/``(MalformedImage)``
+    draw from these strategies."""
+    st.register_type_strategy(ElfSpec, elf_specs())
+    st.register_type_strategy(ElfImage, elf_images())
+    st.register_type_strategy(MalformedImage, malformed_elf())
+
