@@ -19,13 +19,6 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
-
-from loader.elfwriter import ElfImage, ElfSpec
-from loader.isolate import run_isolated
-from loader.libc import LibcMmap, read_maps
-from loader.mmap import MapFlags, MmapError, ProtFlags
-from loader.pages import HOST_PAGE_SIZE
-from loader.strategies import MUTATION_KINDS, MalformedImage, elf_images, elf_specs, malformed_elf
 from test_elfwriter import (
     assert_as_predicted,
     dlopen_report,
@@ -33,6 +26,13 @@ from test_elfwriter import (
     readelf_complaints,
     relro_pages_read_only,
 )
+
+from loader.elfwriter import ElfImage, ElfSpec
+from loader.isolate import run_isolated
+from loader.libc import LibcMmap, read_maps
+from loader.mmap import MapFlags, MmapError, ProtFlags
+from loader.pages import HOST_PAGE_SIZE
+from loader.strategies import MUTATION_KINDS, MalformedImage, elf_images, elf_specs, malformed_elf
 from vmsim.strategies import (
     MmapOp,
     MprotectOp,
