@@ -37,6 +37,10 @@ class ElfError(ValueError):
         self.limit = limit
         super().__init__(f"{field} = {_show(value)}: {limit}")
 
+    def __reduce__(self) -> tuple[type[ElfError], tuple[str, object, str]]:
+        """Pickle by the three parts (so the error crosses from a forked child intact)."""
+        return (type(self), (self.field, self.value, self.limit))
+
 
 class ElfHeaderError(ElfError):
     """The ELF header or the file as a whole: magic, class, machine, truncation."""
