@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from loader import LoadedObject, Mmap, load
@@ -46,7 +45,8 @@ def _int(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an address: {text!r} (try 0x7f0000000000)")
+        raise argparse.ArgumentTypeError(
+            f"not an address: {text!r} (try 0x7f0000000000)") from None
 
 
 def _sim_backend() -> Mmap:
