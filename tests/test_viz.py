@@ -335,3 +335,50 @@ def test_animate_trace_has_one_frame_per_call() -> None:
     anim = viz.animate_trace(_trace(), interval=100)
     html = anim.to_jshtml()
     assert len(re.findall(r"frames\[\d+\] = ", html)) == 3
+
+
+# --- recording a trace on the real kernel -------------------------------------------------------
+
+def test_maps_recorder_frames_are_the_kernels_maps_after_each_call() -> None:
+    from loader.libc import LibcMmap, read_maps
+    from loader.mmap import MapFlags, MmapError
+
+    rec = viz.MapsRecorder(LibcMmap())
+    fixed = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS | MapFlags.MAP_FIXED
+    base = rec.mmap_reserve(None, 8 * PAGE, True)
+    try:
+        rec.mmap(base + 2 * PAGE, 2 * PAGE, RW, fixed, 0, None)
+        rec.mprotect(base + 3 * PAGE, PAGE, R)
+        with pytest.raises(MmapError):
+            rec.mprotect(base + 1, PAGE, R)          # unaligned: EINVAL, recorded too
+        inside = [r for r in read_maps() if base <= r.start and r.end <= base + 8 * PAGE]
+    finally:
+        rec.munmap(base, 8 * PAGE)
+    frames = viz.trace_frames(rec.frames)
+    assert [f.op for f in frames] == ["mmap_reserve", "mmap", "mprotect", "mprotect", "munmap"]
+    assert frames[3].error == "EINVAL"
+    assert frames[2].maps == inside                  # only the arena, as the kernel shows it
+    assert [r.perms for r in frames[2].maps] == ["---p", "rw-p", "r--p", "---p"]
+    assert frames[-1].maps == []
+    ax = viz.plot_trace(rec.frames, step=2)
+    assert set(patches(ax, "changed")) == {f"{base + 2 * PAGE:#x}", f"{base + 3 * PAGE:#x}"}
+    assert [ln.get_gid() for ln in ax.lines].count("touched") == 1
+    assert "range this call acted on" in legend_labels(ax)
+    assert "error EINVAL" in viz.plot_trace(rec.frames, step=3).get_title(loc="left")
+
+
+def test_loading_libz_on_the_host_gives_one_frame_per_call(libz: list[Region]) -> None:
+    import loader
+    from loader.libc import LibcMmap
+
+    rec = viz.MapsRecorder(LibcMmap())
+    obj = loader.load(libz[0].path, rec)
+    try:
+        frames = viz.trace_frames(rec.frames)
+        assert len(frames) == len(obj.mm.calls)
+        last = frames[-1].maps
+        assert [r.perms for r in last] == [r.perms for r in libz]   # as glibc's ld.so did
+        ax = viz.plot_trace(rec.frames, relro=obj.relro)
+        assert obj.relro is not None and f"{obj.relro[0]:#x}" in patches(ax, "relro")
+    finally:
+        obj.unload()

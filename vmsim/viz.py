@@ -26,7 +26,8 @@ import numpy.typing as npt
 from matplotlib.collections import PolyCollection
 from matplotlib.patches import Patch, Rectangle
 
-from loader.mmap import MapFlags, ProtFlags, Region
+from loader.mmap import MapFlags, Mmap, ProtFlags, Region
+from loader.mmap import Mapping as MmapResult
 from loader.pages import HOST_PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXTERN_PATHS",
     "GIDS",
+    "MapsRecorder",
     "PAGE_COLORS",
     "ROLE_COLORS",
     "PageState",
@@ -90,12 +92,17 @@ GIDS: dict[str, str] = {
 """How tests and users find what a picture contains: each artist's ``gid``."""
 
 
-def region_role(region: Region, *, extern_paths: Iterable[str] = EXTERN_PATHS) -> str:
+def region_role(region: Region, *, extern_paths: Iterable[str] = EXTERN_PATHS,
+                extern: tuple[int, int] | None = None) -> str:
     """The role of a region: "extern", "guard", "code", "data" or "rodata".
 
-    The path decides "extern"; otherwise the permissions do, in that order (x before w).
+    "extern" when the path is one of ``extern_paths`` or the region lies inside the
+    ``extern`` range (the loader's stub mapping is anonymous: pass
+    ``obj.relocations.extern_range``); otherwise the permissions decide, x before w.
     """
     if region.path in tuple(extern_paths):
+        return "extern"
+    if extern is not None and extern[0] <= region.start and region.end <= extern[1]:
         return "extern"
     if region.prot == ProtFlags.PROT_NONE:
         return "guard"
@@ -224,9 +231,11 @@ class _MapStyle:
     relro: tuple[int, int] | None = None
     labels: Mapping[int, str] | Sequence[str] | None = None
     extern_paths: tuple[str, ...] = EXTERN_PATHS
+    extern: tuple[int, int] | None = None
     role_of: Callable[[Region], str] | None = None
     changed: set[tuple[int, int, int, bool, int, str]] = field(default_factory=set)
     changed_word: str = "changed"
+    touched: tuple[int, int] | None = None
     fontsize: float = 8.0
     name_width: int = 0
     offset_width: int = 0
@@ -247,7 +256,7 @@ def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
                  style: _MapStyle) -> None:
     top, bottom = layout.y(region.start), layout.y(region.end)
     role = style.role_of(region) if style.role_of else region_role(
-        region, extern_paths=style.extern_paths)
+        region, extern_paths=style.extern_paths, extern=style.extern)
     style.roles_seen.add(role)
     x0, x1 = _BAR
     tag = f"{region.start:#x}"
@@ -316,6 +325,9 @@ def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Pa
     if "changed" in style.flags_seen:
         handles.append(Patch(facecolor="white", edgecolor=CHANGED_COLOR, linewidth=3.0,
                              label=f"{style.changed_word} by this step"))
+    if "touched" in style.flags_seen:
+        handles.append(Patch(facecolor="black", edgecolor="black",
+                             label="range this call acted on"))
     if has_gap:
         handles.append(Patch(facecolor="white", edgecolor="#aaaaaa", linestyle=(0, (2, 2)),
                              label="unmapped gap (not to scale)"))
@@ -350,6 +362,13 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
                        [g for g in layout.gaps if _inside_hull(g, regions)],
                        layout.shortened)
     _draw_gaps(ax, own_gaps, style.fontsize)
+    if style.touched is not None:
+        style.flags_seen.add("touched")
+        lo, hi = style.touched
+        x = _BAR[1] + 0.006
+        ax.plot([x, x], [layout.y(lo), layout.y(hi)], color="black", linewidth=4.0,
+                solid_capstyle="butt", marker="<", markevery=[0], markersize=8,
+                gid="touched")
     _draw_shortened(ax, layout)
     _address_ticks(ax, regions, layout, style.fontsize)
     ax.set_xlim(0.0, 1.0)
@@ -359,7 +378,7 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     handles = _legend_handles(style, bool(own_gaps.gaps), bool(layout.shortened))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
               fontsize=style.fontsize, frameon=False)
     if title is not None:
         ax.set_title(title, fontsize=style.fontsize + 2, loc="left", pad=14)
@@ -372,6 +391,7 @@ def _inside_hull(gap: tuple[int, int], regions: Sequence[Region]) -> bool:
 
 def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
              relro: tuple[int, int] | None = None,
+             extern: tuple[int, int] | None = None,
              labels: Mapping[int, str] | Sequence[str] | None = None,
              extern_paths: Iterable[str] = EXTERN_PATHS,
              role_of: Callable[[Region], str] | None = None,
@@ -379,20 +399,22 @@ def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
     """Draw a map of an address space, lowest address at the top as ``/proc/self/maps`` lists it.
 
     ``regions``: what a backend's ``maps()`` returns. ``relro``: an absolute (start, end) drawn
-    hatched. ``labels``: per-region text (by start address, or a list in address order) in place
-    of "name perms +offset size". ``role_of`` overrides :func:`region_role`. Returns ``ax``.
+    hatched. ``extern``: the loader's stub range (``obj.relocations.extern_range``).
+    ``labels``: per-region text (by start address, or a list in address order) in place of
+    "name perms offset size". ``role_of`` overrides :func:`region_role`. Returns ``ax``.
     """
     regions = sorted(regions, key=lambda r: r.start)
     layout = _layout_for([regions])
     ax = ax if ax is not None else _new_axes(layout)[0]
     style = _MapStyle(relro=relro, labels=labels, extern_paths=tuple(extern_paths),
-                      role_of=role_of, fontsize=fontsize)
+                      extern=extern, role_of=role_of, fontsize=fontsize)
     return _draw_map(ax, regions, layout, style, title)
 
 
 def plot_before_after(before: Sequence[Region], after: Sequence[Region],
                       axes: Sequence[Axes] | None = None, *,
                       relro: tuple[int, int] | None = None,
+                      extern: tuple[int, int] | None = None,
                       titles: tuple[str, str] = ("before", "after"),
                       extern_paths: Iterable[str] = EXTERN_PATHS,
                       fontsize: float = 8.0) -> Sequence[Axes]:
@@ -407,12 +429,11 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
     pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=7.0)
     if len(pair) != 2:
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
-    left = _MapStyle(extern_paths=tuple(extern_paths), fontsize=fontsize,
-                     changed={_key(r) for r in changed_regions(after, before)},
-                     changed_word="removed/changed")
-    right = _MapStyle(relro=relro, extern_paths=tuple(extern_paths), fontsize=fontsize,
-                      changed={_key(r) for r in changed_regions(before, after)},
-                      changed_word="new/changed")
+    common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
+    left = _MapStyle(changed={_key(r) for r in changed_regions(after, before)},
+                     changed_word="removed/changed", **common)  # type: ignore[arg-type]
+    right = _MapStyle(relro=relro, changed={_key(r) for r in changed_regions(before, after)},
+                      changed_word="new/changed", **common)  # type: ignore[arg-type]
     _draw_map(pair[0], before, layout, left, titles[0])
     _draw_map(pair[1], after, layout, right, titles[1])
     return pair
@@ -504,7 +525,7 @@ def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
 
 @dataclass(frozen=True)
 class TraceStep:
-    """One recorded Mmap call: its name, arguments, result, and the maps after it."""
+    """One recorded Mmap call: its name, arguments, result (or error), and the maps after it."""
 
     op: str
     args: dict[str, Any]
@@ -513,24 +534,118 @@ class TraceStep:
     error: str | None = None
 
 
-_RECORD_KEYS = ("op", "result", "maps", "error", "args")
+class MapsRecorder:
+    """An Mmap wrapper that records every call with the maps after it: one frame per call.
+
+    Pass it where a backend goes (``loader.load(path, MapsRecorder(space))``); read
+    ``frames`` afterwards. Calls are recorded by ``loader.trace.TracingMmap`` underneath
+    (``inner``), so page size and backend detection see through it.
+    """
+
+    def __init__(self, inner: Mmap) -> None:
+        from loader.trace import TracingMmap
+
+        self.inner = TracingMmap(inner)
+        self.frames: list[TraceStep] = []
+
+    @property
+    def page_size(self) -> int:
+        """The wrapped backend's page size."""
+        return self.inner.page_size
+
+    def _frame(self) -> None:
+        self.frames.append(_as_step(self.inner.calls[-1], self.inner.maps()))
+
+    def mmap(self, addr: int | None, length: int, prot: ProtFlags, flags: MapFlags,
+             offset: int, fd: int | None) -> MmapResult:
+        """Forward, then record the call and the maps after it (also when it fails)."""
+        try:
+            return self.inner.mmap(addr, length, prot, flags, offset, fd)
+        finally:
+            self._frame()
+
+    def mmap_anonymous(self, addr: int, length: int, prot: ProtFlags, flags: MapFlags) -> int:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            return self.inner.mmap_anonymous(addr, length, prot, flags)
+        finally:
+            self._frame()
+
+    def munmap(self, addr: int, length: int) -> None:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            self.inner.munmap(addr, length)
+        finally:
+            self._frame()
+
+    def mprotect(self, addr: int, length: int, prot: ProtFlags) -> None:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            self.inner.mprotect(addr, length, prot)
+        finally:
+            self._frame()
+
+    def mmap_reserve(self, addr: int | None, length: int, use_file: bool) -> int:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            return self.inner.mmap_reserve(addr, length, use_file)
+        finally:
+            self._frame()
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Forward (not recorded: reads change nothing)."""
+        return self.inner.read(addr, n)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            self.inner.write(addr, data)
+        finally:
+            self._frame()
+
+    def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
+        """Forward and record, as :meth:`mmap`."""
+        try:
+            self.inner.write_words(addrs, values)
+        finally:
+            self._frame()
+
+    def maps(self) -> list[Region]:
+        """Forward (not recorded)."""
+        return self.inner.maps()
 
 
-def _as_step(call: Any) -> TraceStep:
+_RECORD_KEYS = ("op", "result", "maps", "error", "errno", "args")
+
+
+def _errno_text(code: Any) -> str | None:
+    import errno as errno_codes
+
+    if code is None:
+        return None
+    return errno_codes.errorcode.get(int(code), str(code))
+
+
+def _as_step(call: Any, maps: Any = None) -> TraceStep:
     """Accept a TraceStep, a dict (args nested under "args" or flat, as the JSON "calls"
-    lists them), or an object with ``op``/``args``/``result``/``maps`` attributes."""
+    lists them), or a record with ``op``/``args``/``result`` (``loader.trace.Call``);
+    ``maps`` (the maps after the call) from the record or given."""
     if isinstance(call, TraceStep):
         return call
     if isinstance(call, Mapping):
         args = dict(call.get("args") or {k: v for k, v in call.items() if k not in _RECORD_KEYS})
-        maps, result, error = call.get("maps"), call.get("result"), call.get("error")
+        maps = call.get("maps", maps)
+        result = call.get("result")
+        error = call.get("error") or _errno_text(call.get("errno"))
         op = call["op"]
     else:
-        op, args = call.op, dict(getattr(call, "args", {}) or {})
-        maps, result = getattr(call, "maps", None), getattr(call, "result", None)
-        error = getattr(call, "error", None)
+        op, args = call.op, dict(getattr(call, "args", ()) or ())
+        maps = getattr(call, "maps", maps)
+        result = getattr(call, "result", None)
+        error = getattr(call, "error", None) or _errno_text(getattr(call, "errno", None))
     if maps is None:
-        raise ValueError(f"trace record for {op!r} has no maps-after; record with maps")
+        raise ValueError(f"trace record for {op!r} has no maps-after; record the calls with "
+                         "vmsim.viz.MapsRecorder(backend)")
     return TraceStep(str(op), args, result, [_as_region(r) for r in maps],
                      None if error is None else str(error))
 
@@ -546,13 +661,40 @@ def _as_region(region: Region | str | Mapping[str, Any]) -> Region:
                   offset=int(region.get("offset", 0)), path=str(region.get("path", "")))
 
 
-def trace_frames(calls: Iterable[Any]) -> list[TraceStep]:
+def _touched(step: TraceStep) -> tuple[int, int] | None:
+    """The address range a call acted on, from its arguments and result."""
+    addr = step.args.get("addr")
+    if step.op in ("mmap", "mmap_anonymous", "mmap_reserve") and isinstance(step.result, int):
+        addr = step.result
+    end = step.args.get("end")
+    length = step.args.get("length")
+    if not isinstance(addr, int):
+        return None
+    if isinstance(end, int):
+        return addr, end
+    return (addr, addr + length) if isinstance(length, int) and length > 0 else None
+
+
+def trace_frames(calls: Iterable[Any], *, only_touched: bool = True) -> list[TraceStep]:
     """One frame per recorded call, in order: the call and the maps after it.
 
-    Each call may be a TraceStep, a dict or a record object (see ``_as_step``); each map entry
-    a Region, a ``/proc/self/maps`` line or a dict with start/end/perms/offset/path.
+    Each call may be a TraceStep (as MapsRecorder makes), a dict or a record object; each map
+    entry a Region, a ``/proc/self/maps`` line or a dict with start/end/perms/offset/path.
+    ``only_touched`` keeps only regions overlapping an address range some call acted on, so
+    a trace taken on the host does not show the whole process.
     """
-    return [_as_step(c) for c in calls]
+    frames = [_as_step(c) for c in calls]
+    if not only_touched:
+        return frames
+    ranges = [r for r in (_touched(f) for f in frames) if r is not None]
+    if not ranges:
+        return frames
+
+    def keep(region: Region) -> bool:
+        return any(region.start < hi and lo < region.end for lo, hi in ranges)
+
+    return [TraceStep(f.op, f.args, f.result, [r for r in f.maps if keep(r)], f.error)
+            for f in frames]
 
 
 def _format_value(name: str, value: Any) -> str:
@@ -564,73 +706,99 @@ def _format_value(name: str, value: Any) -> str:
         return "|".join(f.name or "" for f in MapFlags if f.value and f in MapFlags(value)
                         and f not in (MapFlags.MAP_TYPE, MapFlags.MAP_SHARED_VALIDATE)
                         ) or hex(value)
-    if isinstance(value, int) and name not in ("fd", "use_file"):
+    if isinstance(value, int) and name not in ("fd", "count"):
         return hex(value)
     return repr(value) if isinstance(value, str) else str(value)
 
 
 def format_call(step: TraceStep) -> str:
     """``mmap(addr=0x7f.., length=0x5000, prot=r-x, ...) -> 0x7f..`` for a frame title."""
-    args = ", ".join(f"{k}={_format_value(k, v)}" for k, v in step.args.items())
+    args = ", ".join(f"{k}={_format_value(k, v)}" for k, v in step.args.items()
+                     if k != "need_copy")
     result = step.result.addr if hasattr(step.result, "addr") else step.result
     outcome = f"error {step.error}" if step.error else _format_value("result", result)
+    if step.args.get("need_copy"):
+        outcome += " (need_copy: the loader copies the bytes)"
     return f"{step.op}({args}) -> {outcome}"
 
 
-def plot_trace(calls: Sequence[Any], ax: Axes | None = None, *, step: int = -1,
-               relro: tuple[int, int] | None = None,
-               extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0) -> Axes:
-    """Draw frame ``step`` of a trace: the maps after that call, what it changed outlined,
-    the call itself as the title. All frames share one address scale. Returns ``ax``."""
-    frames = trace_frames(calls)
+@dataclass(frozen=True)
+class _TraceView:
+    frames: list[TraceStep]
+    layout: _Layout
+    relro: tuple[int, int] | None
+    extern: tuple[int, int] | None
+    extern_paths: tuple[str, ...]
+    fontsize: float
+
+
+def _trace_view(calls: Iterable[Any], relro: tuple[int, int] | None,
+                extern: tuple[int, int] | None, extern_paths: Iterable[str],
+                fontsize: float, only_touched: bool) -> _TraceView:
+    frames = trace_frames(calls, only_touched=only_touched)
     if not frames:
         raise ValueError("calls: the trace is empty; record at least one Mmap call")
-    index = range(len(frames))[step]
     layout = _layout_for([f.maps for f in frames])
-    ax = ax if ax is not None else _new_axes(layout)[0]
-    _draw_frame(ax, frames, index, layout, relro, tuple(extern_paths), fontsize)
+    return _TraceView(frames, layout, relro, extern, tuple(extern_paths), fontsize)
+
+
+def plot_trace(calls: Iterable[Any], ax: Axes | None = None, *, step: int = -1,
+               relro: tuple[int, int] | None = None, extern: tuple[int, int] | None = None,
+               extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0,
+               only_touched: bool = True) -> Axes:
+    """Draw frame ``step`` of a trace: the maps after that call, what it changed outlined,
+    the call itself as the title. All frames share one address scale. Returns ``ax``.
+    ``relro`` is hatched from the first mprotect that makes it read-only onwards."""
+    view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
+    index = range(len(view.frames))[step]
+    ax = ax if ax is not None else _new_axes(view.layout)[0]
+    _draw_frame(ax, view, index)
     return ax
 
 
-def _draw_frame(ax: Axes, frames: Sequence[TraceStep], index: int, layout: _Layout,
-                relro: tuple[int, int] | None, extern_paths: tuple[str, ...],
-                fontsize: float) -> None:
-    frame = frames[index]
-    before = frames[index - 1].maps if index else []
-    style = _MapStyle(relro=relro if index == len(frames) - 1 else None,
-                      extern_paths=extern_paths, fontsize=fontsize,
+def _relro_done(view: _TraceView, index: int) -> bool:
+    """True once a call up to ``index`` made the RELRO range read-only."""
+    if view.relro is None:
+        return False
+    return any(f.op == "mprotect" and f.args.get("addr") == view.relro[0]
+               and f.args.get("prot") == int(ProtFlags.PROT_READ)
+               for f in view.frames[: index + 1])
+
+
+def _draw_frame(ax: Axes, view: _TraceView, index: int) -> None:
+    frame = view.frames[index]
+    before = view.frames[index - 1].maps if index else []
+    style = _MapStyle(relro=view.relro if _relro_done(view, index) else None,
+                      extern=view.extern, extern_paths=view.extern_paths,
+                      fontsize=view.fontsize,
                       changed={_key(r) for r in changed_regions(before, frame.maps)},
-                      changed_word="new/changed")
+                      changed_word="new/changed", touched=_touched(frame))
     call = textwrap.fill(format_call(frame), width=72, subsequent_indent="    ")
-    title = f"step {index + 1}/{len(frames)}\n{call}"
-    _draw_map(ax, frame.maps, layout, style, title)
+    title = f"step {index + 1}/{len(view.frames)}\n{call}"
+    _draw_map(ax, frame.maps, view.layout, style, title)
 
 
-def animate_trace(calls: Sequence[Any], fig: Figure | None = None, *, interval: int = 900,
-                  relro: tuple[int, int] | None = None,
-                  extern_paths: Iterable[str] = EXTERN_PATHS,
-                  fontsize: float = 8.0) -> FuncAnimation:
+def animate_trace(calls: Iterable[Any], fig: Figure | None = None, *, interval: int = 900,
+                  relro: tuple[int, int] | None = None, extern: tuple[int, int] | None = None,
+                  extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0,
+                  only_touched: bool = True) -> FuncAnimation:
     """An animation with one frame per call; in a notebook show it with ``.to_jshtml()``.
 
     Every frame is drawn on one address scale so regions do not jump between frames.
     """
     from matplotlib.animation import FuncAnimation
 
-    frames = trace_frames(calls)
-    if not frames:
-        raise ValueError("calls: the trace is empty; record at least one Mmap call")
-    layout = _layout_for([f.maps for f in frames])
+    view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
     if fig is None:
-        ax = _new_axes(layout)[0]
+        ax = _new_axes(view.layout)[0]
         fig = ax.get_figure()  # type: ignore[assignment]
         assert fig is not None
     else:
         ax = fig.axes[0] if fig.axes else fig.add_subplot()
-    paths = tuple(extern_paths)
 
     def draw(i: int) -> list[Any]:
         ax.clear()
-        _draw_frame(ax, frames, i, layout, relro, paths, fontsize)
+        _draw_frame(ax, view, i)
         return []
 
-    return FuncAnimation(fig, draw, frames=len(frames), interval=interval, repeat=False)
+    return FuncAnimation(fig, draw, frames=len(view.frames), interval=interval, repeat=False)
