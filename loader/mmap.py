@@ -115,6 +115,11 @@ class MmapError(OSError):
         name = errno_codes.errorcode.get(code, str(code))
         message = f"{name}: {detail}" if detail else f"{name}: {os.strerror(code)}"
         super().__init__(code, message)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[MmapError], tuple[int, str]]:
+        """Pickle as the constructor's own arguments (for errors crossing a fork)."""
+        return (type(self), (self.errno, self.detail))
 
 
 _MAPS_LINE = re.compile(
