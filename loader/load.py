@@ -92,6 +92,7 @@ class LoadedObject:
                       (plan.relro[0] + self.load_bias, plan.relro[1] + self.load_bias))
         self.relocations = RelocOutcome()
         self.runs_code = runs_code(mm)
+        self.real_bindings = True
         self.inits: list[int] = []
         self.finis: list[int] = []
         self.loaded = True
@@ -143,9 +144,9 @@ class LoadedObject:
 
     @property
     def runs_init(self) -> bool:
-        """Init and fini run only for shared objects: an executable's belong to its own
-        start-up code, which this loader does not run."""
-        return self.image.e_type == "ET_DYN" and not self.image.interp
+        """Init and fini run only for shared objects whose imports are bound to real code:
+        an executable's belong to its own start-up code, which this loader does not run."""
+        return self.real_bindings and self.image.e_type == "ET_DYN" and not self.image.interp
 
     def unload(self) -> None:
         """Run fini (host; DT_FINI_ARRAY in reverse, then DT_FINI, as glibc) and unmap the
@@ -237,6 +238,7 @@ def _map_and_finish(label: str, image: ElfImage, tables: DynamicTables, plan: Lo
     try:
         map_plan(plan, mm, start, fd, data)
         obj = LoadedObject(label, image, tables, plan, mm, start)
+        obj.real_bindings = resolver.real
         _finish(obj, resolver)
         return obj
     except BaseException:

@@ -168,8 +168,11 @@ def symbol_label(tables: DynamicTables, i: int) -> tuple[str, str | None]:
 class Resolver:
     """The resolver chain (module docstring). Subclasses set the scope and the fallback.
 
-    ``pre_find`` and ``post_find`` are plain lists of hooks; append to them.
+    ``pre_find`` and ``post_find`` are plain lists of hooks; append to them. ``real`` says
+    the bindings are real code, so init and fini functions may run (False for stubs).
     """
+
+    real = True
 
     def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = ()) -> None:
         self.pre_find: list[Finder] = list(pre_find)
@@ -273,8 +276,11 @@ class StubResolver(Resolver):
     """The simulator default: every import gets its own address in one read-only "extern"
     mapping (functions 16 bytes of int3, data objects st_size zero bytes), so the loaded
     image is complete and each binding is visible. ``extern_addr`` places that mapping
-    exactly (MAP_FIXED_NOREPLACE); otherwise it is a hint just past the span.
+    exactly (MAP_FIXED_NOREPLACE); otherwise it is a hint just past the span. Init and
+    fini functions are recorded, never run, even on the host: their calls would hit stubs.
     """
+
+    real = False
 
     def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = (),
                  *, extern_addr: int | None = None) -> None:
