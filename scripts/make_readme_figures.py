@@ -76,6 +76,32 @@ def fig_sim_libz(out: Path) -> Path:
     return _save(fig, out / "libz-sim-vs-host.png")
 
 
+def fig_load_steps(out: Path) -> Path:
+    """Each Mmap call of this project's loader loading libz, one small map per call (the
+    writes, which change no mapping, are left out)."""
+    import loader
+    from loader.libc import LibcMmap
+
+    rec = viz.MapsRecorder(LibcMmap())
+    obj = loader.load(host_regions(LIBZ)[0].path, rec)
+    try:
+        frames = [f for f in rec.frames if f.op not in ("write", "write_words")]
+        ncols = 3
+        nrows = -(-len(frames) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(18, 5.5 * nrows), layout="constrained",
+                                 squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            if i < len(frames):
+                viz.plot_trace(frames, ax, step=i, relro=obj.relro, fontsize=7)
+            else:
+                ax.set_axis_off()
+        fig.suptitle(f"loader.load({LIBZ!r}, MapsRecorder(LibcMmap())): one frame per Mmap call",
+                     fontsize=12)
+    finally:
+        obj.unload()
+    return _save(fig, out / "libz-load-steps.png")
+
+
 def _save(fig: object, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)  # type: ignore[attr-defined]
@@ -86,6 +112,7 @@ def _save(fig: object, path: Path) -> Path:
 FIGURES: dict[str, Callable[[Path], Path]] = {
     "libz-host": fig_host_libz,
     "libz-sim-vs-host": fig_sim_libz,
+    "libz-load-steps": fig_load_steps,
 }
 
 
