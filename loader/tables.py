@@ -198,7 +198,8 @@ def _relocs(image: ElfImage, tags: dict[int, int]) -> tuple[RelocTable, ...]:
         if tag not in tags:
             continue
         start, size = tags[tag], tags.get(size_tag, 0)
-        if jmp is not None and start <= jmp < start + size and implicit == (pltrel == DT.REL):
+        if (jmp is not None and start <= jmp and implicit == (pltrel == DT.REL)
+                and start + size == jmp + tags.get(DT.PLTRELSZ, 0)):
             size = jmp - start
         out.append(_reloc_table(image, name, start, size, implicit))
     if jmp is not None:
