@@ -114,8 +114,8 @@ def build_fixtures(where: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
-def fixture_libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+@pytest.fixture(scope="session", name="fixture_libs")
+def fixture_libs_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The gcc-built fixtures, compiled once per session."""
     return build_fixtures(tmp_path_factory.mktemp("loader_fixtures"))
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from loader_support import SYSTEM_LIBS, fixture_libs, glibc_maps, sim_factory  # noqa: F401
+from loader_support import (  # noqa: F401
+    SYSTEM_LIBS,
+    fixture_libs_fixture,
+    glibc_maps,
+    sim_factory,
+)
 
 from loader import load
 from loader.compare import host_outcome

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loader_support import SYSTEM_LIBS, cfunc, fixture_libs  # noqa: F401
+from loader_support import SYSTEM_LIBS, cfunc, fixture_libs_fixture  # noqa: F401
 
 from loader import CopyingMmap, ElfUnsupportedError, load
 from loader.isolate import run_isolated

@@ -179,7 +179,7 @@ def test_malformed_raises_before_any_call(case: str, backend: str) -> None:
         mm = factory()
         got = _attempt(data, mm)
         assert mm.maps() == []
-    name, got_field, message, calls = got
+    name, _field, message, calls = got
     assert name == kind.__name__, message
     assert field in message, message
     assert "=" in message and ":" in message        # field = value: limit
