@@ -236,7 +236,8 @@ def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
     if not parts:
         return np.zeros(0, dtype=np.int64)
     idx: npt.NDArray[np.int64] = np.unique(np.concatenate(parts)).astype(np.int64)
-    return idx[idx != 0]
+    nonzero: npt.NDArray[np.int64] = idx[idx != 0]
+    return nonzero
 
 
 def _call_ifunc(resolver_addr: int) -> int:
