@@ -91,12 +91,48 @@ def type_name(r_type: int) -> str:
     return rule.name if rule else f"type {r_type}"
 
 
+_KINDS = list(Kind)
+_BIT_WORD, _BIT_ADDEND, _BIT_KNOWN = 1 << 16, 1 << 17, 1 << 18
+_LUT_SIZE = 64
+_LUT = np.zeros(_LUT_SIZE, dtype=np.uint32)
+for _t, _r in X86_64.items():
+    _LUT[_t] = ((1 << _KINDS.index(_r.kind)) | _BIT_KNOWN
+                | (_BIT_WORD if _r.kind is Kind.ABSOLUTE and _r.width == 8 else 0)
+                | (_BIT_ADDEND if _r.addend else 0))
+
+
+def _codes(r_type: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+    """Per entry, the bit set of its type: a bit per Kind, plus 8-byte-ABSOLUTE, uses-addend
+    and known bits. One table lookup instead of a membership test per kind."""
+    return _LUT[np.minimum(r_type, _LUT_SIZE - 1)] * (r_type < _LUT_SIZE)
+
+
+_CODE_CACHE: dict[int, tuple[RelocTable, npt.NDArray[np.uint32]]] = {}
+
+
+def _table_codes(table: RelocTable) -> npt.NDArray[np.uint32]:
+    """``_codes`` of a whole table, computed once per table (kept while the table lives in
+    a small identity cache)."""
+    hit = _CODE_CACHE.get(id(table))
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    if len(_CODE_CACHE) >= 64:
+        _CODE_CACHE.clear()
+    codes = _codes(table.r_type)
+    _CODE_CACHE[id(table)] = (table, codes)
+    return codes
+
+
+def _bits(kinds: set[Kind]) -> int:
+    """The code bits of ``kinds``."""
+    return sum(1 << _KINDS.index(k) for k in kinds)
+
+
 def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
                ) -> npt.NDArray[np.bool_]:
-    """Which entries of ``table`` have one of ``kinds`` (and ``width`` when given)."""
-    types = [t for t, r in X86_64.items() if r.kind in kinds and (width is None or
-                                                                   r.width == width)]
-    return np.isin(table.r_type, np.array(types, dtype=np.uint32))
+    """Which entries of ``table`` have one of ``kinds`` (``width`` 8: 8-byte ABSOLUTE only)."""
+    bits = _BIT_WORD if width == 8 else _bits(kinds)
+    return (_table_codes(table) & bits) != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +189,7 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
     before any memory is touched. Raises ElfRelocationError / ElfSymbolError."""
     starts, ends = _segment_arrays(image, textrel)
     for table in tables.relocs:
-        known = np.isin(table.r_type, _TYPES)
+        known = (_table_codes(table) & _BIT_KNOWN) != 0
         if not known.all():
             bad = int(table.r_type[~known][0])
             raise ElfRelocationError(f"{table.name} r_type", bad,
@@ -270,8 +306,7 @@ def _apply_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: 
             continue
         sym = table.r_sym[mask]
         s = res.addr[sym]
-        with_addend = np.isin(table.r_type[mask], [t for t, r in X86_64.items()
-                                                   if r.kind is Kind.ABSOLUTE and r.addend])
+        with_addend = (_table_codes(table)[mask] & _BIT_ADDEND) != 0
         a = np.where(with_addend, _addends(image, table, mask), np.uint64(0))
         places.append(table.r_offset[mask] + b)
         values.append(s + a)
@@ -345,11 +380,9 @@ def _store(mm: Mmap, place: int, value: int, rule: Rule, table: str) -> None:
 def _apply_rare(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
                 mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
     """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, in table order."""
-    common = {t for t, r in X86_64.items()
-              if r.kind in (Kind.RELATIVE, Kind.NONE) or (r.kind is Kind.ABSOLUTE and
-                                                           r.width == 8)}
+    common = _bits({Kind.RELATIVE, Kind.NONE}) | _BIT_WORD
     for table in tables.relocs:
-        rare = np.flatnonzero(~np.isin(table.r_type, list(common)))
+        rare = np.flatnonzero((_table_codes(table) & common) == 0)
         for k in rare.tolist():
             rule = X86_64[int(table.r_type[k])]
             _one(image, tables, table, k, rule, res, bias, mm, runs_code, out)

@@ -1,0 +1,112 @@
+"""Load time of real libraries: our loader on the simulator and on the host, beside glibc's
+dlopen of the same file in a fresh process, measured in the same run, printed as ratios.
+
+Every load applies every relocation and loads no dependency (glibc's dlopen finds libc
+already loaded, so it loads none either). Medians of --runs loads.
+
+    python bench/bench_load.py [--runs 15] [--libs libz libsqlite3 libcrypto]
+
+Targets (DESIGN.md) on libcrypto: simulator <= 5x glibc, host <= 3x glibc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from loader import load
+from loader.isolate import run_isolated
+from loader.libc import LibcMmap
+
+LIBS = {
+    "libz": "/usr/lib/x86_64-linux-gnu/libz.so.1",
+    "libsqlite3": "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0",
+    "libcrypto": "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+}
+
+GLIBC_PROBE = """
+import ctypes, sys, time
+t = time.perf_counter()
+ctypes.CDLL(sys.argv[1])
+print(time.perf_counter() - t)
+"""
+
+
+def glibc_dlopen(path: str, runs: int) -> float:
+    """Median seconds of ctypes.CDLL (dlopen, RTLD_NOW as ctypes asks) in fresh processes."""
+    times = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", GLIBC_PROBE, path], capture_output=True,
+                              text=True, check=True)
+        times.append(float(done.stdout))
+    return statistics.median(times)
+
+
+def _host_loads(path: str, runs: int) -> float:
+    """In a forked child: median seconds of load+all relocations on the host backend."""
+    mm = LibcMmap()
+    load(path, mm).unload()            # warm: imports, page cache
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        obj = load(path, mm)
+        times.append(time.perf_counter() - t)
+        obj.unload()
+    return statistics.median(times)
+
+
+def host(path: str, runs: int) -> float:
+    """Median seconds on the host backend (measured in a forked child)."""
+    status, value = run_isolated(_host_loads, path, runs, timeout=300)
+    if status != "ok":
+        raise RuntimeError(f"host load of {path} died with {status}")
+    return float(value)
+
+
+def sim(path: str, runs: int) -> float | None:
+    """Median seconds on a fresh simulator each time; None without vmsim.AddressSpace."""
+    import vmsim
+
+    cls: Any = getattr(vmsim, "AddressSpace", None)
+    if cls is None:
+        return None
+    load(path, cls())
+    times = []
+    for _ in range(runs):
+        mm = cls()
+        t = time.perf_counter()
+        load(path, mm)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Measure and print one line per library, then JSON of all figures."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--libs", nargs="+", default=list(LIBS), choices=list(LIBS))
+    args = ap.parse_args()
+    rows = {}
+    print(f"{'library':<12} {'glibc ms':>9} {'host ms':>8} {'sim ms':>8} {'host/glibc':>11} "
+          f"{'sim/glibc':>10}")
+    for name in args.libs:
+        path = LIBS[name]
+        g, h, s = glibc_dlopen(path, args.runs), host(path, args.runs), sim(path, args.runs)
+        rows[name] = {"glibc_ms": g * 1e3, "host_ms": h * 1e3,
+                      "sim_ms": None if s is None else s * 1e3,
+                      "host_ratio": h / g, "sim_ratio": None if s is None else s / g}
+        sim_ms = "n/a" if s is None else f"{s * 1e3:.2f}"
+        sim_ratio = "n/a" if s is None else f"{s / g:.2f}x"
+        print(f"{name:<12} {g * 1e3:>9.2f} {h * 1e3:>8.2f} {sim_ms:>8} {h / g:>10.2f}x "
+              f"{sim_ratio:>10}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
