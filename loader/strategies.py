@@ -55,6 +55,7 @@ ValueOrStrategy: TypeAlias = T | st.SearchStrategy[T]
 _BOOLEANS = st.booleans()
 _SEGMENT_COUNTS = st.integers(1, 4)
 _HASH_STYLES = st.sampled_from(["both", "gnu", "sysv"])
+_LINK_BASES = st.sampled_from([0, 0x200000])
 
 RELOCATION_TYPES: tuple[str, ...] = ("RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT")
 """Every relocation kind :func:`elf_specs` can emit (psABI names without ``R_X86_64_``)."""
@@ -142,6 +143,7 @@ def elf_specs(
     kind: ValueOrStrategy[str] = "dyn",
     sections: ValueOrStrategy[bool] = _BOOLEANS,
     max_segment_pages: ValueOrStrategy[int] = 3,
+    link_base: ValueOrStrategy[int] = _LINK_BASES,
 ) -> st.SearchStrategy[ElfSpec]:
     """Descriptions of valid ELF64 x86-64 objects, for :func:`loader.elfwriter.build`.
 
@@ -154,7 +156,9 @@ def elf_specs(
     ``bss``: writable segments may have memsz > filesz. ``relr``: RELATIVE relocations as
     DT_RELR. ``rel_format``: "rela" or "rel". ``hash``: "gnu", "sysv" or "both". ``kind``:
     "dyn" (shared object) or "exec" (ET_EXEC at 0x400000). ``sections``: write section headers.
-    ``max_segment_pages``: the largest segment's file size in pages.
+    ``max_segment_pages``: the largest segment's file size in pages. ``link_base``: the
+    lowest vaddr of a shared object (0 as ``ld`` links them; a prelinked one has another; a
+    loader that confuses the mapped base with the load bias shows only then), page-aligned.
 
     >>> spec = elf_specs(segments=2, relro=True, bss=False).example()
     >>> len(spec.segments), any(s.relro for s in spec.segments)
@@ -166,6 +170,7 @@ def elf_specs(
     _check_range(max_relocations, "max_relocations", 0, 1000)
     _check_range(max_symbols, "max_symbols", 0, 1000)
     _check_range(max_segment_pages, "max_segment_pages", 1, 64)
+    _check_link_base(link_base)
     for name, value in (("relro", relro), ("textrel", textrel), ("bss", bss), ("relr", relr),
                         ("sections", sections)):
         _check_type(value, name, (bool,), "a bool")
@@ -178,6 +183,7 @@ def elf_specs(
         "max_symbols": max_symbols, "relro": relro, "textrel": textrel, "bss": bss,
         "relr": relr, "rel_format": rel_format, "hash": hash, "kind": kind,
         "sections": sections, "max_segment_pages": max_segment_pages,
+        "link_base": link_base,
     }
     return _elf_specs(knobs)
 
@@ -217,7 +223,7 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
     relocs = _relocs(draw, segs, symbols, sorted(k["relocation_types"]), k)
     return ElfSpec(
         segments=tuple(segs), symbols=tuple(symbols), relocs=tuple(relocs), kind=k["kind"],
-        base=0x400000 if k["kind"] == "exec" else 0, align=k["max_page_size"],
+        base=0x400000 if k["kind"] == "exec" else k["link_base"], align=k["max_page_size"],
         rel_format=k["rel_format"], relr=k["relr"], hash=k["hash"],
         textrel=k["textrel"] and any(r.segment not in writable for r in relocs),
         sections=k["sections"],
@@ -234,6 +240,15 @@ def _check_drawn(k: dict[str, Any]) -> None:
     _check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
     _check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
     _check_choice(k["kind"], "kind", ("dyn", "exec"))
+    _check_link_base(k["link_base"])
+
+
+def _check_link_base(value: Any) -> None:
+    """InvalidArgument unless ``value`` is a strategy or a page-aligned int in [0, 2**40]."""
+    _check_range(value, "link_base", 0, 2**40)
+    if isinstance(value, int) and value % _PAGE:
+        raise InvalidArgument(f"link_base={value:#x}: expected a multiple of the page size "
+                              f"{_PAGE:#x}")
 
 
 _FLAGS: tuple[ew.Flags, ...] = ("rw", "r", "rx")
