@@ -3,7 +3,7 @@
 It runs on any backend: the simulator (``vmsim.AddressSpace``) or the real kernel
 (``loader.libc.LibcMmap``). The pipeline: ``loader.elf`` and ``loader.tables`` parse and
 validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
-``loader.symbols`` relocate, ``loader.load`` protects, runs init and ties it together;
+``loader.symbols`` relocate, ``loader.pipeline`` protects, runs init and ties it together;
 ``loader.outcome`` makes loads comparable and ``loader.trace`` records the calls.
 """
 
@@ -16,7 +16,7 @@ from loader.errors import (
     ElfSymbolError,
     ElfUnsupportedError,
 )
-from loader.load import LoadedObject, load, runs_code
+from loader.pipeline import LoadedObject, load, runs_code
 from loader.mmap import MapFlags, Mapping, Mmap, MmapDefaults, MmapError, ProtFlags, Region
 from loader.outcome import Outcome
 from loader.plan import LoadPlan

@@ -1,6 +1,6 @@
 """Load one file on the host and on another backend at the same address, and compare.
 
-Part of the ``loader`` layer (imports ``loader.load``, ``loader.isolate``, ``loader.libc``; the
+Part of the ``loader`` layer (imports ``loader.pipeline``, ``loader.isolate``, ``loader.libc``; the
 other backend is passed in, so nothing here imports ``vmsim``). The host side runs in forked
 children (a loader bug there kills a child, not the caller). Both sides bind imports with the
 same ``StubResolver`` at the same extern address, so their bytes can be equal.
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
-from loader.load import load
+from loader.pipeline import load
 from loader.mmap import Mmap
 from loader.outcome import Outcome
 from loader.symbols import StubResolver

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from loader.mmap import Region
 
 if TYPE_CHECKING:
-    from loader.load import LoadedObject
+    from loader.pipeline import LoadedObject
 
 __all__ = ["Outcome", "RegionRecord", "regions_in", "take_outcome"]
 

@@ -78,7 +78,7 @@ X86_64: dict[int, Rule] = {
     38: Rule("R_X86_64_RELATIVE64", Kind.RELATIVE, 8, True),
 }
 _TYPES = np.array(sorted(X86_64), dtype=np.uint32)
-_WIDTH = np.zeros(int(_TYPES.max()) + 1, dtype=np.uint64)
+_WIDTH = np.zeros(64, dtype=np.uint64)   # by type; unknown types clip to 63 -> 0
 _WIDTH[_TYPES] = [X86_64[t].width for t in _TYPES.tolist()]
 _SYMBOLIC = {Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
              Kind.TLS_TPOFF}
@@ -93,7 +93,7 @@ def type_name(r_type: int) -> str:
 
 _KINDS = list(Kind)
 _BIT_WORD, _BIT_ADDEND, _BIT_KNOWN = 1 << 16, 1 << 17, 1 << 18
-_LUT_SIZE = 64
+_LUT_SIZE = 64     # x86-64 types are below 64; entry 63 stays 0 (unknown)
 _LUT = np.zeros(_LUT_SIZE, dtype=np.uint32)
 for _t, _r in X86_64.items():
     _LUT[_t] = ((1 << _KINDS.index(_r.kind)) | _BIT_KNOWN
@@ -104,7 +104,9 @@ for _t, _r in X86_64.items():
 def _codes(r_type: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
     """Per entry, the bit set of its type: a bit per Kind, plus 8-byte-ABSOLUTE, uses-addend
     and known bits. One table lookup instead of a membership test per kind."""
-    return _LUT[np.minimum(r_type, _LUT_SIZE - 1)] * (r_type < _LUT_SIZE)
+    # Types past the table clip to its last entry, which is 0 (unknown): one pass.
+    codes: npt.NDArray[np.uint32] = np.take(_LUT, r_type, mode="clip")
+    return codes
 
 
 _CODE_CACHE: dict[int, tuple[RelocTable, npt.NDArray[np.uint32]]] = {}
@@ -132,7 +134,8 @@ def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
                ) -> npt.NDArray[np.bool_]:
     """Which entries of ``table`` have one of ``kinds`` (``width`` 8: 8-byte ABSOLUTE only)."""
     bits = _BIT_WORD if width == 8 else _bits(kinds)
-    return (_table_codes(table) & bits) != 0
+    mask: npt.NDArray[np.bool_] = (_table_codes(table) & bits) != 0
+    return mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +170,23 @@ def _segment_arrays(image: ElfImage, textrel: bool
 
 def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
                    starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]) -> None:
-    """Every ``[off, off+width)`` inside one writable segment, else ElfRelocationError."""
+    """Every ``[off, off+width)`` with width > 0 inside one writable segment, else
+    ElfRelocationError naming the first bad offset. Fast path: all inside one segment."""
     if len(offs) == 0:
+        return
+    live = widths > 0
+    tops = offs + widths
+    lo, hi = int(offs[live].min(initial=_MASK64)), int(tops[live].max(initial=0))
+    if any(s <= lo and hi <= e for s, e in zip(starts.tolist(), ends.tolist(), strict=True)) \
+            and not (tops < offs).any():
         return
     seg = np.searchsorted(starts, offs, side="right").astype(np.int64) - 1
     ok = seg >= 0
     if len(ends):
-        segc = np.clip(seg, 0, len(ends) - 1)
-        top = offs + widths
-        ok &= (top >= offs) & (top <= ends[segc])
+        ok &= (tops >= offs) & (tops <= ends[np.clip(seg, 0, len(ends) - 1)])
     else:
         ok[:] = False
+    ok |= ~live
     if not ok.all():
         bad = int(offs[~ok][0])
         raise ElfRelocationError(f"{name} r_offset", bad,
@@ -189,23 +198,21 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
     before any memory is touched. Raises ElfRelocationError / ElfSymbolError."""
     starts, ends = _segment_arrays(image, textrel)
     for table in tables.relocs:
-        known = (_table_codes(table) & _BIT_KNOWN) != 0
+        codes = _table_codes(table)
+        known = (codes & _BIT_KNOWN) != 0
         if not known.all():
             bad = int(table.r_type[~known][0])
             raise ElfRelocationError(f"{table.name} r_type", bad,
                                      "a supported x86-64 type " + str(_TYPES.tolist()))
-        live = table.r_type != 0
-        widths = _WIDTH[table.r_type[live]]
-        copy = _kind_mask(table, {Kind.COPY})[live]
+        widths = np.take(_WIDTH, table.r_type, mode="clip")
+        copy = (codes & _bits({Kind.COPY})) != 0
         if copy.any():
-            widths = widths.copy()
-            widths[copy] = tables.symtab["st_size"][table.r_sym[live][copy]]
-        _check_targets(table.name, table.r_offset[live], widths, starts, ends)
-        needs_sym = _kind_mask(table, {Kind.COPY})
-        if (needs_sym & (table.r_sym == 0)).any():
-            bad_at = int(table.r_offset[needs_sym & (table.r_sym == 0)][0])
-            raise ElfSymbolError(f"{table.name} r_sym", 0,
-                                 f"a symbol for the symbolic relocation at {bad_at:#x}")
+            if (table.r_sym[copy] == 0).any():
+                bad_at = int(table.r_offset[copy & (table.r_sym == 0)][0])
+                raise ElfSymbolError(f"{table.name} r_sym", 0,
+                                     f"a symbol for the COPY relocation at {bad_at:#x}")
+            widths[copy] = tables.symtab["st_size"][table.r_sym[copy]]
+        _check_targets(table.name, table.r_offset, widths, starts, ends)
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
 
@@ -267,13 +274,14 @@ def _apply_relative(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
 
 
 def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
-    """Unique nonzero symbol indices referenced by symbolic relocations."""
-    parts = [t.r_sym[_kind_mask(t, _SYMBOLIC)] for t in tables.relocs]
-    if not parts:
-        return np.zeros(0, dtype=np.int64)
-    idx: npt.NDArray[np.int64] = np.unique(np.concatenate(parts)).astype(np.int64)
-    nonzero: npt.NDArray[np.int64] = idx[idx != 0]
-    return nonzero
+    """Unique nonzero symbol indices referenced by symbolic relocations (a mark array, O(n))."""
+    mark = np.zeros(tables.nsyms, dtype=bool)
+    for t in tables.relocs:
+        mark[t.r_sym[_kind_mask(t, _SYMBOLIC)]] = True
+    if len(mark):
+        mark[0] = False
+    idx: npt.NDArray[np.int64] = np.flatnonzero(mark).astype(np.int64)
+    return idx
 
 
 def _call_ifunc(resolver_addr: int) -> int:

@@ -22,6 +22,7 @@ asked only for undefined symbols. A ``pre_find`` hook restores interposition whe
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,15 @@ class Resolution:
     extern_range: tuple[int, int] | None = None
 
 
+def _names(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
+    """The raw names of symbols ``idx``: each NUL found with one searchsorted, not a scan."""
+    starts = tables.symtab["st_name"][idx].astype(np.int64)
+    nuls = np.flatnonzero(np.frombuffer(tables.strtab, dtype=np.uint8) == 0)
+    ends = nuls[np.searchsorted(nuls, starts)]
+    raw = tables.strtab
+    return [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
 def symbol_label(tables: DynamicTables, i: int) -> tuple[str, str | None]:
     """(name, version) of symbol ``i`` as referenced (version None when unversioned)."""
     name = tables.name(int(tables.symtab[i]["st_name"]))
@@ -203,10 +213,7 @@ class Resolver:
             return labels[i]
 
         self._hooks(self.pre_find, needed, addr, bound, label)
-        for i in needed[~defined & ~bound[needed]].tolist():
-            found = self.scope(*label(i))
-            if found is not None:
-                addr[i], bound[i] = found, True
+        self._scope_all(tables, needed[~defined & ~bound[needed]], addr, bound)
         own = needed[defined & ~bound[needed]]
         addr[own] = (syms["st_value"][own] + np.uint64(bias & 0xFFFFFFFFFFFFFFFF))
         bound[own] = True
@@ -225,6 +232,25 @@ class Resolver:
             else:
                 unresolved.append(key)
         return Resolution(addr, bound, unresolved, extern, extern_range)
+
+    def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
+        """:meth:`scope` on raw strtab bytes (a backend may override it to skip decoding)."""
+        return self.scope(name.decode("utf-8", "surrogateescape"),
+                          None if version is None else version.decode())
+
+    def _scope_all(self, tables: DynamicTables, idx: npt.NDArray[np.int64],
+                   addr: npt.NDArray[np.uint64], bound: npt.NDArray[np.bool_]) -> None:
+        """Ask the scope about each symbol of ``idx``; names cut from the strtab in bulk."""
+        if not len(idx) or type(self).scope is Resolver.scope and \
+                type(self).scope_raw is Resolver.scope_raw:
+            return
+        versions = {k: v.encode() for k, v in tables.versions.items()}
+        vidx = (tables.versym[idx] & 0x7FFF).tolist() if tables.versym is not None else \
+            [0] * len(idx)
+        for i, name, v in zip(idx.tolist(), _names(tables, idx), vidx, strict=True):
+            found = self.scope_raw(name, versions.get(v) if v > 1 else None)
+            if found is not None:
+                addr[i], bound[i] = found, True
 
     @staticmethod
     def _hooks(hooks: list[Finder], idx: npt.NDArray[np.int64], addr: npt.NDArray[np.uint64],
@@ -246,25 +272,33 @@ def _label_text(name: str, version: str | None) -> str:
     return f"{name}@{version}" if version else name
 
 
+@functools.cache
+def _dl_functions() -> tuple[Any, Any]:
+    """dlsym and dlvsym of this process, declared once."""
+    libc = ctypes.CDLL(None)
+    dlsym, dlvsym = libc.dlsym, libc.dlvsym
+    dlsym.restype, dlsym.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]
+    dlvsym.restype = ctypes.c_void_p
+    dlvsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    return dlsym, dlvsym
+
+
 class HostResolver(Resolver):
     """The host default: undefined symbols from the running process (``dlsym`` with
     ``RTLD_DEFAULT``, ``dlvsym`` when the reference is versioned)."""
 
     def __init__(self, pre_find: Iterable[Finder] = (), post_find: Iterable[Finder] = ()) -> None:
         super().__init__(pre_find, post_find)
-        libc = ctypes.CDLL(None)
-        self._dlsym = libc.dlsym
-        self._dlsym.restype, self._dlsym.argtypes = ctypes.c_void_p, [ctypes.c_void_p,
-                                                                      ctypes.c_char_p]
-        self._dlvsym = libc.dlvsym
-        self._dlvsym.restype = ctypes.c_void_p
-        self._dlvsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+        self._dlsym, self._dlvsym = _dl_functions()
 
     def scope(self, name: str, version: str | None) -> int | None:
         """dlvsym(RTLD_DEFAULT, name, version) or dlsym(RTLD_DEFAULT, name); None if absent."""
-        raw = name.encode("utf-8", "surrogateescape")
-        found: Any = (self._dlvsym(None, raw, version.encode()) if version
-                      else self._dlsym(None, raw))
+        return self.scope_raw(name.encode("utf-8", "surrogateescape"),
+                              None if version is None else version.encode())
+
+    def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
+        """:meth:`scope` without decoding: the bytes go straight to dlsym/dlvsym."""
+        found: Any = self._dlvsym(None, name, version) if version else self._dlsym(None, name)
         return int(found) if found else None
 
 

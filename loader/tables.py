@@ -8,6 +8,7 @@ table is bounds-checked against the PT_LOAD that holds it.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,19 +308,17 @@ def _sysv_hash(image: ElfImage, vaddr: int) -> tuple[SysvHash, int]:
     return SysvHash(buckets, chains), nchain
 
 
-VERDEF_DTYPE = np.dtype([("vd_version", "<u2"), ("vd_flags", "<u2"), ("vd_ndx", "<u2"),
-                         ("vd_cnt", "<u2"), ("vd_hash", "<u4"), ("vd_aux", "<u4"),
-                         ("vd_next", "<u4")])
-VERNEED_DTYPE = np.dtype([("vn_version", "<u2"), ("vn_cnt", "<u2"), ("vn_file", "<u4"),
-                          ("vn_aux", "<u4"), ("vn_next", "<u4")])
-VERNAUX_DTYPE = np.dtype([("vna_hash", "<u4"), ("vna_flags", "<u2"), ("vna_other", "<u2"),
-                          ("vna_name", "<u4"), ("vna_next", "<u4")])
+# Version records are few and linked by byte offsets: struct reads them one at a time.
+VERDEF = struct.Struct("<HHHHIII")     # vd_version vd_flags vd_ndx vd_cnt vd_hash vd_aux vd_next
+VERDAUX = struct.Struct("<II")         # vda_name vda_next
+VERNEED = struct.Struct("<HHIII")      # vn_version vn_cnt vn_file vn_aux vn_next
+VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name vna_next
 VER_FLG_BASE = 0x1
 
 
-def _record(image: ElfImage, vaddr: int, dtype: np.dtype[Any], tag: str) -> Any:
-    """One version record at ``vaddr``."""
-    return np.frombuffer(_table(image, vaddr, dtype.itemsize, tag), dtype=dtype)[0]
+def _record(image: ElfImage, vaddr: int, layout: struct.Struct, tag: str) -> tuple[int, ...]:
+    """One version record at ``vaddr``, bounds-checked."""
+    return layout.unpack_from(_table(image, vaddr, layout.size, tag))
 
 
 def _strtab_name(strtab: bytes, off: int, what: str) -> str:
@@ -335,18 +334,16 @@ def _verdefs(image: ElfImage, tags: dict[int, int], strtab: bytes,
     """Fill ``out`` with DT_VERDEF's index -> name; return the indices defined here."""
     defined: set[int] = set()
     at, count = tags.get(DT.VERDEF), tags.get(DT.VERDEFNUM, 0)
-    for _ in range(count if at is not None else 0):
+    for _ in range(min(count, MAX_VERSIONS) if at is not None else 0):
         assert at is not None
-        vd = _record(image, at, VERDEF_DTYPE, "DT_VERDEF")
-        aux = _record(image, at + int(vd["vd_aux"]), np.dtype([("n", "<u4"), ("x", "<u4")]),
-                      "DT_VERDEF aux")
-        ndx = int(vd["vd_ndx"]) & 0x7FFF
-        out[ndx] = _strtab_name(strtab, int(aux["n"]), "vda_name")
-        if not int(vd["vd_flags"]) & VER_FLG_BASE:
-            defined.add(ndx)
-        if not int(vd["vd_next"]):
+        _, flags, ndx, _, _, aux, nxt = _record(image, at, VERDEF, "DT_VERDEF")
+        name_off, _ = _record(image, at + aux, VERDAUX, "DT_VERDEF aux")
+        out[ndx & 0x7FFF] = _strtab_name(strtab, name_off, "vda_name")
+        if not flags & VER_FLG_BASE:
+            defined.add(ndx & 0x7FFF)
+        if not nxt:
             break
-        at += int(vd["vd_next"])
+        at += nxt
     return defined
 
 
@@ -354,20 +351,19 @@ def _verneeds(image: ElfImage, tags: dict[int, int], strtab: bytes,
               out: dict[int, str]) -> None:
     """Fill ``out`` with DT_VERNEED's index (vna_other) -> name."""
     at, count = tags.get(DT.VERNEED), tags.get(DT.VERNEEDNUM, 0)
-    for _ in range(count if at is not None else 0):
+    for _ in range(min(count, MAX_VERSIONS) if at is not None else 0):
         assert at is not None
-        vn = _record(image, at, VERNEED_DTYPE, "DT_VERNEED")
-        aux_at = at + int(vn["vn_aux"])
-        for _ in range(min(int(vn["vn_cnt"]), MAX_VERSIONS)):
-            va = _record(image, aux_at, VERNAUX_DTYPE, "DT_VERNEED aux")
-            out[int(va["vna_other"]) & 0x7FFF] = _strtab_name(strtab, int(va["vna_name"]),
-                                                              "vna_name")
-            if not int(va["vna_next"]):
+        _, cnt, _, aux, nxt = _record(image, at, VERNEED, "DT_VERNEED")
+        aux_at = at + aux
+        for _ in range(min(cnt, MAX_VERSIONS)):
+            _, _, other, name_off, aux_next = _record(image, aux_at, VERNAUX, "DT_VERNEED aux")
+            out[other & 0x7FFF] = _strtab_name(strtab, name_off, "vna_name")
+            if not aux_next:
                 break
-            aux_at += int(va["vna_next"])
-        if not int(vn["vn_next"]):
+            aux_at += aux_next
+        if not nxt:
             break
-        at += int(vn["vn_next"])
+        at += nxt
 
 
 def _symbol_count(image: ElfImage, tags: dict[int, int]
