@@ -16,9 +16,9 @@ from loader.errors import (
     ElfSymbolError,
     ElfUnsupportedError,
 )
-from loader.pipeline import LoadedObject, load, runs_code
 from loader.mmap import MapFlags, Mapping, Mmap, MmapDefaults, MmapError, ProtFlags, Region
 from loader.outcome import Outcome
+from loader.pipeline import LoadedObject, load, runs_code
 from loader.plan import LoadPlan
 from loader.symbols import HostResolver, Resolver, StubResolver
 from loader.trace import CopyingMmap, TracingMmap

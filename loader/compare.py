@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
-from loader.pipeline import load
 from loader.mmap import Mmap
 from loader.outcome import Outcome
+from loader.pipeline import load
 from loader.symbols import StubResolver
 
 __all__ = ["Comparison", "compare_backends", "host_outcome"]

@@ -241,8 +241,9 @@ class Resolver:
     def _scope_all(self, tables: DynamicTables, idx: npt.NDArray[np.int64],
                    addr: npt.NDArray[np.uint64], bound: npt.NDArray[np.bool_]) -> None:
         """Ask the scope about each symbol of ``idx``; names cut from the strtab in bulk."""
-        if not len(idx) or type(self).scope is Resolver.scope and \
-                type(self).scope_raw is Resolver.scope_raw:
+        no_scope = (type(self).scope is Resolver.scope
+                    and type(self).scope_raw is Resolver.scope_raw)
+        if not len(idx) or no_scope:
             return
         versions = {k: v.encode() for k, v in tables.versions.items()}
         vidx = (tables.versym[idx] & 0x7FFF).tolist() if tables.versym is not None else \
