@@ -1,0 +1,186 @@
+"""Kernel-side records of the simulator: VMAs, open files, inodes and the free-gap index.
+
+Part of ``vmsim``, used by ``vmsim.space``; imports only the standard library.
+
+A :class:`Vma` carries what Linux's ``vm_area_struct`` carries that decides merging: the
+``vm_flags`` word (protection, shared, VM_ACCOUNT, VM_NORESERVE, ...), the file (the *open
+file*, not the path: a dup'd fd is the same :class:`OpenFile`, a second open() is not), the
+page offset, and the ``anon_vma`` (the history of private pages written, an integer token).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from bisect import bisect_left, bisect_right, insort
+
+__all__ = ["VM_ACCESS", "VM_ACCOUNT", "VM_DROPPABLE", "VM_EXEC", "VM_GROWSDOWN", "VM_LOCKED",
+           "VM_MAYEXEC", "VM_MAYREAD", "VM_MAYSHARE", "VM_MAYWRITE", "VM_NOHUGEPAGE",
+           "VM_NORESERVE", "VM_READ", "VM_SHARED", "VM_WRITE", "GapIndex", "Inode",
+           "OpenFile", "Shmem", "Vma", "same_open_file"]
+
+# vm_flags bits, with the kernel's values (include/linux/mm.h)
+VM_READ = 0x1
+VM_WRITE = 0x2
+VM_EXEC = 0x4
+VM_SHARED = 0x8
+VM_MAYREAD = 0x10
+VM_MAYWRITE = 0x20
+VM_MAYEXEC = 0x40
+VM_MAYSHARE = 0x80
+VM_GROWSDOWN = 0x100
+VM_LOCKED = 0x2000
+VM_ACCOUNT = 0x100000
+VM_NORESERVE = 0x200000
+VM_NOHUGEPAGE = 0x40000000
+VM_DROPPABLE = 1 << 40
+VM_ACCESS = VM_READ | VM_WRITE | VM_EXEC
+
+
+class Inode:
+    """A file as the page cache sees it: ``(st_dev, st_ino)``, the size last seen, and the
+    page-cache frames by page index."""
+
+    __slots__ = ("cache", "dev", "ino", "key", "opens", "size")
+
+    def __init__(self, dev: int, ino: int, size: int) -> None:
+        self.key = (dev, ino)
+        self.dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+        self.ino = ino
+        self.size = size
+        self.cache: dict[int, int] = {}
+        self.opens = 0
+
+
+class OpenFile:
+    """An open file description (Linux's ``struct file``) the simulator holds through its own
+    dup of the caller's fd, so the mapping outlives the caller's ``close``."""
+
+    __slots__ = ("fd", "inode", "noexec", "readable", "users", "writable")
+
+    def __init__(self, fd: int, inode: Inode, readable: bool, writable: bool,
+                 noexec: bool) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.readable = readable
+        self.writable = writable
+        self.noexec = noexec
+        self.users = 0
+
+    def path(self) -> str:
+        """The path ``/proc/self/maps`` shows now (with `` (deleted)`` once unlinked)."""
+        try:
+            return os.readlink(f"/proc/self/fd/{self.fd}")
+        except OSError:
+            return "?"
+
+
+class Shmem:
+    """The hidden shmem file behind a shared anonymous mapping: never shared with another
+    mapping, so such mappings never merge with each other."""
+
+    __slots__ = ("ino", "users")
+    dev = "00:01"
+    path = "/dev/zero (deleted)"
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.users = 0
+
+
+class Vma:
+    """One mapping ``[start, end)``: ``flags`` (vm_flags), ``pgoff`` (file page of ``start``;
+    for private anonymous memory ``start >> page_shift`` as Linux sets it), ``file``
+    (OpenFile, Shmem or None) and ``anon`` (anon_vma token, 0 when never written)."""
+
+    __slots__ = ("anon", "end", "file", "flags", "pgoff", "start")
+
+    def __init__(self, start: int, end: int, flags: int, pgoff: int,
+                 file: OpenFile | Shmem | None, anon: int) -> None:
+        self.start = start
+        self.end = end
+        self.flags = flags
+        self.pgoff = pgoff
+        self.file = file
+        self.anon = anon
+
+    def __repr__(self) -> str:
+        return (f"Vma({self.start:#x}-{self.end:#x} flags={self.flags:#x} pgoff={self.pgoff:#x}"
+                f" file={type(self.file).__name__} anon={self.anon})")
+
+
+class GapIndex:
+    """The free gaps between VMAs, bucketed by size class (floor(log2(size))), each bucket a
+    sorted list of gap end addresses. Top-down placement asks each non-empty bucket that can
+    hold the length for its highest gap below a limit: O(buckets * log n), flat in the
+    number of mappings (Linux keeps the largest gap per subtree of its maple tree instead).
+    """
+
+    def __init__(self) -> None:
+        self.ends: list[list[int]] = [[] for _ in range(65)]
+        self.start_of: dict[int, int] = {}
+        self.mask = 0
+
+    def add(self, start: int, end: int) -> None:
+        """Record the free gap ``[start, end)`` (ignored when empty)."""
+        if end > start:
+            k = (end - start).bit_length() - 1
+            insort(self.ends[k], end)
+            self.start_of[end] = start
+            self.mask |= 1 << k
+
+    def remove(self, start: int, end: int) -> None:
+        """Forget the free gap ``[start, end)``, which must have been added."""
+        if end > start:
+            k = (end - start).bit_length() - 1
+            bucket = self.ends[k]
+            del bucket[bisect_left(bucket, end)]
+            del self.start_of[end]
+            if not bucket:
+                self.mask &= ~(1 << k)
+
+    def highest(self, length: int, low: int, high: int) -> int:
+        """The highest gap end ``e <= high`` of a gap holding ``length`` bytes above ``low``,
+        or -1. Gaps that straddle ``high`` are the caller's business."""
+        best = -1
+        kmin = length.bit_length() - 1
+        mask = self.mask >> kmin
+        k = kmin
+        start_of = self.start_of
+        while mask:
+            if mask & 1:
+                bucket = self.ends[k]
+                j = bisect_right(bucket, high) - 1
+                while j >= 0 and bucket[j] > best:
+                    end = bucket[j]
+                    start = start_of[end]
+                    if end - max(start, low) >= length:
+                        best = end
+                        break
+                    if (1 << k) >= length or start < low:
+                        break  # lower gaps of this bucket fit no better
+                    j -= 1
+            mask >>= 1
+            k += 1
+        return best
+
+
+_SYS_KCMP = 312
+_KCMP_FILE = 0
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def same_open_file(fd1: int, fd2: int) -> bool:
+    """True when two fds of this process share one open file description (kcmp(2));
+    without kcmp, by moving one's file position and watching the other's."""
+    pid = os.getpid()
+    got = _LIBC.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd1, fd2)
+    if got >= 0:
+        return bool(got == 0)
+    pos1, pos2 = os.lseek(fd1, 0, os.SEEK_CUR), os.lseek(fd2, 0, os.SEEK_CUR)
+    if pos1 != pos2:
+        return False
+    os.lseek(fd1, pos1 + 1, os.SEEK_SET)
+    moved = os.lseek(fd2, 0, os.SEEK_CUR) == pos1 + 1
+    os.lseek(fd1, pos1, os.SEEK_SET)
+    return moved
