@@ -73,7 +73,11 @@ def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: An
         length = seg.map_end - seg.start
         got = mm.mmap(seg.start + bias, length, seg.prot, _FIXED, seg.offset, fd)
         if got.need_copy:
-            mm.write(seg.start + bias, bytes(data[seg.offset: seg.offset + seg.content]))
+            # Copy whole pages, as a file mapping would show them (bytes past the segment in
+            # its last page included), then clear the tail, then seal.
+            mm.write(seg.start + bias, bytes(data[seg.offset: seg.offset + length]))
+            if seg.zero_end > seg.zero_start:
+                mm.write(seg.zero_start + bias, bytes(seg.zero_end - seg.zero_start))
             mm.mprotect(seg.start + bias, length, seg.prot)
         else:
             _zero_tail(seg, bias, mm, writable)
