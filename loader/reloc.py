@@ -411,7 +411,9 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
     out.tls = TlsLayout.first_static(image)
     _apply_relative(image, tables, bias, mm, out)
     needed = _needed_symbols(tables)
-    res = resolver.resolve(tables, needed, bias, mm, near) if len(needed) else \
+    copies = [t.r_sym[_kind_mask(t, {Kind.COPY})] for t in tables.relocs]
+    not_self = np.concatenate(copies).astype(np.int64) if copies else None
+    res = resolver.resolve(tables, needed, bias, mm, near, not_self) if len(needed) else \
         Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
     out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
     _apply_ifunc_symbols(tables, res, runs_code, out)

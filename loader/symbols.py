@@ -199,12 +199,17 @@ class Resolver:
         return {}, None
 
     def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,
-                mm: Mmap, near: int) -> Resolution:
-        """Run the chain over symbol indices ``needed`` (unique, nonzero)."""
+                mm: Mmap, near: int,
+                not_self: npt.NDArray[np.int64] | None = None) -> Resolution:
+        """Run the chain over symbol indices ``needed`` (unique, nonzero). Symbols in
+        ``not_self`` (the targets of COPY relocations, whose definition in the object is the
+        copy itself) skip the object's own definition, as glibc's copy lookups do."""
         syms = tables.symtab
         addr = np.zeros(tables.nsyms, dtype=np.uint64)
         bound = np.zeros(tables.nsyms, dtype=bool)
         defined = syms["st_shndx"][needed] != SHN_UNDEF
+        if not_self is not None and len(not_self):
+            defined &= ~np.isin(needed, not_self)
         labels: dict[int, tuple[str, str | None]] = {}
 
         def label(i: int) -> tuple[str, str | None]:

@@ -70,6 +70,40 @@ int global_in_exe = 7;
 int main(void) { printf("%d %p\n", global_in_exe, (void *)environ); return 0; }
 """
 
+INITFINI_SOURCE = r"""
+char log_[16];
+int n_;
+char *trail;       /* the caller may point it at a buffer that outlives the library */
+static void mark(char c) { log_[n_++] = c; if (trail) *trail++ = c; }
+__attribute__((constructor(101))) static void c1(void) { mark('A'); }
+__attribute__((constructor(102))) static void c2(void) { mark('B'); }
+__attribute__((destructor(101))) static void d1(void) { mark('y'); }
+__attribute__((destructor(102))) static void d2(void) { mark('x'); }
+void init_hook(void) { mark('I'); }
+void fini_hook(void) { mark('F'); }
+"""
+
+INITFINI_PROBE = textwrap.dedent("""
+    import ctypes, json, sys
+    lib = ctypes.CDLL(sys.argv[1])
+    inits = ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(lib, "log_"))).decode()
+    out = ctypes.create_string_buffer(16)
+    ctypes.c_void_p.in_dll(lib, "trail").value = ctypes.addressof(out)
+    libc = ctypes.CDLL(None)
+    libc.dlclose.argtypes = [ctypes.c_void_p]
+    assert libc.dlclose(lib._handle) == 0
+    print(json.dumps([inits, out.value.decode()]))
+""")
+
+
+def glibc_init_fini(path: Path) -> tuple[str, str]:
+    """The order glibc runs the initfini fixture's functions: (on dlopen, on dlclose)."""
+    done = subprocess.run([sys.executable, "-c", INITFINI_PROBE, str(path)],
+                          capture_output=True, text=True, check=True)
+    inits, finis = json.loads(done.stdout)
+    return str(inits), str(finis)
+
+
 FLAG_MATRIX: dict[str, list[str]] = {
     "relro": ["-Wl,-z,relro"],
     "norelro": ["-Wl,-z,norelro"],
@@ -111,6 +145,12 @@ def build_fixtures(where: Path) -> dict[str, Path]:
     out["textrel"] = where / "lib_textrel.so"
     _gcc(["-O1", "-fPIE", "-pie", "-o", str(where / "pie"), "pie.c"], where)
     out["pie"] = where / "pie"
+    _gcc(["-O1", "-fno-pie", "-no-pie", "-o", str(where / "exec"), "pie.c"], where)
+    out["exec"] = where / "exec"
+    (where / "initfini.c").write_text(INITFINI_SOURCE)
+    _gcc(["-O1", "-fPIC", "-shared", "-Wl,-init,init_hook,-fini,fini_hook", "-o",
+          str(where / "lib_initfini.so"), "initfini.c"], where)
+    out["initfini"] = where / "lib_initfini.so"
     return out
 
 
