@@ -254,10 +254,12 @@ def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
     return table.r_addend[mask].view(np.uint64)
 
 
-def _apply_relative(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
-                    out: RelocOutcome) -> None:
-    """Every RELATIVE entry and every RELR target, B + A, as ONE write_words scatter."""
-    places, values = [], []
+Words = list[npt.NDArray[np.uint64]]
+
+
+def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: RelocOutcome,
+                    places: Words, values: Words) -> None:
+    """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
     b = np.uint64(bias & _MASK64)
     for table in tables.relocs:
         mask = _kind_mask(table, {Kind.RELATIVE})
@@ -269,8 +271,6 @@ def _apply_relative(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
         places.append(tables.relr + b)
         values.append(_file_words(image, tables.relr) + b)
         out.by_type["R_X86_64_RELATIVE"] += len(tables.relr)
-    if places:
-        mm.write_words(np.concatenate(places), np.concatenate(values))
 
 
 def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
@@ -303,10 +303,9 @@ def _apply_ifunc_symbols(tables: DynamicTables, res: Resolution, runs_code: bool
             out.irelative.append((0, int(res.addr[i])))
 
 
-def _apply_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
-                 mm: Mmap, out: RelocOutcome) -> None:
-    """The 8-byte ABSOLUTE kinds (64, GLOB_DAT, JUMP_SLOT): S (+ A), one scatter."""
-    places, values = [], []
+def _symbol_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
+                  out: RelocOutcome, places: Words, values: Words) -> None:
+    """The 8-byte ABSOLUTE kinds (64, GLOB_DAT, JUMP_SLOT): S (+ A), appended to the lists."""
     b = np.uint64(bias & _MASK64)
     for table in tables.relocs:
         mask = _kind_mask(table, {Kind.ABSOLUTE}, 8)
@@ -318,10 +317,9 @@ def _apply_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: 
         a = np.where(with_addend, _addends(image, table, mask), np.uint64(0))
         places.append(table.r_offset[mask] + b)
         values.append(s + a)
-        for t, n in zip(*np.unique(table.r_type[mask], return_counts=True), strict=True):
-            out.by_type[type_name(int(t))] += int(n)
-    if places:
-        mm.write_words(np.concatenate(places), np.concatenate(values))
+        counts = np.bincount(np.minimum(table.r_type[mask], _LUT_SIZE - 1), minlength=_LUT_SIZE)
+        for t in np.flatnonzero(counts).tolist():
+            out.by_type[type_name(t)] += int(counts[t])
 
 
 def _one(image: ElfImage, tables: DynamicTables, table: RelocTable, k: int, rule: Rule,
@@ -402,14 +400,16 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
              out: RelocOutcome | None = None) -> RelocOutcome:
     """Apply every relocation (targets were checked by ``check_relocations``).
 
-    Order: RELATIVE and RELR (one scatter), symbolic words (one scatter), then the rare kinds
+    Order: RELATIVE and RELR, then symbolic words (all in one scatter), then the rare kinds
     in table order (IRELATIVE last in practice, as linkers put them last). ``runs_code``: the
     backend is this process, so IFUNC resolvers may be called. ``out`` is filled as work
     is done (so a caller cleaning up after a failure sees any extern mapping made).
     """
     out = out if out is not None else RelocOutcome()
     out.tls = TlsLayout.first_static(image)
-    _apply_relative(image, tables, bias, mm, out)
+    places: Words = []
+    values: Words = []
+    _relative_words(image, tables, bias, out, places, values)
     needed = _needed_symbols(tables)
     copies = [t.r_sym[_kind_mask(t, {Kind.COPY})] for t in tables.relocs]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
@@ -417,7 +417,9 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
         Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
     out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
     _apply_ifunc_symbols(tables, res, runs_code, out)
-    _apply_words(image, tables, res, bias, mm, out)
+    _symbol_words(image, tables, res, bias, out, places, values)
+    if places:     # RELATIVE, RELR and the symbolic words: ONE scatter, relative ones first
+        mm.write_words(np.concatenate(places), np.concatenate(values))
     _apply_rare(image, tables, res, bias, mm, runs_code, out)
     out.by_type.pop("R_X86_64_NONE", None)
     out.applied = sum(out.by_type.values())
