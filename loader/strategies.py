@@ -207,7 +207,8 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
     """Draw the knobs given as strategies, then the segments, symbols and relocations."""
     k = {name: draw(v) if isinstance(v, st.SearchStrategy) else v for name, v in knobs.items()}
     _check_drawn(k)
-    segs = [_segment(draw, k["max_segment_pages"], k["bss"]) for _ in range(k["segments"])]
+    lo, hi = (1, 4) if knobs["segments"] is _SEGMENT_COUNTS else (k["segments"],) * 2
+    segs = _many(draw, lo, hi, lambda d: _segment(d, k["max_segment_pages"], k["bss"]))
     writable = [i for i, s in enumerate(segs) if "w" in s.flags]
     if k["relro"] and segs:
         if not writable:
@@ -251,7 +252,7 @@ def _check_link_base(value: Any) -> None:
                               f"{_PAGE:#x}")
 
 
-_FLAGS: tuple[ew.Flags, ...] = ("rw", "r", "rx")
+_FLAGS: tuple[ew.Flags, ...] = ("r", "rw", "rx")
 _SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
                   for bind in ("global", "weak")]
 
@@ -289,14 +290,30 @@ def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list
     everywhere = range(len(segs))
     if not any(s.memsz >= _WORD for s in segs):
         return []
-    out = []
-    for n in range(draw(st.integers(0, max_symbols))):
-        place = _pick_word(draw, segs, everywhere)
+
+    def one(d: st.DrawFn) -> tuple[tuple[int, int], int]:
+        place = _pick_word(d, segs, everywhere)
         assert place is not None
-        version, bind = _SYMBOL_STYLES[draw(st.integers(0, len(_SYMBOL_STYLES) - 1))]
+        return place, d(st.integers(0, len(_SYMBOL_STYLES) - 1))
+
+    out = []
+    for n, (place, style) in enumerate(_many(draw, 0, max_symbols, one)):
+        version, bind = _SYMBOL_STYLES[style]
         kind = "func" if "x" in segs[place[0]].flags else "object"
         out.append(Symbol(f"vmsim_sym{n}", segment=place[0], offset=place[1],
                           type=cast(Any, kind), bind=cast(Any, bind), version=version))
+    return out
+
+
+def _many(draw: st.DrawFn, lo: int, hi: int, one: Callable[[st.DrawFn], T]) -> list[T]:
+    """Between ``lo`` and ``hi`` results of ``one(draw)`` (about 3 beyond ``lo`` on average).
+
+    Each element past ``lo`` is preceded by a "more" choice, as ``st.lists`` draws, so that
+    hypothesis shrinks by deleting elements anywhere, not only the last.
+    """
+    out: list[T] = []
+    while len(out) < hi and (len(out) < lo or draw(st.integers(0, 3))):
+        out.append(one(draw))
     return out
 
 
@@ -309,23 +326,27 @@ def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
     sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
     if not kinds or not sites:
         return []
+
+    def one(d: st.DrawFn) -> Reloc | None:
+        rtype = kinds[d(st.integers(0, len(kinds) - 1))]
+        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
+        site = _pick_word(d, segs, sites, in_file)
+        if site is None:
+            return None
+        if rtype == "RELATIVE":
+            target = _pick_word(d, segs, range(len(segs)))
+            assert target is not None
+            return Reloc("RELATIVE", *site, target=target)
+        sym = symbols[d(st.integers(0, len(symbols) - 1))].name
+        addend = d(st.integers(-64, 64)) if rtype == "64" else 0
+        return Reloc(cast(Any, rtype), *site, symbol=sym, addend=addend)
+
     used: set[tuple[int, int]] = set()
     out = []
-    for _ in range(draw(st.integers(0, k["max_relocations"]))):
-        rtype = kinds[draw(st.integers(0, len(kinds) - 1))]
-        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
-        site = _pick_word(draw, segs, sites, in_file)
-        if site is None or site in used:
-            continue
-        used.add(site)
-        if rtype == "RELATIVE":
-            target = _pick_word(draw, segs, range(len(segs)))
-            assert target is not None
-            out.append(Reloc("RELATIVE", *site, target=target))
-        else:
-            sym = symbols[draw(st.integers(0, len(symbols) - 1))].name
-            addend = draw(st.integers(-64, 64)) if rtype == "64" else 0
-            out.append(Reloc(cast(Any, rtype), *site, symbol=sym, addend=addend))
+    for rel in _many(draw, 0, k["max_relocations"], one):
+        if rel is not None and (rel.segment, rel.offset) not in used:
+            used.add((rel.segment, rel.offset))
+            out.append(rel)
     return out
 
 

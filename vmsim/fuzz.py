@@ -116,7 +116,8 @@ class CheckingMmap:
     * every write lands on pages that its own calls left writable.
 
     A breach raises :class:`Violation` before the call reaches ``inner``. ``owned`` lists the
-    ranges obtained; :meth:`leftovers` says what of them is still mapped in ``inner``.
+    ranges obtained, ``prots`` what the calls left mapped there and with which protection;
+    :meth:`leftovers` says what of that is still mapped in ``inner``.
     """
 
     inner: Mmap
@@ -179,7 +180,7 @@ class CheckingMmap:
         """Check it lies inside; the pages become unmapped (still owned)."""
         self._inside("munmap", addr, length)
         self.inner.munmap(addr, length)
-        self.prots.set(*self._span(addr, length), ProtFlags.PROT_NONE)
+        self.prots.set(*self._span(addr, length), None)
 
     def mprotect(self, addr: int, length: int, prot: ProtFlags) -> None:
         """Check it lies inside and record the new protection."""
@@ -207,6 +208,9 @@ class CheckingMmap:
         if not self.owned.covers(lo, hi):
             raise Violation(f"write of {length:#x} bytes at {addr:#x} outside the loader's "
                             f"reservation ({self._owned_text()})")
+        if not self.prots.covers(lo, hi):
+            raise Violation(f"write of {length:#x} bytes at {addr:#x}: the loader unmapped "
+                            "(part of) it")
         for a, _b, prot in self.prots.values(lo, hi):
             if not prot & ProtFlags.PROT_WRITE:
                 raise Violation(f"write of {length:#x} bytes at {addr:#x}: page {a:#x} is "
@@ -237,9 +241,11 @@ class CheckingMmap:
         return self.inner.maps()
 
     def leftovers(self) -> list[Region]:
-        """The inner backend's mappings overlapping any range this wrapper handed out."""
+        """The inner backend's mappings overlapping ranges the loader mapped and never
+        unmapped. (Ranges it did unmap are not looked at: on the host, this process's own
+        allocator may already have reused them.)"""
         return [r for r in self.inner.maps()
-                if any(a < r.end and r.start < b for a, b, _v in self.owned.items)]
+                if any(a < r.end and r.start < b for a, b, _v in self.prots.items)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,274 @@
+"""The fuzzing properties (vmsim.fuzz) on our loader, on each backend, and deliberately broken
+loader variants that the properties must catch with a shrunk example.
+
+Host runs happen in forked children (loader.isolate): a loader bug there kills a child, not
+pytest. The simulator runs in-process: a loader bug there is a ``Fault``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
+
+import loader
+import loader.mapper
+import loader.plan
+import loader.reloc
+from loader.elfwriter import ElfImage
+from loader.isolate import run_isolated
+from loader.libc import LibcMmap
+from loader.mmap import MapFlags, Mmap, ProtFlags
+from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
+from loader.strategies import MalformedImage, elf_images, malformed_elf
+from vmsim.fuzz import (
+    CheckingMmap,
+    Violation,
+    check_malformed_load,
+    check_same_on_both,
+    check_valid_load,
+    expected_page_perms,
+)
+
+PAGE = HOST_PAGE_SIZE
+PIPELINE = sys.modules[loader.load.__module__]
+"""The module holding ``load`` and its steps (its name is the loader's business)."""
+
+
+def _sim_factory() -> Callable[[], Mmap] | None:
+    """``vmsim.AddressSpace`` when the simulator exists, else None."""
+    vmsim = importlib.import_module("vmsim")
+    return getattr(vmsim, "AddressSpace", None)
+
+
+SIM = _sim_factory()
+BACKENDS = ["libc"] + (["sim"] if SIM is not None else [])
+needs_sim = pytest.mark.skipif(SIM is None, reason="vmsim.AddressSpace not built yet")
+quick = settings(max_examples=30, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                        HealthCheck.function_scoped_fixture])
+
+
+def _on(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(mm, *args)`` on a fresh backend: the host in a forked child (re-raising what
+    the child raised), the simulator here."""
+    if backend == "sim":
+        assert SIM is not None
+        return fn(SIM(), *args)
+
+    def child() -> tuple[str, Any]:
+        try:
+            return "ok", fn(LibcMmap(), *args)
+        except Exception as exc:
+            return "raised", exc
+
+    done = run_isolated(child)
+    if done.status != "ok":
+        raise Violation(f"host child died with {done.status}")
+    status, value = done.value
+    if status == "raised":
+        raise value
+    return value
+
+
+def _valid(mm: Mmap, image: ElfImage, path: str | None) -> None:
+    check_valid_load(image, mm, source=path)
+
+
+def _malformed(mm: Mmap, data: bytes) -> str:
+    return check_malformed_load(data, mm)
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Iterator[Callable[[ElfImage], str]]:
+    """Writes an image to a file and returns its path (so the loader maps from an fd)."""
+    def write(image: ElfImage) -> str:
+        path = tmp_path / "image.so"
+        path.write_bytes(image.data)
+        return str(path)
+    yield write
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties on our loader.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@quick
+@given(image=elf_images(textrel=st.booleans(), kind=st.sampled_from(["dyn", "dyn", "exec"]),
+                        max_page_size=st.sampled_from([PAGE, 0x10000])),
+       from_file=st.booleans())
+def test_valid_images_load_as_predicted(backend: str, image: ElfImage, from_file: bool,
+                                        image_file: Callable[[ElfImage], str]) -> None:
+    # Properties 1 (one backend), 3, 4 and 5: see vmsim.fuzz.check_valid_load.
+    _on(backend, _valid, image, image_file(image) if from_file else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(quick, max_examples=60)
+@given(bad=malformed_elf())
+def test_malformed_images_raise_only_elferror_and_leave_nothing(backend: str,
+                                                                bad: MalformedImage) -> None:
+    # Property 2 (with 3 and 4).
+    _on(backend, _malformed, bad.data)
+
+
+@needs_sim
+@settings(quick, max_examples=15)
+@given(image=elf_images(textrel=st.booleans()))
+def test_host_and_simulator_give_identical_outcomes(image: ElfImage) -> None:
+    assert SIM is not None
+    check_same_on_both(image, SIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checking wrapper itself can fail.
+
+
+def _checked_arena(mm: Mmap) -> tuple[CheckingMmap, int]:
+    cm = CheckingMmap(mm)
+    base = cm.mmap_reserve(None, 4 * PAGE, True)
+    return cm, base
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checking_mmap_refuses_calls_outside_the_reservation(backend: str) -> None:
+    def body(mm: Mmap) -> list[str]:
+        cm, base = _checked_arena(mm)
+        caught = []
+        rw = ProtFlags.PROT_READ | ProtFlags.PROT_WRITE
+        fixed = MapFlags.MAP_PRIVATE | MapFlags.MAP_FIXED
+        calls: list[Callable[[], object]] = [
+            lambda: cm.mmap_anonymous(base + 4 * PAGE, PAGE, rw, fixed),
+            lambda: cm.mprotect(base - PAGE, 2 * PAGE, rw),
+            lambda: cm.munmap(base + 3 * PAGE, 2 * PAGE),
+            lambda: cm.write(base, b"x"),  # inside, but still PROT_NONE
+        ]
+        for call in calls:
+            try:
+                call()
+            except Violation as exc:
+                caught.append(str(exc))
+        cm.mprotect(base, PAGE, rw)
+        cm.write(base + 8, b"ok")  # now allowed
+        cm.munmap(base, 4 * PAGE)
+        return caught
+
+    caught = _on(backend, body)
+    assert len(caught) == 4
+    assert "outside the loader's reservation" in caught[0]
+    assert "never made writable" in caught[3]
+
+
+def test_expected_page_perms_follow_glibc_relro_rounding() -> None:
+    from loader.elfwriter import ElfSpec, Segment, build
+    image = build(ElfSpec(segments=(Segment("rw", data=bytes(3 * PAGE), relro=PAGE + 100),)))
+    perms = expected_page_perms(image, PAGE)
+    seg = page_round_down(image.segment_vaddr(0), PAGE) // PAGE
+    assert perms[seg] == "r--p"          # the whole first page is RELRO
+    assert perms[seg + 1] == "rw-p"      # the partial second page stays writable (glibc)
+    assert perms[0] == "r--p" and perms[-1] == "rw-p"
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken loader variants: each must be caught, and the example hypothesis shrinks to is small.
+
+
+def _relro_end_rounded_up(image: Any) -> tuple[int, int] | None:
+    """loader.plan._relro as elf_loader does it: the end rounded UP (seals live data)."""
+    seg = image.relro
+    if seg is None:
+        return None
+    start = page_round_down(seg.p_vaddr, image.page_size)
+    end = page_round_up(seg.end, image.page_size)
+    return (start, end) if end > start else None
+
+
+def _no_zero_tail(*args: Any, **kwargs: Any) -> None:
+    """loader.mapper._zero_tail that forgets to clear the .bss tail of the last file page."""
+
+
+_real_apply_relative = loader.reloc._apply_relative
+
+
+class _ShiftedWords:
+    """An Mmap proxy whose bulk word writes add ``shift`` to every value."""
+
+    def __init__(self, inner: Any, shift: int) -> None:
+        self.inner, self.shift = inner, shift
+
+    def write_words(self, addrs: Any, values: Any) -> None:
+        self.inner.write_words(addrs, values + np.uint64(self.shift))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _relative_from_mapped_base(image: Any, tables: Any, bias: int, mm: Any, out: Any) -> None:
+    """RELATIVE as B' + A with B' the mapped start of the span, not the load bias (CLE's
+    bug): wrong exactly when the lowest vaddr is not 0."""
+    vmin = page_round_down(min(s.p_vaddr for s in image.loads), image.page_size)
+    _real_apply_relative(image, tables, bias, _ShiftedWords(mm, vmin), out)
+
+
+def _no_textrel_unprotect(obj: Any, writable: bool) -> None:
+    """loader.load._protect_textrel that forgets to make text writable: relocation then
+    writes to pages it never made writable."""
+
+
+BROKEN: dict[str, tuple[Any, str, Any, dict[str, Any]]] = {
+    "relro-end-rounded-up": (loader.plan, "_relro", _relro_end_rounded_up,
+                             {"relro": True}),
+    "bss-tail-not-zeroed": (loader.mapper, "_zero_tail", _no_zero_tail, {"bss": True}),
+    "relative-from-mapped-base": (loader.reloc, "_apply_relative", _relative_from_mapped_base,
+                                  {"relocation_types": ["RELATIVE"]}),
+    "write-before-mprotect": (PIPELINE, "_protect_textrel", _no_textrel_unprotect,
+                              {"textrel": True}),
+}
+
+
+def _fails(backend: str, image: ElfImage, path: str) -> bool:
+    """Whether the valid-load property fails for ``image`` (loaded from ``path``)."""
+    try:
+        _on(backend, _valid, image, path)
+    except Exception:  # Violation, the simulator's Fault, or whatever the broken loader raises
+        return True
+    return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", sorted(BROKEN))
+def test_broken_loader_is_caught_with_a_shrunk_example(
+        variant: str, backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    module, name, broken, knobs = BROKEN[variant]
+    path = str(tmp_path / "image.so")
+
+    def failing(image: ElfImage) -> bool:
+        Path(path).write_bytes(image.data)
+        return _fails(backend, image, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, name, broken)
+        try:
+            shrunk = find(elf_images(**knobs), failing,
+                          settings=settings(max_examples=300, deadline=None, database=None,
+                                            suppress_health_check=list(HealthCheck)))
+        except NoSuchExample:
+            pytest.fail(f"the properties did not catch the broken variant {variant}")
+    # The shrunk example is small: a few segments holding a few words, few relocations.
+    spec = shrunk.spec
+    print(f"{variant} on {backend}: shrunk to {spec}")
+    assert len(spec.segments) <= 3, spec
+    assert sum(len(s.data) for s in spec.segments) <= 64, spec
+    assert len(spec.relocs) <= 2 and len(spec.symbols) <= 1, spec
+    # ... and with the real loader back, the same image passes.
+    Path(path).write_bytes(shrunk.data)
+    assert not _fails(backend, shrunk, path)
