@@ -3,6 +3,7 @@
 Top layer: imports ``loader`` and ``vmsim``. Verbs:
   vmsim load [PATH] [--backend sim|libc] [--base ADDR] [--json]
   vmsim diff PATH
+  vmsim fuzz [...]         (vmsim.fuzz's campaign; see vmsim fuzz --help)
 Without PATH, ``load`` loads a small library of this machine (libz.so.1).
 """
 
@@ -37,6 +38,7 @@ examples:
   vmsim load libfoo.so --base 0x7f0000000000 --json   one JSON object (DESIGN.md format)
   vmsim diff /usr/lib/x86_64-linux-gnu/libz.so.1      sim and host at the same address;
                                                       exit 0 when the outcomes are equal
+  vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
 """
 
 
@@ -168,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
                           "equal, 1 with the differences otherwise.")
     df.add_argument("path", metavar="PATH", help="ELF shared object or executable")
     df.set_defaults(func=cmd_diff)
+    verbs.add_parser("fuzz", help="run the loader's hypothesis properties as a campaign "
+                     "(vmsim fuzz --help)", add_help=False)
     return top
 
 
@@ -175,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmsim`` console script. ElfError prints as one line, exit 2."""
     from loader import ElfError, MmapError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fuzz"]:
+        from vmsim.fuzz import main as fuzz_main
+
+        return fuzz_main(argv[1:])
     args = parser().parse_args(argv)
     if args.verb is None:
         parser().print_help()
