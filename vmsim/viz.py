@@ -47,6 +47,7 @@ __all__ = [
     "changed_regions",
     "format_call",
     "format_size",
+    "page_states",
     "plot_before_after",
     "plot_map",
     "plot_pages",
@@ -446,10 +447,10 @@ class PageState(enum.Enum):
     """What backs one page of a mapping, as the MMU and the kernel see it."""
 
     NOT_PRESENT = "not present"        # no page-table entry yet: first access will fault
-    ZERO = "zero page"                 # read before written: the shared zero frame
-    FILE = "shared file page"          # read of a file mapping: the page cache's frame
-    PRIVATE = "private copy"           # this mapping's own frame (copied, or filled), clean
-    DIRTY = "dirty"                    # own frame, written since it was filled or copied
+    ZERO = "zero page"                 # anonymous, read but never written: the shared zero frame
+    FILE = "shared file page"          # file page read (not written): the page cache's frame
+    PRIVATE = "private copy"           # file page written: copied off the file (copy-on-write)
+    DIRTY = "dirty"                    # anonymous page written: its own frame
 
     @classmethod
     def parse(cls, value: PageState | str) -> PageState:
@@ -461,6 +462,34 @@ class PageState(enum.Enum):
                 return state
         allowed = ", ".join(repr(s.value) for s in cls)
         raise ValueError(f"page state {value!r} is not one of {allowed}")
+
+
+def page_states(space: Any, start: int, end: int) -> list[PageState]:
+    """The state of each page of ``[start, end)`` in a ``vmsim.AddressSpace``, read from its
+    page table (``space.pte``) and its maps; changes nothing. Addresses must be page-aligned.
+    One page-table walk per page: meant for a region, not the whole 47-bit space.
+    """
+    from vmsim.mmu import PTE_COW, PTE_FILE, PTE_FRAME, PTE_P, PTE_PROTNONE
+
+    page = int(space.page_size)
+    if start % page or end % page or end < start:
+        raise ValueError(f"page_states: [{start:#x}, {end:#x}) must be page-aligned, "
+                         f"start <= end (page size {page:#x})")
+    file_backed = [(r.start, r.end) for r in space.maps() if r.inode or r.path.startswith("/")]
+    states = []
+    for va in range(start, end, page):
+        pte = int(space.pte(va))
+        if not pte & (PTE_P | PTE_PROTNONE):
+            states.append(PageState.NOT_PRESENT)
+        elif pte & PTE_FILE:
+            states.append(PageState.FILE)
+        elif pte & PTE_COW or not pte & PTE_FRAME:
+            states.append(PageState.ZERO)
+        elif any(lo <= va < hi for lo, hi in file_backed):
+            states.append(PageState.PRIVATE)
+        else:
+            states.append(PageState.DIRTY)
+    return states
 
 
 PAGE_COLORS: dict[PageState, str] = {
