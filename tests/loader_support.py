@@ -187,7 +187,7 @@ def sim_factory() -> Callable[[], Mmap] | None:
         import vmsim
     except ImportError:
         return None
-    cls: Any = getattr(vmsim, "AddressSpace", None)
+    cls: Callable[[], Mmap] | None = getattr(vmsim, "AddressSpace", None)
     return cls
 
 

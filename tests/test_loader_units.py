@@ -34,7 +34,7 @@ def _tables(path: Path) -> DynamicTables:
 
 def _elftools_relocs(path: Path, section: str) -> list[tuple[int, int, int, int]]:
     with path.open("rb") as f:
-        sec = ELFFile(f).get_section_by_name(section)
+        sec: Any = ELFFile(f).get_section_by_name(section)
         return [(r["r_offset"], r["r_info_type"], r["r_info_sym"], r["r_addend"])
                 for r in sec.iter_relocations()]
 
@@ -52,7 +52,7 @@ def test_rela_and_jmprel_equal_pyelftools(lib: str) -> None:
 def test_relr_equals_pyelftools(fixture_libs: dict[str, Path]) -> None:
     for path in (LIBC, fixture_libs["relr"]):
         with path.open("rb") as f:
-            sec = ELFFile(f).get_section_by_name(".relr.dyn")
+            sec: Any = ELFFile(f).get_section_by_name(".relr.dyn")
             ref = [r["r_offset"] for r in sec.iter_relocations()]
         assert _tables(path).relr.tolist() == ref
 
@@ -70,7 +70,7 @@ def _exported(path: Path) -> dict[str, int]:
     out = {}
     with path.open("rb") as f:
         elf = ELFFile(f)
-        dynsym = elf.get_section_by_name(".dynsym")
+        dynsym: Any = elf.get_section_by_name(".dynsym")
         versym = next((s for s in elf.iter_sections() if isinstance(s, GNUVerSymSection)), None)
         for i, sym in enumerate(dynsym.iter_symbols()):
             ndx = versym.get_symbol(i)["ndx"] if versym is not None else 0
