@@ -28,7 +28,10 @@ def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool) -> int:
     Raises ElfSegmentError when the exact address is not free (the backend placed it
     elsewhere) and MmapError from the backend.
     """
-    want = plan.vmin if plan.fixed and base is None else base
+    if plan.fixed and base is not None and base != plan.vmin:
+        raise ElfSegmentError("base", base, f"an ET_EXEC loads only at its own address "
+                              f"{plan.vmin:#x}")
+    want = plan.vmin if plan.fixed else base
     length = plan.span_length
     if want is None and plan.align > plan.page_size:
         extra = plan.align - plan.page_size

@@ -69,6 +69,8 @@ def test_et_exec_at_its_fixed_address_on_the_simulator(fixture_libs: dict[str, P
     assert obj.span[0] <= obj.image.e_entry < obj.span[1]
     with pytest.raises(ElfSegmentError, match="load address"):
         load(fixture_libs["exec"], mm)      # the range is taken now: a clear error
+    with pytest.raises(ElfSegmentError, match="base"):
+        load(fixture_libs["exec"], _sim(), base=0x800000)
     obj.unload()
 
 

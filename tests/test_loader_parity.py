@@ -44,9 +44,11 @@ def test_fixture_identical(fixture_libs: dict[str, Path], point: str) -> None:
     _check(fixture_libs[point])
 
 
-def test_need_copy_path_identical(fixture_libs: dict[str, Path]) -> None:
-    """The copy path (bytes input: no fd, the backend answers need_copy) on both backends."""
-    data = fixture_libs["relro"].read_bytes()
+@pytest.mark.parametrize("point", ["relro", "max-page-64k", "textrel"])
+def test_need_copy_path_identical(fixture_libs: dict[str, Path], point: str) -> None:
+    """The copy path (bytes input: no fd, the backend answers need_copy) on both backends;
+    holes are sealed PROT_NONE even though the reservation was writable."""
+    data = fixture_libs[point].read_bytes()
     base, extern, _ = host_outcome(data)
     _, _, host = host_outcome(data, base, extern)
     obj = load(data, _sim(), resolver=StubResolver(extern_addr=extern), base=base)
