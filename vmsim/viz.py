@@ -236,6 +236,7 @@ class _MapStyle:
     role_of: Callable[[Region], str] | None = None
     changed: set[tuple[int, int, int, bool, int, str]] = field(default_factory=set)
     changed_word: str = "changed"
+    changed_legend: str | None = None
     touched: tuple[int, int] | None = None
     fontsize: float = 8.0
     name_width: int = 0
@@ -325,7 +326,7 @@ def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Pa
                              label="W+X: writable and executable!"))
     if "changed" in style.flags_seen:
         handles.append(Patch(facecolor="white", edgecolor=CHANGED_COLOR, linewidth=3.0,
-                             label=f"{style.changed_word} by this step"))
+                             label=style.changed_legend or style.changed_word))
     if "touched" in style.flags_seen:
         handles.append(Patch(facecolor="black", edgecolor="black",
                              label="range this call acted on"))
@@ -417,12 +418,14 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
                       relro: tuple[int, int] | None = None,
                       extern: tuple[int, int] | None = None,
                       titles: tuple[str, str] = ("before", "after"),
+                      marks: tuple[str, str] = ("removed/changed", "new/changed"),
                       extern_paths: Iterable[str] = EXTERN_PATHS,
                       fontsize: float = 8.0) -> Sequence[Axes]:
     """Draw two maps side by side on one address scale; regions that differ are outlined.
 
     On the left, regions the step removed or changed; on the right, the ones it created or
-    changed. ``relro`` is hatched on the right only. Returns the two axes.
+    changed (``marks`` names them; to compare two backends, pass e.g. ("differs", "differs")).
+    ``relro`` is hatched on the right only. Returns the two axes.
     """
     before = sorted(before, key=lambda r: r.start)
     after = sorted(after, key=lambda r: r.start)
@@ -432,9 +435,9 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
     common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
     left = _MapStyle(changed={_key(r) for r in changed_regions(after, before)},
-                     changed_word="removed/changed", **common)  # type: ignore[arg-type]
+                     changed_word=marks[0], **common)  # type: ignore[arg-type]
     right = _MapStyle(relro=relro, changed={_key(r) for r in changed_regions(before, after)},
-                      changed_word="new/changed", **common)  # type: ignore[arg-type]
+                      changed_word=marks[1], **common)  # type: ignore[arg-type]
     _draw_map(pair[0], before, layout, left, titles[0])
     _draw_map(pair[1], after, layout, right, titles[1])
     return pair
@@ -801,7 +804,8 @@ def _draw_frame(ax: Axes, view: _TraceView, index: int) -> None:
                       extern=view.extern, extern_paths=view.extern_paths,
                       fontsize=view.fontsize,
                       changed={_key(r) for r in changed_regions(before, frame.maps)},
-                      changed_word="new/changed", touched=_touched(frame))
+                      changed_word="new/changed", touched=_touched(frame),
+                      changed_legend="new/changed by this call")
     call = textwrap.fill(format_call(frame), width=72, subsequent_indent="    ")
     title = f"step {index + 1}/{len(view.frames)}\n{call}"
     _draw_map(ax, frame.maps, view.layout, style, title)
