@@ -49,8 +49,11 @@ class SimHarness(BackendHarness):
         return self.space.map_count
 
     def probe(self, addr: int, access: str) -> str:
-        """See BackendHarness.probe: the simulator answers without touching anything."""
-        fault = self.space.check_access(addr, 1, access)
+        """See BackendHarness.probe: the simulator answers without touching anything. Like
+        loader.isolate's probe, "w" loads the byte before storing it back."""
+        fault = self.space.check_access(addr, 1, "r" if access == "w" else access)
+        if fault is None and access == "w":
+            fault = self.space.check_access(addr, 1, "w")
         return "ok" if fault is None else fault.signal
 
     def isolated(self, fn: Callable[..., Any], *args: Any) -> Isolated:

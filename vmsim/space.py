@@ -539,14 +539,20 @@ class AddressSpace(MmapDefaults):
         if vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE) == VM_WRITE:
             self._charge(length)
             vm_flags |= VM_ACCOUNT
-        if i < len(vmas) and vmas[i].start < end:
-            self._zap(addr, end)
-            i = self._cut(addr, end)
         vfile: OpenFile | Shmem | None = file
         if file is None and vm_flags & VM_MAYSHARE:
             self._shmem_seq += 1
             vfile = Shmem(self._shmem_seq)
-        self._insert(i, Vma(addr, end, vm_flags, pgoff, vfile, 0))
+        if vfile is not None:
+            self._use(vfile)  # the call's own reference: replacing the file's other
+        try:                  # mappings must not close it
+            if i < len(vmas) and vmas[i].start < end:
+                self._zap(addr, end)
+                i = self._cut(addr, end)
+            self._insert(i, Vma(addr, end, vm_flags, pgoff, vfile, 0))
+        finally:
+            if vfile is not None:
+                self._unuse(vfile)
         if flags & _MAP_POPULATE and vm_flags & VM_ACCESS:
             self._populate(addr, end)
         return addr
@@ -1138,7 +1144,7 @@ class AddressSpace(MmapDefaults):
             pos = base + (where & _U64(pmask)).astype(np.int64)
             flat.view("<u8")[pos >> 3] = words
             return
-        byte: npt.NDArray[np.uint64] = where[:, None] + np.arange(8, dtype=np.uint64)
+        byte = (where[:, None] + np.arange(8, dtype=np.uint64)).astype(np.uint64)
         page_of = np.searchsorted(pages, byte >> _U64(shift))
         pos = (frame_of[page_of] << shift) + (byte & _U64(pmask)).astype(np.int64)
         flat[pos] = words.view(np.uint8).reshape(-1, 8)

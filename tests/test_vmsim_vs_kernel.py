@@ -1,0 +1,235 @@
+"""The simulator against the real kernel, step by step (hypothesis RuleBasedStateMachine).
+
+One machine drives ``vmsim.AddressSpace`` and the kernel (``loader.libc.LibcMmap``, this very
+process) with the same random sequence of mmap (anonymous and file; MAP_FIXED,
+MAP_FIXED_NOREPLACE and hinted; private and shared; three open files of one path: an fd, its
+dup and a second open, plus a read-only open), munmap, mprotect, reads, writes, probes, and
+writes to and truncation of the file. Both work inside an arena reserved at the same address
+(the kernel first, far below its mmap base so its own placements never land inside it), each
+side on its own copy of the file. After every step: the same return value or errno, the same
+maps lines inside the arena (boundaries and merging), the same bytes or fatal signal.
+Kernel accesses that may fault run in a forked child (loader.isolate).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness_sim import host_like_space
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from loader.isolate import probe, run_isolated
+from loader.libc import LibcMmap
+from loader.mmap import MapFlags, MmapError, ProtFlags, Region
+from loader.pages import HOST_PAGE_SIZE
+from vmsim import AddressSpace, Fault
+
+P = HOST_PAGE_SIZE
+PAGES = 24
+ARENA_HINT = 0x2000_0000_0000
+NONE = ProtFlags.PROT_NONE
+PRIV, SHARED, FIXED = MapFlags.MAP_PRIVATE, MapFlags.MAP_SHARED, MapFlags.MAP_FIXED
+KINDS = {"fixed": FIXED, "noreplace": MapFlags.MAP_FIXED_NOREPLACE, "hint": MapFlags(0)}
+FILE_PAGES = 5
+
+prots = st.sampled_from([ProtFlags(p) for p in range(8)])
+pages = st.integers(0, PAGES - 1)
+counts = st.integers(1, 6)
+
+
+def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """("ok", value) or ("errno", name) for a call that may raise MmapError."""
+    try:
+        return "ok", fn(*args)
+    except MmapError as exc:
+        return "errno", errno.errorcode[exc.errno]
+
+
+def _write_in_child(mm: LibcMmap, addr: int, data: bytes) -> None:
+    """Store into real memory (in a forked child: it may fault)."""
+    mm.write(addr, data)
+
+
+class SimVsKernel(RuleBasedStateMachine):
+    """The same steps on the simulator and the kernel; equal answers after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = LibcMmap()
+        self.s: AddressSpace = host_like_space()
+        fenced = (PAGES + 2) * P
+        base = self.k.mmap_anonymous(ARENA_HINT, fenced, NONE, PRIV)
+        self.base, self.arena = base, base + P
+        self.s.mmap_anonymous(base, fenced, NONE, PRIV | FIXED)
+        for mm in (self.k, self.s):
+            mm.mmap_anonymous(base, P, NONE, SHARED | FIXED)
+            mm.mmap_anonymous(base + fenced - P, P, NONE, SHARED | FIXED)
+        self.elsewhere: list[tuple[int, int]] = []
+        self.dir = tempfile.mkdtemp(prefix="vmsim-vs-kernel-")
+        content = bytes(range(256)) * (FILE_PAGES * P // 256) + b"tail" * 25
+        self.paths = {}
+        self.fds: dict[str, list[int]] = {}
+        for side in ("k", "s"):
+            path = os.path.join(self.dir, f"file-{side}")
+            with open(path, "wb") as out:
+                out.write(content)
+            first = os.open(path, os.O_RDWR)
+            self.fds[side] = [first, os.dup(first), os.open(path, os.O_RDWR),
+                              os.open(path, os.O_RDONLY)]
+            self.paths[side] = os.path.realpath(path)
+
+    def teardown(self) -> None:
+        self.k.munmap(self.base, (PAGES + 2) * P)
+        for addr, length in self.elsewhere:
+            self.k.munmap(addr, length)
+        for fds in self.fds.values():
+            for fd in fds:
+                os.close(fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def at(self, page: int) -> int:
+        return self.arena + page * P
+
+    def clip(self, page: int, n: int) -> int:
+        return max(1, min(n, PAGES - page))
+
+    def rel(self, side: str, regions: list[Region]) -> list[tuple[int, int, str, int, str]]:
+        """Maps lines inside the arena, relative to it, the file's path named "F"."""
+        rows = []
+        end = self.arena + PAGES * P
+        for r in regions:
+            lo, hi = max(r.start, self.arena), min(r.end, end)
+            if lo < hi:
+                kind = "F" if r.path == self.paths[side] else (r.path or "anon")
+                offset = r.offset + (lo - r.start) if r.path else r.offset
+                rows.append((lo - self.arena, hi - self.arena, r.perms, offset, kind))
+        return rows
+
+    def same_mmap(self, addr: int, length: int, prot: ProtFlags, flags: MapFlags, offset: int,
+                  fds: tuple[int | None, int | None]) -> None:
+        """mmap on both sides; equal errno, or equal address (inside the arena) or both
+        placed outside it (then unmapped again on both sides)."""
+        got_k = outcome(self.k.mmap, addr, length, prot, flags, offset, fds[0])
+        got_s = outcome(self.s.mmap, addr, length, prot, flags, offset, fds[1])
+        if got_k[0] == "ok" and got_s[0] == "ok":
+            where_k, where_s = got_k[1].addr, got_s[1].addr
+            inside_k = self.base <= where_k < self.arena + (PAGES + 1) * P
+            inside_s = self.base <= where_s < self.arena + (PAGES + 1) * P
+            assert (inside_k, inside_s) == (True, True) or not (inside_k or inside_s), \
+                (hex(where_k), hex(where_s))
+            if inside_k:
+                assert where_k == where_s
+            else:
+                self.k.munmap(where_k, length)
+                self.s.munmap(where_s, length)
+            return
+        assert got_k == got_s
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(page=pages, n=counts, prot=prots, kind=st.sampled_from(sorted(KINDS)),
+          shared=st.booleans(), noreserve=st.booleans())
+    def mmap_anonymous(self, page: int, n: int, prot: ProtFlags, kind: str, shared: bool,
+                       noreserve: bool) -> None:
+        flags = (SHARED if shared else PRIV) | KINDS[kind] | MapFlags.MAP_ANONYMOUS
+        if noreserve:
+            flags |= MapFlags.MAP_NORESERVE
+        self.same_mmap(self.at(page), self.clip(page, n) * P, prot, flags, 0, (None, None))
+
+    @rule(page=pages, n=counts, prot=prots, kind=st.sampled_from(sorted(KINDS)),
+          shared=st.booleans(), which=st.integers(0, 3), offset=st.integers(0, FILE_PAGES + 1))
+    def mmap_file(self, page: int, n: int, prot: ProtFlags, kind: str, shared: bool,
+                  which: int, offset: int) -> None:
+        flags = (SHARED if shared else PRIV) | KINDS[kind]
+        self.same_mmap(self.at(page), self.clip(page, n) * P, prot, flags, offset * P,
+                       (self.fds["k"][which], self.fds["s"][which]))
+
+    @rule(page=pages, n=counts)
+    def munmap(self, page: int, n: int) -> None:
+        length = self.clip(page, n) * P
+        assert outcome(self.k.munmap, self.at(page), length) == \
+            outcome(self.s.munmap, self.at(page), length)
+
+    @rule(page=pages, n=counts, prot=prots)
+    def mprotect(self, page: int, n: int, prot: ProtFlags) -> None:
+        length = self.clip(page, n) * P
+        assert outcome(self.k.mprotect, self.at(page), length, prot) == \
+            outcome(self.s.mprotect, self.at(page), length, prot)
+
+    @rule(page=pages, offset=st.integers(0, P - 1), n=st.integers(1, 3 * P))
+    def read(self, page: int, offset: int, n: int) -> None:
+        addr = self.at(page) + offset
+        n = min(n, self.arena + PAGES * P - addr)
+        got = run_isolated(self.k.read, addr, n)
+        kernel = got.value if got.status == "ok" else got.status
+        try:
+            sim: bytes | str = self.s.read(addr, n)
+        except Fault as fault:
+            sim = fault.signal
+        assert kernel == sim
+
+    @rule(page=pages, offset=st.integers(0, P - 1), n=st.integers(1, 64),
+          byte=st.integers(0, 255))
+    def write(self, page: int, offset: int, n: int, byte: int) -> None:
+        addr = self.at(page) + offset
+        data = bytes([byte]) * min(n, P - offset)  # within one page: all or nothing
+        kernel = run_isolated(_write_in_child, self.k, addr, data).status
+        if kernel == "ok":
+            self.k.write(addr, data)
+        try:
+            self.s.write(addr, data)
+            sim = "ok"
+        except Fault as fault:
+            sim = fault.signal
+        assert kernel == sim
+
+    @rule(page=pages, offset=st.integers(0, P - 1), access=st.sampled_from("rw"))
+    def probe(self, page: int, offset: int, access: str) -> None:
+        addr = self.at(page) + offset
+        fault = self.s.check_access(addr, 1, "r")  # the probe's "w" loads, then stores
+        if fault is None and access == "w":
+            fault = self.s.check_access(addr, 1, "w")
+        assert probe(addr, access) == ("ok" if fault is None else fault.signal)
+
+    @rule(offset=st.integers(0, (FILE_PAGES + 1) * P), n=st.integers(1, 2 * P),
+          byte=st.integers(0, 255))
+    def write_file(self, offset: int, n: int, byte: int) -> None:
+        for side in ("k", "s"):
+            os.pwrite(self.fds[side][0], bytes([byte]) * n, offset)
+
+    @rule(size=st.integers(0, (FILE_PAGES + 1) * P))
+    def truncate_file(self, size: int) -> None:
+        os.ftruncate(self.fds["k"][0], size)
+        self.s.ftruncate(self.fds["s"][0], size)
+
+    @precondition(lambda self: True)
+    @invariant()
+    def same_maps(self) -> None:
+        assert self.rel("k", self.k.maps()) == self.rel("s", self.s.maps())
+        self.s.check()
+
+
+TestSimVsKernel = SimVsKernel.TestCase
+TestSimVsKernel.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+                                    suppress_health_check=list(HealthCheck))
+
+
+class SimVsKernelLong(SimVsKernel):
+    """The same machine for long campaigns (pytest -m slow)."""
+
+
+TestSimVsKernelLong = pytest.mark.slow(SimVsKernelLong.TestCase)
+TestSimVsKernelLong.settings = settings(max_examples=int(os.environ.get("VMSIM_VS_KERNEL_N",
+                                                                        "3000")),
+                                        stateful_step_count=40, deadline=None,
+                                        suppress_health_check=list(HealthCheck))
