@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loader.elf import PF_W, ElfImage, parse_image
 from loader.errors import ElfDynamicError, ElfUnsupportedError
 from loader.mapper import map_plan, reserve
@@ -57,6 +59,21 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
                               ("DT_FINI_ARRAY", tables.fini_array)):
         if count and not any(s.p_vaddr <= at and at + 8 * count <= s.end for s in image.loads):
             raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD")
+
+
+def _check_host_tls(tables: DynamicTables) -> None:
+    """On the host, DTPMOD64/DTPOFF64 against another module's TLS would need that module's
+    dynamic TLS bookkeeping in this process's glibc: refused before any memory is touched.
+    (TPOFF64 works: the offset comes from the thread pointer.)"""
+    syms = tables.symtab
+    for table in tables.relocs:
+        dyn = np.isin(table.r_type, [16, 17]) & (table.r_sym != 0)
+        undefined = syms["st_shndx"][table.r_sym[dyn]] == 0
+        if undefined.any():
+            sym = int(table.r_sym[dyn][undefined][0])
+            raise ElfUnsupportedError(
+                f"{table.name} DTPMOD64/DTPOFF64 symbol", tables.name(int(syms[sym]["st_name"])),
+                "not on the host backend (dynamic TLS of another module); use the simulator")
 
 
 def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -220,6 +237,8 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
             raise ElfUnsupportedError("PT_TLS", image.tls.p_memsz,
                                       "not on the host backend (its TLS belongs to this "
                                       "process's glibc); load it on the simulator")
+        if host:
+            _check_host_tls(tables)
         plan = make_plan(image, textrel)
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()

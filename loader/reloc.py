@@ -358,6 +358,8 @@ def _one(image: ElfImage, tables: DynamicTables, table: RelocTable, k: int, rule
         value = s + (a if rule.addend else 0)
     else:
         value = _tls_value(rule.kind, tables, sym, st_value, a, out.tls)
+        if rule.kind is Kind.TLS_TPOFF and sym in res.tls_tpoff:
+            value = res.tls_tpoff[sym] + a
     _store(mm, place, value, rule, table.name)
 
 
@@ -366,7 +368,7 @@ def _tls_value(kind: Kind, tables: DynamicTables, sym: int, st_value: int, a: in
     """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block.
 
     A TLS symbol the object does not define itself has no block here: it gets module 0,
-    offset 0 (recorded as unresolved by the caller)."""
+    offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
     own = sym == 0 or (int(tables.symtab[sym]["st_shndx"]) != 0 and
                        int(tables.symtab[sym]["st_info"]) & 0xF == STT_TLS)
     if tls is None or not own:

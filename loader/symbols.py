@@ -155,6 +155,7 @@ class Resolution:
     unresolved: list[str] = field(default_factory=list)
     extern: dict[str, int] = field(default_factory=dict)
     extern_range: tuple[int, int] | None = None
+    tls_tpoff: dict[int, int] = field(default_factory=dict)
 
 
 def _names(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
@@ -192,6 +193,11 @@ class Resolver:
         """Where the scope outside the object defines the symbol, or None (default: none)."""
         return None
 
+    def scope_tls(self, name: str, version: str | None) -> int | None:
+        """The thread-pointer offset of a TLS variable defined outside the object (static
+        TLS, as TPOFF64 needs), or None (default: none)."""
+        return None
+
     def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
                  near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
         """Bind what is left: ``imports`` lists (name, version, st_size). Returns
@@ -218,6 +224,8 @@ class Resolver:
             return labels[i]
 
         self._hooks(self.pre_find, needed, addr, bound, label)
+        tls_tpoff, tls_missing = self._scope_tls_all(syms, needed[~defined & ~bound[needed]],
+                                                     bound, label)
         self._scope_all(tables, needed[~defined & ~bound[needed]], addr, bound)
         own = needed[defined & ~bound[needed]]
         addr[own] = (syms["st_value"][own] + np.uint64(bias & 0xFFFFFFFFFFFFFFFF))
@@ -229,14 +237,33 @@ class Resolver:
         left = left[~weak]
         imports = [(*label(i), int(syms["st_size"][i])) for i in left.tolist()]
         extern, extern_range = self.fallback(imports, mm, near) if imports else ({}, None)
-        unresolved = []
+        unresolved = tls_missing
         for i in left.tolist():
             key = _label_text(*label(i))
             if key in extern:
                 addr[i], bound[i] = extern[key], True
             else:
                 unresolved.append(key)
-        return Resolution(addr, bound, unresolved, extern, extern_range)
+        return Resolution(addr, bound, unresolved, extern, extern_range, tls_tpoff)
+
+    def _scope_tls_all(self, syms: npt.NDArray[Any], idx: npt.NDArray[np.int64],
+                       bound: npt.NDArray[np.bool_],
+                       label: Callable[[int], tuple[str, str | None]]
+                       ) -> tuple[dict[int, int], list[str]]:
+        """Undefined TLS symbols: their thread-pointer offsets from :meth:`scope_tls`; the
+        ones nobody knows are listed "(TLS)". All are taken out of the address chain (an
+        address, a stub above all, means nothing for a TLS variable)."""
+        tls = idx[(syms["st_info"][idx] & 0xF) == STT_TLS]
+        found: dict[int, int] = {}
+        missing: list[str] = []
+        for i in tls.tolist():
+            off = self.scope_tls(*label(i))
+            if off is None:
+                missing.append(_label_text(*label(i)) + " (TLS)")
+            else:
+                found[i] = off
+            bound[i] = True
+        return found, missing
 
     def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
         """:meth:`scope` on raw strtab bytes (a backend may override it to skip decoding)."""
@@ -289,6 +316,18 @@ def _dl_functions() -> tuple[Any, Any]:
     return dlsym, dlvsym
 
 
+_SYS_ARCH_PRCTL, _ARCH_GET_FS = 158, 0x1003
+
+
+def thread_pointer() -> int:
+    """This thread's x86-64 thread pointer (the %fs base), through arch_prctl(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = ctypes.c_ulong()
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_FS, ctypes.byref(out)) != 0:
+        raise OSError(ctypes.get_errno(), "arch_prctl(ARCH_GET_FS) failed")
+    return int(out.value)
+
+
 class HostResolver(Resolver):
     """The host default: undefined symbols from the running process (``dlsym`` with
     ``RTLD_DEFAULT``, ``dlvsym`` when the reference is versioned)."""
@@ -306,6 +345,12 @@ class HostResolver(Resolver):
         """:meth:`scope` without decoding: the bytes go straight to dlsym/dlvsym."""
         found: Any = self._dlvsym(None, name, version) if version else self._dlsym(None, name)
         return int(found) if found else None
+
+    def scope_tls(self, name: str, version: str | None) -> int | None:
+        """dlsym of a TLS variable gives this thread's instance; minus the thread pointer,
+        that is its static TLS offset, the same in every thread."""
+        addr = self.scope(name, version)
+        return None if addr is None else addr - thread_pointer()
 
 
 STUB_SIZE = 16

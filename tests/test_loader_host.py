@@ -141,3 +141,28 @@ def test_host_refuses_pt_tls() -> None:
     status, message = run_isolated(attempt)
     assert status == "ok"
     assert message.startswith("PT_TLS")
+
+
+def _libm_calls() -> tuple[dict[str, float], int, dict[str, int]]:
+    """In the child: libm by our loader: IFUNC symbols and IRELATIVE resolvers run on the
+    host; log(-1) sets errno through the TPOFF64 relocation against libc's errno."""
+    obj = load("/usr/lib/x86_64-linux-gnu/libm.so.6", LibcMmap())
+    values = {name: cfunc(obj.symbol(name), ctypes.c_double, ctypes.c_double)(0.7)
+              for name in ("cos", "sin", "exp", "log", "floor", "ceil", "atan", "tan")}
+    libc = ctypes.CDLL(None)
+    libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+    errno_p = libc.__errno_location()
+    errno_p[0] = 0
+    cfunc(obj.symbol("log"), ctypes.c_double, ctypes.c_double)(-1.0)
+    return values, errno_p[0], dict(obj.relocations.by_type)
+
+
+def test_libm_ifunc_irelative_and_tls_on_the_host() -> None:
+    import errno
+    import math
+
+    status, (values, err, by_type) = run_isolated(_libm_calls)
+    assert status == "ok"
+    assert values == {name: getattr(math, name)(0.7) for name in values}
+    assert by_type["R_X86_64_IRELATIVE"] > 0 and by_type["R_X86_64_TPOFF64"] > 0
+    assert err == errno.EDOM
