@@ -2,7 +2,9 @@
 dlopen of the same file in a fresh process, measured in the same run, printed as ratios.
 
 Every load applies every relocation and loads no dependency (glibc's dlopen finds libc
-already loaded, so it loads none either). Medians of --runs loads.
+already loaded, so it loads none either). --runs interleaved rounds (glibc in a fresh process,
+then 3 host loads in a forked child, then 3 simulator loads); medians of times and of the
+per-round ratios.
 
     python bench/bench_load.py [--runs 15] [--libs libz libsqlite3 libcrypto]
 
@@ -37,18 +39,15 @@ print(time.perf_counter() - t)
 """
 
 
-def glibc_dlopen(path: str, runs: int) -> float:
-    """Median seconds of ctypes.CDLL (dlopen, RTLD_NOW as ctypes asks) in fresh processes."""
-    times = []
-    for _ in range(runs):
-        done = subprocess.run([sys.executable, "-c", GLIBC_PROBE, path], capture_output=True,
-                              text=True, check=True)
-        times.append(float(done.stdout))
-    return statistics.median(times)
+def glibc_dlopen(path: str) -> float:
+    """Seconds of one ctypes.CDLL (dlopen, RTLD_NOW as ctypes asks) in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", GLIBC_PROBE, path], capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout)
 
 
 def _host_loads(path: str, runs: int) -> float:
-    """In a forked child: median seconds of load+all relocations on the host backend."""
+    """In a forked child: median seconds of load (all relocations) on the host backend."""
     mm = LibcMmap()
     load(path, mm).unload()            # warm: imports, page cache
     times = []
@@ -85,6 +84,24 @@ def sim(path: str, runs: int) -> float | None:
     return statistics.median(times)
 
 
+def measure(path: str, rounds: int) -> dict[str, float | None]:
+    """Interleaved rounds (glibc, host, sim each round, so load from the other work on the
+    machine hits all three alike); medians of the times and of the per-round ratios."""
+    g, h, s, hr, sr = [], [], [], [], []
+    for _ in range(rounds):
+        gt, ht, st = glibc_dlopen(path), host(path, 3), sim(path, 3)
+        g.append(gt)
+        h.append(ht)
+        hr.append(ht / gt)
+        if st is not None:
+            s.append(st)
+            sr.append(st / gt)
+    med = statistics.median
+    return {"glibc_ms": med(g) * 1e3, "host_ms": med(h) * 1e3,
+            "sim_ms": med(s) * 1e3 if s else None, "host_ratio": med(hr),
+            "sim_ratio": med(sr) if sr else None}
+
+
 def main() -> None:
     """Measure and print one line per library, then JSON of all figures."""
     ap = argparse.ArgumentParser(description=__doc__,
@@ -96,15 +113,11 @@ def main() -> None:
     print(f"{'library':<12} {'glibc ms':>9} {'host ms':>8} {'sim ms':>8} {'host/glibc':>11} "
           f"{'sim/glibc':>10}")
     for name in args.libs:
-        path = LIBS[name]
-        g, h, s = glibc_dlopen(path, args.runs), host(path, args.runs), sim(path, args.runs)
-        rows[name] = {"glibc_ms": g * 1e3, "host_ms": h * 1e3,
-                      "sim_ms": None if s is None else s * 1e3,
-                      "host_ratio": h / g, "sim_ratio": None if s is None else s / g}
-        sim_ms = "n/a" if s is None else f"{s * 1e3:.2f}"
-        sim_ratio = "n/a" if s is None else f"{s / g:.2f}x"
-        print(f"{name:<12} {g * 1e3:>9.2f} {h * 1e3:>8.2f} {sim_ms:>8} {h / g:>10.2f}x "
-              f"{sim_ratio:>10}")
+        row = rows[name] = measure(LIBS[name], args.runs)
+        sim_ms = "n/a" if row["sim_ms"] is None else f"{row['sim_ms']:.2f}"
+        sim_ratio = "n/a" if row["sim_ratio"] is None else f"{row['sim_ratio']:.2f}x"
+        print(f"{name:<12} {row['glibc_ms']:>9.2f} {row['host_ms']:>8.2f} {sim_ms:>8} "
+              f"{row['host_ratio']:>10.2f}x {sim_ratio:>10}")
     print(json.dumps(rows))
 
 
