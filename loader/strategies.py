@@ -27,6 +27,8 @@ What they generate:
 
 from __future__ import annotations
 
+import functools
+import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar, cast
@@ -69,6 +71,13 @@ raw bytes."""
 
 _WORD = 8
 _PAGE = HOST_PAGE_SIZE
+
+
+@functools.lru_cache(maxsize=4096)
+def _ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    """``st.integers(lo, hi)``, cached here: the composites below ask for the same bounds
+    again and again, and hypothesis' own cache costs more than this one."""
+    return st.integers(lo, hi)
 
 
 def _strategy(value: Any, name: str) -> st.SearchStrategy[Any]:
@@ -214,11 +223,11 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
         if not writable:
             segs[0] = Segment("rw", segs[0].data, segs[0].bss, gap=segs[0].gap)
             writable = [0]
-        at = writable[draw(st.integers(0, len(writable) - 1))]
+        at = writable[draw(_ints(0, len(writable) - 1))]
         seg = segs[at]
         if not seg.memsz:
             seg = Segment(seg.flags, bytes(_WORD), gap=seg.gap)
-        length = draw(st.integers(1, seg.memsz))
+        length = draw(_ints(1, seg.memsz))
         segs[at] = Segment(seg.flags, seg.data, seg.bss, relro=length, gap=seg.gap)
     symbols = _symbols(draw, segs, k["max_symbols"])
     relocs = _relocs(draw, segs, symbols, sorted(k["relocation_types"]), k)
@@ -258,14 +267,14 @@ _SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
 
 
 def _segment(draw: st.DrawFn, max_pages: int, bss: bool) -> Segment:
-    """One user segment: flags, a seeded pseudo-random payload (zeros when the seed shrinks to
-    0), maybe .bss, maybe a gap of address space before it."""
-    flags = _FLAGS[draw(st.integers(0, len(_FLAGS) - 1))]
-    size = draw(st.integers(0, max_pages * _PAGE // _WORD)) * _WORD
-    seed = draw(st.integers(0, 2**16))
-    data = np.random.default_rng(seed).bytes(size) if seed else bytes(size)
-    extra = draw(st.integers(0, 3 * _PAGE)) if bss and "w" in flags else 0
-    gap = draw(st.integers(0, 2))
+    """One user segment: flags and a gap of address space before it (one draw: they shrink
+    together to a read-only segment with no gap), a pseudo-random payload seeded by its size
+    (draws are what generation costs), maybe .bss."""
+    style = draw(_ints(0, 3 * len(_FLAGS) - 1))
+    flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
+    size = draw(_ints(0, max_pages * _PAGE // _WORD)) * _WORD
+    data = random.Random(size).randbytes(size)
+    extra = draw(_ints(0, 3 * _PAGE)) if bss and "w" in flags else 0
     return Segment(flags, data, extra, gap=gap)
 
 
@@ -277,7 +286,7 @@ def _pick_word(draw: st.DrawFn, segs: Sequence[Segment], where: Sequence[int],
     total = sum(sizes)
     if not total:
         return None
-    n = draw(st.integers(0, total - 1))
+    n = draw(_ints(0, total - 1))
     for i, words in zip(where, sizes, strict=True):
         if n < words:
             return i, n * _WORD
@@ -294,7 +303,7 @@ def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list
     def one(d: st.DrawFn) -> tuple[tuple[int, int], int]:
         place = _pick_word(d, segs, everywhere)
         assert place is not None
-        return place, d(st.integers(0, len(_SYMBOL_STYLES) - 1))
+        return place, d(_ints(0, len(_SYMBOL_STYLES) - 1))
 
     out = []
     for n, (place, style) in enumerate(_many(draw, 0, max_symbols, one)):
@@ -312,7 +321,7 @@ def _many(draw: st.DrawFn, lo: int, hi: int, one: Callable[[st.DrawFn], T]) -> l
     hypothesis shrinks by deleting elements anywhere, not only the last.
     """
     out: list[T] = []
-    while len(out) < hi and (len(out) < lo or draw(st.integers(0, 3))):
+    while len(out) < hi and (len(out) < lo or draw(_ints(0, 3))):
         out.append(one(draw))
     return out
 
@@ -328,7 +337,7 @@ def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
         return []
 
     def one(d: st.DrawFn) -> Reloc | None:
-        rtype = kinds[d(st.integers(0, len(kinds) - 1))]
+        rtype = kinds[d(_ints(0, len(kinds) - 1))]
         in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
         site = _pick_word(d, segs, sites, in_file)
         if site is None:
@@ -337,8 +346,8 @@ def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
             target = _pick_word(d, segs, range(len(segs)))
             assert target is not None
             return Reloc("RELATIVE", *site, target=target)
-        sym = symbols[d(st.integers(0, len(symbols) - 1))].name
-        addend = d(st.integers(-64, 64)) if rtype == "64" else 0
+        sym = symbols[d(_ints(0, len(symbols) - 1))].name
+        addend = d(_ints(-64, 64)) if rtype == "64" else 0
         return Reloc(cast(Any, rtype), *site, symbol=sym, addend=addend)
 
     used: set[tuple[int, int]] = set()
@@ -506,7 +515,7 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
         j = draw(st.sampled_from([x for x in loads if x != i]))
         other = image.phdrs[j]
         if how == "overlap":
-            new = int(other["p_vaddr"]) + draw(st.integers(0, max(0, int(other["p_memsz"]) - 1)))
+            new = int(other["p_vaddr"]) + draw(_ints(0, max(0, int(other["p_memsz"]) - 1)))
             new += int(ph["p_offset"]) % _PAGE - new % _PAGE
             _set(data, at, ew.PHDR, "p_vaddr", new)
             return f"phdr[{i}].p_vaddr = {new:#x} (overlaps phdr[{j}])"
@@ -530,21 +539,21 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
         _set(data, at, ew.PHDR, "p_offset", value)
         return f"phdr[{i}].p_offset = {value:#x} (past EOF at {size:#x})"
     if how == "filesz_past_eof":
-        value = size + draw(st.integers(1, 4 * _PAGE))
+        value = size + draw(_ints(1, 4 * _PAGE))
         _set(data, at, ew.PHDR, "p_filesz", value)
         _set(data, at, ew.PHDR, "p_memsz", max(value, memsz))
         return f"phdr[{i}].p_filesz = {value:#x} (past EOF at {size:#x})"
     if how == "filesz_gt_memsz":
-        value = memsz + draw(st.integers(1, _PAGE))
+        value = memsz + draw(_ints(1, _PAGE))
         _set(data, at, ew.PHDR, "p_filesz", value)
         return f"phdr[{i}].p_filesz = {value:#x} > p_memsz {memsz:#x}"
     if how == "vaddr_overflow":
-        value = 2**64 - vaddr + draw(st.integers(0, _PAGE))
+        value = 2**64 - vaddr + draw(_ints(0, _PAGE))
         _set(data, at, ew.PHDR, "p_memsz", value)
         _set(data, at, ew.PHDR, "p_filesz", min(filesz, value))
         return f"phdr[{i}].p_memsz = {value:#x} (p_vaddr + p_memsz overflows)"
     if how == "misaligned":
-        delta = draw(st.integers(1, _PAGE - 1))
+        delta = draw(_ints(1, _PAGE - 1))
         _set(data, at, ew.PHDR, "p_vaddr", vaddr + delta)
         return f"phdr[{i}].p_vaddr = {vaddr + delta:#x} (not congruent to p_offset)"
     if how == "absurd_memsz":
@@ -618,7 +627,7 @@ def _mutate_reloc(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     info = image.tables[name]
     dtype = ew.RELA if image.spec.rel_format == "rela" else ew.REL
     count = info.size // dtype.itemsize
-    i = draw(st.integers(0, count - 1))
+    i = draw(_ints(0, count - 1))
     at = info.offset + i * dtype.itemsize
     old_info = int.from_bytes(data[at + 8:at + 16], "little")
     how = draw(st.sampled_from(["target_readonly", "target_outside", "symbol", "type"]))
@@ -655,7 +664,7 @@ def _mutate_symbol(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     """Give one symbol a name past the string table, or an absurd value or size."""
     info = image.tables["dynsym"]
     count = info.size // ew.SYM.itemsize
-    i = draw(st.integers(1, count - 1))
+    i = draw(_ints(1, count - 1))
     at = info.offset + i * ew.SYM.itemsize
     strsz = image.tables["dynstr"].size
     if draw(st.booleans()):
@@ -702,7 +711,7 @@ def _mutate_version(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     info = image.tables[name]
     if name == "versym":
         count = info.size // 2
-        i = draw(st.integers(1, count - 1)) if count > 1 else 0
+        i = draw(_ints(1, count - 1)) if count > 1 else 0
         value = draw(st.sampled_from([100, 0x7FFF, 0xFFFF]))
         _put(data, info.offset + 2 * i, 2, value)
         return f"versym[{i}] = {value:#x} (no such version)"
@@ -715,20 +724,20 @@ def _mutate_version(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
 
 def _mutate_truncate(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     """Cut the file short: inside the headers, the tables, or a segment's bytes."""
-    cut = draw(st.integers(0, len(data) - 1))
+    cut = draw(_ints(0, len(data) - 1))
     del data[cut:]
     return f"truncated to {cut:#x} bytes of {len(image.data):#x}"
 
 
 def _mutate_flip(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     """XOR a few random bytes, mostly in the headers and tables (where they matter)."""
-    count = draw(st.integers(1, 8))
+    count = draw(_ints(1, 8))
     hot = image.tables["dynamic"].offset + image.tables["dynamic"].size
     flips = []
     for _ in range(count):
-        limit = hot if draw(st.integers(0, 3)) else len(data)
-        at = draw(st.integers(0, limit - 1))
-        mask = draw(st.integers(1, 255))
+        limit = hot if draw(_ints(0, 3)) else len(data)
+        at = draw(_ints(0, limit - 1))
+        mask = draw(_ints(1, 255))
         data[at] ^= mask
         flips.append(f"{at:#x}^{mask:#04x}")
     return "flipped " + ", ".join(flips)
