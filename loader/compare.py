@@ -33,21 +33,22 @@ class Comparison(NamedTuple):
     differences: list[str]
 
 
-def _host_child(source: Any, base: int | None, extern: int | None
+def _host_child(source: Any, base: int | None, extern: int | None, keep: bool
                 ) -> tuple[int, int | None, Outcome]:
     """In a child: load on the host with stubs; (span start, extern start, outcome)."""
     obj = load(source, LibcMmap(), resolver=StubResolver(extern_addr=extern), base=base)
     ext = obj.relocations.extern_range
-    return obj.span[0], None if ext is None else ext[0], obj.outcome()
+    return obj.span[0], None if ext is None else ext[0], obj.outcome(keep_bytes=keep)
 
 
 def host_outcome(source: str | os.PathLike[str] | bytes, base: int | None = None,
-                 extern: int | None = None) -> tuple[int, int | None, Outcome]:
+                 extern: int | None = None, *, keep_bytes: bool = False
+                 ) -> tuple[int, int | None, Outcome]:
     """Load on the host in a forked child; returns (span start, extern start, outcome).
 
     Raises RuntimeError naming the signal when the child dies.
     """
-    status, value = run_isolated(_host_child, source, base, extern)
+    status, value = run_isolated(_host_child, source, base, extern, keep_bytes)
     if status != "ok":
         raise RuntimeError(f"the host load of {source!s} died with {status}")
     start, ext, outcome = value
@@ -57,7 +58,7 @@ def host_outcome(source: str | os.PathLike[str] | bytes, base: int | None = None
 def compare_backends(source: str | os.PathLike[str] | bytes, other: Mmap) -> Comparison:
     """Load ``source`` on the host and on ``other`` at the same base; compare outcomes."""
     base, extern, _ = host_outcome(source)
-    _, _, host = host_outcome(source, base, extern)
+    _, _, host = host_outcome(source, base, extern, keep_bytes=True)
     obj = load(source, other, resolver=StubResolver(extern_addr=extern), base=base)
-    mine = obj.outcome()
+    mine = obj.outcome(keep_bytes=True)
     return Comparison(base, host, mine, host.diff(mine))

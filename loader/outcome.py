@@ -3,8 +3,9 @@
 Part of the ``loader`` layer (imports ``loader.mmap``, ``loader.trace``). DESIGN.md
 "Outcomes": the regions inside the span (relative to its start: length, perms, file-backed or
 anonymous, file offset), the bytes of every readable page (a SHA-1 per page; ``diff`` names
-the pages that differ), the RELRO range, and the trace of Mmap calls. An Outcome is plain
-data: it pickles (out of a forked child) and prints as JSON.
+the pages that differ; with ``keep_bytes`` the bytes are kept too and ``diff`` shows the first
+differing word), the RELRO range, and the trace of Mmap calls. An Outcome is plain data: it
+pickles (out of a forked child).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Outcome:
     extern: dict[str, int] = field(default_factory=dict)
     irelative: tuple[tuple[int, int], ...] = ()
     inits: tuple[int, ...] = ()
+    raw: dict[int, bytes] | None = field(default=None, compare=False, repr=False)
 
     def diff(self, other: Outcome) -> list[str]:
         """Readable differences between two outcomes, empty when they are equal."""
@@ -59,7 +61,8 @@ class Outcome:
         for off in sorted(set(self.pages) | set(other.pages)):
             a, b = self.pages.get(off, "unreadable"), other.pages.get(off, "unreadable")
             if a != b:
-                out.append(f"page +{off:#x}: {a[:12]} != {b[:12]}")
+                out.append(f"page +{off:#x}: sha1 {a[:12]} != {b[:12]}"
+                           + _first_byte_diff(self.raw, other.raw, off))
         if self.calls != other.calls:
             out += _diff_lists("call", [_call_text(c) for c in self.calls],
                                [_call_text(c) for c in other.calls])
@@ -75,6 +78,19 @@ class Outcome:
             for off in range(r.start, r.start + r.length, page_size):
                 perms[off // page_size] = r.perms
         return perms
+
+
+def _first_byte_diff(a: dict[int, bytes] | None, b: dict[int, bytes] | None, off: int) -> str:
+    """``", first at +0x...: 0x.. != 0x.."`` when both outcomes kept the page's bytes."""
+    if not a or not b or off not in a or off not in b:
+        return ""
+    x, y = a[off], b[off]
+    at = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), None)
+    if at is None:
+        return ""
+    word = at & ~7
+    return (f", first at +{off + at:#x}: word {x[word:word + 8].hex()} != "
+            f"{y[word:word + 8].hex()}")
 
 
 def _range(r: tuple[int, int] | None) -> str:
@@ -126,15 +142,20 @@ def _file_backed(r: Region) -> bool:
     return bool(r.inode) or bool(r.path and not r.path.startswith("["))
 
 
-def _page_hashes(obj: LoadedObject, regions: list[Region], page: int) -> dict[int, str]:
-    """SHA-1 of every readable page in the span, keyed by offset from the span start."""
+def _page_hashes(obj: LoadedObject, regions: list[Region], page: int,
+                 keep: dict[int, bytes] | None) -> dict[int, str]:
+    """SHA-1 of every readable page in the span, keyed by offset from the span start; the
+    bytes go into ``keep`` too when it is given."""
     out = {}
     for r in regions:
         if not r.perms.startswith("r"):
             continue
         raw = obj.mm.inner.read(r.start, r.end - r.start)
         for off in range(0, len(raw), page):
-            out[r.start - obj.span[0] + off] = hashlib.sha1(raw[off: off + page]).hexdigest()
+            key = r.start - obj.span[0] + off
+            out[key] = hashlib.sha1(raw[off: off + page]).hexdigest()
+            if keep is not None:
+                keep[key] = raw[off: off + page]
     return out
 
 
@@ -149,13 +170,15 @@ def _calls(obj: LoadedObject) -> tuple[tuple[tuple[str, Any], ...], ...]:
     return tuple(out)
 
 
-def take_outcome(obj: LoadedObject) -> Outcome:
-    """Read ``obj``'s outcome from its backend now."""
+def take_outcome(obj: LoadedObject, keep_bytes: bool = False) -> Outcome:
+    """Read ``obj``'s outcome from its backend now (with the page bytes if ``keep_bytes``)."""
     start, end = obj.span
     regions = regions_in(obj.mm.inner.maps(), start, end)
     records = tuple(RegionRecord(r.start - start, r.end - r.start, r.perms, _file_backed(r),
                                  r.offset) for r in regions)
     relro = None if obj.relro is None else (obj.relro[0] - start, obj.relro[1] - start)
-    return Outcome(end - start, records, _page_hashes(obj, regions, obj.plan.page_size),
-                   relro, _calls(obj), dict(obj.relocations.extern),
-                   tuple(obj.relocations.irelative), tuple(obj.inits))
+    raw: dict[int, bytes] | None = {} if keep_bytes else None
+    hashes = _page_hashes(obj, regions, obj.plan.page_size, raw)
+    return Outcome(end - start, records, hashes, relro, _calls(obj),
+                   dict(obj.relocations.extern), tuple(obj.relocations.irelative),
+                   tuple(obj.inits), raw)

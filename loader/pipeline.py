@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from loader.elf import PF_W, ElfImage, parse_image
 from loader.errors import ElfDynamicError, ElfUnsupportedError
 from loader.mapper import map_plan, reserve
@@ -67,7 +65,7 @@ def _check_host_tls(tables: DynamicTables) -> None:
     (TPOFF64 works: the offset comes from the thread pointer.)"""
     syms = tables.symtab
     for table in tables.relocs:
-        dyn = np.isin(table.r_type, [16, 17]) & (table.r_sym != 0)
+        dyn = ((table.r_type == 16) | (table.r_type == 17)) & (table.r_sym != 0)
         undefined = syms["st_shndx"][table.r_sym[dyn]] == 0
         if undefined.any():
             sym = int(table.r_sym[dyn][undefined][0])
@@ -128,10 +126,11 @@ class LoadedObject:
             addr = int(ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)())
         return addr
 
-    def outcome(self) -> Outcome:
-        """The comparable outcome (DESIGN.md "Outcomes"): regions in the span, page bytes,
-        RELRO, the trace of Mmap calls."""
-        return take_outcome(self)
+    def outcome(self, *, keep_bytes: bool = False) -> Outcome:
+        """The comparable outcome (DESIGN.md "Outcomes"): regions in the span, a hash of
+        each readable page, RELRO, the trace of Mmap calls. ``keep_bytes`` also keeps the
+        page bytes, so a difference can be shown byte by byte."""
+        return take_outcome(self, keep_bytes)
 
     def _array(self, at: int, count: int) -> list[int]:
         """The relocated function pointers of an init/fini array (0 and -1 skipped)."""
