@@ -196,27 +196,18 @@ def _no_zero_tail(*args: Any, **kwargs: Any) -> None:
     """loader.mapper._zero_tail that forgets to clear the .bss tail of the last file page."""
 
 
-_real_apply_relative = loader.reloc._apply_relative
+_real_relative_words = loader.reloc._relative_words
 
 
-class _ShiftedWords:
-    """An Mmap proxy whose bulk word writes add ``shift`` to every value."""
-
-    def __init__(self, inner: Any, shift: int) -> None:
-        self.inner, self.shift = inner, shift
-
-    def write_words(self, addrs: Any, values: Any) -> None:
-        self.inner.write_words(addrs, values + np.uint64(self.shift))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def _relative_from_mapped_base(image: Any, tables: Any, bias: int, mm: Any, out: Any) -> None:
-    """RELATIVE as B' + A with B' the mapped start of the span, not the load bias (CLE's
-    bug): wrong exactly when the lowest vaddr is not 0."""
+def _relative_from_mapped_base(image: Any, tables: Any, bias: int, out: Any, places: list[Any],
+                               values: list[Any]) -> None:
+    """loader.reloc._relative_words computing B' + A with B' the mapped start of the span,
+    not the load bias (CLE's bug): wrong exactly when the lowest vaddr is not 0."""
+    before = len(values)
+    _real_relative_words(image, tables, bias, out, places, values)
     vmin = page_round_down(min(s.p_vaddr for s in image.loads), image.page_size)
-    _real_apply_relative(image, tables, bias, _ShiftedWords(mm, vmin), out)
+    for i in range(before, len(values)):
+        values[i] = values[i] + np.uint64(vmin)
 
 
 def _no_textrel_unprotect(obj: Any, writable: bool) -> None:
@@ -228,7 +219,7 @@ BROKEN: dict[str, tuple[Any, str, Any, dict[str, Any]]] = {
     "relro-end-rounded-up": (loader.plan, "_relro", _relro_end_rounded_up,
                              {"relro": True}),
     "bss-tail-not-zeroed": (loader.mapper, "_zero_tail", _no_zero_tail, {"bss": True}),
-    "relative-from-mapped-base": (loader.reloc, "_apply_relative", _relative_from_mapped_base,
+    "relative-from-mapped-base": (loader.reloc, "_relative_words", _relative_from_mapped_base,
                                   {"relocation_types": ["RELATIVE"]}),
     "write-before-mprotect": (PIPELINE, "_protect_textrel", _no_textrel_unprotect,
                               {"textrel": True}),
