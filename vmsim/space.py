@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 import stat
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +68,7 @@ from vmsim.vma import (
     OpenFile,
     Shmem,
     Vma,
+    VmaList,
     same_open_file,
 )
 
@@ -159,8 +159,7 @@ class AddressSpace(MmapDefaults):
         self.privileged = privileged
         self.commit_limit_pages = _meminfo_pages(page_size)
         self._legacy_base = (self.task_size // 3) & ~self._pmask
-        self._vmas: list[Vma] = []
-        self._starts: list[int] = []
+        self._vmas = VmaList()
         self._gaps = GapIndex()
         self._gaps.add(0, self.task_size)
         self._pt = PageTable(self._shift)
@@ -503,7 +502,7 @@ class AddressSpace(MmapDefaults):
 
     def _topdown(self, length: int, low: int, high: int) -> int:
         """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""
-        i = bisect_left(self._starts, high)
+        i = self._vmas.count_lt(high)
         gap_start = self._vmas[i - 1].end if i else 0
         gap_end = self._vmas[i].start if i < len(self._vmas) else self.task_size
         if gap_start < high <= gap_end and high - max(gap_start, low) >= length:
@@ -681,7 +680,7 @@ class AddressSpace(MmapDefaults):
 
     def _first_ending_after(self, addr: int) -> int:
         """Index of the first VMA with ``end > addr`` (len when none)."""
-        i = bisect_right(self._starts, addr) - 1
+        i = self._vmas.count_le(addr) - 1
         if i < 0 or self._vmas[i].end <= addr:
             i += 1
         return i
@@ -705,7 +704,7 @@ class AddressSpace(MmapDefaults):
         of straddling VMAs outside it. Returns the index where ``start`` would go."""
         vmas = self._vmas
         i0 = self._first_ending_after(start)
-        i1 = bisect_left(self._starts, end)
+        i1 = self._vmas.count_lt(end)
         if i0 >= i1:
             return i0
         first, last = vmas[i0], vmas[i1 - 1]
@@ -747,7 +746,7 @@ class AddressSpace(MmapDefaults):
         vmas, gaps = self._vmas, self._gaps
         low = vmas[i0 - 1].end if i0 else 0
         high = vmas[i1].start if i1 < len(vmas) else self.task_size
-        old = vmas[i0:i1]
+        old = vmas.slice(i0, i1)
         edge = low
         for v in old:
             gaps.remove(edge, v.start)
@@ -763,8 +762,7 @@ class AddressSpace(MmapDefaults):
         for v in old:
             if v.file is not None:
                 self._unuse(v.file)
-        vmas[i0:i1] = new
-        self._starts[i0:i1] = [v.start for v in new]
+        vmas.replace(i0, i1, new)
 
     def _use(self, file: OpenFile | Shmem) -> None:
         """One more VMA uses ``file``; the first use of an OpenFile takes our own dup."""
@@ -1171,7 +1169,7 @@ class AddressSpace(MmapDefaults):
         split at max_map_count Linux can leave such a pair: not checked then), the gap index
         matching the list, PTEs only inside VMAs and never more permissive than their VMA."""
         vmas, pmask, shift = self._vmas, self._pmask, self._shift
-        assert self._starts == [v.start for v in vmas], "starts list out of step"
+        assert vmas.starts_consistent(), "bisect keys out of step"
         edge = 0
         gaps = []
         for k, v in enumerate(vmas):

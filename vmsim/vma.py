@@ -13,11 +13,12 @@ from __future__ import annotations
 import ctypes
 import os
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterator
 
 __all__ = ["VM_ACCESS", "VM_ACCOUNT", "VM_DROPPABLE", "VM_EXEC", "VM_GROWSDOWN", "VM_LOCKED",
            "VM_MAYEXEC", "VM_MAYREAD", "VM_MAYSHARE", "VM_MAYWRITE", "VM_NOHUGEPAGE",
            "VM_NORESERVE", "VM_READ", "VM_SHARED", "VM_WRITE", "GapIndex", "Inode",
-           "OpenFile", "Shmem", "Vma", "same_open_file"]
+           "OpenFile", "Shmem", "Vma", "VmaList", "same_open_file"]
 
 # vm_flags bits, with the kernel's values (include/linux/mm.h)
 VM_READ = 0x1
@@ -143,25 +144,23 @@ class GapIndex:
         """The highest gap end ``e <= high`` of a gap holding ``length`` bytes above ``low``,
         or -1. Gaps that straddle ``high`` are the caller's business."""
         best = -1
-        kmin = length.bit_length() - 1
-        mask = self.mask >> kmin
-        k = kmin
+        mask = self.mask >> (length.bit_length() - 1) << (length.bit_length() - 1)
         start_of = self.start_of
         while mask:
-            if mask & 1:
-                bucket = self.ends[k]
-                j = bisect_right(bucket, high) - 1
-                while j >= 0 and bucket[j] > best:
-                    end = bucket[j]
-                    start = start_of[end]
-                    if end - max(start, low) >= length:
-                        best = end
-                        break
-                    if (1 << k) >= length or start < low:
-                        break  # lower gaps of this bucket fit no better
-                    j -= 1
-            mask >>= 1
-            k += 1
+            bit = mask & -mask
+            mask ^= bit
+            k = bit.bit_length() - 1
+            bucket = self.ends[k]
+            j = bisect_right(bucket, high) - 1
+            while j >= 0 and bucket[j] > best:
+                end = bucket[j]
+                start = start_of[end]
+                if end - max(start, low) >= length:
+                    best = end
+                    break
+                if bit >= length or start < low:
+                    break  # lower gaps of this bucket fit no better
+                j -= 1
         return best
 
 
@@ -184,3 +183,51 @@ def same_open_file(fd1: int, fd2: int) -> bool:
     moved = os.lseek(fd2, 0, os.SEEK_CUR) == pos1 + 1
     os.lseek(fd1, pos1, os.SEEK_SET)
     return moved
+
+
+class VmaList:
+    """VMAs in address order, indexed ``0..len-1`` from the lowest.
+
+    Stored highest first (with a parallel list of negated starts for bisect), so that top-down
+    placement, which puts each new VMA below all others, appends to the end of the Python
+    lists instead of inserting at their front: an mmap+munmap pair stays O(log n) as regions
+    grow, as with Linux's maple tree. Negative indices are not supported.
+    """
+
+    __slots__ = ("_neg", "_store")
+
+    def __init__(self) -> None:
+        self._store: list[Vma] = []
+        self._neg: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __getitem__(self, i: int) -> Vma:
+        return self._store[len(self._store) - 1 - i]
+
+    def __iter__(self) -> Iterator[Vma]:
+        return reversed(self._store)
+
+    def count_le(self, addr: int) -> int:
+        """How many VMAs start at or below ``addr`` (bisect_right on the starts)."""
+        return len(self._neg) - bisect_left(self._neg, -addr)
+
+    def count_lt(self, addr: int) -> int:
+        """How many VMAs start below ``addr`` (bisect_left on the starts)."""
+        return len(self._neg) - bisect_right(self._neg, -addr)
+
+    def slice(self, i0: int, i1: int) -> list[Vma]:
+        """``vmas[i0:i1]`` in address order."""
+        n = len(self._store)
+        return self._store[n - i1: n - i0][::-1]
+
+    def replace(self, i0: int, i1: int, new: list[Vma]) -> None:
+        """``vmas[i0:i1] = new`` (``new`` in address order)."""
+        n = len(self._store)
+        self._store[n - i1: n - i0] = new[::-1]
+        self._neg[n - i1: n - i0] = [-v.start for v in reversed(new)]
+
+    def starts_consistent(self) -> bool:
+        """True when the bisect keys match the VMAs (for invariant checks)."""
+        return self._neg == [-v.start for v in self._store]
