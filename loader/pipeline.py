@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loader.elf import PF_W, ElfImage, parse_image
+from loader.elf import PF_W, PF_X, ElfImage, parse_image
 from loader.errors import ElfDynamicError, ElfUnsupportedError
 from loader.mapper import map_plan, reserve
 from loader.mmap import Mmap, ProtFlags
@@ -57,6 +57,15 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
                               ("DT_FINI_ARRAY", tables.fini_array)):
         if count and not any(s.p_vaddr <= at and at + 8 * count <= s.end for s in image.loads):
             raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD")
+    for name, tag in (("DT_INIT", DT.INIT), ("DT_FINI", DT.FINI)):
+        at = tables.tags.get(tag, 0)
+        if at and not _in_code(image, at):
+            raise ElfDynamicError(name, at, "inside an executable PT_LOAD")
+
+
+def _in_code(image: ElfImage, vaddr: int) -> bool:
+    """``vaddr`` lies inside an executable PT_LOAD."""
+    return any(s.p_vaddr <= vaddr < s.end and s.p_flags & PF_X for s in image.loads)
 
 
 def _check_host_tls(tables: DynamicTables) -> None:
@@ -146,8 +155,13 @@ class LoadedObject:
         listed = self._array(*array)
         return listed[::-1] + single if reverse else single + listed
 
-    def _call_all(self, funcs: list[int]) -> None:
-        """Call each function as glibc calls initialisers: (argc, argv, envp), here empty."""
+    def _call_all(self, funcs: list[int], what: str) -> None:
+        """Call each function as glibc calls initialisers: (argc, argv, envp), here empty.
+        Each must lie in the object's own code (ElfDynamicError otherwise: never a jump
+        into data or into nowhere)."""
+        for fn in funcs:
+            if not _in_code(self.image, fn - self.load_bias):
+                raise ElfDynamicError(f"{what} entry", fn, "inside an executable PT_LOAD")
         empty = (ctypes.c_void_p * 1)()
         for fn in funcs:
             _INIT(fn)(0, ctypes.addressof(empty), ctypes.addressof(empty))
@@ -156,7 +170,7 @@ class LoadedObject:
         """Run (host, shared objects) or record (otherwise) the init functions."""
         self.inits = self._functions(DT.INIT, self.tables.init_array, reverse=False)
         if self.runs_code and self.runs_init:
-            self._call_all(self.inits)
+            self._call_all(self.inits, "init")
 
     @property
     def runs_init(self) -> bool:
@@ -172,7 +186,7 @@ class LoadedObject:
         self.loaded = False
         self.finis = self._functions(DT.FINI, self.tables.fini_array, reverse=True)
         if self.runs_code and self.runs_init:
-            self._call_all(self.finis)
+            self._call_all(self.finis, "fini")
         self.mm.munmap(self.span[0], self.span[1] - self.span[0])
         ext = self.relocations.extern_range
         if ext is not None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import PF_W, ElfImage
+from loader.elf import PF_W, PF_X, ElfImage
 from loader.errors import ElfRelocationError, ElfSymbolError
 from loader.mmap import Mmap
 from loader.symbols import STT_GNU_IFUNC, STT_TLS, Resolution, Resolver
@@ -215,6 +215,24 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
         _check_targets(table.name, table.r_offset, widths, starts, ends)
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
+    _check_ifunc_resolvers(image, tables)
+
+
+def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
+    """IRELATIVE resolvers (B + A) must be the object's own code: on the host they are
+    called, and a call into data or nowhere must be an ElfRelocationError, not a crash."""
+    code = [(s.p_vaddr, s.end) for s in image.loads if s.p_flags & PF_X]
+    for table in tables.relocs:
+        mask = _kind_mask(table, {Kind.IRELATIVE})
+        if not mask.any():
+            continue
+        a = _addends(image, table, mask)
+        ok = np.zeros(len(a), dtype=bool)
+        for lo, hi in code:
+            ok |= (a >= lo) & (a < hi)
+        if not ok.all():
+            raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver",
+                                     int(a[~ok][0]), "inside an executable PT_LOAD")
 
 
 def _file_words(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:

@@ -145,7 +145,18 @@ CASES: dict[str, tuple[Callable[[], bytes], type[ElfError], str]] = {
                        ElfHeaderError, "e_phoff"),
     "RELASZ not entry multiple": (lambda: _tag(DT.RELASZ, 25), ElfDynamicError, "DT_RELA size"),
     "strtab outside segments": (lambda: _tag(DT.STRTAB, 2**45), ElfDynamicError, "DT_STRTAB"),
+    "IRELATIVE resolver in data": (lambda: _rela(_first_relative(), 8, "<I", 37),
+                                   ElfRelocationError, "IRELATIVE resolver"),
+    "DT_INIT in data": (lambda: _tag(DT.INIT, 0x100), ElfDynamicError, "DT_INIT"),
 }
+
+
+def _first_relative() -> int:
+    """Index of the first R_X86_64_RELATIVE entry of DT_RELA whose addend points at data."""
+    table = _TABLES.relocs[0]
+    code = [(s.p_vaddr, s.end) for s in _IMAGE.loads if s.p_flags & 1]
+    in_code = [any(lo <= a < hi for lo, hi in code) for a in table.r_addend.tolist()]
+    return next(i for i, t in enumerate(table.r_type.tolist()) if t == 8 and not in_code[i])
 
 
 def _first_symbolic() -> int:
