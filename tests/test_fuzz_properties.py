@@ -263,3 +263,33 @@ def test_broken_loader_is_caught_with_a_shrunk_example(
     # ... and with the real loader back, the same image passes.
     Path(path).write_bytes(shrunk.data)
     assert not _fails(backend, shrunk, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The campaign (vmsim fuzz).
+
+
+def test_campaign_reports_and_saves_the_shrunk_failure(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    from vmsim.fuzz import run_campaign
+    if SIM is None:
+        pytest.skip("the campaign runs on the simulator")
+    monkeypatch.setattr(loader.plan, "_relro", _relro_end_rounded_up)
+    stats = run_campaign(60, kind="valid", out_dir=tmp_path, max_examples=150)
+    assert stats.failures, "the campaign missed the RELRO-rounded-up loader"
+    text = stats.failures[0]
+    assert "Violation" in text and "relro=" in text
+    saved = sorted(tmp_path.glob("failure-*.elf"))
+    assert saved and saved[0].read_bytes()[:4] == b"\x7fELF"
+
+
+def test_vmsim_fuzz_command_runs_a_short_clean_campaign(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    from vmsim.fuzz import main
+    if SIM is None:
+        pytest.skip("the campaign runs on the simulator")
+    code = main(["--time", "1", "--property", "malformed", "--out", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 0, out
+    assert "outcomes:" in out.out and "examples" in out.err

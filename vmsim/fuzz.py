@@ -500,9 +500,13 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
                 pending.clear()
         tick()
 
-    def one_valid(image: ElfImage) -> None:
-        last["data"], last["repr"] = image.data, repr(image)
-        check_valid_load(image, sim_backend())
+    scratch = Path(tempfile.mkdtemp(prefix="vmsim-fuzz-images-")) / "image.so"
+
+    def one_valid(image: ElfImage, from_file: bool) -> None:
+        last["data"], last["repr"] = image.data, f"{image!r}, from_file={from_file}"
+        if from_file:
+            scratch.write_bytes(image.data)
+        check_valid_load(image, sim_backend(), source=str(scratch) if from_file else None)
         if backend == "both":
             check_same_on_both(image, sim_backend)
             stats.host_examples += 1
@@ -510,17 +514,23 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
         stats.outcomes["loaded"] = stats.outcomes.get("loaded", 0) + 1
         tick()
 
-    strategy = malformed_elf() if kind == "malformed" else elf_images()
-    body = one_malformed if kind == "malformed" else one_valid
+    from hypothesis import strategies as st
+
+    strategies: list[Any] = [malformed_elf()] if kind == "malformed" else \
+        [elf_images(textrel=st.booleans()), st.booleans()]
+    body: Callable[..., None] = one_malformed if kind == "malformed" else one_valid
+    given_any: Any = given
     chunk, round_no = 200, 0
     while time.monotonic() - started < seconds and (
             max_examples is None or stats.examples < max_examples):
         round_no += 1
-        test = settings(max_examples=chunk, deadline=None, database=None, derandomize=False,
-                        phases=[Phase.generate, Phase.shrink], report_multiple_bugs=False,
-                        suppress_health_check=list(HealthCheck))(given(strategy)(body))
+        test: Callable[[], None] = settings(
+            max_examples=chunk, deadline=None, database=None, derandomize=False,
+            phases=[Phase.generate, Phase.shrink], report_multiple_bugs=False,
+            suppress_health_check=list(HealthCheck))(given_any(*strategies)(body))
         try:
-            hseed(round_no * 7919 + os.getpid())(test)()
+            seeded: Callable[[], None] = hseed(round_no * 7919 + os.getpid())(test)
+            seeded()
         except Exception as exc:  # the shrunk failure: record it and go on
             path = save(last.get("data", b""), "sim")
             stats.failures.append(f"{type(exc).__name__}: {exc}\n  example: "
