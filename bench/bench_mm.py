@@ -89,13 +89,17 @@ def bench_bulk() -> None:
     t_first = time.perf_counter() - t0
     t_write = median_time(lambda: space.write(addr, data), 1, 5)
     t_read = median_time(lambda: space.read(addr, size), 1, 5)
+    t_into = median_time(lambda: space.read_into(addr, dst), 1, 5)
+    t_tobytes = median_time(src.tobytes, 1, 5)
     assert space.read(addr, size) == data
     gib = size / (1 << 30)
     print("bulk 100 MiB anonymous (median of 5)")
-    print(f"  numpy copy        {gib / t_copy:6.2f} GiB/s")
-    for name, t in (("sim write, first", t_first), ("sim write, warm", t_write),
-                    ("sim read", t_read)):
-        print(f"  {name:<17} {gib / t:6.2f} GiB/s  ({t_copy / t:.2f}x numpy copy)")
+    print(f"  numpy copy into a warm array   {gib / t_copy:6.2f} GiB/s")
+    print(f"  numpy tobytes (a new bytes)    {gib / t_tobytes:6.2f} GiB/s")
+    for name, t in (("sim write, first touch", t_first), ("sim write, warm", t_write),
+                    ("sim read (new bytes)", t_read), ("sim read_into (warm array)", t_into)):
+        print(f"  {name:<30} {gib / t:6.2f} GiB/s  ({t_copy / t:.2f}x numpy copy, "
+              f"{t_tobytes / t:.2f}x tobytes)")
 
 
 def heap_delta(fn: Callable[[], object]) -> int:

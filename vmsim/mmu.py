@@ -22,6 +22,7 @@ cover a 47-bit user address space for the configured page size (4 for 4 KiB page
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,16 +47,29 @@ _TABLE_LINK = PTE_P | PTE_W | PTE_U
 
 
 class FramePool:
-    """Page frames as rows of one ``uint8`` numpy array, grown by doubling.
+    """Page frames as rows of one ``uint8`` numpy array over an anonymous host mapping.
 
+    The host mapping is reserved at its full capacity with MAP_NORESERVE, so the host commits
+    memory only for frames actually written (as the simulated kernel does) and the pool never
+    copies itself to grow; past ``capacity`` frames it moves to a mapping twice the size.
     Frame 0 is the zero page: always zeros, never handed out. Freed frames are reused first.
     """
 
-    def __init__(self, page_size: int, initial: int = 16) -> None:
+    def __init__(self, page_size: int, capacity: int = 1 << 22) -> None:
         self.page_size = page_size
-        self.data: npt.NDArray[np.uint8] = np.zeros((initial, page_size), dtype=np.uint8)
+        self._map = self._reserve(capacity)
+        self.data: npt.NDArray[np.uint8] = self._view(self._map, capacity)
         self._next = 1
         self._free: list[int] = []
+
+    def _reserve(self, frames: int) -> mmap.mmap:
+        """A zero-filled, lazily committed host mapping for ``frames`` frames."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        return mmap.mmap(-1, frames * self.page_size, flags=flags)
+
+    def _view(self, host: mmap.mmap, frames: int) -> npt.NDArray[np.uint8]:
+        """The host mapping as a (frames, page_size) array."""
+        return np.frombuffer(host, dtype=np.uint8).reshape(frames, self.page_size)
 
     @property
     def in_use(self) -> int:
@@ -69,17 +83,18 @@ class FramePool:
             del self._free[-len(reused):]
         fresh = n - len(reused)
         if self._next + fresh > len(self.data):
-            grown = np.zeros((max(2 * len(self.data), self._next + fresh), self.page_size),
-                             dtype=np.uint8)
+            frames = max(2 * len(self.data), self._next + fresh)
+            host = self._reserve(frames)
+            grown = self._view(host, frames)
             grown[: self._next] = self.data[: self._next]
-            self.data = grown
-        frames = np.empty(n, dtype=np.int64)
-        frames[: len(reused)] = reused
-        frames[len(reused):] = np.arange(self._next, self._next + fresh)
+            self._map, self.data = host, grown
+        got = np.empty(n, dtype=np.int64)
+        got[: len(reused)] = reused
+        got[len(reused):] = np.arange(self._next, self._next + fresh)
         self._next += fresh
         if reused:
-            self.data[frames[: len(reused)]] = 0
-        return frames
+            self.data[got[: len(reused)]] = 0
+        return got
 
     def free(self, frames: npt.NDArray[np.int64]) -> None:
         """Return frames to the pool. The zero page (0) must not be among them."""
