@@ -190,7 +190,7 @@ def test_gap_is_compressed_and_states_its_size() -> None:
     assert list(texts(ax_far, "gap").values()) == ["gap 64 GiB"]
     # Not to scale: a 1.9 GiB and a 64 GiB gap take the same height.
     assert ax_near.get_ylim() == pytest.approx(ax_far.get_ylim())
-    assert "unmapped gap (not to scale)" in legend_labels(ax_near)
+    assert "unmapped (gaps not to scale)" in legend_labels(ax_near)
 
 
 def test_wx_region_is_flagged_in_red() -> None:
@@ -467,3 +467,32 @@ def test_page_states_refuses_unaligned_ranges() -> None:
 
     with pytest.raises(ValueError, match="page-aligned"):
         viz.page_states(vmsim.AddressSpace(), 1, PAGE)
+
+
+def test_side_without_a_region_shows_it_unmapped_with_its_size() -> None:
+    before, after = _reserve_then_map()
+    extra = Region(after[-1].end + 16 * PAGE, after[-1].end + 17 * PAGE, R)
+    left, right = viz.plot_before_after(before, [*after, extra])
+    assert list(texts(left, "unmapped").values()) == [f"unmapped {viz.format_size(17 * PAGE)}"]
+    assert list(texts(right, "gap").values()) == [f"gap {viz.format_size(16 * PAGE)}"]
+    assert not texts(right, "unmapped")
+
+
+def test_annotate_address_marks_the_height_of_that_address(libz: list[Region]) -> None:
+    ax = viz.plot_map(libz)
+    code = next(r for r in libz if r.prot == RX)
+    viz.annotate_address(ax, code.start, "entry")
+    line = next(ln for ln in ax.lines if ln.get_gid() == f"annotation:{code.start:#x}")
+    assert line.get_ydata()[0] == pytest.approx(patches(ax, "region")[f"{code.start:#x}"].get_y())
+    assert texts(ax, "annotation")[f"{code.start:#x}"] == "entry"
+    _, bare = plt.subplots()
+    with pytest.raises(ValueError, match="draw a map"):
+        viz.annotate_address(bare, 0, "x")
+
+
+def test_pages_cell_text_is_written_in_each_cell() -> None:
+    ax = viz.plot_pages(["dirty", "zero page"], cell_text=["rw-", "r--"])
+    assert [t.get_text() for t in ax.texts if (t.get_gid() or "").startswith("cell:")] == [
+        "rw-", "r--"]
+    with pytest.raises(ValueError, match="1 texts for 2 pages"):
+        viz.plot_pages(["dirty", "dirty"], cell_text=["rw-"])

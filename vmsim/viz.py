@@ -13,10 +13,12 @@ states their size. Tests find what was drawn through each artist's ``gid`` (see 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import math
 import textwrap
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,7 @@ __all__ = [
     "PageState",
     "TraceStep",
     "animate_trace",
+    "annotate_address",
     "changed_regions",
     "format_call",
     "format_size",
@@ -53,6 +56,7 @@ __all__ = [
     "plot_pages",
     "plot_trace",
     "region_role",
+    "relative",
     "trace_frames",
 ]
 
@@ -147,6 +151,14 @@ def _key(region: Region) -> tuple[int, int, int, bool, int, str]:
             region.path)
 
 
+def relative(regions: Iterable[Region], base: int, end: int | None = None) -> list[Region]:
+    """The regions inside ``[base, end)`` (all from ``base`` up when ``end`` is None) with
+    addresses made relative to ``base``: to draw two backends' maps on one scale."""
+    return [dataclasses.replace(r, start=r.start - base, end=r.end - base)
+            for r in sorted(regions, key=lambda r: r.start)
+            if base <= r.start and (end is None or r.end <= end)]
+
+
 def changed_regions(before: Sequence[Region], after: Sequence[Region]) -> list[Region]:
     """The regions of ``after`` that do not appear identically (same range, perms, offset,
     path) in ``before``: what a step created or changed."""
@@ -207,7 +219,7 @@ def _layout(maps: Sequence[Sequence[Region]], *, min_height: float, max_height: 
 
 
 def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
-    return _layout(maps, min_height=0.55, max_height=10.0, gap_height=0.9, median_height=1.5)
+    return _layout(maps, min_height=0.55, max_height=14.0, gap_height=0.9, median_height=1.5)
 
 
 def _new_axes(layout: _Layout, ncols: int = 1, width: float = 7.0) -> list[Axes]:
@@ -291,27 +303,55 @@ def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
             color=WX_COLOR if _is_wx(region) else "black")
 
 
-def _draw_gaps(ax: Axes, layout: _Layout, fontsize: float) -> None:
+def _uncovered_runs(regions: Sequence[Region], layout: _Layout) -> list[tuple[int, int]]:
+    """The address runs of the layout that no region of this map covers, merged."""
+    edges = [int(b) for b in layout.bounds.tolist()] if regions else []
+    starts = np.array([r.start for r in regions], dtype=np.float64)
+    ends = np.array([r.end for r in regions], dtype=np.float64)
+    runs: list[tuple[int, int]] = []
+    for lo, hi in itertools.pairwise(edges):
+        mid = (lo + hi) / 2
+        if bool(((starts <= mid) & (mid < ends)).any()):
+            continue
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
+def _draw_gaps(ax: Axes, regions: Sequence[Region], layout: _Layout, fontsize: float) -> bool:
+    """Draw each unmapped run as a dashed band stating its size: "gap" between this map's
+    regions, "unmapped" beyond them (where another frame or side has something). Returns
+    whether any band was drawn."""
     x0, x1 = _BAR
-    for lo, hi in layout.gaps:
+    hull = (regions[0].start, max(r.end for r in regions)) if regions else (0, 0)
+    runs = _uncovered_runs(regions, layout)
+    for lo, hi in runs:
         top, bottom = layout.y(lo), layout.y(hi)
+        kind = "gap" if hull[0] <= lo and hi <= hull[1] else "unmapped"
         ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
                                edgecolor="#aaaaaa", linestyle=(0, (2, 2)), linewidth=0.8,
-                               gid=f"gap:{lo:#x}"))
-        ax.text((x0 + x1) / 2, (top + bottom) / 2, f"gap {format_size(hi - lo)}",
+                               gid=f"{kind}:{lo:#x}"))
+        ax.text((x0 + x1) / 2, (top + bottom) / 2, f"{kind} {format_size(hi - lo)}",
                 ha="center", va="center", fontsize=fontsize, style="italic",
-                color="#555555", gid=f"gap:{lo:#x}")
+                color="#555555", gid=f"{kind}:{lo:#x}")
+    return bool(runs)
 
 
-def _draw_shortened(ax: Axes, layout: _Layout) -> None:
-    """Mark pieces drawn shorter than to scale with a white zigzag across the bar."""
+def _draw_shortened(ax: Axes, regions: Sequence[Region], layout: _Layout) -> bool:
+    """Mark this map's pieces drawn shorter than to scale with a white zigzag across the bar.
+    Returns whether there was any."""
     x0, x1 = _BAR
-    for lo, hi in layout.shortened:
+    mine = [(lo, hi) for lo, hi in layout.shortened
+            if any(r.start <= lo and hi <= r.end for r in regions)]
+    for lo, hi in mine:
         mid = (layout.y(lo) + layout.y(hi)) / 2
         xs = np.linspace(x0, x1, 9)
         zig = mid + np.where(np.arange(9) % 2 == 0, -0.12, 0.12)
         ax.plot(xs, zig, color="white", linewidth=3.0, gid=f"shortened:{lo:#x}")
         ax.plot(xs, zig, color="#333333", linewidth=0.8)
+    return bool(mine)
 
 
 def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Patch]:
@@ -332,7 +372,7 @@ def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Pa
                              label="range this call acted on"))
     if has_gap:
         handles.append(Patch(facecolor="white", edgecolor="#aaaaaa", linestyle=(0, (2, 2)),
-                             label="unmapped gap (not to scale)"))
+                             label="unmapped (gaps not to scale)"))
     if has_short:
         handles.append(Patch(facecolor="#dddddd", edgecolor="#333333",
                              label="≈ big region drawn shortened"))
@@ -348,9 +388,14 @@ def _address_ticks(ax: Axes, regions: Sequence[Region], layout: _Layout,
                   fontsize=fontsize, family="monospace")
 
 
+_LAYOUTS: weakref.WeakKeyDictionary[Axes, _Layout] = weakref.WeakKeyDictionary()
+"""The layout each map was drawn with, so :func:`annotate_address` can find an address."""
+
+
 def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapStyle,
               title: str | None) -> Axes:
     regions = sorted(regions, key=lambda r: r.start)
+    _LAYOUTS[ax] = layout
     style.name_width = max([len("object")] + [len(_object_name(r)) for r in regions])
     style.offset_width = max([len("offset")] + [len(f"{r.offset:#x}") for r in regions])
     if style.labels is None and regions:
@@ -360,10 +405,7 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
                 family="monospace", color="#555555", gid="header")
     for index, region in enumerate(regions):
         _draw_region(ax, index, region, layout, style)
-    own_gaps = _Layout(layout.bounds, layout.ys,
-                       [g for g in layout.gaps if _inside_hull(g, regions)],
-                       layout.shortened)
-    _draw_gaps(ax, own_gaps, style.fontsize)
+    has_gap = _draw_gaps(ax, regions, layout, style.fontsize)
     if style.touched is not None:
         style.flags_seen.add("touched")
         lo, hi = style.touched
@@ -371,7 +413,7 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
         ax.plot([x, x], [layout.y(lo), layout.y(hi)], color="black", linewidth=4.0,
                 solid_capstyle="butt", marker="<", markevery=[0], markersize=8,
                 gid="touched")
-    _draw_shortened(ax, layout)
+    has_short = _draw_shortened(ax, regions, layout)
     _address_ticks(ax, regions, layout, style.fontsize)
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(layout.height, 0.0)
@@ -379,7 +421,7 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
     ax.set_ylabel("address (lowest at the top)", fontsize=style.fontsize)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    handles = _legend_handles(style, bool(own_gaps.gaps), bool(layout.shortened))
+    handles = _legend_handles(style, has_gap, has_short)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
               fontsize=style.fontsize, frameon=False)
     if title is not None:
@@ -387,8 +429,22 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
     return ax
 
 
-def _inside_hull(gap: tuple[int, int], regions: Sequence[Region]) -> bool:
-    return bool(regions) and regions[0].start <= gap[0] and gap[1] <= max(r.end for r in regions)
+def annotate_address(ax: Axes, addr: int, text: str, *, color: str = "#c00000",
+                     fontsize: float = 7.5) -> Axes:
+    """Mark ``addr`` on a map this module drew on ``ax``: a line across the bar at its height
+    and ``text`` on it (a fault, a symbol). ValueError when ``ax`` holds no such map."""
+    layout = _LAYOUTS.get(ax)
+    if layout is None:
+        raise ValueError("annotate_address: draw a map on this ax first (plot_map, "
+                         "plot_before_after, plot_trace)")
+    y = layout.y(addr)
+    ax.plot(list(_BAR), [y, y], color=color, linewidth=1.6, gid=f"annotation:{addr:#x}")
+    count = sum(1 for t in ax.texts if (t.get_gid() or "").startswith("annotation:"))
+    ax.text(_BAR[0] + 0.008, y, textwrap.fill(text, 30), ha="left",
+            va="bottom" if count % 2 == 0 else "top", fontsize=fontsize, color=color,
+            gid=f"annotation:{addr:#x}",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0})
+    return ax
 
 
 def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
@@ -416,6 +472,7 @@ def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
 def plot_before_after(before: Sequence[Region], after: Sequence[Region],
                       axes: Sequence[Axes] | None = None, *,
                       relro: tuple[int, int] | None = None,
+                      relro_before: tuple[int, int] | None = None,
                       extern: tuple[int, int] | None = None,
                       titles: tuple[str, str] = ("before", "after"),
                       marks: tuple[str, str] = ("removed/changed", "new/changed"),
@@ -425,7 +482,7 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
 
     On the left, regions the step removed or changed; on the right, the ones it created or
     changed (``marks`` names them; to compare two backends, pass e.g. ("differs", "differs")).
-    ``relro`` is hatched on the right only. Returns the two axes.
+    ``relro`` is hatched on the right, ``relro_before`` on the left. Returns the two axes.
     """
     before = sorted(before, key=lambda r: r.start)
     after = sorted(after, key=lambda r: r.start)
@@ -434,7 +491,8 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
     if len(pair) != 2:
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
     common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
-    left = _MapStyle(changed={_key(r) for r in changed_regions(after, before)},
+    left = _MapStyle(relro=relro_before,
+                     changed={_key(r) for r in changed_regions(after, before)},
                      changed_word=marks[0], **common)  # type: ignore[arg-type]
     right = _MapStyle(relro=relro, changed={_key(r) for r in changed_regions(before, after)},
                       changed_word=marks[1], **common)  # type: ignore[arg-type]
@@ -507,11 +565,12 @@ PAGE_COLORS: dict[PageState, str] = {
 def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
                start: int | None = None, page_size: int = HOST_PAGE_SIZE,
                columns: int | None = None, title: str | None = None,
-               fontsize: float = 8.0) -> Axes:
+               cell_text: Sequence[str] | None = None, fontsize: float = 8.0) -> Axes:
     """Draw one cell per page of a region, coloured by its state, ``columns`` cells a row.
 
     ``states``: one PageState (or its name) per page, in address order. ``start``: the
-    region's first address, used to label each row. Returns ``ax``.
+    region's first address, used to label each row. ``cell_text``: a short text per page
+    written in its cell (e.g. its permissions, "r-x"). Returns ``ax``.
     """
     order = list(PageState)
     codes = np.array([order.index(PageState.parse(s)) for s in states], dtype=np.int64)
@@ -531,6 +590,13 @@ def plot_pages(states: Sequence[PageState | str], ax: Axes | None = None, *,
                            edgecolors="#888888", linewidths=0.6)
     cells.set_gid("pages")
     ax.add_collection(cells)
+    if cell_text is not None:
+        if len(cell_text) != len(codes):
+            raise ValueError(f"cell_text: {len(cell_text)} texts for {len(codes)} pages")
+        for i, text in enumerate(cell_text):
+            ax.text(x[i] + 0.5, y[i] + 0.5, text, ha="center", va="center",
+                    fontsize=fontsize - 2.5, family="monospace", color="#333333",
+                    gid=f"cell:{i}")
     ax.set_xlim(0.0, ncols)
     ax.set_ylim(nrows, 0.0)
     ax.set_aspect("equal")
