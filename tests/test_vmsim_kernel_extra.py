@@ -123,3 +123,18 @@ def test_file_shrunk_within_last_page_reads_zero_tail(backend: BackendHarness, f
     assert backend.mm.read(backend.at(4) + 10, 2) == b"zz"
     os.ftruncate(f.fd, 10)
     assert backend.load(backend.at(4) + 8, 4) == b"zz\0\0"
+
+
+def test_populated_private_memory_counts_as_written(backend: BackendHarness) -> None:
+    # MAP_POPULATE write-faults private writable memory in: it has an anon_vma, so made
+    # read-only it keeps VM_ACCOUNT and stays apart from a never-written read-only neighbour
+    anon(backend, 4, 1, R)
+    anon(backend, 5, 1, R | W, PRIV | MapFlags.MAP_POPULATE)
+    backend.mm.mprotect(backend.at(5), backend.page, R)
+    anon(backend, 7, 1, R)
+    anon(backend, 8, 1, R | W, PRIV | MapFlags.MAP_POPULATE | MapFlags.MAP_NONBLOCK)
+    backend.mm.mprotect(backend.at(8), backend.page, R)
+    assert backend.rel_maps()[1:5] == rows(backend, (4, 5, "r--p", 0, "anon"),
+                                           (5, 6, "r--p", 0, "anon"),
+                                           (6, 7, "---p", 0, "anon"),
+                                           (7, 9, "r--p", 0, "anon"))

@@ -81,6 +81,7 @@ _M64 = _WORD - 1
 _MAP_SHARED, _MAP_PRIVATE, _MAP_VALIDATE, _MAP_DROPPABLE, _MAP_TYPE = 0x1, 0x2, 0x3, 0x8, 0xF
 _MAP_FIXED, _MAP_ANON, _MAP_32BIT, _MAP_GROWSDOWN = 0x10, 0x20, 0x40, 0x100
 _MAP_LOCKED, _MAP_NORESERVE, _MAP_POPULATE, _MAP_STACK = 0x2000, 0x4000, 0x8000, 0x20000
+_MAP_NONBLOCK = 0x10000
 _MAP_HUGETLB, _MAP_NOREPLACE = 0x40000, 0x100000
 _LEGACY_MAP_MASK = (0x1 | 0x2 | 0x10 | 0x20 | 0x800 | 0x1000 | 0x4000000 | 0x100 | 0x2000
                     | 0x4000 | 0x8000 | 0x10000 | 0x20000 | 0x40000)
@@ -561,8 +562,10 @@ class AddressSpace(MmapDefaults):
         finally:
             if vfile is not None:
                 self._unuse(vfile)
-        if flags & _MAP_POPULATE and vm_flags & VM_ACCESS:
-            self._populate(addr, end)
+        populate = (vm_flags & VM_LOCKED
+                    or flags & (_MAP_POPULATE | _MAP_NONBLOCK) == _MAP_POPULATE)
+        if populate and vm_flags & VM_ACCESS:
+            self._populate(addr, end, vm_flags & (VM_WRITE | VM_SHARED) == VM_WRITE)
         return addr
 
     def _charge(self, length: int) -> None:
@@ -571,10 +574,10 @@ class AddressSpace(MmapDefaults):
             raise _fail(errno.ENOMEM, f"length={length:#x} exceeds RAM+swap "
                         f"({self.commit_limit_pages} pages)")
 
-    def _populate(self, start: int, end: int) -> None:
-        """MAP_POPULATE: fault the pages in as a write when private writable, else a read;
-        pages past a file's end are left alone."""
-        with_write = self._vmas[self._first_ending_after(start)].flags & VM_WRITE
+    def _populate(self, start: int, end: int, with_write: bool) -> None:
+        """MAP_POPULATE (and MAP_LOCKED): fault the pages in, as writes for private writable
+        mappings (copy-on-write done, anon_vma made), else as reads; pages past a file's end
+        are left alone."""
         try:
             if with_write:
                 self._fault_in(start, end, "w")
