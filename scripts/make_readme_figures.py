@@ -60,20 +60,42 @@ def fig_host_libz(out: Path) -> Path:
 
 
 def fig_sim_libz(out: Path) -> Path:
-    """libz loaded by this project's loader into the simulator, beside the real process."""
+    """libz loaded by this project's loader into the simulator, beside the same library as
+    glibc's ld.so mapped it into this process; both drawn relative to their start."""
     import loader
     import vmsim
 
     host = host_regions(LIBZ)
-    space = vmsim.AddressSpace()  # type: ignore[attr-defined]
-    obj = loader.load(host[0].path, space)  # type: ignore[attr-defined]
+    space = vmsim.AddressSpace()
+    obj = loader.load(host[0].path, space)
     lo, hi = obj.span
-    sim = [r for r in space.maps() if lo <= r.start and r.end <= hi]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), layout="constrained")
-    viz.plot_map(sim, axes[0], relro=obj.relro, title=f"{LIBZ} in the simulator (vmsim)")
-    viz.plot_map(host, axes[1], relro=relro_of(host[0].path, host[0].start),
-                 title=f"{LIBZ} in this process (kernel)")
-    return _save(fig, out / "libz-sim-vs-host.png")
+    assert obj.relro is not None
+    host_relro = relro_of(host[0].path, host[0].start)
+    sim_relro = (obj.relro[0] - lo, obj.relro[1] - lo)
+    viz.plot_before_after(
+        viz.relative(space.maps(), lo, hi), viz.relative(host, host[0].start),
+        titles=(f"{LIBZ} in the simulator (loader.load on vmsim)",
+                f"{LIBZ} in this process (glibc ld.so, kernel)"),
+        marks=("differs", "differs"), relro_before=sim_relro,
+        relro=None if host_relro is None else (host_relro[0] - host[0].start,
+                                                host_relro[1] - host[0].start))
+    return _save(plt.gcf(), out / "libz-sim-vs-host.png")
+
+
+def fig_page_states(out: Path) -> Path:
+    """Every page of libz's span in the simulator after the load, by what backs it."""
+    import loader
+    import vmsim
+
+    space = vmsim.AddressSpace()
+    obj = loader.load(host_regions(LIBZ)[0].path, space)
+    lo, hi = obj.span
+    space.fetch(obj.symbol("crc32"), 16)
+    perms = [next(r.prot.rwx for r in space.maps() if r.start <= va < r.end)
+             for va in range(lo, hi, space.page_size)]
+    ax = viz.plot_pages(viz.page_states(space, lo, hi), start=lo, columns=16, cell_text=perms,
+                        title=f"{LIBZ} in the simulator: pages after loading and one call of crc32")
+    return _save(ax.figure, out / "libz-pages.png")
 
 
 def fig_load_steps(out: Path) -> Path:
@@ -113,6 +135,7 @@ FIGURES: dict[str, Callable[[Path], Path]] = {
     "libz-host": fig_host_libz,
     "libz-sim-vs-host": fig_sim_libz,
     "libz-load-steps": fig_load_steps,
+    "libz-pages": fig_page_states,
 }
 
 
