@@ -348,14 +348,13 @@ def _scatter(mm: Mmap, places: npt.NDArray[np.uint64], values: npt.NDArray[np.ui
     mm.write_words(places[order], values[order])
 
 
-def _one(image: ElfImage, tables: DynamicTables, table: RelocTable, k: int, rule: Rule,
-         res: Resolution, bias: int, mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
-    """Apply entry ``k`` of one of the rare kinds (PCREL, 4-byte, COPY, IRELATIVE, TLS)."""
+def _one(tables: DynamicTables, table: RelocTable, k: int, a: int, rule: Rule,
+         res: Resolution, bias: int, mm: Mmap, runs_code: bool, out: RelocOutcome,
+         words: dict[int, int]) -> None:
+    """Apply entry ``k`` (addend ``a``) of one of the rare kinds (PCREL, 4-byte, COPY,
+    IRELATIVE, TLS). 8-byte results go into ``words`` (place -> value) for one scatter."""
     place = (int(table.r_offset[k]) + bias) & _MASK64
     sym = int(table.r_sym[k])
-    mask = np.zeros(len(table), dtype=bool)
-    mask[k] = True
-    a = int(_addends(image, table, mask)[0])
     a = a - (1 << 64) if a >> 63 else a
     if table.implicit and rule.width == 4:
         a = int.from_bytes(mm.read(place, 4), "little", signed=True)
@@ -378,7 +377,10 @@ def _one(image: ElfImage, tables: DynamicTables, table: RelocTable, k: int, rule
         value = _tls_value(rule.kind, tables, sym, st_value, a, out.tls)
         if rule.kind is Kind.TLS_TPOFF and sym in res.tls_tpoff:
             value = res.tls_tpoff[sym] + a
-    _store(mm, place, value, rule, table.name)
+    if rule.width == 8:
+        words[place] = value & _MASK64
+    else:
+        _store(mm, place, value, rule, table.name)
 
 
 def _tls_value(kind: Kind, tables: DynamicTables, sym: int, st_value: int, a: int,
@@ -399,10 +401,7 @@ def _tls_value(kind: Kind, tables: DynamicTables, sym: int, st_value: int, a: in
 
 
 def _store(mm: Mmap, place: int, value: int, rule: Rule, table: str) -> None:
-    """Write ``value`` in ``rule.width`` bytes; a 4-byte value must fit (32S signed)."""
-    if rule.width == 8:
-        mm.write(place, (value & _MASK64).to_bytes(8, "little"))
-        return
+    """Write ``value`` in 4 bytes; it must fit (signed for PC32 and 32S)."""
     signed = rule.kind is Kind.PCREL or rule.name.endswith("32S")
     lo, hi = (-(1 << 31), (1 << 31) - 1) if signed else (0, (1 << 32) - 1)
     if not lo <= value <= hi:
@@ -413,14 +412,21 @@ def _store(mm: Mmap, place: int, value: int, rule: Rule, table: str) -> None:
 
 def _apply_rare(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
                 mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
-    """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, in table order."""
+    """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, computed in table order
+    (IRELATIVE resolvers run in that order on the host); the 8-byte results are stored by
+    one more scatter at the end, the 4-byte ones and COPY as they come."""
     common = _bits({Kind.RELATIVE, Kind.NONE}) | _BIT_WORD
+    words: dict[int, int] = {}
     for table in tables.relocs:
-        rare = np.flatnonzero((_table_codes(table) & common) == 0)
-        for k in rare.tolist():
+        mask = (_table_codes(table) & common) == 0
+        addends = _addends(image, table, mask).tolist()
+        for k, a in zip(np.flatnonzero(mask).tolist(), addends, strict=True):
             rule = X86_64[int(table.r_type[k])]
-            _one(image, tables, table, k, rule, res, bias, mm, runs_code, out)
+            _one(tables, table, k, a, rule, res, bias, mm, runs_code, out, words)
             out.by_type[rule.name] += 1
+    if words:
+        _scatter(mm, np.fromiter(words, dtype=np.uint64, count=len(words)),
+                 np.fromiter(words.values(), dtype=np.uint64, count=len(words)))
 
 
 def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
