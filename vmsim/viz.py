@@ -9,6 +9,10 @@ Colours follow gef/pwndbg ``vmmap``: by role first (code red, data purple, rodat
 guard cyan, extern stubs orange), then flags drawn on top (RELRO hatched, W+X hatched red).
 Regions are drawn to scale among themselves; gaps between them are compressed to one band that
 states their size. Tests find what was drawn through each artist's ``gid`` (see ``GIDS``).
+
+Inputs: :class:`MapsRecorder` wraps any backend and keeps the maps after every call (the frames
+of :func:`plot_trace` and :func:`animate_trace`); :func:`page_states` reads a simulator's page
+table for :func:`plot_pages`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "MapsRecorder",
     "PAGE_COLORS",
     "ROLE_COLORS",
+    "ROLE_LEGEND",
     "PageState",
     "TraceStep",
     "animate_trace",
@@ -91,8 +96,14 @@ GIDS: dict[str, str] = {
     "wx": "wx:<start hex>: red hatched overlay on a writable+executable region",
     "changed": "changed:<start hex>: thick yellow outline on a region that differs",
     "gap": "gap:<start hex>: the compressed band for an unmapped gap (its Text has the size)",
+    "unmapped": "unmapped:<start hex>: a band this map leaves empty beyond its own regions",
     "label": "label:<start hex>: the Text naming a region",
+    "header": "header: the column titles above the labels",
+    "shortened": "shortened:<start hex>: the zigzag on a region drawn shorter than to scale",
+    "touched": "touched: the bar (Line2D) beside the range a traced call acted on",
+    "annotation": "annotation:<addr hex>: the line and Text of annotate_address",
     "pages": "pages: the PolyCollection of page cells in plot_pages",
+    "cell": "cell:<index>: the Text written in page cell <index> (cell_text)",
 }
 """How tests and users find what a picture contains: each artist's ``gid``."""
 
