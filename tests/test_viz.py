@@ -496,3 +496,9 @@ def test_pages_cell_text_is_written_in_each_cell() -> None:
         "rw-", "r--"]
     with pytest.raises(ValueError, match="1 texts for 2 pages"):
         viz.plot_pages(["dirty", "dirty"], cell_text=["rw-"])
+
+
+def test_anonymous_regions_show_no_file_offset() -> None:
+    anon = Region(0x10000, 0x10000 + PAGE, RW)
+    ax = viz.plot_map([anon])
+    assert texts(ax, "label")[f"{anon.start:#x}"].split()[:3] == ["[anon]", "rw-p", "-"]

@@ -151,8 +151,12 @@ def _object_name(region: Region) -> str:
     return region.path.rsplit("/", 1)[-1]
 
 
+def _file_backed(region: Region) -> bool:
+    return bool(region.inode) or region.path.startswith("/")
+
+
 def _region_label(region: Region, name_width: int = 0, offset_width: int = 0) -> str:
-    offset = f"{region.offset:#x}"
+    offset = f"{region.offset:#x}" if _file_backed(region) else "-"
     return (f"{_object_name(region):<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
             f"{format_size(region.length)}")
 
@@ -547,7 +551,7 @@ def page_states(space: Any, start: int, end: int) -> list[PageState]:
     if start % page or end % page or end < start:
         raise ValueError(f"page_states: [{start:#x}, {end:#x}) must be page-aligned, "
                          f"start <= end (page size {page:#x})")
-    file_backed = [(r.start, r.end) for r in space.maps() if r.inode or r.path.startswith("/")]
+    file_backed = [(r.start, r.end) for r in space.maps() if _file_backed(r)]
     states = []
     for va in range(start, end, page):
         pte = int(space.pte(va))
