@@ -127,6 +127,28 @@ def _meminfo_pages(page_size: int) -> int:
     return total // page_size or 1 << 40
 
 
+_THP_FILESYSTEMS = frozenset({"ext4", "xfs"})
+"""Filesystems whose get_unmapped_area is thp_get_unmapped_area (file mappings of 2 MiB and
+more are aligned to their file offset modulo 2 MiB; verified on ext4 here)."""
+_FS_TYPES: dict[int, str] = {}
+
+
+def _fs_type(dev: int) -> str:
+    """The filesystem type mounted on device ``dev`` (from /proc/self/mountinfo), or ""."""
+    if dev not in _FS_TYPES:
+        want = f"{os.major(dev)}:{os.minor(dev)}"
+        try:
+            with open("/proc/self/mountinfo") as info:
+                for line in info:
+                    fields = line.split()
+                    if fields[2] == want and " - " in line:
+                        _FS_TYPES[dev] = line.split(" - ", 1)[1].split()[0]
+                        break
+        except OSError:
+            pass
+    return _FS_TYPES.get(dev, "")
+
+
 def _fail(code: int, detail: str) -> MmapError:
     """An MmapError with ``code`` and a message naming the call, field and value."""
     return MmapError(code, detail)
@@ -388,7 +410,7 @@ class AddressSpace(MmapDefaults):
         if length > task:
             raise _fail(errno.ENOMEM, f"mmap: length={length:#x} exceeds the user space")
         if not flags & _MAP_FIXED:
-            addr = self._get_area(addr, length, flags, file is None and not flags & 1, pgoff)
+            addr = self._get_area(addr, length, flags, file, pgoff)
         if addr > task - length:
             raise _fail(errno.ENOMEM, f"mmap: {addr:#x}+{length:#x} passes the user space end")
         if addr & pmask:
@@ -484,31 +506,51 @@ class AddressSpace(MmapDefaults):
         except OSError:
             noexec = False
         acc = fl & os.O_ACCMODE
-        return OpenFile(fd, inode, acc in (os.O_RDONLY, os.O_RDWR),
-                        acc in (os.O_WRONLY, os.O_RDWR), noexec)
+        opened = OpenFile(fd, inode, acc in (os.O_RDONLY, os.O_RDWR),
+                          acc in (os.O_WRONLY, os.O_RDWR), noexec)
+        opened.thp = _fs_type(st.st_dev) in _THP_FILESYSTEMS
+        return opened
 
-    def _get_area(self, addr: int, length: int, flags: int, anon_private: bool,
+    def _get_area(self, addr: int, length: int, flags: int, file: OpenFile | None,
                   pgoff: int) -> int:
-        """Where a non-fixed mapping goes: the hint if free, else top-down below mmap_base
-        (anonymous multiples of 2 MiB THP-aligned), else bottom-up; ENOMEM if nowhere."""
-        if flags & _MAP_32BIT:
-            got = self._bottomup(length, 0x4000_0000, 0x8000_0000)
-        else:
-            if addr and self.task_size - length >= addr and self._is_free(addr, addr + length):
-                return addr
-            got = -1
-            if anon_private and not addr and not length % _PMD_SIZE:
-                got = self._topdown(length + _PMD_SIZE, self.page_size, self.mmap_base)
-                if got >= 0:
-                    sub = ((pgoff << self._shift) - got) & (_PMD_SIZE - 1)
-                    got += sub if sub else _PMD_SIZE
-            if got < 0:
-                got = self._topdown(length, self.page_size, self.mmap_base)
-            if got < 0:
-                got = self._bottomup(length, self._legacy_base, self.task_size)
+        """get_unmapped_area for a non-fixed mapping: THP-aligned for private anonymous
+        multiples of 2 MiB without a hint and for files on filesystems that ask for it
+        (ext4, xfs), else the plain search; ENOMEM if nowhere."""
+        anon = file is None and flags & _MAP_TYPE != _MAP_SHARED
+        if (file is not None and file.thp) or (anon and not addr and not length % _PMD_SIZE):
+            got = self._thp_area(addr, length, flags, pgoff << self._shift)
+            if got >= 0:
+                return got
+        got = self._area(addr, length, flags)
         if got < 0:
             raise _fail(errno.ENOMEM, f"mmap: no free range of length={length:#x}")
         return got
+
+    def _area(self, addr: int, length: int, flags: int) -> int:
+        """The hint if free, else top-down below mmap_base, else bottom-up (MAP_32BIT: the
+        lowest fit in [1 GiB, 2 GiB)); -1 if nowhere."""
+        if flags & _MAP_32BIT:
+            return self._bottomup(length, 0x4000_0000, 0x8000_0000)
+        if addr and self.task_size - length >= addr and self._is_free(addr, addr + length):
+            return addr
+        got = self._topdown(length, self.page_size, self.mmap_base)
+        if got < 0:
+            got = self._bottomup(length, self._legacy_base, self.task_size)
+        return got
+
+    def _thp_area(self, addr: int, length: int, flags: int, off: int) -> int:
+        """__thp_get_unmapped_area: search with 2 MiB of padding, then place the mapping so
+        that file offset and address agree modulo 2 MiB (the hint, if the padded range
+        fits there, is kept as is); -1 when the padded search fails or THP cannot apply."""
+        size = _PMD_SIZE
+        off_align = (off + size - 1) & ~(size - 1)
+        if off + length <= off_align or off + length - off_align < size:
+            return -1
+        got = self._area(addr, length + size, flags)
+        if got < 0 or got == addr:
+            return got
+        sub = (off - got) & (size - 1)
+        return got + (sub if sub else size)
 
     def _topdown(self, length: int, low: int, high: int) -> int:
         """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""

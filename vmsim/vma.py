@@ -57,7 +57,7 @@ class OpenFile:
     """An open file description (Linux's ``struct file``) the simulator holds through its own
     dup of the caller's fd, so the mapping outlives the caller's ``close``."""
 
-    __slots__ = ("fd", "inode", "noexec", "readable", "users", "writable")
+    __slots__ = ("fd", "inode", "noexec", "readable", "thp", "users", "writable")
 
     def __init__(self, fd: int, inode: Inode, readable: bool, writable: bool,
                  noexec: bool) -> None:
@@ -66,6 +66,7 @@ class OpenFile:
         self.readable = readable
         self.writable = writable
         self.noexec = noexec
+        self.thp = False
         self.users = 0
 
     def path(self) -> str:
