@@ -112,6 +112,17 @@ def test_valid_images_load_as_predicted(backend: str, image: ElfImage, from_file
     _on(backend, _valid, image, image_file(image) if from_file else None)
 
 
+@needs_sim
+@quick
+@given(image=elf_images(max_page_size=0x10000, relro=True, bss=True), from_file=st.booleans())
+def test_valid_images_load_as_predicted_with_64k_pages(
+        image: ElfImage, from_file: bool, image_file: Callable[[ElfImage], str]) -> None:
+    # The simulator's page size is a knob: the same properties hold on a 64 KiB-page machine.
+    assert SIM is not None
+    mm = SIM(page_size=0x10000)  # type: ignore[call-arg]
+    check_valid_load(image, mm, source=image_file(image) if from_file else None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(quick, max_examples=60)
 @given(bad=malformed_elf())

@@ -9,6 +9,7 @@ forked child) must stay inside their arena. Argument errors must say what was gi
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,52 @@ def _write_file(tmp_path: Path, pages: int) -> Path:
 def test_file_ops_need_a_descriptor(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fd=None"):
         apply_op(MmapOp(0, 1, ProtFlags.PROT_READ, file_page=0), LibcMmap(), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same op sequence on the kernel and on the simulator (the DatabaseComparison pattern).
+
+
+def _run_ops(mm: Any, base: int, seq: list[Any], fd: int) -> tuple[list[Any], list[Any]]:
+    """Apply ``seq`` in the 8-page arena at ``base``; (per-op result or errno, final regions
+    of the arena relative to ``base``)."""
+    results: list[Any] = []
+    for op in seq:
+        try:
+            results.append(apply_op(op, mm, base, fd=fd))
+        except MmapError as exc:
+            results.append(exc.errno)
+    regions = [((max(r.start, base) - base) // PAGE, (min(r.end, base + 8 * PAGE) - base) // PAGE,
+                r.perms, bool(r.inode) or r.path.startswith("/"))
+               for r in mm.maps() if r.end > base and r.start < base + 8 * PAGE]
+    return results, regions
+
+
+def _sim() -> Any:
+    import vmsim
+    return getattr(vmsim, "AddressSpace", None)
+
+
+@pytest.mark.skipif(_sim() is None, reason="vmsim.AddressSpace not built yet")
+@settings(deadline=None)  # example count from the profile (dev 20, ci 100, fuzz 100k)
+@given(seq=op_sequences(arena_pages=8, max_size=10, kinds=["mmap", "munmap", "mprotect"],
+                        file_pages=4, placements=["fixed", "noreplace"]))
+def test_op_sequences_give_the_same_results_on_kernel_and_simulator(
+        seq: list[Any], tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = _write_file(tmp_path_factory.mktemp("ops"), 4)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        def child() -> tuple[int, tuple[list[Any], list[Any]]]:
+            mm = LibcMmap()
+            arena = mm.mmap(None, 10 * PAGE, ProtFlags.PROT_NONE,
+                            MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS, 0, None).addr
+            mm.munmap(arena, 10 * PAGE)  # a free 10-page hole: the arena is its middle
+            return arena + PAGE, _run_ops(mm, arena + PAGE, seq, fd)
+
+        done = run_isolated(child)
+        assert done.status == "ok", done
+        base, kernel = done.value
+        sim = _sim()()
+        assert _run_ops(sim, base, seq, fd) == kernel
+    finally:
+        os.close(fd)
