@@ -237,7 +237,7 @@ def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
     return _layout(maps, min_height=0.55, max_height=14.0, gap_height=0.9, median_height=1.5)
 
 
-def _new_axes(layout: _Layout, ncols: int = 1, width: float = 7.0) -> list[Axes]:
+def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]:
     import matplotlib.pyplot as plt
 
     height = min(max(0.32 * layout.height + 1.6, 3.0), 40.0)
@@ -502,7 +502,7 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
     before = sorted(before, key=lambda r: r.start)
     after = sorted(after, key=lambda r: r.start)
     layout = _layout_for([before, after])
-    pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=7.0)
+    pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=8.0)
     if len(pair) != 2:
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
     common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
