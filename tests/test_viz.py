@@ -502,3 +502,23 @@ def test_anonymous_regions_show_no_file_offset() -> None:
     anon = Region(0x10000, 0x10000 + PAGE, RW)
     ax = viz.plot_map([anon])
     assert texts(ax, "label")[f"{anon.start:#x}"].split()[:3] == ["[anon]", "rw-p", "-"]
+
+
+def test_a_region_far_bigger_than_the_rest_is_drawn_shortened_and_says_so() -> None:
+    small = [Region(0x10000 + i * PAGE, 0x10000 + (i + 1) * PAGE, R, path="/lib/x.so")
+             for i in range(4)]
+    huge = Region(small[-1].end, small[-1].end + 4096 * PAGE, RX, path="/lib/x.so")
+    ax = viz.plot_map([*small, huge])
+    drawn = patches(ax, "region")
+    assert drawn[f"{huge.start:#x}"].get_height() < 100 * drawn[f"{small[0].start:#x}"].get_height()
+    assert [ln.get_gid() for ln in ax.lines].count(f"shortened:{huge.start:#x}") == 1
+    assert "≈ big region drawn shortened" in legend_labels(ax)
+    assert viz.format_size(huge.length) in texts(ax, "label")[f"{huge.start:#x}"]
+
+
+def test_this_whole_process_draws_one_patch_per_line() -> None:
+    regions = own_maps()      # hundreds of lines, up to the vsyscall page at the top of memory
+    ax = viz.plot_map(regions)
+    assert len(patches(ax, "region")) == len(regions)
+    ys = [patches(ax, "region")[f"{r.start:#x}"].get_y() for r in regions]
+    assert ys == sorted(ys) and len(set(ys)) == len(ys)
