@@ -522,3 +522,18 @@ def test_this_whole_process_draws_one_patch_per_line() -> None:
     assert len(patches(ax, "region")) == len(regions)
     ys = [patches(ax, "region")[f"{r.start:#x}"].get_y() for r in regions]
     assert ys == sorted(ys) and len(set(ys)) == len(ys)
+
+
+def test_plot_loaded_draws_the_span_and_the_extern_stubs(libz: list[Region]) -> None:
+    import loader
+    import vmsim
+
+    space = vmsim.AddressSpace()
+    obj = loader.load(libz[0].path, space)
+    ax = viz.plot_loaded(obj)
+    drawn = patches(ax, "region")
+    assert len(drawn) == len(space.maps())           # libz's lines plus the extern page
+    ext = obj.relocations.extern_range
+    assert ext is not None and hue(drawn[f"{ext[0]:#x}"].get_facecolor()) == "orange"
+    assert f"{obj.relro[0]:#x}" in patches(ax, "relro")
+    assert [r.perms for r in space.maps() if r.start < obj.span[1]] == [r.perms for r in libz]

@@ -57,6 +57,7 @@ __all__ = [
     "format_size",
     "page_states",
     "plot_before_after",
+    "plot_loaded",
     "plot_map",
     "plot_pages",
     "plot_trace",
@@ -482,6 +483,20 @@ def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
     style = _MapStyle(relro=relro, labels=labels, extern_paths=tuple(extern_paths),
                       extern=extern, role_of=role_of, fontsize=fontsize)
     return _draw_map(ax, regions, layout, style, title)
+
+
+def plot_loaded(obj: Any, ax: Axes | None = None, *, title: str | None = None,
+                fontsize: float = 8.0) -> Axes:
+    """Draw the map of an object ``loader.load`` returned: the regions of its span and of its
+    extern-stub mapping, RELRO hatched, stubs in their colour. Returns ``ax``."""
+    lo, hi = obj.span
+    extern = getattr(obj.relocations, "extern_range", None)
+    regions = [r for r in obj.mm.maps()
+               if (lo <= r.start and r.end <= hi)
+               or (extern is not None and extern[0] <= r.start and r.end <= extern[1])]
+    name = str(obj.path).rsplit("/", 1)[-1]
+    return plot_map(regions, ax, relro=obj.relro, extern=extern, fontsize=fontsize,
+                    title=title if title is not None else f"{name} loaded at {lo:#x}")
 
 
 def plot_before_after(before: Sequence[Region], after: Sequence[Region],
