@@ -216,6 +216,30 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
     _check_ifunc_resolvers(image, tables)
+    _check_definitions(image, tables)
+
+
+SHN_ABS = 0xFFF1
+
+
+def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
+    """A symbol the object defines and its relocations use (so it may bind to itself) must
+    point inside the object's PT_LOADs (SHN_ABS and TLS symbols excepted): otherwise a GOT
+    slot would send a call into some other mapping."""
+    needed = _needed_symbols(tables)
+    syms = tables.symtab[needed]
+    own = (syms["st_shndx"] != 0) & (syms["st_shndx"] != SHN_ABS) & \
+        ((syms["st_info"] & 0xF) != STT_TLS)
+    values = syms["st_value"][own]
+    if not len(values):
+        return
+    ok = np.zeros(len(values), dtype=bool)
+    for seg in image.loads:
+        ok |= (values >= seg.p_vaddr) & (values <= seg.end)
+    if not ok.all():
+        bad = int(needed[own][~ok][0])
+        raise ElfSymbolError(f"symbol {bad} st_value", int(values[~ok][0]),
+                             "inside a PT_LOAD (the object defines it)")
 
 
 def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:

@@ -277,7 +277,7 @@ class Resolver:
                     and type(self).scope_raw is Resolver.scope_raw)
         if not len(idx) or no_scope:
             return
-        versions = {k: v.encode() for k, v in tables.versions.items()}
+        versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
         vidx = (tables.versym[idx] & 0x7FFF).tolist() if tables.versym is not None else \
             [0] * len(idx)
         for i, name, v in zip(idx.tolist(), _names(tables, idx), vidx, strict=True):
@@ -338,8 +338,8 @@ class HostResolver(Resolver):
 
     def scope(self, name: str, version: str | None) -> int | None:
         """dlvsym(RTLD_DEFAULT, name, version) or dlsym(RTLD_DEFAULT, name); None if absent."""
-        return self.scope_raw(name.encode("utf-8", "surrogateescape"),
-                              None if version is None else version.encode())
+        raw = None if version is None else version.encode("utf-8", "surrogateescape")
+        return self.scope_raw(name.encode("utf-8", "surrogateescape"), raw)
 
     def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
         """:meth:`scope` without decoding: the bytes go straight to dlsym/dlvsym."""
