@@ -148,7 +148,21 @@ CASES: dict[str, tuple[Callable[[], bytes], type[ElfError], str]] = {
     "IRELATIVE resolver in data": (lambda: _rela(_first_relative(), 8, "<I", 37),
                                    ElfRelocationError, "IRELATIVE resolver"),
     "DT_INIT in data": (lambda: _tag(DT.INIT, 0x100), ElfDynamicError, "DT_INIT"),
+    "definition outside the object": (lambda: _sym_value(_self_bound(), 2**40),
+                                      ElfSymbolError, "st_value"),
 }
+
+
+def _self_bound() -> int:
+    """A symbol libz defines and its relocations reference (it binds to itself)."""
+    refs = {s for t in _TABLES.relocs for s in t.r_sym.tolist() if s}
+    return next(i for i in sorted(refs) if _TABLES.symtab["st_shndx"][i] != 0)
+
+
+def _sym_value(index: int, value: int) -> bytes:
+    """libz with symbol ``index``'s st_value set."""
+    return bytes(_set(bytearray(LIBZ), _table_offset(DT.SYMTAB) + 24 * index + 8, "<Q",
+                      value))
 
 
 def _first_relative() -> int:
