@@ -55,6 +55,7 @@ __all__ = [
     "changed_regions",
     "format_call",
     "format_size",
+    "host_page_states",
     "page_states",
     "plot_before_after",
     "plot_loaded",
@@ -578,6 +579,41 @@ def page_states(space: Any, start: int, end: int) -> list[PageState]:
             states.append(PageState.ZERO)
         elif any(lo <= va < hi for lo, hi in file_backed):
             states.append(PageState.PRIVATE)
+        else:
+            states.append(PageState.DIRTY)
+    return states
+
+
+_PM_PRESENT, _PM_FILE, _PM_EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
+_PM_PFN = (1 << 55) - 1
+
+
+def host_page_states(start: int, end: int, *, page_size: int = HOST_PAGE_SIZE) -> list[PageState]:
+    """The state of each page of ``[start, end)`` in this very process, from the kernel's
+    ``/proc/self/pagemap`` (present, file-or-shared, exclusive bits and, for root, the frame
+    number) and ``/proc/self/maps``. A present anonymous page that is not exclusively mapped is
+    the zero page (frame numbers, when visible, confirm it). Addresses must be page-aligned.
+    """
+    from loader.libc import read_maps
+
+    if start % page_size or end % page_size or end < start:
+        raise ValueError(f"host_page_states: [{start:#x}, {end:#x}) must be page-aligned, "
+                         f"start <= end (page size {page_size:#x})")
+    file_backed = [(r.start, r.end) for r in read_maps() if _file_backed(r)]
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(start // page_size * 8)
+        words = np.frombuffer(pagemap.read((end - start) // page_size * 8), dtype="<u8")
+    states = []
+    for i, word in enumerate(words.tolist()):
+        va = start + i * page_size
+        if not word & _PM_PRESENT:
+            states.append(PageState.NOT_PRESENT)
+        elif word & _PM_FILE:
+            states.append(PageState.FILE)
+        elif any(lo <= va < hi for lo, hi in file_backed):
+            states.append(PageState.PRIVATE)
+        elif not word & _PM_EXCLUSIVE:
+            states.append(PageState.ZERO)
         else:
             states.append(PageState.DIRTY)
     return states
