@@ -494,8 +494,11 @@ def _mutate_header(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
 
 
 def _load_indices(image: ElfImage) -> list[int]:
-    """Indices (in the program header table) of the PT_LOAD entries."""
-    return [i for i, t in enumerate(image.phdrs["p_type"].tolist()) if t == ew.PT_LOAD]
+    """Indices (in the program header table) of the PT_LOAD entries that map something (an
+    empty PT_LOAD is ignored by loaders, so corrupting it proves nothing)."""
+    return [i for i, (t, m) in enumerate(zip(image.phdrs["p_type"].tolist(),
+                                            image.phdrs["p_memsz"].tolist(), strict=True))
+            if t == ew.PT_LOAD and m]
 
 
 def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
@@ -515,10 +518,15 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
         j = draw(st.sampled_from([x for x in loads if x != i]))
         other = image.phdrs[j]
         if how == "overlap":
-            new = int(other["p_vaddr"]) + draw(_ints(0, max(0, int(other["p_memsz"]) - 1)))
-            new += int(ph["p_offset"]) % _PAGE - new % _PAGE
-            _set(data, at, ew.PHDR, "p_vaddr", new)
-            return f"phdr[{i}].p_vaddr = {new:#x} (overlaps phdr[{j}])"
+            # The same page offset as before (still congruent), bytes shared with phdr[j].
+            lo, hi = int(other["p_vaddr"]), int(other["p_vaddr"] + other["p_memsz"])
+            new = lo - lo % _PAGE + vaddr % _PAGE
+            if new + memsz <= lo:
+                new += _PAGE
+            if new < hi:
+                _set(data, at, ew.PHDR, "p_vaddr", new)
+                return f"phdr[{i}].p_vaddr = {new:#x} (overlaps phdr[{j}])"
+            how = "misaligned"
         a, b = sorted((i, j))
         pa, pb = image.phoff + a * ew.PHDR.itemsize, image.phoff + b * ew.PHDR.itemsize
         rec_a, rec_b = bytes(data[pa:pa + 56]), bytes(data[pb:pb + 56])
@@ -533,7 +541,9 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
             _set(data, image.phoff + k * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", far)
             return f"phdr[{k}].p_vaddr = {far:#x} ({how.split('_')[0]} outside every segment)"
         how = "offset_past_eof"
-    if how == "offset_past_eof" or how == "unsorted" or how == "overlap":
+    if how in ("offset_past_eof", "unsorted", "overlap") and not filesz:
+        how = "filesz_past_eof"  # no file bytes: the offset is never used
+    if how in ("offset_past_eof", "unsorted", "overlap"):
         value = draw(st.sampled_from([size + _PAGE, 2**40, _U64 & ~0xFFF]))
         value += vaddr % _PAGE
         _set(data, at, ew.PHDR, "p_offset", value)
