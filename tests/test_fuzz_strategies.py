@@ -274,3 +274,14 @@ def test_op_sequences_give_the_same_results_on_kernel_and_simulator(
         assert _run_ops(sim, base, seq, fd) == kernel
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("module", ["loader.elfwriter", "loader.strategies", "vmsim.strategies"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # .example() in docs warns outside a REPL
+        result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted and not result.failed
