@@ -161,10 +161,22 @@ class Resolution:
 def _names(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
     """The raw names of symbols ``idx``: each NUL found with one searchsorted, not a scan."""
     starts = tables.symtab["st_name"][idx].astype(np.int64)
-    nuls = np.flatnonzero(np.frombuffer(tables.strtab, dtype=np.uint8) == 0)
+    nuls = tables.nuls
     ends = nuls[np.searchsorted(nuls, starts)]
     raw = tables.strtab
     return [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def _labels(tables: DynamicTables, idx: npt.NDArray[np.int64]
+            ) -> dict[int, tuple[str, str | None]]:
+    """(name, version) of every symbol of ``idx``, names cut in bulk (see ``_names``)."""
+    names = [n.decode("utf-8", "surrogateescape") for n in _names(tables, idx)]
+    if tables.versym is None:
+        return dict(zip(idx.tolist(), [(n, None) for n in names], strict=True))
+    vers = (tables.versym[idx] & 0x7FFF).tolist()
+    get = tables.versions.get
+    return {i: (n, get(v) if v > 1 else None)
+            for i, n, v in zip(idx.tolist(), names, vers, strict=True)}
 
 
 def symbol_label(tables: DynamicTables, i: int) -> tuple[str, str | None]:
@@ -216,7 +228,7 @@ class Resolver:
         defined = syms["st_shndx"][needed] != SHN_UNDEF
         if not_self is not None and len(not_self):
             defined &= ~np.isin(needed, not_self)
-        labels: dict[int, tuple[str, str | None]] = {}
+        labels = _labels(tables, needed[~defined])
 
         def label(i: int) -> tuple[str, str | None]:
             if i not in labels:

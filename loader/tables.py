@@ -115,7 +115,8 @@ class DynamicTables:
     sysv_hash: SysvHash | None = None
     init_array: tuple[int, int] = (0, 0)
     fini_array: tuple[int, int] = (0, 0)
-    extra: dict[str, int] = field(default_factory=dict)
+    nuls: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Where the string table's NUL bytes are: the end of every name, by one searchsorted."""
 
     @property
     def nsyms(self) -> int:
@@ -453,4 +454,5 @@ def parse_tables(image: ElfImage) -> DynamicTables:
         strtab=strtab, versym=_versym(image, tags, len(syms), versions), versions=versions,
         default_versions=frozenset(defined), gnu_hash=gnu, sysv_hash=sysv,
         init_array=_array_tag(tags, DT.INIT_ARRAY, DT.INIT_ARRAYSZ, "DT_INIT_ARRAY"),
-        fini_array=_array_tag(tags, DT.FINI_ARRAY, DT.FINI_ARRAYSZ, "DT_FINI_ARRAY"))
+        fini_array=_array_tag(tags, DT.FINI_ARRAY, DT.FINI_ARRAYSZ, "DT_FINI_ARRAY"),
+        nuls=np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0))
