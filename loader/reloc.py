@@ -227,10 +227,10 @@ def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
     point inside the object's PT_LOADs (SHN_ABS and TLS symbols excepted): otherwise a GOT
     slot would send a call into some other mapping."""
     needed = _needed_symbols(tables)
-    syms = tables.symtab[needed]
-    own = (syms["st_shndx"] != 0) & (syms["st_shndx"] != SHN_ABS) & \
-        ((syms["st_info"] & 0xF) != STT_TLS)
-    values = syms["st_value"][own]
+    syms = tables.symtab
+    shndx = syms["st_shndx"][needed]
+    own = (shndx != 0) & (shndx != SHN_ABS) & ((syms["st_info"][needed] & 0xF) != STT_TLS)
+    values = syms["st_value"][needed[own]]
     if not len(values):
         return
     ok = np.zeros(len(values), dtype=bool)
