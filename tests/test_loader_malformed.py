@@ -156,7 +156,7 @@ CASES: dict[str, tuple[Callable[[], bytes], type[ElfError], str]] = {
 def _self_bound() -> int:
     """A symbol libz defines and its relocations reference (it binds to itself)."""
     refs = {s for t in _TABLES.relocs for s in t.r_sym.tolist() if s}
-    return next(i for i in sorted(refs) if _TABLES.symtab["st_shndx"][i] != 0)
+    return int(next(i for i in sorted(refs) if _TABLES.symtab["st_shndx"][i] != 0))
 
 
 def _sym_value(index: int, value: int) -> bytes:
