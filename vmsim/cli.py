@@ -51,6 +51,13 @@ def _int(text: str) -> int:
             f"not an address: {text!r} (try 0x7f0000000000)") from None
 
 
+def _has_sim() -> bool:
+    """True when vmsim provides the simulator (AddressSpace)."""
+    import vmsim
+
+    return getattr(vmsim, "AddressSpace", None) is not None
+
+
 def _sim_backend() -> Mmap:
     """A fresh simulator address space (exits with a message if vmsim has none yet)."""
     import vmsim
@@ -113,6 +120,11 @@ def _print_text(report: dict[str, Any]) -> None:
 def cmd_load(args: argparse.Namespace) -> int:
     """``vmsim load``."""
     path = args.path or DEFAULT_LIBRARY
+    if args.backend is None:
+        args.backend = "sim" if _has_sim() else "libc"
+        if args.backend == "libc":
+            print("vmsim: the simulator is not available; using the host backend",
+                  file=sys.stderr)
     if args.backend == "libc":
         status, report = run_isolated(_load_on, path, "libc", args.base)
         if status != "ok":
@@ -154,9 +166,9 @@ def parser() -> argparse.ArgumentParser:
                           "relocation counts and the Mmap calls made.")
     ld.add_argument("path", nargs="?", metavar="PATH",
                     help=f"ELF shared object or executable (default: {DEFAULT_LIBRARY})")
-    ld.add_argument("--backend", choices=["sim", "libc"], default="sim",
-                    help="sim: the simulator (default); libc: the real kernel, in a forked "
-                    "child")
+    ld.add_argument("--backend", choices=["sim", "libc"], default=None,
+                    help="sim: the simulator (the default when available); libc: the real "
+                    "kernel, in a forked child of this command")
     ld.add_argument("--base", type=_int, metavar="ADDR",
                     help="where the span starts (default: the backend chooses)")
     ld.add_argument("--json", action="store_true",
