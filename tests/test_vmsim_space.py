@@ -203,3 +203,19 @@ def test_placement_stays_flat_with_many_regions(space: AddressSpace) -> None:
     space.munmap(space.mmap_base - 1500 * P, P)
     assert space.mmap_anonymous(0, P, R | X, PRIV) == space.mmap_base - 1500 * P
     space.check()
+
+
+def test_close_releases_the_file_dups(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    before = len(os.listdir("/proc/self/fd"))
+    space = AddressSpace()
+    space.mmap(BASE, P, R, PRIV | FIXED, 0, fd)
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    space.close()
+    assert len(os.listdir("/proc/self/fd")) == before and space.maps() == []
+    space.mmap(BASE, P, R, PRIV | FIXED, 0, fd)
+    del space
+    import gc
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    os.close(fd)

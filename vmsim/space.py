@@ -25,6 +25,7 @@ import errno
 import fcntl
 import os
 import stat
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,6 +150,16 @@ def _fs_type(dev: int) -> str:
     return _FS_TYPES.get(dev, "")
 
 
+def _close_all(fds: set[int]) -> None:
+    """Close the fds an AddressSpace still holds (its finalizer)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 def _fail(code: int, detail: str) -> MmapError:
     """An MmapError with ``code`` and a message naming the call, field and value."""
     return MmapError(code, detail)
@@ -193,6 +204,8 @@ class AddressSpace(MmapDefaults):
         self._shmem_seq = 0
         self._faults = 0
         self._cows = 0
+        self._owned_fds: set[int] = set()
+        weakref.finalize(self, _close_all, self._owned_fds)
 
     # ---------------------------------------------------------------- the Mmap protocol
 
@@ -375,6 +388,18 @@ class AddressSpace(MmapDefaults):
         inode = self._inodes.get((st.st_dev, st.st_ino))
         if inode is not None:
             self._resize(inode, st.st_size)
+
+    def close(self) -> None:
+        """Unmap everything and close the simulator's own dups of mapped files' fds. (An
+        AddressSpace dropped without close() closes them when garbage-collected.)"""
+        self.munmap(0, self.task_size)
+        _close_all(self._owned_fds)
+
+    def __enter__(self) -> AddressSpace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- kernel: mmap
 
@@ -823,6 +848,7 @@ class AddressSpace(MmapDefaults):
         file.users += 1
         if file.users == 1 and isinstance(file, OpenFile):
             file.fd = os.dup(file.fd)
+            self._owned_fds.add(file.fd)
             inode = file.inode
             if inode.opens == 0:
                 self._inodes[inode.key] = inode
@@ -835,6 +861,7 @@ class AddressSpace(MmapDefaults):
         file.users -= 1
         if file.users == 0 and isinstance(file, OpenFile):
             os.close(file.fd)
+            self._owned_fds.discard(file.fd)
             inode = file.inode
             self._files[inode.key].remove(file)
             if not self._files[inode.key]:
