@@ -219,3 +219,26 @@ def test_close_releases_the_file_dups(path) -> None:
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
     os.close(fd)
+
+
+@pytest.mark.parametrize("page", [16384, 65536])
+def test_other_page_sizes(page: int, tmp_path) -> None:
+    space = AddressSpace(page_size=page)
+    assert space.page_size == page
+    addr = space.mmap_anonymous(0, 3 * page - 5, R | W, PRIV)
+    assert addr % page == 0 and space.maps()[0].length == 3 * page
+    space.write(addr + page - 2, b"span")
+    assert space.read(addr + page - 2, 4) == b"span"
+    space.mprotect(addr + page, page, R)
+    assert [r.perms for r in space.maps()] == ["rw-p", "r--p", "rw-p"]
+    assert fault_of(space.write, addr + page, b"x")[:2] == ("SIGSEGV", "SEGV_ACCERR")
+    with pytest.raises(MmapError):
+        space.munmap(addr + 4096, page)  # a host page is not a simulated page
+    where = tmp_path / "f"
+    where.write_bytes(b"q" * (page + 10))
+    fd = os.open(where, os.O_RDONLY)
+    got = space.mmap(None, 3 * page, R, PRIV, page, fd).addr
+    os.close(fd)
+    assert space.read(got + 9, 2) == b"q\0"
+    assert fault_of(space.read, got + page, 1)[:2] == ("SIGBUS", "BUS_ADRERR")
+    space.check()

@@ -17,6 +17,20 @@ Two layers, as in the kernel:
 File pages are read from the caller's file with ``os.pread`` when used: the page cache here
 cannot see writes made to the file by others, so a page-cache frame is refreshed from the file
 on every access that goes through it (a private page stops doing so once copied).
+
+Known differences from Linux (each a choice, not an accident):
+
+* a file size change made outside the simulator is noticed at the next access to the file; a
+  shrink and a regrow between two accesses keep private copies the kernel would have dropped
+  (``AddressSpace.ftruncate`` applies a shrink at once, as the kernel does);
+* only regular files can be mapped (``/dev/zero`` or a block device gives ENODEV);
+* MAP_HUGETLB gives ENOMEM for anonymous memory (no huge pages reserved) and EINVAL for files;
+  MAP_LOCKED is not limited by RLIMIT_MEMLOCK; RLIMIT_AS is not checked; overcommit is the
+  heuristic mode's single-request limit (MemTotal + SwapTotal);
+* MAP_GROWSDOWN mappings never grow and get no stack guard gap in placement;
+* a Fault's address is the first faulting byte in address order (a CPU's copy loop may touch
+  another page first); overlapping words in one ``write_words`` land in unspecified order;
+* page-table pages are not freed by munmap (they are reused while the space lives).
 """
 
 from __future__ import annotations
