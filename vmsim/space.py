@@ -1214,8 +1214,9 @@ class AddressSpace(MmapDefaults):
             stop = int(np.argmax(np.isin(first, bad) | np.isin(last, bad)))
             if stop:
                 self._write_words(where[:stop], words[:stop])
-            self.write(int(where[stop]), words[stop: stop + 1].tobytes())
-            raise AssertionError("write_words: the faulting word did not fault")
+            fault = self.check_access(int(where[stop]), 8, "w")  # a store faults whole
+            assert fault is not None, "write_words: the faulting word did not fault"
+            raise fault
         frame_of = np.empty(len(pages), dtype=np.int64)
         slow = False
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
