@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import weakref
@@ -129,6 +130,7 @@ def _as_int_arg(value: int) -> int:
     return (value - (1 << 32)) & _M64 if value >= 1 << 31 else value
 
 
+@functools.cache
 def _meminfo_pages(page_size: int) -> int:
     """MemTotal + SwapTotal in pages: the heuristic overcommit limit for one mapping."""
     total = 0
