@@ -43,7 +43,19 @@ flags = st.one_of(
 offsets = st.one_of(st.integers(0, 8).map(lambda k: k * P), edges,
                     st.integers(-(1 << 70), 1 << 70))
 
+plausible_flags = st.builds(
+    lambda t, extra: t | extra, st.sampled_from([1, 2, 2, 3]),
+    st.sets(st.sampled_from([0x10, 0x10, 0x20, 0x20, 0x4000, 0x8000, 0x20000, 0x100000]))
+    .map(sum))
+near_pages = st.integers(0, 40).map(lambda k: BASE + k * P)
+
 ops = st.one_of(
+    st.tuples(st.just("mmap"), near_pages, st.integers(1, 8 * P), st.integers(0, 7),
+              plausible_flags, st.integers(0, 4).map(lambda k: k * P), st.integers(0, 4)),
+    st.tuples(st.just("mprotect"), near_pages, st.integers(1, 8 * P), st.integers(0, 7)),
+    st.tuples(st.just("munmap"), near_pages, st.integers(1, 8 * P)),
+    st.tuples(st.just("read"), near, st.integers(1, 2 * P)),
+    st.tuples(st.just("write"), near, st.integers(1, 2 * P)),
     st.tuples(st.just("mmap"), addrs, lengths, prots, flags, offsets, st.integers(-2, 4)),
     st.tuples(st.just("munmap"), addrs, lengths),
     st.tuples(st.just("mprotect"), addrs, lengths, prots),
@@ -80,7 +92,7 @@ def run(space: AddressSpace, op: tuple, fds: list[int]) -> None:  # type: ignore
         space.ftruncate(fds[0], args[0])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(ops, max_size=30))
 def test_any_call_sequence_gives_mmaperror_or_fault_and_keeps_invariants(tmp_path_factory,
                                                                          sequence) -> None:
@@ -90,7 +102,7 @@ def test_any_call_sequence_gives_mmaperror_or_fault_and_keeps_invariants(tmp_pat
            os.open(where, os.O_WRONLY), os.open(where.parent, os.O_RDONLY)]
     fds.insert(1, os.dup(fds[0]))
     space = AddressSpace(max_map_count=64)
-    space.mmap_anonymous(BASE, 16 * P, ProtFlags.PROT_NONE,
+    space.mmap_anonymous(BASE, 16 * P, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE,
                          MapFlags.MAP_PRIVATE | MapFlags.MAP_FIXED)
     try:
         for op in sequence:
