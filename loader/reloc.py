@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -125,7 +126,8 @@ def _table_codes(table: RelocTable) -> npt.NDArray[np.uint32]:
     return codes
 
 
-def _bits(kinds: set[Kind]) -> int:
+@functools.cache
+def _bits(kinds: frozenset[Kind]) -> int:
     """The code bits of ``kinds``."""
     return sum(1 << _KINDS.index(k) for k in kinds)
 
@@ -133,7 +135,7 @@ def _bits(kinds: set[Kind]) -> int:
 def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
                ) -> npt.NDArray[np.bool_]:
     """Which entries of ``table`` have one of ``kinds`` (``width`` 8: 8-byte ABSOLUTE only)."""
-    bits = _BIT_WORD if width == 8 else _bits(kinds)
+    bits = _BIT_WORD if width == 8 else _bits(frozenset(kinds))
     mask: npt.NDArray[np.bool_] = (_table_codes(table) & bits) != 0
     return mask
 
@@ -205,7 +207,7 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
             raise ElfRelocationError(f"{table.name} r_type", bad,
                                      "a supported x86-64 type " + str(_TYPES.tolist()))
         widths = np.take(_WIDTH, table.r_type, mode="clip")
-        copy = (codes & _bits({Kind.COPY})) != 0
+        copy = (codes & _bits(frozenset({Kind.COPY}))) != 0
         if copy.any():
             if (table.r_sym[copy] == 0).any():
                 bad_at = int(table.r_offset[copy & (table.r_sym == 0)][0])
@@ -439,7 +441,7 @@ def _apply_rare(image: ElfImage, tables: DynamicTables, res: Resolution, bias: i
     """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, computed in table order
     (IRELATIVE resolvers run in that order on the host); the 8-byte results are stored by
     one more scatter at the end, the 4-byte ones and COPY as they come."""
-    common = _bits({Kind.RELATIVE, Kind.NONE}) | _BIT_WORD
+    common = _bits(frozenset({Kind.RELATIVE, Kind.NONE})) | _BIT_WORD
     words: dict[int, int] = {}
     for table in tables.relocs:
         mask = (_table_codes(table) & common) == 0
