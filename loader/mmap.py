@@ -115,11 +115,12 @@ class MmapError(OSError):
         name = errno_codes.errorcode.get(code, str(code))
         message = f"{name}: {detail}" if detail else f"{name}: {os.strerror(code)}"
         super().__init__(code, message)
+        self.code = code
         self.detail = detail
 
     def __reduce__(self) -> tuple[type[MmapError], tuple[int, str]]:
         """Pickle as the constructor's own arguments (for errors crossing a fork)."""
-        return (type(self), (self.errno, self.detail))
+        return (type(self), (self.code, self.detail))
 
 
 _MAPS_LINE = re.compile(
@@ -159,7 +160,8 @@ class Region:
         return self.end - self.start
 
     def __str__(self) -> str:
-        head = f"{self.start:08x}-{self.end:08x} {self.perms} {self.offset:08x} {self.dev} {self.inode} "
+        head = (f"{self.start:08x}-{self.end:08x} {self.perms} {self.offset:08x} "
+                f"{self.dev} {self.inode} ")
         if not self.path:
             return head
         return head.ljust(_MAPS_PATH_COLUMN) + " " + self.path
@@ -290,5 +292,5 @@ class MmapDefaults:
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store each 64-bit word with :meth:`write`; backends override it with a bulk path."""
         words = np.asarray(values, dtype="<u8")
-        for addr, word in zip(np.asarray(addrs, dtype=np.uint64).tolist(), words):
+        for addr, word in zip(np.asarray(addrs, dtype=np.uint64).tolist(), words, strict=True):
             self.write(int(addr), word.tobytes())
