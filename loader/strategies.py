@@ -217,7 +217,7 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
     k = {name: draw(v) if isinstance(v, st.SearchStrategy) else v for name, v in knobs.items()}
     _check_drawn(k)
     lo, hi = (1, 4) if knobs["segments"] is _SEGMENT_COUNTS else (k["segments"],) * 2
-    segs = _many(draw, lo, hi, lambda d: _segment(d, k["max_segment_pages"], k["bss"]))
+    segs = _segments(draw, lo, hi, k["max_segment_pages"], k["bss"])
     writable = [i for i, s in enumerate(segs) if "w" in s.flags]
     if k["relro"] and segs:
         if not writable:
@@ -264,29 +264,42 @@ def _check_link_base(value: Any) -> None:
 _FLAGS: tuple[ew.Flags, ...] = ("r", "rw", "rx")
 _SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
                   for bind in ("global", "weak")]
+_RAW = 2**20
+"""Upper bound of a raw choice: one reduced modulo the room there is (a word among those of
+the segments, say). Raw choices have fixed bounds, so each list element is drawn from one
+cached strategy (hypothesis then shrinks by deleting whole elements), and shrink towards 0."""
 
 
-def _segment(draw: st.DrawFn, max_pages: int, bss: bool) -> Segment:
-    """One user segment: flags and a gap of address space before it (one draw: they shrink
-    together to a read-only segment with no gap), a pseudo-random payload seeded by its size
-    (draws are what generation costs), maybe .bss."""
-    style = draw(_ints(0, 3 * len(_FLAGS) - 1))
-    flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
-    size = draw(_ints(0, max_pages * _PAGE // _WORD)) * _WORD
-    data = random.Random(size).randbytes(size)
-    extra = draw(_ints(0, 3 * _PAGE)) if bss and "w" in flags else 0
-    return Segment(flags, data, extra, gap=gap)
+@functools.lru_cache(maxsize=256)
+def _raw_lists(bounds: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy[list[Any]]:
+    """Lists of ``lo`` to ``hi`` tuples of ints, the i-th in ``[0, bounds[i]]``."""
+    return st.lists(st.tuples(*[_ints(0, b) for b in bounds]), min_size=lo, max_size=hi)
 
 
-def _pick_word(draw: st.DrawFn, segs: Sequence[Segment], where: Sequence[int],
+def _segments(draw: st.DrawFn, lo: int, hi: int, max_pages: int, bss: bool) -> list[Segment]:
+    """``lo`` to ``hi`` user segments. Each: flags and a gap of address space before it (one
+    choice: they shrink together to a read-only segment with no gap), a pseudo-random payload
+    seeded by its size, and for a writable one maybe .bss."""
+    raws = draw(_raw_lists((3 * len(_FLAGS) - 1, max_pages * _PAGE // _WORD, 3 * _PAGE),
+                           lo, hi))
+    out = []
+    for style, words, extra in raws:
+        flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
+        size = words * _WORD
+        data = random.Random(size).randbytes(size)
+        out.append(Segment(flags, data, extra if bss and "w" in flags else 0, gap=gap))
+    return out
+
+
+def _pick_word(raw: int, segs: Sequence[Segment], where: Sequence[int],
                in_file: bool = False) -> tuple[int, int] | None:
-    """One draw: a word-aligned (segment, offset) among segments ``where`` (within the file
-    bytes with ``in_file``, else within memsz); None when there is no room."""
+    """The word-aligned (segment, offset) number ``raw`` (modulo the count) among segments
+    ``where`` (within the file bytes with ``in_file``, else within memsz); None if no room."""
     sizes = [(len(segs[i].data) if in_file else segs[i].memsz) // _WORD for i in where]
     total = sum(sizes)
     if not total:
         return None
-    n = draw(_ints(0, total - 1))
+    n = raw % total
     for i, words in zip(where, sizes, strict=True):
         if n < words:
             return i, n * _WORD
@@ -299,30 +312,15 @@ def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list
     everywhere = range(len(segs))
     if not any(s.memsz >= _WORD for s in segs):
         return []
-
-    def one(d: st.DrawFn) -> tuple[tuple[int, int], int]:
-        place = _pick_word(d, segs, everywhere)
-        assert place is not None
-        return place, d(_ints(0, len(_SYMBOL_STYLES) - 1))
-
     out = []
-    for n, (place, style) in enumerate(_many(draw, 0, max_symbols, one)):
+    raws = draw(_raw_lists((_RAW, len(_SYMBOL_STYLES) - 1), 0, max_symbols))
+    for n, (raw, style) in enumerate(raws):
+        place = _pick_word(raw, segs, everywhere)
+        assert place is not None
         version, bind = _SYMBOL_STYLES[style]
         kind = "func" if "x" in segs[place[0]].flags else "object"
         out.append(Symbol(f"vmsim_sym{n}", segment=place[0], offset=place[1],
                           type=cast(Any, kind), bind=cast(Any, bind), version=version))
-    return out
-
-
-def _many(draw: st.DrawFn, lo: int, hi: int, one: Callable[[st.DrawFn], T]) -> list[T]:
-    """Between ``lo`` and ``hi`` results of ``one(draw)`` (about 3 beyond ``lo`` on average).
-
-    Each element past ``lo`` is preceded by a "more" choice, as ``st.lists`` draws, so that
-    hypothesis shrinks by deleting elements anywhere, not only the last.
-    """
-    out: list[T] = []
-    while len(out) < hi and (len(out) < lo or draw(_ints(0, 3))):
-        out.append(one(draw))
     return out
 
 
@@ -335,27 +333,24 @@ def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
     sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
     if not kinds or not sites:
         return []
-
-    def one(d: st.DrawFn) -> Reloc | None:
-        rtype = kinds[d(_ints(0, len(kinds) - 1))]
-        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
-        site = _pick_word(d, segs, sites, in_file)
-        if site is None:
-            return None
-        if rtype == "RELATIVE":
-            target = _pick_word(d, segs, range(len(segs)))
-            assert target is not None
-            return Reloc("RELATIVE", *site, target=target)
-        sym = symbols[d(_ints(0, len(symbols) - 1))].name
-        addend = d(_ints(-64, 64)) if rtype == "64" else 0
-        return Reloc(cast(Any, rtype), *site, symbol=sym, addend=addend)
-
+    raws = draw(_raw_lists((len(kinds) - 1, _RAW, _RAW, _RAW, 128), 0, k["max_relocations"]))
     used: set[tuple[int, int]] = set()
     out = []
-    for rel in _many(draw, 0, k["max_relocations"], one):
-        if rel is not None and (rel.segment, rel.offset) not in used:
-            used.add((rel.segment, rel.offset))
-            out.append(rel)
+    for kind_at, site_raw, target_raw, sym_raw, addend in raws:
+        rtype = kinds[kind_at]
+        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
+        site = _pick_word(site_raw, segs, sites, in_file)
+        if site is None or site in used:
+            continue
+        used.add(site)
+        if rtype == "RELATIVE":
+            target = _pick_word(target_raw, segs, range(len(segs)))
+            assert target is not None
+            out.append(Reloc("RELATIVE", *site, target=target))
+        else:
+            sym = symbols[sym_raw % len(symbols)].name
+            out.append(Reloc(cast(Any, rtype), *site, symbol=sym,
+                             addend=addend - 64 if rtype == "64" else 0))
     return out
 
 
