@@ -507,8 +507,10 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     how = draw(st.sampled_from([
         "offset_past_eof", "filesz_past_eof", "filesz_gt_memsz", "vaddr_overflow",
         "misaligned", "overlap", "unsorted", "absurd_memsz", "align_not_power_of_two",
-        "relro_outside", "dynamic_outside",
+        "relro_outside", "dynamic_outside", "shared_page",
     ]))
+    if how == "shared_page" and len(loads) > 1:
+        return _share_page(draw, image, data, loads, i)
     if how in ("overlap", "unsorted") and len(loads) > 1:
         j = draw(st.sampled_from([x for x in loads if x != i]))
         other = image.phdrs[j]
@@ -568,6 +570,28 @@ def _mutate_phdr(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     value = draw(st.sampled_from([3, 0x1001, 0x1800, 0xFFFF]))
     _set(data, at, ew.PHDR, "p_align", value)
     return f"phdr[{i}].p_align = {value:#x} (not a power of two)"
+
+
+def _share_page(draw: st.DrawFn, image: ElfImage, data: bytearray, loads: list[int],
+                i: int) -> str:
+    """Move PT_LOAD ``i`` (keeping it congruent) into the last page of the PT_LOAD before it,
+    if that has other flags, without sharing a byte: a loader maps the later segment over
+    that page, so the earlier one's protection is lost there (glibc then crashes writing its
+    relocations). Falls back to an overlapping p_vaddr when there is no such neighbour."""
+    ph = image.phdrs[i]
+    # The PT_LOAD just before it, so the table stays sorted by p_vaddr.
+    before = loads[:loads.index(i)][-1:]
+    others = [j for j in before if int(image.phdrs[j]["p_flags"]) != int(ph["p_flags"])]
+    for j in others:
+        end = int(image.phdrs[j]["p_vaddr"] + image.phdrs[j]["p_memsz"])
+        new = end - end % _PAGE + int(ph["p_vaddr"]) % _PAGE
+        if new >= end:
+            _set(data, image.phoff + i * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", new)
+            return (f"phdr[{i}].p_vaddr = {new:#x} (shares page {end - end % _PAGE:#x} with "
+                    f"phdr[{j}], other flags)")
+    value = int(image.phdrs[loads[0]]["p_vaddr"]) + int(ph["p_vaddr"]) % _PAGE
+    _set(data, image.phoff + i * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", value)
+    return f"phdr[{i}].p_vaddr = {value:#x} (overlaps phdr[{loads[0]}])"
 
 
 _DYN_POINTERS = {
