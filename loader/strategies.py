@@ -157,7 +157,8 @@ def elf_specs(
     """Descriptions of valid ELF64 x86-64 objects, for :func:`loader.elfwriter.build`.
 
     ``segments``: how many PT_LOADs of the user's (the writer adds a read-only headers segment
-    in front and a read-write ``.dynamic`` one behind), 0 to 8. ``max_page_size``: every
+    in front and a read-write ``.dynamic`` one behind), 0 to 8 (default: 1 to 4, drawn as a
+    list, so shrinking removes any of them). ``max_page_size``: every
     PT_LOAD's p_align, a power of two >= the page size. ``relocation_types``: which kinds to
     emit, from :data:`RELOCATION_TYPES` (against the object's own symbols, so the result is
     predictable). ``relro``: give one writable segment a PT_GNU_RELRO prefix (of any length,
@@ -165,7 +166,8 @@ def elf_specs(
     ``bss``: writable segments may have memsz > filesz. ``relr``: RELATIVE relocations as
     DT_RELR. ``rel_format``: "rela" or "rel". ``hash``: "gnu", "sysv" or "both". ``kind``:
     "dyn" (shared object) or "exec" (ET_EXEC at 0x400000). ``sections``: write section headers.
-    ``max_segment_pages``: the largest segment's file size in pages. ``link_base``: the
+    ``max_segment_pages``: the largest segment's file size in pages. ``max_relocations``,
+    ``max_symbols``: upper bounds of those lists. ``link_base``: the
     lowest vaddr of a shared object (0 as ``ld`` links them; a prelinked one has another; a
     loader that confuses the mapped base with the load bias shows only then), page-aligned.
 
