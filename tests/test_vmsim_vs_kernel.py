@@ -35,7 +35,7 @@ from loader.pages import HOST_PAGE_SIZE
 from vmsim import AddressSpace, Fault
 
 P = HOST_PAGE_SIZE
-PAGES = 24
+PAGES = 12
 ARENA_HINT = 0x2000_0000_0000
 NONE = ProtFlags.PROT_NONE
 PRIV, SHARED, FIXED = MapFlags.MAP_PRIVATE, MapFlags.MAP_SHARED, MapFlags.MAP_FIXED
@@ -44,7 +44,7 @@ FILE_PAGES = 5
 
 prots = st.sampled_from([ProtFlags(p) for p in range(8)])
 pages = st.integers(0, PAGES - 1)
-counts = st.integers(1, 6)
+counts = st.integers(1, 4)
 
 
 def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
