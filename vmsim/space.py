@@ -465,10 +465,20 @@ class AddressSpace(MmapDefaults):
             vm_flags |= ((VM_GROWSDOWN if flags & _MAP_GROWSDOWN else 0)
                          | (VM_LOCKED if flags & _MAP_LOCKED else 0)
                          | (VM_NOHUGEPAGE if flags & _MAP_STACK else 0))
-        maptype = flags & _MAP_TYPE
         if file is not None:
             vm_flags = self._file_flags(file, vm_flags, flags, prot, pgoff, length)
-        elif maptype == _MAP_PRIVATE:
+        else:
+            vm_flags, pgoff = self._anon_flags(vm_flags, flags, addr)
+        if flags & _MAP_NORESERVE:
+            vm_flags |= VM_NORESERVE
+        return self._map_region(addr, length, vm_flags, file, pgoff, flags)
+
+    def _anon_flags(self, vm_flags: int, flags: int, addr: int) -> tuple[int, int]:
+        """The anonymous half of do_mmap's map-type checks (EINVAL for a bad type or
+        combination; ENOMEM for MAP_HUGETLB: no huge pages here); returns vm_flags and the
+        page offset Linux gives (``addr``'s page for private memory, 0 for shared)."""
+        maptype = flags & _MAP_TYPE
+        if maptype == _MAP_PRIVATE:
             pgoff = addr >> self._shift
         elif maptype == _MAP_SHARED:
             if vm_flags & VM_GROWSDOWN:
@@ -483,11 +493,9 @@ class AddressSpace(MmapDefaults):
         else:
             raise _fail(errno.EINVAL, f"mmap: map type {maptype:#x} is not MAP_SHARED or "
                         "MAP_PRIVATE")
-        if flags & _MAP_NORESERVE:
-            vm_flags |= VM_NORESERVE
-        if file is None and flags & _MAP_HUGETLB:
+        if flags & _MAP_HUGETLB:
             raise _fail(errno.ENOMEM, "mmap: MAP_HUGETLB: no huge pages reserved")
-        return self._map_region(addr, length, vm_flags, file, pgoff, flags)
+        return vm_flags, pgoff
 
     def _file_flags(self, file: OpenFile, vm_flags: int, flags: int, prot: int, pgoff: int,
                     length: int) -> int:
