@@ -173,6 +173,15 @@ def _check_loads(loads: list[Segment], size: int, page_size: int) -> None:
             raise ElfSegmentError(f"PT_LOAD[{i}].p_vaddr", seg.p_vaddr,
                                   f"at least the previous PT_LOAD's end {loads[i - 1].end:#x} "
                                   "(overlapping)")
+        # Two segments in one page: the later mapping sets the whole page's protection, so
+        # the earlier one's bytes would silently change protection (glibc then crashes
+        # relocating into a page it has just made read-only). Refused unless flags agree.
+        if i and page_round_down(seg.p_vaddr, page_size) < page_round_up(loads[i - 1].end,
+                                                                          page_size) \
+                and seg.p_flags != loads[i - 1].p_flags:
+            raise ElfSegmentError(f"PT_LOAD[{i}].p_vaddr", seg.p_vaddr,
+                                  f"in a page of its own: PT_LOAD[{i - 1}] (other flags) ends "
+                                  f"at {loads[i - 1].end:#x} in the same page")
     span = page_round_up(loads[-1].end, page_size) - page_round_down(loads[0].p_vaddr, page_size)
     if span > USER_LIMIT:
         raise ElfSegmentError("span", span, f"at most the user-space size {USER_LIMIT:#x}")

@@ -170,17 +170,18 @@ def _entsize(tags: dict[int, int], tag: int, name: str, want: int) -> None:
 
 def _reloc_table(image: ElfImage, name: str, vaddr: int, size: int,
                  implicit: bool) -> RelocTable:
-    """Read a RELA (or REL when ``implicit``) table into parallel arrays."""
+    """Read a RELA (or REL when ``implicit``) table into parallel arrays: column views of
+    the file's bytes, no copy (r_info's low word is the type, its high word the symbol)."""
     dtype = REL_DTYPE if implicit else RELA_DTYPE
     if size % dtype.itemsize:
         raise ElfDynamicError(f"{name} size", size, f"a multiple of {dtype.itemsize}")
-    raw = np.frombuffer(_table(image, vaddr, size, name), dtype=dtype)
-    info = raw["r_info"]
-    addend = (np.zeros(len(raw), dtype=np.int64) if implicit
-              else raw["r_addend"].astype(np.int64))
-    return RelocTable(name, raw["r_offset"].astype(np.uint64),
-                      (info & 0xFFFFFFFF).astype(np.uint32), (info >> 32).astype(np.uint32),
-                      addend, implicit)
+    raw = _table(image, vaddr, size, name)
+    words = dtype.itemsize // 8
+    u64 = np.frombuffer(raw, dtype="<u8").reshape(-1, words)
+    u32 = np.frombuffer(raw, dtype="<u4").reshape(-1, 2 * words)
+    addend = (np.zeros(len(u64), dtype=np.int64) if implicit
+              else np.frombuffer(raw, dtype="<i8").reshape(-1, words)[:, 2])
+    return RelocTable(name, u64[:, 0], u32[:, 2], u32[:, 3], addend, implicit)
 
 
 def _relocs(image: ElfImage, tags: dict[int, int]) -> tuple[RelocTable, ...]:
@@ -414,11 +415,12 @@ def _versym(image: ElfImage, tags: dict[int, int], nsyms: int,
         return None
     vs = np.frombuffer(_table(image, tags[DT.VERSYM], nsyms * 2, "DT_VERSYM"), dtype="<u2")
     idx = vs & 0x7FFF
-    known = np.array(sorted({0, 1, *versions}), dtype=np.uint16)
-    bad = ~np.isin(idx, known)
+    known = np.zeros(MAX_VERSIONS, dtype=bool)
+    known[[0, 1, *versions]] = True
+    bad = ~known[idx]
     if bad.any():
         raise ElfSymbolError("versym entry", int(idx[bad][0]),
-                             f"a defined or needed version index {known.tolist()}")
+                             f"a defined or needed version index {sorted({0, 1, *versions})}")
     return vs.astype(np.uint16)
 
 

@@ -148,6 +148,9 @@ CASES: dict[str, tuple[Callable[[], bytes], type[ElfError], str]] = {
     "IRELATIVE resolver in data": (lambda: _rela(_first_relative(), 8, "<I", 37),
                                    ElfRelocationError, "IRELATIVE resolver"),
     "DT_INIT in data": (lambda: _tag(DT.INIT, 0x100), ElfDynamicError, "DT_INIT"),
+    "loads sharing a page": (lambda: _phdr(_phdr_index(LOAD, 3), "p_vaddr",
+                                           lambda v: v - 0x1000),
+                             ElfSegmentError, "page of its own"),
     "definition outside the object": (lambda: _sym_value(_self_bound(), 2**40),
                                       ElfSymbolError, "st_value"),
 }

@@ -44,14 +44,7 @@ def test_fixture_identical(fixture_libs: dict[str, Path], point: str) -> None:
     _check(fixture_libs[point])
 
 
-SIM_MERGE = pytest.mark.xfail(
-    reason="simulator divergence (vmsim, not the loader): two neighbouring private anonymous "
-    "r--p regions, each written, the second made r-- by mprotect, are one line in the "
-    "kernel's maps and two in the simulator's", strict=False)
-
-
-@pytest.mark.parametrize("point", [pytest.param("relro", marks=SIM_MERGE), "max-page-64k",
-                                   pytest.param("textrel", marks=SIM_MERGE)])
+@pytest.mark.parametrize("point", ["relro", "max-page-64k", "textrel"])
 def test_need_copy_path_identical(fixture_libs: dict[str, Path], point: str) -> None:
     """The copy path (bytes input: no fd, the backend answers need_copy) on both backends;
     holes are sealed PROT_NONE even though the reservation was writable."""
