@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from harness import BackendHarness, RelRegion
+from harness import BackendHarness, FileFd, RelRegion
 
 from loader.mmap import MapFlags, ProtFlags
 
@@ -77,7 +77,7 @@ def test_map_droppable_is_private_and_apart(backend: BackendHarness) -> None:
                                            (5, 6, "rw-p", 0, "anon"))
 
 
-def test_same_file_mapped_twice_at_the_same_place(backend: BackendHarness, file_fd) -> None:
+def test_same_file_mapped_twice_at_the_same_place(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"t" * 2 * p)
     backend.mm.mmap(backend.at(4), 2 * p, R, PRIV | FIXED, 0, f.fd)
@@ -86,7 +86,7 @@ def test_same_file_mapped_twice_at_the_same_place(backend: BackendHarness, file_
     assert backend.mm.read(backend.at(5), 2) == b"tt"
 
 
-def test_mapping_survives_closing_the_fd(backend: BackendHarness, file_fd) -> None:
+def test_mapping_survives_closing_the_fd(backend: BackendHarness, file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"c" * p)
     backend.mm.mmap(backend.at(4), p, R, SHARED | FIXED, 0, f.fd)
@@ -94,7 +94,7 @@ def test_mapping_survives_closing_the_fd(backend: BackendHarness, file_fd) -> No
     assert backend.mm.read(backend.at(4), 3) == b"ccc"
 
 
-def test_shared_write_past_eof_stays_in_the_page(backend: BackendHarness, file_fd) -> None:
+def test_shared_write_past_eof_stays_in_the_page(backend: BackendHarness, file_fd: FileFd) -> None:
     # bytes stored past EOF in the last page live in the page cache, not in the file
     p = backend.page
     f = file_fd(b"e" * 100)
@@ -105,7 +105,7 @@ def test_shared_write_past_eof_stays_in_the_page(backend: BackendHarness, file_f
 
 
 def test_private_page_copied_keeps_data_when_file_changes(backend: BackendHarness,
-                                                          file_fd) -> None:
+                                                          file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"o" * 2 * p)
     backend.mm.mmap(backend.at(4), 2 * p, R | W, PRIV | FIXED, 0, f.fd)
@@ -116,7 +116,8 @@ def test_private_page_copied_keeps_data_when_file_changes(backend: BackendHarnes
     assert backend.mm.read(backend.at(5), 2) == b"NN"
 
 
-def test_file_shrunk_within_last_page_reads_zero_tail(backend: BackendHarness, file_fd) -> None:
+def test_file_shrunk_within_last_page_reads_zero_tail(backend: BackendHarness,
+                                                      file_fd: FileFd) -> None:
     p = backend.page
     f = file_fd(b"z" * p)
     backend.mm.mmap(backend.at(4), p, R, SHARED | FIXED, 0, f.fd)
@@ -140,7 +141,7 @@ def test_populated_private_memory_counts_as_written(backend: BackendHarness) -> 
                                            (7, 9, "r--p", 0, "anon"))
 
 
-def test_large_file_mapping_aligned_to_its_offset(backend: BackendHarness, file_fd) -> None:
+def test_large_file_mapping_aligned_to_its_offset(backend: BackendHarness, file_fd: FileFd) -> None:
     # on ext4/xfs, file mappings of 2 MiB or more are placed so that address and file offset
     # agree modulo 2 MiB (thp_get_unmapped_area); a hint free for the padded range is kept
     pmd = 2 << 20

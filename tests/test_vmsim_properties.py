@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +69,7 @@ ops = st.one_of(
 )
 
 
-def run(space: AddressSpace, op: tuple, fds: list[int]) -> None:  # type: ignore[type-arg]
+def run(space: AddressSpace, op: tuple[Any, ...], fds: list[int]) -> None:
     """One call; fd codes: -2 a closed fd, -1 itself, 0..4 the prepared fds."""
     name, *args = op
     if name == "mmap":
@@ -94,8 +96,8 @@ def run(space: AddressSpace, op: tuple, fds: list[int]) -> None:  # type: ignore
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(ops, max_size=30))
-def test_any_call_sequence_gives_mmaperror_or_fault_and_keeps_invariants(tmp_path_factory,
-                                                                         sequence) -> None:
+def test_any_call_sequence_gives_mmaperror_or_fault_and_keeps_invariants(
+        tmp_path_factory: pytest.TempPathFactory, sequence: list[tuple[Any, ...]]) -> None:
     where = Path(tmp_path_factory.mktemp("prop")) / "f"
     where.write_bytes(b"d" * (3 * P + 7))
     fds = [os.open(where, os.O_RDWR), os.open(where, os.O_RDONLY),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,13 +41,13 @@ def space() -> AddressSpace:
 
 
 @pytest.fixture
-def path(tmp_path):  # type: ignore[no-untyped-def]
+def path(tmp_path: Path) -> Path:
     where = tmp_path / "data"
     where.write_bytes(bytes(range(256)) * (3 * P // 256) + b"end")
     return where
 
 
-def test_fault_codes(space: AddressSpace, path) -> None:
+def test_fault_codes(space: AddressSpace, path: Path) -> None:
     anon(space, 0, 1, R)
     anon(space, 1, 1, NONE)
     fd = os.open(path, os.O_RDONLY)
@@ -97,7 +98,7 @@ def test_pte_words_follow_protection(space: AddressSpace) -> None:
     assert space.pte(BASE + P) & PTE_W == 0
 
 
-def test_counters(space: AddressSpace, path) -> None:
+def test_counters(space: AddressSpace, path: Path) -> None:
     fd = os.open(path, os.O_RDWR)
     space.mmap(BASE, 3 * P, R | W, PRIV | FIXED, 0, fd)
     assert space.stats.minor_faults == 0 and space.stats.resident_pages == 0
@@ -126,7 +127,8 @@ def test_reservation_of_64_tib_costs_almost_nothing() -> None:
     assert space.maps() == [] and space.stats.resident_pages == 0
 
 
-def test_large_private_file_copies_nothing_until_written(space: AddressSpace, tmp_path) -> None:
+def test_large_private_file_copies_nothing_until_written(space: AddressSpace,
+                                                        tmp_path: Path) -> None:
     big = tmp_path / "big"
     with open(big, "wb") as out:
         out.truncate(100 << 20)
@@ -166,7 +168,7 @@ def test_write_words_scatter_and_fault_prefix(space: AddressSpace) -> None:
     assert space.read(BASE + 64, 16) == (7).to_bytes(8, "little") + bytes(8)
 
 
-def test_poke_and_peek(space: AddressSpace, path) -> None:
+def test_poke_and_peek(space: AddressSpace, path: Path) -> None:
     fd = os.open(path, os.O_RDWR)
     space.mmap(BASE, P, R | X, PRIV | FIXED, 0, fd)
     space.mmap(BASE + P, P, R, SHARED | FIXED, 0, fd)
@@ -205,7 +207,7 @@ def test_placement_stays_flat_with_many_regions(space: AddressSpace) -> None:
     space.check()
 
 
-def test_close_releases_the_file_dups(path) -> None:
+def test_close_releases_the_file_dups(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     before = len(os.listdir("/proc/self/fd"))
     space = AddressSpace()
@@ -222,7 +224,7 @@ def test_close_releases_the_file_dups(path) -> None:
 
 
 @pytest.mark.parametrize("page", [16384, 65536])
-def test_other_page_sizes(page: int, tmp_path) -> None:
+def test_other_page_sizes(page: int, tmp_path: Path) -> None:
     space = AddressSpace(page_size=page)
     assert space.page_size == page
     addr = space.mmap_anonymous(0, 3 * page - 5, R | W, PRIV)

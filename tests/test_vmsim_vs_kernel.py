@@ -52,7 +52,7 @@ def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
     try:
         return "ok", fn(*args)
     except MmapError as exc:
-        return "errno", errno.errorcode[exc.errno]
+        return "errno", errno.errorcode[exc.errno or 0]
 
 
 def _write_in_child(mm: LibcMmap, addr: int, data: bytes) -> None:
@@ -219,7 +219,7 @@ class SimVsKernel(RuleBasedStateMachine):
         try:
             kernel: bytes | str = os.pread(self.mem, n, addr)
         except OSError as exc:
-            kernel = errno.errorcode[exc.errno]
+            kernel = errno.errorcode[exc.errno or 0]
         try:
             sim: bytes | str = self.s.peek(addr, n)
         except Fault:
@@ -236,7 +236,7 @@ class SimVsKernel(RuleBasedStateMachine):
         try:
             kernel: int | str = os.pwrite(self.mem, data, addr)
         except OSError as exc:
-            kernel = errno.errorcode[exc.errno]
+            kernel = errno.errorcode[exc.errno or 0]
         try:
             self.s.poke(addr, data)
             sim: int | str = len(data)
