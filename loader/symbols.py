@@ -279,8 +279,8 @@ class Resolver:
 
     def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
         """:meth:`scope` on raw strtab bytes (a backend may override it to skip decoding)."""
-        return self.scope(name.decode("utf-8", "surrogateescape"),
-                          None if version is None else version.decode())
+        text = None if version is None else version.decode("utf-8", "surrogateescape")
+        return self.scope(name.decode("utf-8", "surrogateescape"), text)
 
     def _scope_all(self, tables: DynamicTables, idx: npt.NDArray[np.int64],
                    addr: npt.NDArray[np.uint64], bound: npt.NDArray[np.bool_]) -> None:
