@@ -70,10 +70,15 @@ def _in_code(image: ElfImage, vaddr: int) -> bool:
 
 def _check_host_tls(tables: DynamicTables) -> None:
     """On the host, DTPMOD64/DTPOFF64 against another module's TLS would need that module's
-    dynamic TLS bookkeeping in this process's glibc: refused before any memory is touched.
-    (TPOFF64 works: the offset comes from the thread pointer.)"""
+    dynamic TLS bookkeeping in this process's glibc, and TLSDESC descriptors call into
+    ld.so: both refused before any memory is touched. (TPOFF64 works: the offset comes from
+    the thread pointer.)"""
     syms = tables.symtab
     for table in tables.relocs:
+        if (table.r_type == 36).any():
+            raise ElfUnsupportedError(f"{table.name} r_type", 36, "R_X86_64_TLSDESC not on "
+                                      "the host backend (its descriptors call into ld.so); "
+                                      "use the simulator")
         dyn = ((table.r_type == 16) | (table.r_type == 17)) & (table.r_sym != 0)
         undefined = syms["st_shndx"][table.r_sym[dyn]] == 0
         if undefined.any():

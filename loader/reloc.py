@@ -50,6 +50,7 @@ class Kind(enum.Enum):
     TLS_MODULE = "tls_module"  # module id of the defining object
     TLS_DTPOFF = "tls_dtpoff"  # S.st_value + A (offset in its TLS block)
     TLS_TPOFF = "tls_tpoff"    # S.st_value + A - tls offset (static TLS, variant II)
+    TLS_DESC = "tls_desc"      # a (function, argument) pair; static TLS: argument = TPOFF
 
 
 class Rule(NamedTuple):
@@ -76,13 +77,14 @@ X86_64: dict[int, Rule] = {
     18: Rule("R_X86_64_TPOFF64", Kind.TLS_TPOFF, 8, True),
     24: Rule("R_X86_64_PC64", Kind.PCREL, 8, True),
     37: Rule("R_X86_64_IRELATIVE", Kind.IRELATIVE, 8, True),
+    36: Rule("R_X86_64_TLSDESC", Kind.TLS_DESC, 16, True),
     38: Rule("R_X86_64_RELATIVE64", Kind.RELATIVE, 8, True),
 }
 _TYPES = np.array(sorted(X86_64), dtype=np.uint32)
 _WIDTH = np.zeros(64, dtype=np.uint64)   # by type; unknown types clip to 63 -> 0
 _WIDTH[_TYPES] = [X86_64[t].width for t in _TYPES.tolist()]
 _SYMBOLIC = {Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
-             Kind.TLS_TPOFF}
+             Kind.TLS_TPOFF, Kind.TLS_DESC}
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -285,6 +287,7 @@ class RelocOutcome:
     by_type: Counter[str] = field(default_factory=Counter)
     unresolved: list[str] = field(default_factory=list)
     irelative: list[tuple[int, int]] = field(default_factory=list)   # (place, resolver)
+    tlsdesc: list[int] = field(default_factory=list)   # places whose function word is 0
     extern: dict[str, int] = field(default_factory=dict)
     extern_range: tuple[int, int] | None = None
     tls: TlsLayout | None = None
@@ -400,9 +403,17 @@ def _one(tables: DynamicTables, table: RelocTable, k: int, a: int, rule: Rule,
     elif rule.kind is Kind.ABSOLUTE:
         value = s + (a if rule.addend else 0)
     else:
-        value = _tls_value(rule.kind, tables, sym, st_value, a, out.tls)
-        if rule.kind is Kind.TLS_TPOFF and sym in res.tls_tpoff:
+        kind = Kind.TLS_TPOFF if rule.kind is Kind.TLS_DESC else rule.kind
+        value = _tls_value(kind, tables, sym, st_value, a, out.tls)
+        if kind is Kind.TLS_TPOFF and sym in res.tls_tpoff:
             value = res.tls_tpoff[sym] + a
+        if rule.kind is Kind.TLS_DESC:
+            # glibc's static-TLS descriptor: (_dl_tlsdesc_return, TPOFF). That function
+            # lives in ld.so, which the simulator has not got: 0 there, and recorded.
+            words[place] = 0
+            words[(place + 8) & _MASK64] = value & _MASK64
+            out.tlsdesc.append(place)
+            return
     if rule.width == 8:
         words[place] = value & _MASK64
     else:
