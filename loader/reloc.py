@@ -287,6 +287,7 @@ class RelocOutcome:
     by_type: Counter[str] = field(default_factory=Counter)
     unresolved: list[str] = field(default_factory=list)
     irelative: list[tuple[int, int]] = field(default_factory=list)   # (place, resolver)
+    ran_resolvers: bool = False     # True: the places hold what the resolvers chose (host)
     tlsdesc: list[int] = field(default_factory=list)   # places whose function word is 0
     extern: dict[str, int] = field(default_factory=dict)
     extern_range: tuple[int, int] | None = None
@@ -336,22 +337,24 @@ def _call_ifunc(resolver_addr: int) -> int:
     return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(resolver_addr)())
 
 
-def _apply_ifunc_symbols(tables: DynamicTables, res: Resolution, runs_code: bool,
-                         out: RelocOutcome) -> None:
-    """Symbols of type STT_GNU_IFUNC the object defines: call the resolver (host) or bind to
-    the resolver's address and record it (simulator)."""
+def _apply_ifunc_symbols(tables: DynamicTables, res: Resolution, runs_code: bool
+                         ) -> dict[int, int]:
+    """Symbols of type STT_GNU_IFUNC the object defines: on the host call the resolver and
+    bind to what it selects; on the simulator stay bound to the resolver's address. Returns
+    {symbol index: resolver address} so the slots can be recorded."""
     syms = tables.symtab
     own_ifunc = np.flatnonzero(res.bound & ((syms["st_info"] & 0xF) == STT_GNU_IFUNC)
                                & (syms["st_shndx"] != 0))
-    for i in own_ifunc.tolist():
-        if runs_code:
-            res.addr[i] = _call_ifunc(int(res.addr[i]))
-        else:
-            out.irelative.append((0, int(res.addr[i])))
+    resolvers = {i: int(res.addr[i]) for i in own_ifunc.tolist()}
+    if runs_code:
+        for i, resolver in resolvers.items():
+            res.addr[i] = _call_ifunc(resolver)
+    return resolvers
 
 
 def _symbol_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
-                  out: RelocOutcome, places: Words, values: Words) -> None:
+                  out: RelocOutcome, places: Words, values: Words,
+                  ifuncs: dict[int, int]) -> None:
     """The 8-byte ABSOLUTE kinds (64, GLOB_DAT, JUMP_SLOT): S (+ A), appended to the lists."""
     b = np.uint64(bias & _MASK64)
     for table in tables.relocs:
@@ -364,6 +367,10 @@ def _symbol_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias:
         a = np.where(with_addend, _addends(image, table, mask), np.uint64(0))
         places.append(table.r_offset[mask] + b)
         values.append(s + a)
+        if ifuncs:
+            for place, i in zip(places[-1].tolist(), sym.tolist(), strict=True):
+                if i in ifuncs:
+                    out.irelative.append((place, ifuncs[i]))
         counts = np.bincount(np.minimum(table.r_type[mask], _LUT_SIZE - 1), minlength=_LUT_SIZE)
         for t in np.flatnonzero(counts).tolist():
             out.by_type[type_name(t)] += int(counts[t])
@@ -396,8 +403,7 @@ def _one(tables: DynamicTables, table: RelocTable, k: int, a: int, rule: Rule,
     if rule.kind is Kind.IRELATIVE:
         target = (bias + a) & _MASK64
         value = _call_ifunc(target) if runs_code else target
-        if not runs_code:
-            out.irelative.append((place, target))
+        out.irelative.append((place, target))
     elif rule.kind is Kind.PCREL:
         value = s + a - place
     elif rule.kind is Kind.ABSOLUTE:
@@ -487,8 +493,9 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
     res = resolver.resolve(tables, needed, bias, mm, near, not_self) if len(needed) else \
         Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
     out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
-    _apply_ifunc_symbols(tables, res, runs_code, out)
-    _symbol_words(image, tables, res, bias, out, places, values)
+    ifuncs = _apply_ifunc_symbols(tables, res, runs_code)
+    out.ran_resolvers = runs_code
+    _symbol_words(image, tables, res, bias, out, places, values, ifuncs)
     if places:     # RELATIVE, RELR and the symbolic words: ONE scatter, relative ones first
         _scatter(mm, np.concatenate(places), np.concatenate(values))
     _apply_rare(image, tables, res, bias, mm, runs_code, out)
