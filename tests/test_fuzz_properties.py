@@ -349,3 +349,17 @@ def test_pt_loads_sharing_a_page_are_refused(backend: str) -> None:
     # Found by the malformed campaign (the loader mapped the later segment over the page and
     # its relocation then wrote to a read-only page); the loader now refuses the file.
     assert _on(backend, _malformed, _page_sharing_image()) == "ElfSegmentError"
+
+
+@pytest.mark.slow
+def test_malformed_campaign_on_both_backends_finds_nothing(tmp_path: Path) -> None:
+    # A campaign of 20,000 corrupted files on the simulator and (in forked children, 500 at
+    # a time) on the host: only ElfError (or a backend's ENOMEM), nothing left mapped.
+    from vmsim.fuzz import run_campaign
+    if SIM is None:
+        pytest.skip("the campaign runs on the simulator")
+    stats = run_campaign(3600, kind="malformed", backend="both", out_dir=tmp_path,
+                         max_examples=20_000)
+    assert stats.failures == []
+    assert stats.examples >= 20_000 and stats.host_examples == stats.examples
+    assert stats.host_outcomes == stats.outcomes  # the same verdict on both backends
