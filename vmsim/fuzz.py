@@ -466,8 +466,9 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
                  progress: Callable[[CampaignStats], None] | None = None) -> CampaignStats:
     """Run one property as a hypothesis campaign for about ``seconds`` (or ``max_examples``).
 
-    ``kind``: "malformed" (property 2 on :func:`~loader.strategies.malformed_elf`) or "valid"
-    (property 1 on :func:`~loader.strategies.elf_images`). ``backend``: "sim", or "both"
+    ``kind``: "malformed" (property 2 on :func:`~loader.strategies.malformed_elf`), "valid"
+    (property 1 on :func:`~loader.strategies.elf_images`) or "rate" (only generate and load
+    valid images on the simulator: the throughput figure). ``backend``: "sim", or "both"
     (malformed inputs also run on the host in forked children, ``host_batch`` at a time;
     valid ones are compared host against simulator). On a failure hypothesis shrinks it; the
     shrunk example is recorded in ``failures`` and its ELF file saved in ``out_dir``.
@@ -522,11 +523,24 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
         stats.outcomes["loaded"] = stats.outcomes.get("loaded", 0) + 1
         tick()
 
+    def one_load(image: ElfImage) -> None:
+        last["data"], last["repr"] = image.data, repr(image)
+        loader.load(image.data, sim_backend())
+        stats.examples += 1
+        stats.outcomes["loaded"] = stats.outcomes.get("loaded", 0) + 1
+        tick()
+
     from hypothesis import strategies as st
 
-    strategies: list[Any] = [malformed_elf()] if kind == "malformed" else \
-        [elf_images(textrel=st.booleans()), st.booleans()]
-    body: Callable[..., None] = one_malformed if kind == "malformed" else one_valid
+    choices: dict[str, list[Any]] = {
+        "malformed": [malformed_elf()],
+        "valid": [elf_images(textrel=st.booleans()), st.booleans()],
+        "rate": [elf_images()],
+    }
+    strategies = choices[kind]
+    bodies: dict[str, Callable[..., None]] = {"malformed": one_malformed, "valid": one_valid,
+                                              "rate": one_load}
+    body = bodies[kind]
     given_any: Any = given
     chunk, round_no = 200, 0
     while time.monotonic() - started < seconds and (
@@ -558,8 +572,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds to run each property (default 60)")
     p.add_argument("--backend", choices=["sim", "both"], default="sim",
                    help="sim: the simulator only; both: also the host, in forked children")
-    p.add_argument("--property", choices=["malformed", "valid", "all"], default="all",
-                   dest="kind", help="which property to run (default: all)")
+    p.add_argument("--property", choices=["malformed", "valid", "all", "rate"], default="all",
+                   dest="kind", help="which property to run (default: all); rate: no "
+                   "property, only generate and load valid images on the simulator, to "
+                   "measure images/s")
     p.add_argument("--out", type=Path, default=Path("vmsim-fuzz-failures"),
                    help="where failing ELF files are saved (default ./vmsim-fuzz-failures)")
     return p
