@@ -1244,7 +1244,7 @@ class AddressSpace(MmapDefaults):
             super().write_words(where, words)
             return
         flat = self._pool.data.reshape(-1)
-        if not (where & _U64(7)).any() and not pmask & 7:
+        if not (where & _U64(7)).any():  # aligned words never straddle a page
             base = frame_of[np.searchsorted(pages, first)] << shift
             pos = base + (where & _U64(pmask)).astype(np.int64)
             flat.view("<u8")[pos >> 3] = words
