@@ -130,10 +130,12 @@ def bench_memory() -> None:
         addr = got[-1]
         used = heap_delta(lambda: space.read(addr, 100 * MIB))
         print(f"  ... after reading it all:    {used / MIB:.1f} MiB heap, "
-              f"{space.stats.frames} frames (page cache), cow copies {space.stats.cow_copies}")
+              f"{space.stats.frames} frames ({space.stats.frames * P / MIB:.0f} MiB, page cache),"
+              f" cow copies {space.stats.cow_copies}")
         used = heap_delta(lambda: space.write(addr, bytes(100 * MIB)))
         print(f"  ... after writing it all:    {used / MIB:.1f} MiB heap, "
-              f"{space.stats.frames} frames, cow copies {space.stats.cow_copies}")
+              f"{space.stats.frames} frames ({space.stats.frames * P / MIB:.0f} MiB), "
+              f"cow copies {space.stats.cow_copies}")
         os.close(fd)
 
 
