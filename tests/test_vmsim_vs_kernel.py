@@ -35,7 +35,7 @@ from loader.pages import HOST_PAGE_SIZE
 from vmsim import AddressSpace, Fault
 
 P = HOST_PAGE_SIZE
-PAGES = 12
+PAGES = int(os.environ.get("VMSIM_VS_KERNEL_PAGES", "12"))  # arena pages
 ARENA_HINT = 0x2000_0000_0000
 NONE = ProtFlags.PROT_NONE
 PRIV, SHARED, FIXED = MapFlags.MAP_PRIVATE, MapFlags.MAP_SHARED, MapFlags.MAP_FIXED
