@@ -8,6 +8,8 @@ so that the simulator is held to what this machine's kernel does, not to our rea
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from harness import BackendHarness, FileFd, RelRegion
 
@@ -166,3 +168,35 @@ def _thp_fs(path: str) -> bool:
             if line.split()[2] == want:
                 return line.split(" - ", 1)[1].split()[0] in ("ext4", "xfs")
     return False
+
+
+def _one_below_the_limit(backend: BackendHarness) -> dict[str, Any]:
+    """At max_map_count - 1 mappings, mprotect a page in the middle of a big VMA: the first
+    split fits, the second does not. Record what is left."""
+    from test_kernel_limits import fill_to_limit, outcome
+
+    mm, p = backend.mm, backend.page
+    free, _ = fill_to_limit(backend)
+    mm.munmap(backend.at(1), p)  # drop one island: one mapping fewer than the limit
+    seen: dict[str, Any] = {"count": backend.map_count() - backend.max_map_count}
+    seen["mprotect"] = outcome(mm.mprotect, backend.at(free + 4), p, R)
+    seen["after"] = backend.map_count() - backend.max_map_count
+    for island in range(3, 3 + 2 * 64, 2):  # room for Python to allocate while reading maps
+        mm.munmap(backend.at(island), p)
+    region = backend.region_at(backend.at(free + 4))
+    if hasattr(backend.mm, "check"):
+        backend.mm.check()  # the simulator's invariants allow the unmerged pair
+    seen["split at"] = None if region is None else (region.start - backend.at(free + 4),
+                                                    region.perms)
+    return seen
+
+
+def test_mprotect_first_split_stays_when_the_second_fails(
+        make_backend: Callable[[int], BackendHarness]) -> None:
+    limit = make_backend(16).max_map_count
+    backend = make_backend(2 * limit + 64)
+    got = backend.isolated(_one_below_the_limit, backend)
+    assert got.status == "ok"
+    # the VMA was split before the page (same flags on both sides, left unmerged), then the
+    # split after it failed: ENOMEM with one mapping more than before
+    assert got.value == {"count": -1, "mprotect": "ENOMEM", "after": 0, "split at": (0, "---p")}
