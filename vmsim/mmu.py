@@ -43,6 +43,8 @@ PTE_FRAME = ((1 << 52) - 1) & ~((1 << 12) - 1)
 """Mask of the frame-number field (bits 12-51)."""
 
 ENTRIES = 512
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_POPULATE_MIN = 16  # frames: below this, the host's own page faults are as cheap
 _TABLE_LINK = PTE_P | PTE_W | PTE_U
 
 
@@ -91,10 +93,24 @@ class FramePool:
         got = np.empty(n, dtype=np.int64)
         got[: len(reused)] = reused
         got[len(reused):] = np.arange(self._next, self._next + fresh)
+        if fresh >= _POPULATE_MIN:
+            self._populate(self._next, fresh)
         self._next += fresh
         if reused:
             self.data[got[: len(reused)]] = 0
         return got
+
+    def _populate(self, first: int, n: int) -> None:
+        """Ask the host to back frames ``[first, first+n)`` now, in one call
+        (MADV_POPULATE_WRITE): faster than taking the host's page faults one by one. Only a
+        speed-up; ignored where the host cannot."""
+        start, length = first * self.page_size, n * self.page_size
+        if start % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            return
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE, start, length)
+        except (OSError, ValueError):
+            pass
 
     def free(self, frames: npt.NDArray[np.int64]) -> None:
         """Return frames to the pool. The zero page (0) must not be among them."""
