@@ -79,7 +79,8 @@ class BackendHarness:
 
     Every MAP_FIXED, munmap and mprotect of a test happens inside ``[arena, arena_end)``. The
     arena is fenced by one shared anonymous PROT_NONE page at each side, which never merges
-    with anything, so what happens inside cannot merge with the process's other mappings.
+    with anything, so what happens inside cannot merge with the process's other mappings; an
+    unmapped page above the upper fence stops a runaway mprotect.
 
     Subclasses set ``name``, ``max_map_count``, ``has_pkeys`` and implement :meth:`probe`,
     :meth:`isolated` and :meth:`with_read_implies_exec`.
@@ -94,12 +95,16 @@ class BackendHarness:
         self.page = page
         self.arena_size = arena_pages * page
         fenced = self.arena_size + 2 * page
-        base = mm.mmap_reserve(None, fenced, True)
+        base = mm.mmap_reserve(None, fenced + page, True)
+        # An unmapped page above the upper fence: an mprotect with a huge length walks up
+        # through every contiguous mapping before it meets a hole (it is not atomic), so the
+        # hole keeps such a call from changing the process's own mappings above the arena.
+        mm.munmap(base + fenced, page)
         fence = ProtFlags.PROT_NONE
         shared_fixed = MapFlags.MAP_SHARED | MapFlags.MAP_FIXED
         mm.mmap_anonymous(base, page, fence, shared_fixed)
         mm.mmap_anonymous(base + fenced - page, page, fence, shared_fixed)
-        self._fenced = (base, fenced)
+        self._fenced = (base, fenced + page)
         self.arena = base + page
         self._elsewhere: list[tuple[int, int]] = []
 
