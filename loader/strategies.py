@@ -792,10 +792,12 @@ _MUTATORS: dict[str, tuple[Mutator, Callable[[ElfImage], bool]]] = {
 }
 
 
-def _hypothesis_setup_hook() -> None:
+def _register_type_strategies() -> None:
     """Hypothesis entry point: ``st.from_type(ElfSpec)``/``(ElfImage)``/``(MalformedImage)``
     draw from these strategies."""
     st.register_type_strategy(ElfSpec, elf_specs())
     st.register_type_strategy(ElfImage, elf_images())
     st.register_type_strategy(MalformedImage, malformed_elf())
 
+
+_register_type_strategies()

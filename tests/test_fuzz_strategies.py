@@ -141,10 +141,13 @@ def test_strategy_valued_knob_errors_surface_when_drawn() -> None:
 
 
 def test_entry_points_register_the_types() -> None:
-    from loader.strategies import _hypothesis_setup_hook as loader_hook
-    from vmsim.strategies import _hypothesis_setup_hook as vmsim_hook
-    loader_hook()
-    vmsim_hook()
+    from importlib.metadata import entry_points
+
+    hooks = {ep.value for ep in entry_points(group="hypothesis")}
+    assert {"loader._hypothesis_plugin:setup", "vmsim._hypothesis_plugin:setup"} <= hooks
+    for ep in entry_points(group="hypothesis"):
+        if ep.value.endswith("_hypothesis_plugin:setup"):
+            ep.load()()
 
     @settings(max_examples=3, database=None)
     @given(st.from_type(ElfImage), st.from_type(MprotectOp))
@@ -153,6 +156,23 @@ def test_entry_points_register_the_types() -> None:
         assert isinstance(op, MprotectOp)
 
     draw()
+
+
+@pytest.mark.parametrize("first", ["vmsim.strategies", "loader.strategies", "hypothesis"])
+def test_any_import_order_works(first: str) -> None:
+    """Hypothesis runs the entry points while it is imported: a user who imports our
+    strategies first must not see a circular-import error (a fresh interpreter each time)."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\n"
+            "from hypothesis import strategies as st\n"
+            "from loader.strategies import ElfImage\n"
+            "from vmsim.strategies import MunmapOp\n"
+            "assert st.from_type(ElfImage).example().data[:4] == b'\\x7fELF'\n"
+            "assert isinstance(st.from_type(MunmapOp).example(), MunmapOp)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------------------------------------

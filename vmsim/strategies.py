@@ -280,9 +280,11 @@ def _drawn_first(knobs: dict[str, Any], make: Any) -> st.SearchStrategy[Any]:
                                                                      strict=True))))
 
 
-def _hypothesis_setup_hook() -> None:
+def _register_type_strategies() -> None:
     """Hypothesis entry point: ``st.from_type`` of each op type draws from :func:`ops`."""
     for op_type, kind in ((MmapOp, "mmap"), (MunmapOp, "munmap"), (MprotectOp, "mprotect"),
                           (ReadOp, "read"), (WriteOp, "write")):
         st.register_type_strategy(op_type, ops(kinds=[kind]))
 
+
+_register_type_strategies()
