@@ -1,9 +1,10 @@
 """Hypothesis entry point (``[project.entry-points.hypothesis]``): importing
 ``vmsim.strategies`` registers its types for ``st.from_type``.
 
-Hypothesis calls :func:`setup` while it is itself being imported. The registration lives at the
-bottom of ``vmsim.strategies`` rather than here, so that it also happens when a user imports that module
-first (then this hook sees it half-imported, and must not touch its attributes).
+Hypothesis calls :func:`setup` while it is itself being imported. The registration lives
+at the bottom of ``vmsim.strategies`` rather than here, so that it also
+happens when a user imports that module first (then this hook sees it half-imported, and
+must not touch its attributes).
 """
 
 import importlib
