@@ -31,7 +31,7 @@ import functools
 import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 from hypothesis import strategies as st
@@ -40,6 +40,13 @@ from hypothesis.errors import InvalidArgument
 from loader import elfwriter as ew
 from loader.elfwriter import ElfImage, ElfSpec, Reloc, Segment, Symbol
 from loader.pages import HOST_PAGE_SIZE
+from loader.strategy_args import (
+    ValueOrStrategy,
+    check_choice,
+    check_range,
+    check_subset,
+    check_type,
+)
 
 __all__ = [
     "MUTATION_KINDS",
@@ -49,10 +56,6 @@ __all__ = [
     "elf_specs",
     "malformed_elf",
 ]
-
-T = TypeVar("T")
-ValueOrStrategy: TypeAlias = T | st.SearchStrategy[T]
-"""An argument that is either a value or a strategy drawing such values."""
 
 _BOOLEANS = st.booleans()
 _SEGMENT_COUNTS = st.integers(1, 4)
@@ -85,51 +88,12 @@ def _strategy(value: Any, name: str) -> st.SearchStrategy[Any]:
     return value if isinstance(value, st.SearchStrategy) else st.just(value)
 
 
-def _check_type(value: Any, name: str, types: tuple[type, ...], allowed: str) -> None:
-    """InvalidArgument naming ``name``, ``value`` and what is ``allowed`` unless ``value`` is a
-    strategy or an instance of ``types``."""
-    if isinstance(value, st.SearchStrategy) or (isinstance(value, types)
-                                                 and not (isinstance(value, bool)
-                                                          and bool not in types)):
-        return
-    raise InvalidArgument(f"{name}={value!r}: expected {allowed} or a strategy of them")
-
-
-def _check_range(value: Any, name: str, lo: int, hi: int) -> None:
-    """InvalidArgument unless ``value`` is a strategy or an int in ``[lo, hi]``."""
-    _check_type(value, name, (int,), f"an int in [{lo}, {hi}]")
-    if isinstance(value, int) and not lo <= value <= hi:
-        raise InvalidArgument(f"{name}={value!r}: expected an int in [{lo}, {hi}]")
-
-
-def _check_choice(value: Any, name: str, choices: Collection[Any]) -> None:
-    """InvalidArgument unless ``value`` is a strategy or one of ``choices``."""
-    if isinstance(value, st.SearchStrategy):
-        return
-    if value not in choices:
-        raise InvalidArgument(f"{name}={value!r}: expected one of {sorted(choices)!r} "
-                              "or a strategy")
-
-
 def _check_align(value: Any) -> None:
     """InvalidArgument unless ``value`` is a strategy or a power of two >= the page size."""
-    _check_type(value, "max_page_size", (int,), "a power of two")
+    check_type(value, "max_page_size", (int,), "a power of two")
     if isinstance(value, int) and (value < HOST_PAGE_SIZE or value & (value - 1)):
         raise InvalidArgument(f"max_page_size={value!r}: expected a power of two >= "
                               f"{HOST_PAGE_SIZE:#x} (this machine's page size)")
-
-
-def _check_relocation_types(value: Any) -> None:
-    """InvalidArgument unless ``value`` is a strategy or a collection of RELOCATION_TYPES."""
-    if isinstance(value, st.SearchStrategy):
-        return
-    if isinstance(value, str) or not isinstance(value, Collection):
-        raise InvalidArgument(f"relocation_types={value!r}: expected a collection drawn from "
-                              f"{RELOCATION_TYPES!r}")
-    unknown = set(value) - set(RELOCATION_TYPES)
-    if unknown:
-        raise InvalidArgument(f"relocation_types={value!r}: {sorted(unknown)!r} unknown; "
-                              f"allowed: {RELOCATION_TYPES!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,19 +139,19 @@ def elf_specs(
     >>> len(spec.segments), any(s.relro for s in spec.segments)
     (2, True)
     """
-    _check_range(segments, "segments", 0, 8)
+    check_range(segments, "segments", 0, 8)
     _check_align(max_page_size)
-    _check_relocation_types(relocation_types)
-    _check_range(max_relocations, "max_relocations", 0, 1000)
-    _check_range(max_symbols, "max_symbols", 0, 1000)
-    _check_range(max_segment_pages, "max_segment_pages", 1, 64)
+    check_subset(relocation_types, "relocation_types", RELOCATION_TYPES, non_empty=False)
+    check_range(max_relocations, "max_relocations", 0, 1000)
+    check_range(max_symbols, "max_symbols", 0, 1000)
+    check_range(max_segment_pages, "max_segment_pages", 1, 64)
     _check_link_base(link_base)
     for name, value in (("relro", relro), ("textrel", textrel), ("bss", bss), ("relr", relr),
                         ("sections", sections)):
-        _check_type(value, name, (bool,), "a bool")
-    _check_choice(rel_format, "rel_format", ("rela", "rel"))
-    _check_choice(hash, "hash", ("gnu", "sysv", "both"))
-    _check_choice(kind, "kind", ("dyn", "exec"))
+        check_type(value, name, (bool,), "a bool")
+    check_choice(rel_format, "rel_format", ("rela", "rel"))
+    check_choice(hash, "hash", ("gnu", "sysv", "both"))
+    check_choice(kind, "kind", ("dyn", "exec"))
     knobs = {
         "segments": segments, "max_page_size": max_page_size,
         "relocation_types": relocation_types, "max_relocations": max_relocations,
@@ -244,20 +208,21 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
 
 def _check_drawn(k: dict[str, Any]) -> None:
     """Re-check knobs that came from a user's strategy (InvalidArgument, as for values)."""
-    _check_range(k["segments"], "segments", 0, 8)
+    check_range(k["segments"], "segments", 0, 8)
     _check_align(k["max_page_size"])
-    _check_relocation_types(k["relocation_types"])
+    check_subset(k["relocation_types"], "relocation_types", RELOCATION_TYPES,
+                 non_empty=False)
     for name in ("relro", "textrel", "bss", "relr", "sections"):
-        _check_type(k[name], name, (bool,), "a bool")
-    _check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
-    _check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
-    _check_choice(k["kind"], "kind", ("dyn", "exec"))
+        check_type(k[name], name, (bool,), "a bool")
+    check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
+    check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
+    check_choice(k["kind"], "kind", ("dyn", "exec"))
     _check_link_base(k["link_base"])
 
 
 def _check_link_base(value: Any) -> None:
     """InvalidArgument unless ``value`` is a strategy or a page-aligned int in [0, 2**40]."""
-    _check_range(value, "link_base", 0, 2**40)
+    check_range(value, "link_base", 0, 2**40)
     if isinstance(value, int) and value % _PAGE:
         raise InvalidArgument(f"link_base={value:#x}: expected a multiple of the page size "
                               f"{_PAGE:#x}")
@@ -402,21 +367,8 @@ def malformed_elf(
         images = elf_images()
     if not isinstance(images, st.SearchStrategy | ElfImage):
         raise InvalidArgument(f"images={images!r}: expected an ElfImage or a strategy of them")
-    _check_kinds(kinds)
+    check_subset(kinds, "kinds", MUTATION_KINDS)
     return _malformed(_strategy(images, "images"), _strategy(kinds, "kinds"))
-
-
-def _check_kinds(kinds: Any) -> None:
-    """InvalidArgument unless ``kinds`` is a strategy or a non-empty collection of kinds."""
-    if isinstance(kinds, st.SearchStrategy):
-        return
-    if isinstance(kinds, str) or not isinstance(kinds, Collection) or not kinds:
-        raise InvalidArgument(f"kinds={kinds!r}: expected a non-empty collection drawn from "
-                              f"{MUTATION_KINDS!r}")
-    unknown = set(kinds) - set(MUTATION_KINDS)
-    if unknown:
-        raise InvalidArgument(f"kinds={kinds!r}: {sorted(unknown)!r} unknown; allowed: "
-                              f"{MUTATION_KINDS!r}")
 
 
 @st.composite
@@ -425,7 +377,7 @@ def _malformed(draw: st.DrawFn, images: st.SearchStrategy[ElfImage],
     """Draw an image and a kind, then let that kind's mutator corrupt a copy."""
     image = draw(images)
     allowed = draw(kinds)
-    _check_kinds(allowed)
+    check_subset(allowed, "kinds", MUTATION_KINDS)
     usable = [k for k in sorted(allowed) if _MUTATORS[k][1](image)]
     if not usable:
         usable = ["truncate"]

@@ -28,13 +28,14 @@ descriptor for file mappings) and returns what the call returned; errors propaga
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
+from loader.strategy_args import ValueOrStrategy, check_range, check_subset
 
 __all__ = [
     "OP_KINDS",
@@ -50,8 +51,6 @@ __all__ = [
     "ops",
 ]
 
-T = TypeVar("T")
-ValueOrStrategy: TypeAlias = T | st.SearchStrategy[T]
 
 OP_KINDS: tuple[str, ...] = ("mmap", "munmap", "mprotect", "read", "write")
 """Every operation :func:`ops` can draw."""
@@ -156,23 +155,6 @@ def _apply_mmap(op: MmapOp, mm: Mmap, base: int, fd: int | None, page_size: int)
     return mapped.addr - base
 
 
-def _check_int(value: Any, name: str, lo: int, hi: int) -> None:
-    """InvalidArgument unless ``value`` is an int in ``[lo, hi]``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidArgument(f"{name}={value!r}: expected an int in [{lo}, {hi}]")
-
-
-def _check_subset(value: Any, name: str, allowed: tuple[str, ...]) -> None:
-    """InvalidArgument unless ``value`` is a non-empty collection drawn from ``allowed``."""
-    if isinstance(value, str) or not isinstance(value, Collection) or not value:
-        raise InvalidArgument(f"{name}={value!r}: expected a non-empty collection drawn from "
-                              f"{allowed!r}")
-    unknown = set(value) - set(allowed)
-    if unknown:
-        raise InvalidArgument(f"{name}={value!r}: {sorted(unknown)!r} unknown; allowed: "
-                              f"{allowed!r}")
-
-
 _PROTS = [ProtFlags(p) for p in range(8)]
 
 
@@ -201,11 +183,11 @@ def ops(
                  file_pages=file_pages, shared=shared, max_access=max_access)
     if any(isinstance(v, st.SearchStrategy) for v in knobs.values()):
         return _drawn_first(knobs, ops)
-    _check_int(arena_pages, "arena_pages", 1, 2**20)
-    _check_subset(kinds, "kinds", OP_KINDS)
-    _check_subset(placements, "placements", PLACEMENTS)
-    _check_int(file_pages, "file_pages", 0, 2**20)
-    _check_int(max_access, "max_access", 1, 2**20)
+    check_range(arena_pages, "arena_pages", 1, 2**20)
+    check_subset(kinds, "kinds", OP_KINDS)
+    check_subset(placements, "placements", PLACEMENTS)
+    check_range(file_pages, "file_pages", 0, 2**20)
+    check_range(max_access, "max_access", 1, 2**20)
     if not isinstance(shared, bool):
         raise InvalidArgument(f"shared={shared!r}: expected a bool")
     return _ops(cast(int, arena_pages), cast(Collection[str], kinds),
@@ -267,8 +249,8 @@ def op_sequences(
     sizes = dict(min_size=min_size, max_size=max_size)
     if any(isinstance(v, st.SearchStrategy) for v in sizes.values()):
         return _drawn_first(sizes, lambda **drawn: op_sequences(**drawn, **knobs))
-    _check_int(min_size, "min_size", 0, 10**6)
-    _check_int(max_size, "max_size", cast(int, min_size), 10**6)
+    check_range(min_size, "min_size", 0, 10**6)
+    check_range(max_size, "max_size", cast(int, min_size), 10**6)
     return st.lists(ops(**knobs), min_size=cast(int, min_size), max_size=cast(int, max_size))
 
 
