@@ -8,9 +8,20 @@ Reserve the span, map each PT_LOAD over it with MAP_PRIVATE|MAP_FIXED, honour ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from loader.elf import ElfImage
 from loader.errors import ElfSegmentError
+from loader.explain import (
+    Narrator,
+    anon_sentence,
+    copy_sentence,
+    hole_sentence,
+    map_sentence,
+    reserve_sentence,
+    zero_sentence,
+)
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
 from loader.plan import LoadPlan, SegmentPlan
@@ -20,14 +31,17 @@ __all__ = ["map_plan", "reserve"]
 _FIXED = MapFlags.MAP_PRIVATE | MapFlags.MAP_FIXED
 
 
-def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool) -> int:
+def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool, *,
+            narrator: Narrator | None = None) -> int:
     """Reserve the span and return its start. ``base`` asks for an exact address (an
     ET_EXEC must be at ``plan.vmin``); otherwise the base is aligned to ``plan.align``
     by over-reserving and trimming, as glibc does for p_align above the page size.
 
     Raises ElfSegmentError when the exact address is not free (the backend placed it
-    elsewhere) and MmapError from the backend.
+    elsewhere) and MmapError from the backend. ``narrator`` hears the step.
     """
+    if narrator is not None:
+        narrator.say("reserve", reserve_sentence(plan, base))
     if plan.fixed and base is not None and base != plan.vmin:
         raise ElfSegmentError("base", base, f"an ET_EXEC loads only at its own address "
                               f"{plan.vmin:#x}")
@@ -69,13 +83,16 @@ def _page_of(mm: Mmap) -> int:
     return int(getattr(mm, "page_size", HOST_PAGE_SIZE))
 
 
-def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: Any) -> None:
+def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: Any,
+                 tell: _Tell) -> None:
     """Map one PT_LOAD: the file pages (or a copy), the zeroed tail, the anonymous rest."""
     writable = bool(seg.prot & ProtFlags.PROT_WRITE)
     if seg.map_end > seg.start:
         length = seg.map_end - seg.start
+        tell("map")
         got = mm.mmap(seg.start + bias, length, seg.prot, _FIXED, seg.offset, fd)
         if got.need_copy:
+            tell("copy")
             # Copy whole pages, as a file mapping would show them (bytes past the segment in
             # its last page included), then clear the tail, then seal.
             mm.write(seg.start + bias, bytes(data[seg.offset: seg.offset + length]))
@@ -83,22 +100,47 @@ def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: An
                 mm.write(seg.zero_start + bias, bytes(seg.zero_end - seg.zero_start))
             mm.mprotect(seg.start + bias, length, seg.prot)
         else:
+            if seg.zero_end > seg.zero_start:
+                tell("zero")
             _zero_tail(seg, bias, mm, writable)
     if seg.anon_end > seg.anon_start:
+        tell("anon")
         mm.mmap_anonymous(seg.anon_start + bias, seg.anon_end - seg.anon_start, seg.prot,
                           _FIXED)
 
 
-def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any) -> None:
+_Tell = Callable[[str], None]
+
+
+def _teller(plan: LoadPlan, seg: SegmentPlan, image: ElfImage | None,
+            narrator: Narrator | None) -> _Tell:
+    """A function announcing the steps of one segment ("map", "copy", "zero", "anon")."""
+    if narrator is None or image is None:
+        return lambda what: None
+    talk = narrator
+    header = image.loads[seg.index]
+
+    def tell(what: str) -> None:
+        sentence = {"map": map_sentence(plan, seg, header), "copy": copy_sentence(seg),
+                    "zero": zero_sentence(plan, seg), "anon": anon_sentence(plan, seg)}[what]
+        talk.say("map", sentence)
+    return tell
+
+
+def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any, *,
+             narrator: Narrator | None = None, image: ElfImage | None = None) -> None:
     """Map every segment of ``plan`` into the reservation at ``start`` (= vmin + bias).
 
     ``fd`` None means no file: the backend answers need_copy and the bytes are copied from
     ``data``. Holes are set PROT_NONE when the reservation may not be (no file). Raises
-    MmapError from the backend; the caller unmaps the reservation.
+    MmapError from the backend; the caller unmaps the reservation. ``narrator`` hears each
+    step (``image``, the program headers, names the segments in its sentences).
     """
     bias = start - plan.vmin
     for seg in plan.segments:
-        _map_segment(seg, bias, mm, fd, data)
+        _map_segment(seg, bias, mm, fd, data, _teller(plan, seg, image, narrator))
     if fd is None:
         for lo, hi in plan.holes():
+            if narrator is not None:
+                narrator.say("map", hole_sentence(plan, lo, hi))
             mm.mprotect(lo + bias, hi - lo, ProtFlags.PROT_NONE)

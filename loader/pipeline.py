@@ -12,11 +12,23 @@ from __future__ import annotations
 import ctypes
 import mmap as host_mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loader.elf import PF_W, PF_X, ElfImage, parse_image
 from loader.errors import ElfDynamicError, ElfUnsupportedError
+from loader.explain import (
+    Narrator,
+    Step,
+    init_sentence,
+    parse_sentence,
+    plan_sentence,
+    relocation_sentences,
+    relro_sentence,
+    textrel_sentence,
+    undo_sentence,
+)
 from loader.mapper import map_plan, reserve
 from loader.mmap import Mmap, ProtFlags
 from loader.outcome import Outcome, take_outcome
@@ -211,17 +223,42 @@ def _protect_textrel(obj: LoadedObject, writable: bool) -> None:
         obj.mm.mprotect(sp.start + obj.load_bias, sp.end - sp.start, prot)
 
 
-def _finish(obj: LoadedObject, resolver: Resolver) -> None:
+def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) -> None:
     """Relocate (with TEXTREL pages opened and closed around it), seal RELRO, run init."""
     if obj.plan.textrel:
+        if narrator is not None:
+            narrator.say("relocate", textrel_sentence(True))
         _protect_textrel(obj, True)
+    before = len(obj.mm.calls)
     relocate(obj.image, obj.tables, obj.load_bias, obj.mm, resolver, obj.runs_code,
              obj.span[1], obj.relocations)
+    if narrator is not None:
+        rel = obj.relocations
+        for sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
+                                             len(rel.unresolved), type(resolver).__name__):
+            narrator.say("relocate", sentence, at=before)
     if obj.plan.textrel:
+        if narrator is not None:
+            narrator.say("protect", textrel_sentence(False))
         _protect_textrel(obj, False)
     if obj.relro is not None:
+        if narrator is not None:
+            narrator.say("protect", relro_sentence(obj.plan, obj.image.relro))
         obj.mm.mprotect(obj.relro[0], obj.relro[1] - obj.relro[0], ProtFlags.PROT_READ)
+    before = len(obj.mm.calls)
     obj.run_init()
+    if narrator is not None:
+        _say_init(obj, narrator, before)
+
+
+def _say_init(obj: LoadedObject, narrator: Narrator, at: int) -> None:
+    """Announce what init did: run (host, shared object, real bindings) or only recorded."""
+    single = bool(obj.tables.tags.get(DT.INIT))
+    ran = obj.runs_code and obj.runs_init
+    why = ("simulator" if not obj.runs_code else
+           "an executable's init belongs to its start-up code"
+           if obj.image.e_type != "ET_DYN" or obj.image.interp else "imports bound to stubs")
+    narrator.say("init", init_sentence(single, len(obj.inits) - single, ran, why), at=at)
 
 
 def _cleanup(mm: TracingMmap, start: int, length: int, obj: LoadedObject | None) -> None:
@@ -233,20 +270,26 @@ def _cleanup(mm: TracingMmap, start: int, length: int, obj: LoadedObject | None)
 
 
 def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview, mm: Mmap, *,
-         resolver: Resolver | None = None, base: int | None = None) -> LoadedObject:
+         resolver: Resolver | None = None, base: int | None = None,
+         explain: Callable[[Step], None] | None = None) -> LoadedObject:
     """Load an x86-64 ELF shared object or executable onto ``mm`` and return it.
 
     ``base``: the address for the span's start (default: the backend chooses; an ET_EXEC
     goes at its own addresses). ``resolver``: the symbol chain (default: HostResolver on the
     host, StubResolver elsewhere). Raises an ElfError kind for bad input (nothing mapped
     then), MmapError from the backend (everything mapped so far unmapped again).
+    ``explain``: called with each step of the load as a ``loader.explain.Step`` (a plain
+    sentence, what and why), in pipeline order; ``loader.explain.Explainer`` collects them.
     """
     data, fd, label = _open(path_or_bytes)
     try:
         traced = TracingMmap(mm)
+        narrator = None if explain is None else Narrator(explain, traced.calls)
         page = int(getattr(unwrap(mm), "page_size", HOST_PAGE_SIZE))
         image = parse_image(data, page)
         tables = parse_tables(image)
+        if narrator is not None:
+            narrator.say("parse", parse_sentence(image, label, len(tables.tags)))
         textrel = _textrel(tables)
         check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
@@ -258,9 +301,12 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         if host:
             _check_host_tls(tables)
         plan = make_plan(image, textrel)
+        if narrator is not None:
+            narrator.say("plan", plan_sentence(plan))
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
-        return _map_and_finish(label, image, tables, plan, traced, fd, data, resolver, base)
+        return _map_and_finish(label, image, tables, plan, traced, fd, data, resolver, base,
+                               narrator)
     finally:
         if fd is not None:
             os.close(fd)
@@ -268,17 +314,19 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
 
 def _map_and_finish(label: str, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
                     mm: TracingMmap, fd: int | None, data: Any, resolver: Resolver,
-                    base: int | None) -> LoadedObject:
+                    base: int | None, narrator: Narrator | None = None) -> LoadedObject:
     """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise."""
-    start = reserve(plan, mm, base, use_file=fd is not None)
+    start = reserve(plan, mm, base, use_file=fd is not None, narrator=narrator)
     obj: LoadedObject | None = None
     try:
-        map_plan(plan, mm, start, fd, data)
+        map_plan(plan, mm, start, fd, data, narrator=narrator, image=image)
         obj = LoadedObject(label, image, tables, plan, mm, start)
         obj.real_bindings = resolver.real
-        _finish(obj, resolver)
+        _finish(obj, resolver, narrator)
         return obj
-    except BaseException:
+    except BaseException as exc:
+        if narrator is not None:
+            narrator.say("undo", undo_sentence(exc))
         _cleanup(mm, start, plan.span_length, obj)
         raise
 
