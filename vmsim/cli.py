@@ -2,25 +2,35 @@
 
 Top layer: imports ``loader`` and ``vmsim``. Verbs:
   vmsim load [PATH] [--backend sim|libc] [--base ADDR] [--json]
+  vmsim maps [PATH]        a coloured table of the regions, like gef/pwndbg vmmap
+  vmsim trace [PATH]       every Mmap call the load made, with result or errno
+  vmsim explain [PATH]     the loader's steps in sentences, each with the calls it caused
+  vmsim plot [PATH] -o FILE.png   vmsim.viz's map of the loaded object
   vmsim diff PATH
   vmsim fuzz [...]         (vmsim.fuzz's campaign; see vmsim fuzz --help)
-Without PATH, ``load`` loads a small library of this machine (libz.so.1).
+Without PATH, a small library of this machine (libz.so.1) is loaded. Host (libc) loads run in
+a forked child; what it saw comes back as a ``Session``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
 from loader import LoadedObject, Mmap, load
+from loader.explain import Explainer, Step, format_call
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
+from loader.mmap import Region
 from loader.outcome import regions_in
+from loader.trace import Call
 
-__all__ = ["DEFAULT_LIBRARY", "load_report", "main"]
+__all__ = ["DEFAULT_LIBRARY", "Session", "load_report", "main", "maps_rows", "session"]
 
 DEFAULT_LIBRARY = "/usr/lib/x86_64-linux-gnu/libz.so.1"
 """What ``vmsim load`` loads when no PATH is given: small, present on every Debian system."""
@@ -38,8 +48,20 @@ examples:
   vmsim load libfoo.so --base 0x7f0000000000 --json   one JSON object (DESIGN.md format)
   vmsim diff /usr/lib/x86_64-linux-gnu/libz.so.1      sim and host at the same address;
                                                       exit 0 when the outcomes are equal
+  vmsim maps                          libz's regions as a coloured table (role, perms)
+  vmsim trace --backend libc          every mmap/mprotect/munmap the load made on the kernel
+  vmsim explain                       each step in a sentence (what and why) with its calls
+  vmsim plot -o libz.png              the map as a picture (regions to scale, RELRO hatched)
   vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
+
+PATH defaults to libz.so.1 of this machine for load, maps, trace, explain and plot.
 """
+
+ANSI: dict[str, str] = {"code": "\x1b[31m", "data": "\x1b[35m", "rodata": "",
+                        "guard": "\x1b[36m", "extern": "\x1b[33m"}
+"""vmmap's colours by role (vmsim.viz.ROLE_COLORS as terminal colours)."""
+RESET = "\x1b[0m"
+BOLD = "\x1b[1m"
 
 
 def _int(text: str) -> int:
@@ -158,6 +180,201 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 1
 
 
+@dataclass
+class Session:
+    """What one load showed, picklable (a host load hands it back from its forked child).
+
+    ``regions``: the backend's maps() inside the span and the extern-stub range.
+    """
+
+    path: str
+    backend: str
+    span: tuple[int, int]
+    relro: tuple[int, int] | None
+    extern: tuple[int, int] | None
+    regions: list[Region]
+    calls: list[Call]
+    steps: list[Step] = field(default_factory=list)
+
+
+def maps_rows(obj: LoadedObject) -> list[Region]:
+    """The regions of the backend's maps() inside the object's span or its extern mapping."""
+    lo, hi = obj.span
+    ext = obj.relocations.extern_range
+    return [r for r in obj.mm.maps()
+            if (lo <= r.start and r.end <= hi)
+            or (ext is not None and ext[0] <= r.start and r.end <= ext[1])]
+
+
+def _session_here(path: str, backend: str, base: int | None) -> Session:
+    """Load on ``backend`` in this process, explained, and keep what it showed."""
+    mm = LibcMmap() if backend == "libc" else _sim_backend()
+    steps = Explainer()
+    obj = load(path, mm, base=base, explain=steps)
+    return Session(obj.path, backend, obj.span, obj.relro, obj.relocations.extern_range,
+                   maps_rows(obj), list(obj.mm.calls), steps.steps)
+
+
+def session(path: str, backend: str, base: int | None = None) -> Session:
+    """Load ``path`` on ``backend`` ("sim" here, "libc" in a forked child) and report."""
+    if backend != "libc":
+        return _session_here(path, backend, base)
+    status, result = run_isolated(_session_here, path, "libc", base)
+    if status != "ok":
+        raise SystemExit(f"vmsim: the host load of {path} died with {status}; try "
+                         f"--backend sim, where a loader bug is a clean Fault")
+    out: Session = result
+    return out
+
+
+def _use_color(choice: str, stream: TextIO) -> bool:
+    """ANSI colours: --color=always, or auto and the stream is a terminal."""
+    return choice == "always" or (choice == "auto" and stream.isatty())
+
+
+def _paint(text: str, code: str, on: bool) -> str:
+    """``text`` in ANSI ``code`` when colour is on."""
+    return f"{code}{text}{RESET}" if on and code else text
+
+
+def _maps_lines(sess: Session, color: bool) -> list[str]:
+    """The vmmap-like table: start, end, size, perms, offset, role, path; a legend line."""
+    from vmsim.viz import format_size, region_role
+
+    head = f"{'start':>14} {'end':>14} {'size':>9} perm {'offset':>8} {'role':<7} path"
+    lines = [_paint(head, BOLD, color)]
+    for r in sess.regions:
+        role = region_role(r, extern=sess.extern)
+        notes = []
+        if sess.relro and sess.relro[0] <= r.start and r.end <= sess.relro[1]:
+            notes.append("RELRO")
+        if r.prot & r.prot.PROT_WRITE and r.prot & r.prot.PROT_EXEC:
+            notes.append("W+X!")
+        name = r.path or ("[extern stubs]" if role == "extern" else "")
+        row = (f"{r.start:#14x} {r.end:#14x} {format_size(r.length):>9} {r.perms} "
+               f"{r.offset:08x} {role:<7} {name}" + (f"  ({', '.join(notes)})" if notes else ""))
+        lines.append(_paint(row, ANSI[role], color))
+    legend = "  ".join(_paint(f"{role}{' (' + what + ')' if what else ''}", ANSI[role], color)
+                       for role, what in (("code", "x"), ("data", "w"), ("rodata", "r only"),
+                                          ("guard", "---"), ("extern", "stubs")))
+    lines.append(f"legend: {legend}; RELRO = sealed read-only after relocation")
+    return lines
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """The backend asked for, or sim when available (libc otherwise, said on stderr)."""
+    if args.backend is None:
+        args.backend = "sim" if _has_sim() else "libc"
+        if args.backend == "libc":
+            print("vmsim: the simulator is not available; using the host backend",
+                  file=sys.stderr)
+    return str(args.backend)
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    """``vmsim maps``: the regions as a coloured table."""
+    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
+    for line in _maps_lines(sess, _use_color(args.color, sys.stdout)):
+        print(line)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """``vmsim trace``: every Mmap call, one per line."""
+    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    print(f"{sess.path} on {sess.backend}: {len(sess.calls)} Mmap calls")
+    for i, call in enumerate(sess.calls):
+        print(f"{i:4} {format_call(call)}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``vmsim explain``: each step's sentence, then the calls it caused, indented."""
+    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    color = _use_color(args.color, sys.stdout)
+    print(f"{sess.path} on {sess.backend}:")
+    index = 0
+    for step, calls in Explainer(sess.steps).interleave(sess.calls):
+        if step is not None:
+            print(_paint(f"[{step.phase}] {step.sentence}", BOLD, color))
+        for call in calls:
+            print(f"    {index:4} {format_call(call)}")
+            index += 1
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``vmsim plot``: vmsim.viz's map of the loaded object, written to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from vmsim import viz
+
+    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    name = sess.path.rsplit("/", 1)[-1]
+    ax = viz.plot_map(sess.regions, relro=sess.relro, extern=sess.extern,
+                      title=f"{name} loaded at {sess.span[0]:#x} ({sess.backend})")
+    fig = ax.figure
+    assert isinstance(fig, Figure)
+    fig.savefig(args.output, dpi=args.dpi, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {args.output}: {len(sess.regions)} regions of {name}")
+    return 0
+
+
+def _common(sub: argparse.ArgumentParser, color: bool = False) -> None:
+    """PATH, --backend, --base (and --color) for the verbs that load one file."""
+    sub.add_argument("path", nargs="?", metavar="PATH",
+                     help=f"ELF shared object or executable (default: {DEFAULT_LIBRARY})")
+    sub.add_argument("--backend", choices=["sim", "libc"], default=None,
+                     help="sim: the simulator (the default when available); libc: the real "
+                     "kernel, in a forked child of this command")
+    sub.add_argument("--base", type=_int, metavar="ADDR",
+                     help="where the span starts (default: the backend chooses)")
+    if color:
+        sub.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                         help="ANSI colours: auto (only on a terminal), always, never")
+
+
+def _add_views(verbs: Any) -> None:
+    """The maps, trace, explain and plot verbs."""
+    mp = verbs.add_parser(
+        "maps", help="the loaded object's regions as a coloured table (like vmmap)",
+        description="Load PATH and print the backend's regions in its span (and the extern "
+        "stub mapping): start, end, size, permissions, file offset, role, path. Colour by "
+        "role (code red, data purple, rodata plain, guard cyan, extern stubs yellow), RELRO "
+        "and W+X marked. Example: vmsim maps --backend libc", epilog=None)
+    _common(mp, color=True)
+    mp.set_defaults(func=cmd_maps)
+    tr = verbs.add_parser(
+        "trace", help="every Mmap call the load made, with result or errno",
+        description="Load PATH and print each call the loader made to the backend "
+        "(mmap_reserve, mmap, mmap_anonymous, mprotect, munmap, write, write_words), one per "
+        "line, with its arguments and result or errno. Example: vmsim trace --backend libc")
+    _common(tr)
+    tr.set_defaults(func=cmd_trace)
+    ex = verbs.add_parser(
+        "explain", help="the loader's steps in plain sentences, with the calls each caused",
+        description="Load PATH and print each step the loader took (parse, plan, reserve, "
+        "map, relocate, protect, init) as a sentence saying what and why, each followed by "
+        "the Mmap calls it caused. Example: vmsim explain /usr/lib/x86_64-linux-gnu/libz.so.1")
+    _common(ex, color=True)
+    ex.set_defaults(func=cmd_explain)
+    pl = verbs.add_parser(
+        "plot", help="draw the loaded object's map to a PNG (vmsim.viz)",
+        description="Load PATH and draw its map with vmsim.viz: regions to scale, gaps "
+        "compressed, coloured by role, RELRO hatched, a legend. Example: vmsim plot -o libz.png")
+    _common(pl)
+    pl.add_argument("-o", "--output", required=True, metavar="FILE.png",
+                    help="the picture to write")
+    pl.add_argument("--dpi", type=int, default=120, help="resolution (default 120)")
+    pl.set_defaults(func=cmd_plot)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (``vmsim --help`` teaches from it)."""
     top = argparse.ArgumentParser(prog="vmsim", description=DESCRIPTION, epilog=EPILOG,
@@ -185,6 +402,7 @@ def parser() -> argparse.ArgumentParser:
                           "equal, 1 with the differences otherwise.")
     df.add_argument("path", metavar="PATH", help="ELF shared object or executable")
     df.set_defaults(func=cmd_diff)
+    _add_views(verbs)
     verbs.add_parser("fuzz", help="run the loader's hypothesis properties as a campaign "
                      "(vmsim fuzz --help)", add_help=False)
     return top
@@ -203,12 +421,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser().print_help()
         return 2
+    path = getattr(args, "path", None)
+    if path is not None and not os.path.isfile(path):
+        what = "a directory" if os.path.isdir(path) else "no such file"
+        print(f"vmsim: {path}: {what}; give the path of an ELF shared object (try "
+              f"'vmsim load' with no arguments for a demo on libz.so.1)", file=sys.stderr)
+        return 2
     try:
         code: int = args.func(args)
-    except (ElfError, MmapError, OSError) as exc:
+    except ElfError as exc:
+        print(f"vmsim: {path}: {_elf_hint(path)} ({type(exc).__name__}: {exc}); try "
+              f"'vmsim load' with no arguments for a demo", file=sys.stderr)
+        return 2
+    except (MmapError, OSError) as exc:
         print(f"vmsim: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return code
+
+
+def _elf_hint(path: str | None) -> str:
+    """"not an ELF file" when the magic is missing, else "an ELF file this loader refuses"."""
+    try:
+        with open(path or "", "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return "cannot be loaded"
+    return "an ELF file the loader refuses" if magic == b"\x7fELF" else "not an ELF file"
 
 
 if __name__ == "__main__":
