@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loader.elf import PF_W, PF_X, ElfImage, Segment
-from loader.mmap import ProtFlags
+from loader.mmap import MapFlags, ProtFlags
 from loader.plan import LoadPlan, SegmentPlan
 from loader.trace import Call
 
@@ -163,31 +163,35 @@ def hole_sentence(plan: LoadPlan, lo: int, hi: int) -> str:
 
 
 def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
-                         resolver: str) -> list[str]:
-    """What relocation did, from the outcome's counts per type."""
+                         resolver: str) -> list[tuple[str, str]]:
+    """What relocation did, from the outcome's counts per type: ("bind", ...) for the
+    resolver, ("apply", ...) for the one scatter, ("rare", ...) for entries done one by one."""
     out = []
     relative = by_type.get("R_X86_64_RELATIVE", 0)
     slots = {k: v for k, v in by_type.items() if k in _SYMBOL_SLOTS and v}
+    nslots = sum(slots.values())
     if slots:
-        names = "/".join(k.removeprefix("R_X86_64_") for k in slots)
-        text = f"bind {_n(sum(slots.values()))} {names} slots through the resolver ({resolver})"
+        names = "/".join(k.removeprefix("R_X86_64_") for k in _SYMBOL_SLOTS if k in slots)
+        text = f"bind {_n(nslots)} {names} slot{'s' if nslots != 1 else ''} through the " \
+            f"resolver ({resolver})"
         if extern:
-            text += f": {_n(extern)} imports go to stubs in an extern mapping"
+            text += f": {_n(extern)} import{'s go' if extern != 1 else ' goes'} to stubs in " \
+                "an extern mapping"
         if unresolved:
             text += f"; {_n(unresolved)} unresolved"
-        out.append(text)
+        out.append(("bind", text))
     if relative or slots:
-        words = relative + sum(slots.values())
-        out.append(f"apply {_n(relative)} RELATIVE relocations (load bias + addend)"
-                   + (f" and the {_n(sum(slots.values()))} symbol slots" if slots else "")
-                   + f" as one scatter of {_n(words)} words")
+        out.append(("apply", f"apply {_n(relative)} RELATIVE relocations (load bias + addend)"
+                    + (f" and the {_n(nslots)} symbol slots" if slots else "")
+                    + f" as one scatter of {_n(relative + nslots)} words"))
     rare = {k: v for k, v in by_type.items()
             if v and k != "R_X86_64_RELATIVE" and k not in _SYMBOL_SLOTS}
     if rare:
         kinds = ", ".join(f"{k.removeprefix('R_X86_64_')} {_n(v)}" for k, v in rare.items())
-        out.append(f"apply {_n(sum(rare.values()))} other relocations one by one: {kinds}")
+        out.append(("rare", f"apply {_n(sum(rare.values()))} other relocations one by one: "
+                    f"{kinds}"))
     if not out:
-        out.append("no relocations to apply")
+        out.append(("apply", "no relocations to apply"))
     return out
 
 
@@ -228,7 +232,11 @@ def format_call(call: Call | Any) -> str:
     """One recorded call as a line: ``op(arg=value, ...) -> result`` or ``-> errno N``."""
     parts = []
     for name, value in call.args:
-        if isinstance(value, int) and not isinstance(value, bool) and name in (
+        if name == "prot" and isinstance(value, int):
+            parts.append(f"prot={ProtFlags(value).rwx}")
+        elif name == "flags" and isinstance(value, int):
+            parts.append("flags=" + "|".join(str(f.name) for f in MapFlags(value)))
+        elif isinstance(value, int) and not isinstance(value, bool) and name in (
                 "addr", "length", "offset", "end", "result"):
             parts.append(f"{name}={value:#x}")
         else:

@@ -233,10 +233,7 @@ def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) ->
     relocate(obj.image, obj.tables, obj.load_bias, obj.mm, resolver, obj.runs_code,
              obj.span[1], obj.relocations)
     if narrator is not None:
-        rel = obj.relocations
-        for sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
-                                             len(rel.unresolved), type(resolver).__name__):
-            narrator.say("relocate", sentence, at=before)
+        _say_relocation(obj, narrator, before, type(resolver).__name__)
     if obj.plan.textrel:
         if narrator is not None:
             narrator.say("protect", textrel_sentence(False))
@@ -249,6 +246,18 @@ def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) ->
     obj.run_init()
     if narrator is not None:
         _say_init(obj, narrator, before)
+
+
+def _say_relocation(obj: LoadedObject, narrator: Narrator, before: int, resolver: str) -> None:
+    """Announce relocation after the fact, each sentence at the calls it made: binding from
+    ``before`` (the extern mapping), the scatter at its write_words, the rare kinds after."""
+    calls = obj.mm.calls
+    scatter = next((i for i in range(before, len(calls)) if calls[i].op == "write_words"), None)
+    rel = obj.relocations
+    for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
+                                               len(rel.unresolved), resolver):
+        at = before if kind == "bind" or scatter is None else scatter + (kind == "rare")
+        narrator.say("relocate", sentence, at=at)
 
 
 def _say_init(obj: LoadedObject, narrator: Narrator, at: int) -> None:

@@ -82,10 +82,15 @@ def test_explain_names_the_real_plan_of_libz() -> None:
         relro.p_vaddr + relro.p_memsz, page)
     assert any(s.startswith(f"RELRO: mprotect [+{lo - vmin:#x}, +{hi - vmin:#x}) r--: "
                             f"PT_GNU_RELRO is [{relro.p_vaddr:#x}, ") for s in said)
-    relative, slots = counts.get("8", 0), counts.get("6", 0) + counts.get("7", 0)
+    relative = counts.get("8", 0)
+    slots = counts.get("6", 0) + counts.get("7", 0) + counts.get("1", 0)
     assert f"apply {relative:,} RELATIVE relocations (load bias + addend) and the " \
            f"{slots:,} symbol slots as one scatter of {relative + slots:,} words" in said
-    assert any(s.startswith(f"bind {slots:,} GLOB_DAT/JUMP_SLOT slots") for s in said)
+    assert any(s.startswith(f"bind {slots:,} GLOB_DAT/JUMP_SLOT slots through the resolver")
+               for s in said)
+    scatter = next(s for s in steps.steps if s.sentence.startswith("apply "))
+    assert calls[scatter.call_index].op == "write_words"
+    assert dict(calls[scatter.call_index].args)["count"] == relative + slots
     assert any(s.startswith("record DT_INIT + DT_INIT_ARRAY") and f"({inits} functions)" in s
                and "simulator: not run" in s for s in said)
     phases = [s.phase for s in steps.steps]
