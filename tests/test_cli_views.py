@@ -242,3 +242,24 @@ def test_help_of_each_view(verb: str, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--help"])
     assert verb in capsys.readouterr().out
+
+
+def test_explain_from_bytes_copies_and_guards_holes() -> None:
+    space = _need_sim()()
+    steps = Explainer()
+    obj = loader.load(Path(LIBZ).read_bytes(), space, explain=steps)
+    loads, _, _, _ = _headers()
+    copies = [s for s in steps.steps if s.sentence.startswith("copy ")]
+    assert len(copies) == len(loads)      # no file: every PT_LOAD is copied (need_copy)
+    for step in copies:
+        call = obj.mm.calls[step.call_index]
+        assert call.op == "write" and "need_copy" in step.sentence
+    assert phases_in_order(steps.steps)
+
+
+def test_explain_on_the_kernel_runs_init(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", LIBZ, "--backend", "libc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    _, _, _, inits = _headers()
+    assert lines[-1] == f"[init] run DT_INIT + DT_INIT_ARRAY ({inits} functions)"
+    assert any(ln.startswith("[protect] RELRO: mprotect") for ln in lines)
