@@ -406,6 +406,11 @@ class StubResolver(Resolver):
         for off, size in slots.values():
             if size == 0:
                 image[off: off + STUB_SIZE] = STUB_FILL * STUB_SIZE
-        mm.write(base, bytes(image))
-        mm.mprotect(base, length, ProtFlags.PROT_READ)
+        try:
+            mm.write(base, bytes(image))
+            mm.mprotect(base, length, ProtFlags.PROT_READ)
+        except BaseException:
+            # The loader learns of this mapping only when we return: undo it here.
+            mm.munmap(base, length)
+            raise
         return {key: base + off for key, (off, _) in slots.items()}, (base, base + length)

@@ -130,9 +130,9 @@ def test_a_failed_load_says_undo() -> None:
     last = steps.steps[-1]
     assert last.phase == "undo" and "ENOMEM" in last.sentence
     assert steps.steps[-2].phase == "map"     # the stubs' mprotect failed inside relocation
-    # The span is undone. (The extern stub page leaks: the resolver made it, and its range
-    # reaches RelocOutcome only after resolve returns; see the report of 2026-11-25.)
+    # Everything is undone: the span, and the extern stub page the resolver had just made.
     assert all(r.path != obj_path for r in space.maps())
+    assert space.maps() == []
 
 
 def _rows(out: str) -> list[tuple[int, int, str, int, str]]:
