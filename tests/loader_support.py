@@ -121,6 +121,15 @@ FLAG_MATRIX: dict[str, list[str]] = {
 """Link-flag point -> extra gcc flags for LIB_SOURCE as a shared library."""
 
 
+TLSDESC_SOURCE = """
+__thread int counter = 7;
+__thread char buffer[64];
+int *counter_addr(void) { return &counter; }
+char *buffer_addr(void) { return buffer; }
+"""
+"""Thread-local variables reached through TLS descriptors (gcc -mtls-dialect=gnu2)."""
+
+
 def _gcc(args: list[str], cwd: Path) -> None:
     """Run gcc; fail the test session with its output when it fails."""
     done = subprocess.run(["gcc", *args], cwd=cwd, capture_output=True, text=True)
@@ -151,6 +160,10 @@ def build_fixtures(where: Path) -> dict[str, Path]:
     _gcc(["-O1", "-fPIC", "-shared", "-Wl,-init,init_hook,-fini,fini_hook", "-o",
           str(where / "lib_initfini.so"), "initfini.c"], where)
     out["initfini"] = where / "lib_initfini.so"
+    (where / "tlsdesc.c").write_text(TLSDESC_SOURCE)
+    _gcc(["-O1", "-fPIC", "-shared", "-mtls-dialect=gnu2", "-o", str(where / "lib_tlsdesc.so"),
+          "tlsdesc.c"], where)
+    out["tlsdesc"] = where / "lib_tlsdesc.so"
     return out
 
 
@@ -181,14 +194,11 @@ def glibc_maps(path: Path) -> tuple[int, str]:
     return int(got["bias"]), str(got["maps"])
 
 
-def sim_factory() -> Callable[[], Mmap] | None:
-    """A constructor of fresh simulator backends, or None while vmsim has no AddressSpace."""
-    try:
-        import vmsim
-    except ImportError:
-        return None
-    cls: Callable[[], Mmap] | None = getattr(vmsim, "AddressSpace", None)
-    return cls
+def sim_factory() -> Callable[[], Mmap]:
+    """A constructor of fresh simulator backends."""
+    from vmsim import AddressSpace
+
+    return AddressSpace
 
 
 def host_mm() -> Mmap:

@@ -27,12 +27,6 @@ LIBZ = str(SYSTEM_LIBS["libz"])
 BASE = 0x7E0000000000
 
 
-def _need_sim() -> Any:
-    factory = sim_factory()
-    if factory is None:
-        pytest.skip("vmsim.AddressSpace is not available yet")
-    return factory
-
 
 def _headers() -> tuple[list[Any], Any, dict[str, int], int]:
     """libz per pyelftools: PT_LOAD headers, PT_GNU_RELRO, relocation counts, init count."""
@@ -53,7 +47,7 @@ def _headers() -> tuple[list[Any], Any, dict[str, int], int]:
 
 
 def test_explain_names_the_real_plan_of_libz() -> None:
-    space = _need_sim()()
+    space = sim_factory()()
     page = space.page_size
     steps = Explainer()
     obj = loader.load(LIBZ, space, base=BASE, explain=steps)
@@ -99,7 +93,7 @@ def test_explain_names_the_real_plan_of_libz() -> None:
 
 
 def test_interleave_covers_every_call_once() -> None:
-    space = _need_sim()()
+    space = sim_factory()()
     steps = Explainer()
     obj = loader.load(LIBZ, space, explain=steps)
     groups = steps.interleave(obj.mm.calls)
@@ -122,7 +116,7 @@ class _NoMprotect:
 
 
 def test_a_failed_load_says_undo() -> None:
-    space = _need_sim()()
+    space = sim_factory()()
     steps = Explainer()
     with pytest.raises(loader.MmapError):
         loader.load(LIBZ, _NoMprotect(space), explain=steps)
@@ -148,7 +142,7 @@ def _rows(out: str) -> list[tuple[int, int, str, int, str]]:
 
 
 def test_maps_rows_equal_the_backend_maps(capsys: pytest.CaptureFixture[str]) -> None:
-    factory = _need_sim()
+    factory = sim_factory()
     assert main(["maps", LIBZ, "--base", hex(BASE), "--color=never"]) == 0
     out = capsys.readouterr().out
     space = factory()
@@ -163,7 +157,7 @@ def test_maps_rows_equal_the_backend_maps(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_maps_colours_by_role(capsys: pytest.CaptureFixture[str]) -> None:
-    _need_sim()
+    sim_factory()
     assert main(["maps", LIBZ, "--color=always"]) == 0
     lines = capsys.readouterr().out.splitlines()
     code = next(ln for ln in lines if " r-xp " in ln)
@@ -186,7 +180,7 @@ def test_trace_on_the_kernel_lists_every_call() -> None:
 
 
 def test_explain_verb_interleaves(capsys: pytest.CaptureFixture[str]) -> None:
-    _need_sim()
+    sim_factory()
     assert main(["explain", LIBZ]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines[0].startswith("[parse] read libz.so")
@@ -199,7 +193,7 @@ def test_explain_verb_interleaves(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plot_writes_a_png_of_the_regions(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    _need_sim()
+    sim_factory()
     drawn: list[Figure] = []
     save = Figure.savefig
 
@@ -210,7 +204,7 @@ def test_plot_writes_a_png_of_the_regions(tmp_path: Path,
     out = tmp_path / "libz.png"
     assert main(["plot", LIBZ, "--base", hex(BASE), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    space = _need_sim()()
+    space = sim_factory()()
     obj = loader.load(LIBZ, space, base=BASE)
     want = {f"{r.start:#x}" for r in space.maps() if BASE <= r.start < obj.span[1]}
     ax = drawn[0].axes[0]
@@ -245,7 +239,7 @@ def test_help_of_each_view(verb: str, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_explain_from_bytes_copies_and_guards_holes() -> None:
-    space = _need_sim()()
+    space = sim_factory()()
     steps = Explainer()
     obj = loader.load(Path(LIBZ).read_bytes(), space, explain=steps)
     loads, _, _, _ = _headers()

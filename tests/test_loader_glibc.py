@@ -47,10 +47,7 @@ def _ours(path: Path, backend: str) -> list[str]:
     if backend == "libc":
         _, _, outcome = host_outcome(path)
     else:
-        factory = sim_factory()
-        if factory is None:
-            pytest.skip("vmsim.AddressSpace is not available yet")
-        outcome = load(path, factory()).outcome()
+        outcome = load(path, sim_factory()()).outcome()
     return outcome.page_perms(PAGE)
 
 

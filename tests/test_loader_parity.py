@@ -22,10 +22,7 @@ FIXTURE_POINTS = ["relro", "norelro", "now", "lazy", "separate-code", "noseparat
 
 
 def _sim() -> Any:
-    factory = sim_factory()
-    if factory is None:
-        pytest.skip("vmsim.AddressSpace is not available yet")
-    return factory()
+    return sim_factory()()
 
 
 def _check(path: Path) -> None:
