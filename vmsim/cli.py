@@ -384,13 +384,7 @@ def parser() -> argparse.ArgumentParser:
                           description="Load PATH (default: libz.so.1 of this machine) with "
                           "the project's loader and print the resulting map, RELRO, "
                           "relocation counts and the Mmap calls made.")
-    ld.add_argument("path", nargs="?", metavar="PATH",
-                    help=f"ELF shared object or executable (default: {DEFAULT_LIBRARY})")
-    ld.add_argument("--backend", choices=["sim", "libc"], default=None,
-                    help="sim: the simulator (the default when available); libc: the real "
-                    "kernel, in a forked child of this command")
-    ld.add_argument("--base", type=_int, metavar="ADDR",
-                    help="where the span starts (default: the backend chooses)")
+    _common(ld)
     ld.add_argument("--json", action="store_true",
                     help="print one JSON object: path, backend, load_bias, span, regions, "
                     "relro, relocations, calls")
