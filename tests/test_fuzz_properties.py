@@ -7,7 +7,6 @@ pytest. The simulator runs in-process: a loader bug there is a ``Fault``.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from loader.libc import LibcMmap
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
 from loader.strategies import MalformedImage, elf_images, malformed_elf
+from vmsim import AddressSpace
 from vmsim.fuzz import (
     CheckingMmap,
     Violation,
@@ -43,15 +43,8 @@ PIPELINE = sys.modules[loader.load.__module__]
 """The module holding ``load`` and its steps (its name is the loader's business)."""
 
 
-def _sim_factory() -> Callable[[], Mmap] | None:
-    """``vmsim.AddressSpace`` when the simulator exists, else None."""
-    vmsim = importlib.import_module("vmsim")
-    return getattr(vmsim, "AddressSpace", None)
-
-
-SIM = _sim_factory()
-BACKENDS = ["libc"] + (["sim"] if SIM is not None else [])
-needs_sim = pytest.mark.skipif(SIM is None, reason="vmsim.AddressSpace not built yet")
+SIM: Callable[[], Mmap] = AddressSpace
+BACKENDS = ["libc", "sim"]
 quick = settings(max_examples=30, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.function_scoped_fixture])
@@ -112,7 +105,6 @@ def test_valid_images_load_as_predicted(backend: str, image: ElfImage, from_file
     _on(backend, _valid, image, image_file(image) if from_file else None)
 
 
-@needs_sim
 @quick
 @given(image=elf_images(max_page_size=0x10000, relro=True, bss=True), from_file=st.booleans())
 def test_valid_images_load_as_predicted_with_64k_pages(
@@ -132,7 +124,6 @@ def test_malformed_images_raise_only_elferror_and_leave_nothing(backend: str,
     _on(backend, _malformed, bad.data)
 
 
-@needs_sim
 @settings(quick, max_examples=15)
 @given(image=elf_images(textrel=st.booleans()))
 def test_host_and_simulator_give_identical_outcomes(image: ElfImage) -> None:
@@ -295,8 +286,6 @@ def test_broken_loader_is_caught_with_a_shrunk_example(
 def test_campaign_reports_and_saves_the_shrunk_failure(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
     from vmsim.fuzz import run_campaign
-    if SIM is None:
-        pytest.skip("the campaign runs on the simulator")
     monkeypatch.setattr(loader.plan, "_relro", _relro_end_rounded_up)
     stats = run_campaign(60, kind="valid", out_dir=tmp_path, max_examples=150)
     assert stats.failures, "the campaign missed the RELRO-rounded-up loader"
@@ -310,8 +299,6 @@ def test_vmsim_fuzz_command_runs_a_short_clean_campaign(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
     from vmsim.fuzz import main
-    if SIM is None:
-        pytest.skip("the campaign runs on the simulator")
     code = main(["--time", "1", "--property", "malformed", "--out", str(tmp_path)])
     out = capsys.readouterr()
     assert code == 0, out
@@ -356,8 +343,6 @@ def test_malformed_campaign_on_both_backends_finds_nothing(tmp_path: Path) -> No
     # A campaign of 20,000 corrupted files on the simulator and (in forked children, 500 at
     # a time) on the host: only ElfError (or a backend's ENOMEM), nothing left mapped.
     from vmsim.fuzz import run_campaign
-    if SIM is None:
-        pytest.skip("the campaign runs on the simulator")
     stats = run_campaign(3600, kind="malformed", backend="both", out_dir=tmp_path,
                          max_examples=20_000)
     assert stats.failures == []

@@ -34,6 +34,7 @@ from loader.libc import LibcMmap, read_maps
 from loader.mmap import MapFlags, MmapError, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
 from loader.strategies import MUTATION_KINDS, MalformedImage, elf_images, elf_specs, malformed_elf
+from vmsim import AddressSpace
 from vmsim.strategies import (
     MmapOp,
     MprotectOp,
@@ -270,12 +271,6 @@ def _run_ops(mm: Any, base: int, seq: list[Any], fd: int) -> tuple[list[Any], li
     return results, regions
 
 
-def _sim() -> Any:
-    import vmsim
-    return getattr(vmsim, "AddressSpace", None)
-
-
-@pytest.mark.skipif(_sim() is None, reason="vmsim.AddressSpace not built yet")
 @settings(deadline=None)  # example count from the profile (dev 20, ci 100, fuzz 100k)
 @given(seq=op_sequences(arena_pages=8, max_size=10, kinds=["mmap", "munmap", "mprotect"],
                         file_pages=4, placements=["fixed", "noreplace"]))
@@ -294,7 +289,7 @@ def test_op_sequences_give_the_same_results_on_kernel_and_simulator(
         done = run_isolated(child)
         assert done.status == "ok", done
         base, kernel = done.value
-        sim = _sim()()
+        sim = AddressSpace()
         assert _run_ops(sim, base, seq, fd) == kernel
     finally:
         os.close(fd)

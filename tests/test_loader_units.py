@@ -192,8 +192,6 @@ def test_rel_rela_relr_give_the_writers_words(rel_format: str, relr: bool) -> No
     from loader.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 
     factory = sim_factory()
-    if factory is None:
-        pytest.skip("vmsim.AddressSpace is not available yet")
     spec = ElfSpec(
         segments=(Segment("rw", data=bytes(64), bss=32, relro=16), Segment("rx", data=bytes(32))),
         symbols=(Symbol("answer", segment=0, offset=40), Symbol("fn", segment=1, offset=8,
