@@ -201,6 +201,21 @@ def sim_factory() -> Callable[[], Mmap]:
     return AddressSpace
 
 
+def machine_elf_libraries() -> list[str]:
+    """Every ELF shared object file (not a symlink) in /usr/lib/x86_64-linux-gnu, sorted."""
+    import glob
+    import os
+
+    found = []
+    for path in sorted(glob.glob("/usr/lib/x86_64-linux-gnu/*.so*")):
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            if f.read(4) == b"\x7fELF":
+                found.append(path)
+    return found
+
+
 def host_mm() -> Mmap:
     """A fresh host backend."""
     return LibcMmap()

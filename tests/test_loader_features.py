@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loader_support import (  # noqa: F401
+from loader_support import (  # noqa: F401  (fixture_libs_fixture is a pytest fixture)
     fixture_libs_fixture,
     glibc_init_fini,
+    machine_elf_libraries,
     sim_factory,
 )
 
@@ -142,16 +143,8 @@ def test_stub_resolver_extern_mapping(fixture_libs: dict[str, Path]) -> None:
 def test_every_library_of_this_machine_loads_on_the_simulator() -> None:
     """Every ELF shared object in /usr/lib/x86_64-linux-gnu loads (no dependency, stubs for
     imports) with the plan's predicted protections, and unloads to an empty address space."""
-    import glob
-    import os
-
     count = 0
-    for path in sorted(glob.glob("/usr/lib/x86_64-linux-gnu/*.so*")):
-        if os.path.islink(path) or not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                continue
+    for path in machine_elf_libraries():
         mm = _sim()
         obj = load(path, mm)
         count += 1

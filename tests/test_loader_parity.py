@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loader_support import SYSTEM_LIBS, fixture_libs_fixture, sim_factory  # noqa: F401
+from loader_support import (  # noqa: F401
+    SYSTEM_LIBS,
+    fixture_libs_fixture,
+    machine_elf_libraries,
+    sim_factory,
+)
 
 from loader import CopyingMmap, load
 from loader.compare import compare_backends, host_outcome
@@ -79,19 +84,11 @@ def test_every_library_of_this_machine_identical() -> None:
     (a) the host refuses it (PT_TLS, dynamic TLS of other modules: ElfUnsupportedError), or
     (b) it has IRELATIVE/IFUNC resolvers, which run on the host and may write memory there
     (ld.so and libatomic initialise CPU-feature data); ~30 s."""
-    import glob
-    import os
-
     from loader import ElfUnsupportedError
 
     equal = 0
     unexplained = []
-    for path in sorted(glob.glob("/usr/lib/x86_64-linux-gnu/*.so*")):
-        if os.path.islink(path) or not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                continue
+    for path in machine_elf_libraries():
         try:
             result = compare_backends(path, _sim())
         except ElfUnsupportedError:
