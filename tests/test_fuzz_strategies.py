@@ -145,7 +145,7 @@ def test_entry_points_register_the_types() -> None:
     from importlib.metadata import entry_points
 
     hooks = {ep.value for ep in entry_points(group="hypothesis")}
-    assert {"loader._hypothesis_plugin:setup", "vmsim._hypothesis_plugin:setup"} <= hooks
+    assert "vmsim._hypothesis_plugin:setup" in hooks
     for ep in entry_points(group="hypothesis"):
         if ep.value.endswith("_hypothesis_plugin:setup"):
             ep.load()()
