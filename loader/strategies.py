@@ -543,9 +543,11 @@ def _share_page(draw: st.DrawFn, image: ElfImage, data: bytearray, loads: list[i
             _set(data, image.phoff + i * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", new)
             return (f"phdr[{i}].p_vaddr = {new:#x} (shares page {end - end % _PAGE:#x} with "
                     f"phdr[{j}], other flags)")
-    value = int(image.phdrs[loads[0]]["p_vaddr"]) + int(ph["p_vaddr"]) % _PAGE
+    j = next(x for x in loads if x != i)  # overlap another PT_LOAD, never i itself
+    start = int(image.phdrs[j]["p_vaddr"])
+    value = start - start % _PAGE + int(ph["p_vaddr"]) % _PAGE
     _set(data, image.phoff + i * ew.PHDR.itemsize, ew.PHDR, "p_vaddr", value)
-    return f"phdr[{i}].p_vaddr = {value:#x} (overlaps phdr[{loads[0]}])"
+    return f"phdr[{i}].p_vaddr = {value:#x} (overlaps phdr[{j}])"
 
 
 _DYN_POINTERS = {
