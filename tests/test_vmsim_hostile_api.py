@@ -1,0 +1,267 @@
+"""The simulator's API and the host backend under hostile arguments and tight limits: reads
+checked before any work, file descriptors shared per open file, a frame pool that grows on
+demand, accesses that fail with an error instead of a signal. Each risky case runs under
+loader.isolate.run_isolated (bounded time and memory)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness_sim import host_like_space
+
+from loader.isolate import run_isolated
+from loader.libc import LibcMmap, read_maps
+from loader.mmap import MAX_READ, MapFlags, Mmap, MmapError, ProtFlags
+from vmsim import AddressSpace, Fault
+
+R, RW = ProtFlags.PROT_READ, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE
+PRIV = MapFlags.MAP_PRIVATE
+ROOT = Path(__file__).resolve().parent.parent
+LIBZ = Path("/usr/lib/x86_64-linux-gnu/libz.so.1")
+
+
+# 1. reads are checked before any work
+
+def _huge_reads() -> list[str]:
+    space = AddressSpace()
+    addr = space.mmap_anonymous(0, 1 << 30, RW, PRIV)
+    reserve = space.mmap_reserve(None, 64 << 30, True)
+    got = []
+    for call, args in ((space.read, (addr, 1 << 40)), (space.fetch, (addr, 1 << 40)),
+                       (space.peek, (addr, 64 << 30)), (space.read, (addr - 1, 1 << 40)),
+                       (space.read, (-4096, 1 << 40)), (space.peek, (reserve, 64 << 30)),
+                       (space.read, (addr, 1 << 80))):
+        try:
+            call(*args)
+            got.append("ok")
+        except Fault as fault:
+            got.append(f"{fault.signal} {fault.code} {fault.addr - addr:#x}")
+        except MmapError as exc:
+            got.append(errno.errorcode[exc.errno])
+    out = bytearray(16)
+    try:
+        space.read_into(addr + (1 << 30) - 8, out)
+    except Fault as fault:
+        got.append(f"into {fault.addr - addr:#x} {bytes(out) == bytes(16)}")
+    got.append(str(space.stats.frames))
+    return got
+
+
+def test_huge_or_partly_unmapped_reads_fault_first() -> None:
+    got = run_isolated(_huge_reads, timeout=10, max_rss=512 << 20).value
+    end = f"{1 << 30:#x}"
+    assert got == [f"SIGSEGV SEGV_MAPERR {end}", "SIGSEGV SEGV_ACCERR 0x0",
+                   f"SIGSEGV SEGV_MAPERR {end}", "SIGSEGV SEGV_ACCERR -0x1",
+                   got[4], "ENOMEM", f"SIGSEGV SEGV_MAPERR {end}", f"into {end} True", "0"]
+    assert got[4].startswith("SIGSEGV")
+
+
+def _untouched_read() -> tuple[int, int, bool]:
+    space = AddressSpace()
+    addr = space.mmap_anonymous(0, 64 << 20, RW, PRIV)
+    data = space.read(addr, 64 << 20)
+    return len(data), space.stats.frames, data == bytes(len(data))
+
+
+def test_read_of_untouched_anonymous_memory_allocates_no_frames() -> None:
+    assert run_isolated(_untouched_read, timeout=10, max_rss=512 << 20).value == \
+        (64 << 20, 0, True)
+
+
+def test_max_read_is_documented_and_enforced() -> None:
+    assert MAX_READ == 1 << 32
+    space = AddressSpace()
+    reserve = space.mmap_reserve(None, MAX_READ + (1 << 20), True)
+    with pytest.raises(MmapError) as info:
+        space.peek(reserve, MAX_READ + 1)
+    assert info.value.errno == errno.ENOMEM
+    assert space.stats.frames == 0 and space.stats.page_tables == 1
+
+
+# 2. one descriptor per open file, not per mapping
+
+def _many_mappings(backend: str, reopen: bool, path: str) -> tuple[int, int]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    mm: Mmap = LibcMmap() if backend == "libc" else host_like_space()
+    page = 4096
+    base = mm.mmap_reserve(None, 2 * 5000 * page, True)
+    fd = os.open(path, os.O_RDONLY)
+    for k in range(5000):
+        if reopen:
+            os.close(fd)
+            fd = os.open(path, os.O_RDONLY)
+        # every other page stays PROT_NONE reservation: no two file mappings touch
+        mm.mmap(base + 2 * k * page, page, R, PRIV | MapFlags.MAP_FIXED, page * (k % 2), fd)
+    os.close(fd)
+    inside = [r for r in mm.maps() if base <= r.start < base + 2 * 5000 * page]
+    return len(inside), len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["one-fd", "open-each-time"])
+def test_5000_mappings_of_one_file_at_ulimit_n_256(tmp_path: Path, reopen: bool) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192)
+    kernel = run_isolated(_many_mappings, "libc", reopen, str(path), timeout=30,
+                          max_rss=512 << 20).value
+    sim = run_isolated(_many_mappings, "sim", reopen, str(path), timeout=30,
+                       max_rss=512 << 20).value
+    assert sim[0] == kernel[0]  # the same number of maps lines (merges where the kernel does)
+    assert sim[1] < 128
+
+
+def test_dup_and_second_open_still_told_apart(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * 4 * 4096)
+    for mm in (LibcMmap(), host_like_space()):
+        base = mm.mmap_reserve(None, 8 * 4096, True)
+        fd = os.open(path, os.O_RDONLY)
+        mm.mmap(base, 4096, R, PRIV | MapFlags.MAP_FIXED, 0, fd)
+        dup = os.dup(fd)
+        os.close(fd)
+        mm.mmap(base + 4096, 4096, R, PRIV | MapFlags.MAP_FIXED, 4096, dup)  # merges
+        other = os.open(path, os.O_RDONLY)
+        mm.mmap(base + 2 * 4096, 4096, R, PRIV | MapFlags.MAP_FIXED, 2 * 4096, other)
+        os.close(dup)
+        os.close(other)
+        lines = [(r.start - base, r.end - base) for r in mm.maps()
+                 if base <= r.start < base + 3 * 4096]
+        mm.munmap(base, 8 * 4096)
+        assert lines == [(0, 2 * 4096), (2 * 4096, 3 * 4096)], type(mm).__name__
+
+
+def _dup_failure() -> str:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+    space = AddressSpace()
+    fds = []
+    try:
+        while True:
+            fds.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    os.close(fds.pop())
+    fd = os.open(__file__, os.O_RDONLY)  # the last free descriptor
+    try:
+        space.mmap(None, 4096, R, PRIV, 0, fd)
+    except MmapError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+
+def test_no_descriptor_left_is_mmap_error_emfile() -> None:
+    assert run_isolated(_dup_failure, timeout=10).value == "EMFILE"
+
+
+# 5. the frame pool grows on demand
+
+def test_address_space_under_ulimit_v_4000000() -> None:
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, 4_000_000 * 1024))
+import loader
+from vmsim import AddressSpace
+space = AddressSpace()
+obj = loader.load({str(LIBZ)!r}, space)
+start, end = obj.span
+head = space.read(start, 4)
+assert head == b"\\x7fELF", head
+page = space.mmap_anonymous(0, 1 << 20, 3, 2)
+space.write(page, b"z" * (1 << 20))
+assert space.read(page + 5, 3) == b"zzz"
+print("ok", space.stats.frames)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def _many_spaces() -> tuple[int, bytes]:
+    spaces = [AddressSpace() for _ in range(10_000)]
+    last = spaces[-1]
+    addr = last.mmap_anonymous(0, 4096, RW, PRIV)
+    last.write(addr, b"alive")
+    return len(spaces), last.read(addr, 5)
+
+
+def test_10000_address_spaces_at_once() -> None:
+    got = run_isolated(_many_spaces, timeout=60, max_rss=512 << 20).value
+    assert got == (10_000, b"alive")
+
+
+def test_page_size_checked_first() -> None:
+    for bad in (1 << 40, 0, -4096, 1024, 2048, 3 * 4096, 1 << 17):
+        with pytest.raises(ValueError, match="power of two from 0x1000 to 0x10000"):
+            AddressSpace(page_size=bad)
+    assert AddressSpace(page_size=1 << 16).page_size == 1 << 16
+
+
+# 3. write_words with addresses no pointer can hold
+
+@pytest.mark.parametrize("where", [[-8], [-(1 << 63)], [1 << 64], [(1 << 47) + 8]])
+def test_write_words_bad_address_faults(where: list[int]) -> None:
+    space = AddressSpace()
+    with pytest.raises(Fault) as info:
+        space.write_words(np.array(where, dtype=object), np.array([1], dtype=np.uint64))
+    assert info.value.signal == "SIGSEGV"
+    with pytest.raises(MmapError) as host:
+        LibcMmap().write_words(where, [1])  # type: ignore[arg-type]
+    assert host.value.errno == errno.EFAULT
+
+
+# 6. the host backend: errors, not signals
+
+def _host_bad_accesses() -> list[str]:
+    mm = LibcMmap()
+    none = mm.mmap_reserve(None, 4096, True)
+    got = []
+    for call, args in ((mm.read, (0, 32)), (mm.read, (none, 1)), (mm.write, (0, b"x")),
+                       (mm.write, (none, b"x")), (mm.read, (-4096, 8)),
+                       (mm.read, (none, 1 << 40))):
+        try:
+            call(*args)
+            got.append("ok")
+        except MmapError as exc:
+            got.append(errno.errorcode[exc.errno])
+    return got
+
+
+def test_libc_bad_accesses_are_efault_not_signals() -> None:
+    got = run_isolated(_host_bad_accesses, timeout=10, max_rss=512 << 20)
+    assert got.status == "ok" and got.value == ["EFAULT"] * 6
+
+
+def test_libc_partial_write_stores_the_prefix() -> None:
+    mm = LibcMmap()
+    base = mm.mmap_anonymous(0, 2 * 4096, RW, PRIV)
+    mm.mprotect(base + 4096, 4096, R)
+    with pytest.raises(MmapError) as info:
+        mm.write(base + 4096 - 3, b"abcdef")
+    assert info.value.errno == errno.EFAULT and f"{base + 4096:#x}" in str(info.value)
+    assert mm.read(base + 4096 - 3, 6) == b"abc\0\0\0"
+    mm.munmap(base, 2 * 4096)
+
+
+def _maps_with_odd_name(directory: str) -> tuple[bool, bool]:
+    name = os.path.join(os.fsencode(directory), b"odd-\xff\xfe-name")
+    with open(name, "wb") as f:
+        f.write(b"q" * 4096)
+    fd = os.open(name, os.O_RDONLY)
+    mm = LibcMmap()
+    addr = mm.mmap(None, 4096, R, PRIV, 0, fd).addr
+    space = AddressSpace()
+    sim_addr = space.mmap(None, 4096, R, PRIV, 0, fd).addr
+    os.close(fd)
+    host = next(r for r in read_maps() if r.start == addr)
+    sim = next(r for r in space.maps() if r.start == sim_addr)
+    return os.fsencode(host.path) == name, os.fsencode(sim.path) == name
+
+
+def test_non_utf8_path_in_maps_round_trips(tmp_path: Path) -> None:
+    assert run_isolated(_maps_with_odd_name, str(tmp_path), timeout=10).value == (True, True)
