@@ -504,9 +504,10 @@ class AddressSpace(MmapDefaults):
     def ftruncate(self, fd: int, length: int) -> None:
         """``os.ftruncate(fd, length)``, and what the kernel does at once on a shrink: drop
         the file's pages past the new end from every mapping, private copies included.
-        (A size change made elsewhere is noticed at the next access to the file.)"""
-        os.ftruncate(fd, length)
-        st = os.fstat(fd)
+        (A size change made elsewhere is noticed at the next access to the file.) The host's
+        OSError (bad fd, negative length) is raised as MmapError with its errno."""
+        self._host(os.ftruncate, fd, length)
+        st = self._host(os.fstat, fd)
         inode = self._inodes.get((st.st_dev, st.st_ino))
         if inode is not None:
             self._resize(inode, st.st_size)
