@@ -46,18 +46,17 @@ ENTRIES = 512
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _POPULATE_MIN = 16  # frames: below this, the host's own page faults are as cheap
 _TABLE_LINK = PTE_P | PTE_W | PTE_U
-_HOST_HUGE = 2 << 20  # frames start at this alignment: the host may use huge pages for them
 
 
 class FramePool:
     """Page frames as rows of one ``uint8`` numpy array over an anonymous host mapping.
 
-    The host mapping starts small (``capacity`` frames) and grows on demand, doubling, by
-    copying the frames in use into a new mapping (frame numbers never change, only the
-    array's base; the copies add up to less than the final size). It is made with
-    MAP_NORESERVE, so the host commits memory only for frames actually
-    written (as the simulated kernel does); an idle pool costs little address space, so many
-    spaces can exist at once and the simulator runs under a small ``ulimit -v``.
+    The host mapping starts small (``capacity`` frames) and grows on demand, doubling, with
+    mremap (nothing copied; a copy only when a view of the old array is still alive): frame
+    numbers never change, only the array's base. It is made with MAP_NORESERVE, so the host
+    commits memory only for frames actually written (as the simulated kernel does); an idle
+    pool costs little address space, so many spaces can exist at once and the simulator runs
+    under a small ``ulimit -v``.
     Frame 0 is the zero page: always zeros, never handed out. Freed frames are reused first.
     """
 
@@ -69,27 +68,36 @@ class FramePool:
         self._free: list[int] = []
 
     def _reserve(self, frames: int) -> mmap.mmap:
-        """A zero-filled, lazily committed host mapping for ``frames`` frames, with room to
-        start them at a 2 MiB boundary (so the host can back them with huge pages)."""
+        """A zero-filled, lazily committed host mapping for ``frames`` frames."""
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
-        return mmap.mmap(-1, frames * self.page_size + _HOST_HUGE, flags=flags)
+        return mmap.mmap(-1, frames * self.page_size, flags=flags)
 
     def _view(self, host: mmap.mmap, frames: int) -> npt.NDArray[np.uint8]:
-        """The host mapping as a (frames, page_size) array starting at a 2 MiB boundary."""
-        raw = np.frombuffer(host, dtype=np.uint8)
-        skip = -raw.ctypes.data % _HOST_HUGE
-        return raw[skip: skip + frames * self.page_size].reshape(frames, self.page_size)
+        """The host mapping as a (frames, page_size) array."""
+        return np.frombuffer(host, dtype=np.uint8).reshape(frames, self.page_size)
 
     def _grow(self, frames: int) -> None:
-        """Make room for ``frames`` frames: a new host mapping, the frames in use copied over
-        (frame numbers do not change; views of the old array stay valid). Raises MemoryError
-        when the host refuses (address space exhausted)."""
+        """Make room for ``frames`` frames: resize the host mapping (mremap moves its pages,
+        nothing is copied) when no view of it is alive, else copy the frames in use to a new
+        mapping. Frame numbers never change. Raises MemoryError when the host refuses
+        (address space exhausted)."""
+        old = self.data
+        self.data = np.empty((0, self.page_size), dtype=np.uint8)
+        del old  # our own export of the mapping: mremap needs none left
+        try:
+            self._map.resize(frames * self.page_size)
+            self.data = self._view(self._map, frames)
+            return
+        except (BufferError, OSError, SystemError, ValueError):
+            pass  # a caller still holds a view (or no mremap): copy instead
+        current = self._view(self._map, len(self._map) // self.page_size)
         try:
             host = self._reserve(frames)
         except OSError as err:
+            self.data = current
             raise MemoryError(f"frame pool: cannot grow to {frames} frames: {err}") from err
         grown = self._view(host, frames)
-        grown[: self._next] = self.data[: self._next]
+        grown[: self._next] = current[: self._next]
         self._map, self.data = host, grown
 
     @property
