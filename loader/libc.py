@@ -118,6 +118,113 @@ def _iov(base: int, length: int) -> npt.NDArray[np.void]:
     return vec
 
 
+_SCATTER_MIN = 64
+"""From this many separate pieces on, write_words checks the pages once and scatters with
+numpy instead of moving each word through process_vm_writev."""
+
+
+def _region_of(addr: int) -> tuple[int, bytes] | None:
+    """The end and permission letters of the mapping holding ``addr``, or None."""
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, perms = line.split(b" ", 2)[:2]
+            lo, hi = span.split(b"-")
+            if int(lo, 16) <= addr < int(hi, 16):
+                return int(hi, 16), perms
+    return None
+
+
+def _cpu_reads(perms: bytes) -> bool:
+    """Whether the CPU can load from a mapping with these permission letters: x86 reads
+    write-only memory, and execute-only memory unless protection keys guard it (where
+    process_vm_readv refuses both: it wants VM_READ)."""
+    return perms[:2] != b"--" or (perms[2:3] == b"x" and not host_has_pkeys())
+
+
+def _read_rest(start: int, out: bytes, got: int) -> int:
+    """Finish a read that process_vm_readv stopped at ``start + got``: pages the CPU can
+    load although they lack PROT_READ are read through /proc/self/mem (which also answers
+    for the rest). Returns the bytes read in all (fewer than asked: a real fault there)."""
+    n = len(out)
+    mem = -1
+    try:
+        while got < n:
+            region = _region_of(start + got)
+            if region is None or not _cpu_reads(region[1]):
+                break
+            if mem < 0:
+                mem = os.open("/proc/self/mem", os.O_RDONLY)
+            want = min(n, region[0] - start) - got
+            try:
+                chunk = os.pread(mem, want, start + got)
+            except OSError:
+                break
+            ctypes.memmove(_bytes_data(out) + got, chunk, len(chunk))
+            got += len(chunk)
+            if len(chunk) < want:
+                break
+    finally:
+        if mem >= 0:
+            os.close(mem)
+    return got
+
+
+def _writable_ranges() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Starts and ends of this process's writable mappings (/proc/self/maps, parsed lean)."""
+    starts, ends = [], []
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, perms = line.split(b" ", 2)[:2]
+            if perms[1:2] == b"w":
+                lo, hi = span.split(b"-")
+                starts.append(int(lo, 16))
+                ends.append(int(hi, 16))
+    return np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64)
+
+
+def _pages_writable(pages: npt.NDArray[np.uint64]) -> bool:
+    """True when every page (sorted start addresses) lies in a writable mapping and can be
+    read through process_vm_readv (mapped, not past a file's end): then a store to it cannot
+    fault. Nothing is written."""
+    starts, ends = _writable_ranges()
+    slot = np.searchsorted(ends, pages, side="right")
+    inside = slot < len(ends)
+    inside[inside] &= starts[slot[inside]] <= pages[inside]
+    if not inside.all():
+        return False
+    remote = np.empty(len(pages), dtype=_IOVEC)
+    remote["base"], remote["len"] = pages, 1
+    scratch = np.empty(len(pages), dtype=np.uint8)
+    return _transfer(False, _iov(scratch.ctypes.data, len(pages)), remote) == len(pages)
+
+
+def _pages_of_words(where: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The sorted start addresses of the pages the 8-byte words at ``where`` touch (no
+    address may be above 2**64 - 8). Sorted input (relocations usually are) skips the sort."""
+    mask = np.uint64(~(HOST_PAGE_SIZE - 1) & _MAP_FAILED)
+    first = where & mask
+    straddle = (where & np.uint64(HOST_PAGE_SIZE - 1)) > np.uint64(HOST_PAGE_SIZE - 8)
+    if straddle.any():
+        first = np.concatenate([first, first[straddle] + np.uint64(HOST_PAGE_SIZE)])
+    if not bool((first[1:] >= first[:-1]).all()):
+        first = np.sort(first)
+    pages: npt.NDArray[np.uint64] = first[np.concatenate([[True], first[1:] != first[:-1]])]
+    return pages
+
+
+def _scatter(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> None:
+    """Store the words through a byte view of ``[min(where), max(where) + 8)``: only the
+    addressed bytes are touched. The pages must have been checked."""
+    lo = int(where.min())
+    span = int(where.max()) - lo + 8
+    view = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(lo))
+    rel = (where - np.uint64(lo)).astype(np.intp)
+    if not (rel & 7).any():
+        view[: span - span % 8].view("<u8")[rel >> 3] = words
+    else:
+        view[rel[:, None] + np.arange(8)] = words.view(np.uint8).reshape(-1, 8)
+
+
 def _as_size(value: int) -> int:
     """``value`` as the kernel's unsigned long sees it.
 
@@ -265,6 +372,8 @@ class LibcMmap(MmapDefaults):
             raise MmapError(errno.ENOMEM, f"read: no memory for n={n:#x} bytes") from err
         got = _transfer(False, _iov(_bytes_data(out), n), _iov(start, n))
         if got != n:
+            got = _read_rest(start, out, max(got, 0))
+        if got != n:
             raise _bad_access("read", start, n, got)
         return bytes(out)
 
@@ -282,10 +391,13 @@ class LibcMmap(MmapDefaults):
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store 64-bit little-endian ``values[i]`` at ``addrs[i]`` in one vectored
-        process_vm_writev (runs of consecutive words become one piece). Checked like
-        :meth:`write`: on a bad address the words before it are stored, then MmapError(EFAULT)
-        names it. Addresses wrap modulo 2**64 as C's would (a negative one is in the kernel
-        half). Raises ValueError when the arrays' shapes differ."""
+        process_vm_writev (runs of consecutive words become one piece); many separate words
+        are one numpy scatter once every page they touch is known writable (/proc/self/maps)
+        and present (process_vm_readv). Checked like :meth:`write`: on a bad address the words
+        before it are stored, then MmapError(EFAULT) names it. Addresses wrap modulo 2**64
+        as C's would (a negative one is in the kernel half). Raises ValueError when the
+        arrays' shapes differ. (A munmap by another thread between the check and the
+        scatter can still fault.)"""
         where = as_addresses(addrs)
         words = np.ascontiguousarray(np.asarray(values, dtype="<u8").ravel())
         if where.shape != words.shape:
@@ -293,6 +405,10 @@ class LibcMmap(MmapDefaults):
         if where.size == 0:
             return
         starts = np.flatnonzero(np.diff(where) != np.uint64(8)) + 1
+        if len(starts) >= _SCATTER_MIN and int(where.max()) <= _MAP_FAILED - 8:
+            if _pages_writable(_pages_of_words(where)):
+                _scatter(where, words)
+                return
         firsts = np.concatenate([[0], starts])
         remote = np.empty(len(firsts), dtype=_IOVEC)
         remote["base"] = where[firsts]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import raw_load
 from harness_sim import host_like_space
 
 from loader.isolate import run_isolated
@@ -297,3 +298,51 @@ def _maps_with_odd_name(directory: str) -> tuple[bool, bool]:
 
 def test_non_utf8_path_in_maps_round_trips(tmp_path: Path) -> None:
     assert run_isolated(_maps_with_odd_name, str(tmp_path), timeout=10).value == (True, True)
+
+
+def _libc_vs_cpu(prot: int) -> tuple[object, object]:
+    mm = LibcMmap()
+    page = mm.mmap_anonymous(0, 2 * 4096, RW, PRIV)
+    mm.write(page + 4096 - 2, b"wxyz")
+    mm.mprotect(page, 2 * 4096, ProtFlags(prot))
+    cpu = run_isolated(raw_load, page + 4096 - 2, 4)
+    try:
+        checked: object = mm.read(page + 4096 - 2, 4)
+    except MmapError as exc:
+        checked = errno.errorcode[exc.errno or 0]
+    return (cpu.value if cpu.status == "ok" else cpu.status), checked
+
+
+@pytest.mark.parametrize("prot", [ProtFlags.PROT_WRITE, ProtFlags.PROT_EXEC,
+                                  ProtFlags.PROT_WRITE | ProtFlags.PROT_EXEC, ProtFlags.PROT_NONE],
+                         ids=str)
+def test_libc_read_answers_as_the_cpu(prot: ProtFlags) -> None:
+    # process_vm_readv wants PROT_READ; the CPU also loads from write-only memory (and from
+    # execute-only memory without protection keys): LibcMmap.read follows the CPU
+    cpu, checked = run_isolated(_libc_vs_cpu, int(prot), timeout=20).value
+    assert checked == (cpu if cpu != "SIGSEGV" else "EFAULT")
+
+
+def _many_words_bad_page() -> tuple[str, list[int]]:
+    mm = LibcMmap()
+    base = mm.mmap_anonymous(0, 3 * 4096, RW, PRIV)
+    mm.mprotect(base + 4096, 4096, R)
+    # a word in every other slot of three pages; the middle page (read-only) comes last
+    where = np.array([base + 16 * k for k in range(768)], dtype=np.uint64)
+    where = np.concatenate([where[where < base + 4096], where[where >= base + 2 * 4096],
+                            where[(where >= base + 4096) & (where < base + 2 * 4096)]])
+    try:
+        mm.write_words(where, np.arange(1, len(where) + 1, dtype=np.uint64))
+        code = "ok"
+    except MmapError as exc:
+        code = errno.errorcode[exc.errno or 0]
+    words = np.frombuffer(mm.read(base, 4096), dtype="<u8").tolist() + \
+        np.frombuffer(mm.read(base + 2 * 4096, 4096), dtype="<u8").tolist()
+    return code, words
+
+
+def test_libc_write_words_bulk_stops_at_the_bad_page() -> None:
+    code, words = run_isolated(_many_words_bad_page, timeout=20).value
+    assert code == "EFAULT"
+    stored = [w for w in words if w]
+    assert stored == list(range(1, len(stored) + 1)) and len(stored) == 2 * 256
