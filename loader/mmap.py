@@ -271,11 +271,16 @@ class Mmap(Protocol):
         ...
 
     def read(self, addr: int, n: int) -> bytes:
-        """Read ``n`` bytes at ``addr`` as a user-mode load would (the simulator checks it)."""
+        """Read ``n`` bytes at ``addr`` as a user-mode load would. A bad address never takes
+        the process down: the simulator raises ``vmsim.Fault`` (the signal the kernel would
+        send), the host backend MmapError(EFAULT); both before allocating anything for a
+        range that is not readable. ValueError for a negative ``n``; MmapError(ENOMEM) for a
+        readable range longer than :data:`MAX_READ`."""
         ...
 
     def write(self, addr: int, data: bytes) -> None:
-        """Write ``data`` at ``addr`` as a user-mode store would (the simulator checks it)."""
+        """Write ``data`` at ``addr`` as a user-mode store would: the bytes before the first
+        bad page are stored, then the error is raised as for :meth:`read`."""
         ...
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:

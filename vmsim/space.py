@@ -31,7 +31,14 @@ Known differences from Linux (each a choice, not an accident):
 * MAP_GROWSDOWN mappings never grow and get no stack guard gap in placement;
 * a Fault's address is the first faulting byte in address order (a CPU's copy loop may touch
   another page first); overlapping words in one ``write_words`` land in unspecified order;
-* page-table pages are not freed by munmap (they are reused while the space lives).
+* page-table pages are not freed by munmap (they are reused while the space lives);
+* a mapped file is read through a descriptor of the simulator's own: one dup per open file
+  description while another descriptor of the process shares it (to tell a dup'd fd from a
+  second open), else one per file; when the host has none left, mmap fails with EMFILE;
+* a read is checked whole before it touches a page: one that faults changes nothing (a CPU
+  would have faulted in the pages before the bad byte); reads longer than
+  ``loader.mmap.MAX_READ`` (4 GiB) are refused with ENOMEM (after that check: a bad byte
+  still faults first).
 """
 
 from __future__ import annotations
