@@ -346,3 +346,39 @@ def test_libc_write_words_bulk_stops_at_the_bad_page() -> None:
     assert code == "EFAULT"
     stored = [w for w in words if w]
     assert stored == list(range(1, len(stored) + 1)) and len(stored) == 2 * 256
+
+
+def _merges_after_sweeps(directory: str) -> list[tuple[int, int]]:
+    got = []
+    for mm in (LibcMmap(), host_like_space()):
+        path = os.path.join(directory, "kept")
+        with open(path, "wb") as f:
+            f.write(b"k" * 4 * 4096)
+        base = mm.mmap_reserve(None, 8 * 4096, True)
+        kept = os.open(path, os.O_RDONLY)
+        mm.mmap(base, 4096, R, PRIV | MapFlags.MAP_FIXED, 0, kept)
+        other = os.path.join(directory, "other")
+        with open(other, "wb") as f:
+            f.write(b"o" * 4096)
+        for _ in range(300):  # another file opened 300 times, each fd closed at once
+            fd = os.open(other, os.O_RDONLY)
+            mm.mmap(None, 4096, R, PRIV, 0, fd)
+            os.close(fd)
+        dup = os.dup(kept)
+        os.close(kept)
+        mm.mmap(base + 4096, 4096, R, PRIV | MapFlags.MAP_FIXED, 4096, dup)  # same file: merges
+        again = os.open(path, os.O_RDONLY)
+        mm.mmap(base + 2 * 4096, 4096, R, PRIV | MapFlags.MAP_FIXED, 2 * 4096, again)
+        os.close(dup)
+        os.close(again)
+        got.append(len([r for r in mm.maps() if base <= r.start < base + 3 * 4096]))
+        got.append(len(os.listdir("/proc/self/fd")))
+    return got
+
+
+def test_dup_still_merges_after_descriptors_were_let_go(tmp_path: Path) -> None:
+    kernel_lines, kernel_fds, sim_lines, sim_fds = run_isolated(
+        _merges_after_sweeps, str(tmp_path), timeout=30).value
+    assert (kernel_lines, sim_lines) == (2, 2)
+    # the simulator let go of the dups of the 300 closed opens (it keeps one per file)
+    assert sim_fds - kernel_fds < 70
