@@ -2,8 +2,10 @@
 
 Sits beside ``vmsim`` just above ``loader.mmap``: it implements the :class:`~loader.mmap.Mmap`
 protocol on this very process's address space, so a loaded object's code can be called. It
-imports only ``loader.mmap`` and ``loader.pages``. Mistakes here are real: a read of an
-unmapped address kills the process (tests that may fault use ``loader.isolate``).
+imports only ``loader.mmap`` and ``loader.pages``. Memory accesses (``read``, ``write``,
+``write_words``) go through ``process_vm_readv``/``process_vm_writev`` on this very process, so
+a bad address (unmapped, not readable or writable, a file page past EOF) raises
+MmapError(EFAULT) instead of killing the process: the host backend is used by fuzzing.
 
 Arguments reach the kernel unchanged, so every errno is the kernel's own. A Python integer
 that no C argument can hold is first converted the way C would convert it (a negative length
@@ -15,13 +17,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import operator
 import os
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from loader.mmap import MapFlags, Mapping, MmapDefaults, MmapError, ProtFlags, Region
+from loader.mmap import (
+    MAX_READ,
+    MapFlags,
+    Mapping,
+    MmapDefaults,
+    MmapError,
+    ProtFlags,
+    Region,
+    as_addresses,
+)
 from loader.pages import HOST_PAGE_SIZE, page_offset
 
 __all__ = ["LibcMmap", "host_has_pkeys", "read_maps"]
@@ -40,10 +53,176 @@ def _load_libc() -> ctypes.CDLL:
     libc.munmap.restype = ctypes.c_int
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.mprotect.restype = ctypes.c_int
+    for call in (libc.process_vm_readv, libc.process_vm_writev):
+        call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                         ctypes.c_ulong, ctypes.c_ulong]
+        call.restype = ctypes.c_ssize_t
     return libc
 
 
 _LIBC = _load_libc()
+_IOVEC = np.dtype([("base", "<u8"), ("len", "<u8")])
+"""struct iovec as a numpy record: one row per piece of a vectored transfer."""
+_IOV_MAX = 1024
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+_new_bytes.restype = ctypes.py_object
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.argtypes = [ctypes.py_object]
+_bytes_data.restype = ctypes.c_void_p
+
+
+def _transfer(write: bool, local: npt.NDArray[np.void], remote: npt.NDArray[np.void]) -> int:
+    """Copy between this process's own buffers (``local``) and the addresses ``remote``
+    (iovec arrays, the same total length) with process_vm_readv/writev: the kernel checks
+    each page as a user access would and stops at the first bad one instead of signalling.
+    Returns the bytes moved (fewer than asked when it stopped; -errno when nothing moved)."""
+    call = _LIBC.process_vm_writev if write else _LIBC.process_vm_readv
+    pid = os.getpid()
+    done = 0
+    li = ri = 0
+    while ri < len(remote):
+        # split both lists at the same byte: the remote pieces decide, the local one is a run
+        n_r = min(_IOV_MAX, len(remote) - ri)
+        want = int(remote["len"][ri: ri + n_r].sum())
+        got: int = call(pid, local[li:].ctypes.data, min(_IOV_MAX, len(local) - li),
+                        remote[ri:].ctypes.data, n_r, 0)
+        if got < 0:
+            return done if done else -ctypes.get_errno()
+        done += got
+        if got < want:
+            return done
+        ri += n_r
+        li = _advance(local, li, got)
+    return done
+
+
+def _advance(local: npt.NDArray[np.void], li: int, moved: int) -> int:
+    """Consume ``moved`` bytes from the iovecs ``local[li:]`` (splitting one when needed);
+    returns the index of the first iovec with bytes left."""
+    lens = local["len"]
+    while moved:
+        step = min(moved, int(lens[li]))
+        local["base"][li] += step
+        lens[li] -= step
+        moved -= step
+        if not lens[li]:
+            li += 1
+    return li
+
+
+def _iov(base: int, length: int) -> npt.NDArray[np.void]:
+    """A one-piece iovec array."""
+    vec = np.empty(1, dtype=_IOVEC)
+    vec["base"], vec["len"] = base, length
+    return vec
+
+
+_SCATTER_MIN = 64
+"""From this many separate pieces on, write_words checks the pages once and scatters with
+numpy instead of moving each word through process_vm_writev."""
+
+
+def _region_of(addr: int) -> tuple[int, bytes] | None:
+    """The end and permission letters of the mapping holding ``addr``, or None."""
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, perms = line.split(b" ", 2)[:2]
+            lo, hi = span.split(b"-")
+            if int(lo, 16) <= addr < int(hi, 16):
+                return int(hi, 16), perms
+    return None
+
+
+def _cpu_reads(perms: bytes) -> bool:
+    """Whether the CPU can load from a mapping with these permission letters: x86 reads
+    write-only memory, and execute-only memory unless protection keys guard it (where
+    process_vm_readv refuses both: it wants VM_READ)."""
+    return perms[:2] != b"--" or (perms[2:3] == b"x" and not host_has_pkeys())
+
+
+def _read_rest(start: int, out: bytes, got: int) -> int:
+    """Finish a read that process_vm_readv stopped at ``start + got``: pages the CPU can
+    load although they lack PROT_READ are read through /proc/self/mem (which also answers
+    for the rest). Returns the bytes read in all (fewer than asked: a real fault there)."""
+    n = len(out)
+    mem = -1
+    try:
+        while got < n:
+            region = _region_of(start + got)
+            if region is None or not _cpu_reads(region[1]):
+                break
+            if mem < 0:
+                mem = os.open("/proc/self/mem", os.O_RDONLY)
+            want = min(n, region[0] - start) - got
+            try:
+                chunk = os.pread(mem, want, start + got)
+            except OSError:
+                break
+            ctypes.memmove(_bytes_data(out) + got, chunk, len(chunk))
+            got += len(chunk)
+            if len(chunk) < want:
+                break
+    finally:
+        if mem >= 0:
+            os.close(mem)
+    return got
+
+
+def _writable_ranges() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Starts and ends of this process's writable mappings (/proc/self/maps, parsed lean)."""
+    starts, ends = [], []
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            span, perms = line.split(b" ", 2)[:2]
+            if perms[1:2] == b"w":
+                lo, hi = span.split(b"-")
+                starts.append(int(lo, 16))
+                ends.append(int(hi, 16))
+    return np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64)
+
+
+def _pages_writable(pages: npt.NDArray[np.uint64]) -> bool:
+    """True when every page (sorted start addresses) lies in a writable mapping and can be
+    read through process_vm_readv (mapped, not past a file's end): then a store to it cannot
+    fault. Nothing is written."""
+    starts, ends = _writable_ranges()
+    slot = np.searchsorted(ends, pages, side="right")
+    inside = slot < len(ends)
+    inside[inside] &= starts[slot[inside]] <= pages[inside]
+    if not inside.all():
+        return False
+    remote = np.empty(len(pages), dtype=_IOVEC)
+    remote["base"], remote["len"] = pages, 1
+    scratch = np.empty(len(pages), dtype=np.uint8)
+    return _transfer(False, _iov(scratch.ctypes.data, len(pages)), remote) == len(pages)
+
+
+def _pages_of_words(where: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The sorted start addresses of the pages the 8-byte words at ``where`` touch (no
+    address may be above 2**64 - 8). Sorted input (relocations usually are) skips the sort."""
+    mask = np.uint64(~(HOST_PAGE_SIZE - 1) & _MAP_FAILED)
+    first = where & mask
+    straddle = (where & np.uint64(HOST_PAGE_SIZE - 1)) > np.uint64(HOST_PAGE_SIZE - 8)
+    if straddle.any():
+        first = np.concatenate([first, first[straddle] + np.uint64(HOST_PAGE_SIZE)])
+    if not bool((first[1:] >= first[:-1]).all()):
+        first = np.sort(first)
+    pages: npt.NDArray[np.uint64] = first[np.concatenate([[True], first[1:] != first[:-1]])]
+    return pages
+
+
+def _scatter(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> None:
+    """Store the words through a byte view of ``[min(where), max(where) + 8)``: only the
+    addressed bytes are touched. The pages must have been checked."""
+    lo = int(where.min())
+    span = int(where.max()) - lo + 8
+    view = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(lo))
+    rel = (where - np.uint64(lo)).astype(np.intp)
+    if not (rel & 7).any():
+        view[: span - span % 8].view("<u8")[rel >> 3] = words
+    else:
+        view[rel[:, None] + np.arange(8)] = words.view(np.uint8).reshape(-1, 8)
 
 
 def _as_size(value: int) -> int:
@@ -79,9 +258,18 @@ def _fail(call: str, **args: int | None) -> MmapError:
     return MmapError(code, f"{call}({shown}): {os.strerror(code)}")
 
 
+def _bad_access(call: str, start: int, n: int, moved: int) -> MmapError:
+    """The EFAULT for an access of ``n`` bytes at ``start`` that stopped after ``moved``
+    bytes (a negative ``moved`` is the -errno of a transfer that moved nothing)."""
+    where = start + max(moved, 0)
+    return MmapError(errno.EFAULT, f"{call}: addr={start:#x} n={n:#x}: no access at "
+                     f"{where & _MAP_FAILED:#x} (unmapped, protected or past a file's end)")
+
+
 def read_maps(path: str | Path = "/proc/self/maps") -> list[Region]:
-    """Parse a ``/proc/<pid>/maps`` file into Regions, in the file's (address) order."""
-    text = Path(path).read_text()
+    """Parse a ``/proc/<pid>/maps`` file into Regions, in the file's (address) order. Paths
+    are decoded with surrogateescape: any file name round-trips through os.fsencode."""
+    text = Path(path).read_text(errors="surrogateescape")
     return [Region.parse(line) for line in text.splitlines() if line]
 
 
@@ -105,8 +293,9 @@ class LibcMmap(MmapDefaults):
     """The :class:`~loader.mmap.Mmap` protocol on the real kernel, through libc.
 
     Each call is one libc call; a failure (MAP_FAILED or -1) raises MmapError with the errno
-    libc set. ``read``/``write`` touch real memory and are unchecked: a bad address kills the
-    process with SIGSEGV or SIGBUS, as a raw pointer would.
+    libc set. ``read``/``write``/``write_words`` touch real memory through process_vm_readv
+    and process_vm_writev: a bad address raises MmapError(EFAULT) where a raw pointer would
+    have killed the process with SIGSEGV or SIGBUS.
     """
 
     page_size: int = HOST_PAGE_SIZE
@@ -163,35 +352,88 @@ class LibcMmap(MmapDefaults):
                                    MapFlags.MAP_PRIVATE)
 
     def read(self, addr: int, n: int) -> bytes:
-        """Copy ``n`` bytes out of real memory at ``addr`` (unchecked: may kill the process)."""
+        """Copy ``n`` bytes out of real memory at ``addr``, as a user-mode load sees them.
+        Raises MmapError(EFAULT) naming the first byte that could not be read (unmapped, not
+        readable, a file page past EOF) instead of taking a signal; ValueError for a
+        negative ``n``; MmapError(ENOMEM) for a readable range longer than MAX_READ."""
+        n = operator.index(n)
         if n < 0:
             raise ValueError(f"read: n={n} is negative")
-        return ctypes.string_at(addr, n)
+        if n == 0:
+            return b""
+        start = int(addr) & _MAP_FAILED
+        if n > MAX_READ:
+            self._check_readable(start, n)
+            raise MmapError(errno.ENOMEM, f"read: n={n:#x} bytes is more than MAX_READ="
+                            f"{MAX_READ:#x}")
+        try:
+            out = _new_bytes(None, n)
+        except MemoryError as err:
+            raise MmapError(errno.ENOMEM, f"read: no memory for n={n:#x} bytes") from err
+        got = _transfer(False, _iov(_bytes_data(out), n), _iov(start, n))
+        if got != n:
+            got = _read_rest(start, out, max(got, 0))
+        if got != n:
+            raise _bad_access("read", start, n, got)
+        return bytes(out)
 
     def write(self, addr: int, data: bytes) -> None:
-        """Copy ``data`` into real memory at ``addr`` (unchecked: may kill the process)."""
-        ctypes.memmove(addr, bytes(data), len(data))
+        """Copy ``data`` into real memory at ``addr``, as user-mode stores: the bytes before
+        the first bad page are stored, then MmapError(EFAULT) names the first byte not
+        written (unmapped, read-only, a file page past EOF)."""
+        src = bytes(data)
+        if not src:
+            return
+        start = int(addr) & _MAP_FAILED
+        got = _transfer(True, _iov(_bytes_data(src), len(src)), _iov(start, len(src)))
+        if got != len(src):
+            raise _bad_access("write", start, len(src), got)
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
-        """Store 64-bit little-endian ``values[i]`` at ``addrs[i]``: one numpy scatter through a
-        byte view of ``[min(addrs), max(addrs) + 8)``; only the addressed bytes are touched.
-        Unchecked like :meth:`write`. Raises ValueError when the arrays' shapes differ.
-        """
-        where = np.asarray(addrs, dtype=np.uint64).ravel()
-        words = np.asarray(values, dtype="<u8").ravel()
+        """Store 64-bit little-endian ``values[i]`` at ``addrs[i]`` in one vectored
+        process_vm_writev (runs of consecutive words become one piece); many separate words
+        are one numpy scatter once every page they touch is known writable (/proc/self/maps)
+        and present (process_vm_readv). Checked like :meth:`write`: on a bad address the words
+        before it are stored, then MmapError(EFAULT) names it. Addresses wrap modulo 2**64
+        as C's would (a negative one is in the kernel half). Raises ValueError when the
+        arrays' shapes differ. (A munmap by another thread between the check and the
+        scatter can still fault.)"""
+        where = as_addresses(addrs)
+        words = np.ascontiguousarray(np.asarray(values, dtype="<u8").ravel())
         if where.shape != words.shape:
             raise ValueError(f"write_words: {where.size} addresses but {words.size} values")
         if where.size == 0:
             return
-        lo = int(where.min())
-        span = int(where.max()) - lo + 8
-        view = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(lo))
-        rel = (where - np.uint64(lo)).astype(np.intp)
-        if not (rel & 7).any():
-            view[: span - span % 8].view("<u8")[rel >> 3] = words
-        else:
-            view[rel[:, None] + np.arange(8)] = words.view(np.uint8).reshape(-1, 8)
+        starts = np.flatnonzero(np.diff(where) != np.uint64(8)) + 1
+        if len(starts) >= _SCATTER_MIN and int(where.max()) <= _MAP_FAILED - 8:
+            if _pages_writable(_pages_of_words(where)):
+                _scatter(where, words)
+                return
+        firsts = np.concatenate([[0], starts])
+        remote = np.empty(len(firsts), dtype=_IOVEC)
+        remote["base"] = where[firsts]
+        remote["len"] = np.diff(np.append(firsts, where.size)).astype(np.uint64) * np.uint64(8)
+        local = _iov(words.ctypes.data, 8 * words.size)
+        got = _transfer(True, local, remote)
+        if got != 8 * words.size:
+            k = max(got, 0) // 8
+            raise _bad_access("write_words", int(where[k]), 8, max(got, 0) - 8 * k)
+
+    def _check_readable(self, start: int, n: int) -> None:
+        """MmapError(EFAULT) for the first byte of ``[start, start+n)`` that /proc/self/maps
+        shows unmapped or unreadable (the check a huge read gets before being refused)."""
+        pos = start
+        for region in read_maps():
+            if region.end <= pos:
+                continue
+            if region.start > pos or not region.prot & ProtFlags.PROT_READ:
+                break
+            pos = region.end
+            if pos >= start + n:
+                return
+        raise _bad_access("read", start, n, pos - start)
 
     def maps(self) -> list[Region]:
-        """This process's mappings, read from /proc/self/maps."""
+        """This process's mappings, read from /proc/self/maps (paths that are not UTF-8 are
+        decoded with surrogateescape, so ``os.fsencode(region.path)`` gives the bytes)."""
         return read_maps()

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_READ",
     "MapFlags",
     "Mapping",
     "Mmap",
@@ -31,7 +32,25 @@ __all__ = [
     "MmapError",
     "ProtFlags",
     "Region",
+    "as_addresses",
 ]
+
+MAX_READ = 1 << 32
+"""The largest ``read`` a backend performs (4 GiB): a readable range longer than this raises
+MmapError(ENOMEM) instead of allocating its bytes (an unreadable one still faults first)."""
+
+_ADDRESS_MASK = (1 << 64) - 1
+
+
+def as_addresses(addrs: object) -> npt.NDArray[np.uint64]:
+    """``addrs`` (any array-like of integers) as a flat uint64 array, each wrapped modulo
+    2**64 as C's cast to a pointer does: a negative address lands in the kernel half, where
+    an access faults, instead of raising OverflowError."""
+    try:
+        return np.asarray(addrs, dtype=np.uint64).ravel()
+    except (OverflowError, TypeError, ValueError):
+        items = np.asarray(addrs, dtype=object).ravel().tolist()
+        return np.array([int(a) & _ADDRESS_MASK for a in items], dtype=np.uint64)
 
 
 class ProtFlags(enum.IntFlag):
@@ -252,11 +271,16 @@ class Mmap(Protocol):
         ...
 
     def read(self, addr: int, n: int) -> bytes:
-        """Read ``n`` bytes at ``addr`` as a user-mode load would (the simulator checks it)."""
+        """Read ``n`` bytes at ``addr`` as a user-mode load would. A bad address never takes
+        the process down: the simulator raises ``vmsim.Fault`` (the signal the kernel would
+        send), the host backend MmapError(EFAULT); both before allocating anything for a
+        range that is not readable. ValueError for a negative ``n``; MmapError(ENOMEM) for a
+        readable range longer than :data:`MAX_READ`."""
         ...
 
     def write(self, addr: int, data: bytes) -> None:
-        """Write ``data`` at ``addr`` as a user-mode store would (the simulator checks it)."""
+        """Write ``data`` at ``addr`` as a user-mode store would: the bytes before the first
+        bad page are stored, then the error is raised as for :meth:`read`."""
         ...
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
@@ -291,6 +315,6 @@ class MmapDefaults:
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store each 64-bit word with :meth:`write`; backends override it with a bulk path."""
-        words = np.asarray(values, dtype="<u8")
-        for addr, word in zip(np.asarray(addrs, dtype=np.uint64).tolist(), words, strict=True):
+        words = np.asarray(values, dtype="<u8").ravel()
+        for addr, word in zip(as_addresses(addrs).tolist(), words, strict=True):
             self.write(int(addr), word.tobytes())

@@ -168,6 +168,14 @@ class BackendHarness:
         raise NotImplementedError
 
 
+def raw_load(addr: int, n: int) -> bytes:
+    """``n`` bytes at ``addr`` through a raw pointer, as compiled code loads them: a bad
+    address kills the process with the kernel's signal (run it in a forked child)."""
+    buf = ctypes.create_string_buffer(n)
+    ctypes.memmove(buf, addr, n)
+    return buf.raw
+
+
 def _personality_then(fn: Callable[[], Any]) -> Any:
     """In a forked child: switch on READ_IMPLIES_EXEC, then run fn."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -197,6 +205,12 @@ class LibcHarness(BackendHarness):
     def probe(self, addr: int, access: str) -> str:
         """See :meth:`BackendHarness.probe`: done in a forked child."""
         return probe(addr, access)
+
+    def load(self, addr: int, n: int) -> bytes | str:
+        """See :meth:`BackendHarness.load`: a raw load in a forked child, so the kernel's own
+        signal is seen (LibcMmap.read turns it into MmapError(EFAULT), which names none)."""
+        got = self.isolated(raw_load, addr, n)
+        return got.value if got.status == "ok" else got.status
 
     def isolated(self, fn: Callable[..., Any], *args: Any) -> Isolated:
         """See :meth:`BackendHarness.isolated`: a forked child (loader.isolate)."""

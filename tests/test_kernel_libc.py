@@ -3,6 +3,7 @@ Region record against this process's real /proc/self/maps."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -145,12 +146,22 @@ def test_isolated_returns_value() -> None:
     assert run_isolated(lambda a, b: a + b, 2, 3) == Isolated("ok", 5)
 
 
+def _raw_load(addr: int) -> bytes:
+    """One byte through a raw pointer, as compiled code would load it."""
+    buf = ctypes.create_string_buffer(1)
+    ctypes.memmove(buf, addr, 1)
+    return buf.raw
+
+
 def test_prot_none_read_kills_child_not_parent(mm: LibcMmap) -> None:
     addr = mm.mmap_reserve(None, mm.page_size, True)
     try:
         assert probe(addr, "r") == "SIGSEGV"
         assert probe(addr, "w") == "SIGSEGV"
-        assert run_isolated(mm.read, addr, 1) == Isolated("SIGSEGV", None)
+        assert run_isolated(_raw_load, addr) == Isolated("SIGSEGV", None)
+        with pytest.raises(MmapError) as info:  # LibcMmap.read itself is checked
+            mm.read(addr, 1)
+        assert info.value.errno == errno.EFAULT
     finally:
         mm.munmap(addr, mm.page_size)
     assert os.getpid() > 0  # still here

@@ -14,6 +14,7 @@ Kernel accesses that may fault run in a forked child (loader.isolate).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -22,7 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+from harness import raw_load
 from harness_sim import host_like_space
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -56,8 +59,23 @@ def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
 
 
 def _write_in_child(mm: LibcMmap, addr: int, data: bytes) -> None:
-    """Store into real memory (in a forked child: it may fault)."""
-    mm.write(addr, data)
+    """Store into real memory through a raw pointer (in a forked child: it may fault)."""
+    ctypes.memmove(addr, data, len(data))
+
+
+def _words_in_child(where: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
+    """Store each word through a raw pointer (in a forked child: it may fault)."""
+    for addr, value in zip(where.tolist(), values.tolist(), strict=True):
+        ctypes.memmove(addr, int(value).to_bytes(8, "little"), 8)
+
+
+def _checked(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or "EFAULT" when LibcMmap refuses the access."""
+    try:
+        return fn(*args)
+    except MmapError as exc:
+        assert exc.errno == errno.EFAULT, exc
+        return "EFAULT"
 
 
 class SimVsKernel(RuleBasedStateMachine):
@@ -180,13 +198,15 @@ class SimVsKernel(RuleBasedStateMachine):
     def read(self, page: int, offset: int, n: int) -> None:
         addr = self.at(page) + offset
         n = min(n, self.arena + PAGES * P - addr)
-        got = run_isolated(self.k.read, addr, n)
+        got = run_isolated(raw_load, addr, n)
         kernel = got.value if got.status == "ok" else got.status
         try:
             sim: bytes | str = self.s.read(addr, n)
         except Fault as fault:
             sim = fault.signal
         assert kernel == sim
+        checked = _checked(self.k.read, addr, n)  # LibcMmap.read: EFAULT, not a signal
+        assert checked == (kernel if got.status == "ok" else "EFAULT")
 
     @rule(page=pages, offset=st.integers(0, P - 1), n=st.integers(1, 64),
           byte=st.integers(0, 255))
@@ -194,8 +214,7 @@ class SimVsKernel(RuleBasedStateMachine):
         addr = self.at(page) + offset
         data = bytes([byte]) * min(n, P - offset)  # within one page: all or nothing
         kernel = run_isolated(_write_in_child, self.k, addr, data).status
-        if kernel == "ok":
-            self.k.write(addr, data)
+        assert _checked(self.k.write, addr, data) == (None if kernel == "ok" else "EFAULT")
         try:
             self.s.write(addr, data)
             sim = "ok"
@@ -252,13 +271,15 @@ class SimVsKernel(RuleBasedStateMachine):
         values = np.full(len(where), value, dtype=np.uint64)
         if not len(where):
             return
-        kernel = run_isolated(self.k.write_words, where, values).status
+        kernel = run_isolated(_words_in_child, where, values).status
         faults = [self.s.check_access(int(a), 8, "w") for a in where]  # pure stores
         first = next((f for f in faults if f is not None), None)
         assert kernel == ("ok" if first is None else first.signal)
         if first is None:  # the kernel's store order before a fault is unknown: only
             self.k.write_words(where, values)  # calls that complete change memory
             self.s.write_words(where, values)
+        else:
+            assert run_isolated(_checked, self.k.write_words, where, values).value == "EFAULT"
 
     @rule(offset=st.integers(0, (FILE_PAGES + 1) * P), n=st.integers(1, 2 * P),
           byte=st.integers(0, 255))

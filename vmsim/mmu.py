@@ -51,16 +51,19 @@ _TABLE_LINK = PTE_P | PTE_W | PTE_U
 class FramePool:
     """Page frames as rows of one ``uint8`` numpy array over an anonymous host mapping.
 
-    The host mapping is reserved at its full capacity with MAP_NORESERVE, so the host commits
-    memory only for frames actually written (as the simulated kernel does) and the pool never
-    copies itself to grow; past ``capacity`` frames it moves to a mapping twice the size.
+    The host mapping starts small (``capacity`` frames) and grows on demand, doubling, with
+    mremap (nothing copied; a copy only when a view of the old array is still alive): frame
+    numbers never change, only the array's base. It is made with MAP_NORESERVE, so the host
+    commits memory only for frames actually written (as the simulated kernel does); an idle
+    pool costs little address space, so many spaces can exist at once and the simulator runs
+    under a small ``ulimit -v``.
     Frame 0 is the zero page: always zeros, never handed out. Freed frames are reused first.
     """
 
-    def __init__(self, page_size: int, capacity: int = 1 << 22) -> None:
+    def __init__(self, page_size: int, capacity: int = 16) -> None:
         self.page_size = page_size
-        self._map = self._reserve(capacity)
-        self.data: npt.NDArray[np.uint8] = self._view(self._map, capacity)
+        self._map = self._reserve(max(capacity, 2))
+        self.data: npt.NDArray[np.uint8] = self._view(self._map, max(capacity, 2))
         self._next = 1
         self._free: list[int] = []
 
@@ -72,6 +75,30 @@ class FramePool:
     def _view(self, host: mmap.mmap, frames: int) -> npt.NDArray[np.uint8]:
         """The host mapping as a (frames, page_size) array."""
         return np.frombuffer(host, dtype=np.uint8).reshape(frames, self.page_size)
+
+    def _grow(self, frames: int) -> None:
+        """Make room for ``frames`` frames: resize the host mapping (mremap moves its pages,
+        nothing is copied) when no view of it is alive, else copy the frames in use to a new
+        mapping. Frame numbers never change. Raises MemoryError when the host refuses
+        (address space exhausted)."""
+        old = self.data
+        self.data = np.empty((0, self.page_size), dtype=np.uint8)
+        del old  # our own export of the mapping: mremap needs none left
+        try:
+            self._map.resize(frames * self.page_size)
+            self.data = self._view(self._map, frames)
+            return
+        except (BufferError, OSError, SystemError, ValueError):
+            pass  # a caller still holds a view (or no mremap): copy instead
+        current = self._view(self._map, len(self._map) // self.page_size)
+        try:
+            host = self._reserve(frames)
+        except OSError as err:
+            self.data = current
+            raise MemoryError(f"frame pool: cannot grow to {frames} frames: {err}") from err
+        grown = self._view(host, frames)
+        grown[: self._next] = current[: self._next]
+        self._map, self.data = host, grown
 
     @property
     def in_use(self) -> int:
@@ -85,11 +112,7 @@ class FramePool:
             del self._free[-len(reused):]
         fresh = n - len(reused)
         if self._next + fresh > len(self.data):
-            frames = max(2 * len(self.data), self._next + fresh)
-            host = self._reserve(frames)
-            grown = self._view(host, frames)
-            grown[: self._next] = self.data[: self._next]
-            self._map, self.data = host, grown
+            self._grow(max(2 * len(self.data), self._next + fresh))
         got = np.empty(n, dtype=np.int64)
         got[: len(reused)] = reused
         got[len(reused):] = np.arange(self._next, self._next + fresh)
@@ -129,7 +152,7 @@ class PageTable:
         self.page_shift = page_shift
         self.leaf_shift = page_shift + 9
         self.levels = max(1, -(-(va_bits - page_shift) // 9))
-        self.tables: npt.NDArray[np.uint64] = np.zeros((8, ENTRIES), dtype=np.uint64)
+        self.tables: npt.NDArray[np.uint64] = np.zeros((self.levels, ENTRIES), dtype=np.uint64)
         self.count = 1
         self.leaves: dict[int, int] = {}
 

@@ -23,14 +23,22 @@ Known differences from Linux (each a choice, not an accident):
 * a file size change made outside the simulator is noticed at the next access to the file; a
   shrink and a regrow between two accesses keep private copies the kernel would have dropped
   (``AddressSpace.ftruncate`` applies a shrink at once, as the kernel does);
-* only regular files can be mapped (``/dev/zero`` or a block device gives ENODEV);
-* MAP_HUGETLB gives ENOMEM for anonymous memory (no huge pages reserved) and EINVAL for files;
+* only regular files and ``/dev/zero`` can be mapped (another device gives ENODEV);
+* MAP_HUGETLB gives ENOMEM for anonymous memory (no huge pages reserved; Linux maps it with
+  MAP_NORESERVE), EINVAL for files and for huge page sizes this machine lacks;
   MAP_LOCKED is not limited by RLIMIT_MEMLOCK; RLIMIT_AS is not checked; overcommit is the
   heuristic mode's single-request limit (MemTotal + SwapTotal);
 * MAP_GROWSDOWN mappings never grow and get no stack guard gap in placement;
 * a Fault's address is the first faulting byte in address order (a CPU's copy loop may touch
   another page first); overlapping words in one ``write_words`` land in unspecified order;
-* page-table pages are not freed by munmap (they are reused while the space lives).
+* page-table pages are not freed by munmap (they are reused while the space lives);
+* a mapped file is read through a descriptor of the simulator's own: one dup per open file
+  description while another descriptor of the process shares it (to tell a dup'd fd from a
+  second open), else one per file; when the host has none left, mmap fails with EMFILE;
+* a read is checked whole before it touches a page: one that faults changes nothing (a CPU
+  would have faulted in the pages before the bad byte); reads longer than
+  ``loader.mmap.MAX_READ`` (4 GiB) are refused with ENOMEM (after that check: a bad byte
+  still faults first).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import operator
 import os
 import stat
 import weakref
@@ -47,7 +56,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from loader.mmap import MapFlags, Mapping, MmapDefaults, MmapError, ProtFlags, Region
+from loader.mmap import (
+    MAX_READ,
+    MapFlags,
+    Mapping,
+    MmapDefaults,
+    MmapError,
+    ProtFlags,
+    Region,
+    as_addresses,
+)
 from loader.pages import HOST_PAGE_SIZE
 from vmsim.fault import Fault, Stats
 from vmsim.mmu import (
@@ -99,8 +117,12 @@ _MAP_FIXED, _MAP_ANON, _MAP_32BIT, _MAP_GROWSDOWN = 0x10, 0x20, 0x40, 0x100
 _MAP_LOCKED, _MAP_NORESERVE, _MAP_POPULATE, _MAP_STACK = 0x2000, 0x4000, 0x8000, 0x20000
 _MAP_NONBLOCK = 0x10000
 _MAP_HUGETLB, _MAP_NOREPLACE = 0x40000, 0x100000
+_MAP_HUGE_SHIFT, _MAP_HUGE_MASK = 26, 0x3F
 _LEGACY_MAP_MASK = (0x1 | 0x2 | 0x10 | 0x20 | 0x800 | 0x1000 | 0x4000000 | 0x100 | 0x2000
-                    | 0x4000 | 0x8000 | 0x10000 | 0x20000 | 0x40000)
+                    | 0x4000 | 0x8000 | 0x10000 | 0x20000 | 0x40000
+                    | 0x40 | 0x80 | (21 << _MAP_HUGE_SHIFT) | (30 << _MAP_HUGE_SHIFT))
+"""include/linux/mman.h: the flags MAP_SHARED_VALIDATE accepts for any file, with x86's
+MAP_32BIT and MAP_ABOVE4G (0x80) and the MAP_HUGE_2MB and MAP_HUGE_1GB size bits."""
 _PROT_READ, _PROT_EXEC, _PROT_SEM = 0x1, 0x4, 0x8
 _PROT_GROWSDOWN, _PROT_GROWSUP = 0x01000000, 0x02000000
 _PMD_SIZE = 2 << 20
@@ -166,6 +188,78 @@ def _fs_type(dev: int) -> str:
     return _FS_TYPES.get(dev, "")
 
 
+MIN_PAGE_SIZE = 1 << 12
+MAX_PAGE_SIZE = 1 << 16
+_USER_TOP = 1 << 47
+
+
+def _check_knobs(page_size: int, max_map_count: int, mmap_base: int, mmap_min_addr: int) -> None:
+    """ValueError naming the first constructor knob out of range: page_size must be a power
+    of two in [MIN_PAGE_SIZE, MAX_PAGE_SIZE], max_map_count non-negative, mmap_min_addr and
+    mmap_base inside the 47-bit user space."""
+    if (not isinstance(page_size, int) or page_size & (page_size - 1)
+            or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE):
+        raise ValueError(f"page_size={page_size!r}: must be a power of two from "
+                         f"{MIN_PAGE_SIZE:#x} to {MAX_PAGE_SIZE:#x} (4 KiB to 64 KiB)")
+    if max_map_count < 0:
+        raise ValueError(f"max_map_count={max_map_count}: must be >= 0")
+    if not 0 <= mmap_min_addr < _USER_TOP:
+        raise ValueError(f"mmap_min_addr={mmap_min_addr:#x}: must be in [0, {_USER_TOP:#x})")
+    if not 0 < mmap_base <= _USER_TOP:
+        raise ValueError(f"mmap_base={mmap_base:#x}: must be in (0, {_USER_TOP:#x}]")
+
+
+_DEV_ZERO = os.makedev(1, 5)
+"""The device number of /dev/zero (drivers/char/mem.c), the one character device that maps."""
+
+
+def _paged(file: OpenFile | Shmem | None) -> bool:
+    """True when a VMA's pages come from a file's page cache (not /dev/zero, not shmem)."""
+    return isinstance(file, OpenFile) and not file.zero
+
+
+_SWEEP_MIN = 64
+"""How many descriptors an AddressSpace holds before it first looks for dups to let go."""
+
+
+def _other_fds_by_inode(owned: set[int]) -> dict[tuple[int, int], list[int]]:
+    """This process's descriptors not in ``owned``, grouped by ``(st_dev, st_ino)``."""
+    got: dict[tuple[int, int], list[int]] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return got
+    for name in names:
+        fd = int(name)
+        if fd in owned:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # listdir's own descriptor, or closed meanwhile
+        got.setdefault((st.st_dev, st.st_ino), []).append(fd)
+    return got
+
+
+def _sized(file: OpenFile | Shmem | None) -> bool:
+    """True when a VMA's pages have an end (a file's or shmem's size) past which an access
+    raises SIGBUS."""
+    return isinstance(file, Shmem) or _paged(file)
+
+
+@functools.cache
+def _huge_page_logs() -> frozenset[int]:
+    """log2 of the huge page sizes this machine's kernel has (its hstates, from
+    /sys/kernel/mm/hugepages); x86-64's 2 MiB when that cannot be read."""
+    try:
+        names = os.listdir("/sys/kernel/mm/hugepages")
+    except OSError:
+        return frozenset({21})
+    logs = {(int(n.removeprefix("hugepages-").removesuffix("kB")) << 10).bit_length() - 1
+            for n in names if n.startswith("hugepages-") and n.endswith("kB")}
+    return frozenset(logs) or frozenset({21})
+
+
 def _close_all(fds: set[int]) -> None:
     """Close the fds an AddressSpace still holds (its finalizer)."""
     for fd in fds:
@@ -189,14 +283,15 @@ class AddressSpace(MmapDefaults):
     ``max_map_count``, ``mmap_base`` (top-down placement starts below it), ``mmap_min_addr``
     (hints below it are raised to it) and ``privileged`` (may MAP_FIXED below it) are the
     kernel's knobs; the user space ends at ``2**47 - page_size``. ``read_implies_exec`` is the
-    personality flag, settable at any time.
+    personality flag, settable at any time. ``page_size`` is a power of two from 4 KiB to
+    64 KiB (the page sizes Linux runs with: x86's 4 KiB, arm64's 16 KiB and 64 KiB); a bad knob
+    raises ValueError naming it, before anything is allocated.
     """
 
     def __init__(self, *, page_size: int = HOST_PAGE_SIZE, exec_only: bool = True,
                  max_map_count: int = 65530, mmap_base: int = 0x7F00_0000_0000,
                  mmap_min_addr: int = 0x10000, privileged: bool = False) -> None:
-        if page_size < 1024 or page_size & (page_size - 1):
-            raise ValueError(f"page_size={page_size}: must be a power of two >= 1024")
+        _check_knobs(page_size, max_map_count, mmap_base, mmap_min_addr)
         self.page_size = page_size
         self._shift = page_size.bit_length() - 1
         self._pmask = page_size - 1
@@ -221,6 +316,7 @@ class AddressSpace(MmapDefaults):
         self._faults = 0
         self._cows = 0
         self._owned_fds: set[int] = set()
+        self._sweep_at = _SWEEP_MIN
         self._unmerged_possible = False
         weakref.finalize(self, _close_all, self._owned_fds)
 
@@ -297,17 +393,23 @@ class AddressSpace(MmapDefaults):
 
     def read(self, addr: int, n: int) -> bytes:
         """``n`` bytes at ``addr`` as a user-mode load: raises Fault as the kernel would
-        signal (SIGSEGV unmapped or not readable, SIGBUS past a file's end)."""
+        signal (SIGSEGV unmapped or not readable, SIGBUS past a file's end) for the first bad
+        byte, found before any work is done (nothing proportional to ``n`` is allocated for a
+        read that faults). ValueError for a negative ``n``; MmapError(ENOMEM) for a valid
+        read longer than :data:`MAX_READ`. Reading untouched anonymous memory allocates no
+        frames (the zero page is mapped)."""
         return self._load(addr, n, "r")
 
     def read_into(self, addr: int, out: Any) -> None:
         """Fill the writable buffer ``out`` (bytearray, numpy array, memoryview) with the bytes
-        at ``addr``, checked as :meth:`read`: the bulk path that skips making a bytes object."""
+        at ``addr``, checked as :meth:`read`: the bulk path that skips making a bytes object.
+        ``out`` is left unchanged when the read faults."""
         dst = np.frombuffer(out, dtype=np.uint8)
         if not len(dst):
             return
-        flat = self._gather(addr & _M64, len(dst), "r")
-        dst[:] = flat
+        addr = int(addr) & _M64
+        self._precheck(addr, len(dst), "r")
+        dst[:] = self._gather(addr, len(dst), "r")
 
     def fetch(self, addr: int, n: int) -> bytes:
         """``n`` bytes at ``addr`` as an instruction fetch: needs PROT_EXEC (NX)."""
@@ -315,7 +417,8 @@ class AddressSpace(MmapDefaults):
 
     def peek(self, addr: int, n: int) -> bytes:
         """``n`` bytes at ``addr`` as a debugger reads them (ptrace): any protection, PROT_NONE
-        included. Still raises Fault for unmapped addresses and file pages past EOF."""
+        included. Still raises Fault for unmapped addresses and file pages past EOF (where
+        ptrace fails with EIO), checked before any work, and the limits of :meth:`read`."""
         return self._load(addr, n, "p")
 
     def write(self, addr: int, data: bytes) -> None:
@@ -333,9 +436,10 @@ class AddressSpace(MmapDefaults):
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store 64-bit little-endian ``values[i]`` at ``addrs[i]``, with :meth:`write`'s
         checks, as one numpy scatter. On a fault, the words before the first faulting one
-        (in array order) are stored, then the Fault is raised. Raises ValueError when the
-        shapes differ. Overlapping words: the later one wins."""
-        where = np.asarray(addrs, dtype=np.uint64).ravel()
+        (in array order) are stored, then the Fault is raised. Addresses wrap modulo 2**64
+        (a negative one faults in the kernel half). Raises ValueError when the shapes
+        differ. Overlapping words: the later one wins."""
+        where = as_addresses(addrs)
         words = np.asarray(values, dtype="<u8").ravel()
         if where.shape != words.shape:
             raise ValueError(f"write_words: {where.size} addresses but {words.size} values")
@@ -381,10 +485,18 @@ class AddressSpace(MmapDefaults):
 
     def check_access(self, addr: int, n: int, access: str) -> Fault | None:
         """The Fault a user-mode access (``"r"``, ``"w"``, ``"x"``) of ``n`` bytes at ``addr``
-        would raise, or None; changes nothing (only notices file size changes)."""
-        acc = access
+        would raise, or None; changes nothing (only notices file size changes). Costs a walk
+        over the VMAs of the range, whatever ``n``. ValueError for another ``access``."""
+        if access not in ("r", "w", "x"):
+            raise ValueError(f"check_access: access={access!r} is not 'r', 'w' or 'x'")
+        return self._first_fault(int(addr) & _M64, max(operator.index(n), 1), access)
+
+    def _first_fault(self, addr: int, n: int, access: str) -> Fault | None:
+        """The Fault of the first byte of ``[addr, addr+n)`` that ``access`` (any mode of
+        :meth:`_allowed`) cannot touch, or None."""
+        acc = "w" if access == "P" else ("r" if access == "p" else access)
         try:
-            for i, a, b in self._segments(addr & _M64, max(n, 1), access):
+            for i, a, b in self._segments(addr, n, access):
                 stop = self._eof_check(i, a, b, acc)
                 if stop < b:
                     return Fault(stop, acc, "SIGBUS", "BUS_ADRERR")
@@ -399,9 +511,10 @@ class AddressSpace(MmapDefaults):
     def ftruncate(self, fd: int, length: int) -> None:
         """``os.ftruncate(fd, length)``, and what the kernel does at once on a shrink: drop
         the file's pages past the new end from every mapping, private copies included.
-        (A size change made elsewhere is noticed at the next access to the file.)"""
-        os.ftruncate(fd, length)
-        st = os.fstat(fd)
+        (A size change made elsewhere is noticed at the next access to the file.) The host's
+        OSError (bad fd, negative length) is raised as MmapError with its errno."""
+        self._host(os.ftruncate, fd, length)
+        st = self._host(os.fstat, fd)
         inode = self._inodes.get((st.st_dev, st.st_ino))
         if inode is not None:
             self._resize(inode, st.st_size)
@@ -431,6 +544,8 @@ class AddressSpace(MmapDefaults):
             file = self._open_file(fd)
             if flags & _MAP_HUGETLB:
                 raise _fail(errno.EINVAL, "mmap: MAP_HUGETLB on a file not on hugetlbfs")
+        elif flags & _MAP_HUGETLB:
+            self._hugetlb_anon(addr, length, flags)
         if not length:
             raise _fail(errno.EINVAL, "mmap: length=0")
         if prot & _PROT_READ and self.read_implies_exec and not (file and file.noexec):
@@ -474,6 +589,31 @@ class AddressSpace(MmapDefaults):
             vm_flags |= VM_NORESERVE
         return self._map_region(addr, length, vm_flags, file, pgoff, flags)
 
+    def _hugetlb_anon(self, addr: int, length: int, flags: int) -> None:
+        """Anonymous MAP_HUGETLB, as ksys_mmap_pgoff and do_mmap treat it on a machine with
+        no huge pages reserved: EINVAL for a huge page size the kernel lacks (bits 26-31,
+        0 for the default), a zero length, a map type a file mapping refuses, MAP_GROWSDOWN
+        or a MAP_FIXED address not aligned to the huge page; else ENOMEM. (Linux maps it
+        with MAP_NORESERVE, faulting with SIGBUS later: not simulated, ENOMEM too.)"""
+        log = (flags >> _MAP_HUGE_SHIFT) & _MAP_HUGE_MASK
+        if log and log not in _huge_page_logs():
+            raise _fail(errno.EINVAL, f"mmap: MAP_HUGETLB size bits {log} (2**{log} bytes): "
+                        f"no such huge page size here ({sorted(_huge_page_logs())})")
+        huge = 1 << (log or 21)
+        if not length:
+            raise _fail(errno.EINVAL, "mmap: length=0")
+        maptype = flags & _MAP_TYPE
+        if maptype not in (_MAP_SHARED, _MAP_PRIVATE, _MAP_VALIDATE):
+            raise _fail(errno.EINVAL, f"mmap: map type {maptype:#x} with MAP_HUGETLB")
+        if maptype == _MAP_VALIDATE and flags & ~_LEGACY_MAP_MASK:
+            raise _fail(errno.EOPNOTSUPP, f"mmap: MAP_SHARED_VALIDATE with flags={flags:#x}")
+        if flags & _MAP_GROWSDOWN:
+            raise _fail(errno.EINVAL, "mmap: MAP_GROWSDOWN with MAP_HUGETLB")
+        if flags & (_MAP_FIXED | _MAP_NOREPLACE) and addr & (huge - 1):
+            raise _fail(errno.EINVAL, f"mmap: MAP_HUGETLB at addr={addr:#x}, not aligned to "
+                        f"its huge page size {huge:#x}")
+        raise _fail(errno.ENOMEM, "mmap: MAP_HUGETLB: no huge pages reserved")
+
     def _anon_flags(self, vm_flags: int, flags: int, addr: int) -> tuple[int, int]:
         """The anonymous half of do_mmap's map-type checks (EINVAL for a bad type or
         combination; ENOMEM for MAP_HUGETLB: no huge pages here); returns vm_flags and the
@@ -494,8 +634,6 @@ class AddressSpace(MmapDefaults):
         else:
             raise _fail(errno.EINVAL, f"mmap: map type {maptype:#x} is not MAP_SHARED or "
                         "MAP_PRIVATE")
-        if flags & _MAP_HUGETLB:
-            raise _fail(errno.ENOMEM, "mmap: MAP_HUGETLB: no huge pages reserved")
         return vm_flags, pgoff
 
     def _file_flags(self, file: OpenFile, vm_flags: int, flags: int, prot: int, pgoff: int,
@@ -544,12 +682,13 @@ class AddressSpace(MmapDefaults):
             raise _fail(errno.EBADF, f"mmap: fd={fd} is not an open file")
         key = (st.st_dev, st.st_ino)
         for known in self._files.get(key, ()):
-            if same_open_file(known.fd, fd):
+            if known.fd >= 0 and same_open_file(known.fd, fd):
                 return known
+        zero = stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_ZERO
         inode = self._inodes.get(key)
         if inode is None:
             inode = Inode(st.st_dev, st.st_ino, st.st_size)
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode) and not zero:
                 inode.key = (-1, st.st_ino)
         try:
             noexec = bool(os.fstatvfs(fd).f_flag & os.ST_NOEXEC)
@@ -558,7 +697,8 @@ class AddressSpace(MmapDefaults):
         acc = fl & os.O_ACCMODE
         opened = OpenFile(fd, inode, acc in (os.O_RDONLY, os.O_RDWR),
                           acc in (os.O_WRONLY, os.O_RDWR), noexec)
-        opened.thp = _fs_type(st.st_dev) in _THP_FILESYSTEMS
+        opened.zero = zero
+        opened.thp = zero or _fs_type(st.st_dev) in _THP_FILESYSTEMS
         return opened
 
     def _get_area(self, addr: int, length: int, flags: int, file: OpenFile | None,
@@ -567,6 +707,8 @@ class AddressSpace(MmapDefaults):
         multiples of 2 MiB without a hint and for files on filesystems that ask for it
         (ext4, xfs), else the plain search; ENOMEM if nowhere."""
         anon = file is None and flags & _MAP_TYPE != _MAP_SHARED
+        if file is not None and file.zero and flags & _MAP_SHARED:
+            file = None  # get_unmapped_area_zero: shared /dev/zero is placed as shmem
         if (file is not None and file.thp) or (anon and not addr and not length % _PMD_SIZE):
             got = self._thp_area(addr, length, flags, pgoff << self._shift)
             if got >= 0:
@@ -641,9 +783,9 @@ class AddressSpace(MmapDefaults):
             self._charge(length)
             vm_flags |= VM_ACCOUNT
         vfile: OpenFile | Shmem | None = file
-        if file is None and vm_flags & VM_MAYSHARE:
-            self._shmem_seq += 1
-            vfile = Shmem(self._shmem_seq)
+        if vm_flags & VM_SHARED and (file is None or file.zero):
+            self._shmem_seq += 1  # shmem_zero_setup: /dev/zero's shared mappings are shmem
+            vfile = Shmem(self._shmem_seq, length >> self._shift)
         if vfile is not None:
             self._use(vfile)  # the call's own reference: replacing the file's other
         try:                  # mappings must not close it
@@ -870,11 +1012,13 @@ class AddressSpace(MmapDefaults):
         vmas.replace(i0, i1, new)
 
     def _use(self, file: OpenFile | Shmem) -> None:
-        """One more VMA uses ``file``; the first use of an OpenFile takes our own dup."""
+        """One more VMA uses ``file``; the first use of an OpenFile takes our own dup
+        (MmapError EMFILE/ENFILE when the host has no descriptor left even after
+        :meth:`_release_orphans`)."""
+        if file.users == 0 and isinstance(file, OpenFile):
+            file.fd = self._dup(file.fd)
         file.users += 1
         if file.users == 1 and isinstance(file, OpenFile):
-            file.fd = os.dup(file.fd)
-            self._owned_fds.add(file.fd)
             inode = file.inode
             if inode.opens == 0:
                 self._inodes[inode.key] = inode
@@ -886,17 +1030,80 @@ class AddressSpace(MmapDefaults):
         cache when no open file of it is left)."""
         file.users -= 1
         if file.users == 0 and isinstance(file, OpenFile):
-            os.close(file.fd)
-            self._owned_fds.discard(file.fd)
+            self._close(file.fd)
+            file.fd = -1
             inode = file.inode
             self._files[inode.key].remove(file)
             if not self._files[inode.key]:
                 del self._files[inode.key]
             inode.opens -= 1
             if inode.opens == 0:
+                self._close(inode.io_fd)
+                inode.io_fd = -1
                 del self._inodes[inode.key]
                 self._pool.free(np.array(list(inode.cache.values()), dtype=np.int64))
                 inode.cache.clear()
+
+    # ---------------------------------------------------------------- kernel: descriptors
+
+    def _dup(self, fd: int) -> int:
+        """Our own dup of ``fd``. Every so many dups (and whenever the host says EMFILE or
+        ENFILE) first let go of the dups no other descriptor shares (see
+        :meth:`_release_orphans`), so mapping one file thousands of times through fds the
+        caller closes holds a few descriptors, not thousands."""
+        if len(self._owned_fds) >= self._sweep_at:
+            self._release_orphans()
+        try:
+            got = os.dup(fd)
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE):
+                raise _fail(err.errno or errno.EBADF, f"mmap: dup(fd={fd}): {err.strerror}") \
+                    from err
+            self._release_orphans()
+            try:
+                got = os.dup(fd)
+            except OSError as again:
+                raise _fail(again.errno or errno.EMFILE, f"mmap: fd={fd}: the simulator needs "
+                            f"a descriptor of its own and the host has none left "
+                            f"({again.strerror})") from again
+        self._owned_fds.add(got)
+        return got
+
+    def _close(self, fd: int) -> None:
+        """Close one of our own descriptors (-1: none)."""
+        if fd >= 0:
+            self._owned_fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _release_orphans(self) -> None:
+        """Close the dups of open files that no other descriptor of this process refers to
+        (no later mmap can name such an open file again, so its identity needs no fd): their
+        I/O goes through one descriptor per inode (``Inode.io_fd``, the first such dup,
+        or a writable one when one comes). Then the next sweep waits until we hold twice as
+        many descriptors as are left."""
+        held = [f for files in self._files.values() for f in files if f.fd >= 0]
+        others = _other_fds_by_inode(self._owned_fds)
+        for file in held:
+            if any(same_open_file(file.fd, fd) for fd in others.get(file.inode.key, ())):
+                continue
+            inode = file.inode
+            if inode.io_fd < 0 or (file.writable and not inode.io_writable):
+                self._close(inode.io_fd)
+                inode.io_fd, inode.io_writable = file.fd, file.writable
+            else:
+                self._close(file.fd)
+            file.fd = -1
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(self._owned_fds))
+
+    def _host(self, call: Any, *args: Any) -> Any:
+        """``call(*args)`` on a host descriptor, its OSError turned into MmapError."""
+        try:
+            return call(*args)
+        except OSError as err:
+            raise _fail(err.errno or errno.EIO, f"{call.__name__}: {err.strerror}") from err
 
     # ---------------------------------------------------------------- MMU: PTE upkeep
 
@@ -984,7 +1191,7 @@ class AddressSpace(MmapDefaults):
         breaks = np.flatnonzero(np.diff(pages) != 1) + 1
         for run in np.split(np.arange(len(pages)), breaks):
             first = int(pages[run[0]])
-            got = os.pread(file.fd, len(run) << shift, first << shift)
+            got = self._host(os.pread, file.io(), len(run) << shift, first << shift)
             full, rest = len(got) >> shift, len(got) & self._pmask
             buf = np.frombuffer(got, dtype=np.uint8)
             if full:
@@ -1004,9 +1211,9 @@ class AddressSpace(MmapDefaults):
         bits = self._pte_bits(vma.flags)
         file = vma.file
         pool = self._pool
-        if file is None or isinstance(file, Shmem):
+        if file is None or isinstance(file, Shmem) or file.zero:
             if write or isinstance(file, Shmem):
-                if file is None:
+                if not isinstance(file, Shmem):
                     self._anon_prepare(i)
                     self._cows += int(np.count_nonzero(ptes[idx] & _N_COW))
                 frames = pool.alloc(n)
@@ -1032,9 +1239,11 @@ class AddressSpace(MmapDefaults):
     def _file_limit(self, vma: Vma) -> int:
         """The first address of ``vma`` wholly past its file's end (noticing a size change
         made outside the simulator); may lie outside the VMA."""
+        if isinstance(vma.file, Shmem):
+            return vma.start + ((vma.file.pages - vma.pgoff) << self._shift)
         assert isinstance(vma.file, OpenFile)
         inode = vma.file.inode
-        size = os.fstat(vma.file.fd).st_size
+        size: int = self._host(os.fstat, vma.file.io()).st_size
         if size != inode.size:
             self._resize(inode, size)
         pages = (size + self._pmask) >> self._shift
@@ -1116,7 +1325,8 @@ class AddressSpace(MmapDefaults):
             self._fault(i, va, ptes, need, access in "wP")
         frames = ((ptes & _N_FRAME) >> _N_12).astype(np.int64)
         vma = self._vmas[i]
-        if isinstance(vma.file, OpenFile) and access not in "wP":
+        if _paged(vma.file) and access not in "wP":
+            assert isinstance(vma.file, OpenFile)
             cached = (ptes & _N_FILE) != 0
             if cached.any():
                 pages = vma.pgoff + ((va - vma.start) >> self._shift) + np.flatnonzero(cached)
@@ -1136,7 +1346,7 @@ class AddressSpace(MmapDefaults):
         """For a file VMA, where the access must stop: the first byte of the first page
         wholly past EOF (b when none). Raises the SIGBUS Fault when ``a`` is already past."""
         vma = self._vmas[i]
-        if not isinstance(vma.file, OpenFile):
+        if not _sized(vma.file):
             return b
         limit = self._file_limit(vma)
         if a >= limit:
@@ -1145,11 +1355,24 @@ class AddressSpace(MmapDefaults):
 
     def _load(self, addr: int, n: int, access: str) -> bytes:
         """A checked (or, for "p", forced) read of ``n`` bytes at ``addr``."""
+        n = operator.index(n)
         if n < 0:
             raise ValueError(f"read: n={n} is negative")
         if n == 0:
             return b""
-        return self._gather(addr & _M64, n, access).tobytes()
+        addr = int(addr) & _M64
+        self._precheck(addr, n, access)
+        return self._gather(addr, n, access).tobytes()
+
+    def _precheck(self, addr: int, n: int, access: str) -> None:
+        """Before a read does any work: the Fault for its first bad byte (a walk over the
+        VMAs only), then MmapError(ENOMEM) when it is longer than MAX_READ."""
+        fault = self._first_fault(addr, n, access)
+        if fault is not None:
+            raise fault
+        if n > MAX_READ:
+            raise _fail(errno.ENOMEM, f"read: n={n:#x} bytes is more than MAX_READ="
+                        f"{MAX_READ:#x} (the simulator's largest read)")
 
     def _gather(self, addr: int, n: int, access: str) -> npt.NDArray[np.uint8]:
         """The ``n`` bytes at ``addr`` (n > 0) after a checked or forced read: a view of the
@@ -1199,12 +1422,12 @@ class AddressSpace(MmapDefaults):
         part before EOF; bytes past it stay in the page cache only, as in Linux)."""
         vma = self._vmas[i]
         file = vma.file
-        if not isinstance(file, OpenFile) or not vma.flags & VM_MAYSHARE:
+        if not isinstance(file, OpenFile) or file.zero or not vma.flags & VM_MAYSHARE:
             return
         start_off = (vma.pgoff << self._shift) + (a - vma.start)
         room = file.inode.size - start_off
         if room > 0:
-            os.pwrite(file.fd, src[:room].tobytes(), start_off)
+            self._host(os.pwrite, file.io(), src[:room].tobytes(), start_off)
 
     def _fault_in(self, start: int, end: int, access: str) -> None:
         """Fault every page of ``[start, end)`` in for ``access`` without copying bytes."""
@@ -1238,7 +1461,7 @@ class AddressSpace(MmapDefaults):
             got: list[npt.NDArray[np.int64]] = []
             for i, a, b in self._segments(lo, hi - lo, "w"):
                 vma = self._vmas[i]
-                slow |= isinstance(vma.file, OpenFile) and bool(vma.flags & VM_MAYSHARE)
+                slow |= _paged(vma.file) and bool(vma.flags & VM_MAYSHARE)
                 for va, row, i0, i1 in self._pt.chunks(a, b, True):
                     got.append(self._fill(i, va, row, i0, i1, "w"))
             frame_of[run] = np.concatenate(got)
@@ -1266,7 +1489,7 @@ class AddressSpace(MmapDefaults):
             i = self._first_ending_after(va)
             if (va >= self.task_size or i == len(vmas) or vmas[i].start > va
                     or not vmas[i].flags & VM_WRITE
-                    or (isinstance(vmas[i].file, OpenFile) and self._file_limit(vmas[i]) <= va)):
+                    or (_sized(vmas[i].file) and self._file_limit(vmas[i]) <= va)):
                 bad.append(page)
         return np.array(bad, dtype=np.uint64) if bad else None
 

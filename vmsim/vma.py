@@ -40,9 +40,11 @@ VM_ACCESS = VM_READ | VM_WRITE | VM_EXEC
 
 class Inode:
     """A file as the page cache sees it: ``(st_dev, st_ino)``, the size last seen, and the
-    page-cache frames by page index."""
+    page-cache frames by page index. ``io_fd`` (-1 when none) is a descriptor of the file the
+    simulator keeps for the I/O of open files whose own dup it let go (see
+    :meth:`OpenFile.io`); ``io_writable`` says whether it was opened for writing."""
 
-    __slots__ = ("cache", "dev", "ino", "key", "opens", "size")
+    __slots__ = ("cache", "dev", "ino", "io_fd", "io_writable", "key", "opens", "size")
 
     def __init__(self, dev: int, ino: int, size: int) -> None:
         self.key = (dev, ino)
@@ -51,13 +53,21 @@ class Inode:
         self.size = size
         self.cache: dict[int, int] = {}
         self.opens = 0
+        self.io_fd = -1
+        self.io_writable = False
 
 
 class OpenFile:
     """An open file description (Linux's ``struct file``) the simulator holds through its own
-    dup of the caller's fd, so the mapping outlives the caller's ``close``."""
+    dup of the caller's fd, so the mapping outlives the caller's ``close``.
 
-    __slots__ = ("fd", "inode", "noexec", "readable", "thp", "users", "writable")
+    ``fd`` is that dup while the description may still be reached through another fd of the
+    process (so a later mmap of such an fd can be told to be the same open file); once no
+    other fd refers to it, the simulator closes the dup (``fd`` -1) and does the file's I/O
+    through its inode's ``io_fd``: one descriptor per file, not one per open. ``zero`` marks
+    ``/dev/zero``, whose private mappings are anonymous memory that still names the file."""
+
+    __slots__ = ("fd", "inode", "noexec", "readable", "thp", "users", "writable", "zero")
 
     def __init__(self, fd: int, inode: Inode, readable: bool, writable: bool,
                  noexec: bool) -> None:
@@ -68,25 +78,35 @@ class OpenFile:
         self.noexec = noexec
         self.thp = False
         self.users = 0
+        self.zero = False
+
+    def io(self) -> int:
+        """The descriptor to read, write and stat the file through."""
+        return self.fd if self.fd >= 0 else self.inode.io_fd
 
     def path(self) -> str:
-        """The path ``/proc/self/maps`` shows now (with `` (deleted)`` once unlinked)."""
+        """The path ``/proc/self/maps`` shows now (with `` (deleted)`` once unlinked), kept
+        as bytes decoded with surrogateescape so that any name round-trips."""
         try:
-            return os.readlink(f"/proc/self/fd/{self.fd}")
+            return os.fsdecode(os.readlink(os.fsencode(f"/proc/self/fd/{self.io()}")))
         except OSError:
             return "?"
 
 
 class Shmem:
-    """The hidden shmem file behind a shared anonymous mapping: never shared with another
-    mapping, so such mappings never merge with each other."""
+    """The hidden shmem file behind a shared anonymous mapping (or a shared mapping of
+    ``/dev/zero``, which is the same thing): never shared with another mapping, so such
+    mappings never merge with each other. Its size is the mapping's length (``pages``): a
+    page at file offset ``pages`` or beyond (a /dev/zero mapping at a non-zero offset) is
+    past its end, and an access there raises SIGBUS, as in Linux."""
 
-    __slots__ = ("ino", "users")
+    __slots__ = ("ino", "pages", "users")
     dev = "00:01"
     path = "/dev/zero (deleted)"
 
-    def __init__(self, ino: int) -> None:
+    def __init__(self, ino: int, pages: int) -> None:
         self.ino = ino
+        self.pages = pages
         self.users = 0
 
 
