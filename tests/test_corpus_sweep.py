@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -241,6 +242,82 @@ def test_dlopen_probe_opens_a_library_and_refuses_a_pie(tmp_path: Path) -> None:
     assert pie.dlopen == "cannot dynamically load position-independent executable"
     assert pie.refuses
     assert dlopen_helper(str(tmp_path)) == helper  # cached
+
+
+# ---- crafted refusals: the mapping of our reasons onto glibc's --------------------------------
+
+def _put(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """``data`` with ``value`` packed at ``offset``."""
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _phdr(i: int, field: str) -> int:
+    """The file offset of program header ``i``'s ``field`` (libz: e_phoff 64, 56 bytes each)."""
+    at = {"p_type": 0, "p_offset": 8, "p_vaddr": 16, "p_filesz": 32, "p_memsz": 40}[field]
+    return 64 + 56 * i + at
+
+
+def _no_load(data: bytes) -> bytes:
+    """Every PT_LOAD of ``data`` turned into PT_NULL."""
+    for i in range(struct.unpack_from("<H", data, 56)[0]):
+        if struct.unpack_from("<I", data, _phdr(i, "p_type"))[0] == 1:
+            data = _put(data, _phdr(i, "p_type"), "<I", 0)
+    return data
+
+
+CRAFTED: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "e_machine": (lambda d: _put(d, 18, "<H", 183),
+                  "cannot open shared object file: No such file or directory"),
+    "EI_CLASS": (lambda d: _put(d, 4, "<B", 1), "wrong ELF class: ELFCLASS32"),
+    "EI_DATA": (lambda d: _put(d, 5, "<B", 2), "ELF file data encoding not little-endian"),
+    "EI_VERSION": (lambda d: _put(d, 6, "<B", 0),
+                   "ELF file version ident does not match current one"),
+    "e_type": (lambda d: _put(d, 16, "<H", 4), "only ET_DYN and ET_EXEC can be loaded"),
+    "e_phentsize": (lambda d: _put(d, 54, "<H", 32),
+                    "ELF file's phentsize not the expected size"),
+    "e_phnum": (lambda d: _put(d, 56, "<H", 0), "object file has no loadable segments"),
+    "no PT_LOAD": (_no_load, "object file has no loadable segments"),
+    "e_phoff": (lambda d: _put(d, 32, "<Q", 1 << 40), "cannot read file data"),
+    "truncated headers": (lambda d: d[:64], "cannot read file data"),
+    "truncated segment": (lambda d: d[:1024], "ld.so killed by SIGBUS"),
+    "p_offset": (lambda d: _put(d, _phdr(1, "p_offset"), "<Q", 0x3008),
+                 "ELF load command address/offset not page-aligned"),
+    "PT_DYNAMIC p_filesz": (lambda d: _put(d, _phdr(4, "p_filesz"), "<Q", 0),
+                            "object file has no dynamic section"),
+}
+"""A fault planted in a copy of this machine's libz -> what glibc says of it. Both refuse
+each one; ours names the field (the sweep's mapping table, checked on real glibc)."""
+
+
+@pytest.fixture(scope="module")
+def crafted_report(tmp_path_factory: pytest.TempPathFactory) -> SweepReport:
+    """The CRAFTED files swept (glibc asked)."""
+    base = (LIBDIR / "libz.so.1").read_bytes()
+    where = tmp_path_factory.mktemp("crafted")
+    layout = (struct.unpack_from("<Q", base, 32)[0],                      # e_phoff
+              struct.unpack_from("<I", base, _phdr(1, "p_type"))[0],      # PT_LOAD
+              struct.unpack_from("<Q", base, _phdr(1, "p_offset"))[0],
+              struct.unpack_from("<I", base, _phdr(4, "p_type"))[0])      # PT_DYNAMIC
+    assert layout == (64, 1, 0x3000, 2), f"libz's program headers moved: {layout}"
+    paths = []
+    for n, (mutate, _) in enumerate(CRAFTED.values()):
+        path = where / f"crafted{n:02d}.so"
+        path.write_bytes(mutate(base))
+        paths.append(str(path))
+    return sweep(paths, workers=2)
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_crafted_fault_is_refused_by_both_loaders(crafted_report: SweepReport,
+                                                  name: str) -> None:
+    """Our ElfError and glibc's message for one planted fault."""
+    n = list(CRAFTED).index(name)
+    result = next(r for r in crafted_report.results if r.path.endswith(f"crafted{n:02d}.so"))
+    assert result.status == "refused", f"{result.status}: {result.message}"
+    assert result.glibc is not None and result.glibc.refuses
+    assert result.glibc.why == CRAFTED[name][1], (result.message, result.glibc)
 
 
 # ---- the instrument catches every kind of escape ----------------------------------------------

@@ -90,11 +90,13 @@ int main(int argc, char **argv) {
 class GlibcVerdict:
     """What glibc says about one file.
 
-    ``verify_rc``: ``ld.so --verify``'s exit status. ``verdict``: ``"maps"`` (a dynamic
-    program or shared object ld.so maps), ``"static"`` (mapped, no PT_DYNAMIC: nothing for
-    ld.so to link, the kernel runs it), ``"refuses"`` (ld.so cannot map it; ``reason`` is
-    its message) or ``"unknown"``. ``dlopen``: None when not asked, else ``"ok"`` or
-    dlerror()'s text (or "timeout ...").
+    ``verify_rc``: ``ld.so --verify``'s exit status (negative: killed by that signal).
+    ``verdict``: ``"maps"`` (a dynamic program or shared object ld.so maps), ``"static"``
+    (mapped, no PT_DYNAMIC: nothing for ld.so to link, the kernel runs it), ``"refuses"``
+    (ld.so cannot map it; ``reason`` is its message), ``"crashes"`` (ld.so died on it, e.g.
+    SIGBUS reading a truncated file: glibc cannot load it either) or ``"unknown"``.
+    ``dlopen``: None when not asked, else ``"ok"``, dlerror()'s text, ``"killed by SIG..."``
+    or ``"timeout ..."``.
     """
 
     verify_rc: int | None
@@ -104,13 +106,13 @@ class GlibcVerdict:
 
     @property
     def refuses(self) -> bool:
-        """glibc refuses the file: ld.so cannot map it, or dlopen fails on it."""
-        return self.verdict == "refuses" or self.dlopen not in (None, "ok")
+        """glibc does not load the file: ld.so refuses or crashes, or dlopen fails on it."""
+        return self.verdict in ("refuses", "crashes") or self.dlopen not in (None, "ok")
 
     @property
     def why(self) -> str:
         """glibc's reason for refusing (ld.so's first, then dlopen's), or its verdict."""
-        if self.verdict == "refuses":
+        if self.verdict in ("refuses", "crashes"):
             return self.reason
         if self.dlopen not in (None, "ok"):
             return f"dlopen: {self.dlopen}"
@@ -347,8 +349,9 @@ def refusal_reason(result: FileResult) -> str:
 def glibc_verdict(path: str, *, dlopen_helper: str | None = None) -> GlibcVerdict:
     """Ask glibc's ld.so about ``path`` without running any of its code (``--verify`` maps
     the file alone, no dependencies, no relocation; ``--list`` is asked for the message when
-    it fails). With ``dlopen_helper`` (from :func:`dlopen_helper`), also dlopen the file in
-    a fresh process: only for shared objects, as the helper runs their constructors."""
+    it fails). With ``dlopen_helper`` (from :func:`dlopen_helper`), a file ld.so maps is also
+    dlopened in a fresh process: pass it only for shared objects, as that runs their
+    constructors."""
     env = {"LC_ALL": "C", "PATH": "/usr/bin:/bin"}
     try:
         rc = subprocess.run([LD_SO, "--verify", path], env=env, capture_output=True,
@@ -359,9 +362,11 @@ def glibc_verdict(path: str, *, dlopen_helper: str | None = None) -> GlibcVerdic
     if rc == 1:
         verdict.reason = _ld_so_reason(path, env)
         verdict.verdict = "refuses" if verdict.reason else "static"
+    elif rc < 0:
+        verdict.verdict, verdict.reason = "crashes", f"ld.so killed by {_signal_name(-rc)}"
     elif rc not in (0, 2):
         verdict.verdict = "unknown"
-    if dlopen_helper is not None:
+    if dlopen_helper is not None and verdict.verdict == "maps":
         verdict.dlopen = _dlopen(dlopen_helper, path, env)
     return verdict
 
@@ -394,13 +399,25 @@ def _dlopen(helper: str, path: str, env: dict[str, str]) -> str:
         return f"not run: {exc}"
     if done.returncode == 0:
         return "ok"
+    if done.returncode < 0:
+        return f"killed by {_signal_name(-done.returncode)}"
     text = done.stdout.strip() or f"exit status {done.returncode}"
     return text.removeprefix(f"{path}: ")
 
 
+def _signal_name(number: int) -> str:
+    """"SIGSEGV" for 11; the number itself when it names no signal."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _bound_oracle_child() -> None:
-    """In the dlopen helper before exec: no core dumps, a CPU-time bound."""
+    """In the dlopen helper before exec: killed with its parent, no core dumps, a CPU-time
+    bound."""
     import resource
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     cpu = int(_ORACLE_SECONDS)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
@@ -449,8 +466,6 @@ def sweep_one(path: str, options: _Options) -> FileResult:
     if options.oracle:
         ask_dlopen = result.status == "refused" and kind == "shared-object"
         result.glibc = glibc_verdict(path, dlopen_helper=options.dlopen if ask_dlopen else None)
-        if result.glibc.verdict == "refuses":
-            result.glibc.dlopen = None  # ld.so already refuses: no need to run anything
     return result
 
 
