@@ -94,6 +94,11 @@ def summary(report: SweepReport, out: TextIO) -> None:
     _listing(out, "refusals glibc does not share", report.unshared(), _unshared_line)
     _listing(out, "files glibc refuses but the loader loads", report.glibc_only(),
              lambda r: f"{r.path}: glibc: {r.glibc.why if r.glibc else ''}")
+    slowest = sorted(report.results, key=lambda r: -r.seconds)[:5]
+    _listing(out, "slowest loads", slowest,
+             lambda r: f"{r.seconds:.2f} s  {r.size >> 20} MiB file  {r.path}")
+    _listing(out, "most frames allocated by a load (what it touched)", report.heaviest(),
+             lambda r: f"{r.frames} frames for a {r.span >> 20} MiB span  {r.path}")
 
 
 def _table(out: TextIO, head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -28,6 +28,7 @@ from elftools.elf.relocation import RelocationSection
 
 import vmsim.sweep as sweep_mod
 from loader import ElfHeaderError, MmapError
+from loader.pages import HOST_PAGE_SIZE
 from vmsim import Fault
 from vmsim.sweep import (
     FileResult,
@@ -193,6 +194,19 @@ def test_sample_file_loads_or_is_refused_as_glibc_refuses(sample_report: SweepRe
         f"{result.status}: {result.message} at {result.where} {result.problems}"
     if result.status == "refused":
         assert result.shared, f"we refuse ({result.message}); glibc: {result.glibc}"
+
+
+def test_sample_loads_touch_at_most_two_frames_per_page(sample_report: SweepReport) -> None:
+    """What a load allocates is bounded by its span: at most a page-cache frame and a
+    private copy per page (a relocated page), plus the extern page; zero and reserved pages
+    cost nothing (the static executables' big bss, the 64 KiB-aligned gaps)."""
+    loaded = [r for r in sample_report.results if r.status == "loaded"]
+    assert loaded
+    for r in loaded:
+        assert r.span > 0 and r.frames > 0, r
+        assert r.frames * HOST_PAGE_SIZE <= 2 * r.span + 4 * HOST_PAGE_SIZE, r
+    static = [r for r in loaded if r.kind == "static-executable"]
+    assert static and all(r.frames * HOST_PAGE_SIZE < r.span // 4 for r in static)
 
 
 def test_sample_refusals_say_what_glibc_says(sample_report: SweepReport) -> None:

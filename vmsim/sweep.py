@@ -123,7 +123,9 @@ class GlibcVerdict:
 class FileResult:
     """One file's outcome. ``status`` is one of ``STATUSES``; ``error`` the exception's class,
     ``field``/``value``/``limit`` an ElfError's parts, ``where`` the innermost project frames
-    (``"loader/reloc.py:123 relocate"``), ``problems`` what the checks after a load found."""
+    (``"loader/reloc.py:123 relocate"``), ``problems`` what the checks after a load found,
+    ``span`` the loaded span's length and ``frames`` the frames the simulator had allocated
+    when the load returned (what the load touched: relocated pages, partial bss pages)."""
 
     path: str
     kind: str
@@ -137,6 +139,8 @@ class FileResult:
     where: list[str] = default(default_factory=list)
     traceback: str = ""
     problems: list[str] = default(default_factory=list)
+    span: int = 0
+    frames: int = 0
     seconds: float = 0.0
     glibc: GlibcVerdict | None = None
 
@@ -284,12 +288,13 @@ def probe_file(path: str) -> dict[str, Any]:
         status = ("mmap_error" if isinstance(exc, MmapError) else
                   "fault" if isinstance(exc, Fault) else "exception")
         return {"status": status, **_error_fields(exc)}
+    cost = {"span": obj.span[1] - obj.span[0], "frames": space.stats.frames}
     try:
         problems = _check_loaded(obj, space)
     except Exception as exc:
-        return {"status": "exception", **_error_fields(exc),
+        return {"status": "exception", **_error_fields(exc), **cost,
                 "problems": ["after the load: " + _one_line(exc)]}
-    return {"status": "check_failed" if problems else "loaded", "problems": problems}
+    return {"status": "check_failed" if problems else "loaded", "problems": problems, **cost}
 
 
 def _check_loaded(obj: Any, space: AddressSpace) -> list[str]:
@@ -654,6 +659,10 @@ class SweepReport:
                 groups.setdefault(refusal_reason(r), Counter())[why] += 1
         rows = [(reason, sum(c.values()), c) for reason, c in groups.items()]
         return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+    def heaviest(self, n: int = 5) -> list[FileResult]:
+        """The ``n`` loads that left the most simulator frames allocated."""
+        return sorted(self.results, key=lambda r: -r.frames)[:n]
 
     def to_json(self) -> dict[str, Any]:
         """The whole report as plain data (summary first, then every file)."""
