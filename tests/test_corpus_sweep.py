@@ -435,8 +435,8 @@ def _children() -> set[int]:
 
 def test_ctrl_c_returns_the_partial_report_and_leaves_no_process() -> None:
     """KeyboardInterrupt while results come in: the report so far, marked interrupted, and
-    every worker (and its children) gone."""
-    before = _children()
+    every worker (and its children) gone, every pipe closed."""
+    before, fds = _children(), set(os.listdir("/proc/self/fd"))
     seen: list[FileResult] = []
 
     def interrupt(result: FileResult) -> None:
@@ -449,6 +449,7 @@ def test_ctrl_c_returns_the_partial_report_and_leaves_no_process() -> None:
     assert report.interrupted
     assert len(report.results) == 3
     assert _children() <= before
+    assert set(os.listdir("/proc/self/fd")) == fds
 
 
 def test_results_survive_json() -> None:
