@@ -392,6 +392,11 @@ def _leaky(path: str, mm: Any) -> Any:
     return _Leaky(mm)
 
 
+def _leaky_refusal(path: str, mm: Any) -> Any:
+    _Leaky(mm)
+    raise ElfHeaderError("e_phnum", 70000, "at most 65535")
+
+
 @pytest.mark.parametrize(("fake", "status", "error"), [
     (_fault, "fault", "Fault"),
     (_key_error, "exception", "KeyError"),
@@ -401,12 +406,13 @@ def _leaky(path: str, mm: Any) -> Any:
     (_sleep, "timeout", "TimeoutError"),
     (_hog, "over_bound", "OverBound"),
     (_leaky, "check_failed", ""),
+    (_leaky_refusal, "check_failed", "ElfHeaderError"),
 ])
 def test_each_way_a_load_goes_wrong_is_classified(monkeypatch: pytest.MonkeyPatch,
                                                   fake: Callable[..., Any], status: str,
                                                   error: str) -> None:
-    """A fake load that faults, raises, crashes, hangs, eats memory or leaks a region is
-    reported as such, the sweep itself unharmed."""
+    """A fake load that faults, raises, crashes, hangs, eats memory, leaks a region or fails
+    leaving one mapped is reported as such, the sweep itself unharmed."""
     monkeypatch.setattr(sweep_mod, "load", fake)
     report = sweep(["/usr/bin/ls"], workers=1, timeout=2.0, max_rss=48 << 20, oracle=False)
     [result] = report.results
@@ -417,7 +423,10 @@ def test_each_way_a_load_goes_wrong_is_classified(monkeypatch: pytest.MonkeyPatc
                                                               "at most 65535")
     if status in ("fault", "exception"):
         assert "vmsim/sweep.py" in result.traceback
-    if status == "check_failed":
+    if fake is _leaky_refusal:
+        assert result.problems == ["the failed load left 1 regions mapped, first "
+                                   "20000000-20001000 r--p 00000000 00:00 0"]
+    elif status == "check_failed":
         assert any("outcome() raised" in p for p in result.problems)
         assert any("outside the span" in p for p in result.problems)
         assert any("unload() left 1 regions" in p for p in result.problems)

@@ -276,18 +276,20 @@ def _pie_flag(f: Any, offset: int, size: int) -> bool:
 def probe_file(path: str) -> dict[str, Any]:
     """Load ``path`` on a fresh ``AddressSpace`` and classify how it went; after a load, check
     ``outcome()``, that every region lies in the span or the extern mapping, and that
-    ``unload()`` leaves the space empty. Returns FileResult fields (status, error, ...) as a
-    dict; never raises an Exception (meant to run in a forked child)."""
+    ``unload()`` leaves the space empty; after a failure, that nothing is left mapped (a
+    refusal that leaves a region is ``check_failed``). Returns FileResult fields (status,
+    error, ...) as a dict; never raises an Exception (meant to run in a forked child)."""
     space = AddressSpace()
     try:
         obj = load(path, space)
     except ElfError as exc:
-        return {"status": "refused", **_error_fields(exc), "field": exc.field,
-                "value": _show(exc.value), "limit": exc.limit}
+        return _after_failure(space, {"status": "refused", **_error_fields(exc),
+                                      "field": exc.field, "value": _show(exc.value),
+                                      "limit": exc.limit})
     except Exception as exc:
         status = ("mmap_error" if isinstance(exc, MmapError) else
                   "fault" if isinstance(exc, Fault) else "exception")
-        return {"status": status, **_error_fields(exc)}
+        return _after_failure(space, {"status": status, **_error_fields(exc)})
     cost = {"span": obj.span[1] - obj.span[0], "frames": space.stats.frames}
     try:
         problems = _check_loaded(obj, space)
@@ -295,6 +297,22 @@ def probe_file(path: str) -> dict[str, Any]:
         return {"status": "exception", **_error_fields(exc), **cost,
                 "problems": ["after the load: " + _one_line(exc)]}
     return {"status": "check_failed" if problems else "loaded", "problems": problems, **cost}
+
+
+def _after_failure(space: AddressSpace, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` of a failed load, with a problem when the failure left regions mapped (a
+    refusal then becomes ``check_failed``: bad input must lose nothing)."""
+    try:
+        left = space.maps()
+    except Exception as exc:
+        fields["problems"] = [f"maps() after the failure raised {_one_line(exc)}"]
+        left = []
+    if left:
+        fields["problems"] = [f"the failed load left {len(left)} regions mapped, "
+                              f"first {str(left[0]).rstrip()}"]
+    if fields.get("problems") and fields["status"] == "refused":
+        fields["status"] = "check_failed"
+    return fields
 
 
 def _check_loaded(obj: Any, space: AddressSpace) -> list[str]:
