@@ -3,7 +3,7 @@
 Run: python scripts/corpus_sweep.py [--json report.json] [ROOT ...]
 
 Every ELF file under the roots (default /usr/bin /usr/sbin /usr/libexec /usr/lib, recursively,
-each real file once) is loaded with ``loader.load`` on a fresh ``vmsim.AddressSpace`` in a
+each file once: links to a file already found are skipped) is loaded with ``loader.load`` on a fresh ``vmsim.AddressSpace`` in a
 supervised child (vmsim.sweep). Prints the files per outcome and per kind, each refusal reason
 with glibc's verdict on the same files, the escapes (anything but a load or an ElfError), the
 refusals glibc does not share, and the files glibc refuses but the loader loads. Exit status:
@@ -47,14 +47,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def gather(roots: Sequence[str]) -> list[str]:
     """The ELF files under the directories in ``roots``; a root that is a file is itself.
-    Each real file once (the first name kept)."""
+    Each file once (by device and inode; the first name kept)."""
     found = [r for r in roots if os.path.isfile(r)]
     found += find_elf_files([r for r in roots if not os.path.isfile(r)])
-    seen: set[str] = set()
+    seen: set[tuple[int, int]] = set()
     unique = []
     for path in found:
-        if os.path.realpath(path) not in seen:
-            seen.add(os.path.realpath(path))
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
             unique.append(path)
     return unique
 

@@ -472,11 +472,13 @@ def test_results_survive_json() -> None:
 
 
 def test_find_elf_files_counts_each_real_file_once(tmp_path: Path) -> None:
-    """Symlinks to a file already found and non-ELF files are skipped; ELF in subdirs kept."""
+    """Symlinks and hard links to a file already found and non-ELF files are skipped; ELF
+    files in subdirectories kept."""
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.so").write_bytes(b"\x7fELF" + bytes(60))
     (tmp_path / "sub" / "b").write_bytes(b"\x7fELF" + bytes(60))
     (tmp_path / "z-link").symlink_to(tmp_path / "a.so")
+    os.link(tmp_path / "a.so", tmp_path / "z-hard")
     (tmp_path / "text").write_text("#!/bin/sh\n")
     found = find_elf_files([str(tmp_path)])
     assert found == [str(tmp_path / "a.so"), str(tmp_path / "sub" / "b")]

@@ -24,6 +24,7 @@ import os
 import re
 import select
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
@@ -181,20 +182,25 @@ class FileResult:
 
 def find_elf_files(roots: Iterable[str] = ROOTS) -> list[str]:
     """Every regular file under ``roots`` (recursively, symlinked directories not followed)
-    whose first 4 bytes are the ELF magic, each real file once (by realpath, the first path
-    in sorted walk order kept). Unreadable files are skipped."""
-    seen: set[str] = set()
+    whose first 4 bytes are the ELF magic, each file once: a symlink or a hard link to a file
+    already found is skipped (same device and inode; the first path in sorted walk order is
+    kept). Unreadable files are skipped."""
+    seen: set[tuple[int, int]] = set()
     found: list[str] = []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
-                real = os.path.realpath(path)
-                if real in seen or not os.path.isfile(path):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen or not stat.S_ISREG(st.st_mode):
                     continue
                 if _has_magic(path):
-                    seen.add(real)
+                    seen.add(key)
                     found.append(path)
     return found
 
