@@ -3,12 +3,13 @@
 Run: python scripts/corpus_sweep.py [--json report.json] [ROOT ...]
 
 Every ELF file under the roots (default /usr/bin /usr/sbin /usr/libexec /usr/lib, recursively,
-each file once: links to a file already found are skipped) is loaded with ``loader.load`` on a fresh ``vmsim.AddressSpace`` in a
-supervised child (vmsim.sweep). Prints the files per outcome and per kind, each refusal reason
-with glibc's verdict on the same files, the escapes (anything but a load or an ElfError), the
-refusals glibc does not share, and the files glibc refuses but the loader loads. Exit status:
-0 when there is no escape and every refusal is shared by glibc, 1 otherwise, 130 when
-interrupted (Ctrl-C prints the partial summary).
+each file once: links to a file already found are skipped) is loaded with ``loader.load`` on a
+fresh ``vmsim.AddressSpace`` in a supervised child (vmsim.sweep). Prints the files per outcome
+and per kind, each refusal reason with glibc's verdict on the same files, the escapes
+(anything but a load or an ElfError), the refusals glibc does not share, the files glibc
+refuses but the loader loads, the slowest and the heaviest loads. Exit status: 0 when there is
+no escape and every refusal is shared by glibc, 1 otherwise, 130 when interrupted (Ctrl-C
+prints the partial summary).
 """
 
 from __future__ import annotations
