@@ -373,8 +373,8 @@ def _file_bytes(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
     file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
     offsets = np.array([s.p_offset for s in image.loads], dtype=np.uint64)
-    addr: npt.NDArray[np.uint64] = (vaddrs.astype(np.uint64)[:, None]
-                                    + np.arange(width, dtype=np.uint64))
+    addr = np.add.outer(vaddrs.astype(np.uint64), np.arange(width, dtype=np.uint64),
+                        dtype=np.uint64)
     seg = _segment_of(starts, addr)
     at = np.clip(seg, 0, None)
     ok = (seg >= 0) & (addr < file_ends[at]) & (addr >= vaddrs[:, None])
