@@ -342,13 +342,13 @@ def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) ->
 
 def _say_relocation(obj: LoadedObject, narrator: Narrator, before: int, resolver: str) -> None:
     """Announce relocation after the fact, each sentence at the calls it made: binding from
-    ``before`` (the extern mapping), the scatter at its write_words, the rare kinds after."""
+    ``before`` (the extern mapping), the scatter and the rare kinds at the write_words."""
     calls = obj.mm.calls
     scatter = next((i for i in range(before, len(calls)) if calls[i].op == "write_words"), None)
     rel = obj.relocations
     for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
                                                len(rel.unresolved), resolver):
-        at = before if kind == "bind" or scatter is None else scatter + (kind == "rare")
+        at = before if kind == "bind" or scatter is None else scatter
         narrator.say("relocate", sentence, at=at)
 
 

@@ -368,18 +368,29 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
 def _file_bytes(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
                 ) -> npt.NDArray[np.uint8]:
     """The ``width`` bytes the file holds at each of ``vaddrs`` (shape (n, width)); a byte
-    outside every segment's file part is 0, as memory holds it before relocation."""
+    outside every segment's file part is 0, as memory holds it before relocation. Fields
+    wholly inside one segment's file part (all, in practice) are gathered at once; only the
+    others are looked up byte by byte."""
     raw = np.frombuffer(image.data, dtype=np.uint8)
     starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
     file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
     offsets = np.array([s.p_offset for s in image.loads], dtype=np.uint64)
-    addr = np.add.outer(vaddrs.astype(np.uint64), np.arange(width, dtype=np.uint64),
-                        dtype=np.uint64)
-    seg = _segment_of(starts, addr)
+    v = vaddrs.astype(np.uint64)
+    seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
-    ok = (seg >= 0) & (addr < file_ends[at]) & (addr >= vaddrs[:, None])
-    out = np.zeros(addr.shape, dtype=np.uint8)
-    out[ok] = raw[(addr[ok] - starts[at[ok]] + offsets[at[ok]]).astype(np.int64)]
+    whole = (seg >= 0) & (v + _U64(width) <= file_ends[at]) & (v + _U64(width) > v)
+    out = np.zeros((len(v), width), dtype=np.uint8)
+    first = (v[whole] - starts[at[whole]] + offsets[at[whole]]).astype(np.int64)
+    out[whole] = raw[first[:, None] + np.arange(width)]
+    rest = np.flatnonzero(~whole)
+    if len(rest):
+        addr = np.add.outer(v[rest], np.arange(width, dtype=np.uint64), dtype=np.uint64)
+        bseg = _segment_of(starts, addr)
+        bat = np.clip(bseg, 0, None)
+        ok = (bseg >= 0) & (addr < file_ends[bat]) & (addr >= v[rest][:, None])
+        part = np.zeros(addr.shape, dtype=np.uint8)
+        part[ok] = raw[(addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)]
+        out[rest] = part
     return out
 
 
@@ -411,9 +422,18 @@ def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
         return table.r_addend[mask].view(np.uint64)
     offs = table.r_offset[mask]
     narrow = np.take(_WIDTH, table.r_type[mask], mode="clip") == 4
-    out = _file_words(image, offs)
-    if narrow.any():
-        out[narrow] = _file_int32(image, offs[narrow])
+    out = np.zeros(len(offs), dtype=np.uint64)
+    out[~narrow] = _file_words(image, offs[~narrow])
+    out[narrow] = _file_int32(image, offs[narrow])
+    return out
+
+
+def _sorted_unique(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The distinct values, sorted (a sort and a neighbour test: no hashing)."""
+    ordered = np.sort(values)
+    keep = np.ones(len(ordered), dtype=bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    out: npt.NDArray[np.uint64] = ordered[keep]
     return out
 
 
@@ -890,7 +910,7 @@ class _Initial:
     part of a word): a sorted lookup table."""
 
     def __init__(self, mm: Mmap, words: npt.NDArray[np.uint64]) -> None:
-        self.addrs = np.unique(words)
+        self.addrs = _sorted_unique(words)
         self.values = _read_words(mm, self.addrs)
 
     def get(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -906,7 +926,7 @@ def _read_words(mm: Mmap, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint6
     if not len(words):
         return out
     page = _U64(_page_of(mm))
-    pages = np.unique(words & ~(page - _U64(1)))
+    pages = _sorted_unique(words & ~(page - _U64(1)))
     breaks = np.flatnonzero(np.diff(pages) != page) + 1
     for run in np.split(pages, breaks):
         lo, hi = run[0], run[-1] + page
