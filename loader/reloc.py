@@ -365,12 +365,12 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
 # Values: the bytes the file holds, addends, and each kind's formula over whole tables
 
 
-def _file_bytes(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
-                ) -> npt.NDArray[np.uint8]:
-    """The ``width`` bytes the file holds at each of ``vaddrs`` (shape (n, width)); a byte
-    outside every segment's file part is 0, as memory holds it before relocation. Fields
-    wholly inside one segment's file part (all, in practice) are gathered at once; only the
-    others are looked up byte by byte."""
+def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
+                ) -> npt.NDArray[np.uint64]:
+    """The little-endian ``width``-byte (at most 8) values the file holds at ``vaddrs``; a
+    byte outside every segment's file part is 0, as memory holds it before relocation.
+    Fields wholly inside one segment's file part (all, in practice) are gathered a byte
+    column at a time; only the others are looked up byte by byte."""
     raw = np.frombuffer(image.data, dtype=np.uint8)
     starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
     file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
@@ -379,37 +379,35 @@ def _file_bytes(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
     whole = (seg >= 0) & (v + _U64(width) <= file_ends[at]) & (v + _U64(width) > v)
-    out = np.zeros((len(v), width), dtype=np.uint8)
+    out = np.zeros(len(v), dtype=np.uint64)
     first = (v[whole] - starts[at[whole]] + offsets[at[whole]]).astype(np.int64)
-    out[whole] = raw[first[:, None] + np.arange(width)]
+    gathered = np.zeros(len(first), dtype=np.uint64)
+    for k in range(width):
+        gathered |= raw[first + k].astype(np.uint64) << _U64(8 * k)
+    out[whole] = gathered
     rest = np.flatnonzero(~whole)
     if len(rest):
         addr = np.add.outer(v[rest], np.arange(width, dtype=np.uint64), dtype=np.uint64)
         bseg = _segment_of(starts, addr)
         bat = np.clip(bseg, 0, None)
         ok = (bseg >= 0) & (addr < file_ends[bat]) & (addr >= v[rest][:, None])
-        part = np.zeros(addr.shape, dtype=np.uint8)
+        part = np.zeros(addr.shape, dtype=np.uint64)
         part[ok] = raw[(addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)]
-        out[rest] = part
+        out[rest] = (part << (_U64(8) * np.arange(width, dtype=np.uint64))).sum(
+            axis=1, dtype=np.uint64)
     return out
 
 
 def _file_words(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """The 64-bit words the file holds at ``vaddrs``: the implicit addends of REL and RELR,
     read from the file (the content before any relocation), so no memory read is needed."""
-    if not len(vaddrs):
-        return np.zeros(0, dtype=np.uint64)
-    words: npt.NDArray[np.uint64] = _file_bytes(image, vaddrs, 8).view("<u8").ravel().astype(
-        np.uint64)
-    return words
+    return _file_value(image, vaddrs, 8)
 
 
 def _file_int32(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """The signed 32-bit fields the file holds at ``vaddrs``, sign-extended (two's
     complement in uint64): the implicit addends of 4-byte REL entries."""
-    if not len(vaddrs):
-        return np.zeros(0, dtype=np.uint64)
-    fields = _file_bytes(image, vaddrs, 4).view("<i4").ravel()
+    fields = _file_value(image, vaddrs, 4).astype(np.uint32).view(np.int32)
     out: npt.NDArray[np.uint64] = fields.astype(np.int64).view(np.uint64)
     return out
 
@@ -521,13 +519,17 @@ class _Pieces:
 
     def arrays(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64],
                               npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
-        """(place, width, value, deferred), stably sorted by key."""
-        if not self.parts:
+        """(place, width, value, deferred), stably sorted by key. Empties the list (the
+        parts are not needed twice, and a large table should not be held twice)."""
+        parts, self.parts = self.parts, []
+        if not parts:
             empty = np.zeros(0, dtype=np.uint64)
             return empty, empty, empty, np.zeros(0, dtype=bool)
-        cols = [np.concatenate([p[i] for p in self.parts]) for i in range(5)]
-        order = np.argsort(cols[0], kind="stable")
-        return cols[1][order], cols[2][order], cols[3][order], cols[4][order]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        cols = []
+        for i in range(1, 5):
+            cols.append(np.concatenate([p[i] for p in parts])[order])
+        return cols[0], cols[1], cols[2], cols[3]
 
 
 @dataclass(slots=True)
@@ -1042,9 +1044,10 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
     place, width, value, deferred = pieces.arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
-    _write(mm, *_final_words(wp.where(~deferred[store]), initial))
+    later = bool(deferred.any())
+    _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
     out.ran_resolvers = runs_code
-    if deferred.any():
+    if later:
         value[deferred] = np.concatenate([_deferred_values(ctx, t, runs_code)
                                           for t in tables.relocs])
         wp, store = _cut(place, width, value)

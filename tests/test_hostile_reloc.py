@@ -553,6 +553,8 @@ def test_a_32_bit_value_that_does_not_fit_is_an_error_and_unmaps() -> None:
     _set_type(rows, 0, "32")
     err = _nothing_mapped_sim(lambda sp: load(bytes(data), sp, base=0x7F0000000000))
     assert isinstance(err, ElfRelocationError) and "R_X86_64_32 value" in str(err)
+    kind, message, left = _host_fails_cleanly(bytes(data))
+    assert kind == "ElfRelocationError" and "R_X86_64_32 value" in message and left == []
 
 
 def _big_narrow_table(n: int) -> bytes:
