@@ -167,6 +167,27 @@ def test_copy_of_a_weak_definition_on_the_host_copies_glibcs(in6_programs: dict[
     assert done.value[0] == done.value[1]
 
 
+def test_copy_of_a_weak_symbol_nobody_defines_copies_nothing() -> None:
+    """The synthetic form of the same class: a weak COPY symbol with no other definition
+    binds to nothing; glibc skips the copy (``sym == NULL``), the loader too, and the
+    destination keeps its bytes. On the host, where the scope does not know the name either,
+    the same."""
+    data, image = _copy_image(size=16, bind="weak")
+    place = image.symbol_vaddr("obj")
+    space = sim_factory()()
+    obj = load(bytes(data), space)
+    assert obj.relocations.by_type["R_X86_64_COPY"] == 1
+    assert space.read(place + obj.load_bias, 16) == bytes(16)
+
+    def child() -> bytes:
+        obj = load(bytes(data), LibcMmap(), base=HOST_BASE)
+        got = ctypes.string_at(place + obj.load_bias, 16)
+        obj.unload()
+        return got
+    done = run_isolated(child, timeout=10, max_rss=512 << 20)
+    assert done.status == "ok" and done.value == bytes(16)
+
+
 @pytest.mark.parametrize("name", ["ss", "ninja", "cmake", "apt-get"])
 def test_real_programs_with_copy_relocations_load_on_the_simulator(name: str) -> None:
     """Programs of this machine that COPY weak glibc variables (the 16 files that raised a
