@@ -141,7 +141,7 @@ def _stamp(fd: int) -> tuple[int, int]:
 def _read_whole(fd: int, size: int, path: str) -> memoryview:
     """The first ``size`` bytes of ``fd`` (read-only), which must be all of it: a file that
     shrinks or grows while it is read is an ElfFileError naming it."""
-    buf = bytearray(size)
+    buf = np.empty(size, dtype=np.uint8)       # no zero-fill pass: pread fills it
     view = memoryview(buf)
     got = 0
     while got < size:
