@@ -142,7 +142,7 @@ def _read_whole(fd: int, size: int, path: str) -> memoryview:
     """The first ``size`` bytes of ``fd`` (read-only), which must be all of it: a file that
     shrinks or grows while it is read is an ElfFileError naming it."""
     buf = np.empty(size, dtype=np.uint8)       # no zero-fill pass: pread fills it
-    view = memoryview(buf)
+    view = buf.data
     got = 0
     while got < size:
         n = os.preadv(fd, [view[got:]], got)
