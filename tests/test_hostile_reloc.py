@@ -167,6 +167,23 @@ def test_copy_of_a_weak_definition_on_the_host_copies_glibcs(in6_programs: dict[
     assert done.value[0] == done.value[1]
 
 
+@pytest.mark.parametrize("verb", ["load", "diff"])
+def test_vmsim_load_and_diff_of_the_weak_copy_programs(in6_programs: dict[str, Path],
+                                                       verb: str,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """``vmsim load`` and ``vmsim diff`` printed a traceback (the escaped Fault); now both
+    succeed, and diff finds the simulator and the host agree."""
+    from vmsim.cli import main
+
+    for path in in6_programs.values():
+        assert main([verb, str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if verb == "diff":
+        assert out.count("identical outcomes") == 2
+
+
 def test_copy_of_a_weak_symbol_nobody_defines_copies_nothing() -> None:
     """The synthetic form of the same class: a weak COPY symbol with no other definition
     binds to nothing; glibc skips the copy (``sym == NULL``), the loader too, and the
