@@ -786,19 +786,32 @@ def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.u
 
 
 def _check_sources(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64],
-                   size: npt.NDArray[np.uint64], mm: Mmap) -> npt.NDArray[np.int64]:
-    """Every ``[src, src + size)`` must lie in readable memory (ElfRelocationError naming
-    the symbol otherwise: never a fault). Returns the readable run holding each."""
+                   size: npt.NDArray[np.uint64], mm: Mmap
+                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Keep every copy inside readable memory: a source whose first byte is not readable
+    is an ElfRelocationError naming the symbol (never a fault); one whose readable memory
+    ends before ``size`` bytes is cut there (a stub, or a definition of unknown size, may be
+    smaller than the reference says), with a warning. Returns the readable run holding each
+    source and the sizes to copy."""
     starts, ends = _readable_runs(mm)
     run = _segment_of(starts, src)
     at = np.clip(run, 0, None)
-    ok = (run >= 0) & (src + size >= src) & (src + size <= (ends[at] if len(ends) else 0))
+    end = ends[at] if len(ends) else np.zeros(len(src), dtype=np.uint64)
+    ok = (run >= 0) & (src < end)
     if not ok.all():
         k = int(np.flatnonzero(~ok)[0])
         raise ElfRelocationError(
             f"R_X86_64_COPY source of {_symbol_text(ctx.tables, int(sym[k]))}", int(src[k]),
-            f"{int(size[k]):#x} readable bytes there (the definition's memory)")
-    return run
+            f"readable memory there ({int(size[k]):#x} bytes to copy from the definition)")
+    cut = np.minimum(size, end - src)
+    short = np.flatnonzero(cut < size)
+    for k in short[:_MAX_WARNINGS].tolist():
+        ctx.out.warnings.append(
+            f"R_X86_64_COPY {_symbol_text(ctx.tables, int(sym[k]))}: only {int(cut[k]):#x} of "
+            f"{int(size[k]):#x} bytes readable at the definition {int(src[k]):#x}; copied those")
+    if len(short) > _MAX_WARNINGS:
+        ctx.out.warnings.append(f"... and {len(short) - _MAX_WARNINGS} more short COPY sources")
+    return run, cut
 
 
 def _gather(mm: Mmap, src: npt.NDArray[np.uint64], size: npt.NDArray[np.uint64],
@@ -843,7 +856,7 @@ def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], mm: 
     if not live.any():
         return
     key, place, sym, src, size = key[live], place[live], sym[live], src[live], size[live]
-    run = _check_sources(ctx, sym, src, size, mm)
+    run, size = _check_sources(ctx, sym, src, size, mm)
     data = _gather(mm, src, size, run, _page_of(mm))
     n = size.astype(np.int64)
     chunks = (n + 7) // 8

@@ -306,6 +306,28 @@ def test_copy_from_unreadable_memory_is_an_error_not_a_fault() -> None:
     assert kind == "ElfRelocationError" and "'obj'" in message and left == []
 
 
+def test_copy_from_a_source_that_ends_early_is_cut_at_the_readable_end() -> None:
+    """A definition (here a hook's) whose readable memory ends before the reference's size:
+    the copy stops there (never a read past it), with a warning naming the symbol."""
+    from loader.mmap import MapFlags, ProtFlags
+
+    data, image = _copy_image(size=64)
+    place = image.symbol_vaddr("obj")
+    space = sim_factory()()
+    page = space.page_size
+    at = 0x300000000000
+    space.mmap(at, 2 * page, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE,
+               MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS | MapFlags.MAP_FIXED, 0, None)
+    space.write(at + 2 * page - 8, b"TAILBYTE")
+    source = at + 2 * page - 8
+
+    def hook(name: str, version: str | None) -> int | None:
+        return source if name == "obj" else None
+    obj = load(bytes(data), space, resolver=StubResolver(pre_find=[hook]))
+    assert space.read(place + obj.load_bias, 64) == b"TAILBYTE" + bytes(56)
+    assert len(obj.relocations.warnings) == 1 and "'obj'" in obj.relocations.warnings[0]
+
+
 def test_copy_of_a_strong_symbol_copies_its_stub_bytes() -> None:
     """The ordinary case: a global COPY symbol gets a zeroed stub of its size on the
     simulator; the copy lands at r_offset and is that many bytes."""
