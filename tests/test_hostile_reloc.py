@@ -310,10 +310,11 @@ def test_copy_from_a_source_that_ends_early_is_cut_at_the_readable_end() -> None
     """A definition (here a hook's) whose readable memory ends before the reference's size:
     the copy stops there (never a read past it), with a warning naming the symbol."""
     from loader.mmap import MapFlags, ProtFlags
+    from vmsim import AddressSpace
 
     data, image = _copy_image(size=64)
     place = image.symbol_vaddr("obj")
-    space = sim_factory()()
+    space = AddressSpace()
     page = space.page_size
     at = 0x300000000000
     space.mmap(at, 2 * page, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE,
@@ -665,8 +666,9 @@ def _programs_with_copy_relocations() -> list[str]:
 def _load_outcome(path: str) -> str:
     """Load ``path`` on a fresh simulator: "ok", or the name of what it raised."""
     from loader import MmapError
+    from vmsim import AddressSpace
 
-    space = sim_factory()()
+    space = AddressSpace()
     try:
         load(path, space).unload()
     except (ElfError, MmapError) as exc:
