@@ -64,3 +64,11 @@ class ElfSymbolError(ElfError):
 
 class ElfUnsupportedError(ElfError):
     """Valid ELF this loader or this backend does not handle (e.g. PT_TLS on the host)."""
+
+
+class ElfFileError(ElfError):
+    """The file as a whole, before or around parsing: not a regular file (a FIFO, a
+    directory, a device), or changed (truncated, rewritten) while it was being loaded."""
+
+
+__all__.append("ElfFileError")

@@ -165,7 +165,8 @@ def hole_sentence(plan: LoadPlan, lo: int, hi: int) -> str:
 def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
                          resolver: str) -> list[tuple[str, str]]:
     """What relocation did, from the outcome's counts per type: ("bind", ...) for the
-    resolver, ("apply", ...) for the one scatter, ("rare", ...) for entries done one by one."""
+    resolver, ("apply", ...) for the one scatter, ("rare", ...) for the other kinds (in the
+    same bulk pass; IFUNC-chosen values in a second write after their resolvers)."""
     out = []
     relative = by_type.get("R_X86_64_RELATIVE", 0)
     slots = {k: v for k, v in by_type.items() if k in _SYMBOL_SLOTS and v}
@@ -188,8 +189,8 @@ def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
             if v and k != "R_X86_64_RELATIVE" and k not in _SYMBOL_SLOTS}
     if rare:
         kinds = ", ".join(f"{k.removeprefix('R_X86_64_')} {_n(v)}" for k, v in rare.items())
-        out.append(("rare", f"apply {_n(sum(rare.values()))} other relocations one by one: "
-                    f"{kinds}"))
+        out.append(("rare", f"apply {_n(sum(rare.values()))} other relocations in the same "
+                    f"bulk pass (each width cut into word pieces, in table order): {kinds}"))
     if not out:
         out.append(("apply", "no relocations to apply"))
     return out

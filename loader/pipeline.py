@@ -10,14 +10,23 @@ lazily, so the loader does not depend on it), looking through wrappers' ``inner`
 from __future__ import annotations
 
 import ctypes
-import mmap as host_mmap
 import os
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loader.elf import PF_W, PF_X, ElfImage, parse_image
-from loader.errors import ElfDynamicError, ElfUnsupportedError
+import numpy as np
+
+from loader.elf import PF_W, ElfImage, parse_image
+from loader.errors import (
+    ElfDynamicError,
+    ElfError,
+    ElfFileError,
+    ElfSymbolError,
+    ElfUnsupportedError,
+)
 from loader.explain import (
     Narrator,
     Step,
@@ -30,11 +39,11 @@ from loader.explain import (
     undo_sentence,
 )
 from loader.mapper import map_plan, reserve
-from loader.mmap import Mmap, ProtFlags
+from loader.mmap import Mmap, MmapError, ProtFlags
 from loader.outcome import Outcome, take_outcome
 from loader.pages import HOST_PAGE_SIZE
 from loader.plan import LoadPlan, make_plan
-from loader.reloc import RelocOutcome, check_relocations, relocate
+from loader.reloc import RelocOutcome, check_relocations, first_outside_code, relocate
 from loader.symbols import STT_GNU_IFUNC, HostResolver, Resolver, StubResolver, find
 from loader.tables import DT, DynamicTables, parse_tables
 from loader.trace import TracingMmap, unwrap
@@ -64,20 +73,18 @@ def _textrel(tables: DynamicTables) -> bool:
 
 
 def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
-    """DT_INIT_ARRAY and DT_FINI_ARRAY must lie inside a PT_LOAD (they are read from memory)."""
+    """DT_INIT_ARRAY and DT_FINI_ARRAY must lie inside one PT_LOAD's file bytes (they are
+    read from memory after relocation, so their size is bounded by the file, never by a
+    .bss); DT_INIT and DT_FINI must be callable code (``first_outside_code``)."""
     for name, (at, count) in (("DT_INIT_ARRAY", tables.init_array),
                               ("DT_FINI_ARRAY", tables.fini_array)):
-        if count and not any(s.p_vaddr <= at and at + 8 * count <= s.end for s in image.loads):
-            raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD")
+        if count and image.file_offset(at, 8 * count) is None:
+            raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD's "
+                                  "file bytes")
     for name, tag in (("DT_INIT", DT.INIT), ("DT_FINI", DT.FINI)):
         at = tables.tags.get(tag, 0)
-        if at and not _in_code(image, at):
-            raise ElfDynamicError(name, at, "inside an executable PT_LOAD")
-
-
-def _in_code(image: ElfImage, vaddr: int) -> bool:
-    """``vaddr`` lies inside an executable PT_LOAD."""
-    return any(s.p_vaddr <= vaddr < s.end and s.p_flags & PF_X for s in image.loads)
+        if at and first_outside_code(image, [at]) is not None:
+            raise ElfDynamicError(name, at, "inside the file bytes of an executable PT_LOAD")
 
 
 def _check_host_tls(tables: DynamicTables) -> None:
@@ -100,20 +107,98 @@ def _check_host_tls(tables: DynamicTables) -> None:
                 "not on the host backend (dynamic TLS of another module); use the simulator")
 
 
-def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview
-          ) -> tuple[Any, int | None, str]:
-    """The file's bytes (a read-only mmap for a path), its fd (None for bytes), a label."""
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(path: str, mode: int) -> None:
+    """ElfFileError naming ``path`` and what it is, unless ``mode`` is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    what = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise ElfFileError(f"file {path}", what, "a regular file (an ELF object is read whole)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """What ``load`` reads from: the file's bytes (read once: parsing never touches the
+    file again, so a truncation cannot SIGBUS it), the open fd (None for bytes), a label,
+    and the (size, mtime) it had when read, to notice a change during the load."""
+
+    data: Any
+    fd: int | None
+    label: str
+    stamp: tuple[int, int] | None = None
+
+
+def _stamp(fd: int) -> tuple[int, int]:
+    """(size, mtime in ns) of the open file ``fd``."""
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_whole(fd: int, size: int, path: str) -> memoryview:
+    """The first ``size`` bytes of ``fd`` (read-only), which must be all of it: a file that
+    shrinks or grows while it is read is an ElfFileError naming it."""
+    buf = np.empty(size, dtype=np.uint8)       # no zero-fill pass: pread fills it
+    view = buf.data
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            raise ElfFileError(f"file {path} size", got, f"{size:#x} bytes, as fstat said "
+                               "before reading (it shrank while being read)")
+        got += n
+    if os.pread(fd, 1, size):
+        raise ElfFileError(f"file {path} size", size + 1, f"{size:#x} bytes, as fstat said "
+                           "before reading (it grew while being read)")
+    return view.toreadonly()
+
+
+def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> _Source:
+    """Open and read what ``load`` was given. A path must name a regular file: checked
+    before opening (a FIFO would block the open), and again on the open fd (it may have been
+    replaced in between); the open never blocks (O_NONBLOCK). A missing file is
+    FileNotFoundError; anything not a regular file is an ElfFileError naming it."""
     if isinstance(source, bytes | bytearray | memoryview):
-        return bytes(source), None, "<bytes>"
+        return _Source(bytes(source), None, "<bytes>")
     path = os.fspath(source)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _require_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        size = os.fstat(fd).st_size
-        data: Any = host_mmap.mmap(fd, size, prot=host_mmap.PROT_READ) if size else b""
+        st = os.fstat(fd)
+        _require_regular(path, st.st_mode)
+        data = _read_whole(fd, st.st_size, path)
+        stamp = _stamp(fd)
+        if stamp != (st.st_size, st.st_mtime_ns):
+            raise ElfFileError(f"file {path} size", stamp[0], f"{st.st_size:#x} bytes, "
+                               "unchanged while being read")
     except BaseException:
         os.close(fd)
         raise
-    return data, fd, str(Path(path).resolve())
+    return _Source(data, fd, str(Path(path).resolve()), stamp)
+
+
+def _file_change(src: _Source) -> ElfFileError | None:
+    """The error to raise when the file is no longer what was read (size or mtime), else
+    None. The mapped pages and the parsed tables would disagree. (On the host, a truncation
+    after the last check still SIGBUSes the process at its next access to a vanished page,
+    exactly as it would under glibc: that cannot be checked away.)"""
+    if src.fd is None or src.stamp is None:
+        return None
+    now = _stamp(src.fd)
+    if now == src.stamp:
+        return None
+    return ElfFileError(f"file {src.label} size", now[0], f"{src.stamp[0]:#x} bytes, "
+                        "unchanged during the load (it was truncated or rewritten)")
+
+
+def _check_unchanged(src: _Source) -> None:
+    """Raise ``_file_change``'s error, if any."""
+    changed = _file_change(src)
+    if changed is not None:
+        raise changed
 
 
 class LoadedObject:
@@ -149,6 +234,10 @@ class LoadedObject:
         sym = self.tables.symtab[i]
         addr = (int(sym["st_value"]) + self.load_bias) & _MASK64
         if int(sym["st_info"]) & 0xF == STT_GNU_IFUNC and self.runs_code:
+            if first_outside_code(self.image, [int(sym["st_value"])]) is not None:
+                raise ElfSymbolError(f"STT_GNU_IFUNC {name!r} resolver",
+                                     int(sym["st_value"]),
+                                     "inside the file bytes of an executable PT_LOAD")
             addr = int(ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)())
         return addr
 
@@ -159,12 +248,13 @@ class LoadedObject:
         return take_outcome(self, keep_bytes)
 
     def _array(self, at: int, count: int) -> list[int]:
-        """The relocated function pointers of an init/fini array (0 and -1 skipped)."""
+        """The relocated function pointers of an init/fini array (0 and -1 skipped), read
+        in one piece (its size is bounded by the file: ``_check_arrays``)."""
         if not count:
             return []
-        raw = self.mm.read(at + self.load_bias, 8 * count)
-        words = [int.from_bytes(raw[i: i + 8], "little") for i in range(0, 8 * count, 8)]
-        return [w for w in words if w not in (0, _MASK64)]
+        words = np.frombuffer(self.mm.read(at + self.load_bias, 8 * count), dtype="<u8")
+        kept: list[int] = words[(words != 0) & (words != _MASK64)].tolist()
+        return kept
 
     def _functions(self, tag: int, array: tuple[int, int], reverse: bool) -> list[int]:
         """DT_INIT then DT_INIT_ARRAY, or DT_FINI_ARRAY reversed then DT_FINI (glibc order)."""
@@ -174,11 +264,13 @@ class LoadedObject:
 
     def _call_all(self, funcs: list[int], what: str) -> None:
         """Call each function as glibc calls initialisers: (argc, argv, envp), here empty.
-        Each must lie in the object's own code (ElfDynamicError otherwise: never a jump
-        into data or into nowhere)."""
-        for fn in funcs:
-            if not _in_code(self.image, fn - self.load_bias):
-                raise ElfDynamicError(f"{what} entry", fn, "inside an executable PT_LOAD")
+        All must be the object's own code (``first_outside_code``; ElfDynamicError
+        otherwise, before any call: never a jump into data or into nowhere)."""
+        vaddrs = [(fn - self.load_bias) & _MASK64 for fn in funcs]
+        bad = first_outside_code(self.image, vaddrs)
+        if bad is not None:
+            raise ElfDynamicError(f"{what} entry", (bad + self.load_bias) & _MASK64,
+                                  "inside the file bytes of an executable PT_LOAD")
         empty = (ctypes.c_void_p * 1)()
         for fn in funcs:
             _INIT(fn)(0, ctypes.addressof(empty), ctypes.addressof(empty))
@@ -250,13 +342,13 @@ def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) ->
 
 def _say_relocation(obj: LoadedObject, narrator: Narrator, before: int, resolver: str) -> None:
     """Announce relocation after the fact, each sentence at the calls it made: binding from
-    ``before`` (the extern mapping), the scatter at its write_words, the rare kinds after."""
+    ``before`` (the extern mapping), the scatter and the rare kinds at the write_words."""
     calls = obj.mm.calls
     scatter = next((i for i in range(before, len(calls)) if calls[i].op == "write_words"), None)
     rel = obj.relocations
     for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
                                                len(rel.unresolved), resolver):
-        at = before if kind == "bind" or scatter is None else scatter + (kind == "rare")
+        at = before if kind == "bind" or scatter is None else scatter
         narrator.say("relocate", sentence, at=at)
 
 
@@ -290,15 +382,15 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     ``explain``: called with each step of the load as a ``loader.explain.Step`` (a plain
     sentence, what and why), in pipeline order; ``loader.explain.Explainer`` collects them.
     """
-    data, fd, label = _open(path_or_bytes)
+    src = _open(path_or_bytes)
     try:
         traced = TracingMmap(mm)
         narrator = None if explain is None else Narrator(explain, traced.calls)
         page = int(getattr(unwrap(mm), "page_size", HOST_PAGE_SIZE))
-        image = parse_image(data, page)
+        image = parse_image(src.data, page)
         tables = parse_tables(image)
         if narrator is not None:
-            narrator.say("parse", parse_sentence(image, label, len(tables.tags)))
+            narrator.say("parse", parse_sentence(image, src.label, len(tables.tags)))
         textrel = _textrel(tables)
         check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
@@ -314,22 +406,28 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
             narrator.say("plan", plan_sentence(plan))
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
-        return _map_and_finish(label, image, tables, plan, traced, fd, data, resolver, base,
-                               narrator)
+        return _map_and_finish(src, image, tables, plan, traced, resolver, base, narrator)
     finally:
-        if fd is not None:
-            os.close(fd)
+        if src.fd is not None:
+            os.close(src.fd)
 
 
-def _map_and_finish(label: str, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
-                    mm: TracingMmap, fd: int | None, data: Any, resolver: Resolver,
-                    base: int | None, narrator: Narrator | None = None) -> LoadedObject:
-    """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise."""
-    start = reserve(plan, mm, base, use_file=fd is not None, narrator=narrator)
+def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
+                    mm: TracingMmap, resolver: Resolver, base: int | None,
+                    narrator: Narrator | None = None) -> LoadedObject:
+    """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise.
+
+    The file is re-checked after mapping (``_check_unchanged``). A failure that is neither
+    an ElfError nor an MmapError (the simulator's SIGBUS Fault on a page the file no longer
+    has, say) becomes an ElfFileError when the file changed meanwhile: the load lost a race
+    with whoever truncated it, which is bad input, not a loader bug. Otherwise it stays what
+    it is (a Fault from the simulator is then a loader bug to fix)."""
+    start = reserve(plan, mm, base, use_file=src.fd is not None, narrator=narrator)
     obj: LoadedObject | None = None
     try:
-        map_plan(plan, mm, start, fd, data, narrator=narrator, image=image)
-        obj = LoadedObject(label, image, tables, plan, mm, start)
+        map_plan(plan, mm, start, src.fd, src.data, narrator=narrator, image=image)
+        _check_unchanged(src)
+        obj = LoadedObject(src.label, image, tables, plan, mm, start)
         obj.real_bindings = resolver.real
         _finish(obj, resolver, narrator)
         return obj
@@ -337,5 +435,8 @@ def _map_and_finish(label: str, image: ElfImage, tables: DynamicTables, plan: Lo
         if narrator is not None:
             narrator.say("undo", undo_sentence(exc))
         _cleanup(mm, start, plan.span_length, obj)
+        changed = None if isinstance(exc, ElfError | MmapError) or \
+            not isinstance(exc, Exception) else _file_change(src)
+        if changed is not None:
+            raise changed from exc
         raise
-

@@ -2,10 +2,19 @@
 
 Part of the ``loader`` layer (imports ``loader.tables``, ``loader.symbols``, ``loader.mmap``).
 As musl does it, an architecture is a table from type number to (kind, width, addend rule);
-one function per kind does the work, with the ABI's letters: S (symbol address), A (addend),
-P (place), B (load bias). RELATIVE entries and RELR are one numpy scatter; the symbolic
-word-sized kinds are a second one. ``check_relocations`` validates every target before any
-memory is touched.
+the kinds are computed a whole table at a time with numpy, with the ABI's letters: S (symbol
+address), A (addend), P (place), B (load bias). ``check_relocations`` validates every target,
+every COPY size and every address the loader may call before any memory is touched.
+
+Every store, whatever its width (8-byte words, 4-byte fields, COPY bytes, 16-byte TLS
+descriptors), becomes a "piece" of one aligned 64-bit word; the final value of each word
+touched is computed in bulk as sequential application would leave it, and written by ONE
+``write_words``. Words only partly covered are read from memory first (once, page by page).
+The order is: RELATIVE entries and DT_RELR, then every other entry in table order. Entries
+whose value comes out of an IFUNC resolver (IRELATIVE, and slots bound to the object's own
+STT_GNU_IFUNC symbols) are written by a second ``write_words``, after the resolvers ran with
+everything else in place (as glibc runs them after the relocations before them); their words
+still hold what sequential application gives.
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ import enum
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from loader.elf import PF_W, PF_X, ElfImage
 from loader.errors import ElfRelocationError, ElfSymbolError
-from loader.mmap import Mmap
+from loader.mmap import Mmap, ProtFlags
+from loader.pages import HOST_PAGE_SIZE
 from loader.symbols import STT_GNU_IFUNC, STT_TLS, Resolution, Resolver
 from loader.tables import DynamicTables, RelocTable
 
@@ -33,6 +43,7 @@ __all__ = [
     "TlsLayout",
     "X86_64",
     "check_relocations",
+    "first_outside_code",
     "relocate",
     "type_name",
 ]
@@ -45,7 +56,7 @@ class Kind(enum.Enum):
     RELATIVE = "relative"      # B + A
     ABSOLUTE = "absolute"      # S + A (or S)
     PCREL = "pcrel"            # S + A - P
-    COPY = "copy"              # copy st_size bytes from S to P
+    COPY = "copy"              # copy min(ref, def) st_size bytes from S to P
     IRELATIVE = "irelative"    # resolver(B + A)()
     TLS_MODULE = "tls_module"  # module id of the defining object
     TLS_DTPOFF = "tls_dtpoff"  # S.st_value + A (offset in its TLS block)
@@ -85,7 +96,9 @@ _WIDTH = np.zeros(64, dtype=np.uint64)   # by type; unknown types clip to 63 -> 
 _WIDTH[_TYPES] = [X86_64[t].width for t in _TYPES.tolist()]
 _SYMBOLIC = {Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
              Kind.TLS_TPOFF, Kind.TLS_DESC}
+_SIGNED32 = {"R_X86_64_PC32", "R_X86_64_32S"}
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_U64 = np.uint64
 
 
 def type_name(r_type: int) -> str:
@@ -102,6 +115,8 @@ for _t, _r in X86_64.items():
     _LUT[_t] = ((1 << _KINDS.index(_r.kind)) | _BIT_KNOWN
                 | (_BIT_WORD if _r.kind is Kind.ABSOLUTE and _r.width == 8 else 0)
                 | (_BIT_ADDEND if _r.addend else 0))
+_SIGNED_LUT = np.zeros(_LUT_SIZE, dtype=bool)
+_SIGNED_LUT[[t for t, r in X86_64.items() if r.name in _SIGNED32]] = True
 
 
 def _codes(r_type: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
@@ -142,6 +157,12 @@ def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
     return mask
 
 
+def _is(codes: npt.NDArray[np.uint32], kind: Kind) -> npt.NDArray[np.bool_]:
+    """Which of ``codes`` have ``kind``."""
+    out: npt.NDArray[np.bool_] = (codes & _bits(frozenset({kind}))) != 0
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class TlsLayout:
     """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
@@ -164,6 +185,39 @@ class TlsLayout:
         return cls(module_id, offset)
 
 
+# ---------------------------------------------------------------------------------------------
+# Where things are: segments as sorted arrays, looked up with one searchsorted
+
+
+def _segment_of(starts: npt.NDArray[np.uint64], vaddrs: npt.NDArray[np.uint64]
+                ) -> npt.NDArray[np.int64]:
+    """Index of the last segment starting at or below each vaddr (-1: below all). The
+    PT_LOADs are sorted and disjoint (parse checked), so that is the only candidate."""
+    seg: npt.NDArray[np.int64] = np.searchsorted(starts, vaddrs, side="right").astype(
+        np.int64) - 1
+    return seg
+
+
+def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[int]
+                       ) -> int | None:
+    """The first of ``vaddrs`` that is not code the loader may call, or None when all are.
+
+    Callable means inside ``[p_vaddr, p_vaddr + p_filesz)`` of an executable PT_LOAD: the
+    segment's bytes from the file (its .bss tail holds no code). Every address the loader
+    calls (IFUNC resolvers, init and fini functions) is checked with this before any call.
+    """
+    v = np.asarray(vaddrs, dtype=np.uint64)
+    if not len(v):
+        return None
+    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
+    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
+    code = np.array([bool(s.p_flags & PF_X) for s in image.loads])
+    seg = _segment_of(starts, v)
+    at = np.clip(seg, 0, None)
+    ok = (seg >= 0) & code[at] & (v < file_ends[at])
+    return None if ok.all() else int(v[~ok][0])
+
+
 def _segment_arrays(image: ElfImage, textrel: bool
                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
@@ -172,35 +226,65 @@ def _segment_arrays(image: ElfImage, textrel: bool
             np.array([s.end for s in segs], dtype=np.uint64))
 
 
+def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
+          ends: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Bytes from each offset to the end of the writable segment holding it (0 if none)."""
+    if not len(ends):
+        return np.zeros(len(offs), dtype=np.uint64)
+    seg = _segment_of(starts, offs)
+    end = ends[np.clip(seg, 0, None)]
+    inside = (seg >= 0) & (offs < end)
+    return np.where(inside, end - offs, _U64(0))
+
+
 def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
                    starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]) -> None:
     """Every ``[off, off+width)`` with width > 0 inside one writable segment, else
-    ElfRelocationError naming the first bad offset. Fast path: all inside one segment."""
+    ElfRelocationError naming the first bad offset."""
     if len(offs) == 0:
         return
-    live = widths > 0
-    tops = offs + widths
-    lo, hi = int(offs[live].min(initial=_MASK64)), int(tops[live].max(initial=0))
-    if any(s <= lo and hi <= e for s, e in zip(starts.tolist(), ends.tolist(), strict=True)) \
-            and not (tops < offs).any():
-        return
-    seg = np.searchsorted(starts, offs, side="right").astype(np.int64) - 1
-    ok = seg >= 0
-    if len(ends):
-        ok &= (tops >= offs) & (tops <= ends[np.clip(seg, 0, len(ends) - 1)])
-    else:
-        ok[:] = False
-    ok |= ~live
+    ok = (widths <= _room(offs, starts, ends)) | (widths == 0)
     if not ok.all():
         bad = int(offs[~ok][0])
         raise ElfRelocationError(f"{name} r_offset", bad,
                                  "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
 
 
+def _symbol_text(tables: DynamicTables, sym: int) -> str:
+    """Symbol ``sym``'s name for an error message (its index when the name is unreadable)."""
+    try:
+        return repr(tables.name(int(tables.symtab[sym]["st_name"])))
+    except ValueError:
+        return f"symbol {sym}"
+
+
+def _check_copies(tables: DynamicTables, table: RelocTable, copy: npt.NDArray[np.bool_],
+                  starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64]) -> int:
+    """COPY entries: a symbol each, and its st_size within the bytes from r_offset to the end
+    of the writable PT_LOAD there (ElfSymbolError naming the symbol). Returns their bytes."""
+    syms = table.r_sym[copy]
+    offs = table.r_offset[copy]
+    if (syms == 0).any():
+        raise ElfSymbolError(f"{table.name} r_sym", 0,
+                             f"a symbol for the COPY relocation at {int(offs[syms == 0][0]):#x}")
+    sizes = tables.symtab["st_size"][syms].astype(np.uint64)
+    room = _room(offs, starts, ends)
+    bad = (room > 0) & (sizes > room)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ElfSymbolError(
+            f"{table.name} R_X86_64_COPY st_size of {_symbol_text(tables, int(syms[k]))}",
+            int(sizes[k]), f"at most {int(room[k]):#x}, the bytes from r_offset "
+            f"{int(offs[k]):#x} to the end of its writable PT_LOAD")
+    return int(sizes[room > 0].astype(object).sum())
+
+
 def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> None:
-    """Every type known, every target inside a writable segment, every COPY source sized,
-    before any memory is touched. Raises ElfRelocationError / ElfSymbolError."""
+    """Every type known, every target inside a writable segment, every COPY sized to fit,
+    every resolver the object's own code, before any memory is touched. Raises
+    ElfRelocationError / ElfSymbolError."""
     starts, ends = _segment_arrays(image, textrel)
+    copied = 0
     for table in tables.relocs:
         codes = _table_codes(table)
         known = (codes & _BIT_KNOWN) != 0
@@ -209,14 +293,15 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
             raise ElfRelocationError(f"{table.name} r_type", bad,
                                      "a supported x86-64 type " + str(_TYPES.tolist()))
         widths = np.take(_WIDTH, table.r_type, mode="clip")
-        copy = (codes & _bits(frozenset({Kind.COPY}))) != 0
+        copy = _is(codes, Kind.COPY)
         if copy.any():
-            if (table.r_sym[copy] == 0).any():
-                bad_at = int(table.r_offset[copy & (table.r_sym == 0)][0])
-                raise ElfSymbolError(f"{table.name} r_sym", 0,
-                                     f"a symbol for the COPY relocation at {bad_at:#x}")
+            copied += _check_copies(tables, table, copy, starts, ends)
             widths[copy] = tables.symtab["st_size"][table.r_sym[copy]]
         _check_targets(table.name, table.r_offset, widths, starts, ends)
+    writable = int((ends - starts).astype(object).sum()) if len(ends) else 0
+    if copied > writable:
+        raise ElfRelocationError("R_X86_64_COPY total st_size", copied,
+                                 f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
     _check_ifunc_resolvers(image, tables)
@@ -229,59 +314,133 @@ SHN_ABS = 0xFFF1
 def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
     """A symbol the object defines and its relocations use (so it may bind to itself) must
     point inside the object's PT_LOADs (SHN_ABS and TLS symbols excepted): otherwise a GOT
-    slot would send a call into some other mapping."""
+    slot would send a call into some other mapping. (Its end counts: ``_end`` points there.)"""
     needed = _needed_symbols(tables)
     syms = tables.symtab
     shndx = syms["st_shndx"][needed]
     own = (shndx != 0) & (shndx != SHN_ABS) & ((syms["st_info"][needed] & 0xF) != STT_TLS)
-    values = syms["st_value"][needed[own]]
+    values = syms["st_value"][needed[own]].astype(np.uint64)
     if not len(values):
         return
-    ok = np.zeros(len(values), dtype=bool)
-    for seg in image.loads:
-        ok |= (values >= seg.p_vaddr) & (values <= seg.end)
+    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
+    ends = np.array([s.end for s in image.loads], dtype=np.uint64)
+    seg = _segment_of(starts, values)
+    ok = (seg >= 0) & (values <= ends[np.clip(seg, 0, None)])
     if not ok.all():
         bad = int(needed[own][~ok][0])
         raise ElfSymbolError(f"symbol {bad} st_value", int(values[~ok][0]),
                              "inside a PT_LOAD (the object defines it)")
 
 
+def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
+    """Per symbol: an STT_GNU_IFUNC the object defines (its value is a resolver)."""
+    syms = tables.symtab
+    own: npt.NDArray[np.bool_] = (((syms["st_info"] & 0xF) == STT_GNU_IFUNC)
+                                  & (syms["st_shndx"] != 0))
+    return own
+
+
 def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
-    """IRELATIVE resolvers (B + A) must be the object's own code: on the host they are
-    called, and a call into data or nowhere must be an ElfRelocationError, not a crash."""
-    code = [(s.p_vaddr, s.end) for s in image.loads if s.p_flags & PF_X]
+    """Every resolver the host would call must be the object's own code (``first_outside_code``):
+    IRELATIVE resolvers (B + A) and the IFUNC symbols the relocations reference. A call
+    into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash."""
     for table in tables.relocs:
         mask = _kind_mask(table, {Kind.IRELATIVE})
         if not mask.any():
             continue
-        a = _addends(image, table, mask)
-        ok = np.zeros(len(a), dtype=bool)
-        for lo, hi in code:
-            ok |= (a >= lo) & (a < hi)
-        if not ok.all():
-            raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver",
-                                     int(a[~ok][0]), "inside an executable PT_LOAD")
+        bad = first_outside_code(image, _addends(image, table, mask))
+        if bad is not None:
+            raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver", bad,
+                                     "inside the file bytes of an executable PT_LOAD")
+    needed = _needed_symbols(tables)
+    ifunc = needed[_own_ifunc(tables)[needed]]
+    bad = first_outside_code(image, tables.symtab["st_value"][ifunc])
+    if bad is not None:
+        sym = int(ifunc[tables.symtab["st_value"][ifunc] == bad][0])
+        raise ElfRelocationError(f"STT_GNU_IFUNC {_symbol_text(tables, sym)} resolver", bad,
+                                 "inside the file bytes of an executable PT_LOAD")
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: the bytes the file holds, addends, and each kind's formula over whole tables
+
+
+def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
+                ) -> npt.NDArray[np.uint64]:
+    """The little-endian ``width``-byte (at most 8) values the file holds at ``vaddrs``; a
+    byte outside every segment's file part is 0, as memory holds it before relocation.
+    Fields wholly inside one segment's file part (all, in practice) are gathered a byte
+    column at a time; only the others are looked up byte by byte."""
+    raw = np.frombuffer(image.data, dtype=np.uint8)
+    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
+    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
+    offsets = np.array([s.p_offset for s in image.loads], dtype=np.uint64)
+    v = vaddrs.astype(np.uint64)
+    seg = _segment_of(starts, v)
+    at = np.clip(seg, 0, None)
+    whole = (seg >= 0) & (v + _U64(width) <= file_ends[at]) & (v + _U64(width) > v)
+    out = np.zeros(len(v), dtype=np.uint64)
+    first = (v[whole] - starts[at[whole]] + offsets[at[whole]]).astype(np.int64)
+    gathered = np.zeros(len(first), dtype=np.uint64)
+    for k in range(width):
+        gathered |= raw[first + k].astype(np.uint64) << _U64(8 * k)
+    out[whole] = gathered
+    rest = np.flatnonzero(~whole)
+    if len(rest):
+        addr = np.add.outer(v[rest], np.arange(width, dtype=np.uint64), dtype=np.uint64)
+        bseg = _segment_of(starts, addr)
+        bat = np.clip(bseg, 0, None)
+        ok = (bseg >= 0) & (addr < file_ends[bat]) & (addr >= v[rest][:, None])
+        part = np.zeros(addr.shape, dtype=np.uint64)
+        part[ok] = raw[(addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)]
+        out[rest] = (part << (_U64(8) * np.arange(width, dtype=np.uint64))).sum(
+            axis=1, dtype=np.uint64)
+    return out
 
 
 def _file_words(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The 64-bit words the file holds at ``vaddrs`` (0 past a segment's file bytes): the
-    implicit addends of REL and RELR, read from the file, so no memory read is needed."""
-    out = np.zeros(len(vaddrs), dtype=np.uint64)
-    raw = np.frombuffer(image.data, dtype=np.uint8)
-    for seg in image.loads:
-        inside = (vaddrs >= seg.p_vaddr) & (vaddrs + 8 <= seg.p_vaddr + seg.p_filesz)
-        if not inside.any():
-            continue
-        offs = (vaddrs[inside] - np.uint64(seg.p_vaddr) + np.uint64(seg.p_offset)).astype(
-            np.int64)
-        bytes8 = raw[offs[:, None] + np.arange(8)]
-        out[inside] = bytes8.copy().view("<u8").ravel()
+    """The 64-bit words the file holds at ``vaddrs``: the implicit addends of REL and RELR,
+    read from the file (the content before any relocation), so no memory read is needed."""
+    return _file_value(image, vaddrs, 8)
+
+
+def _file_int32(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The signed 32-bit fields the file holds at ``vaddrs``, sign-extended (two's
+    complement in uint64): the implicit addends of 4-byte REL entries."""
+    fields = _file_value(image, vaddrs, 4).astype(np.uint32).view(np.int32)
+    out: npt.NDArray[np.uint64] = fields.astype(np.int64).view(np.uint64)
+    return out
+
+
+def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
+             ) -> npt.NDArray[np.uint64]:
+    """A (as uint64, two's complement) of the masked entries: explicit (RELA), or for REL the
+    file's content at the place, as wide as the field (4-byte types: sign-extended)."""
+    if not table.implicit:
+        return table.r_addend[mask].view(np.uint64)
+    offs = table.r_offset[mask]
+    narrow = np.take(_WIDTH, table.r_type[mask], mode="clip") == 4
+    out = np.zeros(len(offs), dtype=np.uint64)
+    out[~narrow] = _file_words(image, offs[~narrow])
+    out[narrow] = _file_int32(image, offs[narrow])
+    return out
+
+
+def _sorted_unique(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The distinct values, sorted (a sort and a neighbour test: no hashing)."""
+    ordered = np.sort(values)
+    keep = np.ones(len(ordered), dtype=bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    out: npt.NDArray[np.uint64] = ordered[keep]
     return out
 
 
 @dataclass(slots=True)
 class RelocOutcome:
-    """What relocation did: counts per type, unresolved symbols, what only the host can do."""
+    """What relocation did: counts per type, unresolved symbols, what only the host can do.
+
+    ``warnings``: what glibc would print and go on (a COPY whose definition has another size
+    than the reference: glibc copies the smaller and says so)."""
 
     applied: int = 0
     by_type: Counter[str] = field(default_factory=Counter)
@@ -292,14 +451,7 @@ class RelocOutcome:
     extern: dict[str, int] = field(default_factory=dict)
     extern_range: tuple[int, int] | None = None
     tls: TlsLayout | None = None
-
-
-def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
-             ) -> npt.NDArray[np.uint64]:
-    """A (as uint64, two's complement) of the masked entries: explicit, or read from the file."""
-    if table.implicit:
-        return _file_words(image, table.r_offset[mask])
-    return table.r_addend[mask].view(np.uint64)
+    warnings: list[str] = field(default_factory=list)
 
 
 Words = list[npt.NDArray[np.uint64]]
@@ -308,7 +460,7 @@ Words = list[npt.NDArray[np.uint64]]
 def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: RelocOutcome,
                     places: Words, values: Words) -> None:
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
-    b = np.uint64(bias & _MASK64)
+    b = _U64(bias & _MASK64)
     for table in tables.relocs:
         mask = _kind_mask(table, {Kind.RELATIVE})
         if mask.any():
@@ -337,168 +489,583 @@ def _call_ifunc(resolver_addr: int) -> int:
     return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(resolver_addr)())
 
 
-def _apply_ifunc_symbols(tables: DynamicTables, res: Resolution, runs_code: bool
-                         ) -> dict[int, int]:
-    """Symbols of type STT_GNU_IFUNC the object defines: on the host call the resolver and
-    bind to what it selects; on the simulator stay bound to the resolver's address. Returns
-    {symbol index: resolver address} so the slots can be recorded."""
-    syms = tables.symtab
-    own_ifunc = np.flatnonzero(res.bound & ((syms["st_info"] & 0xF) == STT_GNU_IFUNC)
-                               & (syms["st_shndx"] != 0))
-    resolvers = {i: int(res.addr[i]) for i in own_ifunc.tolist()}
-    if runs_code:
-        for i, resolver in resolvers.items():
-            res.addr[i] = _call_ifunc(resolver)
-    return resolvers
+def _run_resolvers(targets: npt.NDArray[np.uint64], runs_code: bool) -> npt.NDArray[np.uint64]:
+    """What each resolver in ``targets`` selects: on the host, each distinct resolver called
+    once; elsewhere the resolver's own address (nothing can run)."""
+    if not runs_code or not len(targets):
+        return targets.copy()
+    distinct, first, back = np.unique(targets, return_index=True, return_inverse=True)
+    chosen = np.zeros(len(distinct), dtype=np.uint64)
+    for k in np.argsort(first, kind="stable").tolist():     # in table order
+        chosen[k] = _call_ifunc(int(distinct[k]))
+    out: npt.NDArray[np.uint64] = chosen[back.ravel()]
+    return out
 
 
-def _symbol_words(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
-                  out: RelocOutcome, places: Words, values: Words,
-                  ifuncs: dict[int, int]) -> None:
-    """The 8-byte ABSOLUTE kinds (64, GLOB_DAT, JUMP_SLOT): S (+ A), appended to the lists."""
-    b = np.uint64(bias & _MASK64)
-    for table in tables.relocs:
-        mask = _kind_mask(table, {Kind.ABSOLUTE}, 8)
-        if not mask.any():
-            continue
-        sym = table.r_sym[mask]
-        s = res.addr[sym]
-        with_addend = (_table_codes(table)[mask] & _BIT_ADDEND) != 0
-        a = np.where(with_addend, _addends(image, table, mask), np.uint64(0))
-        places.append(table.r_offset[mask] + b)
-        values.append(s + a)
-        if ifuncs:
-            for place, i in zip(places[-1].tolist(), sym.tolist(), strict=True):
-                if i in ifuncs:
-                    out.irelative.append((place, ifuncs[i]))
-        counts = np.bincount(np.minimum(table.r_type[mask], _LUT_SIZE - 1), minlength=_LUT_SIZE)
-        for t in np.flatnonzero(counts).tolist():
-            out.by_type[type_name(t)] += int(counts[t])
+class _Pieces:
+    """Stores in sequence order: ``place``, ``width`` (1..8 bytes), ``value`` (its low
+    ``width`` bytes are stored), ``deferred`` (the value comes from a resolver: filled in
+    after the first write). ``key`` orders them: entries in table order."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[npt.NDArray[Any], ...]] = []
+
+    def add(self, key: npt.NDArray[np.int64], place: npt.NDArray[np.uint64],
+            width: npt.NDArray[np.uint64], value: npt.NDArray[np.uint64],
+            deferred: npt.NDArray[np.bool_]) -> None:
+        """Append stores (arrays of one length)."""
+        if len(place):
+            self.parts.append((key, place, width, value, deferred))
+
+    def arrays(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64],
+                              npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+        """(place, width, value, deferred), stably sorted by key. Empties the list (the
+        parts are not needed twice, and a large table should not be held twice)."""
+        parts, self.parts = self.parts, []
+        if not parts:
+            empty = np.zeros(0, dtype=np.uint64)
+            return empty, empty, empty, np.zeros(0, dtype=bool)
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        cols = []
+        for i in range(1, 5):
+            cols.append(np.concatenate([p[i] for p in parts])[order])
+        return cols[0], cols[1], cols[2], cols[3]
 
 
-def _scatter(mm: Mmap, places: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
-    """One write_words, in address order (a stable sort: where two entries hit one place,
-    the later still wins). Tables are sorted runs already, so the sort is nearly free, and
-    backends walk their pages in order."""
-    order = np.argsort(places, kind="stable")
-    mm.write_words(places[order], values[order])
+@dataclass(slots=True)
+class _Context:
+    """What computing a table's values needs: the object, its binding, where it is."""
+
+    image: ElfImage
+    tables: DynamicTables
+    res: Resolution
+    bias: int
+    out: RelocOutcome
+    syms: npt.NDArray[Any]                 # the symbol table (the null symbol when empty)
+    addr: npt.NDArray[np.uint64]           # per symbol: what it is bound to (0: nothing)
+    ifunc_bound: npt.NDArray[np.bool_]     # per symbol: bound to its own IFUNC resolver
 
 
-def _one(tables: DynamicTables, table: RelocTable, k: int, a: int, rule: Rule,
-         res: Resolution, bias: int, mm: Mmap, runs_code: bool, out: RelocOutcome,
-         words: dict[int, int]) -> None:
-    """Apply entry ``k`` (addend ``a``) of one of the rare kinds (PCREL, 4-byte, COPY,
-    IRELATIVE, TLS). 8-byte results go into ``words`` (place -> value) for one scatter."""
-    place = (int(table.r_offset[k]) + bias) & _MASK64
-    sym = int(table.r_sym[k])
-    a = a - (1 << 64) if a >> 63 else a
-    if table.implicit and rule.width == 4:
-        a = int.from_bytes(mm.read(place, 4), "little", signed=True)
-    s = int(res.addr[sym]) if sym else 0
-    st_value = int(tables.symtab[sym]["st_value"]) if sym else 0
-    if rule.kind is Kind.COPY:
-        size = int(tables.symtab[sym]["st_size"])
-        mm.write(place, mm.read(s, size) if size else b"")
-        return
-    if rule.kind is Kind.IRELATIVE:
-        target = (bias + a) & _MASK64
-        value = _call_ifunc(target) if runs_code else target
-        out.irelative.append((place, target))
-    elif rule.kind is Kind.PCREL:
-        value = s + a - place
-    elif rule.kind is Kind.ABSOLUTE:
-        value = s + (a if rule.addend else 0)
-    else:
-        kind = Kind.TLS_TPOFF if rule.kind is Kind.TLS_DESC else rule.kind
-        value = _tls_value(kind, tables, sym, st_value, a, out.tls)
-        if kind is Kind.TLS_TPOFF and sym in res.tls_tpoff:
-            value = res.tls_tpoff[sym] + a
-        if rule.kind is Kind.TLS_DESC:
-            # glibc's static-TLS descriptor: (_dl_tlsdesc_return, TPOFF). That function
-            # lives in ld.so, which the simulator has not got: 0 there, and recorded.
-            words[place] = 0
-            words[(place + 8) & _MASK64] = value & _MASK64
-            out.tlsdesc.append(place)
-            return
-    if rule.width == 8:
-        words[place] = value & _MASK64
-    else:
-        _store(mm, place, value, rule, table.name)
-
-
-def _tls_value(kind: Kind, tables: DynamicTables, sym: int, st_value: int, a: int,
-               tls: TlsLayout | None) -> int:
-    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block.
+def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
+                a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block; TPOFF of a
+    TLS symbol defined elsewhere comes from the resolver's scope when it knew it.
 
     A TLS symbol the object does not define itself has no block here: it gets module 0,
     offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
-    own = sym == 0 or (int(tables.symtab[sym]["st_shndx"]) != 0 and
-                       int(tables.symtab[sym]["st_info"]) & 0xF == STT_TLS)
-    if tls is None or not own:
-        return 0
-    if kind is Kind.TLS_MODULE:
-        return tls.module_id
-    if kind is Kind.TLS_DTPOFF:
-        return st_value + a
-    return st_value + a - tls.tp_offset
+    syms = ctx.syms
+    st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
+    own = (sym == 0) | ((syms["st_shndx"][sym] != 0) & ((syms["st_info"][sym] & 0xF) == STT_TLS))
+    tls = ctx.out.tls
+    value = np.zeros(len(sym), dtype=np.uint64)
+    if tls is not None:
+        if kind is Kind.TLS_MODULE:
+            value = np.full(len(sym), tls.module_id, dtype=np.uint64)
+        elif kind is Kind.TLS_DTPOFF:
+            value = st_value + a
+        else:
+            value = st_value + a - _U64(tls.tp_offset & _MASK64)
+        value = np.where(own, value, _U64(0))
+    if kind is Kind.TLS_TPOFF and ctx.res.tls_tpoff:
+        known = np.zeros(len(syms), dtype=bool)
+        offset = np.zeros(len(syms), dtype=np.uint64)
+        idx = np.fromiter(ctx.res.tls_tpoff, dtype=np.int64, count=len(ctx.res.tls_tpoff))
+        known[idx] = True
+        offset[idx] = [v & _MASK64 for v in ctx.res.tls_tpoff.values()]
+        value = np.where(known[sym], offset[sym] + a, value)
+    out: npt.NDArray[np.uint64] = value
+    return out
 
 
-def _store(mm: Mmap, place: int, value: int, rule: Rule, table: str) -> None:
-    """Write ``value`` in 4 bytes; it must fit (signed for PC32 and 32S)."""
-    signed = rule.kind is Kind.PCREL or rule.name.endswith("32S")
-    lo, hi = (-(1 << 31), (1 << 31) - 1) if signed else (0, (1 << 32) - 1)
-    if not lo <= value <= hi:
-        raise ElfRelocationError(f"{table} {rule.name} value at {place:#x}", value,
-                                 f"within [{lo:#x}, {hi:#x}]")
-    mm.write(place, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+def _exact(s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64], p: npt.NDArray[np.uint64]
+           ) -> npt.NDArray[Any]:
+    """S + A - P as exact integers (A signed): int64 where no term can overflow, Python ints
+    (an object array) for the rare entries with huge terms."""
+    sa = a.view(np.int64)
+    limit = 1 << 61
+    safe = (s < _U64(limit)) & (p < _U64(limit)) & (sa > -limit) & (sa < limit)
+    if safe.all():
+        exact: npt.NDArray[Any] = s.astype(np.int64) + sa - p.astype(np.int64)
+        return exact
+    big: npt.NDArray[Any] = (s.astype(object) + sa.astype(object)) - p.astype(object)
+    return big
 
 
-def _apply_rare(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
-                mm: Mmap, runs_code: bool, out: RelocOutcome) -> None:
-    """Every entry that is not RELATIVE, NONE or an 8-byte ABSOLUTE, computed in table order
-    (IRELATIVE resolvers run in that order on the host); the 8-byte results are stored by
-    one more scatter at the end, the 4-byte ones and COPY as they come."""
-    common = _bits(frozenset({Kind.RELATIVE, Kind.NONE})) | _BIT_WORD
-    words: dict[int, int] = {}
-    for table in tables.relocs:
-        mask = (_table_codes(table) & common) == 0
-        addends = _addends(image, table, mask).tolist()
-        for k, a in zip(np.flatnonzero(mask).tolist(), addends, strict=True):
-            rule = X86_64[int(table.r_type[k])]
-            _one(tables, table, k, a, rule, res, bias, mm, runs_code, out, words)
-            out.by_type[rule.name] += 1
-    if words:
-        _scatter(mm, np.fromiter(words, dtype=np.uint64, count=len(words)),
-                 np.fromiter(words.values(), dtype=np.uint64, count=len(words)))
+def _check_fit(ctx: _Context, table: RelocTable, idx: npt.NDArray[np.int64],
+               s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64],
+               p: npt.NDArray[np.uint64]) -> None:
+    """The 4-byte entries ``idx`` (S + A, or S + A - P for PC32) must fit their field: signed
+    for PC32 and 32S. ElfRelocationError naming the first that does not."""
+    kinds = _table_codes(table)[idx]
+    pcrel = _is(kinds, Kind.PCREL)
+    exact = _exact(s, a, np.where(pcrel, p, _U64(0)))
+    signed = np.take(_SIGNED_LUT, table.r_type[idx], mode="clip")
+    lo = np.where(signed, -(1 << 31), 0)
+    hi = np.where(signed, (1 << 31) - 1, (1 << 32) - 1)
+    ok = np.asarray((exact >= lo) & (exact <= hi), dtype=bool)
+    if not ok.all():
+        k = int(np.flatnonzero(~ok)[0])
+        rule = X86_64[int(table.r_type[idx[k]])]
+        raise ElfRelocationError(f"{table.name} {rule.name} value at {int(p[k]):#x}",
+                                 int(exact[k]), f"within [{int(lo[k]):#x}, {int(hi[k]):#x}]")
 
 
-def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
-             resolver: Resolver, runs_code: bool, near: int,
-             out: RelocOutcome | None = None) -> RelocOutcome:
-    """Apply every relocation (targets were checked by ``check_relocations``).
+def _symbol_values(codes: npt.NDArray[np.uint32], s: npt.NDArray[np.uint64],
+                   a: npt.NDArray[np.uint64], p: npt.NDArray[np.uint64]
+                   ) -> npt.NDArray[np.uint64]:
+    """ABSOLUTE (S + A, or S) and PCREL (S + A - P), modulo 2**64."""
+    with_a = np.where((codes & _BIT_ADDEND) != 0, a, _U64(0))
+    pcrel = _is(codes, Kind.PCREL)
+    out: npt.NDArray[np.uint64] = s + with_a - np.where(pcrel, p, _U64(0))
+    return out
 
-    Order: RELATIVE and RELR, then symbolic words (all in one scatter), then the rare kinds
-    in table order (IRELATIVE last in practice, as linkers put them last). ``runs_code``: the
-    backend is this process, so IFUNC resolvers may be called. ``out`` is filled as work
-    is done (so a caller cleaning up after a failure sees any extern mapping made).
-    """
-    out = out if out is not None else RelocOutcome()
-    out.tls = TlsLayout.first_static(image)
-    places: Words = []
-    values: Words = []
-    _relative_words(image, tables, bias, out, places, values)
+
+def _table_pieces(ctx: _Context, table: RelocTable, first: int, pieces: _Pieces,
+                  copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
+    """Every entry of ``table`` that is not RELATIVE, NONE or COPY, as pieces keyed by its
+    position (``first`` + index); COPY entries go to ``copies`` for the bulk copy."""
+    codes_all = _table_codes(table)
+    skip = _bits(frozenset({Kind.RELATIVE, Kind.NONE, Kind.COPY}))
+    idx = np.flatnonzero((codes_all & skip) == 0)
+    copy = np.flatnonzero(_is(codes_all, Kind.COPY))
+    if len(copy):
+        copies.append((copy + first, table.r_offset[copy] + _U64(ctx.bias & _MASK64),
+                       table.r_sym[copy].astype(np.int64)))
+    if not len(idx):
+        return
+    codes = codes_all[idx]
+    b = _U64(ctx.bias & _MASK64)
+    sym = table.r_sym[idx].astype(np.int64)
+    p = table.r_offset[idx] + b
+    mask = np.zeros(len(table), dtype=bool)
+    mask[idx] = True
+    a = _addends(ctx.image, table, mask)
+    s = ctx.addr[sym]
+    width = np.take(_WIDTH, table.r_type[idx], mode="clip")
+    value = _symbol_values(codes, s, a, p)
+    for kind in (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF):
+        sel = _is(codes, kind) | (_is(codes, Kind.TLS_DESC) if kind is Kind.TLS_TPOFF else False)
+        if sel.any():
+            value[sel] = _tls_values(ctx, kind, sym[sel], a[sel])
+    irel = _is(codes, Kind.IRELATIVE)
+    value[irel] = b + a[irel]
+    symbolic = _is(codes, Kind.ABSOLUTE) | _is(codes, Kind.PCREL)
+    deferred = irel | (symbolic & ctx.ifunc_bound[sym])
+    narrow = np.flatnonzero((width == 4) & ~deferred)
+    if len(narrow):
+        _check_fit(ctx, table, idx[narrow], s[narrow], a[narrow], p[narrow])
+    key = (idx + first).astype(np.int64)
+    desc = _is(codes, Kind.TLS_DESC)
+    # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
+    # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
+    pieces.add(key[desc], p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
+               value[desc], deferred[desc])
+    value[desc] = 0
+    pieces.add(key, p, np.minimum(width, _U64(8)), value, deferred)
+    _record(ctx, table, idx, codes, p, s, a, irel, deferred)
+
+
+def _record(ctx: _Context, table: RelocTable, idx: npt.NDArray[np.int64],
+            codes: npt.NDArray[np.uint32], p: npt.NDArray[np.uint64],
+            s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64],
+            irel: npt.NDArray[np.bool_], deferred: npt.NDArray[np.bool_]) -> None:
+    """Counts per type, TLS descriptor places, and the (place, resolver) of every IRELATIVE
+    and IFUNC-bound 8-byte slot, for the outcome."""
+    out = ctx.out
+    counts = np.bincount(np.minimum(table.r_type[idx], _LUT_SIZE - 1), minlength=_LUT_SIZE)
+    for t in np.flatnonzero(counts).tolist():
+        out.by_type[type_name(t)] += int(counts[t])
+    out.tlsdesc.extend(p[_is(codes, Kind.TLS_DESC)].tolist())
+    slot = deferred & ~irel & ((codes & _BIT_WORD) != 0)
+    b = _U64(ctx.bias & _MASK64)
+    out.irelative.extend(zip(p[slot].tolist(), s[slot].tolist(), strict=True))
+    out.irelative.extend(zip(p[irel].tolist(), (b + a[irel]).tolist(), strict=True))
+
+
+def _deferred_values(ctx: _Context, table: RelocTable, runs_code: bool
+                     ) -> npt.NDArray[np.uint64]:
+    """The values of ``table``'s deferred entries (table order), with resolvers run: an
+    IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own IFUNC
+    symbol is recomputed with S = what that symbol's resolver selects."""
+    codes_all = _table_codes(table)
+    skip = _bits(frozenset({Kind.RELATIVE, Kind.NONE, Kind.COPY}))
+    idx = np.flatnonzero((codes_all & skip) == 0)
+    codes = codes_all[idx]
+    sym = table.r_sym[idx].astype(np.int64)
+    irel = _is(codes, Kind.IRELATIVE)
+    symbolic = _is(codes, Kind.ABSOLUTE) | _is(codes, Kind.PCREL)
+    bound = symbolic & ctx.ifunc_bound[sym]
+    take = irel | bound
+    mask = np.zeros(len(table), dtype=bool)
+    mask[idx[take]] = True
+    a = _addends(ctx.image, table, mask)
+    b = _U64(ctx.bias & _MASK64)
+    p = table.r_offset[idx[take]] + b
+    resolver = np.where(irel[take], b + a, ctx.addr[sym[take]])
+    chosen = _run_resolvers(resolver, runs_code)
+    value = np.where(irel[take], chosen, _symbol_values(codes[take], chosen, a, p))
+    narrow = np.flatnonzero(np.take(_WIDTH, table.r_type[idx[take]], mode="clip") == 4)
+    if len(narrow):
+        _check_fit(ctx, table, idx[take][narrow], chosen[narrow], a[narrow], p[narrow])
+    out: npt.NDArray[np.uint64] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# COPY: min(reference, definition) bytes from the definition's readable memory, in bulk
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+_RTLD_DL_SYMENT = 1
+_MAX_WARNINGS = 16
+_ST_SIZE_OFFSET = 16     # Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size
+
+
+@functools.cache
+def _dladdr1() -> Any:
+    """glibc's dladdr1 of this process, declared once."""
+    fn = ctypes.CDLL(None).dladdr1
+    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo), ctypes.POINTER(ctypes.c_void_p),
+                   ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _host_definition_size(addr: int) -> int | None:
+    """st_size of the symbol this process defines at exactly ``addr`` (dladdr1 with
+    RTLD_DL_SYMENT), or None when no loaded object has a symbol starting there."""
+    info, sym = _DlInfo(), ctypes.c_void_p()
+    if not _dladdr1()(addr, ctypes.byref(info), ctypes.byref(sym), _RTLD_DL_SYMENT):
+        return None
+    if not sym.value or info.dli_saddr != addr:
+        return None
+    return int(ctypes.c_uint64.from_address(sym.value + _ST_SIZE_OFFSET).value)
+
+
+def _readable_runs(mm: Mmap) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Starts and ends of the backend's readable memory, adjacent regions merged."""
+    runs: list[list[int]] = []
+    for r in mm.maps():
+        if not r.prot & ProtFlags.PROT_READ:
+            continue
+        if runs and runs[-1][1] == r.start:
+            runs[-1][1] = r.end
+        else:
+            runs.append([r.start, r.end])
+    return (np.array([r[0] for r in runs], dtype=np.uint64),
+            np.array([r[1] for r in runs], dtype=np.uint64))
+
+
+def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64],
+                runs_code: bool) -> npt.NDArray[np.uint64]:
+    """How many bytes each COPY copies: min(reference st_size, definition st_size), as
+    glibc's memcpy does; the definition's size is known on the host (dladdr1), elsewhere the
+    reference's stands. A size mismatch is recorded as glibc's warning."""
+    ref = ctx.syms["st_size"][sym].astype(np.uint64)
+    if not runs_code or not len(src):
+        return ref
+    distinct, back = np.unique(src, return_inverse=True)
+    found = [_host_definition_size(int(x)) for x in distinct.tolist()]
+    known = np.array([f is not None for f in found])[back.ravel()]
+    defined = np.array([f or 0 for f in found], dtype=np.uint64)[back.ravel()]
+    size = np.where(known, np.minimum(ref, defined), ref)
+    differ = np.flatnonzero(known & (defined != ref) & (src != 0))
+    for k in differ[:_MAX_WARNINGS].tolist():
+        ctx.out.warnings.append(
+            f"R_X86_64_COPY {_symbol_text(ctx.tables, int(sym[k]))}: st_size "
+            f"{int(ref[k]):#x} here, {int(defined[k]):#x} in the definition; copied "
+            f"{int(size[k]):#x} (glibc: \"has different size in shared object\")")
+    if len(differ) > _MAX_WARNINGS:
+        ctx.out.warnings.append(f"... and {len(differ) - _MAX_WARNINGS} more COPY size "
+                                "differences")
+    return size
+
+
+def _check_sources(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64],
+                   size: npt.NDArray[np.uint64], mm: Mmap
+                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Keep every copy inside readable memory: a source whose first byte is not readable
+    is an ElfRelocationError naming the symbol (never a fault); one whose readable memory
+    ends before ``size`` bytes is cut there (a stub, or a definition of unknown size, may be
+    smaller than the reference says), with a warning. Returns the readable run holding each
+    source and the sizes to copy."""
+    starts, ends = _readable_runs(mm)
+    run = _segment_of(starts, src)
+    at = np.clip(run, 0, None)
+    end = ends[at] if len(ends) else np.zeros(len(src), dtype=np.uint64)
+    ok = (run >= 0) & (src < end)
+    if not ok.all():
+        k = int(np.flatnonzero(~ok)[0])
+        raise ElfRelocationError(
+            f"R_X86_64_COPY source of {_symbol_text(ctx.tables, int(sym[k]))}", int(src[k]),
+            f"readable memory there ({int(size[k]):#x} bytes to copy from the definition)")
+    cut = np.minimum(size, end - src)
+    short = np.flatnonzero(cut < size)
+    for k in short[:_MAX_WARNINGS].tolist():
+        ctx.out.warnings.append(
+            f"R_X86_64_COPY {_symbol_text(ctx.tables, int(sym[k]))}: only {int(cut[k]):#x} of "
+            f"{int(size[k]):#x} bytes readable at the definition {int(src[k]):#x}; copied those")
+    if len(short) > _MAX_WARNINGS:
+        ctx.out.warnings.append(f"... and {len(short) - _MAX_WARNINGS} more short COPY sources")
+    return run, cut
+
+
+def _gather(mm: Mmap, src: npt.NDArray[np.uint64], size: npt.NDArray[np.uint64],
+            run: npt.NDArray[np.int64], page: int) -> npt.NDArray[np.uint8]:
+    """The bytes of every ``[src, src + size)``, concatenated: ranges in one readable run and
+    at most a page apart are read together (one ``read`` per group, never per entry)."""
+    order = np.lexsort((src, run))
+    s, e, r = src[order], src[order] + size[order], run[order]
+    reach = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = (r[1:] != r[:-1]) | (s[1:] > reach[:-1] + _U64(page))
+    group = np.cumsum(new) - 1
+    lo = s[new]
+    hi = np.maximum.reduceat(e, np.flatnonzero(new))
+    bufs = [np.frombuffer(mm.read(int(x), int(y - x)), dtype=np.uint8)
+            for x, y in zip(lo.tolist(), hi.tolist(), strict=True)]
+    base = np.concatenate([[0], np.cumsum([len(b) for b in bufs])]).astype(np.int64)
+    blob = np.concatenate(bufs) if bufs else np.zeros(0, dtype=np.uint8)
+    first = np.empty(len(s), dtype=np.int64)
+    first[order] = base[group] + (s - lo[group]).astype(np.int64)
+    n = size.astype(np.int64)
+    total = int(n.sum())
+    starts_out = np.cumsum(n) - n
+    index = np.repeat(first - starts_out, n) + np.arange(total, dtype=np.int64)
+    out: npt.NDArray[np.uint8] = blob[index]
+    return out
+
+
+def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], mm: Mmap,
+                 runs_code: bool, pieces: _Pieces) -> None:
+    """Every COPY as 8-byte pieces of its destination. A symbol bound to nothing (a weak
+    reference no one defines, address 0) copies nothing, as glibc's ``sym == NULL``."""
+    if not copies:
+        return
+    key = np.concatenate([c[0] for c in copies]).astype(np.int64)
+    place = np.concatenate([c[1] for c in copies])
+    sym = np.concatenate([c[2] for c in copies])
+    ctx.out.by_type["R_X86_64_COPY"] += len(key)
+    src = ctx.addr[sym]
+    size = _copy_sizes(ctx, sym, src, runs_code)
+    live = (src != 0) & (size != 0)
+    if not live.any():
+        return
+    key, place, sym, src, size = key[live], place[live], sym[live], src[live], size[live]
+    run, size = _check_sources(ctx, sym, src, size, mm)
+    data = _gather(mm, src, size, run, _page_of(mm))
+    n = size.astype(np.int64)
+    chunks = (n + 7) // 8
+    total = int(chunks.sum())
+    padded = np.zeros(8 * total, dtype=np.uint8)
+    pad_start = 8 * (np.cumsum(chunks) - chunks)
+    data_start = np.cumsum(n) - n
+    padded[np.repeat(pad_start - data_start, n) + np.arange(len(data), dtype=np.int64)] = data
+    nth = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    left = np.repeat(n, chunks) - 8 * nth
+    pieces.add(np.repeat(key, chunks), np.repeat(place, chunks) + (8 * nth).astype(np.uint64),
+               np.minimum(left, 8).astype(np.uint64), padded.view("<u8").astype(np.uint64),
+               np.zeros(total, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Committing: pieces -> the final value of each aligned word -> one write_words
+
+
+_FULL = _U64(_MASK64)
+_BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+
+
+def _page_of(mm: Mmap) -> int:
+    """The backend's page size (``page_size`` attribute; the host's when absent)."""
+    return int(getattr(mm, "page_size", HOST_PAGE_SIZE))
+
+
+class _WordPieces(NamedTuple):
+    """Stores cut at word boundaries: each changes the bytes ``mask`` of the aligned word
+    ``word`` to those of ``bits``; ``seq`` is the store's position in sequence order."""
+
+    word: npt.NDArray[np.uint64]
+    mask: npt.NDArray[np.uint64]
+    bits: npt.NDArray[np.uint64]
+    seq: npt.NDArray[np.int64]
+
+    def where(self, sel: npt.NDArray[np.bool_]) -> _WordPieces:
+        """The pieces selected by ``sel``."""
+        return _WordPieces(self.word[sel], self.mask[sel], self.bits[sel], self.seq[sel])
+
+
+def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
+         value: npt.NDArray[np.uint64]) -> tuple[_WordPieces, npt.NDArray[np.int64]]:
+    """Cut stores into word pieces (an unaligned store spans two words). Returns the pieces
+    and, for each, the index of its store."""
+    off = (place & _U64(7)).astype(np.int64)
+    word = place - off.astype(np.uint64)
+    low = np.minimum(width.astype(np.int64), 8 - off)
+    shift = (8 * off).astype(np.uint64)
+    mask0 = _BYTE_MASKS[low] << shift
+    bits0 = (value << shift) & mask0
+    high = width.astype(np.int64) - low
+    two = np.flatnonzero(high > 0)
+    mask1 = _BYTE_MASKS[high[two]]
+    bits1 = (value[two] >> (8 * low[two]).astype(np.uint64)) & mask1
+    seq = np.arange(len(place), dtype=np.int64)
+    return (_WordPieces(np.concatenate([word, word[two] + _U64(8)]),
+                        np.concatenate([mask0, mask1]), np.concatenate([bits0, bits1]),
+                        np.concatenate([seq, two])),
+            np.concatenate([seq, two]))
+
+
+class _Initial:
+    """Words as memory held them before relocation (read once, only where a store covers
+    part of a word): a sorted lookup table."""
+
+    def __init__(self, mm: Mmap, words: npt.NDArray[np.uint64]) -> None:
+        self.addrs = _sorted_unique(words)
+        self.values = _read_words(mm, self.addrs)
+
+    def get(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The initial values of ``words`` (each read at construction)."""
+        out: npt.NDArray[np.uint64] = self.values[np.searchsorted(self.addrs, words)]
+        return out
+
+
+def _read_words(mm: Mmap, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Read the aligned ``words`` (sorted, unique): one ``read`` per run of consecutive
+    pages they touch, so the cost follows the memory touched, not the entry count."""
+    out = np.zeros(len(words), dtype=np.uint64)
+    if not len(words):
+        return out
+    page = _U64(_page_of(mm))
+    pages = _sorted_unique(words & ~(page - _U64(1)))
+    breaks = np.flatnonzero(np.diff(pages) != page) + 1
+    for run in np.split(pages, breaks):
+        lo, hi = run[0], run[-1] + page
+        inside = (words >= lo) & (words < hi)
+        buf = np.frombuffer(mm.read(int(lo), int(hi - lo)), dtype="<u8")
+        out[inside] = buf[((words[inside] - lo) >> _U64(3)).astype(np.int64)]
+    return out
+
+
+def _final_words(wp: _WordPieces, initial: _Initial
+                 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The aligned words the pieces touch (sorted, unique) and the value each holds after
+    applying them in ``seq`` order: for every byte, the last piece covering it wins; bytes no
+    piece covers keep their initial value."""
+    if not len(wp.word):
+        return wp.word, wp.bits
+    if bool((wp.mask == _FULL).all()) and bool((np.diff(wp.seq) > 0).all()):
+        order = np.argsort(wp.word, kind="stable")
+        word, bits = wp.word[order], wp.bits[order]
+        last = np.ones(len(word), dtype=bool)
+        last[:-1] = word[1:] != word[:-1]
+        return word[last], bits[last]
+    order = np.lexsort((wp.seq, wp.word))
+    word, mask, bits = wp.word[order], wp.mask[order], wp.bits[order]
+    start = np.ones(len(word), dtype=bool)
+    start[1:] = word[1:] != word[:-1]
+    group = np.cumsum(start) - 1
+    firsts = np.flatnonzero(start)
+    words = word[firsts]
+    covered = np.bitwise_or.reduceat(mask, firsts)
+    result = np.zeros(len(words), dtype=np.uint64)
+    partial = covered != _FULL
+    result[partial] = initial.get(words[partial])
+    result_bytes = result.view(np.uint8).reshape(-1, 8)
+    mask_bytes = mask.view(np.uint8).reshape(-1, 8)
+    bits_bytes = bits.view(np.uint8).reshape(-1, 8)
+    for b in range(8):
+        cover = np.flatnonzero(mask_bytes[:, b])
+        g = group[cover]
+        last = np.ones(len(cover), dtype=bool)
+        last[:-1] = g[1:] != g[:-1]
+        result_bytes[g[last], b] = bits_bytes[cover[last], b]
+    return words, result
+
+
+def _write(mm: Mmap, words: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
+    """One write_words (none when there is nothing to write)."""
+    if len(words):
+        mm.write_words(words, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline step
+
+
+def _bind(tables: DynamicTables, bias: int, mm: Mmap, resolver: Resolver, near: int,
+          out: RelocOutcome) -> Resolution:
+    """Run the resolver chain over the symbols the relocations reference."""
     needed = _needed_symbols(tables)
     copies = [t.r_sym[_kind_mask(t, {Kind.COPY})] for t in tables.relocs]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
     res = resolver.resolve(tables, needed, bias, mm, near, not_self) if len(needed) else \
         Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
     out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
-    ifuncs = _apply_ifunc_symbols(tables, res, runs_code)
+    return res
+
+
+def _context(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
+             out: RelocOutcome) -> _Context:
+    """The context of one relocation pass. Symbols an own STT_GNU_IFUNC bound to its own
+    definition are marked: their value is a resolver to run (one bound elsewhere, by a hook
+    or the scope, is taken as it is). An empty symbol table reads as the null symbol."""
+    syms, addr = tables.symtab, res.addr
+    if not len(syms):
+        syms, addr = np.zeros(1, dtype=syms.dtype), np.zeros(1, dtype=np.uint64)
+    at_home = addr == syms["st_value"].astype(np.uint64) + _U64(bias & _MASK64)
+    own = ((syms["st_info"] & 0xF) == STT_GNU_IFUNC) & (syms["st_shndx"] != 0)
+    bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
+    return _Context(image, tables, res, bias, out, syms, addr, own & bound & at_home)
+
+
+def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
+             resolver: Resolver, runs_code: bool, near: int,
+             out: RelocOutcome | None = None) -> RelocOutcome:
+    """Apply every relocation (targets, sizes and resolvers were checked by
+    ``check_relocations``).
+
+    Memory ends as sequential application leaves it, in the order: RELATIVE and RELR, then
+    every other entry in table order (module docstring). ``runs_code``: the backend is this
+    process, so IFUNC resolvers may be called. ``out`` is filled as work is done (so a
+    caller cleaning up after a failure sees any extern mapping made). Raises
+    ElfRelocationError for a value that does not fit its field or an unreadable COPY
+    source, MmapError from the backend.
+    """
+    out = out if out is not None else RelocOutcome()
+    out.tls = TlsLayout.first_static(image)
+    places: Words = []
+    values: Words = []
+    _relative_words(image, tables, bias, out, places, values)
+    res = _bind(tables, bias, mm, resolver, near, out)
+    ctx = _context(image, tables, res, bias, out)
+    pieces = _Pieces()
+    if places:
+        place = np.concatenate(places)
+        pieces.add(np.full(len(place), -1, np.int64), place, np.full(len(place), 8, np.uint64),
+                   np.concatenate(values), np.zeros(len(place), dtype=bool))
+    copies: list[tuple[npt.NDArray[Any], ...]] = []
+    first = 0
+    for table in tables.relocs:
+        _table_pieces(ctx, table, first, pieces, copies)
+        first += len(table)
+    _copy_pieces(ctx, copies, mm, runs_code, pieces)
+    place, width, value, deferred = pieces.arrays()
+    wp, store = _cut(place, width, value)
+    initial = _Initial(mm, wp.word[wp.mask != _FULL])
+    later = bool(deferred.any())
+    _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
     out.ran_resolvers = runs_code
-    _symbol_words(image, tables, res, bias, out, places, values, ifuncs)
-    if places:     # RELATIVE, RELR and the symbolic words: ONE scatter, relative ones first
-        _scatter(mm, np.concatenate(places), np.concatenate(values))
-    _apply_rare(image, tables, res, bias, mm, runs_code, out)
+    if later:
+        value[deferred] = np.concatenate([_deferred_values(ctx, t, runs_code)
+                                          for t in tables.relocs])
+        wp, store = _cut(place, width, value)
+        touched = np.isin(wp.word, wp.word[deferred[store]])
+        _write(mm, *_final_words(wp.where(touched), initial))
     out.by_type.pop("R_X86_64_NONE", None)
     out.applied = sum(out.by_type.values())
     return out
