@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.elf import PF_W, USER_LIMIT, ElfImage
-from loader.errors import ElfDynamicError, ElfSymbolError
+from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
 
 __all__ = [
     "DT",
@@ -288,19 +288,19 @@ def _relocatable(image: ElfImage, tags: dict[int, int]) -> list[tuple[int, int]]
 def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int, int]]
                         ) -> None:
     """Each RELR target word inside one relocatable segment, and relocated once (glibc would
-    add the bias twice to a repeated word). ElfDynamicError names the first bad target."""
+    add the bias twice to a repeated word). ElfRelocationError names the first bad target."""
     ok = np.zeros(len(targets), dtype=bool)
     for start, end in ranges:
         ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - 8, 0))) \
             & (end >= start + 8)
     if not ok.all():
-        raise ElfDynamicError("DT_RELR target", int(targets[~ok][0]),
+        raise ElfRelocationError("DT_RELR target", int(targets[~ok][0]),
                               "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
     if len(targets) > 1 and not (targets[1:] > targets[:-1]).all():
         ordered = np.sort(targets)
         twice = ordered[1:] == ordered[:-1]
         if twice.any():
-            raise ElfDynamicError("DT_RELR target", int(ordered[1:][twice][0]),
+            raise ElfRelocationError("DT_RELR target", int(ordered[1:][twice][0]),
                                   "relocated once (it appears twice in the table)")
 
 
@@ -570,6 +570,9 @@ def _symbol_count(image: ElfImage, tags: dict[int, int], relocs: tuple[RelocTabl
         if len(table):
             top = int(table.r_sym.max())
             demands.append((f"{table.name} r_sym", top, top + 1 if top else 0))
+    if room == 0 and any(need for _, _, need in demands):
+        raise ElfDynamicError("DT_SYMTAB", tags[DT.SYMTAB],
+                              f"inside one PT_LOAD's file bytes, holding a symbol ({bound})")
     for field_name, value, need in demands:
         if need > room:
             raise ElfSymbolError(field_name, value,
