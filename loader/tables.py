@@ -364,18 +364,21 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
         raise ElfDynamicError("DT_GNU_HASH bucket", top, f"at least symoffset {symoffset}")
     # The chain of the highest bucket ends the table: find its end marker (low bit set),
     # reading windows that grow fourfold so a long chain costs O(n) and a short one little.
+    # A chain that runs to the end of its PT_LOAD's file bytes without one is refused.
     avail = _file_bytes_from(image, chains_at) // 4
-    first, window = top - symoffset, 64
+    done = top - symoffset
+    window = 64
     while True:
-        count = min(first + window, avail)
-        if count <= first:
-            raise ElfDynamicError("DT_GNU_HASH chain", top, "an end marker inside the file")
-        tail = _u32s(image, chains_at + first * 4, count - first, "DT_GNU_HASH chains")
+        count = min(done + window, avail)
+        if count <= done:
+            raise ElfDynamicError("DT_GNU_HASH chain", top,
+                                  "an end marker (low bit set) inside its PT_LOAD's file bytes")
+        tail = _u32s(image, chains_at + done * 4, count - done, "DT_GNU_HASH chains")
         ends = np.flatnonzero(tail & 1)
         if len(ends):
             break
-        window *= 4
-    nchains = first + int(ends[0]) + 1
+        done, window = count, window * 4
+    nchains = done + int(ends[0]) + 1
     chains = _u32s(image, chains_at, nchains, "DT_GNU_HASH chains")
     return GnuHash(symoffset, shift, bloom, buckets, chains), symoffset + nchains
 

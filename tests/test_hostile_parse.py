@@ -177,6 +177,18 @@ def test_symbol_count_gnu_hash_counts_past_the_bytes(field: str, offset: int,
     assert "DT_GNU_HASH" in got_field, message
 
 
+def test_symbol_count_gnu_hash_chain_without_end_marker() -> None:
+    # DT_GNU_HASH moved to the crafted segment: one bucket, whose chain of zero words runs to
+    # the end of the segment's file bytes without an end marker (low bit).
+    image = _image(hash="gnu", big=True)
+    data = bytearray(image.data)
+    offset, vaddr = _big_place(image)
+    struct.pack_into("<4I", data, offset, 1, 1, 1, 6)        # nbuckets symoffset bloom shift
+    struct.pack_into("<I", data, offset + 16 + 8, 1)          # bucket[0] = symbol 1
+    _put(data, _tag_at(image, T.GNU_HASH), "<Q", vaddr)
+    _refused(bytes(data), ElfDynamicError, "DT_GNU_HASH chain")
+
+
 def test_symbol_count_broken_sysv_hash_beside_gnu_hash_is_ignored_as_glibc_does() -> None:
     # glibc reads DT_HASH only when there is no DT_GNU_HASH: a broken one beside a good GNU
     # hash changes nothing.
