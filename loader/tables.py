@@ -450,26 +450,31 @@ def _check_record_version(value: int, field: str) -> None:
 
 
 class _Names:
-    """Names from the string table by offset, each decoded once."""
+    """Names from the string table by offset: checked when met (``check``: the offset is
+    inside the table, which ends with a NUL), decoded later, each offset once."""
 
     def __init__(self, strtab: bytes) -> None:
         self.strtab = strtab
         self.known: dict[int, str] = {}
 
+    def check(self, off: int, what: str) -> int:
+        """``off`` itself, once it is known to start a name; ElfSymbolError naming ``what``."""
+        if off >= len(self.strtab):
+            raise ElfSymbolError(what, off, f"below DT_STRSZ {len(self.strtab):#x}")
+        return off
+
     def __call__(self, off: int, what: str) -> str:
         """The NUL-terminated name at ``off``, or ElfSymbolError naming ``what``."""
         name = self.known.get(off)
         if name is None:
-            if off >= len(self.strtab):
-                raise ElfSymbolError(what, off, f"below DT_STRSZ {len(self.strtab):#x}")
-            end = self.strtab.index(b"\0", off)    # the table ends with a NUL
+            end = self.strtab.index(b"\0", self.check(off, what))
             name = self.known[off] = self.strtab[off:end].decode("utf-8", "surrogateescape")
         return name
 
 
 def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
-             out: dict[int, str]) -> set[int]:
-    """Fill ``out`` with DT_VERDEF's index -> name; return the indices defined here.
+             out: dict[int, int]) -> set[int]:
+    """Fill ``out`` with DT_VERDEF's index -> name offset; return the indices defined here.
 
     As glibc, the chain is followed by vd_next to a 0 (DT_VERDEFNUM is only checked), and
     only each definition's first Verdaux (its own name) is read."""
@@ -484,7 +489,7 @@ def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
         version, flags, ndx, _, _, aux, nxt = claims.read(at, VERDEF, link)
         _check_record_version(version, "vd_version")
         name_off, _ = claims.read(at + aux, VERDAUX, "vd_aux", shared=True)
-        out[ndx & 0x7FFF] = names(name_off, "vda_name")
+        out[ndx & 0x7FFF] = names.check(name_off, "vda_name")
         if not flags & VER_FLG_BASE:
             defined.add(ndx & 0x7FFF)
         if not nxt:
@@ -493,8 +498,8 @@ def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
 
 
 def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
-              out: dict[int, str]) -> None:
-    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name.
+              out: dict[int, int]) -> None:
+    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name offset.
 
     As glibc, each chain is followed to a 0 link (vn_next, vna_next); DT_VERNEEDNUM and
     vn_cnt are not trusted for the walk."""
@@ -510,7 +515,7 @@ def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
         aux_at, aux_link = at + aux, "vn_aux"
         while True:
             _, _, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
-            out[other & 0x7FFF] = names(name_off, "vna_name")
+            out[other & 0x7FFF] = names.check(name_off, "vna_name")
             if not aux_next:
                 break
             aux_at, aux_link = aux_at + aux_next, "vna_next"
@@ -572,7 +577,7 @@ def _symbol_count(image: ElfImage, tags: dict[int, int], relocs: tuple[RelocTabl
     for table in relocs:
         if len(table):
             top = int(table.r_sym.max())
-            demands.append((f"{table.name} r_sym", top, top + 1 if top else 0))
+            demands.append((f"{table.name} r_sym", top, top + 1))   # 0: the null symbol
     if room == 0 and any(need for _, _, need in demands):
         raise ElfDynamicError("DT_SYMTAB", tags[DT.SYMTAB],
                               f"inside one PT_LOAD's file bytes, holding a symbol ({bound})")
@@ -605,13 +610,15 @@ def _symbols(image: ElfImage, tags: dict[int, int], strtab: bytes,
             if len(table) and table.r_sym.any():
                 raise ElfSymbolError(f"{table.name} r_sym", int(table.r_sym.max()),
                                      "0: the object has no DT_SYMTAB")
-        return np.zeros(0, dtype=SYM_DTYPE), None, None
+        # Relocations still name symbol 0, the null symbol (STN_UNDEF): it always exists.
+        return np.zeros(int(any(len(t) for t in relocs)), dtype=SYM_DTYPE), None, None
     _entsize(tags, DT.SYMENT, "DT_SYMENT", SYM_DTYPE.itemsize)
     nsyms, gnu, sysv = _symbol_count(image, tags, relocs)
     syms = np.frombuffer(_table(image, tags[DT.SYMTAB], nsyms * SYM_DTYPE.itemsize,
                                 "DT_SYMTAB"), dtype=SYM_DTYPE)
-    if nsyms and int(syms["st_name"].max()) >= max(len(strtab), 1):
-        bad = int(np.argmax(syms["st_name"] >= max(len(strtab), 1)))
+    names = syms["st_name"][1:]           # the null symbol's st_name is never read
+    if len(names) and int(names.max()) >= len(strtab):
+        bad = 1 + int(np.argmax(names >= len(strtab)))
         raise ElfSymbolError(f"symbol {bad} st_name", int(syms["st_name"][bad]),
                              f"below DT_STRSZ {len(strtab):#x}")
     return syms, gnu, sysv
@@ -699,6 +706,32 @@ def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
                              f"{USER_LIMIT:#x}")
 
 
+def name_budget(strtab: bytes) -> int:
+    """The most name bytes a load may cut from ``strtab``: 8 times its size, plus 1 MiB.
+    Linkers write each name once (sharing only suffixes), so real files use about the table's
+    size; names that overlap one another in a hostile table could cost its size squared."""
+    return 8 * len(strtab) + (1 << 20)
+
+
+def _check_name_bytes(syms: npt.NDArray[Any], strtab: bytes, nuls: npt.NDArray[np.intp],
+                      relocs: tuple[RelocTable, ...], versions: dict[int, int]) -> None:
+    """The names a load cuts (the versions', and those of the symbols relocations use)
+    add up to at most ``name_budget`` bytes, counted before any is cut."""
+    used = np.zeros(len(syms), dtype=bool)
+    for table in relocs:
+        used[table.r_sym] = True
+    used[:1] = False                      # the null symbol: no name is cut for it
+    starts = np.concatenate([syms["st_name"][used].astype(np.int64),
+                             np.fromiter(set(versions.values()), dtype=np.int64)])
+    if not len(starts):
+        return
+    total = int((nuls[np.searchsorted(nuls, starts)] - starts).sum())
+    if total > name_budget(strtab):
+        raise ElfSymbolError("name bytes of versions and relocated symbols", total,
+                             f"at most {name_budget(strtab):#x} (8 x DT_STRSZ + 1 MiB): the "
+                             "names overlap in the string table as no linker writes them")
+
+
 def parse_tables(image: ElfImage) -> DynamicTables:
     """Read and check every table the dynamic section points at.
 
@@ -711,9 +744,12 @@ def parse_tables(image: ElfImage) -> DynamicTables:
     relocs = _relocs(image, tags)
     syms, gnu, sysv = _symbols(image, tags, strtab, relocs)
     names = _Names(strtab)
-    versions: dict[int, str] = {}
-    defined = _verdefs(image, tags, names, versions)
-    _verneeds(image, tags, names, versions)
+    name_offsets: dict[int, int] = {}
+    defined = _verdefs(image, tags, names, name_offsets)
+    _verneeds(image, tags, names, name_offsets)
+    nuls = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
+    _check_name_bytes(syms, strtab, nuls, relocs, name_offsets)
+    versions = {ndx: names(off, "version name") for ndx, off in name_offsets.items()}
     _check_needed(strtab, needed)
     _check_relative_count(tags, relocs)
     _check_import_sizes(syms, strtab, relocs)
@@ -723,4 +759,4 @@ def parse_tables(image: ElfImage) -> DynamicTables:
         default_versions=frozenset(defined), gnu_hash=gnu, sysv_hash=sysv,
         init_array=_array_tag(tags, DT.INIT_ARRAY, DT.INIT_ARRAYSZ, "DT_INIT_ARRAY"),
         fini_array=_array_tag(tags, DT.FINI_ARRAY, DT.FINI_ARRAYSZ, "DT_FINI_ARRAY"),
-        nuls=np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0))
+        nuls=nuls)

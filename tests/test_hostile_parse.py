@@ -338,6 +338,54 @@ def test_version_chain_read_once_loads() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Names: the bytes a load cuts from the string table are counted before any is cut.
+
+
+def _long_string_table(image: ew.ElfImage, data: bytearray) -> int:
+    """DT_STRTAB moved to the second half of the crafted segment: the old names, then one
+    name of ~512 KiB. Returns the long name's offset."""
+    offset, vaddr = _big_place(image)
+    half = BIG // 2
+    old = image.data[image.tables["dynstr"].offset:][:image.tables["dynstr"].size]
+    data[offset + half: offset + BIG] = old + b"A" * (half - len(old) - 1) + b"\0"
+    _put(data, _tag_at(image, T.STRTAB), "<Q", vaddr + half)
+    _put(data, _tag_at(image, T.STRSZ), "<Q", half)
+    return len(old)
+
+
+def test_names_overlapping_version_names() -> None:
+    # 32 thousand needed versions, each named by a different suffix of one 512 KiB name:
+    # 8 GB of names from 1 MiB.
+    image = _image(big=True)
+    data = bytearray(image.data)
+    offset, vaddr = _big_place(image)
+    long_at = _long_string_table(image, data)
+    n = (BIG // 2 - 32) // VERNAUX.size
+    VERNEED.pack_into(data, offset, 1, n, 1, VERNEED.size, 0)
+    for k in range(n):
+        VERNAUX.pack_into(data, offset + 16 + 16 * k, 0, 0, 2 + k % 30000, long_at + k,
+                          16 if k < n - 1 else 0)
+    _put(data, _tag_at(image, T.VERNEED), "<Q", vaddr)
+    _refused(bytes(data), ElfSymbolError, "name bytes")
+
+
+def test_names_overlapping_symbol_names() -> None:
+    # 2000 imports, each named by a different suffix of one 512 KiB name.
+    n = 2000
+    spec = _spec(big=True)
+    segments = (spec.segments[0], ew.Segment("rw", data=bytes(8 * n)), spec.segments[2])
+    imports = tuple(ew.Symbol(f"i{k}") for k in range(n))
+    uses = tuple(ew.Reloc("GLOB_DAT", 1, 8 * k, symbol=f"i{k}") for k in range(n))
+    image = ew.build(replace(spec, segments=segments, symbols=imports, relocs=uses))
+    data = bytearray(image.data)
+    long_at = _long_string_table(image, data)
+    for k in range(n):
+        i = image.symbol_index[f"i{k}"]
+        _put(data, image.tables["dynsym"].offset + i * ew.SYM.itemsize, "<I", long_at + k)
+    _refused(bytes(data), ElfSymbolError, "name bytes")
+
+
+# ---------------------------------------------------------------------------------------------
 # RELR: the target count bounded before decoding; every target checked.
 
 
