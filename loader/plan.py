@@ -3,11 +3,12 @@
 Part of the ``loader`` layer (imports ``loader.elf``, ``loader.pages``, ``loader.mmap``).
 No memory is touched here. The plan says what to reserve, where each PT_LOAD goes (page range,
 protection, file offset, bytes to copy, bytes to zero, anonymous .bss pages), where RELRO is,
-and ``page_prots`` predicts the final protection of every page of the span.
+and ``prot_ranges`` / ``page_prots`` predict the final protection of every page of the span.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from loader.elf import PF_R, PF_W, PF_X, ElfImage, Segment
@@ -94,16 +95,33 @@ class LoadPlan:
             at = max(at, seg.end)
         return out
 
-    def page_prots(self) -> list[ProtFlags]:
-        """The predicted final protection of each page of the span, RELRO applied."""
-        n = self.span_length // self.page_size
-        prots = [ProtFlags.PROT_NONE] * n
-        for seg in self.segments:
-            for va in range(seg.start, seg.end, self.page_size):
-                prots[(va - self.vmin) // self.page_size] = seg.prot
+    def prot_ranges(self) -> list[tuple[int, int, ProtFlags]]:
+        """The predicted final protection of the span as (start, end, prot) vaddr runs, RELRO
+        applied, holes PROT_NONE: one run per change, never one per page (a .bss of
+        terabytes costs nothing here)."""
+        cuts = [(seg.start, seg.end, seg.prot) for seg in self.segments]
         if self.relro:
-            for va in range(self.relro[0], self.relro[1], self.page_size):
-                prots[(va - self.vmin) // self.page_size] = ProtFlags.PROT_READ
+            cuts.append((self.relro[0], self.relro[1], ProtFlags.PROT_READ))
+        edges = sorted({self.vmin, self.vmax, *(a for a, _, _ in cuts),
+                        *(b for _, b, _ in cuts)})
+        out: list[tuple[int, int, ProtFlags]] = []
+        for lo, hi in itertools.pairwise(edges):
+            prot = ProtFlags.PROT_NONE
+            for a, b, p in cuts:          # later cuts win: segments in order, RELRO last
+                if a <= lo and hi <= b:
+                    prot = p
+            if out and out[-1][1] == lo and out[-1][2] == prot:
+                out[-1] = (out[-1][0], hi, prot)
+            else:
+                out.append((lo, hi, prot))
+        return out
+
+    def page_prots(self) -> list[ProtFlags]:
+        """The predicted final protection of each page of the span, RELRO applied (one entry
+        a page: for small spans; ``prot_ranges`` for any)."""
+        prots: list[ProtFlags] = []
+        for lo, hi, prot in self.prot_ranges():
+            prots += [prot] * ((hi - lo) // self.page_size)
         return prots
 
     def __str__(self) -> str:

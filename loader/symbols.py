@@ -1,8 +1,9 @@
 """Symbols: lookup through the GNU and SysV hash tables with versions, and the resolver chain.
 
-Part of the ``loader`` layer (imports ``loader.tables``, ``loader.mmap``; ctypes for the host's
-dlsym). ``find`` answers "where does this object define NAME[@VERSION]"; ``Resolver`` answers
-"what does each symbol this object references bind to", in bulk, as numpy arrays.
+Part of the ``loader`` layer (imports ``loader.tables``, ``loader.mmap``, ``loader.elf``,
+``loader.errors``; ctypes for the host's dlsym). ``find`` answers "where does this object
+define NAME[@VERSION]"; ``Resolver`` answers "what does each symbol this object references
+bind to", in bulk, as numpy arrays.
 
 The chain, in order, as ``elf_loader`` (and close to glibc):
 1. ``pre_find`` hooks (callables ``(name, version) -> address | None``), for every symbol;
@@ -30,9 +31,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from loader.elf import USER_LIMIT
+from loader.errors import ElfSymbolError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE, page_round_up
-from loader.tables import DynamicTables
+from loader.tables import STUB_SLOT, DynamicTables, import_slot
 
 __all__ = [
     "Finder",
@@ -365,8 +368,32 @@ class HostResolver(Resolver):
         return None if addr is None else addr - thread_pointer()
 
 
-STUB_SIZE = 16
+STUB_SIZE = STUB_SLOT
 STUB_FILL = b"\xcc"   # int3: calling a stub traps instead of running on
+
+
+def _extern_layout(imports: list[tuple[str, str | None, int]]
+                   ) -> tuple[dict[str, int], int, int]:
+    """Slots of the extern mapping, one per distinct label: the function stubs (st_size 0)
+    first, packed, then the data objects (st_size bytes each, rounded up to a slot).
+    Returns ({label: offset}, bytes of stubs, total bytes). ElfSymbolError when the total
+    passes the user-space size, naming the import that passed it (parse_tables refuses
+    such files already; this guards a resolver used on its own)."""
+    sizes: dict[str, int] = {}
+    for name, version, size in imports:
+        sizes.setdefault(_label_text(name, version), size)
+    offsets: dict[str, int] = {}
+    stubs = 0
+    for key in (k for k, size in sizes.items() if size == 0):
+        offsets[key], stubs = stubs, stubs + STUB_SIZE
+    total = stubs
+    for key in (k for k, size in sizes.items() if size):
+        offsets[key], total = total, total + import_slot(sizes[key])
+        if total > USER_LIMIT:
+            raise ElfSymbolError(f"st_size of import {key!r}", sizes[key],
+                                 f"imports' sizes summing below the user-space size "
+                                 f"{USER_LIMIT:#x}")
+    return offsets, stubs, total
 
 
 class StubResolver(Resolver):
@@ -375,6 +402,10 @@ class StubResolver(Resolver):
     image is complete and each binding is visible. ``extern_addr`` places that mapping
     exactly (MAP_FIXED_NOREPLACE); otherwise it is a hint just past the span. Init and
     fini functions are recorded, never run, even on the host: their calls would hit stubs.
+
+    Only the stubs are written: the data objects' bytes are the mapping's own zeros
+    (anonymous and MAP_NORESERVE), so a huge st_size reserves address space and costs no
+    memory until something touches it.
     """
 
     real = False
@@ -386,31 +417,22 @@ class StubResolver(Resolver):
 
     def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
                  near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
-        """Map the extern area, fill it, seal it read-only; one slot per distinct label."""
+        """Map the extern area, write the stubs, seal it read-only; one slot per label."""
         page = int(getattr(mm, "page_size", HOST_PAGE_SIZE))
-        slots: dict[str, tuple[int, int]] = {}
-        at = 0
-        for name, version, size in imports:
-            key = _label_text(name, version)
-            if key not in slots:
-                slots[key] = (at, size)
-                at += max(STUB_SIZE, (size + STUB_SIZE - 1) // STUB_SIZE * STUB_SIZE)
-        length = page_round_up(at, page)
-        flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS
+        offsets, stubs, total = _extern_layout(imports)
+        length = page_round_up(total, page)
+        flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS | MapFlags.MAP_NORESERVE
         if self.extern_addr is not None:
             flags |= MapFlags.MAP_FIXED_NOREPLACE
         hint = self.extern_addr if self.extern_addr is not None else near
         rw = ProtFlags.PROT_READ | ProtFlags.PROT_WRITE
         base = mm.mmap(hint, length, rw, flags, 0, None).addr
-        image = bytearray(length)
-        for off, size in slots.values():
-            if size == 0:
-                image[off: off + STUB_SIZE] = STUB_FILL * STUB_SIZE
         try:
-            mm.write(base, bytes(image))
+            if stubs:
+                mm.write(base, STUB_FILL * stubs)
             mm.mprotect(base, length, ProtFlags.PROT_READ)
         except BaseException:
             # The loader learns of this mapping only when we return: undo it here.
             mm.munmap(base, length)
             raise
-        return {key: base + off for key, (off, _) in slots.items()}, (base, base + length)
+        return {key: base + off for key, off in offsets.items()}, (base, base + length)

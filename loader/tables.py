@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import ElfImage
-from loader.errors import ElfDynamicError, ElfSymbolError
+from loader.elf import PF_W, USER_LIMIT, ElfImage
+from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
 
 __all__ = [
     "DT",
@@ -26,6 +26,7 @@ __all__ = [
     "SYM_DTYPE",
     "SysvHash",
     "decode_relr",
+    "relr_count",
     "parse_tables",
 ]
 
@@ -41,7 +42,7 @@ class DT:
     RELRSZ, RELR, RELRENT = 35, 36, 37
     GNU_HASH = 0x6FFFFEF5
     VERSYM = 0x6FFFFFF0
-    RELACOUNT = 0x6FFFFFF9
+    RELACOUNT, RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
     FLAGS_1 = 0x6FFFFFFB
     VERDEF, VERDEFNUM, VERNEED, VERNEEDNUM = 0x6FFFFFFC, 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
     DF_SYMBOLIC, DF_TEXTREL, DF_BIND_NOW, DF_STATIC_TLS = 0x2, 0x4, 0x8, 0x10
@@ -211,35 +212,104 @@ def _relocs(image: ElfImage, tags: dict[int, int]) -> tuple[RelocTable, ...]:
     return tuple(out)
 
 
+_RELR_CHUNK = 1 << 13
+"""RELR words decoded per step: the bit matrix of one step stays small (64 bytes a word)."""
+
+
+def _popcount64(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The number of set bits of each word (SWAR, for numpy without ``bitwise_count``)."""
+    w = words - ((words >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    w = (w & np.uint64(0x3333333333333333)) + ((w >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    w = (w + (w >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    counts: npt.NDArray[np.uint64] = (w * np.uint64(0x0101010101010101)) >> np.uint64(56)
+    return counts
+
+
+def relr_count(words: npt.NDArray[np.uint64]) -> int:
+    """How many targets a RELR table encodes, without decoding it: one per address word, one
+    per set bit 1..63 of each bitmap word (so at most 63 per bitmap word)."""
+    bitmaps = words[(words & np.uint64(1)) == 1]
+    return len(words) - len(bitmaps) + int(_popcount64(bitmaps >> np.uint64(1)).sum())
+
+
+def _relr_rows(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Per word, the vaddr its bit 0 stands for: an address word is its own target; bit i
+    (1..63) of a bitmap stands for ``row + 8*i``, where ``row`` is 8 below the first word
+    the bitmap covers (its address + 8, plus 63 words for each earlier bitmap of the run)."""
+    is_addr = (words & np.uint64(1)) == 0
+    run = np.cumsum(is_addr) - 1                 # which address word each word follows
+    first = np.flatnonzero(is_addr)[run]
+    nth = (np.arange(len(words)) - first - 1).astype(np.uint64)   # 0: first bitmap of a run
+    rows: npt.NDArray[np.uint64] = words[first] + nth * np.uint64(63 * 8)
+    rows[is_addr] = words[is_addr]
+    return rows
+
+
+def _relr_bits(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """The (n, 64) bit matrix of the target slots of ``words``: an address word has only bit
+    0 (itself), a bitmap word its bits 1..63."""
+    is_addr = (words & np.uint64(1)) == 0
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1,
+                         bitorder="little")
+    bits[:, 0] = is_addr
+    bits[is_addr, 1:] = 0
+    return bits
+
+
 def decode_relr(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The target vaddrs a RELR table encodes, without a per-entry Python loop.
+    """The target vaddrs a RELR table encodes, in table order, without a per-entry loop.
 
     An even word is an address (the next target); an odd word is a bitmap: bit i (1..63)
-    relocates ``base + (i-1)*8``, where base moves by 63 words after each bitmap.
+    relocates ``base + (i-1)*8``, where base moves by 63 words after each bitmap. Memory:
+    the result (counted first, by ``relr_count``) plus a bit matrix of a few thousand words.
     """
+    words = np.asarray(words, dtype=np.uint64)
     if len(words) == 0:
         return np.zeros(0, dtype=np.uint64)
-    is_addr = (words & 1) == 0
-    run = np.cumsum(is_addr) - 1          # which address entry each word follows
-    if not is_addr[0]:
+    if words[0] & np.uint64(1):
         raise ElfDynamicError("DT_RELR[0]", int(words[0]), "an address (even), not a bitmap")
-    addr_of_run = words[is_addr]
-    idx = np.arange(len(words))
-    first_of_run = np.flatnonzero(is_addr)[run]
-    nth_bitmap = idx - first_of_run - 1     # 0 for the first bitmap after an address
-    bm = ~is_addr
-    bits = ((words[bm][:, None] >> np.arange(1, 64, dtype=np.uint64)) & 1).astype(bool)
-    base = addr_of_run[run[bm]] + 8 + nth_bitmap[bm].astype(np.uint64) * (63 * 8)
-    offs = base[:, None] + np.arange(63, dtype=np.uint64) * 8
-    # Targets in table order: each address, then the bits of its bitmaps.
-    order_key = np.concatenate([idx[is_addr] * 64, (idx[bm][:, None] * 64 + np.arange(1, 64))
-                                [bits]])
-    targets = np.concatenate([addr_of_run, offs[bits]])
-    return targets[np.argsort(order_key, kind="stable")].astype(np.uint64)
+    rows = _relr_rows(words)
+    out = np.empty(relr_count(words), dtype=np.uint64)
+    at = 0
+    for lo in range(0, len(words), _RELR_CHUNK):
+        r, c = np.nonzero(_relr_bits(words[lo: lo + _RELR_CHUNK]))   # row-major: table order
+        out[at: at + len(r)] = rows[lo + r] + c.astype(np.uint64) * np.uint64(8)
+        at += len(r)
+    return out
+
+
+def _relocatable(image: ElfImage, tags: dict[int, int]) -> list[tuple[int, int]]:
+    """The [start, end) vaddr ranges relocations may write: writable PT_LOADs, or every
+    PT_LOAD with DT_TEXTREL / DF_TEXTREL."""
+    textrel = DT.TEXTREL in tags or bool(tags.get(DT.FLAGS, 0) & DT.DF_TEXTREL)
+    return [(s.p_vaddr, s.end) for s in image.loads if textrel or s.p_flags & PF_W]
+
+
+def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int, int]]
+                        ) -> None:
+    """Each RELR target word inside one relocatable segment, and relocated once (glibc would
+    add the bias twice to a repeated word). ElfRelocationError names the first bad target."""
+    ok = np.zeros(len(targets), dtype=bool)
+    for start, end in ranges:
+        ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - 8, 0))) \
+            & (end >= start + 8)
+    if not ok.all():
+        raise ElfRelocationError("DT_RELR target", int(targets[~ok][0]),
+                              "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
+    if len(targets) > 1 and not (targets[1:] > targets[:-1]).all():
+        ordered = np.sort(targets)
+        twice = ordered[1:] == ordered[:-1]
+        if twice.any():
+            raise ElfRelocationError("DT_RELR target", int(ordered[1:][twice][0]),
+                                  "relocated once (it appears twice in the table)")
 
 
 def _relr(image: ElfImage, tags: dict[int, int]) -> npt.NDArray[np.uint64]:
-    """The decoded DT_RELR targets (vaddrs), empty without DT_RELR."""
+    """The decoded DT_RELR targets (vaddrs), empty without DT_RELR.
+
+    The size is checked against the file first; the target count (one per address word, up
+    to 63 per bitmap word) against the words the relocatable segments hold, before anything
+    the size of the decoded table is allocated; then every target is checked."""
     if DT.RELR not in tags:
         return np.zeros(0, dtype=np.uint64)
     _entsize(tags, DT.RELRENT, "DT_RELRENT", 8)
@@ -247,7 +317,16 @@ def _relr(image: ElfImage, tags: dict[int, int]) -> npt.NDArray[np.uint64]:
     if size % 8:
         raise ElfDynamicError("DT_RELRSZ", size, "a multiple of 8")
     words = np.frombuffer(_table(image, tags[DT.RELR], size, "DT_RELR"), dtype="<u8")
-    return decode_relr(words.astype(np.uint64))
+    ranges = _relocatable(image, tags)
+    room = sum((end - start) // 8 + 1 for start, end in ranges)
+    count = relr_count(words)
+    if count > room:
+        raise ElfDynamicError("DT_RELR target count", count,
+                              f"at most {room:#x}: the distinct words the relocatable "
+                              "PT_LOADs hold")
+    targets = decode_relr(words)
+    _check_relr_targets(targets, ranges)
+    return targets
 
 
 def _file_bytes_from(image: ElfImage, vaddr: int) -> int:
@@ -266,7 +345,8 @@ def _u32s(image: ElfImage, vaddr: int, count: int, tag: str) -> npt.NDArray[np.u
 
 
 def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
-    """The GNU hash table (nbuckets, shift, bloom, buckets, chains) and the symbol count."""
+    """The GNU hash table (nbuckets, shift, bloom, buckets, chains) and how many symbols it
+    covers (the last hashed one's index + 1; 0 when every bucket is empty)."""
     nbuckets, symoffset, bloom_size, shift = _u32s(image, vaddr, 4, "DT_GNU_HASH").tolist()
     if bloom_size == 0 or nbuckets == 0:
         raise ElfDynamicError("DT_GNU_HASH nbuckets/bloom_size", min(nbuckets, bloom_size),
@@ -278,24 +358,27 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
     buckets = _u32s(image, buckets_at, nbuckets, "DT_GNU_HASH buckets")
     chains_at = buckets_at + nbuckets * 4
     top = int(buckets.max())
-    if top == 0:
-        return GnuHash(symoffset, shift, bloom, buckets, np.zeros(0, np.uint32)), symoffset
+    if top == 0:    # no symbol is hashed: symoffset says nothing about the table's size
+        return GnuHash(symoffset, shift, bloom, buckets, np.zeros(0, np.uint32)), 0
     if top < symoffset:
         raise ElfDynamicError("DT_GNU_HASH bucket", top, f"at least symoffset {symoffset}")
     # The chain of the highest bucket ends the table: find its end marker (low bit set),
     # reading windows that grow fourfold so a long chain costs O(n) and a short one little.
+    # A chain that runs to the end of its PT_LOAD's file bytes without one is refused.
     avail = _file_bytes_from(image, chains_at) // 4
-    first, window = top - symoffset, 64
+    done = top - symoffset
+    window = 64
     while True:
-        count = min(first + window, avail)
-        if count <= first:
-            raise ElfDynamicError("DT_GNU_HASH chain", top, "an end marker inside the file")
-        tail = _u32s(image, chains_at + first * 4, count - first, "DT_GNU_HASH chains")
+        count = min(done + window, avail)
+        if count <= done:
+            raise ElfDynamicError("DT_GNU_HASH chain", top,
+                                  "an end marker (low bit set) inside its PT_LOAD's file bytes")
+        tail = _u32s(image, chains_at + done * 4, count - done, "DT_GNU_HASH chains")
         ends = np.flatnonzero(tail & 1)
         if len(ends):
             break
-        window *= 4
-    nchains = first + int(ends[0]) + 1
+        done, window = count, window * 4
+    nchains = done + int(ends[0]) + 1
     chains = _u32s(image, chains_at, nchains, "DT_GNU_HASH chains")
     return GnuHash(symoffset, shift, bloom, buckets, chains), symoffset + nchains
 
@@ -318,94 +401,227 @@ VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name v
 VER_FLG_BASE = 0x1
 
 
-def _record(image: ElfImage, vaddr: int, layout: struct.Struct, tag: str) -> tuple[int, ...]:
-    """One version record at ``vaddr``, bounds-checked."""
-    return layout.unpack_from(_table(image, vaddr, layout.size, tag))
+class _Claims:
+    """The bytes of one version table (from its tag to the end of its PT_LOAD's file bytes)
+    already read. Every chained record is read once: a link that leads outside those bytes,
+    or onto a record already read (a loop, or two chains sharing entries), is an
+    ElfDynamicError naming the link. So the walks cost at most one step per record the bytes
+    can hold (plus one shared leaf per definition)."""
+
+    def __init__(self, image: ElfImage, start: int, tag: str) -> None:
+        self.image, self.start, self.tag = image, start, tag
+        self.used = bytearray(_file_bytes_from(image, start))
+
+    def read(self, vaddr: int, layout: struct.Struct, link: str, *,
+             shared: bool = False) -> tuple[int, ...]:
+        """The record of ``layout`` at ``vaddr``, reached through the field ``link``.
+        ``shared``: a leaf record that several others may point at (a Verdaux: linkers share
+        one between definitions of the same name); it is read, not claimed."""
+        off = vaddr - self.start
+        if not 0 <= off <= len(self.used) - layout.size:
+            raise ElfDynamicError(link, vaddr, f"[{link}, +{layout.size}) inside the "
+                                  f"{len(self.used):#x} file bytes from {self.tag} "
+                                  f"{self.start:#x}")
+        if not shared:
+            if self.used.find(1, off, off + layout.size) >= 0:
+                raise ElfDynamicError(link, vaddr, "a record not read before (this link "
+                                      "loops back, or shares or overlaps another record)")
+            self.used[off: off + layout.size] = b"\1" * layout.size
+        return layout.unpack_from(_table(self.image, vaddr, layout.size, self.tag))
 
 
-def _strtab_name(strtab: bytes, off: int, what: str) -> str:
-    """A NUL-terminated name in the string table, or ElfSymbolError."""
-    end = strtab.find(b"\0", off)
-    if off >= len(strtab) or end < 0:
-        raise ElfSymbolError(what, off, f"below DT_STRSZ {len(strtab):#x}, NUL-terminated")
-    return strtab[off:end].decode("utf-8", "surrogateescape")
+def _check_version_count(image: ElfImage, tags: dict[int, int], tag: int, num_tag: int,
+                         layout: struct.Struct, names: tuple[str, str]) -> None:
+    """DT_VERDEFNUM / DT_VERNEEDNUM, when present, at most the records the file bytes from
+    the table's tag can hold (glibc never reads the count: it follows the links)."""
+    if tag not in tags or num_tag not in tags:
+        return
+    room = _file_bytes_from(image, tags[tag]) // layout.size
+    if tags[num_tag] > room:
+        raise ElfDynamicError(names[1], tags[num_tag],
+                              f"at most {room}: the {layout.size}-byte records the file bytes "
+                              f"from {names[0]} {tags[tag]:#x} hold")
 
 
-def _verdefs(image: ElfImage, tags: dict[int, int], strtab: bytes,
-             out: dict[int, str]) -> set[int]:
-    """Fill ``out`` with DT_VERDEF's index -> name; return the indices defined here."""
+def _check_record_version(value: int, field: str) -> None:
+    """vd_version / vn_version must be 1 (glibc refuses others: "unsupported version")."""
+    if value != 1:
+        raise ElfDynamicError(field, value, "must be 1 (VER_DEF_CURRENT / VER_NEED_CURRENT)")
+
+
+class _Names:
+    """Names from the string table by offset: checked when met (``check``: the offset is
+    inside the table, which ends with a NUL), decoded later, each offset once."""
+
+    def __init__(self, strtab: bytes) -> None:
+        self.strtab = strtab
+        self.known: dict[int, str] = {}
+
+    def check(self, off: int, what: str) -> int:
+        """``off`` itself, once it is known to start a name; ElfSymbolError naming ``what``."""
+        if off >= len(self.strtab):
+            raise ElfSymbolError(what, off, f"below DT_STRSZ {len(self.strtab):#x}")
+        return off
+
+    def __call__(self, off: int, what: str) -> str:
+        """The NUL-terminated name at ``off``, or ElfSymbolError naming ``what``."""
+        name = self.known.get(off)
+        if name is None:
+            end = self.strtab.index(b"\0", self.check(off, what))
+            name = self.known[off] = self.strtab[off:end].decode("utf-8", "surrogateescape")
+        return name
+
+
+def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
+             out: dict[int, int]) -> set[int]:
+    """Fill ``out`` with DT_VERDEF's index -> name offset; return the indices defined here.
+
+    As glibc, the chain is followed by vd_next to a 0 (DT_VERDEFNUM is only checked), and
+    only each definition's first Verdaux (its own name) is read."""
+    _check_version_count(image, tags, DT.VERDEF, DT.VERDEFNUM, VERDEF,
+                         ("DT_VERDEF", "DT_VERDEFNUM"))
     defined: set[int] = set()
-    at, count = tags.get(DT.VERDEF), tags.get(DT.VERDEFNUM, 0)
-    for _ in range(min(count, MAX_VERSIONS) if at is not None else 0):
-        assert at is not None
-        _, flags, ndx, _, _, aux, nxt = _record(image, at, VERDEF, "DT_VERDEF")
-        name_off, _ = _record(image, at + aux, VERDAUX, "DT_VERDEF aux")
-        out[ndx & 0x7FFF] = _strtab_name(strtab, name_off, "vda_name")
+    if DT.VERDEF not in tags:
+        return defined
+    claims = _Claims(image, tags[DT.VERDEF], "DT_VERDEF")
+    at, link = tags[DT.VERDEF], "DT_VERDEF"
+    while True:
+        version, flags, ndx, _, _, aux, nxt = claims.read(at, VERDEF, link)
+        _check_record_version(version, "vd_version")
+        name_off, _ = claims.read(at + aux, VERDAUX, "vd_aux", shared=True)
+        out[ndx & 0x7FFF] = names.check(name_off, "vda_name")
         if not flags & VER_FLG_BASE:
             defined.add(ndx & 0x7FFF)
         if not nxt:
-            break
-        at += nxt
-    return defined
+            return defined
+        at, link = at + nxt, "vd_next"
 
 
-def _verneeds(image: ElfImage, tags: dict[int, int], strtab: bytes,
-              out: dict[int, str]) -> None:
-    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name."""
-    at, count = tags.get(DT.VERNEED), tags.get(DT.VERNEEDNUM, 0)
-    for _ in range(min(count, MAX_VERSIONS) if at is not None else 0):
-        assert at is not None
-        _, cnt, _, aux, nxt = _record(image, at, VERNEED, "DT_VERNEED")
-        aux_at = at + aux
-        for _ in range(min(cnt, MAX_VERSIONS)):
-            _, _, other, name_off, aux_next = _record(image, aux_at, VERNAUX, "DT_VERNEED aux")
-            out[other & 0x7FFF] = _strtab_name(strtab, name_off, "vna_name")
+def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
+              out: dict[int, int]) -> None:
+    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name offset.
+
+    As glibc, each chain is followed to a 0 link (vn_next, vna_next); DT_VERNEEDNUM and
+    vn_cnt are not trusted for the walk."""
+    _check_version_count(image, tags, DT.VERNEED, DT.VERNEEDNUM, VERNEED,
+                         ("DT_VERNEED", "DT_VERNEEDNUM"))
+    if DT.VERNEED not in tags:
+        return
+    claims = _Claims(image, tags[DT.VERNEED], "DT_VERNEED")
+    at, link = tags[DT.VERNEED], "DT_VERNEED"
+    while True:
+        version, _, _, aux, nxt = claims.read(at, VERNEED, link)
+        _check_record_version(version, "vn_version")
+        aux_at, aux_link = at + aux, "vn_aux"
+        while True:
+            _, _, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
+            out[other & 0x7FFF] = names.check(name_off, "vna_name")
             if not aux_next:
                 break
-            aux_at += aux_next
+            aux_at, aux_link = aux_at + aux_next, "vna_next"
         if not nxt:
-            break
-        at += nxt
+            return
+        at, link = at + nxt, "vn_next"
 
 
-def _symbol_count(image: ElfImage, tags: dict[int, int]
+_TABLE_TAGS = {
+    DT.STRTAB: "DT_STRTAB", DT.HASH: "DT_HASH", DT.GNU_HASH: "DT_GNU_HASH",
+    DT.VERSYM: "DT_VERSYM", DT.VERDEF: "DT_VERDEF", DT.VERNEED: "DT_VERNEED",
+    DT.RELA: "DT_RELA", DT.REL: "DT_REL", DT.JMPREL: "DT_JMPREL", DT.RELR: "DT_RELR",
+}
+"""Tables the dynamic section points at; none overlaps another (linkers never do)."""
+
+
+def _symtab_room(image: ElfImage, tags: dict[int, int]) -> tuple[int, str]:
+    """How many symbols DT_SYMTAB can hold, and what bounds it: the file bytes of its
+    PT_LOAD from there on, cut at the first other table that starts after it."""
+    at = tags[DT.SYMTAB]
+    end, bound = at + _file_bytes_from(image, at), "the end of its PT_LOAD's file bytes"
+    others = [(v, name) for tag, name in _TABLE_TAGS.items() if (v := tags.get(tag)) is not None]
+    if image.dynamic is not None:
+        others.append((image.dynamic.p_vaddr, "PT_DYNAMIC"))
+    for vaddr, name in others:
+        if at < vaddr < end:
+            end, bound = vaddr, f"{name} at {vaddr:#x}"
+    return (end - at) // SYM_DTYPE.itemsize, bound
+
+
+def _sysv_beside_gnu(image: ElfImage, vaddr: int, room: int) -> SysvHash | None:
+    """DT_HASH when DT_GNU_HASH is there too: glibc never reads it then, so a broken one
+    (out of the file, entries past nchain, nchain past the symbol table's room) is dropped
+    (None), not refused."""
+    try:
+        sysv, nchain = _sysv_hash(image, vaddr)
+    except ElfDynamicError:
+        return None
+    return sysv if nchain <= room else None
+
+
+def _symbol_count(image: ElfImage, tags: dict[int, int], relocs: tuple[RelocTable, ...]
                   ) -> tuple[int, GnuHash | None, SysvHash | None]:
-    """How many symbols DT_SYMTAB holds: from the GNU hash, else the SysV hash, else the
-    usual layout (DT_STRTAB right after DT_SYMTAB)."""
+    """How many symbols of DT_SYMTAB this object uses, the way a robust loader must find it
+    (glibc never needs the count): the most any reader needs, the GNU hash (symoffset +
+    chains, 0 when no bucket is used), else the SysV hash (nchain), and every relocation's
+    r_sym; each must fit in the bytes at DT_SYMTAB (``_symtab_room``)."""
+    room, bound = _symtab_room(image, tags)
     gnu = sysv = None
-    counts = []
+    demands: list[tuple[str, int, int]] = []      # (field, value, symbols it needs)
     if DT.GNU_HASH in tags:
         gnu, n = _gnu_hash(image, tags[DT.GNU_HASH])
-        counts.append(n)
-    if DT.HASH in tags:
+        demands.append(("DT_GNU_HASH symoffset + chain length", n, n))
+    if DT.HASH in tags and gnu is not None:
+        sysv = _sysv_beside_gnu(image, tags[DT.HASH], room)
+    elif DT.HASH in tags:
         sysv, n = _sysv_hash(image, tags[DT.HASH])
-        counts.append(n)
-    if counts:
-        return max(counts), gnu, sysv
-    symtab, strtab = tags[DT.SYMTAB], tags.get(DT.STRTAB, 0)
-    if strtab <= symtab:
-        raise ElfDynamicError("DT_SYMTAB", symtab, "a hash table, or DT_STRTAB after it")
-    return (strtab - symtab) // SYM_DTYPE.itemsize, gnu, sysv
+        demands.append(("DT_HASH nchain", n, n))
+    for table in relocs:
+        if len(table):
+            top = int(table.r_sym.max())
+            demands.append((f"{table.name} r_sym", top, top + 1))   # 0: the null symbol
+    if room == 0 and any(need for _, _, need in demands):
+        raise ElfDynamicError("DT_SYMTAB", tags[DT.SYMTAB],
+                              f"inside one PT_LOAD's file bytes, holding a symbol ({bound})")
+    for field_name, value, need in demands:
+        if need > room:
+            raise ElfSymbolError(field_name, value,
+                                 f"at most {room - 1 if field_name.endswith('r_sym') else room}"
+                                 f": DT_SYMTAB {tags[DT.SYMTAB]:#x} holds {room} symbols "
+                                 f"before {bound}")
+    return max((need for _, _, need in demands), default=0), gnu, sysv
 
 
-def _symbols(image: ElfImage, tags: dict[int, int]
-             ) -> tuple[npt.NDArray[Any], bytes, GnuHash | None, SysvHash | None]:
-    """The dynamic symbol table and string table, each name checked to be inside it."""
+def _strtab(image: ElfImage, tags: dict[int, int]) -> bytes:
+    """DT_STRTAB's DT_STRSZ bytes (inside one PT_LOAD's file bytes), ending with a NUL."""
     strsz = tags.get(DT.STRSZ, 0)
     strtab = bytes(_table(image, tags[DT.STRTAB], strsz, "DT_STRTAB")) \
         if DT.STRTAB in tags else b""
     if strtab and strtab[-1] != 0:
         raise ElfDynamicError("DT_STRTAB last byte", strtab[-1], "must be NUL")
+    return strtab
+
+
+def _symbols(image: ElfImage, tags: dict[int, int], strtab: bytes,
+             relocs: tuple[RelocTable, ...]
+             ) -> tuple[npt.NDArray[Any], GnuHash | None, SysvHash | None]:
+    """The dynamic symbol table (as many symbols as ``_symbol_count`` finds), each name
+    checked to be inside the string table."""
     if DT.SYMTAB not in tags:
-        return np.zeros(0, dtype=SYM_DTYPE), strtab, None, None
+        for table in relocs:
+            if len(table) and table.r_sym.any():
+                raise ElfSymbolError(f"{table.name} r_sym", int(table.r_sym.max()),
+                                     "0: the object has no DT_SYMTAB")
+        # Relocations still name symbol 0, the null symbol (STN_UNDEF): it always exists.
+        return np.zeros(int(any(len(t) for t in relocs)), dtype=SYM_DTYPE), None, None
     _entsize(tags, DT.SYMENT, "DT_SYMENT", SYM_DTYPE.itemsize)
-    nsyms, gnu, sysv = _symbol_count(image, tags)
+    nsyms, gnu, sysv = _symbol_count(image, tags, relocs)
     syms = np.frombuffer(_table(image, tags[DT.SYMTAB], nsyms * SYM_DTYPE.itemsize,
                                 "DT_SYMTAB"), dtype=SYM_DTYPE)
-    if nsyms and int(syms["st_name"].max()) >= max(len(strtab), 1):
-        bad = int(syms["st_name"].max())
-        raise ElfSymbolError("st_name", bad, f"below DT_STRSZ {len(strtab):#x}")
-    return syms, strtab, gnu, sysv
+    names = syms["st_name"][1:]           # the null symbol's st_name is never read
+    if len(names) and int(names.max()) >= len(strtab):
+        bad = 1 + int(np.argmax(names >= len(strtab)))
+        raise ElfSymbolError(f"symbol {bad} st_name", int(syms["st_name"][bad]),
+                             f"below DT_STRSZ {len(strtab):#x}")
+    return syms, gnu, sysv
 
 
 def _versym(image: ElfImage, tags: dict[int, int], nsyms: int,
@@ -434,27 +650,113 @@ def _array_tag(tags: dict[int, int], at: int, size: int, name: str) -> tuple[int
     return (tags[at], n // 8)
 
 
+def _check_needed(strtab: bytes, needed: tuple[int, ...]) -> None:
+    """Every DT_NEEDED name starts inside the string table (which ends with a NUL, so each
+    is terminated): one comparison per entry, no name is cut here."""
+    for off in needed:
+        if off >= len(strtab):
+            raise ElfSymbolError("DT_NEEDED", off, f"below DT_STRSZ {len(strtab):#x}")
+
+
+def _check_relative_count(tags: dict[int, int], relocs: tuple[RelocTable, ...]) -> None:
+    """DT_RELACOUNT / DT_RELCOUNT at most the entries of their table: glibc applies that many
+    leading entries as RELATIVE without a bound, so an absurd count walks it past the table.
+    (This loader applies each entry by its own type and needs no count.)"""
+    for count_tag, name, table_name in ((DT.RELACOUNT, "DT_RELACOUNT", "DT_RELA"),
+                                        (DT.RELCOUNT, "DT_RELCOUNT", "DT_REL")):
+        if count_tag not in tags:
+            continue
+        table = next((t for t in relocs if t.name == table_name), None)
+        size = len(table) if table is not None else 0
+        if tags[count_tag] > size:
+            raise ElfDynamicError(name, tags[count_tag],
+                                  f"at most the {size} entries of {table_name}")
+
+
+STUB_SLOT = 16
+"""The extern mapping's slot granule (``loader.symbols.StubResolver``): st_size rounded up."""
+
+
+def import_slot(st_size: int) -> int:
+    """The bytes an import of ``st_size`` takes in the extern mapping (at least one slot)."""
+    return max(STUB_SLOT, -(-st_size // STUB_SLOT) * STUB_SLOT)
+
+
+def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
+                        relocs: tuple[RelocTable, ...]) -> None:
+    """The undefined symbols relocations use: each st_size, and their sum, below the
+    user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
+    asks for more than an address space). ElfSymbolError names the symbol."""
+    if not len(syms):
+        return
+    used = np.zeros(len(syms), dtype=bool)
+    for table in relocs:
+        used[table.r_sym] = True
+    used[0] = False
+    idx = np.flatnonzero(used & (syms["st_shndx"] == 0))
+    sizes = syms["st_size"][idx]
+    # float64 sums are exact enough to find where the total crosses 2**47.
+    total = np.cumsum(np.minimum(sizes, USER_LIMIT).astype(np.float64) + STUB_SLOT)
+    over = np.flatnonzero((sizes >= USER_LIMIT) | (total > USER_LIMIT))
+    if len(over):
+        i = int(idx[over[0]])
+        name = _Names(strtab)(int(syms["st_name"][i]), "st_name")
+        raise ElfSymbolError(f"st_size of import {name!r} (symbol {i})", int(syms["st_size"][i]),
+                             f"imports' sizes summing below the user-space size "
+                             f"{USER_LIMIT:#x}")
+
+
+def name_budget(strtab: bytes) -> int:
+    """The most name bytes a load may cut from ``strtab``: 8 times its size, plus 1 MiB.
+    Linkers write each name once (sharing only suffixes), so real files use about the table's
+    size; names that overlap one another in a hostile table could cost its size squared."""
+    return 8 * len(strtab) + (1 << 20)
+
+
+def _check_name_bytes(syms: npt.NDArray[Any], strtab: bytes, nuls: npt.NDArray[np.intp],
+                      relocs: tuple[RelocTable, ...], versions: dict[int, int]) -> None:
+    """The names a load cuts (the versions', and those of the symbols relocations use)
+    add up to at most ``name_budget`` bytes, counted before any is cut."""
+    used = np.zeros(len(syms), dtype=bool)
+    for table in relocs:
+        used[table.r_sym] = True
+    used[:1] = False                      # the null symbol: no name is cut for it
+    starts = np.concatenate([syms["st_name"][used].astype(np.int64),
+                             np.fromiter(set(versions.values()), dtype=np.int64)])
+    if not len(starts):
+        return
+    total = int((nuls[np.searchsorted(nuls, starts)] - starts).sum())
+    if total > name_budget(strtab):
+        raise ElfSymbolError("name bytes of versions and relocated symbols", total,
+                             f"at most {name_budget(strtab):#x} (8 x DT_STRSZ + 1 MiB): the "
+                             "names overlap in the string table as no linker writes them")
+
+
 def parse_tables(image: ElfImage) -> DynamicTables:
     """Read and check every table the dynamic section points at.
 
-    Raises an ElfError kind (never anything else) naming the tag and the bad value.
+    Every count and size read from the file is checked against the bytes that hold it before
+    anything is allocated or walked. Raises an ElfError kind (never anything else) naming
+    the tag or field and the bad value.
     """
     tags, needed = _read_dynamic(image)
-    syms, strtab, gnu, sysv = _symbols(image, tags)
-    versions: dict[int, str] = {}
-    defined = _verdefs(image, tags, strtab, versions)
-    _verneeds(image, tags, strtab, versions)
-    for off in needed:
-        _strtab_name(strtab, off, "DT_NEEDED")
+    strtab = _strtab(image, tags)
     relocs = _relocs(image, tags)
-    for table in relocs:
-        if len(table) and int(table.r_sym.max()) >= len(syms) and int(table.r_sym.max()):
-            raise ElfSymbolError(f"{table.name} r_sym", int(table.r_sym.max()),
-                                 f"below the symbol count {len(syms)}")
+    syms, gnu, sysv = _symbols(image, tags, strtab, relocs)
+    names = _Names(strtab)
+    name_offsets: dict[int, int] = {}
+    defined = _verdefs(image, tags, names, name_offsets)
+    _verneeds(image, tags, names, name_offsets)
+    nuls = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
+    _check_name_bytes(syms, strtab, nuls, relocs, name_offsets)
+    versions = {ndx: names(off, "version name") for ndx, off in name_offsets.items()}
+    _check_needed(strtab, needed)
+    _check_relative_count(tags, relocs)
+    _check_import_sizes(syms, strtab, relocs)
     return DynamicTables(
         tags=tags, needed=needed, relocs=relocs, relr=_relr(image, tags), symtab=syms,
         strtab=strtab, versym=_versym(image, tags, len(syms), versions), versions=versions,
         default_versions=frozenset(defined), gnu_hash=gnu, sysv_hash=sysv,
         init_array=_array_tag(tags, DT.INIT_ARRAY, DT.INIT_ARRAYSZ, "DT_INIT_ARRAY"),
         fini_array=_array_tag(tags, DT.FINI_ARRAY, DT.FINI_ARRAYSZ, "DT_FINI_ARRAY"),
-        nuls=np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0))
+        nuls=nuls)
