@@ -80,8 +80,9 @@ def _fail(call: str, **args: int | None) -> MmapError:
 
 
 def read_maps(path: str | Path = "/proc/self/maps") -> list[Region]:
-    """Parse a ``/proc/<pid>/maps`` file into Regions, in the file's (address) order."""
-    text = Path(path).read_text()
+    """Parse a ``/proc/<pid>/maps`` file into Regions, in the file's (address) order. Paths
+    are decoded with surrogateescape: any file name round-trips through os.fsencode."""
+    text = Path(path).read_text(errors="surrogateescape")
     return [Region.parse(line) for line in text.splitlines() if line]
 
 

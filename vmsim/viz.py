@@ -62,6 +62,7 @@ __all__ = [
     "plot_map",
     "plot_pages",
     "plot_trace",
+    "printable",
     "region_role",
     "relative",
     "trace_frames",
@@ -147,10 +148,16 @@ def format_size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a non-UTF-8 file name (surrogate escapes) as ``\\xff``: what
+    a font can draw."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _object_name(region: Region) -> str:
     if not region.path:
         return "[anon]"
-    return region.path.rsplit("/", 1)[-1]
+    return printable(region.path.rsplit("/", 1)[-1])
 
 
 def _file_backed(region: Region) -> bool:
