@@ -92,13 +92,16 @@ def _shown(source: object) -> str:
     return str(source)
 
 
-def run_host(fn: Any, *args: Any, source: object, timeout: float = HOST_TIMEOUT,
-             max_rss: int | None = HOST_MAX_RSS) -> Any:
+def run_host(fn: Any, *args: Any, source: object, timeout: float | None = None,
+             max_rss: int | None = None) -> Any:
     """``fn(*args)`` in a supervised forked child (``loader.isolate.run_isolated``); its value.
 
-    Raises LoadDied("libc", source, how) when the child is killed by a signal, passes
-    ``max_rss`` or ``timeout``; exceptions the child raised are re-raised here.
+    ``timeout`` and ``max_rss`` default to HOST_TIMEOUT and HOST_MAX_RSS. Raises
+    LoadDied("libc", source, how) when the child is killed by a signal, passes ``max_rss`` or
+    ``timeout``; exceptions the child raised are re-raised here.
     """
+    timeout = HOST_TIMEOUT if timeout is None else timeout
+    max_rss = HOST_MAX_RSS if max_rss is None else max_rss
     try:
         status, value = run_isolated(fn, *args, timeout=timeout, max_rss=max_rss)
     except OverBound as exc:
@@ -229,12 +232,12 @@ def _second_host_child(source: Any, place: _Placeholder, other: Outcome) -> Outc
 
 
 def compare_backends(source: str | os.PathLike[str] | bytes, other: Mmap, *,
-                     timeout: float = HOST_TIMEOUT,
-                     max_rss: int | None = HOST_MAX_RSS) -> Comparison:
+                     timeout: float | None = None, max_rss: int | None = None) -> Comparison:
     """Load ``source`` on the host and on ``other`` at one base; compare the outcomes.
 
-    Raises LoadDied when a host child dies (signal, ``max_rss``, ``timeout``), and what a
-    load raises (ElfError, MmapError, the backend's own faults) otherwise.
+    Raises LoadDied when a host child dies (signal, ``max_rss``, ``timeout``: by default
+    HOST_MAX_RSS and HOST_TIMEOUT), and what a load raises (ElfError, MmapError, the
+    backend's own faults) otherwise.
     """
     sizes: _Sizes = run_host(_sizes_child, source, source=source, timeout=timeout,
                              max_rss=max_rss)

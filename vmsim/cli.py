@@ -529,8 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(message: str) -> None:
-    """One line on stderr: ``vmsim: MESSAGE`` (line breaks inside MESSAGE become spaces)."""
-    print("vmsim: " + " ".join(message.splitlines()), file=sys.stderr, flush=True)
+    """One line on stderr: ``vmsim: MESSAGE``; line breaks inside MESSAGE become spaces and
+    the bytes of a non-UTF-8 file name show as ``\\xff`` (as vmsim.viz.printable)."""
+    line = " ".join(message.splitlines())
+    line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(f"vmsim: {line}", file=sys.stderr, flush=True)
 
 
 def _silence_stdout() -> None:
@@ -546,7 +549,7 @@ def _silence_stdout() -> None:
 def _dispatch(argv: list[str]) -> int:
     """Parse, check the input file, run the verb, turn its errors into one line each."""
     if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(errors="backslashreplace")   # paths that are not UTF-8
+        sys.stdout.reconfigure(errors="surrogateescape")   # a non-UTF-8 path: its own bytes
     if argv[:1] == ["fuzz"]:
         return _fuzz(argv[1:])
     top = parser()
