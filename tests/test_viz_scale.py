@@ -5,9 +5,11 @@ region coloured by role, labels that name their region, a legend saying what wen
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -79,3 +81,18 @@ def test_a_small_map_labels_every_region_and_says_nothing_more() -> None:
     drawn = run_isolated(_draw_and_save, regions, timeout=20).value
     assert len(drawn["labels"]) == len(drawn["patches"]) == 40
     assert not [t for t in drawn["legend"] if t.startswith("+")]
+
+
+@pytest.mark.slow
+def test_vmsim_plot_of_an_elf_file_with_3000_segments(tmp_path: Path) -> None:
+    from cli_support import run_cli
+
+    from loader.elfwriter import ElfSpec, Segment, build
+
+    segments = tuple(Segment(("r", "rx", "rw")[i % 3], data=b"\x01" * 64) for i in range(3000))
+    path = tmp_path / "many.so"
+    path.write_bytes(build(ElfSpec(segments=segments)).data)
+    ran = run_cli("plot", str(path), "-o", str(tmp_path / "many.png"), timeout=120)
+    assert ran.code == 0, ran.err
+    assert ran.out.startswith("wrote ") and "regions of many.so" in ran.out
+    assert (tmp_path / "many.png").stat().st_size > 0
