@@ -576,17 +576,12 @@ def _run_verb(args: argparse.Namespace) -> int:
     try:
         code: int = args.func(args)
         return code
-    except ElfError as exc:
-        _say(f"{path}: {_elf_hint(path)} ({type(exc).__name__}: {exc})"
-             + _base_hint(args, exc.field)
-             + "; try 'vmsim load' with no arguments for a demo")
-    except MmapError as exc:
-        _say(f"{path}: the {getattr(args, 'backend', None) or 'sim or libc'} backend refused a "
-             f"call: {exc}"
-             + _base_hint(args, "load address"))
+    except (ElfError, MmapError) as exc:
+        _say(_refusal(args, exc))
     except LoadDied as exc:
-        _say(f"{path}: the {exc.backend} load died: {exc.how}; try --backend sim, where a "
-             "loader bug is a clean Fault")
+        hint = ("" if exc.backend != "libc" or args.verb == "diff" else
+                "; try --backend sim, where a loader bug is a clean Fault")
+        _say(f"{path}: the {exc.backend} load died: {exc.how}{hint}")
         return EXIT["died"]
     except Fault as exc:
         _say(f"{path}: the sim load faulted (a loader bug): {exc}")
@@ -607,12 +602,22 @@ def _run_verb(args: argparse.Namespace) -> int:
     return EXIT["refused"]
 
 
-def _base_hint(args: argparse.Namespace, field: str) -> str:
-    """``" (from --base 0x...)"`` when the failure is about the load address the user gave."""
+def _refusal(args: argparse.Namespace, exc: Exception) -> str:
+    """The line for a load refused by the loader (ElfError) or the backend (MmapError): blamed
+    on --base when the load address the user gave is what failed, on the file otherwise."""
+    from loader import ElfError
+
+    path: str = args.path
     base = getattr(args, "base", None)
-    if base is None or field not in ("base", "load address"):
-        return ""
-    return f" (from --base {base:#x})"
+    what = f"{type(exc).__name__}: {exc}"
+    field = exc.field if isinstance(exc, ElfError) else "load address"
+    if base is not None and field in ("base", "load address"):
+        return f"argument --base {base:#x}: {path} cannot be loaded there ({what})"
+    if isinstance(exc, ElfError):
+        return (f"{path}: {_elf_hint(path)} ({what}); try 'vmsim load' with no arguments "
+                "for a demo")
+    backend = getattr(args, "backend", None) or "sim or libc"
+    return f"{path}: the {backend} backend refused a call ({what})"
 
 
 _FILE_KINDS: dict[Callable[[int], bool], str] = {
