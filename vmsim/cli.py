@@ -15,22 +15,27 @@ a forked child; what it saw comes back as a ``Session``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from loader import LoadedObject, Mmap, load
+from loader.compare import LoadDied, run_host
 from loader.explain import Explainer, Step, format_call
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import Region
 from loader.outcome import regions_in
+from loader.pages import HOST_PAGE_SIZE
 from loader.trace import Call
 
-__all__ = ["DEFAULT_LIBRARY", "Session", "load_report", "main", "maps_rows", "session"]
+__all__ = ["DEFAULT_LIBRARY", "EXIT", "Bounded", "Session", "load_report", "main", "maps_rows",
+           "session"]
 
 DEFAULT_LIBRARY = "/usr/lib/x86_64-linux-gnu/libz.so.1"
 """What ``vmsim load`` loads when no PATH is given: small, present on every Debian system."""
@@ -55,7 +60,23 @@ examples:
   vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
 
 PATH defaults to libz.so.1 of this machine for load, maps, trace, explain and plot.
+
+exit status:
+  0    done (diff: the outcomes are equal)
+  1    diff: the outcomes differ (listed on stdout)
+  2    usage error, or the input refused: not a regular file, not ELF, an ELF file the
+       loader refuses, a call the backend refused, an output that cannot be written
+  3    a load died: the host (libc) child was killed by a signal or went past its memory
+       or time bound, or the simulator faulted (a loader bug); the backend is named
+  4    internal error (a bug in vmsim; VMSIM_TRACEBACK=1 shows the traceback)
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (e.g. | head): stop quietly, as a tool killed by SIGPIPE
+Every error is one line on stderr starting with "vmsim:".
 """
+
+EXIT = {"ok": 0, "differ": 1, "refused": 2, "died": 3, "bug": 4, "interrupted": 130,
+        "pipe": 141}
+"""The exit statuses (EPILOG explains each)."""
 
 ANSI: dict[str, str] = {"code": "\x1b[31m", "data": "\x1b[35m", "rodata": "",
                         "guard": "\x1b[36m", "extern": "\x1b[33m"}
@@ -64,13 +85,85 @@ RESET = "\x1b[0m"
 BOLD = "\x1b[1m"
 
 
-def _int(text: str) -> int:
-    """An address on the command line: decimal or 0x-prefixed hex."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an address: {text!r} (try 0x7f0000000000)") from None
+@dataclass(frozen=True)
+class Bounded:
+    """One numeric command-line value: parsed (``int`` takes decimal or 0x-hex, ``float``
+    decimal), then checked finite, within ``[lo, hi]`` (``lo`` itself excluded when
+    ``open_lo``) and a multiple of ``step``. Used as an argparse ``type`` (the error names the
+    argument) and by :meth:`check` for values parsed elsewhere. Every numeric argument of
+    every verb goes through this one class."""
+
+    kind: type[int] | type[float]
+    lo: float
+    hi: float
+    unit: str = ""
+    step: int = 1
+    open_lo: bool = False
+    example: str = ""
+
+    def __call__(self, text: str) -> int | float:
+        """Parse and check ``text``; argparse.ArgumentTypeError saying what is wrong."""
+        try:
+            value: int | float = int(text, 0) if self.kind is int else float(text)
+        except ValueError:
+            want = "an integer (decimal or 0x-hex)" if self.kind is int else "a number"
+            hint = f", e.g. {self.example}" if self.example else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}{hint}") from None
+        return self.check(value)
+
+    def check(self, value: int | float) -> int | float:
+        """``value`` when it is within bounds; argparse.ArgumentTypeError otherwise."""
+        shown = self._show(value)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{shown} is not a finite number")
+        low_ok = value > self.lo if self.open_lo else value >= self.lo
+        if not low_ok or value > self.hi:
+            raise argparse.ArgumentTypeError(f"{shown} is out of range: {self._range()}")
+        if self.step > 1 and int(value) % self.step:
+            raise argparse.ArgumentTypeError(
+                f"{shown} is not a multiple of the page size {self.step:#x}")
+        return value
+
+    def _show(self, value: float) -> str:
+        """The value as the user would write it (hex for addresses)."""
+        return f"{int(value):#x}" if self.step > 1 and math.isfinite(value) else f"{value:g}"
+
+    def _range(self) -> str:
+        """``must be > 0 and <= 604800 s`` / ``must be in [0x10000, 0x7fffffffffff]``."""
+        unit = f" {self.unit}" if self.unit else ""
+        if self.step > 1:
+            return f"must be in [{int(self.lo):#x}, {int(self.hi):#x}]{unit}"
+        if self.open_lo:
+            return f"must be > {self.lo:g} and <= {self.hi:g}{unit}"
+        return f"must be in [{self.lo:g}, {self.hi:g}]{unit}"
+
+
+BASE = Bounded(int, 0x10000, (1 << 47) - HOST_PAGE_SIZE, unit="(user space, above "
+               "vm.mmap_min_addr's default)", step=HOST_PAGE_SIZE, example="0x7f0000000000")
+"""--base: a page-aligned user-space address of the 47-bit x86-64 layout."""
+DPI = Bounded(int, 1, 1200, unit="dots per inch", example="120")
+"""--dpi of vmsim plot."""
+FUZZ_SECONDS = Bounded(float, 0.0, 7 * 24 * 3600.0, unit="s", open_lo=True, example="30")
+"""--time of vmsim fuzz (checked here; vmsim.fuzz parses it)."""
+
+MAX_CANVAS_SIDE = 16384
+"""The largest picture side ``vmsim plot`` draws, in pixels."""
+MAX_CANVAS_PIXELS = 40_000_000
+"""The largest picture ``vmsim plot`` draws, in pixels (about 160 MB of RGBA)."""
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+"""What ``vmsim plot -o`` can write, by the file name's suffix."""
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used: exit 2 with this one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line on stderr (exit 2), naming the argument."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``vmsim VERB: MESSAGE (see vmsim VERB --help)`` and exit 2."""
+        self.exit(EXIT["refused"], f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def _has_sim() -> bool:
@@ -141,28 +234,21 @@ def _print_text(report: dict[str, Any]) -> None:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """``vmsim load``."""
-    path = args.path or DEFAULT_LIBRARY
-    if args.backend is None:
-        args.backend = "sim" if _has_sim() else "libc"
-        if args.backend == "libc":
-            print("vmsim: the simulator is not available; using the host backend",
-                  file=sys.stderr)
-    if args.backend == "libc":
-        status, report = run_isolated(_load_on, path, "libc", args.base)
-        if status != "ok":
-            print(f"vmsim: the host load of {path} died with {status}", file=sys.stderr)
-            return 2
+    path = args.path
+    if _backend(args) == "libc":
+        report = run_host(_load_on, path, "libc", args.base, source=path)
     else:
         report = _load_on(path, "sim", args.base)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}))
     else:
         _print_text(report)
-    return 0
+    return EXIT["ok"]
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    """``vmsim diff``: exit 0 when sim and host outcomes are equal, 1 otherwise."""
+    """``vmsim diff``: exit 0 when sim and host outcomes are equal, 1 otherwise, 3 when a
+    load died (LoadDied, handled in main)."""
     from loader.compare import compare_backends
 
     result = compare_backends(args.path, _sim_backend())
@@ -173,11 +259,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if result.host.irelative:
             print(f"  not compared: {len(result.host.irelative)} IRELATIVE/IFUNC slots (the "
                   "host ran their resolvers; the simulator records the resolvers' addresses)")
-        return 0
+        return EXIT["ok"]
     print(f"{args.path}: outcomes differ at base {result.base:#x} (host != sim):")
     for line in result.differences[:200]:
         print("  " + line)
-    return 1
+    if len(result.differences) > 200:
+        print(f"  ... and {len(result.differences) - 200} more")
+    return EXIT["differ"]
 
 
 @dataclass
@@ -216,14 +304,11 @@ def _session_here(path: str, backend: str, base: int | None) -> Session:
 
 
 def session(path: str, backend: str, base: int | None = None) -> Session:
-    """Load ``path`` on ``backend`` ("sim" here, "libc" in a forked child) and report."""
+    """Load ``path`` on ``backend`` ("sim" here, "libc" in a supervised forked child) and
+    report. Raises LoadDied when the host child dies (signal, memory or time bound)."""
     if backend != "libc":
         return _session_here(path, backend, base)
-    status, result = run_isolated(_session_here, path, "libc", base)
-    if status != "ok":
-        raise SystemExit(f"vmsim: the host load of {path} died with {status}; try "
-                         f"--backend sim, where a loader bug is a clean Fault")
-    out: Session = result
+    out: Session = run_host(_session_here, path, "libc", base, source=path)
     return out
 
 
@@ -273,7 +358,7 @@ def _backend(args: argparse.Namespace) -> str:
 
 def cmd_maps(args: argparse.Namespace) -> int:
     """``vmsim maps``: the regions as a coloured table."""
-    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    sess = session(args.path, _backend(args), args.base)
     print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
     for line in _maps_lines(sess, _use_color(args.color, sys.stdout)):
         print(line)
@@ -282,7 +367,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """``vmsim trace``: every Mmap call, one per line."""
-    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    sess = session(args.path, _backend(args), args.base)
     print(f"{sess.path} on {sess.backend}: {len(sess.calls)} Mmap calls")
     for i, call in enumerate(sess.calls):
         print(f"{i:4} {format_call(call)}")
@@ -291,7 +376,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``vmsim explain``: each step's sentence, then the calls it caused, indented."""
-    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
+    sess = session(args.path, _backend(args), args.base)
     color = _use_color(args.color, sys.stdout)
     print(f"{sess.path} on {sess.backend}:")
     index = 0
@@ -304,8 +389,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _picture(text: str) -> str:
+    """-o of vmsim plot: a file name ending in a format matplotlib writes here."""
+    if not text.lower().endswith(PLOT_FORMATS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the picture's name must end in {', '.join(PLOT_FORMATS)}")
+    return text
+
+
+def _check_canvas(size_inches: Sequence[float], dpi: int) -> None:
+    """UsageError when a figure of ``size_inches`` at ``dpi`` passes the canvas bounds."""
+    width, height = (math.ceil(x * dpi) for x in size_inches)
+    if max(width, height) > MAX_CANVAS_SIDE or width * height > MAX_CANVAS_PIXELS:
+        raise UsageError(f"argument --dpi: the picture would be {width} x {height} pixels at "
+                         f"--dpi {dpi}, past the limit of {MAX_CANVAS_SIDE} a side and "
+                         f"{MAX_CANVAS_PIXELS // 1_000_000} million in all; lower --dpi")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
-    """``vmsim plot``: vmsim.viz's map of the loaded object, written to a PNG."""
+    """``vmsim plot``: vmsim.viz's map of the loaded object, written to a picture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,16 +416,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     from vmsim import viz
 
-    sess = session(args.path or DEFAULT_LIBRARY, _backend(args), args.base)
-    name = sess.path.rsplit("/", 1)[-1]
+    sess = session(args.path, _backend(args), args.base)
+    name = viz.printable(sess.path.rsplit("/", 1)[-1])
     ax = viz.plot_map(sess.regions, relro=sess.relro, extern=sess.extern,
                       title=f"{name} loaded at {sess.span[0]:#x} ({sess.backend})")
     fig = ax.figure
     assert isinstance(fig, Figure)
-    fig.savefig(args.output, dpi=args.dpi, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        _check_canvas(fig.get_size_inches().tolist(), args.dpi)
+        fig.savefig(args.output, dpi=args.dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     print(f"wrote {args.output}: {len(sess.regions)} regions of {name}")
-    return 0
+    return EXIT["ok"]
 
 
 def _common(sub: argparse.ArgumentParser, color: bool = False) -> None:
@@ -333,7 +438,7 @@ def _common(sub: argparse.ArgumentParser, color: bool = False) -> None:
     sub.add_argument("--backend", choices=["sim", "libc"], default=None,
                      help="sim: the simulator (the default when available); libc: the real "
                      "kernel, in a forked child of this command")
-    sub.add_argument("--base", type=_int, metavar="ADDR",
+    sub.add_argument("--base", type=BASE, metavar="ADDR",
                      help="where the span starts (default: the backend chooses)")
     if color:
         sub.add_argument("--color", choices=["auto", "always", "never"], default="auto",
@@ -369,15 +474,17 @@ def _add_views(verbs: Any) -> None:
         description="Load PATH and draw its map with vmsim.viz: regions to scale, gaps "
         "compressed, coloured by role, RELRO hatched, a legend. Example: vmsim plot -o libz.png")
     _common(pl)
-    pl.add_argument("-o", "--output", required=True, metavar="FILE.png",
-                    help="the picture to write")
-    pl.add_argument("--dpi", type=int, default=120, help="resolution (default 120)")
+    pl.add_argument("-o", "--output", required=True, metavar="FILE.png", type=_picture,
+                    help="the picture to write: .png, .svg or .pdf")
+    pl.add_argument("--dpi", type=DPI, default=120,
+                    help=f"resolution, {int(DPI.lo)} to {int(DPI.hi)} (default 120); the "
+                    f"picture may have at most {MAX_CANVAS_SIDE} pixels a side")
     pl.set_defaults(func=cmd_plot)
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (``vmsim --help`` teaches from it)."""
-    top = argparse.ArgumentParser(prog="vmsim", description=DESCRIPTION, epilog=EPILOG,
+    top = _Parser(prog="vmsim", description=DESCRIPTION, epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = top.add_subparsers(dest="verb", metavar="VERB")
     ld = verbs.add_parser("load", help="load an ELF file and print its map",
@@ -393,7 +500,8 @@ def parser() -> argparse.ArgumentParser:
                           description="Load PATH on the host (in a forked child) and on the "
                           "simulator at the same address, imports bound to the same stubs, "
                           "and compare regions, page bytes, RELRO and Mmap calls. Exit 0 when "
-                          "equal, 1 with the differences otherwise.")
+                          "equal, 1 with the differences otherwise, 3 when a load died (the "
+                          "backend and the signal or bound named on stderr).")
     df.add_argument("path", metavar="PATH", help="ELF shared object or executable")
     df.set_defaults(func=cmd_diff)
     _add_views(verbs)
@@ -403,43 +511,166 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vmsim`` console script. ElfError prints as one line, exit 2."""
-    from loader import ElfError, MmapError
+    """Entry point of the ``vmsim`` console script: the exit status (EPILOG lists them).
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    Every error is one line on stderr. Ctrl-C prints ``vmsim: interrupted`` (130); a closed
+    stdout (``| head``) ends quietly (141).
+    """
+    try:
+        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT["interrupted"]
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT["pipe"]
+
+
+def _say(message: str) -> None:
+    """One line on stderr: ``vmsim: MESSAGE``; line breaks inside MESSAGE become spaces and
+    the bytes of a non-UTF-8 file name show as ``\\xff`` (as vmsim.viz.printable)."""
+    line = " ".join(message.splitlines())
+    line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(f"vmsim: {line}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _dispatch(argv: list[str]) -> int:
+    """Parse, check the input file, run the verb, turn its errors into one line each."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")   # a non-UTF-8 path: its own bytes
     if argv[:1] == ["fuzz"]:
-        from vmsim.fuzz import main as fuzz_main
-
-        return fuzz_main(argv[1:])
-    args = parser().parse_args(argv)
+        return _fuzz(argv[1:])
+    top = parser()
+    args = top.parse_args(argv)
     if args.verb is None:
-        parser().print_help()
-        return 2
-    path = getattr(args, "path", None)
-    if path is not None and not os.path.isfile(path):
-        what = "a directory" if os.path.isdir(path) else "no such file"
-        print(f"vmsim: {path}: {what}; give the path of an ELF shared object (try "
-              f"'vmsim load' with no arguments for a demo on libz.so.1)", file=sys.stderr)
-        return 2
+        top.print_help(sys.stderr)
+        return EXIT["refused"]
+    if hasattr(args, "path"):
+        args.path = args.path or DEFAULT_LIBRARY
+        problem = _not_loadable(args.path)
+        if problem is not None:
+            _say(f"{args.path}: {problem}; give the path of an ELF shared object (try "
+                 "'vmsim load' with no arguments for a demo on libz.so.1)")
+            return EXIT["refused"]
+    return _run_verb(args)
+
+
+def _run_verb(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with each kind of failure as one line and its exit status."""
+    from loader import ElfError, MmapError
+    from vmsim import Fault
+
+    path: str = args.path
     try:
         code: int = args.func(args)
-    except ElfError as exc:
-        print(f"vmsim: {path}: {_elf_hint(path)} ({type(exc).__name__}: {exc}); try "
-              f"'vmsim load' with no arguments for a demo", file=sys.stderr)
-        return 2
-    except (MmapError, OSError) as exc:
-        print(f"vmsim: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    return code
+        return code
+    except (ElfError, MmapError) as exc:
+        _say(_refusal(args, exc))
+    except LoadDied as exc:
+        hint = ("" if exc.backend != "libc" or args.verb == "diff" else
+                "; try --backend sim, where a loader bug is a clean Fault")
+        _say(f"{path}: the {exc.backend} load died: {exc.how}{hint}")
+        return EXIT["died"]
+    except Fault as exc:
+        _say(f"{path}: the sim load faulted (a loader bug): {exc}")
+        return EXIT["died"]
+    except UsageError as exc:
+        print(f"vmsim {args.verb}: {exc}", file=sys.stderr)
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except OSError as exc:
+        _say(f"{path}: {exc.strerror or exc}"
+             + (f": {exc.filename}" if exc.filename and exc.filename != path else ""))
+    except Exception as exc:
+        if os.environ.get("VMSIM_TRACEBACK"):
+            raise
+        _say(f"internal error, a bug in vmsim ({type(exc).__name__}: {str(exc)[:300]}); "
+             "VMSIM_TRACEBACK=1 shows where")
+        return EXIT["bug"]
+    return EXIT["refused"]
 
 
-def _elf_hint(path: str | None) -> str:
-    """"not an ELF file" when the magic is missing, else "an ELF file this loader refuses"."""
+def _refusal(args: argparse.Namespace, exc: Exception) -> str:
+    """The line for a load refused by the loader (ElfError) or the backend (MmapError): blamed
+    on --base when the load address the user gave is what failed, on the file otherwise."""
+    from loader import ElfError
+
+    path: str = args.path
+    base = getattr(args, "base", None)
+    what = f"{type(exc).__name__}: {exc}"
+    field = exc.field if isinstance(exc, ElfError) else "load address"
+    if base is not None and field in ("base", "load address"):
+        return f"argument --base {base:#x}: {path} cannot be loaded there ({what})"
+    if isinstance(exc, ElfError):
+        return (f"{path}: {_elf_hint(path)} ({what}); try 'vmsim load' with no arguments "
+                "for a demo")
+    backend = getattr(args, "backend", None) or "sim or libc"
+    return f"{path}: the {backend} backend refused a call ({what})"
+
+
+_FILE_KINDS: dict[Callable[[int], bool], str] = {
+    stat.S_ISDIR: "a directory", stat.S_ISCHR: "not a regular file (character device)",
+    stat.S_ISBLK: "not a regular file (block device)", stat.S_ISFIFO: "not a regular file "
+    "(FIFO)", stat.S_ISSOCK: "not a regular file (socket)"}
+
+
+def _not_loadable(path: str) -> str | None:
+    """What makes ``path`` impossible to load, found without opening it (so a FIFO never
+    blocks this command), or None when it is a readable regular file."""
     try:
-        with open(path or "", "rb") as f:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except NotADirectoryError:
+        return "no such file (a component of the path is not a directory)"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    for test, what in _FILE_KINDS.items():
+        if test(mode):
+            return what
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def _fuzz(argv: list[str]) -> int:
+    """``vmsim fuzz``: vmsim.fuzz parses its own arguments; --time is checked here first."""
+    from vmsim.fuzz import main as fuzz_main
+    from vmsim.fuzz import parser as fuzz_parser
+
+    known, _ = fuzz_parser().parse_known_args(argv)
+    try:
+        FUZZ_SECONDS.check(known.time)
+    except argparse.ArgumentTypeError as exc:
+        print(f"vmsim fuzz: argument --time: {exc} (see 'vmsim fuzz --help')",
+              file=sys.stderr)
+        return EXIT["refused"]
+    return fuzz_main(argv)
+
+
+def _elf_hint(path: str) -> str:
+    """"not an ELF file" when the magic is missing, else "an ELF file the loader refuses"."""
+    try:
+        with open(path, "rb") as f:
             magic = f.read(4)
     except OSError:
-        return "cannot be loaded"
+        return "cannot be read"
     return "an ELF file the loader refuses" if magic == b"\x7fELF" else "not an ELF file"
 
 

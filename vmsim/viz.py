@@ -62,6 +62,7 @@ __all__ = [
     "plot_map",
     "plot_pages",
     "plot_trace",
+    "printable",
     "region_role",
     "relative",
     "trace_frames",
@@ -147,10 +148,16 @@ def format_size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a non-UTF-8 file name (surrogate escapes) as ``\\xff``: what
+    a font can draw."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _object_name(region: Region) -> str:
     if not region.path:
         return "[anon]"
-    return region.path.rsplit("/", 1)[-1]
+    return printable(region.path.rsplit("/", 1)[-1])
 
 
 def _file_backed(region: Region) -> bool:
@@ -217,11 +224,8 @@ def _layout(maps: Sequence[Sequence[Region]], *, min_height: float, max_height: 
         return _Layout(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
     edge_ints = sorted({a for r in regions for a in (r.start, r.end)})
     edges = np.array(edge_ints, dtype=np.float64)
-    starts = np.array([r.start for r in regions], dtype=np.float64)
-    ends = np.array([r.end for r in regions], dtype=np.float64)
     mids = (edges[:-1] + edges[1:]) / 2
-    inside = (starts[None, :] <= mids[:, None]) & (mids[:, None] < ends[None, :])
-    covered = np.asarray(inside.any(axis=1), dtype=np.bool_)
+    covered = _coverage(regions, mids) > 0
     lengths = np.diff(edges)
     unit = max(float(np.median(lengths[covered])) / median_height, 1.0)
     heights = np.where(covered, np.clip(lengths / unit, min_height, max_height), gap_height)
@@ -233,6 +237,17 @@ def _layout(maps: Sequence[Sequence[Region]], *, min_height: float, max_height: 
     short = [p for p, c, ln in zip(pieces, flags, sizes, strict=True)
              if c and ln / unit > max_height]
     return _Layout(edges, ys, gaps, short)
+
+
+def _coverage(regions: Sequence[Region], points: npt.NDArray[np.float64]
+              ) -> npt.NDArray[np.int64]:
+    """How many of ``regions`` contain each of ``points`` (start <= p < end), in
+    O((n + m) log n): the regions started at p minus those already ended at p."""
+    starts = np.sort(np.array([r.start for r in regions], dtype=np.float64))
+    ends = np.sort(np.array([r.end for r in regions], dtype=np.float64))
+    started = np.searchsorted(starts, points, side="right")
+    ended = np.searchsorted(ends, points, side="right")
+    return np.asarray(started - ended, dtype=np.int64)
 
 
 def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
@@ -254,6 +269,26 @@ def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]
 
 _BAR = (0.0, 0.26)      # x extent of the bars; labels start at _TEXT_X
 _TEXT_X = 0.29
+MAX_LABELS = 150
+"""At most about this many texts in one column of a map (region labels, address ticks, gap
+sizes): a map with more regions labels only those spaced apart enough to be read, and its
+legend says how many went unlabelled. Keeps a picture of thousands of regions linear in cost."""
+
+
+def _spaced(ys: Sequence[float], height: float, limit: int = MAX_LABELS) -> list[int]:
+    """Indices of ``ys`` (ascending heights) to write text at: all of them when there are at
+    most ``limit``, else a greedy pick in one pass keeping those at least ``height / limit``
+    below the last one kept (no pairwise overlap checks)."""
+    if len(ys) <= limit:
+        return list(range(len(ys)))
+    spacing = height / limit
+    kept: list[int] = []
+    last = -math.inf
+    for i, y in enumerate(ys):
+        if y - last >= spacing:
+            kept.append(i)
+            last = y
+    return kept
 
 
 @dataclass
@@ -272,6 +307,7 @@ class _MapStyle:
     offset_width: int = 0
     roles_seen: set[str] = field(default_factory=set)
     flags_seen: set[str] = field(default_factory=set)
+    unlabelled: set[int] = field(default_factory=set)
 
 
 def _label_for(style: _MapStyle, index: int, region: Region) -> str:
@@ -283,6 +319,14 @@ def _label_for(style: _MapStyle, index: int, region: Region) -> str:
     return style.labels[index]
 
 
+def _add_bar(ax: Axes, patch: Rectangle) -> None:
+    """Add a bar's patch without matplotlib's per-patch data-limit update (the map sets its
+    own limits) and out of the layout computations (it lies inside the axes): linear in the
+    number of regions, where add_patch's update and tight-bbox passes dominated."""
+    patch.set_in_layout(False)
+    ax.add_artist(patch)
+
+
 def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
                  style: _MapStyle) -> None:
     top, bottom = layout.y(region.start), layout.y(region.end)
@@ -291,11 +335,11 @@ def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
     style.roles_seen.add(role)
     x0, x1 = _BAR
     tag = f"{region.start:#x}"
-    ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor=ROLE_COLORS[role],
+    _add_bar(ax, Rectangle((x0, top), x1 - x0, bottom - top, facecolor=ROLE_COLORS[role],
                            edgecolor="#333333", linewidth=0.8, gid=f"region:{tag}"))
     if _is_wx(region):
         style.flags_seen.add("wx")
-        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+        _add_bar(ax, Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
                                edgecolor=WX_COLOR, hatch=WX_HATCH, linewidth=2.0,
                                gid=f"wx:{tag}"))
     in_relro = False
@@ -304,17 +348,19 @@ def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
         if lo < hi:
             in_relro = True
             style.flags_seen.add("relro")
-            ax.add_patch(Rectangle((x0, layout.y(lo)), x1 - x0, layout.y(hi) - layout.y(lo),
+            _add_bar(ax, Rectangle((x0, layout.y(lo)), x1 - x0, layout.y(hi) - layout.y(lo),
                                    facecolor="none", edgecolor="#222222", hatch=RELRO_HATCH,
                                    linewidth=0.0, gid=f"relro:{tag}"))
     text = _label_for(style, index, region) + ("  RELRO" if in_relro else "")
     if _key(region) in style.changed:
         style.flags_seen.add("changed")
-        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+        _add_bar(ax, Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
                                edgecolor=CHANGED_COLOR, linewidth=3.0, gid=f"changed:{tag}"))
         text += f"  ◀ {style.changed_word}"
     if _is_wx(region):
         text += "  W+X!"
+    if index in style.unlabelled:
+        return
     ax.text(_TEXT_X, (top + bottom) / 2, text, va="center", ha="left",
             fontsize=style.fontsize, family="monospace", gid=f"label:{tag}",
             color=WX_COLOR if _is_wx(region) else "black")
@@ -323,12 +369,13 @@ def _draw_region(ax: Axes, index: int, region: Region, layout: _Layout,
 def _uncovered_runs(regions: Sequence[Region], layout: _Layout) -> list[tuple[int, int]]:
     """The address runs of the layout that no region of this map covers, merged."""
     edges = [int(b) for b in layout.bounds.tolist()] if regions else []
-    starts = np.array([r.start for r in regions], dtype=np.float64)
-    ends = np.array([r.end for r in regions], dtype=np.float64)
+    if len(edges) < 2:
+        return []
+    mids = (layout.bounds[:-1] + layout.bounds[1:]) / 2
+    empty = (_coverage(regions, mids) == 0).tolist()
     runs: list[tuple[int, int]] = []
-    for lo, hi in itertools.pairwise(edges):
-        mid = (lo + hi) / 2
-        if bool(((starts <= mid) & (mid < ends)).any()):
+    for (lo, hi), free in zip(itertools.pairwise(edges), empty, strict=True):
+        if not free:
             continue
         if runs and runs[-1][1] == lo:
             runs[-1] = (runs[-1][0], hi)
@@ -344,12 +391,16 @@ def _draw_gaps(ax: Axes, regions: Sequence[Region], layout: _Layout, fontsize: f
     x0, x1 = _BAR
     hull = (regions[0].start, max(r.end for r in regions)) if regions else (0, 0)
     runs = _uncovered_runs(regions, layout)
-    for lo, hi in runs:
+    written = set(_spaced([(layout.y(lo) + layout.y(hi)) / 2 for lo, hi in runs],
+                          layout.height))
+    for i, (lo, hi) in enumerate(runs):
         top, bottom = layout.y(lo), layout.y(hi)
         kind = "gap" if hull[0] <= lo and hi <= hull[1] else "unmapped"
-        ax.add_patch(Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
+        _add_bar(ax, Rectangle((x0, top), x1 - x0, bottom - top, facecolor="none",
                                edgecolor="#aaaaaa", linestyle=(0, (2, 2)), linewidth=0.8,
                                gid=f"{kind}:{lo:#x}"))
+        if i not in written:
+            continue
         ax.text((x0 + x1) / 2, (top + bottom) / 2, f"{kind} {format_size(hi - lo)}",
                 ha="center", va="center", fontsize=fontsize, style="italic",
                 color="#555555", gid=f"{kind}:{lo:#x}")
@@ -360,8 +411,10 @@ def _draw_shortened(ax: Axes, regions: Sequence[Region], layout: _Layout) -> boo
     """Mark this map's pieces drawn shorter than to scale with a white zigzag across the bar.
     Returns whether there was any."""
     x0, x1 = _BAR
-    mine = [(lo, hi) for lo, hi in layout.shortened
-            if any(r.start <= lo and hi <= r.end for r in regions)]
+    pieces = layout.shortened
+    mids = np.array([(lo + hi) / 2 for lo, hi in pieces], dtype=np.float64)
+    inside = _coverage(regions, mids) > 0 if pieces and regions else np.zeros(len(pieces), bool)
+    mine = [piece for piece, drawn in zip(pieces, inside.tolist(), strict=True) if drawn]
     for lo, hi in mine:
         mid = (layout.y(lo) + layout.y(hi)) / 2
         xs = np.linspace(x0, x1, 9)
@@ -393,6 +446,10 @@ def _legend_handles(style: _MapStyle, has_gap: bool, has_short: bool) -> list[Pa
     if has_short:
         handles.append(Patch(facecolor="#dddddd", edgecolor="#333333",
                              label="≈ big region drawn shortened"))
+    if style.unlabelled:
+        handles.append(Patch(facecolor="none", edgecolor="none",
+                             label=f"+{len(style.unlabelled)} more regions not labelled "
+                             "(too many to read)"))
     return handles
 
 
@@ -401,7 +458,9 @@ def _address_ticks(ax: Axes, regions: Sequence[Region], layout: _Layout,
     ends_of_runs = [a.end for a, b in itertools.pairwise(regions) if a.end != b.start]
     marks = sorted({r.start for r in regions} | set(ends_of_runs)
                    | ({regions[-1].end} if regions else set()))
-    ax.set_yticks([layout.y(a) for a in marks], [f"{a:#014x}" for a in marks],
+    ys = [layout.y(a) for a in marks]
+    kept = _spaced(ys, layout.height)
+    ax.set_yticks([ys[i] for i in kept], [f"{marks[i]:#014x}" for i in kept],
                   fontsize=fontsize, family="monospace")
 
 
@@ -420,6 +479,8 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
                   "size")
         ax.text(_TEXT_X, 0.0, header, va="bottom", ha="left", fontsize=style.fontsize,
                 family="monospace", color="#555555", gid="header")
+    centres = [(layout.y(r.start) + layout.y(r.end)) / 2 for r in regions]
+    style.unlabelled = set(range(len(regions))) - set(_spaced(centres, layout.height))
     for index, region in enumerate(regions):
         _draw_region(ax, index, region, layout, style)
     has_gap = _draw_gaps(ax, regions, layout, style.fontsize)
