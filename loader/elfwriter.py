@@ -34,6 +34,8 @@ True
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,18 +158,36 @@ def pack(dtype: np.dtype[Any], **fields: int | bytes) -> bytes:
     >>> len(pack(PHDR, p_type=PT_LOAD, p_flags=PF_R))
     56
     """
-    record = np.zeros(1, dtype=dtype)
-    for name, value in fields.items():
-        record[name] = np.frombuffer(value, dtype="u1") if isinstance(value, bytes) else value
-    return record.tobytes()
+    layout, names = _struct_of(dtype)
+    return layout.pack(*[fields.get(name, 0) for name in names])
 
 
 def pack_rows(dtype: np.dtype[Any], rows: Sequence[Mapping[str, int]]) -> bytes:
     """A table of ``dtype`` records, one per mapping of field names to values."""
-    table = np.zeros(len(rows), dtype=dtype)
-    for name in dtype.names or ():
-        table[name] = [row.get(name, 0) for row in rows]
-    return table.tobytes()
+    layout, names = _struct_of(dtype)
+    return b"".join([layout.pack(*[row.get(name, 0) for name in names]) for row in rows])
+
+
+_STRUCT_CODES = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q", "<i8": "q"}
+_STRUCTS: dict[np.dtype[Any], tuple[struct.Struct, tuple[str, ...]]] = {}
+
+
+def _struct_of(dtype: np.dtype[Any]) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A ``struct.Struct`` with the same layout as the record ``dtype`` (packing a record
+    with it is many times cheaper than through numpy), and its field names; cached."""
+    cached = _STRUCTS.get(dtype)
+    if cached is None:
+        codes = []
+        for name in dtype.names or ():
+            sub = dtype.fields[name][0]  # type: ignore[index]
+            if sub.shape:
+                codes.append(f"{sub.shape[0]}s")
+            else:
+                codes.append(_STRUCT_CODES[sub.str.replace("|", "")])
+        layout = struct.Struct("<" + "".join(codes))
+        assert layout.size == dtype.itemsize, dtype
+        cached = _STRUCTS[dtype] = (layout, tuple(dtype.names or ()))
+    return cached
 
 
 def r_info(sym: int, rtype: int) -> int:
@@ -175,6 +195,7 @@ def r_info(sym: int, rtype: int) -> int:
     return (sym << 32) | rtype
 
 
+@functools.lru_cache(maxsize=4096)
 def elf_hash(name: bytes) -> int:
     """The SysV ``DT_HASH`` hash of a symbol name (the gABI's ``elf_hash``)."""
     h = 0
@@ -186,6 +207,7 @@ def elf_hash(name: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=4096)
 def gnu_hash(name: bytes) -> int:
     """The ``DT_GNU_HASH`` hash of a symbol name: djb2 (h*33 + c) modulo 2**32."""
     h = 5381

@@ -179,24 +179,32 @@ def elf_images(**knobs: Any) -> st.SearchStrategy[ElfImage]:
 
 @st.composite
 def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
-    """Draw the knobs given as strategies, then the segments, symbols and relocations."""
-    k = {name: draw(v) if isinstance(v, st.SearchStrategy) else v for name, v in knobs.items()}
+    """Draw the knobs given as (non-default) strategies, then one blob of bytes that decodes
+    to the default knobs, the segments, symbols and relocations (see :class:`_Blob`)."""
+    k = {name: draw(v) if isinstance(v, st.SearchStrategy) and name not in _BLOB_KNOBS.get(
+        id(v), ()) else v for name, v in knobs.items()}
+    counted = knobs["segments"] is _SEGMENT_COUNTS
+    nsegs = 4 if counted else k["segments"]
+    if not counted:
+        check_range(nsegs, "segments", 0, 8)
+    blob = _Blob(draw(_blobs(_blob_size(nsegs, k["max_symbols"], k["max_relocations"]))))
+    blob.knobs(k)
     _check_drawn(k)
-    lo, hi = (1, 4) if knobs["segments"] is _SEGMENT_COUNTS else (k["segments"],) * 2
-    segs = _segments(draw, lo, hi, k["max_segment_pages"], k["bss"])
+    lo, hi = (1, 4) if counted else (nsegs, nsegs)
+    segs = _segments(blob, lo, hi, nsegs, k["max_segment_pages"], k["bss"])
     writable = [i for i, s in enumerate(segs) if "w" in s.flags]
     if k["relro"] and segs:
         if not writable:
             segs[0] = Segment("rw", segs[0].data, segs[0].bss, gap=segs[0].gap)
             writable = [0]
-        at = writable[draw(_ints(0, len(writable) - 1))]
+        at = writable[blob.relro_at % len(writable)]
         seg = segs[at]
         if not seg.memsz:
             seg = Segment(seg.flags, bytes(_WORD), gap=seg.gap)
-        length = draw(_ints(1, seg.memsz))
+        length = 1 + blob.relro_length % seg.memsz
         segs[at] = Segment(seg.flags, seg.data, seg.bss, relro=length, gap=seg.gap)
-    symbols = _symbols(draw, segs, k["max_symbols"])
-    relocs = _relocs(draw, segs, symbols, sorted(k["relocation_types"]), k)
+    symbols = _symbols(blob, segs, k["max_symbols"])
+    relocs = _relocs(blob, segs, symbols, sorted(k["relocation_types"]), k)
     return ElfSpec(
         segments=tuple(segs), symbols=tuple(symbols), relocs=tuple(relocs), kind=k["kind"],
         base=0x400000 if k["kind"] == "exec" else k["link_base"], align=k["max_page_size"],
@@ -204,6 +212,190 @@ def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
         textrel=k["textrel"] and any(r.segment not in writable for r in relocs),
         sections=k["sections"],
     )
+
+
+# One blob of bytes describes a whole spec: hypothesis' cost is per choice, and a fixed-size
+# bytes choice costs about what one integer does, so this is many times cheaper than drawing
+# each field. Shrinking stays good: hypothesis shrinks each byte towards 0, and every field
+# decodes so that 0 is the simplest value (no .bss, a read-only segment without a gap, no
+# RELRO, a record that is absent, a count of 0). Layout: a header, then fixed-size records.
+_HEAD = 12
+"""Header bytes: knob bits, hash style, segment count, symbol and relocation counts (each the
+smaller of two bytes, so small counts are common), RELRO place (1) and length (3), spare."""
+_SEG_RECORD, _SYM_RECORD, _REL_RECORD = 5, 4, 9
+_BLOB_KNOBS: dict[int, tuple[str, ...]] = {
+    id(_BOOLEANS): ("relro", "textrel", "bss", "relr", "sections"),
+    id(_HASH_STYLES): ("hash",),
+    id(_LINK_BASES): ("link_base",),
+    id(_SEGMENT_COUNTS): ("segments",),
+}
+"""Default knob strategies (by identity) that the blob's header decodes instead of a draw, and
+the knobs they may stand for."""
+_KNOB_BITS = {"relro": 0, "textrel": 1, "bss": 2, "relr": 3, "sections": 4, "link_base": 5}
+_HASH_ORDER = ("both", "gnu", "sysv")
+_LINK_ORDER = (0, 0x200000)
+
+
+@functools.lru_cache(maxsize=64)
+def _blobs(size: int) -> st.SearchStrategy[bytes]:
+    """Blobs of exactly ``size`` bytes (one hypothesis choice), cached by size."""
+    return st.binary(min_size=size, max_size=size)
+
+
+def _blob_size(segments: int, max_symbols: int, max_relocations: int) -> int:
+    """The bytes a spec with these maxima needs."""
+    return (_HEAD + _SEG_RECORD * segments + _SYM_RECORD * max_symbols
+            + _REL_RECORD * max_relocations)
+
+
+class _Blob:
+    """Reads a drawn blob: the header, then records in order (segments, symbols,
+    relocations), each field a big-endian unsigned number (its high bytes shrink first)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = _HEAD
+        self.relro_at = data[6]
+        self.relro_length = int.from_bytes(data[7:10], "big")
+
+    def knobs(self, k: dict[str, Any]) -> None:
+        """Give the knobs left as default strategies their value from the header."""
+        bits, data = self.data[0], self.data
+        for name, value in list(k.items()):
+            if not isinstance(value, st.SearchStrategy):
+                continue
+            if name in _KNOB_BITS and name != "link_base":
+                k[name] = bool(bits >> _KNOB_BITS[name] & 1)
+            elif name == "link_base":
+                k[name] = _LINK_ORDER[bits >> _KNOB_BITS[name] & 1]
+            elif name == "hash":
+                k[name] = _HASH_ORDER[data[1] % len(_HASH_ORDER)]
+            elif name == "segments":
+                k[name] = 1 + data[2] % 4
+
+    def count(self, index: int, other: int, most: int) -> int:
+        """A count in ``[0, most]``: the smaller of header bytes ``index`` and ``other``."""
+        return min(self.data[index] % (most + 1), self.data[other] % (most + 1))
+
+    def record(self, sizes: tuple[int, ...]) -> list[int]:
+        """The next record: one number per field, of ``sizes`` bytes each."""
+        out = []
+        for size in sizes:
+            out.append(int.from_bytes(self.data[self.at:self.at + size], "big"))
+            self.at += size
+        return out
+
+    def skip_to(self, at: int) -> None:
+        """Continue reading at byte ``at`` (the next table of records)."""
+        self.at = at
+
+
+_FLAGS: tuple[ew.Flags, ...] = ("r", "rw", "rx")
+_SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
+                  for bind in ("global", "weak")]
+
+
+def _segments(blob: _Blob, lo: int, hi: int, room: int, max_pages: int,
+              bss: bool) -> list[Segment]:
+    """``lo`` to ``hi`` user segments (``room`` records in the blob; the count from the
+    header). Each: flags and a gap of address space before it (one field: they shrink
+    together to a read-only segment with no gap), a pseudo-random payload seeded by its size,
+    and for a writable one maybe .bss."""
+    count = lo + blob.data[2] % (hi - lo + 1)
+    max_words = max_pages * _PAGE // _WORD
+    out = []
+    for _ in range(count):
+        style, words, extra = blob.record((1, 2, 2))
+        style %= 3 * len(_FLAGS)
+        flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
+        size = _skewed(words, 2, max_words) * _WORD
+        out.append(Segment(flags, _payload(size), _skewed(extra, 3, 3 * _PAGE)
+                           if bss and "w" in flags else 0, gap=gap))
+    blob.skip_to(_HEAD + _SEG_RECORD * room)
+    return out
+
+
+def _skewed(raw: int, power: int, most: int) -> int:
+    """A 16-bit ``raw`` mapped onto ``[0, most]``, monotonically, with small values more
+    likely (the fraction raised to ``power``): sizes near the maximum are rare."""
+    return int(most * raw**power // 0xFFFF**power)
+
+
+@functools.lru_cache(maxsize=512)
+def _payload(size: int) -> bytes:
+    """A pseudo-random payload of ``size`` bytes, the same for the same size (cached)."""
+    return random.Random(size).randbytes(size)
+
+
+def _pick_word(raw: int, segs: Sequence[Segment], where: Sequence[int],
+               in_file: bool = False) -> tuple[int, int] | None:
+    """The word-aligned (segment, offset) number ``raw`` (modulo the count) among segments
+    ``where`` (within the file bytes with ``in_file``, else within memsz); None if no room."""
+    sizes = [(len(segs[i].data) if in_file else segs[i].memsz) // _WORD for i in where]
+    total = sum(sizes)
+    if not total:
+        return None
+    n = raw % total
+    for i, words in zip(where, sizes, strict=True):
+        if n < words:
+            return i, n * _WORD
+        n -= words
+    raise AssertionError("unreachable")
+
+
+def _symbols(blob: _Blob, segs: Sequence[Segment], max_symbols: int) -> list[Symbol]:
+    """Defined symbols at word-aligned places of the segments, some versioned, some weak.
+    A record whose style byte is 0 is absent (so shrinking can drop any one)."""
+    start = blob.at
+    everywhere = range(len(segs))
+    out: list[Symbol] = []
+    if any(s.memsz >= _WORD for s in segs):
+        for _ in range(blob.count(3, 5, max_symbols)):
+            style, raw = blob.record((1, 3))
+            if not style:
+                continue
+            place = _pick_word(raw, segs, everywhere)
+            assert place is not None
+            version, bind = _SYMBOL_STYLES[(style - 1) % len(_SYMBOL_STYLES)]
+            kind = "func" if "x" in segs[place[0]].flags else "object"
+            out.append(Symbol(f"vmsim_sym{len(out)}", segment=place[0], offset=place[1],
+                              type=cast(Any, kind), bind=cast(Any, bind), version=version))
+    blob.skip_to(start + _SYM_RECORD * max_symbols)
+    return out
+
+
+def _relocs(blob: _Blob, segs: Sequence[Segment], symbols: Sequence[Symbol],
+            types: Sequence[str], k: dict[str, Any]) -> list[Reloc]:
+    """Relocations at distinct word-aligned sites of writable segments (any segment with
+    ``textrel``), each of a kind from ``types``; symbolic ones need a symbol to name. Sites
+    whose addend lives in the file (REL, RELR) are kept inside the file bytes. A record whose
+    kind byte is 0 is absent."""
+    kinds = [t for t in types if t == "RELATIVE" or symbols]
+    sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
+    if not kinds or not sites:
+        return []
+    used: set[tuple[int, int]] = set()
+    out = []
+    for _ in range(blob.count(4, 10, k["max_relocations"])):
+        kind_at, site_raw, target_raw, sym_raw, addend = blob.record((1, 3, 3, 1, 1))
+        if not kind_at:
+            continue
+        rtype = kinds[(kind_at - 1) % len(kinds)]
+        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
+        site = _pick_word(site_raw, segs, sites, in_file)
+        if site is None or site in used:
+            continue
+        used.add(site)
+        if rtype == "RELATIVE":
+            target = _pick_word(target_raw, segs, range(len(segs)))
+            assert target is not None
+            out.append(Reloc("RELATIVE", *site, target=target))
+        else:
+            sym = symbols[sym_raw % len(symbols)].name
+            addend %= 129
+            out.append(Reloc(cast(Any, rtype), *site, symbol=sym,
+                             addend=addend - 64 if rtype == "64" else 0))
+    return out
 
 
 def _check_drawn(k: dict[str, Any]) -> None:
@@ -226,99 +418,6 @@ def _check_link_base(value: Any) -> None:
     if isinstance(value, int) and value % _PAGE:
         raise InvalidArgument(f"link_base={value:#x}: expected a multiple of the page size "
                               f"{_PAGE:#x}")
-
-
-_FLAGS: tuple[ew.Flags, ...] = ("r", "rw", "rx")
-_SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
-                  for bind in ("global", "weak")]
-_RAW = 2**20
-"""Upper bound of a raw choice: one reduced modulo the room there is (a word among those of
-the segments, say). Raw choices have fixed bounds, so each list element is drawn from one
-cached strategy (hypothesis then shrinks by deleting whole elements), and shrink towards 0."""
-
-
-@functools.lru_cache(maxsize=256)
-def _raw_lists(bounds: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy[list[Any]]:
-    """Lists of ``lo`` to ``hi`` tuples of ints, the i-th in ``[0, bounds[i]]``."""
-    return st.lists(st.tuples(*[_ints(0, b) for b in bounds]), min_size=lo, max_size=hi)
-
-
-def _segments(draw: st.DrawFn, lo: int, hi: int, max_pages: int, bss: bool) -> list[Segment]:
-    """``lo`` to ``hi`` user segments. Each: flags and a gap of address space before it (one
-    choice: they shrink together to a read-only segment with no gap), a pseudo-random payload
-    seeded by its size, and for a writable one maybe .bss."""
-    raws = draw(_raw_lists((3 * len(_FLAGS) - 1, max_pages * _PAGE // _WORD, 3 * _PAGE),
-                           lo, hi))
-    out = []
-    for style, words, extra in raws:
-        flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
-        size = words * _WORD
-        data = random.Random(size).randbytes(size)
-        out.append(Segment(flags, data, extra if bss and "w" in flags else 0, gap=gap))
-    return out
-
-
-def _pick_word(raw: int, segs: Sequence[Segment], where: Sequence[int],
-               in_file: bool = False) -> tuple[int, int] | None:
-    """The word-aligned (segment, offset) number ``raw`` (modulo the count) among segments
-    ``where`` (within the file bytes with ``in_file``, else within memsz); None if no room."""
-    sizes = [(len(segs[i].data) if in_file else segs[i].memsz) // _WORD for i in where]
-    total = sum(sizes)
-    if not total:
-        return None
-    n = raw % total
-    for i, words in zip(where, sizes, strict=True):
-        if n < words:
-            return i, n * _WORD
-        n -= words
-    raise AssertionError("unreachable")
-
-
-def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list[Symbol]:
-    """Defined symbols at word-aligned places of the segments, some versioned, some weak."""
-    everywhere = range(len(segs))
-    if not any(s.memsz >= _WORD for s in segs):
-        return []
-    out = []
-    raws = draw(_raw_lists((_RAW, len(_SYMBOL_STYLES) - 1), 0, max_symbols))
-    for n, (raw, style) in enumerate(raws):
-        place = _pick_word(raw, segs, everywhere)
-        assert place is not None
-        version, bind = _SYMBOL_STYLES[style]
-        kind = "func" if "x" in segs[place[0]].flags else "object"
-        out.append(Symbol(f"vmsim_sym{n}", segment=place[0], offset=place[1],
-                          type=cast(Any, kind), bind=cast(Any, bind), version=version))
-    return out
-
-
-def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
-            types: Sequence[str], k: dict[str, Any]) -> list[Reloc]:
-    """Relocations at distinct word-aligned sites of writable segments (any segment with
-    ``textrel``), each of a kind from ``types``; symbolic ones need a symbol to name. Sites
-    whose addend lives in the file (REL, RELR) are kept inside the file bytes."""
-    kinds = [t for t in types if t == "RELATIVE" or symbols]
-    sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
-    if not kinds or not sites:
-        return []
-    raws = draw(_raw_lists((len(kinds) - 1, _RAW, _RAW, _RAW, 128), 0, k["max_relocations"]))
-    used: set[tuple[int, int]] = set()
-    out = []
-    for kind_at, site_raw, target_raw, sym_raw, addend in raws:
-        rtype = kinds[kind_at]
-        in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
-        site = _pick_word(site_raw, segs, sites, in_file)
-        if site is None or site in used:
-            continue
-        used.add(site)
-        if rtype == "RELATIVE":
-            target = _pick_word(target_raw, segs, range(len(segs)))
-            assert target is not None
-            out.append(Reloc("RELATIVE", *site, target=target))
-        else:
-            sym = symbols[sym_raw % len(symbols)].name
-            out.append(Reloc(cast(Any, rtype), *site, symbol=sym,
-                             addend=addend - 64 if rtype == "64" else 0))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

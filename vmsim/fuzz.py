@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import faulthandler
 import fcntl
+import gc
 import mmap
 import os
 import pickle
@@ -656,6 +657,7 @@ def _worker(job: _Job, slot: _Slot, fd: int) -> None:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         faulthandler.disable()
+        gc.freeze()  # what the parent built stays: the collector no longer walks it
         _run_rounds(job, slot, lambda message: _send(fd, message))
         _send(fd, ("done",))
     except BaseException:
