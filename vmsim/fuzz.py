@@ -710,8 +710,10 @@ def _run_rounds(job: _Job, slot: _Slot, send: Callable[[tuple[Any, ...]], None])
         send(("outcome", "sim", outcome))
         if job.backend == "both" and job.kind == "malformed":
             pending.append(data)
+            send(("host-pending", data))  # the parent runs it if this worker dies first
             if len(pending) >= job.host_batch:
                 _run_host_batch(pending, job, send)
+                send(("host-done", len(pending)))
                 pending.clear()
         elif job.backend == "both" and job.kind == "valid":
             check_same_on_both(value[0], sim_backend)
@@ -737,6 +739,7 @@ def _run_rounds(job: _Job, slot: _Slot, send: Callable[[tuple[Any, ...]], None])
                   f"{last.get('repr')}", last.get("data", b"")))
     if pending:
         _run_host_batch(pending, job, send)
+        send(("host-done", len(pending)))
 
 
 def _host_batch(datas: list[bytes]) -> list[str]:
@@ -813,6 +816,7 @@ class _Campaign:
         self.worker: int | None = None
         self.read_fd: int | None = None
         self.finished = False
+        self.host_pending: list[bytes] = []
 
     def close(self) -> None:
         """Kill a worker still running, close the pipe, unmap the slot."""
@@ -830,6 +834,14 @@ class _Campaign:
             ended = self._watch()
             if ended != "done":
                 self._found(ended)
+                self._host_leftovers()
+
+    def _host_leftovers(self) -> None:
+        """The host batch a dead worker had not run yet: run it from here (no worker runs
+        now), so that every input is checked on the host too."""
+        if self.host_pending:
+            leftovers, self.host_pending = self.host_pending, []
+            _run_host_batch(leftovers, self.job, self._handle)
 
     def _spawn(self) -> None:
         """Fork a worker for what is left of the job; its memory cap counts from here."""
@@ -945,6 +957,10 @@ class _Campaign:
             _what, cls, backend, data = message
             stats.count(cls)
             stats.findings.append(Finding(cls, backend, self._save(data, cls)))
+        elif what == "host-pending":
+            self.host_pending.append(message[1])
+        elif what == "host-done":
+            del self.host_pending[:message[1]]
         elif what == "done":
             self.finished = True
         elif what == "crash":
