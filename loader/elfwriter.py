@@ -34,6 +34,8 @@ True
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -98,9 +100,12 @@ DF_TEXTREL, DF_BIND_NOW = 0x4, 0x8
 DF_1_NOW, DF_1_PIE = 0x1, 0x08000000
 VER_FLG_BASE = 1
 
-R_X86_64_64, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X86_64_RELATIVE = 1, 6, 7, 8
+R_X86_64_64, R_X86_64_COPY, R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT = 1, 5, 6, 7
+R_X86_64_RELATIVE = 8
+DT_INIT_ARRAY, DT_FINI_ARRAY, DT_INIT_ARRAYSZ, DT_FINI_ARRAYSZ = 25, 26, 27, 28
 RELOC_TYPES: dict[str, int] = {
     "64": R_X86_64_64,
+    "COPY": R_X86_64_COPY,
     "GLOB_DAT": R_X86_64_GLOB_DAT,
     "JUMP_SLOT": R_X86_64_JUMP_SLOT,
     "RELATIVE": R_X86_64_RELATIVE,
@@ -156,18 +161,36 @@ def pack(dtype: np.dtype[Any], **fields: int | bytes) -> bytes:
     >>> len(pack(PHDR, p_type=PT_LOAD, p_flags=PF_R))
     56
     """
-    record = np.zeros(1, dtype=dtype)
-    for name, value in fields.items():
-        record[name] = np.frombuffer(value, dtype="u1") if isinstance(value, bytes) else value
-    return record.tobytes()
+    layout, names = _struct_of(dtype)
+    return layout.pack(*[fields.get(name, 0) for name in names])
 
 
 def pack_rows(dtype: np.dtype[Any], rows: Sequence[Mapping[str, int]]) -> bytes:
     """A table of ``dtype`` records, one per mapping of field names to values."""
-    table = np.zeros(len(rows), dtype=dtype)
-    for name in dtype.names or ():
-        table[name] = [row.get(name, 0) for row in rows]
-    return table.tobytes()
+    layout, names = _struct_of(dtype)
+    return b"".join([layout.pack(*[row.get(name, 0) for name in names]) for row in rows])
+
+
+_STRUCT_CODES = {"u1": "B", "<u2": "H", "<u4": "I", "<u8": "Q", "<i8": "q"}
+_STRUCTS: dict[np.dtype[Any], tuple[struct.Struct, tuple[str, ...]]] = {}
+
+
+def _struct_of(dtype: np.dtype[Any]) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A ``struct.Struct`` with the same layout as the record ``dtype`` (packing a record
+    with it is many times cheaper than through numpy), and its field names; cached."""
+    cached = _STRUCTS.get(dtype)
+    if cached is None:
+        codes = []
+        for name in dtype.names or ():
+            sub = dtype.fields[name][0]  # type: ignore[index]
+            if sub.shape:
+                codes.append(f"{sub.shape[0]}s")
+            else:
+                codes.append(_STRUCT_CODES[sub.str.replace("|", "")])
+        layout = struct.Struct("<" + "".join(codes))
+        assert layout.size == dtype.itemsize, dtype
+        cached = _STRUCTS[dtype] = (layout, tuple(dtype.names or ()))
+    return cached
 
 
 def r_info(sym: int, rtype: int) -> int:
@@ -175,6 +198,7 @@ def r_info(sym: int, rtype: int) -> int:
     return (sym << 32) | rtype
 
 
+@functools.lru_cache(maxsize=4096)
 def elf_hash(name: bytes) -> int:
     """The SysV ``DT_HASH`` hash of a symbol name (the gABI's ``elf_hash``)."""
     h = 0
@@ -186,6 +210,7 @@ def elf_hash(name: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=4096)
 def gnu_hash(name: bytes) -> int:
     """The ``DT_GNU_HASH`` hash of a symbol name: djb2 (h*33 + c) modulo 2**32."""
     h = 5381
@@ -296,11 +321,13 @@ class Reloc:
 
     ``RELATIVE``: the word becomes B + vaddr(``target``) + ``addend``. ``64``: S + ``addend``.
     ``GLOB_DAT`` and ``JUMP_SLOT``: S. (B is the load bias, S the symbol's address.)
-    ``JUMP_SLOT`` entries go to ``DT_JMPREL``, the others to ``DT_RELA``/``DT_REL``; with
-    ``ElfSpec.relr`` the RELATIVE ones go to ``DT_RELR`` instead.
+    ``COPY``: the symbol's ``size`` bytes copied from its definition in another object (the
+    symbol must be an import). ``JUMP_SLOT`` entries go to ``DT_JMPREL``, the others to
+    ``DT_RELA``/``DT_REL``; with ``ElfSpec.relr`` the RELATIVE ones go to ``DT_RELR``
+    instead.
     """
 
-    type: Literal["RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT"]
+    type: Literal["RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT", "COPY"]
     segment: int
     offset: int
     symbol: str | None = None
@@ -318,7 +345,9 @@ class ElfSpec:
     RELATIVE relocations as ``DT_RELR``. ``hash``: which hash tables. ``textrel``: allow
     relocations in read-only segments and say so (DT_TEXTREL). ``sections``: emit section
     headers. ``pad_segments``: start every segment at a page boundary of the file too.
-    ``entry``: where e_entry points.
+    ``entry``: where e_entry points. ``init_array``/``fini_array``: the slots (consecutive
+    words of a writable segment, each holding a RELATIVE relocation whose target is in an
+    executable segment) that ``DT_INIT_ARRAY``/``DT_FINI_ARRAY`` point at.
     """
 
     segments: tuple[Segment, ...] = ()
@@ -341,6 +370,8 @@ class ElfSpec:
     interp: str | None = None
     gnu_stack: bool = True
     entry: Ref | None = None
+    init_array: tuple[Ref, ...] = ()
+    fini_array: tuple[Ref, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -443,6 +474,8 @@ def check_spec(spec: ElfSpec) -> None:
     for i, seg in enumerate(spec.segments):
         if not 0 <= seg.relro <= seg.memsz:
             raise ValueError(f"segments[{i}].relro={seg.relro}: must be in [0, {seg.memsz}]")
+    for name in ("init_array", "fini_array"):
+        _check_array(spec, name, getattr(spec, name))
     sites = set()
     for rel in spec.relocs:
         _check_reloc(spec, rel)
@@ -451,6 +484,18 @@ def check_spec(spec: ElfSpec) -> None:
             raise ValueError(f"relocs: two relocations at segment {rel.segment} "
                              f"offset {rel.offset:#x}")
         sites.add(site)
+
+
+def _check_array(spec: ElfSpec, name: str, slots: tuple[Ref, ...]) -> None:
+    """Raise ValueError unless ``slots`` are consecutive words each relocated (RELATIVE) to
+    code: glibc calls every entry of DT_INIT_ARRAY/DT_FINI_ARRAY."""
+    targets = {(r.segment, r.offset): r.target for r in spec.relocs if r.type == "RELATIVE"}
+    for k, slot in enumerate(slots):
+        if slot != (slots[0][0], slots[0][1] + 8 * k):
+            raise ValueError(f"{name}[{k}]={slot}: the slots must be consecutive words")
+        target = targets.get(slot)
+        if target is None or "x" not in spec.segments[target[0]].flags:
+            raise ValueError(f"{name}[{k}]={slot}: needs a RELATIVE relocation to code there")
 
 
 def _check_reloc(spec: ElfSpec, rel: Reloc) -> None:
@@ -471,6 +516,13 @@ def _check_reloc(spec: ElfSpec, rel: Reloc) -> None:
                          "the others need one)")
     if rel.symbol is not None and rel.symbol not in {s.name for s in spec.symbols}:
         raise ValueError(f"reloc symbol {rel.symbol!r} is not among the symbols")
+    if rel.type == "COPY":
+        sym = next(s for s in spec.symbols if s.name == rel.symbol)
+        if sym.segment is not None:
+            raise ValueError(f"COPY of {sym.name!r}: the symbol must be an import")
+        if rel.offset + sym.size > seg.memsz or "w" not in seg.flags:
+            raise ValueError(f"COPY of {sym.name!r} ({sym.size} bytes) at {rel.offset:#x}: "
+                             "must fit in a writable segment")
     if spec.relr and rel.type == "RELATIVE" and rel.offset % 8:
         raise ValueError(f"reloc offset={rel.offset:#x}: RELR needs 8-byte alignment")
 
@@ -836,7 +888,7 @@ class _Builder:
         relative = [r for r in relocs if r.type == "RELATIVE"]
         relr = relative if self.spec.relr else []
         dyn = [] if self.spec.relr else list(relative)
-        dyn += [r for r in relocs if r.type in ("64", "GLOB_DAT")]
+        dyn += [r for r in relocs if r.type in ("64", "GLOB_DAT", "COPY")]
         plt = [r for r in relocs if r.type == "JUMP_SLOT"]
         return relr, dyn, plt
 
@@ -845,7 +897,7 @@ class _Builder:
         if rel.type == "RELATIVE":
             target = rel.target if rel.target is not None else (rel.segment, 0)
             return self._vaddr_of(target) + rel.addend
-        return 0 if rel.type in ("GLOB_DAT", "JUMP_SLOT") else rel.addend
+        return 0 if rel.type in ("GLOB_DAT", "JUMP_SLOT", "COPY") else rel.addend
 
     def _reloc_rows(self, relocs: list[Reloc]) -> list[dict[str, int]]:
         """r_offset/r_info/r_addend rows for ``relocs``."""
@@ -930,6 +982,10 @@ class _Builder:
         if "relr" in t:
             entries += [(DT_RELR, t["relr"].vaddr), (DT_RELRSZ, t["relr"].size),
                         (DT_RELRENT, 8)]
+        for tag, size_tag, slots in ((DT_INIT_ARRAY, DT_INIT_ARRAYSZ, spec.init_array),
+                                     (DT_FINI_ARRAY, DT_FINI_ARRAYSZ, spec.fini_array)):
+            if slots:
+                entries += [(tag, self._vaddr_of(slots[0])), (size_tag, 8 * len(slots))]
         if "versym" in t:
             entries.append((DT_VERSYM, t["versym"].vaddr))
         if "verdef" in t:

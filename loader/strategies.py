@@ -62,15 +62,18 @@ _SEGMENT_COUNTS = st.integers(1, 4)
 _HASH_STYLES = st.sampled_from(["both", "gnu", "sysv"])
 _LINK_BASES = st.sampled_from([0, 0x200000])
 
-RELOCATION_TYPES: tuple[str, ...] = ("RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT")
+RELOCATION_TYPES: tuple[str, ...] = ("RELATIVE", "64", "GLOB_DAT", "JUMP_SLOT", "COPY")
 """Every relocation kind :func:`elf_specs` can emit (psABI names without ``R_X86_64_``)."""
 
 MUTATION_KINDS: tuple[str, ...] = (
     "header", "phdr", "dynamic", "reloc", "symbol", "hash", "version", "truncate", "flip",
+    "import", "verchain", "hash_chain", "init", "relr", "copy",
 )
 """What :func:`malformed_elf` can corrupt: ELF header fields, program header fields, dynamic
 tags, relocation entries, symbols, hash tables, version tables; or cut the file short, or flip
-raw bytes."""
+raw bytes; and the fields of imported symbols, the links and counts of verdef/verneed chains,
+the buckets and chains of both hash tables, the init/fini arrays, the RELR bitmaps and COPY
+relocations."""
 
 _WORD = 8
 _PAGE = HOST_PAGE_SIZE
@@ -117,6 +120,8 @@ def elf_specs(
     sections: ValueOrStrategy[bool] = _BOOLEANS,
     max_segment_pages: ValueOrStrategy[int] = 3,
     link_base: ValueOrStrategy[int] = _LINK_BASES,
+    imports: ValueOrStrategy[int] = 0,
+    init_arrays: ValueOrStrategy[bool] = False,
 ) -> st.SearchStrategy[ElfSpec]:
     """Descriptions of valid ELF64 x86-64 objects, for :func:`loader.elfwriter.build`.
 
@@ -134,6 +139,11 @@ def elf_specs(
     ``max_symbols``: upper bounds of those lists. ``link_base``: the
     lowest vaddr of a shared object (0 as ``ld`` links them; a prelinked one has another; a
     loader that confuses the mapped base with the load bias shows only then), page-aligned.
+    ``imports``: at most this many undefined symbols (0 to 16: libc's, some versioned), which
+    symbolic relocations may name, and ``COPY`` relocations copy (their values depend on the
+    resolver, so no word is predicted for them). ``init_arrays``: a DT_INIT_ARRAY and a
+    DT_FINI_ARRAY of one entry each, pointing at a ``ret`` at the start of an executable
+    segment (when there is one, and room in a writable one).
 
     >>> spec = elf_specs(segments=2, relro=True, bss=False).example()
     >>> len(spec.segments), any(s.relro for s in spec.segments)
@@ -145,6 +155,8 @@ def elf_specs(
     check_range(max_relocations, "max_relocations", 0, 1000)
     check_range(max_symbols, "max_symbols", 0, 1000)
     check_range(max_segment_pages, "max_segment_pages", 1, 64)
+    check_range(imports, "imports", 0, len(_IMPORTS))
+    check_type(init_arrays, "init_arrays", (bool,), "a bool")
     _check_link_base(link_base)
     for name, value in (("relro", relro), ("textrel", textrel), ("bss", bss), ("relr", relr),
                         ("sections", sections)):
@@ -158,7 +170,7 @@ def elf_specs(
         "max_symbols": max_symbols, "relro": relro, "textrel": textrel, "bss": bss,
         "relr": relr, "rel_format": rel_format, "hash": hash, "kind": kind,
         "sections": sections, "max_segment_pages": max_segment_pages,
-        "link_base": link_base,
+        "link_base": link_base, "imports": imports, "init_arrays": init_arrays,
     }
     return _elf_specs(knobs)
 
@@ -179,83 +191,160 @@ def elf_images(**knobs: Any) -> st.SearchStrategy[ElfImage]:
 
 @st.composite
 def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
-    """Draw the knobs given as strategies, then the segments, symbols and relocations."""
-    k = {name: draw(v) if isinstance(v, st.SearchStrategy) else v for name, v in knobs.items()}
+    """Draw the knobs given as (non-default) strategies, then one blob of bytes that decodes
+    to the default knobs, the segments, symbols and relocations (see :class:`_Blob`)."""
+    k = {name: draw(v) if isinstance(v, st.SearchStrategy) and name not in _BLOB_KNOBS.get(
+        id(v), ()) else v for name, v in knobs.items()}
+    counted = knobs["segments"] is _SEGMENT_COUNTS
+    nsegs = 4 if counted else k["segments"]
+    if not counted:
+        check_range(nsegs, "segments", 0, 8)
+    blob = _Blob(draw(_blobs(_blob_size(nsegs, k["max_symbols"], k["max_relocations"],
+                                        k["imports"]))))
+    blob.knobs(k)
     _check_drawn(k)
-    lo, hi = (1, 4) if knobs["segments"] is _SEGMENT_COUNTS else (k["segments"],) * 2
-    segs = _segments(draw, lo, hi, k["max_segment_pages"], k["bss"])
+    lo, hi = (1, 4) if counted else (nsegs, nsegs)
+    segs = _segments(blob, lo, hi, nsegs, k["max_segment_pages"], k["bss"])
     writable = [i for i, s in enumerate(segs) if "w" in s.flags]
     if k["relro"] and segs:
         if not writable:
             segs[0] = Segment("rw", segs[0].data, segs[0].bss, gap=segs[0].gap)
             writable = [0]
-        at = writable[draw(_ints(0, len(writable) - 1))]
+        at = writable[blob.relro_at % len(writable)]
         seg = segs[at]
         if not seg.memsz:
             seg = Segment(seg.flags, bytes(_WORD), gap=seg.gap)
-        length = draw(_ints(1, seg.memsz))
+        length = 1 + blob.relro_length % seg.memsz
         segs[at] = Segment(seg.flags, seg.data, seg.bss, relro=length, gap=seg.gap)
-    symbols = _symbols(draw, segs, k["max_symbols"])
-    relocs = _relocs(draw, segs, symbols, sorted(k["relocation_types"]), k)
+    if k["init_arrays"]:
+        segs = _with_ret(segs)
+    symbols = _symbols(blob, segs, k["max_symbols"]) + _imports(blob, k["imports"])
+    relocs = _relocs(blob, segs, symbols, sorted(k["relocation_types"]), k)
+    arrays = _init_arrays(segs, relocs, k) if k["init_arrays"] else ((), ())
+    relocs += [Reloc("RELATIVE", *slot, target=_ret_target(segs))
+               for array in arrays for slot in array]
     return ElfSpec(
         segments=tuple(segs), symbols=tuple(symbols), relocs=tuple(relocs), kind=k["kind"],
         base=0x400000 if k["kind"] == "exec" else k["link_base"], align=k["max_page_size"],
         rel_format=k["rel_format"], relr=k["relr"], hash=k["hash"],
         textrel=k["textrel"] and any(r.segment not in writable for r in relocs),
-        sections=k["sections"],
+        sections=k["sections"], init_array=arrays[0], fini_array=arrays[1],
     )
 
 
-def _check_drawn(k: dict[str, Any]) -> None:
-    """Re-check knobs that came from a user's strategy (InvalidArgument, as for values)."""
-    check_range(k["segments"], "segments", 0, 8)
-    _check_align(k["max_page_size"])
-    check_subset(k["relocation_types"], "relocation_types", RELOCATION_TYPES,
-                 non_empty=False)
-    for name in ("relro", "textrel", "bss", "relr", "sections"):
-        check_type(k[name], name, (bool,), "a bool")
-    check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
-    check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
-    check_choice(k["kind"], "kind", ("dyn", "exec"))
-    _check_link_base(k["link_base"])
+# One blob of bytes describes a whole spec: hypothesis' cost is per choice, and a fixed-size
+# bytes choice costs about what one integer does, so this is many times cheaper than drawing
+# each field. Shrinking stays good: hypothesis shrinks each byte towards 0, and every field
+# decodes so that 0 is the simplest value (no .bss, a read-only segment without a gap, no
+# RELRO, a record that is absent, a count of 0). Layout: a header, then fixed-size records.
+_HEAD = 12
+"""Header bytes: knob bits, hash style, segment count, symbol and relocation counts (each the
+smaller of two bytes, so small counts are common), RELRO place (1) and length (3), spare."""
+_SEG_RECORD, _SYM_RECORD, _REL_RECORD = 5, 4, 9
+_BLOB_KNOBS: dict[int, tuple[str, ...]] = {
+    id(_BOOLEANS): ("relro", "textrel", "bss", "relr", "sections", "init_arrays"),
+    id(_HASH_STYLES): ("hash",),
+    id(_LINK_BASES): ("link_base",),
+    id(_SEGMENT_COUNTS): ("segments",),
+}
+"""Default knob strategies (by identity) that the blob's header decodes instead of a draw, and
+the knobs they may stand for."""
+_KNOB_BITS = {"relro": 0, "textrel": 1, "bss": 2, "relr": 3, "sections": 4, "link_base": 5,
+              "init_arrays": 6}
+_HASH_ORDER = ("both", "gnu", "sysv")
+_LINK_ORDER = (0, 0x200000)
 
 
-def _check_link_base(value: Any) -> None:
-    """InvalidArgument unless ``value`` is a strategy or a page-aligned int in [0, 2**40]."""
-    check_range(value, "link_base", 0, 2**40)
-    if isinstance(value, int) and value % _PAGE:
-        raise InvalidArgument(f"link_base={value:#x}: expected a multiple of the page size "
-                              f"{_PAGE:#x}")
+@functools.lru_cache(maxsize=64)
+def _blobs(size: int) -> st.SearchStrategy[bytes]:
+    """Blobs of exactly ``size`` bytes (one hypothesis choice), cached by size."""
+    return st.binary(min_size=size, max_size=size)
+
+
+def _blob_size(segments: int, max_symbols: int, max_relocations: int, imports: int = 0
+               ) -> int:
+    """The bytes a spec with these maxima needs."""
+    return (_HEAD + _SEG_RECORD * segments + _SYM_RECORD * max_symbols
+            + _REL_RECORD * max_relocations + imports)
+
+
+class _Blob:
+    """Reads a drawn blob: the header, then records in order (segments, symbols,
+    relocations), each field a big-endian unsigned number (its high bytes shrink first)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = _HEAD
+        self.relro_at = data[6]
+        self.relro_length = int.from_bytes(data[7:10], "big")
+
+    def knobs(self, k: dict[str, Any]) -> None:
+        """Give the knobs left as default strategies their value from the header."""
+        bits, data = self.data[0], self.data
+        for name, value in list(k.items()):
+            if not isinstance(value, st.SearchStrategy):
+                continue
+            if name in _KNOB_BITS and name != "link_base":
+                k[name] = bool(bits >> _KNOB_BITS[name] & 1)
+            elif name == "link_base":
+                k[name] = _LINK_ORDER[bits >> _KNOB_BITS[name] & 1]
+            elif name == "hash":
+                k[name] = _HASH_ORDER[data[1] % len(_HASH_ORDER)]
+            elif name == "segments":
+                k[name] = 1 + data[2] % 4
+
+    def count(self, index: int, other: int, most: int) -> int:
+        """A count in ``[0, most]``: the smaller of header bytes ``index`` and ``other``."""
+        return min(self.data[index] % (most + 1), self.data[other] % (most + 1))
+
+    def record(self, sizes: tuple[int, ...]) -> list[int]:
+        """The next record: one number per field, of ``sizes`` bytes each."""
+        out = []
+        for size in sizes:
+            out.append(int.from_bytes(self.data[self.at:self.at + size], "big"))
+            self.at += size
+        return out
+
+    def skip_to(self, at: int) -> None:
+        """Continue reading at byte ``at`` (the next table of records)."""
+        self.at = at
 
 
 _FLAGS: tuple[ew.Flags, ...] = ("r", "rw", "rx")
 _SYMBOL_STYLES = [(version, bind) for version in (None, "VMSIM_1", "VMSIM_2")
                   for bind in ("global", "weak")]
-_RAW = 2**20
-"""Upper bound of a raw choice: one reduced modulo the room there is (a word among those of
-the segments, say). Raw choices have fixed bounds, so each list element is drawn from one
-cached strategy (hypothesis then shrinks by deleting whole elements), and shrink towards 0."""
 
 
-@functools.lru_cache(maxsize=256)
-def _raw_lists(bounds: tuple[int, ...], lo: int, hi: int) -> st.SearchStrategy[list[Any]]:
-    """Lists of ``lo`` to ``hi`` tuples of ints, the i-th in ``[0, bounds[i]]``."""
-    return st.lists(st.tuples(*[_ints(0, b) for b in bounds]), min_size=lo, max_size=hi)
-
-
-def _segments(draw: st.DrawFn, lo: int, hi: int, max_pages: int, bss: bool) -> list[Segment]:
-    """``lo`` to ``hi`` user segments. Each: flags and a gap of address space before it (one
-    choice: they shrink together to a read-only segment with no gap), a pseudo-random payload
-    seeded by its size, and for a writable one maybe .bss."""
-    raws = draw(_raw_lists((3 * len(_FLAGS) - 1, max_pages * _PAGE // _WORD, 3 * _PAGE),
-                           lo, hi))
+def _segments(blob: _Blob, lo: int, hi: int, room: int, max_pages: int,
+              bss: bool) -> list[Segment]:
+    """``lo`` to ``hi`` user segments (``room`` records in the blob; the count from the
+    header). Each: flags and a gap of address space before it (one field: they shrink
+    together to a read-only segment with no gap), a pseudo-random payload seeded by its size,
+    and for a writable one maybe .bss."""
+    count = lo + blob.data[2] % (hi - lo + 1)
+    max_words = max_pages * _PAGE // _WORD
     out = []
-    for style, words, extra in raws:
+    for _ in range(count):
+        style, words, extra = blob.record((1, 2, 2))
+        style %= 3 * len(_FLAGS)
         flags, gap = _FLAGS[style % len(_FLAGS)], style // len(_FLAGS)
-        size = words * _WORD
-        data = random.Random(size).randbytes(size)
-        out.append(Segment(flags, data, extra if bss and "w" in flags else 0, gap=gap))
+        size = _skewed(words, 2, max_words) * _WORD
+        out.append(Segment(flags, _payload(size), _skewed(extra, 3, 3 * _PAGE)
+                           if bss and "w" in flags else 0, gap=gap))
+    blob.skip_to(_HEAD + _SEG_RECORD * room)
     return out
+
+
+def _skewed(raw: int, power: int, most: int) -> int:
+    """A 16-bit ``raw`` mapped onto ``[0, most]``, monotonically, with small values more
+    likely (the fraction raised to ``power``): sizes near the maximum are rare."""
+    return int(most * raw**power // 0xFFFF**power)
+
+
+@functools.lru_cache(maxsize=512)
+def _payload(size: int) -> bytes:
+    """A pseudo-random payload of ``size`` bytes, the same for the same size (cached)."""
+    return random.Random(size).randbytes(size)
 
 
 def _pick_word(raw: int, segs: Sequence[Segment], where: Sequence[int],
@@ -274,39 +363,49 @@ def _pick_word(raw: int, segs: Sequence[Segment], where: Sequence[int],
     raise AssertionError("unreachable")
 
 
-def _symbols(draw: st.DrawFn, segs: Sequence[Segment], max_symbols: int) -> list[Symbol]:
-    """Defined symbols at word-aligned places of the segments, some versioned, some weak."""
+def _symbols(blob: _Blob, segs: Sequence[Segment], max_symbols: int) -> list[Symbol]:
+    """Defined symbols at word-aligned places of the segments, some versioned, some weak.
+    A record whose style byte is 0 is absent (so shrinking can drop any one)."""
+    start = blob.at
     everywhere = range(len(segs))
-    if not any(s.memsz >= _WORD for s in segs):
-        return []
-    out = []
-    raws = draw(_raw_lists((_RAW, len(_SYMBOL_STYLES) - 1), 0, max_symbols))
-    for n, (raw, style) in enumerate(raws):
-        place = _pick_word(raw, segs, everywhere)
-        assert place is not None
-        version, bind = _SYMBOL_STYLES[style]
-        kind = "func" if "x" in segs[place[0]].flags else "object"
-        out.append(Symbol(f"vmsim_sym{n}", segment=place[0], offset=place[1],
-                          type=cast(Any, kind), bind=cast(Any, bind), version=version))
+    out: list[Symbol] = []
+    if any(s.memsz >= _WORD for s in segs):
+        for _ in range(blob.count(3, 5, max_symbols)):
+            style, raw = blob.record((1, 3))
+            if not style:
+                continue
+            place = _pick_word(raw, segs, everywhere)
+            assert place is not None
+            version, bind = _SYMBOL_STYLES[(style - 1) % len(_SYMBOL_STYLES)]
+            kind = "func" if "x" in segs[place[0]].flags else "object"
+            out.append(Symbol(f"vmsim_sym{len(out)}", segment=place[0], offset=place[1],
+                              type=cast(Any, kind), bind=cast(Any, bind), version=version))
+    blob.skip_to(start + _SYM_RECORD * max_symbols)
     return out
 
 
-def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
+def _relocs(blob: _Blob, segs: Sequence[Segment], symbols: Sequence[Symbol],
             types: Sequence[str], k: dict[str, Any]) -> list[Reloc]:
     """Relocations at distinct word-aligned sites of writable segments (any segment with
     ``textrel``), each of a kind from ``types``; symbolic ones need a symbol to name. Sites
-    whose addend lives in the file (REL, RELR) are kept inside the file bytes."""
-    kinds = [t for t in types if t == "RELATIVE" or symbols]
+    whose addend lives in the file (REL, RELR) are kept inside the file bytes. A record whose
+    kind byte is 0 is absent."""
+    copyable = [s for s in symbols if s.segment is None and s.type == "object"]
+    kinds = [t for t in types if t == "RELATIVE" or (symbols and t != "COPY")
+             or (t == "COPY" and copyable)]
     sites = [i for i, s in enumerate(segs) if k["textrel"] or "w" in s.flags]
+    writable = [i for i, s in enumerate(segs) if "w" in s.flags]
     if not kinds or not sites:
         return []
-    raws = draw(_raw_lists((len(kinds) - 1, _RAW, _RAW, _RAW, 128), 0, k["max_relocations"]))
     used: set[tuple[int, int]] = set()
     out = []
-    for kind_at, site_raw, target_raw, sym_raw, addend in raws:
-        rtype = kinds[kind_at]
+    for _ in range(blob.count(4, 10, k["max_relocations"])):
+        kind_at, site_raw, target_raw, sym_raw, addend = blob.record((1, 3, 3, 1, 1))
+        if not kind_at:
+            continue
+        rtype = kinds[(kind_at - 1) % len(kinds)]
         in_file = k["rel_format"] == "rel" or (k["relr"] and rtype == "RELATIVE")
-        site = _pick_word(site_raw, segs, sites, in_file)
+        site = _pick_word(site_raw, segs, writable if rtype == "COPY" else sites, in_file)
         if site is None or site in used:
             continue
         used.add(site)
@@ -314,11 +413,103 @@ def _relocs(draw: st.DrawFn, segs: Sequence[Segment], symbols: Sequence[Symbol],
             target = _pick_word(target_raw, segs, range(len(segs)))
             assert target is not None
             out.append(Reloc("RELATIVE", *site, target=target))
+        elif rtype == "COPY":
+            sym = copyable[sym_raw % len(copyable)].name
+            out.append(Reloc("COPY", *site, symbol=sym))
         else:
             sym = symbols[sym_raw % len(symbols)].name
+            addend %= 129
             out.append(Reloc(cast(Any, rtype), *site, symbol=sym,
                              addend=addend - 64 if rtype == "64" else 0))
     return out
+
+
+_IMPORTS: tuple[tuple[str, str], ...] = (
+    ("environ", "object"), ("stdout", "object"), ("stderr", "object"), ("getpid", "func"),
+    ("malloc", "func"), ("free", "func"), ("strlen", "func"), ("memcpy", "func"),
+    ("optind", "object"), ("opterr", "object"), ("getenv", "func"), ("abort", "func"),
+    ("stdin", "object"), ("close", "func"), ("read", "func"), ("write", "func"),
+)
+"""Symbols an image may import: libc's, so that glibc (and the host backend) resolve them;
+objects are 8 bytes or an int (optind, opterr: 4)."""
+_LIBC_BASE = "libc.so.6:GLIBC_2.2.5"
+
+
+def _imports(blob: _Blob, most: int) -> list[Symbol]:
+    """Up to ``most`` imports (the count from the header; their bytes end the blob), one byte
+    each: 0 is absent, else the name and whether it is versioned; each name once."""
+    out: list[Symbol] = []
+    seen: set[str] = set()
+    count = blob.data[11] % (most + 1)
+    for raw in blob.data[len(blob.data) - most:len(blob.data) - most + count]:
+        if not raw:
+            continue
+        name, kind = _IMPORTS[(raw - 1) % len(_IMPORTS)]
+        if name in seen:
+            continue
+        seen.add(name)
+        size = 4 if name in ("optind", "opterr") else 8
+        version = _LIBC_BASE if (raw - 1) // len(_IMPORTS) % 2 else None
+        out.append(Symbol(name, size=size if kind == "object" else 0, type=cast(Any, kind),
+                          version=version))
+    return out
+
+
+_RET = b"\xc3"
+
+
+def _with_ret(segs: list[Segment]) -> list[Segment]:
+    """The segments, the first executable one with data starting with a ``ret`` (what the
+    init and fini arrays point at: a loader that runs them returns at once)."""
+    out = list(segs)
+    for i, seg in enumerate(out):
+        if "x" in seg.flags and seg.data:
+            out[i] = Segment(seg.flags, _RET + seg.data[1:], seg.bss, seg.relro, seg.gap)
+            break
+    return out
+
+
+def _ret_target(segs: Sequence[Segment]) -> tuple[int, int]:
+    """(segment, 0) of the first executable segment with data."""
+    return next((i, 0) for i, s in enumerate(segs) if "x" in s.flags and s.data)
+
+
+def _init_arrays(segs: Sequence[Segment], relocs: Sequence[Reloc], k: dict[str, Any]
+                 ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """(init_array, fini_array) slots: the first two free words of the writable segments'
+    file bytes (REL and RELR keep the addend there), one entry each; none without code to
+    point at or without room."""
+    if not any("x" in s.flags and s.data for s in segs):
+        return (), ()
+    used = {(r.segment, r.offset) for r in relocs}
+    free = [(i, off) for i, s in enumerate(segs) if "w" in s.flags
+            for off in range(0, len(s.data) - _WORD + 1, _WORD) if (i, off) not in used]
+    if len(free) < 2:
+        return (), ()
+    return (free[0],), (free[1],)
+
+
+def _check_drawn(k: dict[str, Any]) -> None:
+    """Re-check knobs that came from a user's strategy (InvalidArgument, as for values)."""
+    check_range(k["segments"], "segments", 0, 8)
+    _check_align(k["max_page_size"])
+    check_subset(k["relocation_types"], "relocation_types", RELOCATION_TYPES,
+                 non_empty=False)
+    check_range(k["imports"], "imports", 0, len(_IMPORTS))
+    for name in ("relro", "textrel", "bss", "relr", "sections", "init_arrays"):
+        check_type(k[name], name, (bool,), "a bool")
+    check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
+    check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
+    check_choice(k["kind"], "kind", ("dyn", "exec"))
+    _check_link_base(k["link_base"])
+
+
+def _check_link_base(value: Any) -> None:
+    """InvalidArgument unless ``value`` is a strategy or a page-aligned int in [0, 2**40]."""
+    check_range(value, "link_base", 0, 2**40)
+    if isinstance(value, int) and value % _PAGE:
+        raise InvalidArgument(f"link_base={value:#x}: expected a multiple of the page size "
+                              f"{_PAGE:#x}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,14 +548,26 @@ def malformed_elf(
     image, symbol index past the table, unknown type), symbols (name past the string table,
     value outside), hash tables (empty or huge bucket counts, chains past the table), version
     tables (index past the definitions, links outside). "truncate" cuts the file short; "flip"
-    xors a few random bytes.
+    xors a few random bytes. "import": an imported symbol's st_size (absurd), st_value or
+    st_info (local, TLS, IFUNC, unknown). "verchain": verneed/verdef chains (vn_next/vd_next
+    and vna_next/vda_next pointing back into a loop or past the table, huge vn_cnt/vd_cnt,
+    aux offsets outside, DT_VERNEEDNUM/DT_VERDEFNUM too large). "hash_chain": SysV chains
+    looping or past nchain, buckets past the table, GNU chains without their end bit, buckets
+    below symoffset. "init": DT_INIT_ARRAY/DT_FINI_ARRAY outside, their sizes absurd or not a
+    multiple of 8. "relr": a bitmap before any address, all-ones bitmaps running past the
+    segment, addresses not 8-aligned or in a read-only segment. "copy": a COPY relocation's
+    symbol with an absurd or overrunning st_size, of a function, of a defined symbol, or of no
+    symbol.
+
+    The default ``images`` are :func:`elf_images` with imports (and so COPY relocations) and
+    sometimes init/fini arrays, so that every kind has something to corrupt.
 
     >>> bad = malformed_elf(kinds=["phdr"]).example()
     >>> bad.kind, bad.mutation.startswith("phdr[")
     ('phdr', True)
     """
     if images is None:
-        images = elf_images()
+        images = _MALFORMED_BASES
     if not isinstance(images, st.SearchStrategy | ElfImage):
         raise InvalidArgument(f"images={images!r}: expected an ElfImage or a strategy of them")
     check_subset(kinds, "kinds", MUTATION_KINDS)
@@ -732,6 +935,232 @@ def _always(image: ElfImage) -> bool:
     return True
 
 
+def _imports_of(image: ElfImage) -> list[int]:
+    """dynsym indices of the image's imports."""
+    return [image.symbol_index[s.name] for s in image.spec.symbols if s.segment is None]
+
+
+def _mutate_import(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt one field of an imported symbol: st_size (absurd: a resolver that makes room
+    for a data import by its size), st_value (set, for an undefined symbol), or st_info."""
+    i = draw(st.sampled_from(_imports_of(image)))
+    at = image.tables["dynsym"].offset + i * ew.SYM.itemsize
+    field = draw(st.sampled_from(["st_size", "st_value", "st_info"]))
+    if field == "st_size":
+        value = draw(st.sampled_from([2**31, 2**40, 2**63, _U64, 2**32 + 8]))
+    elif field == "st_value":
+        value = _far_values(draw, image)
+    else:
+        old = data[at + 4]
+        value = draw(st.sampled_from([
+            old & 0xF,               # STB_LOCAL: an import that is local
+            (old & 0xF0) | 6,        # STT_TLS
+            (old & 0xF0) | 10,       # STT_GNU_IFUNC
+            (old & 0xF0) | 0xF,      # a type no ABI defines
+            0xF0 | (old & 0xF),      # a binding no ABI defines
+        ]))
+        if value == old:
+            value ^= 0x0F
+    _set(data, at, ew.SYM, field, value)
+    return f"dynsym[{i}].{field} = {value:#x} (import)"
+
+
+def _chain(image: ElfImage, name: str) -> list[tuple[int, list[int]]]:
+    """The verdef or verneed chain of the valid image: (file offset of each entry, file
+    offsets of its aux entries)."""
+    dtype, aux_dtype = (ew.VERDEF, ew.VERDAUX) if name == "verdef" else (ew.VERNEED,
+                                                                          ew.VERNAUX)
+    prefix = "vd" if name == "verdef" else "vn"
+    at, out = image.tables[name].offset, []
+    while True:
+        entry = np.frombuffer(image.data, dtype, 1, at)[0]
+        aux, auxes = at + int(entry[f"{prefix}_aux"]), []
+        for _ in range(int(entry[f"{prefix}_cnt"])):
+            auxes.append(aux)
+            step = int(np.frombuffer(image.data, aux_dtype, 1, aux)[0][f"{prefix}a_next"])
+            if not step:
+                break
+            aux += step
+        out.append((at, auxes))
+        step = int(entry[f"{prefix}_next"])
+        if not step:
+            return out
+        at += step
+
+
+def _mutate_verchain(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt a verdef/verneed chain: a next link pointing back (a loop, or before the
+    table), past the table, a huge count of aux entries, an aux offset outside, or the
+    DT_VERNEEDNUM/DT_VERDEFNUM count far larger than the chain."""
+    name = draw(st.sampled_from([n for n in ("verdef", "verneed") if n in image.tables]))
+    chain = _chain(image, name)
+    prefix = "vd" if name == "verdef" else "vn"
+    dtype, aux_dtype = (ew.VERDEF, ew.VERDAUX) if name == "verdef" else (ew.VERNEED,
+                                                                          ew.VERNAUX)
+    k = draw(_ints(0, len(chain) - 1))
+    at, auxes = chain[k]
+    how = draw(st.sampled_from(["next_back", "next_far", "cnt", "aux_far", "aux_back",
+                                "num"]))
+    if how == "next_back":  # to the first entry: a loop (to before the table if k == 0)
+        value = (chain[0][0] - at - (0 if k else 8)) % 2**32
+        _set(data, at, dtype, f"{prefix}_next", value)
+        return f"{name}[{k}].{prefix}_next = {value:#x} (back to entry 0: a loop)"
+    if how == "next_far":
+        value = draw(st.sampled_from([len(data), 2**31, 2**32 - 1]))
+        _set(data, at, dtype, f"{prefix}_next", value)
+        return f"{name}[{k}].{prefix}_next = {value:#x} (past the table)"
+    if how == "cnt":
+        value = draw(st.sampled_from([0xFFFF, 0x8000, len(auxes) + 1]))
+        _set(data, at, dtype, f"{prefix}_cnt", value)
+        return f"{name}[{k}].{prefix}_cnt = {value:#x} ({len(auxes)} aux entries)"
+    if how == "aux_far":
+        value = draw(st.sampled_from([len(data), 2**31, 2**32 - 4]))
+        _set(data, at, dtype, f"{prefix}_aux", value)
+        return f"{name}[{k}].{prefix}_aux = {value:#x} (outside the file)"
+    if how == "aux_back" and auxes:
+        last = auxes[-1]
+        value = (auxes[0] - last - (0 if len(auxes) > 1 else aux_dtype.itemsize)) % 2**32
+        _set(data, last, aux_dtype, f"{prefix}a_next", value)
+        return (f"{name}[{k}] aux[{len(auxes) - 1}].{prefix}a_next = {value:#x} (back: a "
+                "loop)")
+    tag = ew.DT_VERDEFNUM if name == "verdef" else ew.DT_VERNEEDNUM
+    value = draw(st.sampled_from([len(chain) + 1, 0xFFFF, 2**31, _U64]))
+    entry = image.tables["dynamic"].offset + image.dynamic_tags[tag] * ew.DYN.itemsize
+    _put(data, entry + 8, 8, value)
+    return f"{name} count tag = {value:#x} (the chain has {len(chain)})"
+
+
+def _mutate_hash_chain(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt the body of a hash table: a SysV chain entry pointing at itself (a loop) or
+    past nchain, a bucket past the table; a GNU chain whose end bit is cleared (it runs on
+    past the symbols), a bucket below symoffset or past the table."""
+    name = draw(st.sampled_from([n for n in ("hash", "gnu_hash") if n in image.tables]))
+    at = image.tables[name].offset
+    words = np.frombuffer(image.data, "<u4", 4, at)
+    nsyms = image.tables["dynsym"].size // ew.SYM.itemsize
+    if name == "hash":
+        nbucket, nchain = int(words[0]), int(words[1])
+        how = draw(st.sampled_from(["chain_loop", "chain_past", "bucket_past"]))
+        if how == "bucket_past":
+            b = draw(_ints(0, nbucket - 1))
+            value = draw(st.sampled_from([nchain, nchain + 100, 2**32 - 1]))
+            _put(data, at + 8 + 4 * b, 4, value)
+            return f"hash.bucket[{b}] = {value:#x} (nchain {nchain})"
+        if nchain < 2:
+            how = "chain_past"  # chain[0] (the null symbol) is 0 already: no loop to make
+        i = draw(_ints(1, nchain - 1)) if nchain > 1 else 0
+        value = i if how == "chain_loop" else draw(st.sampled_from([nchain, 2**31]))
+        _put(data, at + 8 + 4 * nbucket + 4 * i, 4, value)
+        return f"hash.chain[{i}] = {value:#x} ({'itself' if how == 'chain_loop' else 'past'})"
+    nbuckets, symoffset, bloom_size = int(words[0]), int(words[1]), int(words[2])
+    buckets = at + 16 + 8 * bloom_size
+    chain = buckets + 4 * nbuckets
+    ndefined = nsyms - symoffset
+    how = draw(st.sampled_from(["no_end", "bucket_low", "bucket_past"]))
+    if how == "no_end" and ndefined:
+        for i in range(ndefined):
+            data[chain + 4 * i] &= 0xFE  # no entry ends its chain
+        return f"gnu_hash: no chain has its end bit ({ndefined} entries)"
+    b = draw(_ints(0, nbuckets - 1))
+    if how == "bucket_low" and symoffset > 1:
+        value = draw(_ints(1, symoffset - 1))
+    else:
+        value = draw(st.sampled_from([nsyms, nsyms + 1000, 2**32 - 1]))
+    _put(data, buckets + 4 * b, 4, value)
+    return f"gnu_hash.bucket[{b}] = {value:#x} (symoffset {symoffset}, {nsyms} symbols)"
+
+
+_ARRAY_TAGS = {ew.DT_INIT_ARRAY: ("DT_INIT_ARRAY", ew.DT_INIT_ARRAYSZ, "DT_INIT_ARRAYSZ"),
+               ew.DT_FINI_ARRAY: ("DT_FINI_ARRAY", ew.DT_FINI_ARRAYSZ, "DT_FINI_ARRAYSZ")}
+
+
+def _mutate_init(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt DT_INIT_ARRAY/DT_FINI_ARRAY: the address outside every segment, the size
+    absurd, not a multiple of 8, or running the array past its segment's end."""
+    tag = draw(st.sampled_from([t for t in _ARRAY_TAGS if t in image.dynamic_tags]))
+    name, size_tag, size_name = _ARRAY_TAGS[tag]
+    dyn = image.tables["dynamic"].offset
+    how = draw(st.sampled_from(["address", "size_absurd", "size_odd", "size_past"]))
+    if how == "address":
+        value = _far_values(draw, image) & ~7
+        _put(data, dyn + image.dynamic_tags[tag] * ew.DYN.itemsize + 8, 8, value)
+        return f"{name} = {value:#x} (outside every segment)"
+    if how == "size_absurd":
+        value = draw(st.sampled_from([2**40, 2**61, _U64 & ~7, 2**32 * 8]))
+    elif how == "size_odd":
+        value = draw(st.sampled_from([1, 7, 12, 8 * 3 + 4]))
+    else:
+        value = 8 * draw(st.sampled_from([2**12, 2**16, 2**20]))
+    _put(data, dyn + image.dynamic_tags[size_tag] * ew.DYN.itemsize + 8, 8, value)
+    return f"{size_name} = {value:#x}"
+
+
+def _mutate_relr_bitmap(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt a DT_RELR table: a bitmap where the first address should be, bitmaps with
+    every bit set (63 words each, running past the segment), an address not 8-aligned, or one
+    in the read-only headers segment."""
+    info = image.tables["relr"]
+    count = info.size // 8
+    how = draw(st.sampled_from(["bitmap_first", "all_ones", "unaligned", "readonly"]))
+    if how == "bitmap_first":
+        value = draw(st.sampled_from([_U64, 3, 0x8000000000000001]))
+        _put(data, info.offset, 8, value)
+        return f"relr[0] = {value:#x} (a bitmap before any address)"
+    if how == "all_ones":
+        run = draw(_ints(1, max(1, count - 1))) if count > 1 else 0
+        first = max(1, count - run) if count > 1 else 0
+        for k in range(first, count):
+            _put(data, info.offset + 8 * k, 8, _U64)
+        if count == 1:
+            return f"relr[0] = {_U64:#x} (an all-ones bitmap, no address)"
+        return f"relr[{first}:{count}] = all-ones bitmaps (63 words each past the address)"
+    k = 0
+    old = int.from_bytes(image.data[info.offset:info.offset + 8], "little")
+    value = old + 4 if how == "unaligned" else image.tables["dynsym"].vaddr & ~7
+    _put(data, info.offset + 8 * k, 8, value)
+    what = "not 8-aligned" if how == "unaligned" else "in the read-only headers segment"
+    return f"relr[{k}] = {value:#x} ({what})"
+
+
+def _copy_entries(image: ElfImage) -> list[tuple[str, int]]:
+    """(table, index) of every COPY relocation in the RELA/REL tables."""
+    dtype = ew.RELA if image.spec.rel_format == "rela" else ew.REL
+    out = []
+    for name in _reloc_tables(image):
+        info = image.tables[name]
+        table = np.frombuffer(image.data, dtype, info.size // dtype.itemsize, info.offset)
+        out += [(name, i) for i, v in enumerate(table["r_info"].tolist())
+                if v & 0xFFFFFFFF == ew.R_X86_64_COPY]
+    return out
+
+
+def _mutate_copy(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
+    """Corrupt a COPY relocation: its symbol's st_size absurd or running past the segment
+    (the copy writes st_size bytes), the symbol a function or a defined one, or none."""
+    name, i = draw(st.sampled_from(_copy_entries(image)))
+    dtype = ew.RELA if image.spec.rel_format == "rela" else ew.REL
+    at = image.tables[name].offset + i * dtype.itemsize
+    r_info = int.from_bytes(image.data[at + 8:at + 16], "little")
+    sym = r_info >> 32
+    sym_at = image.tables["dynsym"].offset + sym * ew.SYM.itemsize
+    how = draw(st.sampled_from(["size_absurd", "size_past", "func", "defined", "no_symbol"]))
+    if how == "size_absurd":
+        value = draw(st.sampled_from([2**40, 2**63, _U64, 2**31]))
+        _set(data, sym_at, ew.SYM, "st_size", value)
+        return f"dynsym[{sym}].st_size = {value:#x} (COPY source)"
+    if how == "size_past":
+        value = draw(st.sampled_from([_PAGE * 4, 2**20, 2**24]))
+        _set(data, sym_at, ew.SYM, "st_size", value)
+        return f"dynsym[{sym}].st_size = {value:#x} (COPY runs past its segment)"
+    if how == "func":
+        data[sym_at + 4] = (data[sym_at + 4] & 0xF0) | ew.STT_FUNC
+        return f"dynsym[{sym}] COPY of a function"
+    defined = [image.symbol_index[s.name] for s in image.spec.symbols if s.segment is not None]
+    new = defined[0] if how == "defined" and defined else 0
+    _set(data, at, dtype, "r_info", ew.r_info(new, ew.R_X86_64_COPY))
+    return f"{name}[{i}] COPY of symbol {new} ({'defined here' if new else 'no symbol'})"
+
+
 _MUTATORS: dict[str, tuple[Mutator, Callable[[ElfImage], bool]]] = {
     "header": (_mutate_header, _always),
     "phdr": (_mutate_phdr, _always),
@@ -743,7 +1172,17 @@ _MUTATORS: dict[str, tuple[Mutator, Callable[[ElfImage], bool]]] = {
                 lambda im: any(n in im.tables for n in ("versym", "verdef", "verneed"))),
     "truncate": (_mutate_truncate, _always),
     "flip": (_mutate_flip, _always),
+    "import": (_mutate_import, lambda im: bool(_imports_of(im))),
+    "verchain": (_mutate_verchain, lambda im: "verdef" in im.tables or "verneed" in im.tables),
+    "hash_chain": (_mutate_hash_chain, _always),
+    "init": (_mutate_init, lambda im: any(t in im.dynamic_tags for t in _ARRAY_TAGS)),
+    "relr": (_mutate_relr_bitmap, lambda im: "relr" in im.tables),
+    "copy": (_mutate_copy, lambda im: bool(_copy_entries(im))),
 }
+
+_MALFORMED_BASES = elf_images(imports=4, init_arrays=_BOOLEANS)
+"""The default images :func:`malformed_elf` corrupts: with imports (so with COPY
+relocations too) and sometimes init/fini arrays, so that every kind finds its target."""
 
 
 def _register_type_strategies() -> None:

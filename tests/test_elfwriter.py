@@ -148,8 +148,24 @@ def rich_spec(**knobs: Any) -> ElfSpec:
         Reloc("RELATIVE", 2, 24, target=(1, page + 64 + 16)),
     )
     defaults: dict[str, Any] = dict(segments=segments, symbols=symbols, relocs=relocs)
+    defaults["relocs"] += tuple(knobs.pop("extra_relocs", ()))
+    defaults["symbols"] += tuple(knobs.pop("extra_symbols", ()))
     defaults.update(knobs)
     return ElfSpec(**defaults)
+
+
+# glibc calls every DT_INIT_ARRAY/DT_FINI_ARRAY entry: each points at vmsim_t_fn (mov eax, 42;
+# ret), through a RELATIVE relocation in the last segment's spare words.
+INIT_FINI: dict[str, Any] = {
+    "extra_relocs": (Reloc("RELATIVE", 2, 32, target=(0, 0)),
+                     Reloc("RELATIVE", 2, 40, target=(0, 0))),
+    "init_array": ((2, 32),), "fini_array": ((2, 40),),
+}
+# A COPY relocation of libc's ``environ`` (an import, versioned as glibc defines it) into .bss.
+COPY: dict[str, Any] = {
+    "extra_symbols": (Symbol("environ", size=8, version="libc.so.6:GLIBC_2.2.5"),),
+    "extra_relocs": (Reloc("COPY", 2, 48, symbol="environ"),),
+}
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -162,6 +178,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "relr": {"relr": True},
     "no-relcount": {"relcount": False},
     "no-soname": {"soname": None},
+    "init-fini": INIT_FINI,
+    "init-fini-relr": {**INIT_FINI, "relr": True},
+    "copy": COPY,
 }
 
 
@@ -210,8 +229,10 @@ def test_pyelftools_reads_what_was_described(built: dict[str, tuple[ElfImage, Pa
         assert (seg["p_filesz"], seg["p_memsz"]) == (len(spec_seg.data), spec_seg.memsz)
         assert seg["p_offset"] % seg["p_align"] == seg["p_vaddr"] % seg["p_align"]
     dynamic = next(s for s in elf.iter_segments() if isinstance(s, DynamicSegment))
-    symbols = {s.name: s["st_value"] for s in dynamic.iter_symbols() if s.name}
-    assert symbols == {s.name: image.symbol_vaddr(s.name) for s in image.spec.symbols}
+    symbols = {s.name: s["st_value"] for s in dynamic.iter_symbols()
+               if s.name and s["st_shndx"] != "SHN_UNDEF"}
+    assert symbols == {s.name: image.symbol_vaddr(s.name) for s in image.spec.symbols
+                       if s.segment is not None}
     tags = {t.entry.d_tag for t in dynamic.iter_tags()}
     assert ("DT_RELR" in tags) == image.spec.relr
     assert ("DT_GNU_HASH" in tags) == (image.spec.hash != "sysv")
@@ -233,6 +254,8 @@ def test_pyelftools_finds_symbols_through_the_hash_tables(
         tables.append(ELFHashTable(elf, info.offset, info.size, dynamic))
     for table in tables:
         for sym in image.spec.symbols:
+            if sym.segment is None:
+                continue  # imports are not in the hash tables' defined part
             found = table.get_symbol(sym.name)
             assert found is not None and found["st_value"] == image.symbol_vaddr(sym.name)
         assert table.get_symbol("vmsim_not_there") is None
@@ -366,3 +389,45 @@ def test_load_segments_are_sorted_and_do_not_overlap() -> None:
         assert starts == sorted(starts)
         assert all(end <= nxt for end, nxt in zip(ends, starts[1:], strict=False))
         assert all(t == PT_LOAD for t in loads["p_type"])
+
+
+def test_init_and_fini_arrays_are_tagged_where_described() -> None:
+    image = build(rich_spec(**INIT_FINI))
+    elf = ELFFile(io.BytesIO(image.data))
+    dynamic = next(s for s in elf.iter_segments() if isinstance(s, DynamicSegment))
+    tags = {t.entry.d_tag: t.entry.d_val for t in dynamic.iter_tags()}
+    slot = image.segment_vaddr(2)
+    assert (tags["DT_INIT_ARRAY"], tags["DT_INIT_ARRAYSZ"]) == (slot + 32, 8)
+    assert (tags["DT_FINI_ARRAY"], tags["DT_FINI_ARRAYSZ"]) == (slot + 40, 8)
+    assert image.expected_words()[slot + 32] == image.segment_vaddr(0)
+
+
+_COPY_CHILD = textwrap.dedent("""
+    import ctypes, sys
+    lib = ctypes.CDLL(sys.argv[1])
+    bias = ctypes.cast(lib._handle, ctypes.POINTER(ctypes.c_uint64))[0]
+    word = ctypes.c_uint64.from_address(bias + int(sys.argv[2])).value
+    environ = ctypes.c_uint64.in_dll(ctypes.CDLL(None), "environ").value
+    print(word == environ and word != 0)
+""")
+
+
+def test_glibc_applies_the_copy_relocation(tmp_path: Path) -> None:
+    image = build(rich_spec(**COPY))
+    path = tmp_path / "copy.so"
+    path.write_bytes(image.data)
+    site = image.segment_vaddr(2) + 48
+    done = subprocess.run([sys.executable, "-c", _COPY_CHILD, str(path), str(site)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"init_array": ((2, 32),)}, "RELATIVE relocation to code"),
+    ({**INIT_FINI, "init_array": ((2, 32), (2, 48))}, "consecutive"),
+    ({"extra_relocs": (Reloc("COPY", 2, 0, symbol="vmsim_t_data"),)}, "must be an import"),
+    ({**COPY, "extra_relocs": (Reloc("COPY", 0, 0, symbol="environ"),)}, "textrel|writable"),
+])
+def test_bad_arrays_and_copies_are_refused(knobs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(rich_spec(**knobs))

@@ -100,6 +100,42 @@ def test_malformed_images_differ_from_their_source(bad: MalformedImage) -> None:
 
 
 @pytest.mark.parametrize("kind", MUTATION_KINDS)
+def test_every_mutation_kind_changes_the_image(kind: str) -> None:
+    # Each corruption writes something: never the source image unchanged.
+    seen: list[MalformedImage] = []
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(malformed_elf(kinds=[kind]))
+    def collect(bad: MalformedImage) -> None:
+        assert bad.data != bad.image.data, bad
+        seen.append(bad)
+
+    collect()
+    assert sum(b.kind == kind for b in seen) >= 3, [b.kind for b in seen]
+
+
+def test_default_malformed_sources_have_what_the_new_kinds_corrupt() -> None:
+    from loader.elfwriter import DT_INIT_ARRAY
+    found: set[str] = set()
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(malformed_elf())
+    def collect(bad: MalformedImage) -> None:
+        spec = bad.image.spec
+        found.update(k for k, present in (
+            ("import", any(s.segment is None for s in spec.symbols)),
+            ("copy", any(r.type == "COPY" for r in spec.relocs)),
+            ("init", DT_INIT_ARRAY in bad.image.dynamic_tags),
+            ("relr", "relr" in bad.image.tables),
+            ("verneed", "verneed" in bad.image.tables)) if present)
+
+    collect()
+    assert found == {"import", "copy", "init", "relr", "verneed"}
+
+
+@pytest.mark.parametrize("kind", MUTATION_KINDS)
 def test_every_mutation_kind_can_be_drawn(kind: str) -> None:
     seen: list[MalformedImage] = []
 
