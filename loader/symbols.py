@@ -396,6 +396,10 @@ def _extern_layout(imports: list[tuple[str, str | None, int]]
     return offsets, stubs, total
 
 
+NORESERVE_FROM = 16 << 20
+"""Extern areas larger than this (bytes) are mapped MAP_NORESERVE (huge data imports)."""
+
+
 class StubResolver(Resolver):
     """The simulator default: every import gets its own address in one read-only "extern"
     mapping (functions 16 bytes of int3, data objects st_size zero bytes), so the loaded
@@ -403,9 +407,11 @@ class StubResolver(Resolver):
     exactly (MAP_FIXED_NOREPLACE); otherwise it is a hint just past the span. Init and
     fini functions are recorded, never run, even on the host: their calls would hit stubs.
 
-    Only the stubs are written: the data objects' bytes are the mapping's own zeros
-    (anonymous and MAP_NORESERVE), so a huge st_size reserves address space and costs no
-    memory until something touches it.
+    Only the stubs are written: the data objects' bytes are the mapping's own zeros, so a
+    huge st_size reserves address space and costs no memory until something touches it. An
+    area past ``NORESERVE_FROM`` bytes is also MAP_NORESERVE, so it is not charged against
+    the kernel's overcommit limit; a small one is ordinary anonymous memory, which the kernel
+    merges with a neighbouring ``.bss`` of the same permissions (notebook 2 shows it).
     """
 
     real = False
@@ -421,7 +427,9 @@ class StubResolver(Resolver):
         page = int(getattr(mm, "page_size", HOST_PAGE_SIZE))
         offsets, stubs, total = _extern_layout(imports)
         length = page_round_up(total, page)
-        flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS | MapFlags.MAP_NORESERVE
+        flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS
+        if length > NORESERVE_FROM:
+            flags |= MapFlags.MAP_NORESERVE
         if self.extern_addr is not None:
             flags |= MapFlags.MAP_FIXED_NOREPLACE
         hint = self.extern_addr if self.extern_addr is not None else near

@@ -12,7 +12,8 @@ import pytest
 from cli_support import run_cli
 from loader_support import SYSTEM_LIBS
 
-from vmsim.cli import BASE, DPI, EXIT, FUZZ_SECONDS
+from vmsim.arguments import FUZZ_SECONDS
+from vmsim.cli import BASE, DPI, EXIT
 
 LIBZ = str(SYSTEM_LIBS["libz"])
 

@@ -54,15 +54,6 @@ R_COPY, R_IRELATIVE, R_TLSDESC = 5, 37, 36
 FEATURED: dict[str, tuple[str, Callable[[ELFFile], bool]]] = {}
 """path -> (feature, the check on its ELFFile that it really has it); filled below."""
 
-KNOWN_BUGS = {
-    "/usr/bin/ss": "COPY against a WEAK symbol the stub resolver binds to 0: "
-                   "loader/reloc.py _one reads st_size bytes at address 0 (Fault)",
-    "/usr/libexec/coreutils/libstdbuf.so": "DT_GNU_HASH with no hashed symbol (symoffset 1, "
-                                           "buckets empty): loader/tables.py _symbol_count "
-                                           "says 1 symbol, refuses r_sym 0x10",
-}
-"""Sample files that fail on the loader as it is now (the sweep's triage, handed to the
-loader's fixers): strict xfail, so the test says so the day each is fixed."""
 
 
 # ---- feature checks (pyelftools, independent of the loader and of the sweep) -------------
@@ -178,9 +169,7 @@ def _params() -> list[Any]:
     """One parameter per sample file, the known bugs marked strict xfail."""
     out = []
     for path in sample_files():
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[path])] \
-            if path in KNOWN_BUGS else []
-        out.append(pytest.param(path, marks=marks, id=path))
+        out.append(pytest.param(path, id=path))
     return out
 
 

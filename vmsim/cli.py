@@ -23,7 +23,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from loader import LoadedObject, Mmap, load
 from loader.compare import LoadDied, run_host
@@ -33,6 +33,7 @@ from loader.mmap import Region
 from loader.outcome import regions_in
 from loader.pages import HOST_PAGE_SIZE
 from loader.trace import Call
+from vmsim.arguments import Bounded, OneLineParser
 
 __all__ = ["DEFAULT_LIBRARY", "EXIT", "Bounded", "Session", "load_report", "main", "maps_rows",
            "session"]
@@ -85,66 +86,11 @@ RESET = "\x1b[0m"
 BOLD = "\x1b[1m"
 
 
-@dataclass(frozen=True)
-class Bounded:
-    """One numeric command-line value: parsed (``int`` takes decimal or 0x-hex, ``float``
-    decimal), then checked finite, within ``[lo, hi]`` (``lo`` itself excluded when
-    ``open_lo``) and a multiple of ``step``. Used as an argparse ``type`` (the error names the
-    argument) and by :meth:`check` for values parsed elsewhere. Every numeric argument of
-    every verb goes through this one class."""
-
-    kind: type[int] | type[float]
-    lo: float
-    hi: float
-    unit: str = ""
-    step: int = 1
-    open_lo: bool = False
-    example: str = ""
-
-    def __call__(self, text: str) -> int | float:
-        """Parse and check ``text``; argparse.ArgumentTypeError saying what is wrong."""
-        try:
-            value: int | float = int(text, 0) if self.kind is int else float(text)
-        except ValueError:
-            want = "an integer (decimal or 0x-hex)" if self.kind is int else "a number"
-            hint = f", e.g. {self.example}" if self.example else ""
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}{hint}") from None
-        return self.check(value)
-
-    def check(self, value: int | float) -> int | float:
-        """``value`` when it is within bounds; argparse.ArgumentTypeError otherwise."""
-        shown = self._show(value)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{shown} is not a finite number")
-        low_ok = value > self.lo if self.open_lo else value >= self.lo
-        if not low_ok or value > self.hi:
-            raise argparse.ArgumentTypeError(f"{shown} is out of range: {self._range()}")
-        if self.step > 1 and int(value) % self.step:
-            raise argparse.ArgumentTypeError(
-                f"{shown} is not a multiple of the page size {self.step:#x}")
-        return value
-
-    def _show(self, value: float) -> str:
-        """The value as the user would write it (hex for addresses)."""
-        return f"{int(value):#x}" if self.step > 1 and math.isfinite(value) else f"{value:g}"
-
-    def _range(self) -> str:
-        """``must be > 0 and <= 604800 s`` / ``must be in [0x10000, 0x7fffffffffff]``."""
-        unit = f" {self.unit}" if self.unit else ""
-        if self.step > 1:
-            return f"must be in [{int(self.lo):#x}, {int(self.hi):#x}]{unit}"
-        if self.open_lo:
-            return f"must be > {self.lo:g} and <= {self.hi:g}{unit}"
-        return f"must be in [{self.lo:g}, {self.hi:g}]{unit}"
-
-
 BASE = Bounded(int, 0x10000, (1 << 47) - HOST_PAGE_SIZE, unit="(user space, above "
                "vm.mmap_min_addr's default)", step=HOST_PAGE_SIZE, example="0x7f0000000000")
 """--base: a page-aligned user-space address of the 47-bit x86-64 layout."""
 DPI = Bounded(int, 1, 1200, unit="dots per inch", example="120")
 """--dpi of vmsim plot."""
-FUZZ_SECONDS = Bounded(float, 0.0, 7 * 24 * 3600.0, unit="s", open_lo=True, example="30")
-"""--time of vmsim fuzz (checked here; vmsim.fuzz parses it)."""
 
 MAX_CANVAS_SIDE = 16384
 """The largest picture side ``vmsim plot`` draws, in pixels."""
@@ -156,14 +102,6 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 class UsageError(Exception):
     """A command-line value that cannot be used: exit 2 with this one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with errors as one line on stderr (exit 2), naming the argument."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print ``vmsim VERB: MESSAGE (see vmsim VERB --help)`` and exit 2."""
-        self.exit(EXIT["refused"], f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def _has_sim() -> bool:
@@ -484,7 +422,7 @@ def _add_views(verbs: Any) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (``vmsim --help`` teaches from it)."""
-    top = _Parser(prog="vmsim", description=DESCRIPTION, epilog=EPILOG,
+    top = OneLineParser(prog="vmsim", description=DESCRIPTION, epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = top.add_subparsers(dest="verb", metavar="VERB")
     ld = verbs.add_parser("load", help="load an ELF file and print its map",
@@ -650,17 +588,9 @@ def _not_loadable(path: str) -> str | None:
 
 
 def _fuzz(argv: list[str]) -> int:
-    """``vmsim fuzz``: vmsim.fuzz parses its own arguments; --time is checked here first."""
+    """``vmsim fuzz``: vmsim.fuzz parses and checks its own arguments."""
     from vmsim.fuzz import main as fuzz_main
-    from vmsim.fuzz import parser as fuzz_parser
 
-    known, _ = fuzz_parser().parse_known_args(argv)
-    try:
-        FUZZ_SECONDS.check(known.time)
-    except argparse.ArgumentTypeError as exc:
-        print(f"vmsim fuzz: argument --time: {exc} (see 'vmsim fuzz --help')",
-              file=sys.stderr)
-        return EXIT["refused"]
     return fuzz_main(argv)
 
 

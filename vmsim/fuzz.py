@@ -56,6 +56,7 @@ from loader.elfwriter import PT_GNU_RELRO, ElfImage
 from loader.isolate import rss_bytes
 from loader.mmap import MapFlags, Mapping, Mmap, ProtFlags, Region
 from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
+from vmsim.arguments import FUZZ_SECONDS, Bounded, OneLineParser
 
 __all__ = [
     "BOUND_CLASSES",
@@ -1088,39 +1089,23 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
     return stats
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    """An argparse type: ``kind(text)``, refused unless it is a finite number > 0."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
-        return value
-    return parse
-
-
-def _non_negative(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
-    return value
+MAX_RSS_MIB = Bounded(float, 1.0, float(1 << 20), unit="MiB", example="512")
+"""--max-rss of vmsim fuzz."""
+INPUT_SECONDS = Bounded(float, 0.0, 3600.0, unit="s", open_lo=True, example="5")
+"""--input-timeout of vmsim fuzz."""
+SHRINK_SECONDS = Bounded(float, 0.0, 3600.0, unit="s", example="20")
+"""--shrink-time of vmsim fuzz (0: save the exact bytes only)."""
 
 
 def parser() -> argparse.ArgumentParser:
     """``vmsim fuzz`` arguments."""
-    p = argparse.ArgumentParser(prog="vmsim fuzz", description="Run the loader's properties "
+    p = OneLineParser(prog="vmsim fuzz", description="Run the loader's properties "
                                 "as a hypothesis campaign, with a live progress line; on a "
                                 "failure print the shrunk example and save its ELF file. Each "
                                 "input runs under a memory and a time bound in a supervised "
                                 "worker: an input past a bound (or one that kills the worker) "
                                 "is saved, shrunk and reported, and the campaign goes on.")
-    p.add_argument("--time", type=_positive(float), default=60.0, metavar="S",
+    p.add_argument("--time", type=FUZZ_SECONDS, default=60.0, metavar="S",
                    help="seconds to run each property (default 60)")
     p.add_argument("--backend", choices=["sim", "both"], default="sim",
                    help="sim: the simulator only; both: also the host, in forked children")
@@ -1130,13 +1115,13 @@ def parser() -> argparse.ArgumentParser:
                    "measure images/s")
     p.add_argument("--out", type=Path, default=Path("vmsim-fuzz-failures"),
                    help="where failing ELF files are saved (default ./vmsim-fuzz-failures)")
-    p.add_argument("--max-rss", type=_positive(float), default=DEFAULT_MAX_RSS / (1 << 20),
+    p.add_argument("--max-rss", type=MAX_RSS_MIB, default=DEFAULT_MAX_RSS / (1 << 20),
                    metavar="MIB", help="memory one input may take, in MiB (default "
                    f"{DEFAULT_MAX_RSS >> 20})")
-    p.add_argument("--input-timeout", type=_positive(float), default=DEFAULT_INPUT_TIMEOUT,
+    p.add_argument("--input-timeout", type=INPUT_SECONDS, default=DEFAULT_INPUT_TIMEOUT,
                    metavar="S", help="seconds one input may run (default "
                    f"{DEFAULT_INPUT_TIMEOUT:g})")
-    p.add_argument("--shrink-time", type=_non_negative, default=DEFAULT_SHRINK_SECONDS,
+    p.add_argument("--shrink-time", type=SHRINK_SECONDS, default=DEFAULT_SHRINK_SECONDS,
                    metavar="S", help="seconds to shrink each input past a bound (default "
                    f"{DEFAULT_SHRINK_SECONDS:g}; 0: save the exact bytes only)")
     return p
