@@ -264,7 +264,8 @@ def test_broken_loader_is_caught_with_a_shrunk_example(
         patch.setattr(module, name, broken)
         try:
             shrunk = find(elf_images(**knobs), failing,
-                          settings=settings(max_examples=300, deadline=None, database=None, derandomize=True,
+                          settings=settings(max_examples=300, deadline=None, database=None,
+                                            derandomize=True,
                                             suppress_health_check=list(HealthCheck)))
         except NoSuchExample:
             pytest.fail(f"the properties did not catch the broken variant {variant}")
