@@ -103,6 +103,28 @@ def _parse_header(data: Any, size: int) -> Any:
         raise ElfHeaderError("ELF header", type(exc).__name__, str(exc)) from exc
 
 
+_EI_PAD = slice(9, 16)
+_OSABIS = ("ELFOSABI_SYSV", "ELFOSABI_LINUX")  # glibc: ELFOSABI_GNU is ELFOSABI_LINUX (3)
+
+
+def _check_ident(ident: bytes, hdr: Any) -> None:
+    """The identification bytes glibc's open_verify checks beyond class and data: the OS ABI
+    (System V or GNU), its ABI version (0 for System V), zero padding, and e_version."""
+    osabi = hdr.e_ident["EI_OSABI"]
+    if osabi not in _OSABIS:
+        raise ElfHeaderError("e_ident[EI_OSABI]", osabi, "ELFOSABI_SYSV or ELFOSABI_GNU "
+                             "(glibc: ELF file OS ABI invalid)")
+    if osabi == "ELFOSABI_SYSV" and hdr.e_ident["EI_ABIVERSION"] != 0:
+        raise ElfHeaderError("e_ident[EI_ABIVERSION]", hdr.e_ident["EI_ABIVERSION"],
+                             "0 for ELFOSABI_SYSV (glibc: ELF file ABI version invalid)")
+    if any(ident[_EI_PAD]):
+        raise ElfHeaderError("e_ident[EI_PAD]", ident[_EI_PAD].hex(),
+                             "all zero (glibc: nonzero padding in e_ident)")
+    if hdr.e_version != "EV_CURRENT":
+        raise ElfHeaderError("e_version", hdr.e_version, "EV_CURRENT (1) (glibc: ELF file "
+                             "version does not match current one)")
+
+
 def _check_header(hdr: Any, size: int) -> None:
     """e_type, e_machine and the program header table's place in the file."""
     if hdr.e_machine != "EM_X86_64":
@@ -223,6 +245,7 @@ def parse_image(data: Any, page_size: int) -> ElfImage:
     """
     size = len(data)
     hdr = _parse_header(data, size)
+    _check_ident(bytes(data[:16]), hdr)
     _check_header(hdr, size)
     segs = _parse_phdrs(data, hdr)
     # glibc ignores PT_LOADs with p_memsz 0; so do we.

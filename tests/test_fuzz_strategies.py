@@ -104,7 +104,7 @@ def test_every_mutation_kind_changes_the_image(kind: str) -> None:
     # Each corruption writes something: never the source image unchanged.
     seen: list[MalformedImage] = []
 
-    @settings(max_examples=40, deadline=None, database=None,
+    @settings(max_examples=40, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(malformed_elf(kinds=[kind]))
     def collect(bad: MalformedImage) -> None:
@@ -119,7 +119,7 @@ def test_default_malformed_sources_have_what_the_new_kinds_corrupt() -> None:
     from loader.elfwriter import DT_INIT_ARRAY
     found: set[str] = set()
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(malformed_elf())
     def collect(bad: MalformedImage) -> None:
@@ -139,7 +139,7 @@ def test_default_malformed_sources_have_what_the_new_kinds_corrupt() -> None:
 def test_every_mutation_kind_can_be_drawn(kind: str) -> None:
     seen: list[MalformedImage] = []
 
-    @settings(max_examples=10, deadline=None, database=None)
+    @settings(max_examples=30, deadline=None, database=None, derandomize=True)
     @given(malformed_elf(kinds=[kind]))
     def collect(bad: MalformedImage) -> None:
         seen.append(bad)
