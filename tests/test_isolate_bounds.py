@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -43,47 +42,45 @@ def test_short_spike_past_the_bound_is_seen_at_exit() -> None:
 
 
 def test_rss_of_this_process_is_read() -> None:
-    assert 1 << 20 < rss_bytes() < 64 << 30
+    rss = rss_bytes()
+    assert rss > 1 << 20, rss
+    assert rss < 64 << 30, rss
+
+
+_SPINNER = """
+import os
+from loader.isolate import run_isolated
+def spin():
+    print(os.getpid(), flush=True)
+    while True:
+        pass
+try:
+    run_isolated(spin, timeout=60)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def _parent_of_a_spinning_child() -> tuple[subprocess.Popen[str], int]:
+    """A Python process waiting in run_isolated on a child that spins; (it, the child's pid)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SPINNER], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
 
 
 def test_child_killed_when_the_parent_is_interrupted() -> None:
     # A parent interrupted (Ctrl-C) while it waits kills its child before the exception leaves.
-    script = textwrap.dedent("""
-        import os, sys, time
-        from loader.isolate import run_isolated
-        def spin():
-            print(os.getpid(), flush=True)
-            while True:
-                pass
-        try:
-            run_isolated(spin, timeout=60)
-        except KeyboardInterrupt:
-            print("interrupted", flush=True)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.stdout is not None
-    child = int(proc.stdout.readline())
+    proc, child = _parent_of_a_spinning_child()
     proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "interrupted"
     proc.wait(timeout=10)
     assert not _alive(child)
 
 
 def test_child_dies_with_a_parent_killed_outright() -> None:
-    script = textwrap.dedent("""
-        import os, time
-        from loader.isolate import run_isolated
-        def spin():
-            print(os.getpid(), flush=True)
-            while True:
-                pass
-        run_isolated(spin, timeout=60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.stdout is not None
-    child = int(proc.stdout.readline())
+    proc, child = _parent_of_a_spinning_child()
     proc.kill()
     proc.wait(timeout=10)
     assert not _alive(child)
