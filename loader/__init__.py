@@ -10,6 +10,7 @@ validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
 from loader.errors import (
     ElfDynamicError,
     ElfError,
+    ElfFileError,
     ElfHeaderError,
     ElfRelocationError,
     ElfSegmentError,
@@ -27,6 +28,7 @@ __all__ = [
     "CopyingMmap",
     "ElfDynamicError",
     "ElfError",
+    "ElfFileError",
     "ElfHeaderError",
     "ElfRelocationError",
     "ElfSegmentError",
