@@ -1,6 +1,6 @@
 """Outcomes: what a load left behind, in a form two backends' loads can be compared by.
 
-Part of the ``loader`` layer (imports ``loader.mmap``, ``loader.trace``). DESIGN.md
+Part of the ``loader`` layer (imports ``loader.mmap``, ``loader.trace``). docs/DESIGN.md
 "Outcomes": the regions inside the span (relative to its start: length, perms, file-backed or
 anonymous, file offset), the bytes of every readable page (a SHA-1 per page; ``diff`` names
 the pages that differ; with ``keep_bytes`` the bytes are kept too and ``diff`` shows the first

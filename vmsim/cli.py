@@ -51,7 +51,7 @@ EPILOG = """\
 examples:
   vmsim load                          load libz.so.1 on the simulator, print its map
   vmsim load /usr/lib/x86_64-linux-gnu/libzstd.so.1 --backend libc
-  vmsim load libfoo.so --base 0x7f0000000000 --json   one JSON object (DESIGN.md format)
+  vmsim load libfoo.so --base 0x7f0000000000 --json   one JSON object (docs/DESIGN.md format)
   vmsim diff /usr/lib/x86_64-linux-gnu/libz.so.1      sim and host at the same address;
                                                       exit 0 when the outcomes are equal
   vmsim maps                          libz's regions as a coloured table (role, perms)
@@ -123,7 +123,7 @@ def _sim_backend() -> Mmap:
 
 
 def load_report(obj: LoadedObject, backend: str) -> dict[str, Any]:
-    """The JSON object of DESIGN.md for a loaded object (absolute addresses)."""
+    """The JSON object of docs/DESIGN.md for a loaded object (absolute addresses)."""
     start, end = obj.span
     regions = regions_in(obj.mm.inner.maps(), start, end)
     rel = obj.relocations

@@ -387,7 +387,7 @@ def check_malformed_load(data: bytes, mm: Mmap) -> str:
     still mapped. Returns ``"loaded"`` or the ElfError's class name.
 
     An ``MmapError`` from the backend (an absurd but well-formed size that this machine cannot
-    reserve: ENOMEM) is let through as DESIGN.md says, and returned as ``"MmapError(ENOMEM)"``
+    reserve: ENOMEM) is let through as docs/DESIGN.md says, and returned as ``"MmapError(ENOMEM)"``
     so campaigns count it apart; it must leave nothing behind either.
     """
     cm = CheckingMmap(mm)
