@@ -242,7 +242,7 @@ class LoadedObject:
         return addr
 
     def outcome(self, *, keep_bytes: bool = False) -> Outcome:
-        """The comparable outcome (docs/DESIGN.md "What identical means"): regions in the span, a hash of
+        """The comparable outcome (docs/DESIGN.md): regions in the span, a hash of
         each readable page, RELRO, the trace of Mmap calls. ``keep_bytes`` also keeps the
         page bytes, so a difference can be shown byte by byte."""
         return take_outcome(self, keep_bytes)
