@@ -104,22 +104,11 @@ class UsageError(Exception):
     """A command-line value that cannot be used: exit 2 with this one line."""
 
 
-def _has_sim() -> bool:
-    """True when vmsim provides the simulator (AddressSpace)."""
-    import vmsim
-
-    return getattr(vmsim, "AddressSpace", None) is not None
-
-
 def _sim_backend() -> Mmap:
-    """A fresh simulator address space (exits with a message if vmsim has none yet)."""
-    import vmsim
+    """A fresh simulator address space."""
+    from vmsim import AddressSpace
 
-    cls: Any = getattr(vmsim, "AddressSpace", None)
-    if cls is None:
-        raise SystemExit("vmsim: the simulator (vmsim.AddressSpace) is not available")
-    mm: Mmap = cls()
-    return mm
+    return AddressSpace()
 
 
 def load_report(obj: LoadedObject, backend: str) -> dict[str, Any]:
@@ -173,7 +162,7 @@ def _print_text(report: dict[str, Any]) -> None:
 def cmd_load(args: argparse.Namespace) -> int:
     """``vmsim load``."""
     path = args.path
-    if _backend(args) == "libc":
+    if args.backend == "libc":
         report = run_host(_load_on, path, "libc", args.base, source=path)
     else:
         report = _load_on(path, "sim", args.base)
@@ -284,19 +273,9 @@ def _maps_lines(sess: Session, color: bool) -> list[str]:
     return lines
 
 
-def _backend(args: argparse.Namespace) -> str:
-    """The backend asked for, or sim when available (libc otherwise, said on stderr)."""
-    if args.backend is None:
-        args.backend = "sim" if _has_sim() else "libc"
-        if args.backend == "libc":
-            print("vmsim: the simulator is not available; using the host backend",
-                  file=sys.stderr)
-    return str(args.backend)
-
-
 def cmd_maps(args: argparse.Namespace) -> int:
     """``vmsim maps``: the regions as a coloured table."""
-    sess = session(args.path, _backend(args), args.base)
+    sess = session(args.path, args.backend, args.base)
     print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
     for line in _maps_lines(sess, _use_color(args.color, sys.stdout)):
         print(line)
@@ -305,7 +284,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """``vmsim trace``: every Mmap call, one per line."""
-    sess = session(args.path, _backend(args), args.base)
+    sess = session(args.path, args.backend, args.base)
     print(f"{sess.path} on {sess.backend}: {len(sess.calls)} Mmap calls")
     for i, call in enumerate(sess.calls):
         print(f"{i:4} {format_call(call)}")
@@ -314,7 +293,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``vmsim explain``: each step's sentence, then the calls it caused, indented."""
-    sess = session(args.path, _backend(args), args.base)
+    sess = session(args.path, args.backend, args.base)
     color = _use_color(args.color, sys.stdout)
     print(f"{sess.path} on {sess.backend}:")
     index = 0
@@ -354,7 +333,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     from vmsim import viz
 
-    sess = session(args.path, _backend(args), args.base)
+    sess = session(args.path, args.backend, args.base)
     name = viz.printable(sess.path.rsplit("/", 1)[-1])
     ax = viz.plot_map(sess.regions, relro=sess.relro, extern=sess.extern,
                       title=f"{name} loaded at {sess.span[0]:#x} ({sess.backend})")
@@ -373,8 +352,8 @@ def _common(sub: argparse.ArgumentParser, color: bool = False) -> None:
     """PATH, --backend, --base (and --color) for the verbs that load one file."""
     sub.add_argument("path", nargs="?", metavar="PATH",
                      help=f"ELF shared object or executable (default: {DEFAULT_LIBRARY})")
-    sub.add_argument("--backend", choices=["sim", "libc"], default=None,
-                     help="sim: the simulator (the default when available); libc: the real "
+    sub.add_argument("--backend", choices=["sim", "libc"], default="sim",
+                     help="sim: the simulator (the default); libc: the real "
                      "kernel, in a forked child of this command")
     sub.add_argument("--base", type=BASE, metavar="ADDR",
                      help="where the span starts (default: the backend chooses)")
