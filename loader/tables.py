@@ -15,7 +15,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import PF_W, USER_LIMIT, ElfImage
+from loader.elf import USER_LIMIT, ElfImage
+from loader.elfdefs import (
+    DF,
+    DT,
+    DYN_DTYPE,
+    PF,
+    REL_DTYPE,
+    RELA_DTYPE,
+    SYM_DTYPE,
+    VER_FLG_BASE,
+    VERSYM_VERSION,
+    versym_index,
+)
 from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
 
 __all__ = [
@@ -31,30 +43,7 @@ __all__ = [
 ]
 
 
-class DT:
-    """Dynamic tag numbers (``d_tag``) and flag bits this loader reads."""
-
-    NULL, NEEDED, PLTRELSZ, PLTGOT, HASH, STRTAB, SYMTAB, RELA, RELASZ, RELAENT = range(10)
-    STRSZ, SYMENT, INIT, FINI, SONAME, RPATH, SYMBOLIC, REL, RELSZ, RELENT = range(10, 20)
-    PLTREL, DEBUG, TEXTREL, JMPREL, BIND_NOW, INIT_ARRAY, FINI_ARRAY = range(20, 27)
-    INIT_ARRAYSZ, FINI_ARRAYSZ, RUNPATH, FLAGS = range(27, 31)
-    PREINIT_ARRAY, PREINIT_ARRAYSZ = 32, 33
-    RELRSZ, RELR, RELRENT = 35, 36, 37
-    GNU_HASH = 0x6FFFFEF5
-    VERSYM = 0x6FFFFFF0
-    RELACOUNT, RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
-    FLAGS_1 = 0x6FFFFFFB
-    VERDEF, VERDEFNUM, VERNEED, VERNEEDNUM = 0x6FFFFFFC, 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
-    DF_SYMBOLIC, DF_TEXTREL, DF_BIND_NOW, DF_STATIC_TLS = 0x2, 0x4, 0x8, 0x10
-    DF_1_NOW = 0x1
-
-
-DYN_DTYPE = np.dtype([("d_tag", "<i8"), ("d_val", "<u8")])
-RELA_DTYPE = np.dtype([("r_offset", "<u8"), ("r_info", "<u8"), ("r_addend", "<i8")])
-REL_DTYPE = np.dtype([("r_offset", "<u8"), ("r_info", "<u8")])
-SYM_DTYPE = np.dtype([("st_name", "<u4"), ("st_info", "u1"), ("st_other", "u1"),
-                      ("st_shndx", "<u2"), ("st_value", "<u8"), ("st_size", "<u8")])
-MAX_VERSIONS = 1 << 15
+MAX_VERSIONS = VERSYM_VERSION + 1
 """Version indices are 15 bits (bit 15 of a versym entry is the 'hidden' flag)."""
 
 
@@ -281,8 +270,8 @@ def decode_relr(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 def _relocatable(image: ElfImage, tags: dict[int, int]) -> list[tuple[int, int]]:
     """The [start, end) vaddr ranges relocations may write: writable PT_LOADs, or every
     PT_LOAD with DT_TEXTREL / DF_TEXTREL."""
-    textrel = DT.TEXTREL in tags or bool(tags.get(DT.FLAGS, 0) & DT.DF_TEXTREL)
-    return [(s.p_vaddr, s.end) for s in image.loads if textrel or s.p_flags & PF_W]
+    textrel = DT.TEXTREL in tags or bool(tags.get(DT.FLAGS, 0) & DF.TEXTREL)
+    return [(s.p_vaddr, s.end) for s in image.loads if textrel or s.p_flags & PF.W]
 
 
 def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int, int]]
@@ -398,7 +387,6 @@ VERDEF = struct.Struct("<HHHHIII")     # vd_version vd_flags vd_ndx vd_cnt vd_ha
 VERDAUX = struct.Struct("<II")         # vda_name vda_next
 VERNEED = struct.Struct("<HHIII")      # vn_version vn_cnt vn_file vn_aux vn_next
 VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name vna_next
-VER_FLG_BASE = 0x1
 
 
 class _Claims:
@@ -489,9 +477,9 @@ def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
         version, flags, ndx, _, _, aux, nxt = claims.read(at, VERDEF, link)
         _check_record_version(version, "vd_version")
         name_off, _ = claims.read(at + aux, VERDAUX, "vd_aux", shared=True)
-        out[ndx & 0x7FFF] = names.check(name_off, "vda_name")
+        out[ndx & VERSYM_VERSION] = names.check(name_off, "vda_name")
         if not flags & VER_FLG_BASE:
-            defined.add(ndx & 0x7FFF)
+            defined.add(ndx & VERSYM_VERSION)
         if not nxt:
             return defined
         at, link = at + nxt, "vd_next"
@@ -515,7 +503,7 @@ def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
         aux_at, aux_link = at + aux, "vn_aux"
         while True:
             _, _, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
-            out[other & 0x7FFF] = names.check(name_off, "vna_name")
+            out[other & VERSYM_VERSION] = names.check(name_off, "vna_name")
             if not aux_next:
                 break
             aux_at, aux_link = aux_at + aux_next, "vna_next"
@@ -630,7 +618,7 @@ def _versym(image: ElfImage, tags: dict[int, int], nsyms: int,
     if DT.VERSYM not in tags or nsyms == 0:
         return None
     vs = np.frombuffer(_table(image, tags[DT.VERSYM], nsyms * 2, "DT_VERSYM"), dtype="<u2")
-    idx = vs & 0x7FFF
+    idx = versym_index(vs)
     known = np.zeros(MAX_VERSIONS, dtype=bool)
     known[[0, 1, *versions]] = True
     bad = ~known[idx]
