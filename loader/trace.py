@@ -59,8 +59,12 @@ class TracingMmap:
     @property
     def page_size(self) -> int:
         """The wrapped backend's page size."""
-        from loader.pages import HOST_PAGE_SIZE
-        return int(getattr(self.inner, "page_size", HOST_PAGE_SIZE))
+        return self.inner.page_size
+
+    @property
+    def runs_code(self) -> bool:
+        """The wrapped backend's capability to run what it maps."""
+        return self.inner.runs_code
 
     def _run(self, op: str, args: dict[str, Any], fn: Any, *call_args: Any) -> Any:
         """Call ``fn`` and record it; MmapError is recorded and re-raised."""
