@@ -23,6 +23,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from loader.elfdefs import MASK64
+
 __all__ = [
     "MAX_READ",
     "MapFlags",
@@ -39,7 +41,6 @@ MAX_READ = 1 << 32
 """The largest ``read`` a backend performs (4 GiB): a readable range longer than this raises
 MmapError(ENOMEM) instead of allocating its bytes (an unreadable one still faults first)."""
 
-_ADDRESS_MASK = (1 << 64) - 1
 
 
 def as_addresses(addrs: object) -> npt.NDArray[np.uint64]:
@@ -50,7 +51,7 @@ def as_addresses(addrs: object) -> npt.NDArray[np.uint64]:
         return np.asarray(addrs, dtype=np.uint64).ravel()
     except (OverflowError, TypeError, ValueError):
         items = np.asarray(addrs, dtype=object).ravel().tolist()
-        return np.array([int(a) & _ADDRESS_MASK for a in items], dtype=np.uint64)
+        return np.array([int(a) & MASK64 for a in items], dtype=np.uint64)
 
 
 class ProtFlags(enum.IntFlag):

@@ -32,7 +32,17 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.elf import USER_LIMIT
-from loader.elfdefs import MASK64, SHN, STB, STT, VERSYM_HIDDEN, st_bind, st_type, versym_index
+from loader.elfdefs import (
+    MASK32,
+    MASK64,
+    SHN,
+    STB,
+    STT,
+    VERSYM_HIDDEN,
+    st_bind,
+    st_type,
+    versym_index,
+)
 from loader.errors import ElfSymbolError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import page_round_up
@@ -60,7 +70,7 @@ def gnu_hash(name: bytes) -> int:
     """The DT_GNU_HASH hash of ``name`` (Bernstein's h*33+c, 32 bits)."""
     h = 5381
     for c in name:
-        h = (h * 33 + c) & 0xFFFFFFFF
+        h = (h * 33 + c) & MASK32
     return h
 
 
@@ -68,11 +78,11 @@ def sysv_hash(name: bytes) -> int:
     """The DT_HASH (SysV ABI) hash of ``name``."""
     h = 0
     for c in name:
-        h = ((h << 4) + c) & 0xFFFFFFFF
+        h = ((h << 4) + c) & MASK32
         g = h & 0xF0000000
         if g:
             h ^= g >> 24
-        h &= ~g & 0xFFFFFFFF
+        h &= ~g & MASK32
     return h
 
 
