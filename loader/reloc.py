@@ -148,17 +148,15 @@ def _kinds(table: RelocTable) -> npt.NDArray[np.uint8]:
     return _lookup(_KIND_COLUMN, table.r_type)
 
 
-@functools.cache
-def _selector(wanted: tuple[Kind, ...]) -> npt.NDArray[np.bool_]:
-    """By kind position: True for the ``wanted`` kinds."""
-    sel = np.zeros(_UNKNOWN + 1, dtype=bool)
-    sel[[_KINDS.index(k) for k in wanted]] = True
-    return sel
+_POSITION = {kind: np.uint8(i) for i, kind in enumerate(_KINDS)}
 
 
 def _is(kinds: npt.NDArray[np.uint8], *wanted: Kind) -> npt.NDArray[np.bool_]:
-    """Which of ``kinds`` (from ``_kinds``) are one of ``wanted``."""
-    out: npt.NDArray[np.bool_] = _selector(wanted)[kinds]
+    """Which of ``kinds`` (from ``_kinds``) are one of ``wanted`` (one comparison per kind:
+    a fraction of a table lookup's cost on a large table)."""
+    out: npt.NDArray[np.bool_] = kinds == _POSITION[wanted[0]]
+    for kind in wanted[1:]:
+        out |= kinds == _POSITION[kind]
     return out
 
 
@@ -308,15 +306,17 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
                                  f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
-    _check_ifunc_resolvers(image, tables)
-    _check_definitions(image, tables)
+    needed = _needed_symbols(tables)
+    _check_ifunc_resolvers(image, tables, needed)
+    _check_definitions(image, tables, needed)
 
 
-def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
+def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArray[np.int64]
+                       ) -> None:
     """A symbol the object defines and its relocations use (so it may bind to itself) must
     point inside the object's PT_LOADs (SHN_ABS and TLS symbols excepted): otherwise a GOT
-    slot would send a call into some other mapping. (Its end counts: ``_end`` points there.)"""
-    needed = _needed_symbols(tables)
+    slot would send a call into some other mapping. (Its end counts: ``_end`` points there.)
+    ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     syms = tables.symtab
     shndx = syms["st_shndx"][needed]
     own = (shndx != SHN.UNDEF) & (shndx != SHN.ABS) & (st_type(syms["st_info"][needed]) != STT.TLS)
@@ -341,10 +341,12 @@ def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
     return own
 
 
-def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
+def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
+                           needed: npt.NDArray[np.int64]) -> None:
     """Every resolver the host would call must be the object's own code (``first_outside_code``):
     IRELATIVE resolvers (B + A) and the IFUNC symbols the relocations reference. A call
-    into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash."""
+    into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash.
+    ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     for table in tables.relocs:
         mask = _kind_mask(table, Kind.IRELATIVE)
         if not mask.any():
@@ -353,7 +355,6 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
         if bad is not None:
             raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver", bad,
                                      "inside the file bytes of an executable PT_LOAD")
-    needed = _needed_symbols(tables)
     ifunc = needed[_own_ifunc(tables)[needed]]
     bad = first_outside_code(image, tables.symtab["st_value"][ifunc])
     if bad is not None:
@@ -526,10 +527,11 @@ class _Pieces:
         if not parts:
             empty = np.zeros(0, dtype=np.uint64)
             return empty, empty, empty, np.zeros(0, dtype=bool)
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        cols = []
-        for i in range(1, 5):
-            cols.append(np.concatenate([p[i] for p in parts])[order])
+        keys = np.concatenate([p[0] for p in parts])
+        cols = [np.concatenate([p[i] for p in parts]) for i in range(1, 5)]
+        if len(keys) > 1 and not bool((keys[1:] >= keys[:-1]).all()):
+            order = np.argsort(keys, kind="stable")
+            cols = [col[order] for col in cols]
         return cols[0], cols[1], cols[2], cols[3]
 
 
@@ -948,7 +950,11 @@ class _WordPieces(NamedTuple):
 def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
          value: npt.NDArray[np.uint64]) -> tuple[_WordPieces, npt.NDArray[np.int64]]:
     """Cut stores into word pieces (an unaligned store spans two words). Returns the pieces
-    and, for each, the index of its store."""
+    and, for each, the index of its store. (All aligned whole words, the usual case: each
+    store is its own piece.)"""
+    seq = np.arange(len(place), dtype=np.int64)
+    if bool((width == _U64(8)).all()) and not bool((place & _U64(7)).any()):
+        return _WordPieces(place, np.full(len(place), _FULL), value, seq), seq
     off = (place & _U64(7)).astype(np.int64)
     word = place - off.astype(np.uint64)
     low = np.minimum(width.astype(np.int64), 8 - off)
@@ -959,7 +965,6 @@ def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
     two = np.flatnonzero(high > 0)
     mask1 = _BYTE_MASKS[high[two]]
     bits1 = (value[two] >> (8 * low[two]).astype(np.uint64)) & mask1
-    seq = np.arange(len(place), dtype=np.int64)
     return (_WordPieces(np.concatenate([word, word[two] + _U64(8)]),
                         np.concatenate([mask0, mask1]), np.concatenate([bits0, bits1]),
                         np.concatenate([seq, two])),

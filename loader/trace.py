@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from loader.mmap import MapFlags, Mapping, Mmap, MmapError, ProtFlags, Region
 
-__all__ = ["Call", "CopyingMmap", "TracingMmap", "unwrap"]
+__all__ = ["Call", "CopyingMmap", "TracingMmap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +37,6 @@ class Call:
         else:
             out["result"] = self.result
         return out
-
-
-def unwrap(mm: Any) -> Any:
-    """The innermost backend under any wrappers (each keeps it as ``inner``)."""
-    while hasattr(mm, "inner"):
-        mm = mm.inner
-    return mm
 
 
 @dataclass
