@@ -2,17 +2,25 @@
 dlopen of the same file in a minimal C process, measured in the same run, printed as ratios.
 
 The peer is a tiny C program this script compiles with gcc into a temporary directory: it
-times ``dlopen(path, RTLD_NOW)`` with ``clock_gettime(CLOCK_MONOTONIC)`` and prints the
-seconds. One fresh process per load (a Python process's larger global scope would make glibc
-look slower than it is). Every timed load, ours and glibc's, reads a fresh copy of the library
-(copied to a new temporary path first), so no cache keyed by path or inode helps anyone.
+times ``dlopen(path, RTLD_NOW)`` with ``clock_gettime`` and prints the seconds, one fresh
+process per load (a Python process's larger global scope would make glibc look slower than it
+is). Our loads run in two worker processes started by this script (one per backend, each a
+fresh interpreter that loads a few copies untimed first), so a host load never touches the
+bench's own memory and no fork's copy-on-write faults are counted as loading. Every timed
+load, ours and glibc's, reads a fresh copy of the library (copied to a new temporary path
+first), so no cache keyed by path or inode helps anyone.
+
+The clock is each process's CPU time by default (``CLOCK_PROCESS_CPUTIME_ID``;
+``time.process_time`` for ours: user and kernel time, page faults included), so other work on
+a shared machine does not count; ``--clock wall`` takes ``CLOCK_MONOTONIC`` /
+``time.perf_counter`` instead.
 
 Every load applies every relocation and loads no dependency our loader would not (glibc's
 dlopen finds libc already loaded by the helper). ``--runs`` interleaved rounds: per round one
-glibc load, one simulator load (fresh AddressSpace), one host load (in a forked child);
-medians of times and of the per-round ratios.
+glibc load, one simulator load (onto a fresh AddressSpace, made before the clock starts), one
+host load (unloaded after the clock stops); medians of times and of the per-round ratios.
 
-    python bench/bench_load.py [--runs 21] [--libs libz libcrypto]
+    python bench/bench_load.py [--runs 21] [--libs libz libcrypto] [--clock cpu|wall]
 
 Targets (issue 10): libcrypto simulator <= 4x glibc, host <= 2.5x; libz simulator <= 8x.
 """
@@ -25,13 +33,14 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loader import load
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 
 LIBS = {
@@ -46,10 +55,11 @@ HELPER_C = r"""
 #include <time.h>
 int main(int argc, char **argv) {
     struct timespec a, b;
-    if (argc != 2) return 2;
-    clock_gettime(CLOCK_MONOTONIC, &a);
+    if (argc != 3) return 2;
+    clockid_t clock = argv[2][0] == 'w' ? CLOCK_MONOTONIC : CLOCK_PROCESS_CPUTIME_ID;
+    clock_gettime(clock, &a);
     void *h = dlopen(argv[1], RTLD_NOW);
-    clock_gettime(CLOCK_MONOTONIC, &b);
+    clock_gettime(clock, &b);
     if (!h) { fprintf(stderr, "%s\n", dlerror()); return 1; }
     printf("%.9f\n", (double)(b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
     return 0;
@@ -60,8 +70,8 @@ int main(int argc, char **argv) {
 class Bench:
     """The temporary directory holding the compiled helper and the fresh copies."""
 
-    def __init__(self, where: Path) -> None:
-        self.where = where
+    def __init__(self, where: Path, clock: str) -> None:
+        self.where, self.clock = where, clock
         self.helper = where / "dlopen_time"
         (where / "dlopen_time.c").write_text(HELPER_C)
         subprocess.run(["gcc", "-O2", "-o", str(self.helper), str(where / "dlopen_time.c"),
@@ -78,64 +88,70 @@ class Bench:
     def glibc(self, path: str) -> float:
         """Seconds of dlopen(RTLD_NOW) of a fresh copy, in a fresh minimal C process."""
         copy = self.fresh_copy(path)
-        done = subprocess.run([str(self.helper), copy], capture_output=True, text=True,
-                              check=True)
+        done = subprocess.run([str(self.helper), copy, self.clock], capture_output=True,
+                              text=True, check=True)
         os.unlink(copy)
         return float(done.stdout)
 
-    def sim(self, path: str) -> float:
-        """Seconds of our load of a fresh copy onto a fresh simulator (made before timing)."""
-        from vmsim import AddressSpace
-
+    def ours(self, worker: subprocess.Popen[str], path: str) -> float:
+        """Seconds of our load of a fresh copy, in ``worker`` (``_serve``)."""
         copy = self.fresh_copy(path)
-        mm = AddressSpace()
-        t = time.perf_counter()
-        load(copy, mm)
-        took = time.perf_counter() - t
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(copy + "\n")
+        worker.stdin.flush()
+        took = float(worker.stdout.readline())
         os.unlink(copy)
         return took
 
-    def host(self, path: str) -> float:
-        """Seconds of our load of a fresh copy on the host backend, in a forked child (which
-        first loads another fresh copy, untimed: the fork's copy-on-write faults on Python's
-        own heap are not the loader's cost)."""
-        warm, copy = self.fresh_copy(path), self.fresh_copy(path)
-        status, value = run_isolated(_host_load, warm, copy, timeout=300, max_rss=2 << 30)
-        os.unlink(warm)
-        os.unlink(copy)
-        if status != "ok":
-            raise RuntimeError(f"host load of {path} died with {status}")
-        return float(value)
+    def worker(self, backend: str, path: str) -> subprocess.Popen[str]:
+        """A worker process for ``backend``, warmed on three fresh copies of ``path``."""
+        worker = subprocess.Popen([sys.executable, __file__, "--serve", backend,
+                                   "--clock", self.clock], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        for _ in range(3):
+            self.ours(worker, path)
+        return worker
 
 
-def _host_load(warm: str, path: str) -> float:
-    """In the forked child: load ``warm`` untimed, then the seconds of loading ``path`` on
-    the host backend."""
-    mm = LibcMmap()
-    load(warm, mm).unload()
-    t = time.perf_counter()
-    obj = load(path, mm)
-    took = time.perf_counter() - t
-    obj.unload()
-    return took
+_CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _serve(backend: str, clock: Callable[[], float]) -> None:
+    """The worker: for each path on stdin, load it on ``backend`` ("sim": a fresh
+    AddressSpace each time; "host": LibcMmap, unloaded after) and print the seconds."""
+    from vmsim import AddressSpace
+
+    for line in sys.stdin:
+        mm: Any = AddressSpace() if backend == "sim" else LibcMmap()
+        t = clock()
+        obj = load(line.rstrip("\n"), mm)
+        took = clock() - t
+        if backend == "host":
+            obj.unload()
+        print(took, flush=True)
 
 
 def measure(bench: Bench, path: str, rounds: int) -> dict[str, float]:
     """Interleaved rounds (glibc, sim, host each round, so the machine's other work hits all
     three alike); medians of the times and of the per-round ratios."""
-    bench.sim(path)                       # warm: imports, page cache
-    bench.host(path)
-    g: list[float] = []
-    s: list[float] = []
-    h: list[float] = []
-    for _ in range(rounds):
-        g.append(bench.glibc(path))
-        s.append(bench.sim(path))
-        h.append(bench.host(path))
+    workers = {backend: bench.worker(backend, path) for backend in ("sim", "host")}
+    times: dict[str, list[float]] = {"glibc": [], "sim": [], "host": []}
+    try:
+        for _ in range(rounds):
+            times["glibc"].append(bench.glibc(path))
+            for backend, worker in workers.items():
+                times[backend].append(bench.ours(worker, path))
+    finally:
+        for worker in workers.values():
+            assert worker.stdin is not None
+            worker.stdin.close()
+            worker.wait()
     med = statistics.median
-    return {"glibc_ms": med(g) * 1e3, "sim_ms": med(s) * 1e3, "host_ms": med(h) * 1e3,
-            "sim_ratio": med([b / a for a, b in zip(g, s, strict=True)]),
-            "host_ratio": med([b / a for a, b in zip(g, h, strict=True)])}
+    g = times["glibc"]
+    return {"glibc_ms": med(g) * 1e3, "sim_ms": med(times["sim"]) * 1e3,
+            "host_ms": med(times["host"]) * 1e3,
+            "sim_ratio": med([b / a for a, b in zip(g, times["sim"], strict=True)]),
+            "host_ratio": med([b / a for a, b in zip(g, times["host"], strict=True)])}
 
 
 def main() -> None:
@@ -144,12 +160,17 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--libs", nargs="+", default=["libz", "libcrypto"], choices=list(LIBS))
+    ap.add_argument("--clock", default="cpu", choices=list(_CLOCKS))
+    ap.add_argument("--serve", choices=["sim", "host"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        _serve(args.serve, _CLOCKS[args.clock])
+        return
     rows: dict[str, Any] = {}
     print(f"{'library':<12} {'glibc ms':>9} {'sim ms':>8} {'host ms':>8} {'sim/glibc':>10} "
           f"{'host/glibc':>11}")
     with tempfile.TemporaryDirectory(prefix="bench_load-") as tmp:
-        bench = Bench(Path(tmp))
+        bench = Bench(Path(tmp), args.clock)
         for name in args.libs:
             row = rows[name] = measure(bench, LIBS[name], args.runs)
             print(f"{name:<12} {row['glibc_ms']:>9.3f} {row['sim_ms']:>8.2f} "
