@@ -160,9 +160,13 @@ def _is(kinds: npt.NDArray[np.uint8], *wanted: Kind) -> npt.NDArray[np.bool_]:
     return out
 
 
-def _kind_mask(table: RelocTable, *wanted: Kind) -> npt.NDArray[np.bool_]:
-    """Which entries of ``table`` have one of the ``wanted`` kinds."""
-    return _is(_kinds(table), *wanted)
+Kinds = list[npt.NDArray[np.uint8]]
+"""``_kinds`` of each table of ``DynamicTables.relocs``, in order: computed once per pass."""
+
+
+def _kinds_all(tables: DynamicTables) -> Kinds:
+    """``_kinds`` of every relocation table."""
+    return [_kinds(table) for table in tables.relocs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +291,8 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
     ElfRelocationError / ElfSymbolError."""
     starts, ends = _segment_arrays(image, textrel)
     copied = 0
-    for table in tables.relocs:
-        kinds = _kinds(table)
+    kinds_all = _kinds_all(tables)
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
         known = kinds != _UNKNOWN
         if not known.all():
             bad = int(table.r_type[~known][0])
@@ -306,8 +310,8 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
                                  f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
-    needed = _needed_symbols(tables)
-    _check_ifunc_resolvers(image, tables, needed)
+    needed = _needed_symbols(tables, kinds_all)
+    _check_ifunc_resolvers(image, tables, needed, kinds_all)
     _check_definitions(image, tables, needed)
 
 
@@ -342,13 +346,13 @@ def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
 
 
 def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
-                           needed: npt.NDArray[np.int64]) -> None:
+                           needed: npt.NDArray[np.int64], kinds_all: Kinds) -> None:
     """Every resolver the host would call must be the object's own code (``first_outside_code``):
     IRELATIVE resolvers (B + A) and the IFUNC symbols the relocations reference. A call
     into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash.
     ``needed``: the symbols the relocations use (``_needed_symbols``)."""
-    for table in tables.relocs:
-        mask = _kind_mask(table, Kind.IRELATIVE)
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mask = _is(kinds, Kind.IRELATIVE)
         if not mask.any():
             continue
         bad = first_outside_code(image, _addends(image, table, mask))
@@ -464,7 +468,7 @@ def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: Relo
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
     b = _U64(bias & MASK64)
     for table in tables.relocs:
-        mask = _kind_mask(table, Kind.RELATIVE)
+        mask = _is(_kinds(table), Kind.RELATIVE)
         if mask.any():
             places.append(table.r_offset[mask] + b)
             values.append(_addends(image, table, mask) + b)
@@ -475,11 +479,11 @@ def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: Relo
         out.by_type["R_X86_64_RELATIVE"] += len(tables.relr)
 
 
-def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
+def _needed_symbols(tables: DynamicTables, kinds_all: Kinds) -> npt.NDArray[np.int64]:
     """Unique nonzero symbol indices referenced by symbolic relocations (a mark array, O(n))."""
     mark = np.zeros(tables.nsyms, dtype=bool)
-    for t in tables.relocs:
-        mark[t.r_sym[_kind_mask(t, *_SYMBOLIC)]] = True
+    for t, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mark[t.r_sym[_is(kinds, *_SYMBOLIC)]] = True
     if len(mark):
         mark[0] = False
     idx: npt.NDArray[np.int64] = np.flatnonzero(mark).astype(np.int64)
@@ -556,6 +560,7 @@ class _Context:
     to, and what relocation did so far."""
 
     where: RelocContext
+    kinds_all: Kinds
     res: Resolution
     out: RelocOutcome
     syms: npt.NDArray[Any]                 # the symbol table (the null symbol when empty)
@@ -585,9 +590,10 @@ class _Entries:
     p: npt.NDArray[np.uint64]
 
     @classmethod
-    def computed(cls, ctx: _Context, table: RelocTable) -> _Entries:
-        """The entries whose values are computed one by one (not RELATIVE, NONE or COPY)."""
-        kinds = _kinds(table)
+    def computed(cls, ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
+                 ) -> _Entries:
+        """The entries whose values are computed one by one (not RELATIVE, NONE or COPY);
+        ``kinds``: the table's (``_kinds``)."""
         idx = np.flatnonzero(~_is(kinds, *_PLAIN)).astype(np.int64)
         return cls(table, idx, kinds[idx], table.r_sym[idx].astype(np.int64),
                    table.r_offset[idx] + ctx.b)
@@ -701,15 +707,16 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     return value
 
 
-def _table_pieces(ctx: _Context, table: RelocTable, first: int, pieces: _Pieces,
-                  copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
-    """Every entry of ``table`` that is not RELATIVE, NONE or COPY, as pieces keyed by its
-    position (``first`` + index); COPY entries go to ``copies`` for the bulk copy."""
-    copy = np.flatnonzero(_kind_mask(table, Kind.COPY))
+def _table_pieces(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8], first: int,
+                  pieces: _Pieces, copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
+    """Every entry of ``table`` (of ``kinds``) that is not RELATIVE, NONE or COPY, as pieces
+    keyed by its position (``first`` + index); COPY entries go to ``copies`` for the bulk
+    copy."""
+    copy = np.flatnonzero(_is(kinds, Kind.COPY))
     if len(copy):
         copies.append((copy + first, table.r_offset[copy] + ctx.b,
                        table.r_sym[copy].astype(np.int64)))
-    e = _Entries.computed(ctx, table)
+    e = _Entries.computed(ctx, table, kinds)
     if not len(e.idx):
         return
     a = e.addends(ctx.where.image)
@@ -746,11 +753,12 @@ def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
     out.irelative.extend(zip(e.p[irel].tolist(), (ctx.b + a[irel]).tolist(), strict=True))
 
 
-def _deferred_values(ctx: _Context, table: RelocTable) -> npt.NDArray[np.uint64]:
+def _deferred_values(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
+                     ) -> npt.NDArray[np.uint64]:
     """The values of ``table``'s deferred entries (table order), with resolvers run: an
     IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own IFUNC
     symbol is recomputed with S = what that symbol's resolver selects."""
-    every = _Entries.computed(ctx, table)
+    every = _Entries.computed(ctx, table, kinds)
     bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
     e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
     irel = _is(e.kinds, Kind.IRELATIVE)
@@ -1048,11 +1056,13 @@ def _write(mm: Mmap, words: npt.NDArray[np.uint64], values: npt.NDArray[np.uint6
 # The pipeline step
 
 
-def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome) -> Resolution:
+def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, kinds_all: Kinds
+          ) -> Resolution:
     """Run the resolver chain over the symbols the relocations reference."""
     tables = where.tables
-    needed = _needed_symbols(tables)
-    copies = [t.r_sym[_kind_mask(t, Kind.COPY)] for t in tables.relocs]
+    needed = _needed_symbols(tables, kinds_all)
+    copies = [t.r_sym[_is(kinds, Kind.COPY)]
+              for t, kinds in zip(tables.relocs, kinds_all, strict=True)]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
     res = resolver.resolve(tables, needed, where.bias, where.mm, where.near, not_self) \
         if len(needed) else Resolution(np.zeros(tables.nsyms, np.uint64),
@@ -1061,7 +1071,8 @@ def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome) -> Resolut
     return res
 
 
-def _context(where: RelocContext, res: Resolution, out: RelocOutcome) -> _Context:
+def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocOutcome
+             ) -> _Context:
     """The context of one relocation pass. Symbols an own STT_GNU_IFUNC bound to its own
     definition are marked: their value is a resolver to run (one bound elsewhere, by a hook
     or the scope, is taken as it is). An empty symbol table reads as the null symbol."""
@@ -1071,7 +1082,7 @@ def _context(where: RelocContext, res: Resolution, out: RelocOutcome) -> _Contex
     at_home = addr == syms["st_value"].astype(np.uint64) + _U64(where.bias & MASK64)
     own = (st_type(syms["st_info"]) == STT.GNU_IFUNC) & (syms["st_shndx"] != SHN.UNDEF)
     bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
-    return _Context(where, res, out, syms, addr, own & bound & at_home)
+    return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)
 
 
 def _all_pieces(ctx: _Context) -> _Pieces:
@@ -1088,8 +1099,8 @@ def _all_pieces(ctx: _Context) -> _Pieces:
                    np.concatenate(values), np.zeros(len(place), dtype=bool))
     copies: list[tuple[npt.NDArray[Any], ...]] = []
     first = 0
-    for table in where.tables.relocs:
-        _table_pieces(ctx, table, first, pieces, copies)
+    for table, kinds in zip(where.tables.relocs, ctx.kinds_all, strict=True):
+        _table_pieces(ctx, table, kinds, first, pieces, copies)
         first += len(table)
     _copy_pieces(ctx, copies, pieces)
     return pieces
@@ -1110,7 +1121,8 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     out = out if out is not None else RelocOutcome()
     out.tls = TlsLayout.first_static(where.image)
     mm = where.mm
-    ctx = _context(where, _bind(where, resolver, out), out)
+    kinds_all = _kinds_all(where.tables)
+    ctx = _context(where, kinds_all, _bind(where, resolver, out, kinds_all), out)
     place, width, value, deferred = _all_pieces(ctx).arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
@@ -1118,7 +1130,9 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
     out.ran_resolvers = where.runs_code
     if later:
-        value[deferred] = np.concatenate([_deferred_values(ctx, t) for t in where.tables.relocs])
+        value[deferred] = np.concatenate([
+            _deferred_values(ctx, t, kinds)
+            for t, kinds in zip(where.tables.relocs, kinds_all, strict=True)])
         wp, store = _cut(place, width, value)
         touched = np.isin(wp.word, wp.word[deferred[store]])
         _write(mm, *_final_words(wp.where(touched), initial))

@@ -23,6 +23,7 @@ from loader.elfdefs import (
     PF,
     REL_DTYPE,
     RELA_DTYPE,
+    SHN,
     SYM_DTYPE,
     VER_FLG_BASE,
     VERSYM_VERSION,
@@ -670,18 +671,22 @@ def import_slot(st_size: int) -> int:
     return max(STUB_SLOT, -(-st_size // STUB_SLOT) * STUB_SLOT)
 
 
-def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
-                        relocs: tuple[RelocTable, ...]) -> None:
-    """The undefined symbols relocations use: each st_size, and their sum, below the
-    user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
-    asks for more than an address space). ElfSymbolError names the symbol."""
-    if not len(syms):
-        return
-    used = np.zeros(len(syms), dtype=bool)
+def _relocated_symbols(nsyms: int, relocs: tuple[RelocTable, ...]) -> npt.NDArray[np.bool_]:
+    """Per symbol: some relocation uses it (the null symbol never counts)."""
+    used = np.zeros(nsyms, dtype=bool)
     for table in relocs:
         used[table.r_sym] = True
-    used[0] = False
-    idx = np.flatnonzero(used & (syms["st_shndx"] == 0))
+    used[:1] = False
+    return used
+
+
+def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
+                        used: npt.NDArray[np.bool_]) -> None:
+    """The undefined symbols relocations use: each st_size, and their sum, below the
+    user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
+    asks for more than an address space). ElfSymbolError names the symbol. ``used``: the
+    symbols relocations use (``_relocated_symbols``)."""
+    idx = np.flatnonzero(used & (syms["st_shndx"] == SHN.UNDEF))
     sizes = syms["st_size"][idx]
     # float64 sums are exact enough to find where the total crosses 2**47.
     total = np.cumsum(np.minimum(sizes, USER_LIMIT).astype(np.float64) + STUB_SLOT)
@@ -702,13 +707,9 @@ def name_budget(strtab: bytes) -> int:
 
 
 def _check_name_bytes(syms: npt.NDArray[Any], strtab: bytes, nuls: npt.NDArray[np.intp],
-                      relocs: tuple[RelocTable, ...], versions: dict[int, int]) -> None:
-    """The names a load cuts (the versions', and those of the symbols relocations use)
-    add up to at most ``name_budget`` bytes, counted before any is cut."""
-    used = np.zeros(len(syms), dtype=bool)
-    for table in relocs:
-        used[table.r_sym] = True
-    used[:1] = False                      # the null symbol: no name is cut for it
+                      used: npt.NDArray[np.bool_], versions: dict[int, int]) -> None:
+    """The names a load cuts (the versions', and those of the symbols relocations use:
+    ``used``) add up to at most ``name_budget`` bytes, counted before any is cut."""
     starts = np.concatenate([syms["st_name"][used].astype(np.int64),
                              np.fromiter(set(versions.values()), dtype=np.int64)])
     if not len(starts):
@@ -736,11 +737,12 @@ def parse_tables(image: ElfImage) -> DynamicTables:
     defined = _verdefs(image, tags, names, name_offsets)
     _verneeds(image, tags, names, name_offsets)
     nuls = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
-    _check_name_bytes(syms, strtab, nuls, relocs, name_offsets)
+    used = _relocated_symbols(len(syms), relocs)
+    _check_name_bytes(syms, strtab, nuls, used, name_offsets)
     versions = {ndx: names(off, "version name") for ndx, off in name_offsets.items()}
     _check_needed(strtab, needed)
     _check_relative_count(tags, relocs)
-    _check_import_sizes(syms, strtab, relocs)
+    _check_import_sizes(syms, strtab, used)
     return DynamicTables(
         tags=tags, needed=needed, relocs=relocs, relr=_relr(image, tags), symtab=syms,
         strtab=strtab, versym=_versym(image, tags, len(syms), versions), versions=versions,
