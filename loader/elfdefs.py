@@ -18,16 +18,48 @@ import numpy.typing as npt
 _Ints = TypeVar("_Ints", int, npt.NDArray[Any])
 
 __all__ = [
-    "DF", "DF_1", "DT", "DYN_DTYPE", "EHDR_DTYPE", "ELFCLASS64", "ELFDATA2LSB", "ELFMAG",
-    "ELFOSABI", "EM_X86_64", "ET", "EV_CURRENT", "MASK32", "MASK64", "PF", "PHDR_DTYPE", "PT",
-    "REL_DTYPE", "RELA_DTYPE", "R_X86_64", "SHN", "STB", "STT", "SYM_DTYPE", "VERSYM_HIDDEN",
-    "VERSYM_VERSION", "VER_FLG_BASE", "st_bind", "st_type", "versym_index",
+    "ADDR_SIZE",
+    "DF",
+    "DF_1",
+    "DT",
+    "DYN_DTYPE",
+    "EHDR_DTYPE",
+    "ELFCLASS64",
+    "ELFDATA2LSB",
+    "ELFMAG",
+    "ELFOSABI",
+    "EM_X86_64",
+    "ET",
+    "EV_CURRENT",
+    "MASK32",
+    "MASK64",
+    "PF",
+    "PHDR_DTYPE",
+    "PT",
+    "RELA_DTYPE",
+    "REL_DTYPE",
+    "R_X86_64",
+    "SHN",
+    "STB",
+    "STT",
+    "SYM_DTYPE",
+    "VERSYM_HIDDEN",
+    "VERSYM_VERSION",
+    "VER_FLG_BASE",
+    "WORD_SIZE",
+    "st_bind",
+    "st_type",
+    "versym_index",
 ]
 
 MASK64 = (1 << 64) - 1
 """All 64 bits: addresses and words wrap modulo 2**64, as C's uint64_t does."""
 MASK32 = (1 << 32) - 1
 """All 32 bits: the hash functions' words wrap modulo 2**32 (Elf32_Word)."""
+ADDR_SIZE = 8
+"""Bytes of an Elf64_Addr / Elf64_Xword: a RELR word, an init array entry, a GOT slot."""
+WORD_SIZE = 4
+"""Bytes of an Elf64_Word: a hash table's buckets and chains."""
 
 # --- identification (e_ident) ----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from loader.elf import ElfImage, parse_image
-from loader.elfdefs import DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
+from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
     ElfError,
@@ -76,9 +76,9 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
     .bss); DT_INIT and DT_FINI must be callable code (``first_outside_code``)."""
     for name, (at, count) in (("DT_INIT_ARRAY", tables.init_array),
                               ("DT_FINI_ARRAY", tables.fini_array)):
-        if count and image.file_offset(at, 8 * count) is None:
-            raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD's "
-                                  "file bytes")
+        if count and image.file_offset(at, ADDR_SIZE * count) is None:
+            raise ElfDynamicError(name, at, f"[{name}, +{ADDR_SIZE * count:#x}) inside one "
+                                  "PT_LOAD's file bytes")
     for name, tag in (("DT_INIT", DT.INIT), ("DT_FINI", DT.FINI)):
         at = tables.tags.get(tag, 0)
         if at and first_outside_code(image, [at]) is not None:
@@ -255,7 +255,7 @@ class LoadedObject:
         in one piece (its size is bounded by the file: ``_check_arrays``)."""
         if not count:
             return []
-        words = np.frombuffer(self.mm.read(at + self.load_bias, 8 * count), dtype="<u8")
+        words = np.frombuffer(self.mm.read(at + self.load_bias, ADDR_SIZE * count), dtype="<u8")
         kept: list[int] = words[(words != 0) & (words != MASK64)].tolist()
         return kept
 

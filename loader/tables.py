@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from loader.elf import USER_LIMIT, ElfImage
 from loader.elfdefs import (
+    ADDR_SIZE,
     DF,
     DT,
     DYN_DTYPE,
@@ -27,6 +28,7 @@ from loader.elfdefs import (
     SYM_DTYPE,
     VER_FLG_BASE,
     VERSYM_VERSION,
+    WORD_SIZE,
     versym_index,
 )
 from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
@@ -167,11 +169,12 @@ def _reloc_table(image: ElfImage, name: str, vaddr: int, size: int,
     if size % dtype.itemsize:
         raise ElfDynamicError(f"{name} size", size, f"a multiple of {dtype.itemsize}")
     raw = _table(image, vaddr, size, name)
-    words = dtype.itemsize // 8
+    words = dtype.itemsize // ADDR_SIZE
     u64 = np.frombuffer(raw, dtype="<u8").reshape(-1, words)
     u32 = np.frombuffer(raw, dtype="<u4").reshape(-1, 2 * words)
     addend = (np.zeros(len(u64), dtype=np.int64) if implicit
               else np.frombuffer(raw, dtype="<i8").reshape(-1, words)[:, 2])
+    # r_info = sym << 32 | type (ELF64_R_INFO): little-endian, its low half is the type
     return RelocTable(name, u64[:, 0], u32[:, 2], u32[:, 3], addend, implicit)
 
 
@@ -281,8 +284,8 @@ def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int,
     add the bias twice to a repeated word). ElfRelocationError names the first bad target."""
     ok = np.zeros(len(targets), dtype=bool)
     for start, end in ranges:
-        ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - 8, 0))) \
-            & (end >= start + 8)
+        ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - ADDR_SIZE, 0))) \
+            & (end >= start + ADDR_SIZE)
     if not ok.all():
         raise ElfRelocationError("DT_RELR target", int(targets[~ok][0]),
                               "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
@@ -302,13 +305,13 @@ def _relr(image: ElfImage, tags: dict[int, int]) -> npt.NDArray[np.uint64]:
     the size of the decoded table is allocated; then every target is checked."""
     if DT.RELR not in tags:
         return np.zeros(0, dtype=np.uint64)
-    _entsize(tags, DT.RELRENT, "DT_RELRENT", 8)
+    _entsize(tags, DT.RELRENT, "DT_RELRENT", ADDR_SIZE)
     size = tags.get(DT.RELRSZ, 0)
-    if size % 8:
-        raise ElfDynamicError("DT_RELRSZ", size, "a multiple of 8")
+    if size % ADDR_SIZE:
+        raise ElfDynamicError("DT_RELRSZ", size, f"a multiple of {ADDR_SIZE}")
     words = np.frombuffer(_table(image, tags[DT.RELR], size, "DT_RELR"), dtype="<u8")
     ranges = _relocatable(image, tags)
-    room = sum((end - start) // 8 + 1 for start, end in ranges)
+    room = sum((end - start) // ADDR_SIZE + 1 for start, end in ranges)
     count = relr_count(words)
     if count > room:
         raise ElfDynamicError("DT_RELR target count", count,
@@ -329,24 +332,31 @@ def _file_bytes_from(image: ElfImage, vaddr: int) -> int:
 
 def _u32s(image: ElfImage, vaddr: int, count: int, tag: str) -> npt.NDArray[np.uint32]:
     """``count`` little-endian 32-bit words at ``vaddr``."""
-    if count < 0 or count * 4 > image.size:
-        raise ElfDynamicError(f"{tag} count", count, f"at most {image.size // 4:#x} words")
-    return np.frombuffer(_table(image, vaddr, count * 4, tag), dtype="<u4").astype(np.uint32)
+    if count < 0 or count * WORD_SIZE > image.size:
+        raise ElfDynamicError(f"{tag} count", count,
+                              f"at most {image.size // WORD_SIZE:#x} words")
+    return np.frombuffer(_table(image, vaddr, count * WORD_SIZE, tag),
+                         dtype="<u4").astype(np.uint32)
+
+
+_GNU_HASH_HEADER = 4     # words: nbuckets, symoffset, bloom_size, bloom_shift
+_SYSV_HASH_HEADER = 2    # words: nbucket, nchain
 
 
 def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
     """The GNU hash table (nbuckets, shift, bloom, buckets, chains) and how many symbols it
     covers (the last hashed one's index + 1; 0 when every bucket is empty)."""
-    nbuckets, symoffset, bloom_size, shift = _u32s(image, vaddr, 4, "DT_GNU_HASH").tolist()
+    header = _u32s(image, vaddr, _GNU_HASH_HEADER, "DT_GNU_HASH")
+    nbuckets, symoffset, bloom_size, shift = header.tolist()
     if bloom_size == 0 or nbuckets == 0:
         raise ElfDynamicError("DT_GNU_HASH nbuckets/bloom_size", min(nbuckets, bloom_size),
                               "at least 1")
-    bloom_at = vaddr + 16
-    bloom = np.frombuffer(_table(image, bloom_at, bloom_size * 8, "DT_GNU_HASH bloom"),
+    bloom_at = vaddr + _GNU_HASH_HEADER * WORD_SIZE
+    bloom = np.frombuffer(_table(image, bloom_at, bloom_size * ADDR_SIZE, "DT_GNU_HASH bloom"),
                           dtype="<u8").astype(np.uint64)
-    buckets_at = bloom_at + bloom_size * 8
+    buckets_at = bloom_at + bloom_size * ADDR_SIZE
     buckets = _u32s(image, buckets_at, nbuckets, "DT_GNU_HASH buckets")
-    chains_at = buckets_at + nbuckets * 4
+    chains_at = buckets_at + nbuckets * WORD_SIZE
     top = int(buckets.max())
     if top == 0:    # no symbol is hashed: symoffset says nothing about the table's size
         return GnuHash(symoffset, shift, bloom, buckets, np.zeros(0, np.uint32)), 0
@@ -355,7 +365,7 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
     # The chain of the highest bucket ends the table: find its end marker (low bit set),
     # reading windows that grow fourfold so a long chain costs O(n) and a short one little.
     # A chain that runs to the end of its PT_LOAD's file bytes without one is refused.
-    avail = _file_bytes_from(image, chains_at) // 4
+    avail = _file_bytes_from(image, chains_at) // WORD_SIZE
     done = top - symoffset
     window = 64
     while True:
@@ -363,7 +373,7 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
         if count <= done:
             raise ElfDynamicError("DT_GNU_HASH chain", top,
                                   "an end marker (low bit set) inside its PT_LOAD's file bytes")
-        tail = _u32s(image, chains_at + done * 4, count - done, "DT_GNU_HASH chains")
+        tail = _u32s(image, chains_at + done * WORD_SIZE, count - done, "DT_GNU_HASH chains")
         ends = np.flatnonzero(tail & 1)
         if len(ends):
             break
@@ -375,8 +385,8 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
 
 def _sysv_hash(image: ElfImage, vaddr: int) -> tuple[SysvHash, int]:
     """The SysV hash table (buckets, chains) and the symbol count (nchain)."""
-    nbucket, nchain = _u32s(image, vaddr, 2, "DT_HASH").tolist()
-    words = _u32s(image, vaddr + 8, nbucket + nchain, "DT_HASH")
+    nbucket, nchain = _u32s(image, vaddr, _SYSV_HASH_HEADER, "DT_HASH").tolist()
+    words = _u32s(image, vaddr + _SYSV_HASH_HEADER * WORD_SIZE, nbucket + nchain, "DT_HASH")
     buckets, chains = words[:nbucket], words[nbucket:]
     if len(words) and int(words.max()) >= max(nchain, 1):
         raise ElfDynamicError("DT_HASH entry", int(words.max()), f"below nchain {nchain}")
@@ -634,9 +644,9 @@ def _array_tag(tags: dict[int, int], at: int, size: int, name: str) -> tuple[int
     if at not in tags:
         return (0, 0)
     n = tags.get(size, 0)
-    if n % 8:
-        raise ElfDynamicError(f"{name}SZ", n, "a multiple of 8")
-    return (tags[at], n // 8)
+    if n % ADDR_SIZE:
+        raise ElfDynamicError(f"{name}SZ", n, f"a multiple of {ADDR_SIZE}")
+    return (tags[at], n // ADDR_SIZE)
 
 
 def _check_needed(strtab: bytes, needed: tuple[int, ...]) -> None:
