@@ -10,9 +10,10 @@ The dynamic section and the bulk tables it points at are read by ``loader.tables
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from loader.elfdefs import (
     EHDR_DTYPE,
@@ -30,7 +31,7 @@ from loader.elfdefs import (
 from loader.errors import ElfHeaderError, ElfSegmentError, ElfUnsupportedError
 from loader.pages import page_offset, page_round_down, page_round_up
 
-__all__ = ["ElfImage", "Segment", "USER_LIMIT", "parse_image"]
+__all__ = ["ElfImage", "LoadColumns", "Segment", "USER_LIMIT", "parse_image"]
 
 EHDR_SIZE = EHDR_DTYPE.itemsize
 PHDR_SIZE = PHDR_DTYPE.itemsize
@@ -58,6 +59,26 @@ class Segment:
         return self.p_vaddr + self.p_memsz
 
 
+class LoadColumns(NamedTuple):
+    """The PT_LOADs as arrays, one entry per segment in p_vaddr order: what lookups over
+    whole tables (``np.searchsorted`` on ``starts``) need, built once per file."""
+
+    starts: npt.NDArray[np.uint64]       # p_vaddr
+    ends: npt.NDArray[np.uint64]         # p_vaddr + p_memsz
+    file_ends: npt.NDArray[np.uint64]    # p_vaddr + p_filesz
+    offsets: npt.NDArray[np.uint64]      # p_offset
+    flags: npt.NDArray[np.uint32]        # p_flags
+
+    @classmethod
+    def of(cls, loads: list[Segment]) -> LoadColumns:
+        """The columns of ``loads``."""
+        def col(values: list[int], dtype: Any = np.uint64) -> npt.NDArray[Any]:
+            return np.array(values, dtype=dtype)
+        return cls(col([s.p_vaddr for s in loads]), col([s.end for s in loads]),
+                   col([s.p_vaddr + s.p_filesz for s in loads]),
+                   col([s.p_offset for s in loads]), col([s.p_flags for s in loads], np.uint32))
+
+
 @dataclass(frozen=True, slots=True)
 class ElfImage:
     """A checked ELF file: header facts, PT_LOADs sorted and disjoint, the special headers.
@@ -75,6 +96,7 @@ class ElfImage:
     tls: Segment | None
     interp: bool
     page_size: int
+    columns: LoadColumns
 
     def file_offset(self, vaddr: int, length: int) -> int | None:
         """The file offset holding ``[vaddr, vaddr+length)``, or None when that range is not
@@ -257,4 +279,5 @@ def parse_image(data: Any, page_size: int) -> ElfImage:
     _check_special(relro, dyn, tls, loads)
     return ElfImage(data=data, size=size, e_type=ET(hdr["e_type"]), e_entry=hdr["e_entry"],
                     loads=tuple(loads), dynamic=dyn, relro=relro, tls=tls,
-                    interp=_first(segs, PT.INTERP) is not None, page_size=page_size)
+                    interp=_first(segs, PT.INTERP) is not None, page_size=page_size,
+                    columns=LoadColumns.of(loads))

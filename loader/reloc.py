@@ -215,9 +215,8 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
     v = np.asarray(vaddrs, dtype=np.uint64)
     if not len(v):
         return None
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
-    code = np.array([bool(s.p_flags & PF.X) for s in image.loads])
+    starts, file_ends = image.columns.starts, image.columns.file_ends
+    code = (image.columns.flags & PF.X) != 0
     seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
     ok = (seg >= 0) & code[at] & (v < file_ends[at])
@@ -227,9 +226,9 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
 def _segment_arrays(image: ElfImage, textrel: bool
                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
-    segs = [s for s in image.loads if textrel or s.p_flags & PF.W]
-    return (np.array([s.p_vaddr for s in segs], dtype=np.uint64),
-            np.array([s.end for s in segs], dtype=np.uint64))
+    cols = image.columns
+    sel = ((cols.flags & PF.W) != 0) | textrel
+    return cols.starts[sel], cols.ends[sel]
 
 
 def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
@@ -327,8 +326,7 @@ def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArr
     values = syms["st_value"][needed[own]].astype(np.uint64)
     if not len(values):
         return
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    ends = np.array([s.end for s in image.loads], dtype=np.uint64)
+    starts, ends = image.columns.starts, image.columns.ends
     seg = _segment_of(starts, values)
     ok = (seg >= 0) & (values <= ends[np.clip(seg, 0, None)])
     if not ok.all():
@@ -378,9 +376,8 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     Fields wholly inside one segment's file part (all, in practice) are gathered a byte
     column at a time; only the others are looked up byte by byte."""
     raw = np.frombuffer(image.data, dtype=np.uint8)
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
-    offsets = np.array([s.p_offset for s in image.loads], dtype=np.uint64)
+    starts, file_ends, offsets = (image.columns.starts, image.columns.file_ends,
+                                  image.columns.offsets)
     v = vaddrs.astype(np.uint64)
     seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
