@@ -1,10 +1,13 @@
 """Relocate: the x86-64 relocation table and the generic kinds that apply it.
 
-Part of the ``loader`` layer (imports ``loader.tables``, ``loader.symbols``, ``loader.mmap``).
-As musl does it, an architecture is a table from type number to (kind, width, addend rule);
-the kinds are computed a whole table at a time with numpy, with the ABI's letters: S (symbol
-address), A (addend), P (place), B (load bias). ``check_relocations`` validates every target,
-every COPY size and every address the loader may call before any memory is touched.
+Part of the ``loader`` layer (imports ``loader.elfdefs``, ``loader.tables``,
+``loader.symbols``, ``loader.mmap``). As musl does it, an architecture is a table from type
+number to (kind, width, addend rule, signedness): ``X86_64``, the one place a type number gets
+its meaning (its columns are derived from it as arrays for lookups over whole tables). The
+kinds are computed a whole table at a time with numpy, with the ABI's letters: S (symbol
+address), A (addend), P (place), B (load bias); ``RelocContext`` says where a pass works.
+``check_relocations`` validates every target, every COPY size and every address the loader
+may call before any memory is touched.
 
 Every store, whatever its width (8-byte words, 4-byte fields, COPY bytes, 16-byte TLS
 descriptors), becomes a "piece" of one aligned 64-bit word; the final value of each word
