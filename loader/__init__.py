@@ -1,7 +1,8 @@
 """loader: an ELF loader written against the small ``Mmap`` interface (``loader.mmap``).
 
 It runs on any backend: the simulator (``vmsim.AddressSpace``) or the real kernel
-(``loader.libc.LibcMmap``). The pipeline: ``loader.elf`` and ``loader.tables`` parse and
+(``loader.libc.LibcMmap``). ``loader.elfdefs`` names every ELF constant, record layout and
+bit-field helper. The pipeline: ``loader.elf`` and ``loader.tables`` parse and
 validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
 ``loader.symbols`` relocate, ``loader.pipeline`` protects, runs init and ties it together;
 ``loader.outcome`` makes loads comparable and ``loader.trace`` records the calls.

@@ -1,39 +1,51 @@
 """Parse and validate step 1 of 2: the ELF header and the program headers.
 
-Part of the ``loader`` layer (imports only ``loader.errors``/``loader.pages`` and pyelftools).
-pyelftools' construct structs read the header and each program header; everything is checked
-here, before any memory is touched: a bad file raises an ``ElfError`` kind naming the field.
+Part of the ``loader`` layer (imports ``loader.elfdefs``, ``loader.errors``, ``loader.pages``).
+numpy reads the header and the program header table (``loader.elfdefs`` has their dtypes);
+everything is checked here, before any memory is touched: a bad file raises an ``ElfError``
+kind naming the field.
 The dynamic section and the bulk tables it points at are read by ``loader.tables``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from elftools.elf.structs import ELFStructs
+import numpy as np
+import numpy.typing as npt
 
+from loader.elfdefs import (
+    EHDR_DTYPE,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFMAG,
+    ELFOSABI,
+    EM_X86_64,
+    ET,
+    EV_CURRENT,
+    PF,
+    PHDR_DTYPE,
+    PT,
+)
 from loader.errors import ElfHeaderError, ElfSegmentError, ElfUnsupportedError
 from loader.pages import page_offset, page_round_down, page_round_up
 
-__all__ = ["ElfImage", "Segment", "USER_LIMIT", "parse_image"]
+__all__ = ["ElfImage", "LoadColumns", "Segment", "USER_LIMIT", "parse_image"]
 
-EHDR_SIZE = 64
-PHDR_SIZE = 56
+EHDR_SIZE = EHDR_DTYPE.itemsize
+PHDR_SIZE = PHDR_DTYPE.itemsize
 USER_LIMIT = 1 << 47
 """The end of x86-64 user space (47-bit): no segment may reach past it."""
 
-PF_X, PF_W, PF_R = 1, 2, 4
-_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_TLS = "PT_LOAD", "PT_DYNAMIC", "PT_INTERP", "PT_TLS"
-_PT_RELRO = "PT_GNU_RELRO"
+PF_X, PF_W, PF_R = PF.X, PF.W, PF.R
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
     """A program header, in the spec's field names (``p_flags`` holds PF_R/PF_W/PF_X)."""
 
-    p_type: str
+    p_type: int
     p_flags: int
     p_offset: int
     p_vaddr: int
@@ -47,6 +59,26 @@ class Segment:
         return self.p_vaddr + self.p_memsz
 
 
+class LoadColumns(NamedTuple):
+    """The PT_LOADs as arrays, one entry per segment in p_vaddr order: what lookups over
+    whole tables (``np.searchsorted`` on ``starts``) need, built once per file."""
+
+    starts: npt.NDArray[np.uint64]       # p_vaddr
+    ends: npt.NDArray[np.uint64]         # p_vaddr + p_memsz
+    file_ends: npt.NDArray[np.uint64]    # p_vaddr + p_filesz
+    offsets: npt.NDArray[np.uint64]      # p_offset
+    flags: npt.NDArray[np.uint32]        # p_flags
+
+    @classmethod
+    def of(cls, loads: list[Segment]) -> LoadColumns:
+        """The columns of ``loads``."""
+        def col(values: list[int], dtype: Any = np.uint64) -> npt.NDArray[Any]:
+            return np.array(values, dtype=dtype)
+        return cls(col([s.p_vaddr for s in loads]), col([s.end for s in loads]),
+                   col([s.p_vaddr + s.p_filesz for s in loads]),
+                   col([s.p_offset for s in loads]), col([s.p_flags for s in loads], np.uint32))
+
+
 @dataclass(frozen=True, slots=True)
 class ElfImage:
     """A checked ELF file: header facts, PT_LOADs sorted and disjoint, the special headers.
@@ -56,7 +88,7 @@ class ElfImage:
 
     data: Any
     size: int
-    e_type: str
+    e_type: ET
     e_entry: int
     loads: tuple[Segment, ...]
     dynamic: Segment | None
@@ -64,6 +96,7 @@ class ElfImage:
     tls: Segment | None
     interp: bool
     page_size: int
+    columns: LoadColumns
 
     def file_offset(self, vaddr: int, length: int) -> int | None:
         """The file offset holding ``[vaddr, vaddr+length)``, or None when that range is not
@@ -74,86 +107,77 @@ class ElfImage:
         return None
 
 
-@cache
-def _structs(e_type: str) -> ELFStructs:
-    """pyelftools' construct structs for little-endian ELF64 x86-64, built once per e_type."""
-    structs = ELFStructs(little_endian=True, elfclass=64)
-    structs.create_basic_structs()
-    if e_type:
-        structs.create_advanced_structs(e_type, "EM_X86_64", "ELFOSABI_SYSV")
-    return structs
-
-
-def _parse_header(data: Any, size: int) -> Any:
-    """Check the identification bytes and parse the ELF header with pyelftools."""
+def _parse_header(data: Any, size: int) -> dict[str, Any]:
+    """Check the identification bytes and read the ELF header (a dict of its fields)."""
     if size < EHDR_SIZE:
         raise ElfHeaderError("file size", size, f"at least {EHDR_SIZE} bytes (an ELF64 header)")
     ident = bytes(data[:16])
-    if ident[:4] != b"\x7fELF":
+    if ident[:4] != ELFMAG:
         raise ElfHeaderError("e_ident[EI_MAG]", ident[:4], "must be b'\\x7fELF'")
-    if ident[4] != 2:
+    if ident[4] != ELFCLASS64:
         raise ElfUnsupportedError("e_ident[EI_CLASS]", ident[4], "only ELFCLASS64 (2)")
-    if ident[5] != 1:
+    if ident[5] != ELFDATA2LSB:
         raise ElfUnsupportedError("e_ident[EI_DATA]", ident[5], "only ELFDATA2LSB (1)")
-    if ident[6] != 1:
+    if ident[6] != EV_CURRENT:
         raise ElfHeaderError("e_ident[EI_VERSION]", ident[6], "must be EV_CURRENT (1)")
-    try:
-        return _structs("").Elf_Ehdr.parse(bytes(data[:EHDR_SIZE]))
-    except Exception as exc:  # pyelftools' construct errors
-        raise ElfHeaderError("ELF header", type(exc).__name__, str(exc)) from exc
+    row = np.frombuffer(data, dtype=EHDR_DTYPE, count=1)[0]
+    return {name: row[name] if name == "e_ident" else int(row[name])
+            for name in EHDR_DTYPE.names or ()}
 
 
+_EI_OSABI, _EI_ABIVERSION = 7, 8
 _EI_PAD = slice(9, 16)
-_OSABIS = ("ELFOSABI_SYSV", "ELFOSABI_LINUX")  # glibc: ELFOSABI_GNU is ELFOSABI_LINUX (3)
 
 
-def _check_ident(ident: bytes, hdr: Any) -> None:
+def _name(enum_type: Any, value: int) -> str | int:
+    """``value``'s name in ``enum_type`` with the gABI prefix (``ET_DYN``), else the number."""
+    try:
+        return f"{enum_type.__name__}_{enum_type(value).name}"
+    except ValueError:
+        return value
+
+
+def _check_ident(ident: bytes, hdr: dict[str, Any]) -> None:
     """The identification bytes glibc's open_verify checks beyond class and data: the OS ABI
     (System V or GNU), its ABI version (0 for System V), zero padding, and e_version."""
-    osabi = hdr.e_ident["EI_OSABI"]
-    if osabi not in _OSABIS:
+    osabi = ident[_EI_OSABI]
+    if osabi not in (ELFOSABI.SYSV, ELFOSABI.GNU):
         raise ElfHeaderError("e_ident[EI_OSABI]", osabi, "ELFOSABI_SYSV or ELFOSABI_GNU "
                              "(glibc: ELF file OS ABI invalid)")
-    if osabi == "ELFOSABI_SYSV" and hdr.e_ident["EI_ABIVERSION"] != 0:
-        raise ElfHeaderError("e_ident[EI_ABIVERSION]", hdr.e_ident["EI_ABIVERSION"],
+    if osabi == ELFOSABI.SYSV and ident[_EI_ABIVERSION] != 0:
+        raise ElfHeaderError("e_ident[EI_ABIVERSION]", ident[_EI_ABIVERSION],
                              "0 for ELFOSABI_SYSV (glibc: ELF file ABI version invalid)")
     if any(ident[_EI_PAD]):
         raise ElfHeaderError("e_ident[EI_PAD]", ident[_EI_PAD].hex(),
                              "all zero (glibc: nonzero padding in e_ident)")
-    if hdr.e_version != "EV_CURRENT":
-        raise ElfHeaderError("e_version", hdr.e_version, "EV_CURRENT (1) (glibc: ELF file "
+    if hdr["e_version"] != EV_CURRENT:
+        raise ElfHeaderError("e_version", hdr["e_version"], "EV_CURRENT (1) (glibc: ELF file "
                              "version does not match current one)")
 
 
-def _check_header(hdr: Any, size: int) -> None:
+def _check_header(hdr: dict[str, Any], size: int) -> None:
     """e_type, e_machine and the program header table's place in the file."""
-    if hdr.e_machine != "EM_X86_64":
-        raise ElfUnsupportedError("e_machine", hdr.e_machine, "only EM_X86_64")
-    if hdr.e_type not in ("ET_DYN", "ET_EXEC"):
-        raise ElfUnsupportedError("e_type", hdr.e_type, "only ET_DYN and ET_EXEC")
-    if hdr.e_phentsize != PHDR_SIZE:
-        raise ElfHeaderError("e_phentsize", hdr.e_phentsize, f"must be {PHDR_SIZE}")
-    if hdr.e_phnum == 0:
+    if hdr["e_machine"] != EM_X86_64:
+        raise ElfUnsupportedError("e_machine", hdr["e_machine"], f"only EM_X86_64 ({EM_X86_64})")
+    if hdr["e_type"] not in (ET.DYN, ET.EXEC):
+        raise ElfUnsupportedError("e_type", _name(ET, hdr["e_type"]), "only ET_DYN and ET_EXEC")
+    if hdr["e_phentsize"] != PHDR_SIZE:
+        raise ElfHeaderError("e_phentsize", hdr["e_phentsize"], f"must be {PHDR_SIZE}")
+    if hdr["e_phnum"] == 0:
         raise ElfHeaderError("e_phnum", 0, "at least 1 (a PT_LOAD)")
-    end = hdr.e_phoff + hdr.e_phnum * PHDR_SIZE
+    end = hdr["e_phoff"] + hdr["e_phnum"] * PHDR_SIZE
     if end > size:
         raise ElfHeaderError("e_phoff + e_phnum * e_phentsize", end,
                              f"within the file size {size:#x} (truncated file?)")
 
 
-def _parse_phdrs(data: Any, hdr: Any) -> list[Segment]:
-    """Every program header, through pyelftools' Elf_Phdr struct."""
-    phdr = _structs(hdr.e_type).Elf_Phdr
-    raw = bytes(data[hdr.e_phoff: hdr.e_phoff + hdr.e_phnum * PHDR_SIZE])
-    out = []
-    try:
-        for i in range(hdr.e_phnum):
-            p = phdr.parse(raw[i * PHDR_SIZE: (i + 1) * PHDR_SIZE])
-            out.append(Segment(str(p.p_type), p.p_flags, p.p_offset, p.p_vaddr, p.p_filesz,
-                               p.p_memsz, p.p_align))
-    except Exception as exc:  # pyelftools' construct errors
-        raise ElfHeaderError("program header", type(exc).__name__, str(exc)) from exc
-    return out
+def _parse_phdrs(data: Any, hdr: dict[str, Any]) -> list[Segment]:
+    """Every program header (``_check_header`` bounded the table by the file), one numpy
+    read of the whole table."""
+    rows = np.frombuffer(data, dtype=PHDR_DTYPE, count=hdr["e_phnum"],
+                         offset=hdr["e_phoff"]).tolist()
+    return [Segment(p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align)
+            for p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, p_align in rows]
 
 
 def _check_load(seg: Segment, i: int, size: int, page_size: int) -> None:
@@ -232,7 +256,7 @@ def _check_special(relro: Segment | None, dyn: Segment | None, tls: Segment | No
             raise ElfSegmentError("PT_TLS.p_align", tls.p_align, "a power of two")
 
 
-def _first(segs: list[Segment], p_type: str) -> Segment | None:
+def _first(segs: list[Segment], p_type: PT) -> Segment | None:
     """The first program header of ``p_type``, or None."""
     return next((s for s in segs if s.p_type == p_type), None)
 
@@ -249,10 +273,11 @@ def parse_image(data: Any, page_size: int) -> ElfImage:
     _check_header(hdr, size)
     segs = _parse_phdrs(data, hdr)
     # glibc ignores PT_LOADs with p_memsz 0; so do we.
-    loads = [s for s in segs if s.p_type == _PT_LOAD and s.p_memsz]
+    loads = [s for s in segs if s.p_type == PT.LOAD and s.p_memsz]
     _check_loads(loads, size, page_size)
-    relro, dyn, tls = _first(segs, _PT_RELRO), _first(segs, _PT_DYNAMIC), _first(segs, _PT_TLS)
+    relro, dyn, tls = _first(segs, PT.GNU_RELRO), _first(segs, PT.DYNAMIC), _first(segs, PT.TLS)
     _check_special(relro, dyn, tls, loads)
-    return ElfImage(data=data, size=size, e_type=hdr.e_type, e_entry=hdr.e_entry,
+    return ElfImage(data=data, size=size, e_type=ET(hdr["e_type"]), e_entry=hdr["e_entry"],
                     loads=tuple(loads), dynamic=dyn, relro=relro, tls=tls,
-                    interp=_first(segs, _PT_INTERP) is not None, page_size=page_size)
+                    interp=_first(segs, PT.INTERP) is not None, page_size=page_size,
+                    columns=LoadColumns.of(loads))

@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.elf import PF_W, PF_X, ElfImage, Segment
+from loader.elf import ElfImage, Segment
+from loader.elfdefs import PF
 from loader.mmap import MapFlags, ProtFlags
 from loader.plan import LoadPlan, SegmentPlan
 from loader.trace import Call
 
-__all__ = ["PHASES", "Explainer", "Narrator", "Step"]
+__all__ = ["PHASES", "SILENT", "Explainer", "Narrator", "NullNarrator", "Step"]
 
 PHASES = ("parse", "plan", "reserve", "map", "relocate", "protect", "init", "undo")
 """The phases, in the order the pipeline goes through them ("undo" only after a failure)."""
@@ -63,16 +64,45 @@ class Explainer:
         return [f"{s.phase}: {s.sentence}" for s in self.steps]
 
 
+Sentences = Iterable[tuple[str, int | None]]
+"""Sentences told after the fact: each with the call index it belongs to (None: now)."""
+
+
 class Narrator:
     """What the pipeline talks to: ``say`` turns a sentence into a Step at the current call
-    index of ``calls`` (the TracingMmap's list) and hands it to ``hook``."""
+    index of ``calls`` (the TracingMmap's list) and hands it to ``hook``.
+
+    Sentences are built lazily: ``say(phase, make, *args)`` calls ``make(*args)`` only when
+    someone listens, so a load nobody explains pays nothing for them (:data:`SILENT`)."""
 
     def __init__(self, hook: Callable[[Step], None], calls: list[Call]) -> None:
         self.hook, self.calls = hook, calls
 
-    def say(self, phase: str, sentence: str, at: int | None = None) -> None:
-        """Announce a step; ``at`` overrides the call index (a step told after its calls)."""
-        self.hook(Step(phase, sentence, len(self.calls) if at is None else at))
+    def say(self, phase: str, make: Callable[..., str], *args: Any) -> None:
+        """Announce a step: the sentence ``make(*args)``, at the current call index."""
+        self.hook(Step(phase, make(*args), len(self.calls)))
+
+    def say_all(self, phase: str, make: Callable[..., Sentences], *args: Any) -> None:
+        """Announce the steps ``make(*args)`` gives, each at its own call index."""
+        for sentence, at in make(*args):
+            self.hook(Step(phase, sentence, len(self.calls) if at is None else at))
+
+
+class NullNarrator(Narrator):
+    """The narrator of a load nobody explains: it builds no sentence and says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda step: None, [])
+
+    def say(self, phase: str, make: Callable[..., str], *args: Any) -> None:
+        """Say nothing."""
+
+    def say_all(self, phase: str, make: Callable[..., Sentences], *args: Any) -> None:
+        """Say nothing."""
+
+
+SILENT = NullNarrator()
+"""The default narrator: silent."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +121,9 @@ def _rel(plan: LoadPlan, vaddr: int) -> str:
 
 def role(seg: Segment) -> str:
     """What a PT_LOAD holds, by its flags: code, data or read-only data."""
-    if seg.p_flags & PF_X:
+    if seg.p_flags & PF.X:
         return "code"
-    return "data" if seg.p_flags & PF_W else "read-only data"
+    return "data" if seg.p_flags & PF.W else "read-only data"
 
 
 def parse_sentence(image: ElfImage, label: str, ndyn: int) -> str:
@@ -101,7 +131,8 @@ def parse_sentence(image: ElfImage, label: str, ndyn: int) -> str:
     kinds = [name for name, seg in (("PT_DYNAMIC", image.dynamic), ("PT_GNU_RELRO", image.relro),
                                     ("PT_TLS", image.tls)) if seg is not None]
     extra = f", {', '.join(kinds)}" if kinds else ""
-    return (f"read {label.rsplit('/', 1)[-1]} ({image.size:#x} bytes): {image.e_type} x86-64, "
+    return (f"read {label.rsplit('/', 1)[-1]} ({image.size:#x} bytes): "
+            f"ET_{image.e_type.name} x86-64, "
             f"{len(image.loads)} PT_LOAD{extra}, {ndyn} dynamic entries; the headers are "
             f"checked before any memory is touched")
 

@@ -299,6 +299,8 @@ class LibcMmap(MmapDefaults):
     """
 
     page_size: int = HOST_PAGE_SIZE
+    runs_code: bool = True
+    """The host backend maps into this very process: what it maps can be called."""
 
     def mmap(self, addr: int | None, length: int, prot: ProtFlags, flags: MapFlags,
              offset: int, fd: int | None) -> Mapping:

@@ -14,6 +14,7 @@ from typing import Any
 from loader.elf import ElfImage
 from loader.errors import ElfSegmentError
 from loader.explain import (
+    SILENT,
     Narrator,
     anon_sentence,
     copy_sentence,
@@ -23,7 +24,7 @@ from loader.explain import (
     zero_sentence,
 )
 from loader.mmap import MapFlags, Mmap, ProtFlags
-from loader.pages import HOST_PAGE_SIZE, page_round_down, page_round_up
+from loader.pages import page_round_down, page_round_up
 from loader.plan import LoadPlan, SegmentPlan
 
 __all__ = ["map_plan", "reserve"]
@@ -32,7 +33,7 @@ _FIXED = MapFlags.MAP_PRIVATE | MapFlags.MAP_FIXED
 
 
 def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool, *,
-            narrator: Narrator | None = None) -> int:
+            narrator: Narrator = SILENT) -> int:
     """Reserve the span and return its start. ``base`` asks for an exact address (an
     ET_EXEC must be at ``plan.vmin``); otherwise the base is aligned to ``plan.align``
     by over-reserving and trimming, as glibc does for p_align above the page size.
@@ -40,8 +41,7 @@ def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool, *,
     Raises ElfSegmentError when the exact address is not free (the backend placed it
     elsewhere) and MmapError from the backend. ``narrator`` hears the step.
     """
-    if narrator is not None:
-        narrator.say("reserve", reserve_sentence(plan, base))
+    narrator.say("reserve", reserve_sentence, plan, base)
     if plan.fixed and base is not None and base != plan.vmin:
         raise ElfSegmentError("base", base, f"an ET_EXEC loads only at its own address "
                               f"{plan.vmin:#x}")
@@ -70,17 +70,12 @@ def _zero_tail(seg: SegmentPlan, bias: int, mm: Mmap, writable_now: bool) -> Non
     A read-only segment is made writable for it and restored (as glibc does)."""
     if seg.zero_end <= seg.zero_start:
         return
-    page = page_round_down(seg.zero_start + bias, _page_of(mm))
+    page = page_round_down(seg.zero_start + bias, mm.page_size)
     if not writable_now:
-        mm.mprotect(page, _page_of(mm), seg.prot | ProtFlags.PROT_WRITE)
+        mm.mprotect(page, mm.page_size, seg.prot | ProtFlags.PROT_WRITE)
     mm.write(seg.zero_start + bias, bytes(seg.zero_end - seg.zero_start))
     if not writable_now:
-        mm.mprotect(page, _page_of(mm), seg.prot)
-
-
-def _page_of(mm: Mmap) -> int:
-    """The backend's page size (``page_size`` attribute; the host's when absent)."""
-    return int(getattr(mm, "page_size", HOST_PAGE_SIZE))
+        mm.mprotect(page, mm.page_size, seg.prot)
 
 
 def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: Any,
@@ -112,23 +107,30 @@ def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: An
 _Tell = Callable[[str], None]
 
 
+def _sentence(what: str, plan: LoadPlan, seg: SegmentPlan, image: ElfImage) -> str:
+    """The sentence of one step of a segment ("map", "copy", "zero", "anon")."""
+    if what == "map":
+        return map_sentence(plan, seg, image.loads[seg.index])
+    if what == "copy":
+        return copy_sentence(seg)
+    return zero_sentence(plan, seg) if what == "zero" else anon_sentence(plan, seg)
+
+
 def _teller(plan: LoadPlan, seg: SegmentPlan, image: ElfImage | None,
-            narrator: Narrator | None) -> _Tell:
-    """A function announcing the steps of one segment ("map", "copy", "zero", "anon")."""
-    if narrator is None or image is None:
+            narrator: Narrator) -> _Tell:
+    """A function announcing the steps of one segment ("map", "copy", "zero", "anon"); the
+    sentences name the program header, so without ``image`` nothing is said."""
+    if image is None:
         return lambda what: None
-    talk = narrator
-    header = image.loads[seg.index]
+    header: ElfImage = image
 
     def tell(what: str) -> None:
-        sentence = {"map": map_sentence(plan, seg, header), "copy": copy_sentence(seg),
-                    "zero": zero_sentence(plan, seg), "anon": anon_sentence(plan, seg)}[what]
-        talk.say("map", sentence)
+        narrator.say("map", _sentence, what, plan, seg, header)
     return tell
 
 
 def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any, *,
-             narrator: Narrator | None = None, image: ElfImage | None = None) -> None:
+             narrator: Narrator = SILENT, image: ElfImage | None = None) -> None:
     """Map every segment of ``plan`` into the reservation at ``start`` (= vmin + bias).
 
     ``fd`` None means no file: the backend answers need_copy and the bytes are copied from
@@ -141,6 +143,5 @@ def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any, *,
         _map_segment(seg, bias, mm, fd, data, _teller(plan, seg, image, narrator))
     if fd is None:
         for lo, hi in plan.holes():
-            if narrator is not None:
-                narrator.say("map", hole_sentence(plan, lo, hi))
+            narrator.say("map", hole_sentence, plan, lo, hi)
             mm.mprotect(lo + bias, hi - lo, ProtFlags.PROT_NONE)

@@ -23,6 +23,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from loader.elfdefs import MASK64
+
 __all__ = [
     "MAX_READ",
     "MapFlags",
@@ -39,7 +41,6 @@ MAX_READ = 1 << 32
 """The largest ``read`` a backend performs (4 GiB): a readable range longer than this raises
 MmapError(ENOMEM) instead of allocating its bytes (an unreadable one still faults first)."""
 
-_ADDRESS_MASK = (1 << 64) - 1
 
 
 def as_addresses(addrs: object) -> npt.NDArray[np.uint64]:
@@ -50,7 +51,7 @@ def as_addresses(addrs: object) -> npt.NDArray[np.uint64]:
         return np.asarray(addrs, dtype=np.uint64).ravel()
     except (OverflowError, TypeError, ValueError):
         items = np.asarray(addrs, dtype=object).ravel().tolist()
-        return np.array([int(a) & _ADDRESS_MASK for a in items], dtype=np.uint64)
+        return np.array([int(a) & MASK64 for a in items], dtype=np.uint64)
 
 
 class ProtFlags(enum.IntFlag):
@@ -213,7 +214,22 @@ class Mmap(Protocol):
     Every call raises :class:`MmapError` carrying the errno Linux would give, and changes
     nothing when it fails (except ``mprotect``, which, like the kernel, is not atomic).
     Lengths that are not page multiples are rounded up to whole pages.
+
+    Two attributes describe the backend: ``page_size``, the size of its pages (a power of
+    two), and ``runs_code``, its declared capability to run what it maps: True only for a
+    backend that maps into this very process (the host), so the loader may call IFUNC
+    resolvers, init and fini functions; False for a simulator. Wrappers forward both.
     """
+
+    @property
+    def page_size(self) -> int:
+        """The size of the backend's pages in bytes (a power of two)."""
+        ...
+
+    @property
+    def runs_code(self) -> bool:
+        """True when what the backend maps lives in this process and may be called."""
+        ...
 
     def mmap(self, addr: int | None, length: int, prot: ProtFlags, flags: MapFlags,
              offset: int, fd: int | None) -> Mapping:
@@ -297,8 +313,9 @@ class Mmap(Protocol):
 class MmapDefaults:
     """Default method bodies a backend may inherit, as the Rust trait has default methods.
 
-    Subclasses provide ``mmap`` and ``write``; this supplies ``mmap_reserve`` (the trait's
-    default: an anonymous PROT_NONE private mapping) and a per-word ``write_words``.
+    Subclasses provide ``mmap`` and ``write`` and declare ``page_size`` and ``runs_code``;
+    this supplies ``mmap_reserve`` (the trait's default: an anonymous PROT_NONE private
+    mapping) and a per-word ``write_words``.
     """
 
     def mmap(self, addr: int | None, length: int, prot: ProtFlags, flags: MapFlags,

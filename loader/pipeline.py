@@ -2,9 +2,7 @@
 
 Part of the ``loader`` layer, its top: ``load`` is the public entry point. It knows memory only
 through ``Mmap``. Whether the backend is this very process (so code may run: IFUNC resolvers,
-init and fini functions) is decided at run time by ``runs_code``: a backend may say so with a
-``runs_code`` attribute; otherwise it is true exactly for ``loader.libc.LibcMmap`` (imported
-lazily, so the loader does not depend on it), looking through wrappers' ``inner``.
+init and fini functions) is the backend's declared capability ``Mmap.runs_code``.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from loader.elf import PF_W, ElfImage, parse_image
+from loader.elf import ElfImage, parse_image
+from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
     ElfError,
@@ -28,7 +27,9 @@ from loader.errors import (
     ElfUnsupportedError,
 )
 from loader.explain import (
+    SILENT,
     Narrator,
+    Sentences,
     Step,
     init_sentence,
     parse_sentence,
@@ -41,35 +42,32 @@ from loader.explain import (
 from loader.mapper import map_plan, reserve
 from loader.mmap import Mmap, MmapError, ProtFlags
 from loader.outcome import Outcome, take_outcome
-from loader.pages import HOST_PAGE_SIZE
 from loader.plan import LoadPlan, make_plan
-from loader.reloc import RelocOutcome, check_relocations, first_outside_code, relocate
-from loader.symbols import STT_GNU_IFUNC, HostResolver, Resolver, StubResolver, find
-from loader.tables import DT, DynamicTables, parse_tables
-from loader.trace import TracingMmap, unwrap
+from loader.reloc import (
+    RelocContext,
+    RelocOutcome,
+    check_relocations,
+    first_outside_code,
+    relocate,
+)
+from loader.symbols import HostResolver, Resolver, StubResolver, find
+from loader.tables import DynamicTables, parse_tables
+from loader.trace import TracingMmap
 
 __all__ = ["LoadedObject", "load", "runs_code"]
 
 _INIT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
-def runs_code(mm: Any) -> bool:
-    """True when ``mm`` maps into this process, so loaded code can be called."""
-    inner = unwrap(mm)
-    flag = getattr(inner, "runs_code", None)
-    if flag is not None:
-        return bool(flag)
-    try:
-        from loader.libc import LibcMmap
-    except ImportError:  # pragma: no cover - the host backend always ships
-        return False
-    return isinstance(inner, LibcMmap)
+def runs_code(mm: Mmap) -> bool:
+    """True when ``mm`` maps into this process, so loaded code can be called (the backend's
+    declared ``runs_code``; wrappers forward their inner backend's)."""
+    return bool(mm.runs_code)
 
 
 def _textrel(tables: DynamicTables) -> bool:
     """DT_TEXTREL, or DF_TEXTREL in DT_FLAGS."""
-    return DT.TEXTREL in tables.tags or bool(tables.tags.get(DT.FLAGS, 0) & DT.DF_TEXTREL)
+    return DT.TEXTREL in tables.tags or bool(tables.tags.get(DT.FLAGS, 0) & DF.TEXTREL)
 
 
 def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
@@ -78,27 +76,32 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
     .bss); DT_INIT and DT_FINI must be callable code (``first_outside_code``)."""
     for name, (at, count) in (("DT_INIT_ARRAY", tables.init_array),
                               ("DT_FINI_ARRAY", tables.fini_array)):
-        if count and image.file_offset(at, 8 * count) is None:
-            raise ElfDynamicError(name, at, f"[{name}, +{8 * count:#x}) inside one PT_LOAD's "
-                                  "file bytes")
+        if count and image.file_offset(at, ADDR_SIZE * count) is None:
+            raise ElfDynamicError(name, at, f"[{name}, +{ADDR_SIZE * count:#x}) inside one "
+                                  "PT_LOAD's file bytes")
     for name, tag in (("DT_INIT", DT.INIT), ("DT_FINI", DT.FINI)):
         at = tables.tags.get(tag, 0)
         if at and first_outside_code(image, [at]) is not None:
             raise ElfDynamicError(name, at, "inside the file bytes of an executable PT_LOAD")
 
 
-def _check_host_tls(tables: DynamicTables) -> None:
-    """On the host, DTPMOD64/DTPOFF64 against another module's TLS would need that module's
-    dynamic TLS bookkeeping in this process's glibc, and TLSDESC descriptors call into
-    ld.so: both refused before any memory is touched. (TPOFF64 works: the offset comes from
-    the thread pointer.)"""
+def _check_host_tls(image: ElfImage, tables: DynamicTables) -> None:
+    """On the host, a PT_TLS belongs to this process's glibc; DTPMOD64/DTPOFF64 against
+    another module's TLS would need that module's dynamic TLS bookkeeping in this process's
+    glibc, and TLSDESC descriptors call into ld.so: all refused before any memory is
+    touched. (TPOFF64 works: the offset comes from the thread pointer.)"""
+    if image.tls is not None:
+        raise ElfUnsupportedError("PT_TLS", image.tls.p_memsz,
+                                  "not on the host backend (its TLS belongs to this "
+                                  "process's glibc); load it on the simulator")
     syms = tables.symtab
     for table in tables.relocs:
-        if (table.r_type == 36).any():
-            raise ElfUnsupportedError(f"{table.name} r_type", 36, "R_X86_64_TLSDESC not on "
-                                      "the host backend (its descriptors call into ld.so); "
-                                      "use the simulator")
-        dyn = ((table.r_type == 16) | (table.r_type == 17)) & (table.r_sym != 0)
+        if (table.r_type == R_X86_64.TLSDESC).any():
+            raise ElfUnsupportedError(f"{table.name} r_type", int(R_X86_64.TLSDESC),
+                                      "R_X86_64_TLSDESC not on the host backend (its "
+                                      "descriptors call into ld.so); use the simulator")
+        dyn = ((table.r_type == R_X86_64.DTPMOD64) | (table.r_type == R_X86_64.DTPOFF64)) \
+            & (table.r_sym != 0)
         undefined = syms["st_shndx"][table.r_sym[dyn]] == 0
         if undefined.any():
             sym = int(table.r_sym[dyn][undefined][0])
@@ -232,8 +235,8 @@ class LoadedObject:
         if i is None:
             raise KeyError(name)
         sym = self.tables.symtab[i]
-        addr = (int(sym["st_value"]) + self.load_bias) & _MASK64
-        if int(sym["st_info"]) & 0xF == STT_GNU_IFUNC and self.runs_code:
+        addr = (int(sym["st_value"]) + self.load_bias) & MASK64
+        if st_type(int(sym["st_info"])) == STT.GNU_IFUNC and self.runs_code:
             if first_outside_code(self.image, [int(sym["st_value"])]) is not None:
                 raise ElfSymbolError(f"STT_GNU_IFUNC {name!r} resolver",
                                      int(sym["st_value"]),
@@ -252,8 +255,8 @@ class LoadedObject:
         in one piece (its size is bounded by the file: ``_check_arrays``)."""
         if not count:
             return []
-        words = np.frombuffer(self.mm.read(at + self.load_bias, 8 * count), dtype="<u8")
-        kept: list[int] = words[(words != 0) & (words != _MASK64)].tolist()
+        words = np.frombuffer(self.mm.read(at + self.load_bias, ADDR_SIZE * count), dtype="<u8")
+        kept: list[int] = words[(words != 0) & (words != MASK64)].tolist()
         return kept
 
     def _functions(self, tag: int, array: tuple[int, int], reverse: bool) -> list[int]:
@@ -266,10 +269,10 @@ class LoadedObject:
         """Call each function as glibc calls initialisers: (argc, argv, envp), here empty.
         All must be the object's own code (``first_outside_code``; ElfDynamicError
         otherwise, before any call: never a jump into data or into nowhere)."""
-        vaddrs = [(fn - self.load_bias) & _MASK64 for fn in funcs]
+        vaddrs = [(fn - self.load_bias) & MASK64 for fn in funcs]
         bad = first_outside_code(self.image, vaddrs)
         if bad is not None:
-            raise ElfDynamicError(f"{what} entry", (bad + self.load_bias) & _MASK64,
+            raise ElfDynamicError(f"{what} entry", (bad + self.load_bias) & MASK64,
                                   "inside the file bytes of an executable PT_LOAD")
         empty = (ctypes.c_void_p * 1)()
         for fn in funcs:
@@ -285,7 +288,7 @@ class LoadedObject:
     def runs_init(self) -> bool:
         """Init and fini run only for shared objects whose imports are bound to real code:
         an executable's belong to its own start-up code, which this loader does not run."""
-        return self.real_bindings and self.image.e_type == "ET_DYN" and not self.image.interp
+        return self.real_bindings and self.image.e_type == ET.DYN and not self.image.interp
 
     def unload(self) -> None:
         """Run fini (host; DT_FINI_ARRAY in reverse, then DT_FINI, as glibc) and unmap the
@@ -309,57 +312,52 @@ class LoadedObject:
 def _protect_textrel(obj: LoadedObject, writable: bool) -> None:
     """TEXTREL: make every read-only PT_LOAD writable (``writable``) or restore it."""
     for seg, sp in zip(obj.image.loads, obj.plan.segments, strict=True):
-        if seg.p_flags & PF_W:
+        if seg.p_flags & PF.W:
             continue
         prot = sp.prot | ProtFlags.PROT_WRITE if writable else sp.prot
         obj.mm.mprotect(sp.start + obj.load_bias, sp.end - sp.start, prot)
 
 
-def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator | None) -> None:
+def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator) -> None:
     """Relocate (with TEXTREL pages opened and closed around it), seal RELRO, run init."""
     if obj.plan.textrel:
-        if narrator is not None:
-            narrator.say("relocate", textrel_sentence(True))
+        narrator.say("relocate", textrel_sentence, True)
         _protect_textrel(obj, True)
     before = len(obj.mm.calls)
-    relocate(obj.image, obj.tables, obj.load_bias, obj.mm, resolver, obj.runs_code,
-             obj.span[1], obj.relocations)
-    if narrator is not None:
-        _say_relocation(obj, narrator, before, type(resolver).__name__)
+    where = RelocContext(obj.image, obj.tables, obj.mm, obj.load_bias, obj.runs_code,
+                         obj.span[1])
+    relocate(where, resolver, obj.relocations)
+    narrator.say_all("relocate", _relocation_steps, obj, before, type(resolver).__name__)
     if obj.plan.textrel:
-        if narrator is not None:
-            narrator.say("protect", textrel_sentence(False))
+        narrator.say("protect", textrel_sentence, False)
         _protect_textrel(obj, False)
     if obj.relro is not None:
-        if narrator is not None:
-            narrator.say("protect", relro_sentence(obj.plan, obj.image.relro))
+        narrator.say("protect", relro_sentence, obj.plan, obj.image.relro)
         obj.mm.mprotect(obj.relro[0], obj.relro[1] - obj.relro[0], ProtFlags.PROT_READ)
     before = len(obj.mm.calls)
     obj.run_init()
-    if narrator is not None:
-        _say_init(obj, narrator, before)
+    narrator.say_all("init", _init_steps, obj, before)
 
 
-def _say_relocation(obj: LoadedObject, narrator: Narrator, before: int, resolver: str) -> None:
-    """Announce relocation after the fact, each sentence at the calls it made: binding from
+def _relocation_steps(obj: LoadedObject, before: int, resolver: str) -> Sentences:
+    """Relocation told after the fact, each sentence at the calls it made: binding from
     ``before`` (the extern mapping), the scatter and the rare kinds at the write_words."""
     calls = obj.mm.calls
     scatter = next((i for i in range(before, len(calls)) if calls[i].op == "write_words"), None)
     rel = obj.relocations
-    for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
-                                               len(rel.unresolved), resolver):
-        at = before if kind == "bind" or scatter is None else scatter
-        narrator.say("relocate", sentence, at=at)
+    return [(sentence, before if kind == "bind" or scatter is None else scatter)
+            for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
+                                                       len(rel.unresolved), resolver)]
 
 
-def _say_init(obj: LoadedObject, narrator: Narrator, at: int) -> None:
-    """Announce what init did: run (host, shared object, real bindings) or only recorded."""
+def _init_steps(obj: LoadedObject, at: int) -> Sentences:
+    """What init did: run (host, shared object, real bindings) or only recorded."""
     single = bool(obj.tables.tags.get(DT.INIT))
     ran = obj.runs_code and obj.runs_init
     why = ("simulator" if not obj.runs_code else
            "an executable's init belongs to its start-up code"
-           if obj.image.e_type != "ET_DYN" or obj.image.interp else "imports bound to stubs")
-    narrator.say("init", init_sentence(single, len(obj.inits) - single, ran, why), at=at)
+           if obj.image.e_type != ET.DYN or obj.image.interp else "imports bound to stubs")
+    return [(init_sentence(single, len(obj.inits) - single, ran, why), at)]
 
 
 def _cleanup(mm: TracingMmap, start: int, length: int, obj: LoadedObject | None) -> None:
@@ -385,25 +383,18 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     src = _open(path_or_bytes)
     try:
         traced = TracingMmap(mm)
-        narrator = None if explain is None else Narrator(explain, traced.calls)
-        page = int(getattr(unwrap(mm), "page_size", HOST_PAGE_SIZE))
-        image = parse_image(src.data, page)
+        narrator = SILENT if explain is None else Narrator(explain, traced.calls)
+        image = parse_image(src.data, mm.page_size)
         tables = parse_tables(image)
-        if narrator is not None:
-            narrator.say("parse", parse_sentence(image, src.label, len(tables.tags)))
+        narrator.say("parse", parse_sentence, image, src.label, len(tables.tags))
         textrel = _textrel(tables)
         check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
         host = runs_code(mm)
-        if host and image.tls is not None:
-            raise ElfUnsupportedError("PT_TLS", image.tls.p_memsz,
-                                      "not on the host backend (its TLS belongs to this "
-                                      "process's glibc); load it on the simulator")
         if host:
-            _check_host_tls(tables)
+            _check_host_tls(image, tables)
         plan = make_plan(image, textrel)
-        if narrator is not None:
-            narrator.say("plan", plan_sentence(plan))
+        narrator.say("plan", plan_sentence, plan)
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
         return _map_and_finish(src, image, tables, plan, traced, resolver, base, narrator)
@@ -414,7 +405,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
 
 def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
                     mm: TracingMmap, resolver: Resolver, base: int | None,
-                    narrator: Narrator | None = None) -> LoadedObject:
+                    narrator: Narrator = SILENT) -> LoadedObject:
     """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise.
 
     The file is re-checked after mapping (``_check_unchanged``). A failure that is neither
@@ -432,8 +423,7 @@ def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: 
         _finish(obj, resolver, narrator)
         return obj
     except BaseException as exc:
-        if narrator is not None:
-            narrator.say("undo", undo_sentence(exc))
+        narrator.say("undo", undo_sentence, exc)
         _cleanup(mm, start, plan.span_length, obj)
         changed = None if isinstance(exc, ElfError | MmapError) or \
             not isinstance(exc, Exception) else _file_change(src)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from loader.elf import PF_R, PF_W, PF_X, ElfImage, Segment
+from loader.elf import ElfImage, Segment
+from loader.elfdefs import ET, PF
 from loader.mmap import ProtFlags
 from loader.pages import page_round_down, page_round_up
 
@@ -21,8 +22,8 @@ __all__ = ["LoadPlan", "SegmentPlan", "make_plan", "prot_of"]
 def prot_of(p_flags: int) -> ProtFlags:
     """PF_R/PF_W/PF_X -> PROT_READ/PROT_WRITE/PROT_EXEC."""
     prot = ProtFlags.PROT_NONE
-    for pf, bit in ((PF_R, ProtFlags.PROT_READ), (PF_W, ProtFlags.PROT_WRITE),
-                    (PF_X, ProtFlags.PROT_EXEC)):
+    for pf, bit in ((PF.R, ProtFlags.PROT_READ), (PF.W, ProtFlags.PROT_WRITE),
+                    (PF.X, ProtFlags.PROT_EXEC)):
         if p_flags & pf:
             prot |= bit
     return prot
@@ -168,5 +169,5 @@ def make_plan(image: ElfImage, textrel: bool) -> LoadPlan:
     vmin = page_round_down(image.loads[0].p_vaddr, page)
     vmax = page_round_up(image.loads[-1].end, page)
     align = max([page] + [s.p_align for s in image.loads])
-    return LoadPlan(page, image.e_type == "ET_EXEC", vmin, vmax, align, segments,
+    return LoadPlan(page, image.e_type == ET.EXEC, vmin, vmax, align, segments,
                     _relro(image), textrel)

@@ -1,10 +1,13 @@
 """Relocate: the x86-64 relocation table and the generic kinds that apply it.
 
-Part of the ``loader`` layer (imports ``loader.tables``, ``loader.symbols``, ``loader.mmap``).
-As musl does it, an architecture is a table from type number to (kind, width, addend rule);
-the kinds are computed a whole table at a time with numpy, with the ABI's letters: S (symbol
-address), A (addend), P (place), B (load bias). ``check_relocations`` validates every target,
-every COPY size and every address the loader may call before any memory is touched.
+Part of the ``loader`` layer (imports ``loader.elfdefs``, ``loader.tables``,
+``loader.symbols``, ``loader.mmap``). As musl does it, an architecture is a table from type
+number to (kind, width, addend rule, signedness): ``X86_64``, the one place a type number gets
+its meaning (its columns are derived from it as arrays for lookups over whole tables). The
+kinds are computed a whole table at a time with numpy, with the ABI's letters: S (symbol
+address), A (addend), P (place), B (load bias); ``RelocContext`` says where a pass works.
+``check_relocations`` validates every target, every COPY size and every address the loader
+may call before any memory is touched.
 
 Every store, whatever its width (8-byte words, 4-byte fields, COPY bytes, 16-byte TLS
 descriptors), becomes a "piece" of one aligned 64-bit word; the final value of each word
@@ -23,21 +26,23 @@ import ctypes
 import enum
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import PF_W, PF_X, ElfImage
+from loader.elf import ElfImage
+from loader.elfdefs import MASK64, PF, R_X86_64, SHN, STT, st_type
 from loader.errors import ElfRelocationError, ElfSymbolError
 from loader.mmap import Mmap, ProtFlags
-from loader.pages import HOST_PAGE_SIZE
-from loader.symbols import STT_GNU_IFUNC, STT_TLS, Resolution, Resolver
+from loader.symbols import Resolution, Resolver
 from loader.tables import DynamicTables, RelocTable
 
 __all__ = [
     "Kind",
+    "RelocContext",
     "RelocOutcome",
     "Rule",
     "TlsLayout",
@@ -65,39 +70,45 @@ class Kind(enum.Enum):
 
 
 class Rule(NamedTuple):
-    """One type: its name, kind, width in bytes, whether the addend is used (S+A vs S)."""
+    """One type: its name, kind, width in bytes, whether the addend is used (S+A vs S), and
+    whether a 4-byte value must fit as a signed field (PC32, 32S) rather than unsigned."""
 
     name: str
     kind: Kind
     width: int
     addend: bool
+    signed: bool = False
 
 
-X86_64: dict[int, Rule] = {
-    0: Rule("R_X86_64_NONE", Kind.NONE, 0, False),
-    1: Rule("R_X86_64_64", Kind.ABSOLUTE, 8, True),
-    2: Rule("R_X86_64_PC32", Kind.PCREL, 4, True),
-    5: Rule("R_X86_64_COPY", Kind.COPY, 0, False),
-    6: Rule("R_X86_64_GLOB_DAT", Kind.ABSOLUTE, 8, False),
-    7: Rule("R_X86_64_JUMP_SLOT", Kind.ABSOLUTE, 8, False),
-    8: Rule("R_X86_64_RELATIVE", Kind.RELATIVE, 8, True),
-    10: Rule("R_X86_64_32", Kind.ABSOLUTE, 4, True),
-    11: Rule("R_X86_64_32S", Kind.ABSOLUTE, 4, True),
-    16: Rule("R_X86_64_DTPMOD64", Kind.TLS_MODULE, 8, False),
-    17: Rule("R_X86_64_DTPOFF64", Kind.TLS_DTPOFF, 8, True),
-    18: Rule("R_X86_64_TPOFF64", Kind.TLS_TPOFF, 8, True),
-    24: Rule("R_X86_64_PC64", Kind.PCREL, 8, True),
-    37: Rule("R_X86_64_IRELATIVE", Kind.IRELATIVE, 8, True),
-    36: Rule("R_X86_64_TLSDESC", Kind.TLS_DESC, 16, True),
-    38: Rule("R_X86_64_RELATIVE64", Kind.RELATIVE, 8, True),
-}
-_TYPES = np.array(sorted(X86_64), dtype=np.uint32)
-_WIDTH = np.zeros(64, dtype=np.uint64)   # by type; unknown types clip to 63 -> 0
-_WIDTH[_TYPES] = [X86_64[t].width for t in _TYPES.tolist()]
-_SYMBOLIC = {Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
-             Kind.TLS_TPOFF, Kind.TLS_DESC}
-_SIGNED32 = {"R_X86_64_PC32", "R_X86_64_32S"}
-_MASK64 = 0xFFFFFFFFFFFFFFFF
+def _rule(r_type: R_X86_64, kind: Kind, width: int, addend: bool, signed: bool = False
+          ) -> tuple[int, Rule]:
+    """One row of the table, named as the psABI names the type."""
+    return int(r_type), Rule(r_type.psabi_name, kind, width, addend, signed)
+
+
+X86_64: dict[int, Rule] = dict([
+    _rule(R_X86_64.NONE, Kind.NONE, 0, False),
+    _rule(R_X86_64.R64, Kind.ABSOLUTE, 8, True),
+    _rule(R_X86_64.PC32, Kind.PCREL, 4, True, signed=True),
+    _rule(R_X86_64.COPY, Kind.COPY, 0, False),
+    _rule(R_X86_64.GLOB_DAT, Kind.ABSOLUTE, 8, False),
+    _rule(R_X86_64.JUMP_SLOT, Kind.ABSOLUTE, 8, False),
+    _rule(R_X86_64.RELATIVE, Kind.RELATIVE, 8, True),
+    _rule(R_X86_64.R32, Kind.ABSOLUTE, 4, True),
+    _rule(R_X86_64.R32S, Kind.ABSOLUTE, 4, True, signed=True),
+    _rule(R_X86_64.DTPMOD64, Kind.TLS_MODULE, 8, False),
+    _rule(R_X86_64.DTPOFF64, Kind.TLS_DTPOFF, 8, True),
+    _rule(R_X86_64.TPOFF64, Kind.TLS_TPOFF, 8, True),
+    _rule(R_X86_64.PC64, Kind.PCREL, 8, True),
+    _rule(R_X86_64.IRELATIVE, Kind.IRELATIVE, 8, True),
+    _rule(R_X86_64.TLSDESC, Kind.TLS_DESC, 16, True),
+    _rule(R_X86_64.RELATIVE64, Kind.RELATIVE, 8, True),
+])
+"""The x86-64 relocation table: the one place a type number gets its meaning."""
+
+_SYMBOLIC = (Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
+             Kind.TLS_TPOFF, Kind.TLS_DESC)
+_PLAIN = (Kind.RELATIVE, Kind.NONE, Kind.COPY)     # not computed per entry by _table_pieces
 _U64 = np.uint64
 
 
@@ -107,60 +118,58 @@ def type_name(r_type: int) -> str:
     return rule.name if rule else f"type {r_type}"
 
 
+# The table's columns as arrays indexed by type number, derived from X86_64 for lookups over
+# whole tables. The last slot is no type: types past the table clip to it (unknown).
 _KINDS = list(Kind)
-_BIT_WORD, _BIT_ADDEND, _BIT_KNOWN = 1 << 16, 1 << 17, 1 << 18
-_LUT_SIZE = 64     # x86-64 types are below 64; entry 63 stays 0 (unknown)
-_LUT = np.zeros(_LUT_SIZE, dtype=np.uint32)
-for _t, _r in X86_64.items():
-    _LUT[_t] = ((1 << _KINDS.index(_r.kind)) | _BIT_KNOWN
-                | (_BIT_WORD if _r.kind is Kind.ABSOLUTE and _r.width == 8 else 0)
-                | (_BIT_ADDEND if _r.addend else 0))
-_SIGNED_LUT = np.zeros(_LUT_SIZE, dtype=bool)
-_SIGNED_LUT[[t for t, r in X86_64.items() if r.name in _SIGNED32]] = True
+_UNKNOWN = len(_KINDS)
+_TYPE_SLOTS = max(X86_64) + 2
 
 
-def _codes(r_type: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
-    """Per entry, the bit set of its type: a bit per Kind, plus 8-byte-ABSOLUTE, uses-addend
-    and known bits. One table lookup instead of a membership test per kind."""
-    # Types past the table clip to its last entry, which is 0 (unknown): one pass.
-    codes: npt.NDArray[np.uint32] = np.take(_LUT, r_type, mode="clip")
-    return codes
+def _column(value: Callable[[Rule], int], fill: int, dtype: Any) -> npt.NDArray[Any]:
+    """One column of X86_64 as an array by type number (``fill`` for unknown types)."""
+    col = np.full(_TYPE_SLOTS, fill, dtype=dtype)
+    for t, rule in X86_64.items():
+        col[t] = value(rule)
+    return col
 
 
-_CODE_CACHE: dict[int, tuple[RelocTable, npt.NDArray[np.uint32]]] = {}
+_KIND_COLUMN = _column(lambda r: _KINDS.index(r.kind), _UNKNOWN, np.uint8)
+_WIDTH_COLUMN = _column(lambda r: r.width, 0, np.uint64)
+_ADDEND_COLUMN = _column(lambda r: r.addend, False, np.bool_)
+_SIGNED_COLUMN = _column(lambda r: r.signed, False, np.bool_)
 
 
-def _table_codes(table: RelocTable) -> npt.NDArray[np.uint32]:
-    """``_codes`` of a whole table, computed once per table (kept while the table lives in
-    a small identity cache)."""
-    hit = _CODE_CACHE.get(id(table))
-    if hit is not None and hit[0] is table:
-        return hit[1]
-    if len(_CODE_CACHE) >= 64:
-        _CODE_CACHE.clear()
-    codes = _codes(table.r_type)
-    _CODE_CACHE[id(table)] = (table, codes)
-    return codes
-
-
-@functools.cache
-def _bits(kinds: frozenset[Kind]) -> int:
-    """The code bits of ``kinds``."""
-    return sum(1 << _KINDS.index(k) for k in kinds)
-
-
-def _kind_mask(table: RelocTable, kinds: set[Kind], width: int | None = None
-               ) -> npt.NDArray[np.bool_]:
-    """Which entries of ``table`` have one of ``kinds`` (``width`` 8: 8-byte ABSOLUTE only)."""
-    bits = _BIT_WORD if width == 8 else _bits(frozenset(kinds))
-    mask: npt.NDArray[np.bool_] = (_table_codes(table) & bits) != 0
-    return mask
-
-
-def _is(codes: npt.NDArray[np.uint32], kind: Kind) -> npt.NDArray[np.bool_]:
-    """Which of ``codes`` have ``kind``."""
-    out: npt.NDArray[np.bool_] = (codes & _bits(frozenset({kind}))) != 0
+def _lookup(column: npt.NDArray[Any], r_type: npt.NDArray[np.uint32]) -> npt.NDArray[Any]:
+    """``column``'s value for each type (unknown types: the last slot)."""
+    out: npt.NDArray[Any] = np.take(column, r_type, mode="clip")
     return out
+
+
+def _kinds(table: RelocTable) -> npt.NDArray[np.uint8]:
+    """Per entry of ``table``, the position of its kind in ``Kind`` (``_UNKNOWN``: no type
+    of the table)."""
+    return _lookup(_KIND_COLUMN, table.r_type)
+
+
+_POSITION = {kind: np.uint8(i) for i, kind in enumerate(_KINDS)}
+
+
+def _is(kinds: npt.NDArray[np.uint8], *wanted: Kind) -> npt.NDArray[np.bool_]:
+    """Which of ``kinds`` (from ``_kinds``) are one of ``wanted`` (one comparison per kind:
+    a fraction of a table lookup's cost on a large table)."""
+    out: npt.NDArray[np.bool_] = kinds == _POSITION[wanted[0]]
+    for kind in wanted[1:]:
+        out |= kinds == _POSITION[kind]
+    return out
+
+
+Kinds = list[npt.NDArray[np.uint8]]
+"""``_kinds`` of each table of ``DynamicTables.relocs``, in order: computed once per pass."""
+
+
+def _kinds_all(tables: DynamicTables) -> Kinds:
+    """``_kinds`` of every relocation table."""
+    return [_kinds(table) for table in tables.relocs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +218,8 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
     v = np.asarray(vaddrs, dtype=np.uint64)
     if not len(v):
         return None
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
-    code = np.array([bool(s.p_flags & PF_X) for s in image.loads])
+    starts, file_ends = image.columns.starts, image.columns.file_ends
+    code = (image.columns.flags & PF.X) != 0
     seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
     ok = (seg >= 0) & code[at] & (v < file_ends[at])
@@ -221,9 +229,9 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
 def _segment_arrays(image: ElfImage, textrel: bool
                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
-    segs = [s for s in image.loads if textrel or s.p_flags & PF_W]
-    return (np.array([s.p_vaddr for s in segs], dtype=np.uint64),
-            np.array([s.end for s in segs], dtype=np.uint64))
+    cols = image.columns
+    sel = ((cols.flags & PF.W) != 0) | textrel
+    return cols.starts[sel], cols.ends[sel]
 
 
 def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
@@ -285,15 +293,15 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
     ElfRelocationError / ElfSymbolError."""
     starts, ends = _segment_arrays(image, textrel)
     copied = 0
-    for table in tables.relocs:
-        codes = _table_codes(table)
-        known = (codes & _BIT_KNOWN) != 0
+    kinds_all = _kinds_all(tables)
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
+        known = kinds != _UNKNOWN
         if not known.all():
             bad = int(table.r_type[~known][0])
             raise ElfRelocationError(f"{table.name} r_type", bad,
-                                     "a supported x86-64 type " + str(_TYPES.tolist()))
-        widths = np.take(_WIDTH, table.r_type, mode="clip")
-        copy = _is(codes, Kind.COPY)
+                                     "a supported x86-64 type " + str(sorted(X86_64)))
+        widths = _lookup(_WIDTH_COLUMN, table.r_type)
+        copy = _is(kinds, Kind.COPY)
         if copy.any():
             copied += _check_copies(tables, table, copy, starts, ends)
             widths[copy] = tables.symtab["st_size"][table.r_sym[copy]]
@@ -304,26 +312,24 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
                                  f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
-    _check_ifunc_resolvers(image, tables)
-    _check_definitions(image, tables)
+    needed = _needed_symbols(tables, kinds_all)
+    _check_ifunc_resolvers(image, tables, needed, kinds_all)
+    _check_definitions(image, tables, needed)
 
 
-SHN_ABS = 0xFFF1
-
-
-def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
+def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArray[np.int64]
+                       ) -> None:
     """A symbol the object defines and its relocations use (so it may bind to itself) must
     point inside the object's PT_LOADs (SHN_ABS and TLS symbols excepted): otherwise a GOT
-    slot would send a call into some other mapping. (Its end counts: ``_end`` points there.)"""
-    needed = _needed_symbols(tables)
+    slot would send a call into some other mapping. (Its end counts: ``_end`` points there.)
+    ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     syms = tables.symtab
     shndx = syms["st_shndx"][needed]
-    own = (shndx != 0) & (shndx != SHN_ABS) & ((syms["st_info"][needed] & 0xF) != STT_TLS)
+    own = (shndx != SHN.UNDEF) & (shndx != SHN.ABS) & (st_type(syms["st_info"][needed]) != STT.TLS)
     values = syms["st_value"][needed[own]].astype(np.uint64)
     if not len(values):
         return
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    ends = np.array([s.end for s in image.loads], dtype=np.uint64)
+    starts, ends = image.columns.starts, image.columns.ends
     seg = _segment_of(starts, values)
     ok = (seg >= 0) & (values <= ends[np.clip(seg, 0, None)])
     if not ok.all():
@@ -335,24 +341,25 @@ def _check_definitions(image: ElfImage, tables: DynamicTables) -> None:
 def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
     """Per symbol: an STT_GNU_IFUNC the object defines (its value is a resolver)."""
     syms = tables.symtab
-    own: npt.NDArray[np.bool_] = (((syms["st_info"] & 0xF) == STT_GNU_IFUNC)
-                                  & (syms["st_shndx"] != 0))
+    own: npt.NDArray[np.bool_] = ((st_type(syms["st_info"]) == STT.GNU_IFUNC)
+                                  & (syms["st_shndx"] != SHN.UNDEF))
     return own
 
 
-def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables) -> None:
+def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
+                           needed: npt.NDArray[np.int64], kinds_all: Kinds) -> None:
     """Every resolver the host would call must be the object's own code (``first_outside_code``):
     IRELATIVE resolvers (B + A) and the IFUNC symbols the relocations reference. A call
-    into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash."""
-    for table in tables.relocs:
-        mask = _kind_mask(table, {Kind.IRELATIVE})
+    into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash.
+    ``needed``: the symbols the relocations use (``_needed_symbols``)."""
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mask = _is(kinds, Kind.IRELATIVE)
         if not mask.any():
             continue
         bad = first_outside_code(image, _addends(image, table, mask))
         if bad is not None:
             raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver", bad,
                                      "inside the file bytes of an executable PT_LOAD")
-    needed = _needed_symbols(tables)
     ifunc = needed[_own_ifunc(tables)[needed]]
     bad = first_outside_code(image, tables.symtab["st_value"][ifunc])
     if bad is not None:
@@ -372,9 +379,8 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     Fields wholly inside one segment's file part (all, in practice) are gathered a byte
     column at a time; only the others are looked up byte by byte."""
     raw = np.frombuffer(image.data, dtype=np.uint8)
-    starts = np.array([s.p_vaddr for s in image.loads], dtype=np.uint64)
-    file_ends = np.array([s.p_vaddr + s.p_filesz for s in image.loads], dtype=np.uint64)
-    offsets = np.array([s.p_offset for s in image.loads], dtype=np.uint64)
+    starts, file_ends, offsets = (image.columns.starts, image.columns.file_ends,
+                                  image.columns.offsets)
     v = vaddrs.astype(np.uint64)
     seg = _segment_of(starts, v)
     at = np.clip(seg, 0, None)
@@ -419,7 +425,7 @@ def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
     if not table.implicit:
         return table.r_addend[mask].view(np.uint64)
     offs = table.r_offset[mask]
-    narrow = np.take(_WIDTH, table.r_type[mask], mode="clip") == 4
+    narrow = _lookup(_WIDTH_COLUMN, table.r_type[mask]) == 4
     out = np.zeros(len(offs), dtype=np.uint64)
     out[~narrow] = _file_words(image, offs[~narrow])
     out[narrow] = _file_int32(image, offs[narrow])
@@ -460,9 +466,9 @@ Words = list[npt.NDArray[np.uint64]]
 def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: RelocOutcome,
                     places: Words, values: Words) -> None:
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
-    b = _U64(bias & _MASK64)
+    b = _U64(bias & MASK64)
     for table in tables.relocs:
-        mask = _kind_mask(table, {Kind.RELATIVE})
+        mask = _is(_kinds(table), Kind.RELATIVE)
         if mask.any():
             places.append(table.r_offset[mask] + b)
             values.append(_addends(image, table, mask) + b)
@@ -473,11 +479,11 @@ def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: Relo
         out.by_type["R_X86_64_RELATIVE"] += len(tables.relr)
 
 
-def _needed_symbols(tables: DynamicTables) -> npt.NDArray[np.int64]:
+def _needed_symbols(tables: DynamicTables, kinds_all: Kinds) -> npt.NDArray[np.int64]:
     """Unique nonzero symbol indices referenced by symbolic relocations (a mark array, O(n))."""
     mark = np.zeros(tables.nsyms, dtype=bool)
-    for t in tables.relocs:
-        mark[t.r_sym[_kind_mask(t, _SYMBOLIC)]] = True
+    for t, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mark[t.r_sym[_is(kinds, *_SYMBOLIC)]] = True
     if len(mark):
         mark[0] = False
     idx: npt.NDArray[np.int64] = np.flatnonzero(mark).astype(np.int64)
@@ -525,25 +531,87 @@ class _Pieces:
         if not parts:
             empty = np.zeros(0, dtype=np.uint64)
             return empty, empty, empty, np.zeros(0, dtype=bool)
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        cols = []
-        for i in range(1, 5):
-            cols.append(np.concatenate([p[i] for p in parts])[order])
+        keys = np.concatenate([p[0] for p in parts])
+        cols = [np.concatenate([p[i] for p in parts]) for i in range(1, 5)]
+        if len(keys) > 1 and not bool((keys[1:] >= keys[:-1]).all()):
+            order = np.argsort(keys, kind="stable")
+            cols = [col[order] for col in cols]
         return cols[0], cols[1], cols[2], cols[3]
+
+
+@dataclass(frozen=True, slots=True)
+class RelocContext:
+    """Where one relocation pass works: the object (``image``, ``tables``), the backend
+    ``mm``, the load ``bias``, whether the backend is this process (``runs_code``: IFUNC
+    resolvers may be called) and an address ``near`` the object (a stub resolver puts its
+    extern mapping there)."""
+
+    image: ElfImage
+    tables: DynamicTables
+    mm: Mmap
+    bias: int
+    runs_code: bool
+    near: int
 
 
 @dataclass(slots=True)
 class _Context:
-    """What computing a table's values needs: the object, its binding, where it is."""
+    """What computing a table's values needs: where the pass works, what the symbols bound
+    to, and what relocation did so far."""
 
-    image: ElfImage
-    tables: DynamicTables
+    where: RelocContext
+    kinds_all: Kinds
     res: Resolution
-    bias: int
     out: RelocOutcome
     syms: npt.NDArray[Any]                 # the symbol table (the null symbol when empty)
     addr: npt.NDArray[np.uint64]           # per symbol: what it is bound to (0: nothing)
     ifunc_bound: npt.NDArray[np.bool_]     # per symbol: bound to its own IFUNC resolver
+
+    @property
+    def b(self) -> np.uint64:
+        """The load bias B as a uint64 (modulo 2**64)."""
+        return _U64(self.where.bias & MASK64)
+
+    @property
+    def tables(self) -> DynamicTables:
+        """The object's dynamic tables."""
+        return self.where.tables
+
+
+@dataclass(frozen=True, slots=True)
+class _Entries:
+    """Entries of one table, column by column: their positions ``idx`` in ``table``, kinds,
+    symbols and places P (absolute)."""
+
+    table: RelocTable
+    idx: npt.NDArray[np.int64]
+    kinds: npt.NDArray[np.uint8]
+    sym: npt.NDArray[np.int64]
+    p: npt.NDArray[np.uint64]
+
+    @classmethod
+    def computed(cls, ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
+                 ) -> _Entries:
+        """The entries whose values are computed one by one (not RELATIVE, NONE or COPY);
+        ``kinds``: the table's (``_kinds``)."""
+        idx = np.flatnonzero(~_is(kinds, *_PLAIN)).astype(np.int64)
+        return cls(table, idx, kinds[idx], table.r_sym[idx].astype(np.int64),
+                   table.r_offset[idx] + ctx.b)
+
+    def where(self, sel: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> _Entries:
+        """The entries selected by ``sel`` (a mask or positions)."""
+        return _Entries(self.table, self.idx[sel], self.kinds[sel], self.sym[sel], self.p[sel])
+
+    @property
+    def r_type(self) -> npt.NDArray[np.uint32]:
+        """The entries' type numbers."""
+        return self.table.r_type[self.idx]
+
+    def addends(self, image: ElfImage) -> npt.NDArray[np.uint64]:
+        """A of each entry (``_addends``)."""
+        mask = np.zeros(len(self.table), dtype=bool)
+        mask[self.idx] = True
+        return _addends(image, self.table, mask)
 
 
 def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
@@ -555,7 +623,8 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
     offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
-    own = (sym == 0) | ((syms["st_shndx"][sym] != 0) & ((syms["st_info"][sym] & 0xF) == STT_TLS))
+    own = (sym == 0) | ((syms["st_shndx"][sym] != SHN.UNDEF)
+                        & (st_type(syms["st_info"][sym]) == STT.TLS))
     tls = ctx.out.tls
     value = np.zeros(len(sym), dtype=np.uint64)
     if tls is not None:
@@ -564,14 +633,14 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         elif kind is Kind.TLS_DTPOFF:
             value = st_value + a
         else:
-            value = st_value + a - _U64(tls.tp_offset & _MASK64)
+            value = st_value + a - _U64(tls.tp_offset & MASK64)
         value = np.where(own, value, _U64(0))
     if kind is Kind.TLS_TPOFF and ctx.res.tls_tpoff:
         known = np.zeros(len(syms), dtype=bool)
         offset = np.zeros(len(syms), dtype=np.uint64)
         idx = np.fromiter(ctx.res.tls_tpoff, dtype=np.int64, count=len(ctx.res.tls_tpoff))
         known[idx] = True
-        offset[idx] = [v & _MASK64 for v in ctx.res.tls_tpoff.values()]
+        offset[idx] = [v & MASK64 for v in ctx.res.tls_tpoff.values()]
         value = np.where(known[sym], offset[sym] + a, value)
     out: npt.NDArray[np.uint64] = value
     return out
@@ -591,122 +660,113 @@ def _exact(s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64], p: npt.NDArray[
     return big
 
 
-def _check_fit(ctx: _Context, table: RelocTable, idx: npt.NDArray[np.int64],
-               s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64],
-               p: npt.NDArray[np.uint64]) -> None:
-    """The 4-byte entries ``idx`` (S + A, or S + A - P for PC32) must fit their field: signed
-    for PC32 and 32S. ElfRelocationError naming the first that does not."""
-    kinds = _table_codes(table)[idx]
-    pcrel = _is(kinds, Kind.PCREL)
-    exact = _exact(s, a, np.where(pcrel, p, _U64(0)))
-    signed = np.take(_SIGNED_LUT, table.r_type[idx], mode="clip")
+def _check_fit(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64]) -> None:
+    """The 4-byte entries ``e`` (S + A, or S + A - P for PCREL) must fit their field: signed
+    where the table says so. ElfRelocationError naming the first that does not."""
+    exact = _exact(s, a, np.where(_is(e.kinds, Kind.PCREL), e.p, _U64(0)))
+    signed = _lookup(_SIGNED_COLUMN, e.r_type)
     lo = np.where(signed, -(1 << 31), 0)
     hi = np.where(signed, (1 << 31) - 1, (1 << 32) - 1)
     ok = np.asarray((exact >= lo) & (exact <= hi), dtype=bool)
     if not ok.all():
         k = int(np.flatnonzero(~ok)[0])
-        rule = X86_64[int(table.r_type[idx[k]])]
-        raise ElfRelocationError(f"{table.name} {rule.name} value at {int(p[k]):#x}",
+        rule = X86_64[int(e.r_type[k])]
+        raise ElfRelocationError(f"{e.table.name} {rule.name} value at {int(e.p[k]):#x}",
                                  int(exact[k]), f"within [{int(lo[k]):#x}, {int(hi[k]):#x}]")
 
 
-def _symbol_values(codes: npt.NDArray[np.uint32], s: npt.NDArray[np.uint64],
-                   a: npt.NDArray[np.uint64], p: npt.NDArray[np.uint64]
+def _symbol_values(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64]
                    ) -> npt.NDArray[np.uint64]:
     """ABSOLUTE (S + A, or S) and PCREL (S + A - P), modulo 2**64."""
-    with_a = np.where((codes & _BIT_ADDEND) != 0, a, _U64(0))
-    pcrel = _is(codes, Kind.PCREL)
-    out: npt.NDArray[np.uint64] = s + with_a - np.where(pcrel, p, _U64(0))
+    with_a = np.where(_lookup(_ADDEND_COLUMN, e.r_type), a, _U64(0))
+    out: npt.NDArray[np.uint64] = s + with_a - np.where(_is(e.kinds, Kind.PCREL), e.p, _U64(0))
     return out
 
 
-def _table_pieces(ctx: _Context, table: RelocTable, first: int, pieces: _Pieces,
-                  copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
-    """Every entry of ``table`` that is not RELATIVE, NONE or COPY, as pieces keyed by its
-    position (``first`` + index); COPY entries go to ``copies`` for the bulk copy."""
-    codes_all = _table_codes(table)
-    skip = _bits(frozenset({Kind.RELATIVE, Kind.NONE, Kind.COPY}))
-    idx = np.flatnonzero((codes_all & skip) == 0)
-    copy = np.flatnonzero(_is(codes_all, Kind.COPY))
-    if len(copy):
-        copies.append((copy + first, table.r_offset[copy] + _U64(ctx.bias & _MASK64),
-                       table.r_sym[copy].astype(np.int64)))
-    if not len(idx):
-        return
-    codes = codes_all[idx]
-    b = _U64(ctx.bias & _MASK64)
-    sym = table.r_sym[idx].astype(np.int64)
-    p = table.r_offset[idx] + b
-    mask = np.zeros(len(table), dtype=bool)
-    mask[idx] = True
-    a = _addends(ctx.image, table, mask)
-    s = ctx.addr[sym]
-    width = np.take(_WIDTH, table.r_type[idx], mode="clip")
-    value = _symbol_values(codes, s, a, p)
+def _check_narrow(e: _Entries, width: npt.NDArray[np.uint64], s: npt.NDArray[np.uint64],
+                  a: npt.NDArray[np.uint64], skip: npt.NDArray[np.bool_] | None = None) -> None:
+    """``_check_fit`` on the 4-byte entries (except those ``skip`` marks)."""
+    narrow = (width == 4) if skip is None else (width == 4) & ~skip
+    at = np.flatnonzero(narrow)
+    if len(at):
+        _check_fit(e.where(at), s[at], a[at])
+
+
+def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
+                     ) -> npt.NDArray[np.uint64]:
+    """Each entry's value before any resolver runs: the symbolic formula, the TLS kinds, and
+    B + A for IRELATIVE (its resolver, run later)."""
+    value = _symbol_values(e, ctx.addr[e.sym], a)
     for kind in (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF):
-        sel = _is(codes, kind) | (_is(codes, Kind.TLS_DESC) if kind is Kind.TLS_TPOFF else False)
+        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is Kind.TLS_TPOFF else \
+            _is(e.kinds, kind)
         if sel.any():
-            value[sel] = _tls_values(ctx, kind, sym[sel], a[sel])
-    irel = _is(codes, Kind.IRELATIVE)
-    value[irel] = b + a[irel]
-    symbolic = _is(codes, Kind.ABSOLUTE) | _is(codes, Kind.PCREL)
-    deferred = irel | (symbolic & ctx.ifunc_bound[sym])
-    narrow = np.flatnonzero((width == 4) & ~deferred)
-    if len(narrow):
-        _check_fit(ctx, table, idx[narrow], s[narrow], a[narrow], p[narrow])
-    key = (idx + first).astype(np.int64)
-    desc = _is(codes, Kind.TLS_DESC)
+            value[sel] = _tls_values(ctx, kind, e.sym[sel], a[sel])
+    irel = _is(e.kinds, Kind.IRELATIVE)
+    value[irel] = ctx.b + a[irel]
+    return value
+
+
+def _table_pieces(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8], first: int,
+                  pieces: _Pieces, copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
+    """Every entry of ``table`` (of ``kinds``) that is not RELATIVE, NONE or COPY, as pieces
+    keyed by its position (``first`` + index); COPY entries go to ``copies`` for the bulk
+    copy."""
+    copy = np.flatnonzero(_is(kinds, Kind.COPY))
+    if len(copy):
+        copies.append((copy + first, table.r_offset[copy] + ctx.b,
+                       table.r_sym[copy].astype(np.int64)))
+    e = _Entries.computed(ctx, table, kinds)
+    if not len(e.idx):
+        return
+    a = e.addends(ctx.where.image)
+    s = ctx.addr[e.sym]
+    width = _lookup(_WIDTH_COLUMN, e.r_type)
+    value = _computed_values(ctx, e, a)
+    irel = _is(e.kinds, Kind.IRELATIVE)
+    deferred = irel | (_is(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
+    _check_narrow(e, width, s, a, skip=deferred)
+    key = (e.idx + first).astype(np.int64)
+    desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
-    pieces.add(key[desc], p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
+    pieces.add(key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
                value[desc], deferred[desc])
     value[desc] = 0
-    pieces.add(key, p, np.minimum(width, _U64(8)), value, deferred)
-    _record(ctx, table, idx, codes, p, s, a, irel, deferred)
+    pieces.add(key, e.p, np.minimum(width, _U64(8)), value, deferred)
+    _record(ctx, e, width, s, a, deferred)
 
 
-def _record(ctx: _Context, table: RelocTable, idx: npt.NDArray[np.int64],
-            codes: npt.NDArray[np.uint32], p: npt.NDArray[np.uint64],
+def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
             s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64],
-            irel: npt.NDArray[np.bool_], deferred: npt.NDArray[np.bool_]) -> None:
+            deferred: npt.NDArray[np.bool_]) -> None:
     """Counts per type, TLS descriptor places, and the (place, resolver) of every IRELATIVE
     and IFUNC-bound 8-byte slot, for the outcome."""
     out = ctx.out
-    counts = np.bincount(np.minimum(table.r_type[idx], _LUT_SIZE - 1), minlength=_LUT_SIZE)
+    counts = np.bincount(np.minimum(e.r_type, _TYPE_SLOTS - 1), minlength=_TYPE_SLOTS)
     for t in np.flatnonzero(counts).tolist():
         out.by_type[type_name(t)] += int(counts[t])
-    out.tlsdesc.extend(p[_is(codes, Kind.TLS_DESC)].tolist())
-    slot = deferred & ~irel & ((codes & _BIT_WORD) != 0)
-    b = _U64(ctx.bias & _MASK64)
-    out.irelative.extend(zip(p[slot].tolist(), s[slot].tolist(), strict=True))
-    out.irelative.extend(zip(p[irel].tolist(), (b + a[irel]).tolist(), strict=True))
+    out.tlsdesc.extend(e.p[_is(e.kinds, Kind.TLS_DESC)].tolist())
+    irel = _is(e.kinds, Kind.IRELATIVE)
+    slot = deferred & ~irel & _is(e.kinds, Kind.ABSOLUTE) & (width == 8)
+    out.irelative.extend(zip(e.p[slot].tolist(), s[slot].tolist(), strict=True))
+    out.irelative.extend(zip(e.p[irel].tolist(), (ctx.b + a[irel]).tolist(), strict=True))
 
 
-def _deferred_values(ctx: _Context, table: RelocTable, runs_code: bool
+def _deferred_values(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
                      ) -> npt.NDArray[np.uint64]:
     """The values of ``table``'s deferred entries (table order), with resolvers run: an
     IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own IFUNC
     symbol is recomputed with S = what that symbol's resolver selects."""
-    codes_all = _table_codes(table)
-    skip = _bits(frozenset({Kind.RELATIVE, Kind.NONE, Kind.COPY}))
-    idx = np.flatnonzero((codes_all & skip) == 0)
-    codes = codes_all[idx]
-    sym = table.r_sym[idx].astype(np.int64)
-    irel = _is(codes, Kind.IRELATIVE)
-    symbolic = _is(codes, Kind.ABSOLUTE) | _is(codes, Kind.PCREL)
-    bound = symbolic & ctx.ifunc_bound[sym]
-    take = irel | bound
-    mask = np.zeros(len(table), dtype=bool)
-    mask[idx[take]] = True
-    a = _addends(ctx.image, table, mask)
-    b = _U64(ctx.bias & _MASK64)
-    p = table.r_offset[idx[take]] + b
-    resolver = np.where(irel[take], b + a, ctx.addr[sym[take]])
-    chosen = _run_resolvers(resolver, runs_code)
-    value = np.where(irel[take], chosen, _symbol_values(codes[take], chosen, a, p))
-    narrow = np.flatnonzero(np.take(_WIDTH, table.r_type[idx[take]], mode="clip") == 4)
-    if len(narrow):
-        _check_fit(ctx, table, idx[take][narrow], chosen[narrow], a[narrow], p[narrow])
+    every = _Entries.computed(ctx, table, kinds)
+    bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
+    e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
+    irel = _is(e.kinds, Kind.IRELATIVE)
+    a = e.addends(ctx.where.image)
+    resolver = np.where(irel, ctx.b + a, ctx.addr[e.sym])
+    chosen = _run_resolvers(resolver, ctx.where.runs_code)
+    value = np.where(irel, chosen, _symbol_values(e, chosen, a))
+    _check_narrow(e, _lookup(_WIDTH_COLUMN, e.r_type), chosen, a)
     out: npt.NDArray[np.uint64] = value
     return out
 
@@ -760,13 +820,13 @@ def _readable_runs(mm: Mmap) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uin
             np.array([r[1] for r in runs], dtype=np.uint64))
 
 
-def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64],
-                runs_code: bool) -> npt.NDArray[np.uint64]:
+def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64]
+                ) -> npt.NDArray[np.uint64]:
     """How many bytes each COPY copies: min(reference st_size, definition st_size), as
     glibc's memcpy does; the definition's size is known on the host (dladdr1), elsewhere the
     reference's stands. A size mismatch is recorded as glibc's warning."""
     ref = ctx.syms["st_size"][sym].astype(np.uint64)
-    if not runs_code or not len(src):
+    if not ctx.where.runs_code or not len(src):
         return ref
     distinct, back = np.unique(src, return_inverse=True)
     found = [_host_definition_size(int(x)) for x in distinct.tolist()]
@@ -786,14 +846,14 @@ def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.u
 
 
 def _check_sources(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.uint64],
-                   size: npt.NDArray[np.uint64], mm: Mmap
+                   size: npt.NDArray[np.uint64]
                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
     """Keep every copy inside readable memory: a source whose first byte is not readable
     is an ElfRelocationError naming the symbol (never a fault); one whose readable memory
     ends before ``size`` bytes is cut there (a stub, or a definition of unknown size, may be
     smaller than the reference says), with a warning. Returns the readable run holding each
     source and the sizes to copy."""
-    starts, ends = _readable_runs(mm)
+    starts, ends = _readable_runs(ctx.where.mm)
     run = _segment_of(starts, src)
     at = np.clip(run, 0, None)
     end = ends[at] if len(ends) else np.zeros(len(src), dtype=np.uint64)
@@ -840,8 +900,8 @@ def _gather(mm: Mmap, src: npt.NDArray[np.uint64], size: npt.NDArray[np.uint64],
     return out
 
 
-def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], mm: Mmap,
-                 runs_code: bool, pieces: _Pieces) -> None:
+def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], pieces: _Pieces
+                 ) -> None:
     """Every COPY as 8-byte pieces of its destination. A symbol bound to nothing (a weak
     reference no one defines, address 0) copies nothing, as glibc's ``sym == NULL``."""
     if not copies:
@@ -851,13 +911,14 @@ def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], mm: 
     sym = np.concatenate([c[2] for c in copies])
     ctx.out.by_type["R_X86_64_COPY"] += len(key)
     src = ctx.addr[sym]
-    size = _copy_sizes(ctx, sym, src, runs_code)
+    size = _copy_sizes(ctx, sym, src)
     live = (src != 0) & (size != 0)
     if not live.any():
         return
     key, place, sym, src, size = key[live], place[live], sym[live], src[live], size[live]
-    run, size = _check_sources(ctx, sym, src, size, mm)
-    data = _gather(mm, src, size, run, _page_of(mm))
+    run, size = _check_sources(ctx, sym, src, size)
+    mm = ctx.where.mm
+    data = _gather(mm, src, size, run, mm.page_size)
     n = size.astype(np.int64)
     chunks = (n + 7) // 8
     total = int(chunks.sum())
@@ -876,13 +937,8 @@ def _copy_pieces(ctx: _Context, copies: list[tuple[npt.NDArray[Any], ...]], mm: 
 # Committing: pieces -> the final value of each aligned word -> one write_words
 
 
-_FULL = _U64(_MASK64)
+_FULL = _U64(MASK64)
 _BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
-
-
-def _page_of(mm: Mmap) -> int:
-    """The backend's page size (``page_size`` attribute; the host's when absent)."""
-    return int(getattr(mm, "page_size", HOST_PAGE_SIZE))
 
 
 class _WordPieces(NamedTuple):
@@ -902,7 +958,11 @@ class _WordPieces(NamedTuple):
 def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
          value: npt.NDArray[np.uint64]) -> tuple[_WordPieces, npt.NDArray[np.int64]]:
     """Cut stores into word pieces (an unaligned store spans two words). Returns the pieces
-    and, for each, the index of its store."""
+    and, for each, the index of its store. (All aligned whole words, the usual case: each
+    store is its own piece.)"""
+    seq = np.arange(len(place), dtype=np.int64)
+    if bool((width == _U64(8)).all()) and not bool((place & _U64(7)).any()):
+        return _WordPieces(place, np.full(len(place), _FULL), value, seq), seq
     off = (place & _U64(7)).astype(np.int64)
     word = place - off.astype(np.uint64)
     low = np.minimum(width.astype(np.int64), 8 - off)
@@ -913,7 +973,6 @@ def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
     two = np.flatnonzero(high > 0)
     mask1 = _BYTE_MASKS[high[two]]
     bits1 = (value[two] >> (8 * low[two]).astype(np.uint64)) & mask1
-    seq = np.arange(len(place), dtype=np.int64)
     return (_WordPieces(np.concatenate([word, word[two] + _U64(8)]),
                         np.concatenate([mask0, mask1]), np.concatenate([bits0, bits1]),
                         np.concatenate([seq, two])),
@@ -940,7 +999,7 @@ def _read_words(mm: Mmap, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint6
     out = np.zeros(len(words), dtype=np.uint64)
     if not len(words):
         return out
-    page = _U64(_page_of(mm))
+    page = _U64(mm.page_size)
     pages = _sorted_unique(words & ~(page - _U64(1)))
     breaks = np.flatnonzero(np.diff(pages) != page) + 1
     for run in np.split(pages, breaks):
@@ -997,52 +1056,42 @@ def _write(mm: Mmap, words: npt.NDArray[np.uint64], values: npt.NDArray[np.uint6
 # The pipeline step
 
 
-def _bind(tables: DynamicTables, bias: int, mm: Mmap, resolver: Resolver, near: int,
-          out: RelocOutcome) -> Resolution:
+def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, kinds_all: Kinds
+          ) -> Resolution:
     """Run the resolver chain over the symbols the relocations reference."""
-    needed = _needed_symbols(tables)
-    copies = [t.r_sym[_kind_mask(t, {Kind.COPY})] for t in tables.relocs]
+    tables = where.tables
+    needed = _needed_symbols(tables, kinds_all)
+    copies = [t.r_sym[_is(kinds, Kind.COPY)]
+              for t, kinds in zip(tables.relocs, kinds_all, strict=True)]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
-    res = resolver.resolve(tables, needed, bias, mm, near, not_self) if len(needed) else \
-        Resolution(np.zeros(tables.nsyms, np.uint64), np.zeros(tables.nsyms, bool))
+    res = resolver.resolve(tables, needed, where.bias, where.mm, where.near, not_self) \
+        if len(needed) else Resolution(np.zeros(tables.nsyms, np.uint64),
+                                       np.zeros(tables.nsyms, bool))
     out.unresolved, out.extern, out.extern_range = res.unresolved, res.extern, res.extern_range
     return res
 
 
-def _context(image: ElfImage, tables: DynamicTables, res: Resolution, bias: int,
-             out: RelocOutcome) -> _Context:
+def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocOutcome
+             ) -> _Context:
     """The context of one relocation pass. Symbols an own STT_GNU_IFUNC bound to its own
     definition are marked: their value is a resolver to run (one bound elsewhere, by a hook
     or the scope, is taken as it is). An empty symbol table reads as the null symbol."""
-    syms, addr = tables.symtab, res.addr
+    syms, addr = where.tables.symtab, res.addr
     if not len(syms):
         syms, addr = np.zeros(1, dtype=syms.dtype), np.zeros(1, dtype=np.uint64)
-    at_home = addr == syms["st_value"].astype(np.uint64) + _U64(bias & _MASK64)
-    own = ((syms["st_info"] & 0xF) == STT_GNU_IFUNC) & (syms["st_shndx"] != 0)
+    at_home = addr == syms["st_value"].astype(np.uint64) + _U64(where.bias & MASK64)
+    own = (st_type(syms["st_info"]) == STT.GNU_IFUNC) & (syms["st_shndx"] != SHN.UNDEF)
     bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
-    return _Context(image, tables, res, bias, out, syms, addr, own & bound & at_home)
+    return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)
 
 
-def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
-             resolver: Resolver, runs_code: bool, near: int,
-             out: RelocOutcome | None = None) -> RelocOutcome:
-    """Apply every relocation (targets, sizes and resolvers were checked by
-    ``check_relocations``).
-
-    Memory ends as sequential application leaves it, in the order: RELATIVE and RELR, then
-    every other entry in table order (module docstring). ``runs_code``: the backend is this
-    process, so IFUNC resolvers may be called. ``out`` is filled as work is done (so a
-    caller cleaning up after a failure sees any extern mapping made). Raises
-    ElfRelocationError for a value that does not fit its field or an unreadable COPY
-    source, MmapError from the backend.
-    """
-    out = out if out is not None else RelocOutcome()
-    out.tls = TlsLayout.first_static(image)
+def _all_pieces(ctx: _Context) -> _Pieces:
+    """Every store of the pass, in sequence order: RELATIVE and RELR first, then every
+    other entry in table order, COPY bytes included."""
+    where = ctx.where
     places: Words = []
     values: Words = []
-    _relative_words(image, tables, bias, out, places, values)
-    res = _bind(tables, bias, mm, resolver, near, out)
-    ctx = _context(image, tables, res, bias, out)
+    _relative_words(where.image, where.tables, where.bias, ctx.out, places, values)
     pieces = _Pieces()
     if places:
         place = np.concatenate(places)
@@ -1050,22 +1099,43 @@ def relocate(image: ElfImage, tables: DynamicTables, bias: int, mm: Mmap,
                    np.concatenate(values), np.zeros(len(place), dtype=bool))
     copies: list[tuple[npt.NDArray[Any], ...]] = []
     first = 0
-    for table in tables.relocs:
-        _table_pieces(ctx, table, first, pieces, copies)
+    for table, kinds in zip(where.tables.relocs, ctx.kinds_all, strict=True):
+        _table_pieces(ctx, table, kinds, first, pieces, copies)
         first += len(table)
-    _copy_pieces(ctx, copies, mm, runs_code, pieces)
-    place, width, value, deferred = pieces.arrays()
+    _copy_pieces(ctx, copies, pieces)
+    return pieces
+
+
+def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None = None
+             ) -> RelocOutcome:
+    """Apply every relocation (targets, sizes and resolvers were checked by
+    ``check_relocations``).
+
+    Memory ends as sequential application leaves it, in the order: RELATIVE and RELR, then
+    every other entry in table order (module docstring). When ``where.runs_code`` (the
+    backend is this process) IFUNC resolvers are called. ``out`` is filled as work is done
+    (so a caller cleaning up after a failure sees any extern mapping made). Raises
+    ElfRelocationError for a value that does not fit its field or an unreadable COPY
+    source, MmapError from the backend.
+    """
+    out = out if out is not None else RelocOutcome()
+    out.tls = TlsLayout.first_static(where.image)
+    mm = where.mm
+    kinds_all = _kinds_all(where.tables)
+    ctx = _context(where, kinds_all, _bind(where, resolver, out, kinds_all), out)
+    place, width, value, deferred = _all_pieces(ctx).arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
     later = bool(deferred.any())
     _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
-    out.ran_resolvers = runs_code
+    out.ran_resolvers = where.runs_code
     if later:
-        value[deferred] = np.concatenate([_deferred_values(ctx, t, runs_code)
-                                          for t in tables.relocs])
+        value[deferred] = np.concatenate([
+            _deferred_values(ctx, t, kinds)
+            for t, kinds in zip(where.tables.relocs, kinds_all, strict=True)])
         wp, store = _cut(place, width, value)
         touched = np.isin(wp.word, wp.word[deferred[store]])
         _write(mm, *_final_words(wp.where(touched), initial))
-    out.by_type.pop("R_X86_64_NONE", None)
+    out.by_type.pop(X86_64[R_X86_64.NONE].name, None)
     out.applied = sum(out.by_type.values())
     return out

@@ -32,9 +32,20 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.elf import USER_LIMIT
+from loader.elfdefs import (
+    MASK32,
+    MASK64,
+    SHN,
+    STB,
+    STT,
+    VERSYM_HIDDEN,
+    st_bind,
+    st_type,
+    versym_index,
+)
 from loader.errors import ElfSymbolError
 from loader.mmap import MapFlags, Mmap, ProtFlags
-from loader.pages import HOST_PAGE_SIZE, page_round_up
+from loader.pages import page_round_up
 from loader.tables import STUB_SLOT, DynamicTables, import_slot
 
 __all__ = [
@@ -52,17 +63,14 @@ __all__ = [
 Finder = Callable[[str, "str | None"], "int | None"]
 """A resolver hook: ``(name, version or None) -> absolute address, or None to pass``."""
 
-STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 1, 2, 10
-STT_OBJECT, STT_FUNC, STT_TLS, STT_GNU_IFUNC = 1, 2, 6, 10
-SHN_UNDEF = 0
-VERSYM_HIDDEN = 0x8000
+_EXPORTED = (STB.GLOBAL, STB.WEAK, STB.GNU_UNIQUE)
 
 
 def gnu_hash(name: bytes) -> int:
     """The DT_GNU_HASH hash of ``name`` (Bernstein's h*33+c, 32 bits)."""
     h = 5381
     for c in name:
-        h = (h * 33 + c) & 0xFFFFFFFF
+        h = (h * 33 + c) & MASK32
     return h
 
 
@@ -70,11 +78,11 @@ def sysv_hash(name: bytes) -> int:
     """The DT_HASH (SysV ABI) hash of ``name``."""
     h = 0
     for c in name:
-        h = ((h << 4) + c) & 0xFFFFFFFF
+        h = ((h << 4) + c) & MASK32
         g = h & 0xF0000000
         if g:
             h ^= g >> 24
-        h &= ~g & 0xFFFFFFFF
+        h &= ~g & MASK32
     return h
 
 
@@ -87,8 +95,8 @@ def split_version(query: str) -> tuple[str, str | None]:
 def _matches(tables: DynamicTables, i: int, name: bytes, version: str | None) -> bool:
     """Symbol ``i`` is an exported definition of ``name`` with ``version`` (or default)."""
     sym = tables.symtab[i]
-    bind = int(sym["st_info"]) >> 4
-    if int(sym["st_shndx"]) == SHN_UNDEF or bind not in (STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE):
+    bind = st_bind(int(sym["st_info"]))
+    if int(sym["st_shndx"]) == SHN.UNDEF or bind not in _EXPORTED:
         return False
     st_name = int(sym["st_name"])
     if tables.strtab[st_name: st_name + len(name) + 1] != name + b"\0":
@@ -98,7 +106,7 @@ def _matches(tables: DynamicTables, i: int, name: bytes, version: str | None) ->
     vs = int(tables.versym[i])
     if version is None:
         return not vs & VERSYM_HIDDEN
-    return tables.versions.get(vs & 0x7FFF) == version
+    return tables.versions.get(versym_index(vs)) == version
 
 
 def _find_gnu(tables: DynamicTables, name: bytes, version: str | None) -> int | None:
@@ -176,7 +184,7 @@ def _labels(tables: DynamicTables, idx: npt.NDArray[np.int64]
     names = [n.decode("utf-8", "surrogateescape") for n in _names(tables, idx)]
     if tables.versym is None:
         return dict(zip(idx.tolist(), [(n, None) for n in names], strict=True))
-    vers = (tables.versym[idx] & 0x7FFF).tolist()
+    vers = versym_index(tables.versym[idx]).tolist()
     get = tables.versions.get
     return {i: (n, get(v) if v > 1 else None)
             for i, n, v in zip(idx.tolist(), names, vers, strict=True)}
@@ -187,8 +195,8 @@ def symbol_label(tables: DynamicTables, i: int) -> tuple[str, str | None]:
     name = tables.name(int(tables.symtab[i]["st_name"]))
     if tables.versym is None:
         return name, None
-    return name, tables.versions.get(int(tables.versym[i]) & 0x7FFF) if \
-        int(tables.versym[i]) & 0x7FFF > 1 else None
+    index = versym_index(int(tables.versym[i]))
+    return name, tables.versions.get(index) if index > 1 else None
 
 
 class Resolver:
@@ -228,7 +236,7 @@ class Resolver:
         syms = tables.symtab
         addr = np.zeros(tables.nsyms, dtype=np.uint64)
         bound = np.zeros(tables.nsyms, dtype=bool)
-        defined = syms["st_shndx"][needed] != SHN_UNDEF
+        defined = syms["st_shndx"][needed] != SHN.UNDEF
         if not_self is not None and len(not_self):
             defined &= ~np.isin(needed, not_self)
         labels = _labels(tables, needed[~defined])
@@ -243,11 +251,11 @@ class Resolver:
                                                      bound, label)
         self._scope_all(tables, needed[~defined & ~bound[needed]], addr, bound)
         own = needed[defined & ~bound[needed]]
-        addr[own] = (syms["st_value"][own] + np.uint64(bias & 0xFFFFFFFFFFFFFFFF))
+        addr[own] = (syms["st_value"][own] + np.uint64(bias & MASK64))
         bound[own] = True
         self._hooks(self.post_find, needed[~bound[needed]], addr, bound, label)
         left = needed[~bound[needed]]
-        weak = (syms["st_info"][left] >> 4) == STB_WEAK
+        weak = st_bind(syms["st_info"][left]) == STB.WEAK
         bound[left[weak]] = True            # weak undefined: 0
         left = left[~weak]
         imports = [(*label(i), int(syms["st_size"][i])) for i in left.tolist()]
@@ -268,7 +276,7 @@ class Resolver:
         """Undefined TLS symbols: their thread-pointer offsets from :meth:`scope_tls`; the
         ones nobody knows are listed "(TLS)". All are taken out of the address chain (an
         address, a stub above all, means nothing for a TLS variable)."""
-        tls = idx[(syms["st_info"][idx] & 0xF) == STT_TLS]
+        tls = idx[st_type(syms["st_info"][idx]) == STT.TLS]
         found: dict[int, int] = {}
         missing: list[str] = []
         for i in tls.tolist():
@@ -293,7 +301,7 @@ class Resolver:
         if not len(idx) or no_scope:
             return
         versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
-        vidx = (tables.versym[idx] & 0x7FFF).tolist() if tables.versym is not None else \
+        vidx = versym_index(tables.versym[idx]).tolist() if tables.versym is not None else \
             [0] * len(idx)
         for i, name, v in zip(idx.tolist(), _names(tables, idx), vidx, strict=True):
             found = self.scope_raw(name, versions.get(v) if v > 1 else None)
@@ -424,7 +432,7 @@ class StubResolver(Resolver):
     def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
                  near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
         """Map the extern area, write the stubs, seal it read-only; one slot per label."""
-        page = int(getattr(mm, "page_size", HOST_PAGE_SIZE))
+        page = mm.page_size
         offsets, stubs, total = _extern_layout(imports)
         length = page_round_up(total, page)
         flags = MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS

@@ -15,7 +15,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import PF_W, USER_LIMIT, ElfImage
+from loader.elf import USER_LIMIT, ElfImage
+from loader.elfdefs import (
+    ADDR_SIZE,
+    DF,
+    DT,
+    DYN_DTYPE,
+    PF,
+    REL_DTYPE,
+    RELA_DTYPE,
+    SHN,
+    SYM_DTYPE,
+    VER_FLG_BASE,
+    VERSYM_VERSION,
+    WORD_SIZE,
+    versym_index,
+)
 from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
 
 __all__ = [
@@ -31,30 +46,7 @@ __all__ = [
 ]
 
 
-class DT:
-    """Dynamic tag numbers (``d_tag``) and flag bits this loader reads."""
-
-    NULL, NEEDED, PLTRELSZ, PLTGOT, HASH, STRTAB, SYMTAB, RELA, RELASZ, RELAENT = range(10)
-    STRSZ, SYMENT, INIT, FINI, SONAME, RPATH, SYMBOLIC, REL, RELSZ, RELENT = range(10, 20)
-    PLTREL, DEBUG, TEXTREL, JMPREL, BIND_NOW, INIT_ARRAY, FINI_ARRAY = range(20, 27)
-    INIT_ARRAYSZ, FINI_ARRAYSZ, RUNPATH, FLAGS = range(27, 31)
-    PREINIT_ARRAY, PREINIT_ARRAYSZ = 32, 33
-    RELRSZ, RELR, RELRENT = 35, 36, 37
-    GNU_HASH = 0x6FFFFEF5
-    VERSYM = 0x6FFFFFF0
-    RELACOUNT, RELCOUNT = 0x6FFFFFF9, 0x6FFFFFFA
-    FLAGS_1 = 0x6FFFFFFB
-    VERDEF, VERDEFNUM, VERNEED, VERNEEDNUM = 0x6FFFFFFC, 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
-    DF_SYMBOLIC, DF_TEXTREL, DF_BIND_NOW, DF_STATIC_TLS = 0x2, 0x4, 0x8, 0x10
-    DF_1_NOW = 0x1
-
-
-DYN_DTYPE = np.dtype([("d_tag", "<i8"), ("d_val", "<u8")])
-RELA_DTYPE = np.dtype([("r_offset", "<u8"), ("r_info", "<u8"), ("r_addend", "<i8")])
-REL_DTYPE = np.dtype([("r_offset", "<u8"), ("r_info", "<u8")])
-SYM_DTYPE = np.dtype([("st_name", "<u4"), ("st_info", "u1"), ("st_other", "u1"),
-                      ("st_shndx", "<u2"), ("st_value", "<u8"), ("st_size", "<u8")])
-MAX_VERSIONS = 1 << 15
+MAX_VERSIONS = VERSYM_VERSION + 1
 """Version indices are 15 bits (bit 15 of a versym entry is the 'hidden' flag)."""
 
 
@@ -177,11 +169,12 @@ def _reloc_table(image: ElfImage, name: str, vaddr: int, size: int,
     if size % dtype.itemsize:
         raise ElfDynamicError(f"{name} size", size, f"a multiple of {dtype.itemsize}")
     raw = _table(image, vaddr, size, name)
-    words = dtype.itemsize // 8
+    words = dtype.itemsize // ADDR_SIZE
     u64 = np.frombuffer(raw, dtype="<u8").reshape(-1, words)
     u32 = np.frombuffer(raw, dtype="<u4").reshape(-1, 2 * words)
     addend = (np.zeros(len(u64), dtype=np.int64) if implicit
               else np.frombuffer(raw, dtype="<i8").reshape(-1, words)[:, 2])
+    # r_info = sym << 32 | type (ELF64_R_INFO): little-endian, its low half is the type
     return RelocTable(name, u64[:, 0], u32[:, 2], u32[:, 3], addend, implicit)
 
 
@@ -281,8 +274,8 @@ def decode_relr(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 def _relocatable(image: ElfImage, tags: dict[int, int]) -> list[tuple[int, int]]:
     """The [start, end) vaddr ranges relocations may write: writable PT_LOADs, or every
     PT_LOAD with DT_TEXTREL / DF_TEXTREL."""
-    textrel = DT.TEXTREL in tags or bool(tags.get(DT.FLAGS, 0) & DT.DF_TEXTREL)
-    return [(s.p_vaddr, s.end) for s in image.loads if textrel or s.p_flags & PF_W]
+    textrel = DT.TEXTREL in tags or bool(tags.get(DT.FLAGS, 0) & DF.TEXTREL)
+    return [(s.p_vaddr, s.end) for s in image.loads if textrel or s.p_flags & PF.W]
 
 
 def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int, int]]
@@ -291,8 +284,8 @@ def _check_relr_targets(targets: npt.NDArray[np.uint64], ranges: list[tuple[int,
     add the bias twice to a repeated word). ElfRelocationError names the first bad target."""
     ok = np.zeros(len(targets), dtype=bool)
     for start, end in ranges:
-        ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - 8, 0))) \
-            & (end >= start + 8)
+        ok |= (targets >= np.uint64(start)) & (targets <= np.uint64(max(end - ADDR_SIZE, 0))) \
+            & (end >= start + ADDR_SIZE)
     if not ok.all():
         raise ElfRelocationError("DT_RELR target", int(targets[~ok][0]),
                               "inside a writable PT_LOAD (or any PT_LOAD with TEXTREL)")
@@ -312,13 +305,13 @@ def _relr(image: ElfImage, tags: dict[int, int]) -> npt.NDArray[np.uint64]:
     the size of the decoded table is allocated; then every target is checked."""
     if DT.RELR not in tags:
         return np.zeros(0, dtype=np.uint64)
-    _entsize(tags, DT.RELRENT, "DT_RELRENT", 8)
+    _entsize(tags, DT.RELRENT, "DT_RELRENT", ADDR_SIZE)
     size = tags.get(DT.RELRSZ, 0)
-    if size % 8:
-        raise ElfDynamicError("DT_RELRSZ", size, "a multiple of 8")
+    if size % ADDR_SIZE:
+        raise ElfDynamicError("DT_RELRSZ", size, f"a multiple of {ADDR_SIZE}")
     words = np.frombuffer(_table(image, tags[DT.RELR], size, "DT_RELR"), dtype="<u8")
     ranges = _relocatable(image, tags)
-    room = sum((end - start) // 8 + 1 for start, end in ranges)
+    room = sum((end - start) // ADDR_SIZE + 1 for start, end in ranges)
     count = relr_count(words)
     if count > room:
         raise ElfDynamicError("DT_RELR target count", count,
@@ -339,24 +332,31 @@ def _file_bytes_from(image: ElfImage, vaddr: int) -> int:
 
 def _u32s(image: ElfImage, vaddr: int, count: int, tag: str) -> npt.NDArray[np.uint32]:
     """``count`` little-endian 32-bit words at ``vaddr``."""
-    if count < 0 or count * 4 > image.size:
-        raise ElfDynamicError(f"{tag} count", count, f"at most {image.size // 4:#x} words")
-    return np.frombuffer(_table(image, vaddr, count * 4, tag), dtype="<u4").astype(np.uint32)
+    if count < 0 or count * WORD_SIZE > image.size:
+        raise ElfDynamicError(f"{tag} count", count,
+                              f"at most {image.size // WORD_SIZE:#x} words")
+    return np.frombuffer(_table(image, vaddr, count * WORD_SIZE, tag),
+                         dtype="<u4").astype(np.uint32)
+
+
+_GNU_HASH_HEADER = 4     # words: nbuckets, symoffset, bloom_size, bloom_shift
+_SYSV_HASH_HEADER = 2    # words: nbucket, nchain
 
 
 def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
     """The GNU hash table (nbuckets, shift, bloom, buckets, chains) and how many symbols it
     covers (the last hashed one's index + 1; 0 when every bucket is empty)."""
-    nbuckets, symoffset, bloom_size, shift = _u32s(image, vaddr, 4, "DT_GNU_HASH").tolist()
+    header = _u32s(image, vaddr, _GNU_HASH_HEADER, "DT_GNU_HASH")
+    nbuckets, symoffset, bloom_size, shift = header.tolist()
     if bloom_size == 0 or nbuckets == 0:
         raise ElfDynamicError("DT_GNU_HASH nbuckets/bloom_size", min(nbuckets, bloom_size),
                               "at least 1")
-    bloom_at = vaddr + 16
-    bloom = np.frombuffer(_table(image, bloom_at, bloom_size * 8, "DT_GNU_HASH bloom"),
+    bloom_at = vaddr + _GNU_HASH_HEADER * WORD_SIZE
+    bloom = np.frombuffer(_table(image, bloom_at, bloom_size * ADDR_SIZE, "DT_GNU_HASH bloom"),
                           dtype="<u8").astype(np.uint64)
-    buckets_at = bloom_at + bloom_size * 8
+    buckets_at = bloom_at + bloom_size * ADDR_SIZE
     buckets = _u32s(image, buckets_at, nbuckets, "DT_GNU_HASH buckets")
-    chains_at = buckets_at + nbuckets * 4
+    chains_at = buckets_at + nbuckets * WORD_SIZE
     top = int(buckets.max())
     if top == 0:    # no symbol is hashed: symoffset says nothing about the table's size
         return GnuHash(symoffset, shift, bloom, buckets, np.zeros(0, np.uint32)), 0
@@ -365,7 +365,7 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
     # The chain of the highest bucket ends the table: find its end marker (low bit set),
     # reading windows that grow fourfold so a long chain costs O(n) and a short one little.
     # A chain that runs to the end of its PT_LOAD's file bytes without one is refused.
-    avail = _file_bytes_from(image, chains_at) // 4
+    avail = _file_bytes_from(image, chains_at) // WORD_SIZE
     done = top - symoffset
     window = 64
     while True:
@@ -373,7 +373,7 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
         if count <= done:
             raise ElfDynamicError("DT_GNU_HASH chain", top,
                                   "an end marker (low bit set) inside its PT_LOAD's file bytes")
-        tail = _u32s(image, chains_at + done * 4, count - done, "DT_GNU_HASH chains")
+        tail = _u32s(image, chains_at + done * WORD_SIZE, count - done, "DT_GNU_HASH chains")
         ends = np.flatnonzero(tail & 1)
         if len(ends):
             break
@@ -385,8 +385,8 @@ def _gnu_hash(image: ElfImage, vaddr: int) -> tuple[GnuHash, int]:
 
 def _sysv_hash(image: ElfImage, vaddr: int) -> tuple[SysvHash, int]:
     """The SysV hash table (buckets, chains) and the symbol count (nchain)."""
-    nbucket, nchain = _u32s(image, vaddr, 2, "DT_HASH").tolist()
-    words = _u32s(image, vaddr + 8, nbucket + nchain, "DT_HASH")
+    nbucket, nchain = _u32s(image, vaddr, _SYSV_HASH_HEADER, "DT_HASH").tolist()
+    words = _u32s(image, vaddr + _SYSV_HASH_HEADER * WORD_SIZE, nbucket + nchain, "DT_HASH")
     buckets, chains = words[:nbucket], words[nbucket:]
     if len(words) and int(words.max()) >= max(nchain, 1):
         raise ElfDynamicError("DT_HASH entry", int(words.max()), f"below nchain {nchain}")
@@ -398,7 +398,6 @@ VERDEF = struct.Struct("<HHHHIII")     # vd_version vd_flags vd_ndx vd_cnt vd_ha
 VERDAUX = struct.Struct("<II")         # vda_name vda_next
 VERNEED = struct.Struct("<HHIII")      # vn_version vn_cnt vn_file vn_aux vn_next
 VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name vna_next
-VER_FLG_BASE = 0x1
 
 
 class _Claims:
@@ -489,9 +488,9 @@ def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
         version, flags, ndx, _, _, aux, nxt = claims.read(at, VERDEF, link)
         _check_record_version(version, "vd_version")
         name_off, _ = claims.read(at + aux, VERDAUX, "vd_aux", shared=True)
-        out[ndx & 0x7FFF] = names.check(name_off, "vda_name")
+        out[ndx & VERSYM_VERSION] = names.check(name_off, "vda_name")
         if not flags & VER_FLG_BASE:
-            defined.add(ndx & 0x7FFF)
+            defined.add(ndx & VERSYM_VERSION)
         if not nxt:
             return defined
         at, link = at + nxt, "vd_next"
@@ -515,7 +514,7 @@ def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
         aux_at, aux_link = at + aux, "vn_aux"
         while True:
             _, _, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
-            out[other & 0x7FFF] = names.check(name_off, "vna_name")
+            out[other & VERSYM_VERSION] = names.check(name_off, "vna_name")
             if not aux_next:
                 break
             aux_at, aux_link = aux_at + aux_next, "vna_next"
@@ -630,7 +629,7 @@ def _versym(image: ElfImage, tags: dict[int, int], nsyms: int,
     if DT.VERSYM not in tags or nsyms == 0:
         return None
     vs = np.frombuffer(_table(image, tags[DT.VERSYM], nsyms * 2, "DT_VERSYM"), dtype="<u2")
-    idx = vs & 0x7FFF
+    idx = versym_index(vs)
     known = np.zeros(MAX_VERSIONS, dtype=bool)
     known[[0, 1, *versions]] = True
     bad = ~known[idx]
@@ -645,9 +644,9 @@ def _array_tag(tags: dict[int, int], at: int, size: int, name: str) -> tuple[int
     if at not in tags:
         return (0, 0)
     n = tags.get(size, 0)
-    if n % 8:
-        raise ElfDynamicError(f"{name}SZ", n, "a multiple of 8")
-    return (tags[at], n // 8)
+    if n % ADDR_SIZE:
+        raise ElfDynamicError(f"{name}SZ", n, f"a multiple of {ADDR_SIZE}")
+    return (tags[at], n // ADDR_SIZE)
 
 
 def _check_needed(strtab: bytes, needed: tuple[int, ...]) -> None:
@@ -682,18 +681,22 @@ def import_slot(st_size: int) -> int:
     return max(STUB_SLOT, -(-st_size // STUB_SLOT) * STUB_SLOT)
 
 
-def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
-                        relocs: tuple[RelocTable, ...]) -> None:
-    """The undefined symbols relocations use: each st_size, and their sum, below the
-    user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
-    asks for more than an address space). ElfSymbolError names the symbol."""
-    if not len(syms):
-        return
-    used = np.zeros(len(syms), dtype=bool)
+def _relocated_symbols(nsyms: int, relocs: tuple[RelocTable, ...]) -> npt.NDArray[np.bool_]:
+    """Per symbol: some relocation uses it (the null symbol never counts)."""
+    used = np.zeros(nsyms, dtype=bool)
     for table in relocs:
         used[table.r_sym] = True
-    used[0] = False
-    idx = np.flatnonzero(used & (syms["st_shndx"] == 0))
+    used[:1] = False
+    return used
+
+
+def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
+                        used: npt.NDArray[np.bool_]) -> None:
+    """The undefined symbols relocations use: each st_size, and their sum, below the
+    user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
+    asks for more than an address space). ElfSymbolError names the symbol. ``used``: the
+    symbols relocations use (``_relocated_symbols``)."""
+    idx = np.flatnonzero(used & (syms["st_shndx"] == SHN.UNDEF))
     sizes = syms["st_size"][idx]
     # float64 sums are exact enough to find where the total crosses 2**47.
     total = np.cumsum(np.minimum(sizes, USER_LIMIT).astype(np.float64) + STUB_SLOT)
@@ -714,13 +717,9 @@ def name_budget(strtab: bytes) -> int:
 
 
 def _check_name_bytes(syms: npt.NDArray[Any], strtab: bytes, nuls: npt.NDArray[np.intp],
-                      relocs: tuple[RelocTable, ...], versions: dict[int, int]) -> None:
-    """The names a load cuts (the versions', and those of the symbols relocations use)
-    add up to at most ``name_budget`` bytes, counted before any is cut."""
-    used = np.zeros(len(syms), dtype=bool)
-    for table in relocs:
-        used[table.r_sym] = True
-    used[:1] = False                      # the null symbol: no name is cut for it
+                      used: npt.NDArray[np.bool_], versions: dict[int, int]) -> None:
+    """The names a load cuts (the versions', and those of the symbols relocations use:
+    ``used``) add up to at most ``name_budget`` bytes, counted before any is cut."""
     starts = np.concatenate([syms["st_name"][used].astype(np.int64),
                              np.fromiter(set(versions.values()), dtype=np.int64)])
     if not len(starts):
@@ -748,11 +747,12 @@ def parse_tables(image: ElfImage) -> DynamicTables:
     defined = _verdefs(image, tags, names, name_offsets)
     _verneeds(image, tags, names, name_offsets)
     nuls = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
-    _check_name_bytes(syms, strtab, nuls, relocs, name_offsets)
+    used = _relocated_symbols(len(syms), relocs)
+    _check_name_bytes(syms, strtab, nuls, used, name_offsets)
     versions = {ndx: names(off, "version name") for ndx, off in name_offsets.items()}
     _check_needed(strtab, needed)
     _check_relative_count(tags, relocs)
-    _check_import_sizes(syms, strtab, relocs)
+    _check_import_sizes(syms, strtab, used)
     return DynamicTables(
         tags=tags, needed=needed, relocs=relocs, relr=_relr(image, tags), symtab=syms,
         strtab=strtab, versym=_versym(image, tags, len(syms), versions), versions=versions,

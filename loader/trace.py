@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from loader.mmap import MapFlags, Mapping, Mmap, MmapError, ProtFlags, Region
 
-__all__ = ["Call", "CopyingMmap", "TracingMmap", "unwrap"]
+__all__ = ["Call", "CopyingMmap", "TracingMmap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +39,6 @@ class Call:
         return out
 
 
-def unwrap(mm: Any) -> Any:
-    """The innermost backend under any wrappers (each keeps it as ``inner``)."""
-    while hasattr(mm, "inner"):
-        mm = mm.inner
-    return mm
-
-
 @dataclass
 class TracingMmap:
     """An Mmap that forwards every call to ``inner`` and appends a :class:`Call` to ``calls``.
@@ -59,8 +52,12 @@ class TracingMmap:
     @property
     def page_size(self) -> int:
         """The wrapped backend's page size."""
-        from loader.pages import HOST_PAGE_SIZE
-        return int(getattr(self.inner, "page_size", HOST_PAGE_SIZE))
+        return self.inner.page_size
+
+    @property
+    def runs_code(self) -> bool:
+        """The wrapped backend's capability to run what it maps."""
+        return self.inner.runs_code
 
     def _run(self, op: str, args: dict[str, Any], fn: Any, *call_args: Any) -> Any:
         """Call ``fn`` and record it; MmapError is recorded and re-raised."""

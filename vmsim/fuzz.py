@@ -149,6 +149,8 @@ class CheckingMmap:
         """The wrapped backend's page size."""
         return int(getattr(self.inner, "page_size", HOST_PAGE_SIZE))
 
+    runs_code = property(lambda self: self.inner.runs_code, doc="The wrapped backend's.")
+
     def _span(self, addr: int, length: int) -> tuple[int, int]:
         """``[addr, addr + length)`` rounded out to pages."""
         page = self.page_size

@@ -288,6 +288,8 @@ class AddressSpace(MmapDefaults):
     raises ValueError naming it, before anything is allocated.
     """
 
+    runs_code = False  # a simulation: nothing it maps can run in this process (loader.Mmap)
+
     def __init__(self, *, page_size: int = HOST_PAGE_SIZE, exec_only: bool = True,
                  max_map_count: int = 65530, mmap_base: int = 0x7F00_0000_0000,
                  mmap_min_addr: int = 0x10000, privileged: bool = False) -> None:

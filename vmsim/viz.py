@@ -778,6 +778,8 @@ class MapsRecorder:
         """The wrapped backend's page size."""
         return self.inner.page_size
 
+    runs_code = property(lambda self: self.inner.runs_code, doc="The wrapped backend's.")
+
     def _frame(self) -> None:
         self.frames.append(_as_step(self.inner.calls[-1], self.inner.maps()))
 
