@@ -44,6 +44,7 @@ from loader.mmap import Mmap, MmapError, ProtFlags
 from loader.outcome import Outcome, take_outcome
 from loader.plan import LoadPlan, make_plan
 from loader.reloc import (
+    OWN_CODE,
     RelocContext,
     RelocOutcome,
     check_relocations,
@@ -82,7 +83,7 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
     for name, tag in (("DT_INIT", DT.INIT), ("DT_FINI", DT.FINI)):
         at = tables.tags.get(tag, 0)
         if at and first_outside_code(image, [at]) is not None:
-            raise ElfDynamicError(name, at, "inside the file bytes of an executable PT_LOAD")
+            raise ElfDynamicError(name, at, OWN_CODE)
 
 
 def _check_host_tls(image: ElfImage, tables: DynamicTables) -> None:
@@ -240,7 +241,7 @@ class LoadedObject:
             if first_outside_code(self.image, [int(sym["st_value"])]) is not None:
                 raise ElfSymbolError(f"STT_GNU_IFUNC {name!r} resolver",
                                      int(sym["st_value"]),
-                                     "inside the file bytes of an executable PT_LOAD")
+                                     OWN_CODE)
             addr = int(ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)())
         return addr
 
@@ -265,23 +266,31 @@ class LoadedObject:
         listed = self._array(*array)
         return listed[::-1] + single if reverse else single + listed
 
-    def _call_all(self, funcs: list[int], what: str) -> None:
-        """Call each function as glibc calls initialisers: (argc, argv, envp), here empty.
-        All must be the object's own code (``first_outside_code``; ElfDynamicError
-        otherwise, before any call: never a jump into data or into nowhere)."""
+    def _check_callable(self, funcs: list[int], what: str) -> None:
+        """Every function must be the object's own code (``first_outside_code``):
+        ElfDynamicError otherwise, before any call, never a jump into data or nowhere."""
         vaddrs = [(fn - self.load_bias) & MASK64 for fn in funcs]
         bad = first_outside_code(self.image, vaddrs)
         if bad is not None:
             raise ElfDynamicError(f"{what} entry", (bad + self.load_bias) & MASK64,
-                                  "inside the file bytes of an executable PT_LOAD")
+                                  OWN_CODE)
+
+    def _call_all(self, funcs: list[int], what: str) -> None:
+        """Call each function as glibc calls initialisers: (argc, argv, envp), here empty;
+        all are checked before the first is called."""
+        self._check_callable(funcs, what)
         empty = (ctypes.c_void_p * 1)()
         for fn in funcs:
             _INIT(fn)(0, ctypes.addressof(empty), ctypes.addressof(empty))
 
     def run_init(self) -> None:
-        """Run (host, shared objects) or record (otherwise) the init functions."""
+        """Run (host, shared objects) or record (otherwise) the init functions. Where they
+        run, the fini functions are checked now too, so that a load that succeeds can
+        always be unloaded."""
         self.inits = self._functions(DT.INIT, self.tables.init_array, reverse=False)
         if self.runs_code and self.runs_init:
+            self._check_callable(self._functions(DT.FINI, self.tables.fini_array,
+                                                 reverse=True), "fini")
             self._call_all(self.inits, "init")
 
     @property
@@ -296,13 +305,15 @@ class LoadedObject:
         if not self.loaded:
             return
         self.loaded = False
-        self.finis = self._functions(DT.FINI, self.tables.fini_array, reverse=True)
-        if self.runs_code and self.runs_init:
-            self._call_all(self.finis, "fini")
-        self.mm.munmap(self.span[0], self.span[1] - self.span[0])
-        ext = self.relocations.extern_range
-        if ext is not None:
-            self.mm.munmap(ext[0], ext[1] - ext[0])
+        try:
+            self.finis = self._functions(DT.FINI, self.tables.fini_array, reverse=True)
+            if self.runs_code and self.runs_init:
+                self._call_all(self.finis, "fini")
+        finally:  # a refused fini (its code rewritten since load) still unmaps everything
+            self.mm.munmap(self.span[0], self.span[1] - self.span[0])
+            ext = self.relocations.extern_range
+            if ext is not None:
+                self.mm.munmap(ext[0], ext[1] - ext[0])
 
     def __repr__(self) -> str:
         return (f"<LoadedObject {self.path} span={self.span[0]:#x}-{self.span[1]:#x} "

@@ -207,6 +207,10 @@ def _segment_of(starts: npt.NDArray[np.uint64], vaddrs: npt.NDArray[np.uint64]
     return seg
 
 
+OWN_CODE = "must lie inside the file bytes of an executable PT_LOAD (the object's own code)"
+"""What every address the loader calls must satisfy (the limit of its ElfError)."""
+
+
 def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[int]
                        ) -> int | None:
     """The first of ``vaddrs`` that is not code the loader may call, or None when all are.
@@ -359,13 +363,13 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
         bad = first_outside_code(image, _addends(image, table, mask))
         if bad is not None:
             raise ElfRelocationError(f"{table.name} R_X86_64_IRELATIVE resolver", bad,
-                                     "inside the file bytes of an executable PT_LOAD")
+                                     OWN_CODE)
     ifunc = needed[_own_ifunc(tables)[needed]]
     bad = first_outside_code(image, tables.symtab["st_value"][ifunc])
     if bad is not None:
         sym = int(ifunc[tables.symtab["st_value"][ifunc] == bad][0])
         raise ElfRelocationError(f"STT_GNU_IFUNC {_symbol_text(tables, sym)} resolver", bad,
-                                 "inside the file bytes of an executable PT_LOAD")
+                                 OWN_CODE)
 
 
 # ---------------------------------------------------------------------------------------------

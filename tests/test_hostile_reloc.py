@@ -434,12 +434,16 @@ def _dynamic_entries(data: bytearray, image: ElfImage) -> Any:
     return np.frombuffer(data, dtype=dyn, count=info.size // 16, offset=info.offset)
 
 
+_ARRAY_SIZE_TAG = {DT.INIT_ARRAY: DT.INIT_ARRAYSZ, DT.FINI_ARRAY: DT.FINI_ARRAYSZ}
+
+
 def _with_init_array(at: int, size: int, bss: int = 0,
-                     targets: tuple[tuple[int, tuple[int, int]], ...] = ()
-                     ) -> tuple[bytearray, ElfImage]:
-    """An object whose DT_INIT_ARRAY is at ``at`` (an offset in its rw segment) with
-    DT_INIT_ARRAYSZ ``size`` (two tags that replaced DT_SONAME and DT_RELACOUNT);
-    ``targets`` lists (offset, (segment, offset)) RELATIVE entries filling the array."""
+                     targets: tuple[tuple[int, tuple[int, int]], ...] = (),
+                     tag: DT = DT.INIT_ARRAY) -> tuple[bytearray, ElfImage]:
+    """An object whose DT_INIT_ARRAY (or ``tag``: DT_FINI_ARRAY) is at ``at`` (an offset in
+    its rw segment) with DT_INIT_ARRAYSZ (DT_FINI_ARRAYSZ) ``size`` (two tags that replaced
+    DT_SONAME and DT_RELACOUNT); ``targets`` lists (offset, (segment, offset)) RELATIVE
+    entries filling the array."""
     spec = ElfSpec(segments=(Segment("rx", data=b"\xc3" * 32),
                              Segment("rw", data=bytes(128), bss=bss)),
                    symbols=(Symbol("x", segment=1, offset=0),),
@@ -451,8 +455,8 @@ def _with_init_array(at: int, size: int, bss: int = 0,
     tags = dyn["d_tag"]
     soname = int(np.flatnonzero(tags == DT.SONAME)[0])
     count = int(np.flatnonzero(tags == DT.RELACOUNT)[0])
-    dyn[soname] = (DT.INIT_ARRAY, image.segment_vaddr(1) + at)
-    dyn[count] = (DT.INIT_ARRAYSZ, size)
+    dyn[soname] = (tag, image.segment_vaddr(1) + at)
+    dyn[count] = (_ARRAY_SIZE_TAG[tag], size)
     return data, image
 
 
@@ -482,6 +486,31 @@ def test_init_array_entries_are_read_in_bulk_and_checked_before_any_call() -> No
                                                       image.segment_vaddr(1)]
     kind, message, left = _host_fails_cleanly(bytes(data))
     assert kind == "ElfDynamicError" and "init entry" in message and left == []
+
+
+def test_a_fini_entry_that_is_not_code_is_refused_at_load_not_at_unload() -> None:
+    """A fini array whose relocated entry points into data: the host load is refused with
+    nothing left mapped (fini runs at unload, but a load that succeeds must be unloadable,
+    so the entries are checked with init's). Found by the 100,000-input campaign."""
+    data, _ = _with_init_array(0, 16, targets=((0, (0, 0)), (8, (1, 64))), tag=DT.FINI_ARRAY)
+    kind, message, left = _host_fails_cleanly(bytes(data))
+    assert kind == "ElfDynamicError" and "fini entry" in message and left == []
+
+
+def test_unload_unmaps_even_when_a_fini_entry_was_rewritten_after_load() -> None:
+    """Memory can change after load (loaded code writes it): a fini entry rewritten to point
+    into data is refused at unload, and unload still unmaps the whole span."""
+    data, image = _with_init_array(0, 8, targets=((0, (0, 0)),), tag=DT.FINI_ARRAY)
+
+    def child() -> tuple[str, list[str]]:
+        obj = load(bytes(data), LibcMmap(), base=HOST_BASE)
+        entry = obj.load_bias + image.segment_vaddr(1)
+        obj.mm.write(entry, (entry + 64).to_bytes(8, "little"))
+        with pytest.raises(ElfDynamicError, match="fini entry"):
+            obj.unload()
+        return "refused", _span_regions(HOST_BASE, HOST_BASE + (1 << 30))
+    done = run_isolated(child, timeout=10, max_rss=512 << 20)
+    assert done.status == "ok" and done.value == ("refused", [])
 
 
 _MASK = 0xFFFFFFFFFFFFFFFF
