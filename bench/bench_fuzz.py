@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
 import loader
-from loader.elfwriter import ElfImage
-from loader.strategies import _blob_size, elf_images
 from vmsim import AddressSpace
 from vmsim.fuzz import run_campaign
+from vmsim.fuzz.elfwriter import ElfImage
+from vmsim.fuzz.images import _blob_size, elf_images
 
 REPEATS = 3
 

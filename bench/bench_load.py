@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from loader import load
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
+from vmsim.fuzz.isolate import run_isolated
 
 LIBS = {
     "libz": "/usr/lib/x86_64-linux-gnu/libz.so.1",

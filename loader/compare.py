@@ -33,13 +33,13 @@ import dataclasses
 import os
 from typing import Any, NamedTuple
 
-from loader.isolate import OverBound, run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import MapFlags, Mapping, Mmap, ProtFlags
 from loader.outcome import Outcome
 from loader.pages import HOST_PAGE_SIZE, page_round_up
 from loader.pipeline import LoadedObject, load
 from loader.symbols import StubResolver
+from vmsim.fuzz.isolate import OverBound, run_isolated
 
 __all__ = ["MAX_DIFF_PAGES", "Comparison", "LoadDied", "compare_backends", "host_outcome",
            "run_host"]

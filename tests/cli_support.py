@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from loader.isolate import run_isolated
+from vmsim.fuzz.isolate import run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 

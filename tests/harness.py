@@ -32,9 +32,9 @@ from errno import errorcode
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from loader.isolate import Isolated, probe, run_isolated
 from loader.libc import LibcMmap, host_has_pkeys
 from loader.mmap import MapFlags, Mmap, MmapError, ProtFlags, Region
+from vmsim.fuzz.isolate import Isolated, probe, run_isolated
 
 __all__ = [
     "BACKENDS",

@@ -15,9 +15,9 @@ from typing import Any
 
 from harness import BackendHarness
 
-from loader.isolate import Isolated
 from loader.libc import host_has_pkeys
 from vmsim import AddressSpace, Fault
+from vmsim.fuzz.isolate import Isolated
 
 __all__ = ["HARNESSES", "SimHarness", "host_like_space"]
 

@@ -21,7 +21,8 @@ import pytest
 from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 
-from loader.elfwriter import (
+from loader.pages import HOST_PAGE_SIZE, page_round_down
+from vmsim.fuzz.elfwriter import (
     DYN,
     PT_GNU_RELRO,
     PT_LOAD,
@@ -36,7 +37,6 @@ from loader.elfwriter import (
     gnu_hash,
     smallest_shared_object,
 )
-from loader.pages import HOST_PAGE_SIZE, page_round_down
 
 RET_42 = bytes.fromhex("b82a000000c3")  # mov eax, 42; ret
 EXIT_42 = bytes.fromhex("b83c000000bf2a0000000f05")  # mov eax, 60; mov edi, 42; syscall

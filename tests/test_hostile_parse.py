@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import loader.elfwriter as ew
+import vmsim.fuzz.elfwriter as ew
 from loader import (
     ElfDynamicError,
     ElfError,
@@ -27,12 +27,12 @@ from loader import (
     load,
 )
 from loader.elf import USER_LIMIT, parse_image
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.pages import HOST_PAGE_SIZE
 from loader.tables import DT as T
 from loader.tables import VERNAUX, VERNEED, decode_relr, parse_tables, relr_count
 from vmsim import AddressSpace
+from vmsim.fuzz.isolate import run_isolated
 
 BIG = 1 << 20
 """Bytes of the crafted-data segment: hostile tables of about 1 MiB live there."""

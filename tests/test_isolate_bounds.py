@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from loader.isolate import OverBound, rss_bytes, run_isolated
+from vmsim.fuzz.isolate import OverBound, rss_bytes, run_isolated
 
 
 def _allocate(n: int) -> int:
@@ -49,7 +49,7 @@ def test_rss_of_this_process_is_read() -> None:
 
 _SPINNER = """
 import os
-from loader.isolate import run_isolated
+from vmsim.fuzz.isolate import run_isolated
 def spin():
     print(os.getpid(), flush=True)
     while True:

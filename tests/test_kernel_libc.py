@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader.isolate import ChildError, Isolated, probe, run_isolated
 from loader.libc import LibcMmap, host_has_pkeys, read_maps
 from loader.mmap import MapFlags, Mapping, Mmap, MmapError, ProtFlags, Region
+from vmsim.fuzz.isolate import ChildError, Isolated, probe, run_isolated
 
 NONE, R, W = ProtFlags.PROT_NONE, ProtFlags.PROT_READ, ProtFlags.PROT_WRITE
 PRIV, FIXED, ANON = MapFlags.MAP_PRIVATE, MapFlags.MAP_FIXED, MapFlags.MAP_ANONYMOUS

@@ -22,9 +22,9 @@ from loader_support import (  # noqa: F401  (fixture_libs_fixture is a pytest fi
 )
 
 from loader import ElfSegmentError, load
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.reloc import X86_64, Kind
+from vmsim.fuzz.isolate import run_isolated
 
 LIBC = Path("/usr/lib/x86_64-linux-gnu/libc.so.6")
 

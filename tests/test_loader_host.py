@@ -15,8 +15,8 @@ import pytest
 from loader_support import SYSTEM_LIBS, cfunc, fixture_libs_fixture  # noqa: F401
 
 from loader import CopyingMmap, ElfUnsupportedError, load
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
+from vmsim.fuzz.isolate import run_isolated
 
 DATA = b"vmsim loads libz itself. " * 200
 

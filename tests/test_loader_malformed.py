@@ -25,11 +25,11 @@ from loader import (
     load,
 )
 from loader.elf import PHDR_SIZE, parse_image
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import MapFlags, Mapping, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
 from loader.tables import DT, parse_tables
+from vmsim.fuzz.isolate import run_isolated
 
 LIBZ = SYSTEM_LIBS["libz"].read_bytes()
 _IMAGE = parse_image(LIBZ, HOST_PAGE_SIZE)

@@ -17,13 +17,13 @@ from loader_support import SYSTEM_LIBS, fixture_libs_fixture  # noqa: F401
 from loader import StubResolver, TracingMmap, load
 from loader.compare import host_outcome
 from loader.elf import parse_image
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.pages import HOST_PAGE_SIZE
 from loader.plan import make_plan
 from loader.reloc import type_name
 from loader.symbols import find, split_version
 from loader.tables import DT, DynamicTables, decode_relr, parse_tables
+from vmsim.fuzz.isolate import run_isolated
 
 LIBC = Path("/usr/lib/x86_64-linux-gnu/libc.so.6")
 
@@ -189,7 +189,7 @@ def test_rel_rela_relr_give_the_writers_words(rel_format: str, relr: bool) -> No
     words loader.elfwriter (written independently) says a correct loader must produce."""
     from loader_support import sim_factory
 
-    from loader.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
+    from vmsim.fuzz.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 
     factory = sim_factory()
     spec = ElfSpec(

@@ -13,10 +13,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-from loader.isolate import run_isolated
 from loader.mmap import ProtFlags, Region
 from loader.pages import HOST_PAGE_SIZE as PAGE
 from vmsim import viz
+from vmsim.fuzz.isolate import run_isolated
 
 PERMS = [ProtFlags.from_rwx(p) for p in ("r--", "r-x", "rw-", "---")]
 
@@ -87,7 +87,7 @@ def test_a_small_map_labels_every_region_and_says_nothing_more() -> None:
 def test_vmsim_plot_of_an_elf_file_with_3000_segments(tmp_path: Path) -> None:
     from cli_support import run_cli
 
-    from loader.elfwriter import ElfSpec, Segment, build
+    from vmsim.fuzz.elfwriter import ElfSpec, Segment, build
 
     segments = tuple(Segment(("r", "rx", "rw")[i % 3], data=b"\x01" * 64) for i in range(3000))
     path = tmp_path / "many.so"

@@ -17,10 +17,10 @@ import pytest
 from harness import raw_load
 from harness_sim import host_like_space
 
-from loader.isolate import run_isolated
 from loader.libc import LibcMmap, read_maps
 from loader.mmap import MAX_READ, MapFlags, Mmap, MmapError, ProtFlags
 from vmsim import AddressSpace, Fault
+from vmsim.fuzz.isolate import run_isolated
 
 R, RW = ProtFlags.PROT_READ, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE
 PRIV = MapFlags.MAP_PRIVATE

@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from loader.isolate import probe, run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import MapFlags, MmapError, ProtFlags, Region
 from loader.pages import HOST_PAGE_SIZE
 from vmsim import AddressSpace, Fault
+from vmsim.fuzz.isolate import probe, run_isolated
 
 P = HOST_PAGE_SIZE
 PAGES = int(os.environ.get("VMSIM_VS_KERNEL_PAGES", "12"))  # arena pages

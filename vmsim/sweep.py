@@ -5,7 +5,7 @@ Part of the ``vmsim`` top layer (imports ``loader`` and ``vmsim.space``); the me
 instrument behind ``scripts/corpus_sweep.py`` and ``tests/test_corpus_sweep.py``.
 
 Each file is loaded with ``loader.load(path, AddressSpace())`` in a forked child supervised by
-``loader.isolate.run_isolated`` (time and memory bounds), inside a small pool of worker
+``vmsim.fuzz.isolate.run_isolated`` (time and memory bounds), inside a small pool of worker
 processes. The outcome is one of ``STATUSES``: ``loaded`` (and the checks after a load held),
 ``refused`` (an ElfError), or an escape (anything else). glibc is the oracle for refusals:
 ``ld.so --verify`` maps the file without running any of its code (exit 0: a dynamic program,
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from loader import ElfError, MmapError, load
-from loader.isolate import ChildError, OverBound, run_isolated
 from vmsim.fault import Fault
+from vmsim.fuzz.isolate import ChildError, OverBound, run_isolated
 from vmsim.space import AddressSpace
 
 __all__ = [

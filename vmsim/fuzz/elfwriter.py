@@ -1,7 +1,7 @@
 """Write ELF64 x86-64 shared objects and executables from a small description.
 
-Place in the layers: a tool beside the loader, importing only numpy and ``loader.pages``. The
-fuzzing strategies (``loader.strategies``) build their images with it, the tests feed its output
+Part of the fuzz kit (``vmsim.fuzz``), importing only numpy and ``loader.pages``. The
+fuzzing strategies (``vmsim.fuzz.images``) build their images with it, the tests feed its output
 to ``readelf``, pyelftools and glibc's ``dlopen`` to prove it valid, and it teaches: the records
 below are the spec's own structures, and :func:`smallest_shared_object` builds the smallest
 shared object glibc will ``dlopen``, one field at a time.

@@ -1,9 +1,9 @@
 """Hypothesis strategies for address-space operations, and a way to apply them to any backend.
 
-Place in the layers: on top, beside ``loader.strategies``; imports only ``loader.mmap``,
-``loader.pages`` and hypothesis, so the same sequences drive the simulator (``vmsim``) and the
-real kernel (``loader.libc.LibcMmap``) and their results can be compared step by step, as in
-the hypothesis docs' ``DatabaseComparison`` pattern.
+Part of the fuzz kit (``vmsim.fuzz``); public as ``vmsim.strategies``. Imports only
+``loader.mmap``, ``loader.pages`` and hypothesis, so the same sequences drive the simulator
+(``vmsim``) and the real kernel (``loader.libc.LibcMmap``) and their results can be compared
+step by step, as in the hypothesis docs' ``DatabaseComparison`` pattern.
 
 Operations are small NamedTuples whose ``repr`` reads like the call they make, with addresses
 in pages relative to an *arena* (a region the test owns), so a failing sequence prints as
@@ -35,7 +35,7 @@ from hypothesis.errors import InvalidArgument
 
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
-from loader.strategy_args import ValueOrStrategy, check_range, check_subset
+from vmsim.fuzz.knobs import ValueOrStrategy, check_range, check_subset
 
 __all__ = [
     "OP_KINDS",
