@@ -116,6 +116,8 @@ def relro_pages_read_only(image: ElfImage, result: dict[str, Any]) -> bool:
     start = result["bias"] + int(relro["p_vaddr"][0])
     end = page_round_down(start + int(relro["p_memsz"][0]))
     start = page_round_down(start)
+    if end <= start:
+        return True  # less than a page: glibc protects nothing (both ends round down)
     for span, perms in result["maps"]:
         lo, hi = (int(x, 16) for x in span.split("-"))
         if lo < end and hi > start and perms != "r--p":

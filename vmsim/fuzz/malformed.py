@@ -525,17 +525,19 @@ def _mutate_truncate(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
 
 
 def _mutate_flip(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
-    """XOR a few random bytes, mostly in the headers and tables (where they matter)."""
+    """XOR a few random bytes, mostly in the headers and tables (where they matter); each
+    byte at most once, so that two flips never cancel out."""
     count = draw(ints(1, 8))
     hot = image.tables["dynamic"].offset + image.tables["dynamic"].size
-    flips = []
+    flips: dict[int, int] = {}
     for _ in range(count):
         limit = hot if draw(ints(0, 3)) else len(data)
         at = draw(ints(0, limit - 1))
         mask = draw(ints(1, 255))
-        data[at] ^= mask
-        flips.append(f"{at:#x}^{mask:#04x}")
-    return "flipped " + ", ".join(flips)
+        if at not in flips:
+            data[at] ^= mask
+            flips[at] = mask
+    return "flipped " + ", ".join(f"{at:#x}^{mask:#04x}" for at, mask in flips.items())
 
 
 def _always(image: ElfImage) -> bool:
