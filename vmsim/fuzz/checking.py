@@ -89,6 +89,8 @@ class CheckingMmap:
         """The wrapped backend's page size."""
         return self.inner.page_size
 
+    runs_code = property(lambda self: self.inner.runs_code, doc="The wrapped backend's.")
+
     def _span(self, addr: int, length: int) -> tuple[int, int]:
         """``[addr, addr + length)`` rounded out to pages."""
         page = self.page_size
