@@ -168,16 +168,18 @@ def elf_images(**knobs: Any) -> st.SearchStrategy[ElfImage]:
 def _elf_specs(draw: st.DrawFn, knobs: dict[str, Any]) -> ElfSpec:
     """Draw the knobs given as (non-default) strategies, then one blob of bytes that decodes
     to the default knobs, the segments, symbols and relocations (see :class:`_Blob`)."""
-    k = {name: draw(v) if isinstance(v, st.SearchStrategy) and name not in _BLOB_KNOBS.get(
-        id(v), ()) else v for name, v in knobs.items()}
+    k = dict(knobs)
+    drawn = [name for name, v in knobs.items() if isinstance(v, st.SearchStrategy)
+             and name not in _BLOB_KNOBS.get(id(v), ())]
+    for name in drawn:
+        k[name] = draw(knobs[name])
+    if drawn:  # values from a user's strategy: InvalidArgument, as for values given
+        _check_knobs(k)
     counted = knobs["segments"] is _SEGMENT_COUNTS
     nsegs = 4 if counted else k["segments"]
-    if not counted:
-        check_range(nsegs, "segments", 0, 8)
     blob = _Blob(draw(_blobs(_blob_size(nsegs, k["max_symbols"], k["max_relocations"],
                                         k["imports"]))))
     blob.knobs(k)
-    _check_drawn(k)
     lo, hi = (1, 4) if counted else (nsegs, nsegs)
     segs = _segments(blob, lo, hi, nsegs, k["max_segment_pages"], k["bss"])
     writable = [i for i, s in enumerate(segs) if "w" in s.flags]
@@ -462,21 +464,6 @@ def _init_arrays(segs: Sequence[Segment], relocs: Sequence[Reloc], k: dict[str, 
     if len(free) < 2:
         return (), ()
     return (free[0],), (free[1],)
-
-
-def _check_drawn(k: dict[str, Any]) -> None:
-    """Re-check knobs that came from a user's strategy (InvalidArgument, as for values)."""
-    check_range(k["segments"], "segments", 0, 8)
-    _check_align(k["max_page_size"])
-    check_subset(k["relocation_types"], "relocation_types", RELOCATION_TYPES,
-                 non_empty=False)
-    check_range(k["imports"], "imports", 0, len(_IMPORTS))
-    for name in ("relro", "textrel", "bss", "relr", "sections", "init_arrays"):
-        check_type(k[name], name, (bool,), "a bool")
-    check_choice(k["rel_format"], "rel_format", ("rela", "rel"))
-    check_choice(k["hash"], "hash", ("gnu", "sysv", "both"))
-    check_choice(k["kind"], "kind", ("dyn", "exec"))
-    _check_link_base(k["link_base"])
 
 
 def _check_link_base(value: Any) -> None:
