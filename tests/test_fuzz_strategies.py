@@ -195,7 +195,8 @@ def test_entry_points_register_the_types() -> None:
     draw()
 
 
-@pytest.mark.parametrize("first", ["vmsim.strategies", "loader.strategies", "hypothesis"])
+@pytest.mark.parametrize("first", ["vmsim.strategies", "loader.strategies", "hypothesis",
+                                   "vmsim.fuzz.images", "vmsim.fuzz.malformed", "vmsim.fuzz.ops"])
 def test_any_import_order_works(first: str) -> None:
     """Hypothesis runs the entry points while it is imported: a user who imports our
     strategies first must not see a circular-import error (a fresh interpreter each time)."""
