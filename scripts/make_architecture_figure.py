@@ -28,7 +28,7 @@ PACKAGES = ("loader", "vmsim")
 # package __init__ modules are entry points that re-export and belong to no part.
 PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("interface", "the Mmap protocol, pages, errors, ELF definitions",
-     ("loader.mmap", "loader.pages", "loader.errors", "loader.elfdefs", "loader.defs")),
+     ("loader.mmap", "loader.pages", "loader.errors", "loader.elfdefs")),
     ("parsing", "ELF header, segments, dynamic tables",
      ("loader.elf", "loader.tables")),
     ("plan", "segments to a span: the page-aligned mappings",
@@ -55,7 +55,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("vmsim.space", "vmsim.machine.space*", "vmsim.machine")),
     ("fuzzing kit", "ELF writer, strategies, properties, campaign",
      ("vmsim.fuzz", "vmsim.fuzz.*", "vmsim.strategies", "loader.strategies",
-      "vmsim._hypothesis_plugin", "vmsim.isolate", "loader.elfwriter", "loader.strategy_args")),
+      "vmsim._hypothesis_plugin")),
     ("arguments", "bounded command-line values, one-line errors",
      ("vmsim.arguments",)),
     ("corpus sweep", "every ELF file of the machine",

@@ -5,15 +5,12 @@ Profiles: "ci" (hypothesis' built-in: derandomised, no deadline, no database), "
 $VMSIM_HYPOTHESIS_PROFILE overrides both.
 
 Backends: the ``backend`` fixture runs a test once per entry of ``harness.BACKENDS``: "libc"
-(the real kernel) always, "sim" when ``vmsim.AddressSpace`` exists and tests/harness_sim.py
-provides ``HARNESSES``.
+(the real kernel) and "sim" (the simulator, tests/harness_sim.py's ``HARNESSES``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import os
 import subprocess
 import tempfile
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import BACKENDS, BackendHarness, FileFd, OpenFile
+from harness_sim import HARNESSES as SIM_HARNESSES
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import InvalidArgument
@@ -42,21 +40,8 @@ def _register_profiles() -> None:
     settings.load_profile(os.environ.get("VMSIM_HYPOTHESIS_PROFILE") or default)
 
 
-def _register_sim() -> None:
-    """Add the simulator's harness factories when vmsim has an AddressSpace."""
-    try:
-        vmsim = importlib.import_module("vmsim")
-    except ImportError:
-        return
-    if getattr(vmsim, "AddressSpace", None) is None:
-        return
-    if importlib.util.find_spec("harness_sim") is None:
-        return
-    BACKENDS.update(importlib.import_module("harness_sim").HARNESSES)
-
-
 _register_profiles()
-_register_sim()
+BACKENDS.update(SIM_HARNESSES)
 
 
 @pytest.fixture(params=sorted(BACKENDS))

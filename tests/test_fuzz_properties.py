@@ -22,7 +22,6 @@ import loader
 import loader.mapper
 import loader.plan
 import loader.reloc
-from loader.elfwriter import ElfImage
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import MapFlags, Mmap, ProtFlags
@@ -37,13 +36,13 @@ from vmsim.fuzz import (
     check_valid_load,
     expected_page_perms,
 )
+from vmsim.fuzz.elfwriter import ElfImage
 
 PAGE = HOST_PAGE_SIZE
 PIPELINE = sys.modules[loader.load.__module__]
 """The module holding ``load`` and its steps (its name is the loader's business)."""
 
 
-SIM: Callable[[], Mmap] = AddressSpace
 BACKENDS = ["libc", "sim"]
 quick = settings(max_examples=30, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -54,8 +53,7 @@ def _on(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run ``fn(mm, *args)`` on a fresh backend: the host in a forked child (re-raising what
     the child raised), the simulator here."""
     if backend == "sim":
-        assert SIM is not None
-        return fn(SIM(), *args)
+        return fn(AddressSpace(), *args)
 
     def child() -> tuple[str, Any]:
         try:
@@ -110,8 +108,7 @@ def test_valid_images_load_as_predicted(backend: str, image: ElfImage, from_file
 def test_valid_images_load_as_predicted_with_64k_pages(
         image: ElfImage, from_file: bool, image_file: Callable[[ElfImage], str]) -> None:
     # The simulator's page size is a knob: the same properties hold on a 64 KiB-page machine.
-    assert SIM is not None
-    mm = SIM(page_size=0x10000)  # type: ignore[call-arg]
+    mm = AddressSpace(page_size=0x10000)
     check_valid_load(image, mm, source=image_file(image) if from_file else None)
 
 
@@ -127,8 +124,7 @@ def test_malformed_images_raise_only_elferror_and_leave_nothing(backend: str,
 @settings(quick, max_examples=15)
 @given(image=elf_images(textrel=st.booleans()))
 def test_host_and_simulator_give_identical_outcomes(image: ElfImage) -> None:
-    assert SIM is not None
-    check_same_on_both(image, SIM)
+    check_same_on_both(image, AddressSpace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +167,7 @@ def test_checking_mmap_refuses_calls_outside_the_reservation(backend: str) -> No
 
 
 def test_expected_page_perms_follow_glibc_relro_rounding() -> None:
-    from loader.elfwriter import ElfSpec, Segment, build
+    from vmsim.fuzz.elfwriter import ElfSpec, Segment, build
     image = build(ElfSpec(segments=(Segment("rw", data=bytes(3 * PAGE), relro=PAGE + 100),)))
     perms = expected_page_perms(image, PAGE)
     seg = page_round_down(image.segment_vaddr(0), PAGE) // PAGE
@@ -309,7 +305,7 @@ def test_vmsim_fuzz_command_runs_a_short_clean_campaign(tmp_path: Path,
 def _page_sharing_image() -> bytes:
     """A read-write PT_LOAD with a RELATIVE relocation, then a read-only PT_LOAD moved (still
     congruent, no byte in common) into the same page: found by the malformed campaign."""
-    from loader.elfwriter import PHDR, PT_LOAD, ElfSpec, Reloc, Segment, build
+    from vmsim.fuzz.elfwriter import PHDR, PT_LOAD, ElfSpec, Reloc, Segment, build
     image = build(ElfSpec(segments=(Segment("rw", data=bytes(8)), Segment("r", data=bytes(8))),
                           relocs=(Reloc("RELATIVE", 0, 0, target=(1, 0)),), sections=False))
     data = bytearray(image.data)

@@ -28,13 +28,13 @@ from test_elfwriter import (
     relro_pages_read_only,
 )
 
-from loader.elfwriter import ElfImage, ElfSpec
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap, read_maps
 from loader.mmap import MapFlags, MmapError, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
 from loader.strategies import MUTATION_KINDS, MalformedImage, elf_images, elf_specs, malformed_elf
 from vmsim import AddressSpace
+from vmsim.fuzz.elfwriter import ElfImage, ElfSpec
 from vmsim.strategies import (
     MmapOp,
     MprotectOp,
@@ -116,7 +116,7 @@ def test_every_mutation_kind_changes_the_image(kind: str) -> None:
 
 
 def test_default_malformed_sources_have_what_the_new_kinds_corrupt() -> None:
-    from loader.elfwriter import DT_INIT_ARRAY
+    from vmsim.fuzz.elfwriter import DT_INIT_ARRAY
     found: set[str] = set()
 
     @settings(max_examples=60, deadline=None, database=None, derandomize=True,
@@ -195,7 +195,8 @@ def test_entry_points_register_the_types() -> None:
     draw()
 
 
-@pytest.mark.parametrize("first", ["vmsim.strategies", "loader.strategies", "hypothesis"])
+@pytest.mark.parametrize("first", ["vmsim.strategies", "loader.strategies", "hypothesis",
+                                   "vmsim.fuzz.images", "vmsim.fuzz.malformed", "vmsim.fuzz.ops"])
 def test_any_import_order_works(first: str) -> None:
     """Hypothesis runs the entry points while it is imported: a user who imports our
     strategies first must not see a circular-import error (a fresh interpreter each time)."""
@@ -331,7 +332,8 @@ def test_op_sequences_give_the_same_results_on_kernel_and_simulator(
         os.close(fd)
 
 
-@pytest.mark.parametrize("module", ["loader.elfwriter", "loader.strategies", "vmsim.strategies"])
+@pytest.mark.parametrize("module", ["vmsim.fuzz.elfwriter", "vmsim.fuzz.images",
+                                    "vmsim.fuzz.malformed", "vmsim.fuzz.ops"])
 def test_docstring_examples_run(module: str) -> None:
     import doctest
     import importlib

@@ -16,13 +16,13 @@ import pytest
 from loader_support import sim_factory
 
 from loader import load
-from loader.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 from loader.errors import ElfFileError
 from loader.explain import Step
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap, read_maps
 from loader.pipeline import _read_whole
 from loader.symbols import StubResolver
+from vmsim.fuzz.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 
 HOST_BASE = 0x3E0000000000
 

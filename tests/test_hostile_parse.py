@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import loader.elfwriter as ew
+import vmsim.fuzz.elfwriter as ew
 from loader import (
     ElfDynamicError,
     ElfError,

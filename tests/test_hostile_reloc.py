@@ -21,12 +21,12 @@ import pytest
 from loader_support import sim_factory
 
 from loader import ElfError, load
-from loader.elfwriter import REL, RELA, SYM, ElfImage, ElfSpec, Reloc, Segment, Symbol, build
 from loader.errors import ElfDynamicError, ElfRelocationError, ElfSymbolError
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap, read_maps
 from loader.symbols import StubResolver
 from loader.tables import DT
+from vmsim.fuzz.elfwriter import REL, RELA, SYM, ElfImage, ElfSpec, Reloc, Segment, Symbol, build
 
 R = {"NONE": 0, "64": 1, "PC32": 2, "COPY": 5, "GLOB_DAT": 6, "RELATIVE": 8, "32": 10,
      "32S": 11, "PC64": 24, "IRELATIVE": 37}

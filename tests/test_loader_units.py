@@ -189,7 +189,7 @@ def test_rel_rela_relr_give_the_writers_words(rel_format: str, relr: bool) -> No
     words loader.elfwriter (written independently) says a correct loader must produce."""
     from loader_support import sim_factory
 
-    from loader.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
+    from vmsim.fuzz.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 
     factory = sim_factory()
     spec = ElfSpec(

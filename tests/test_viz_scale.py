@@ -87,7 +87,7 @@ def test_a_small_map_labels_every_region_and_says_nothing_more() -> None:
 def test_vmsim_plot_of_an_elf_file_with_3000_segments(tmp_path: Path) -> None:
     from cli_support import run_cli
 
-    from loader.elfwriter import ElfSpec, Segment, build
+    from vmsim.fuzz.elfwriter import ElfSpec, Segment, build
 
     segments = tuple(Segment(("r", "rx", "rw")[i % 3], data=b"\x01" * 64) for i in range(3000))
     path = tmp_path / "many.so"

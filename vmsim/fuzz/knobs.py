@@ -1,17 +1,28 @@
-"""Argument checks shared by the public hypothesis strategies (``loader.strategies``,
-``vmsim.strategies``), in the style of ``hypothesis.extra.numpy``: every knob is a value or a
-strategy, and a bad value raises ``InvalidArgument`` saying what was given and what is allowed.
+"""Knobs of the fuzz kit's public hypothesis strategies (``vmsim.fuzz.images``,
+``vmsim.fuzz.malformed``, ``vmsim.fuzz.ops``), in the style of ``hypothesis.extra.numpy``: every
+knob is a value or a strategy, and a bad value raises ``InvalidArgument`` saying what was given
+and what is allowed. Also the two small helpers the strategies share (:func:`as_strategy`,
+:func:`ints`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from typing import Any, TypeAlias, TypeVar
 
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-__all__ = ["ValueOrStrategy", "check_choice", "check_range", "check_subset", "check_type"]
+__all__ = [
+    "ValueOrStrategy",
+    "as_strategy",
+    "check_choice",
+    "check_range",
+    "check_subset",
+    "check_type",
+    "ints",
+]
 
 T = TypeVar("T")
 ValueOrStrategy: TypeAlias = T | st.SearchStrategy[T]
@@ -57,3 +68,15 @@ def check_subset(value: Any, name: str, allowed: tuple[str, ...], *,
     if unknown:
         raise InvalidArgument(f"{name}={value!r}: {sorted(unknown)!r} unknown; allowed: "
                               f"{allowed!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    """``st.integers(lo, hi)``, cached here: the composites ask for the same bounds again and
+    again, and hypothesis' own cache costs more than this one."""
+    return st.integers(lo, hi)
+
+
+def as_strategy(value: Any) -> st.SearchStrategy[Any]:
+    """``value`` if it is a strategy, else ``st.just(value)``."""
+    return value if isinstance(value, st.SearchStrategy) else st.just(value)

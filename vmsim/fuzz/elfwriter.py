@@ -1,7 +1,7 @@
 """Write ELF64 x86-64 shared objects and executables from a small description.
 
-Place in the layers: a tool beside the loader, importing only numpy and ``loader.pages``. The
-fuzzing strategies (``loader.strategies``) build their images with it, the tests feed its output
+Part of the fuzz kit (``vmsim.fuzz``), importing only numpy and ``loader.pages``. The
+fuzzing strategies (``vmsim.fuzz.images``) build their images with it, the tests feed its output
 to ``readelf``, pyelftools and glibc's ``dlopen`` to prove it valid, and it teaches: the records
 below are the spec's own structures, and :func:`smallest_shared_object` builds the smallest
 shared object glibc will ``dlopen``, one field at a time.
@@ -552,6 +552,7 @@ class _Builder:
         self.ordered = self._order_symbols()
         self.symbol_index = {s.name: i + 1 for i, s in enumerate(self.ordered)}
         self.version_index = self._version_indices()
+        self.fixed: list[tuple[str, bytes, int, int]] | None = None
 
     # -- symbols and versions ----------------------------------------------------------------
 
@@ -732,22 +733,36 @@ class _Builder:
         return self.seg_places[ref[0]][1] + ref[1]
 
     def _dynamic_tables(self) -> list[tuple[str, bytes, int, int]]:
-        """(name, bytes, alignment, entry size) for every table of the headers segment."""
-        spec = self.spec
-        out: list[tuple[str, bytes, int, int]] = []
-        if spec.interp is not None:
-            out.append(("interp", spec.interp.encode() + b"\0", 1, 0))
-        if spec.hash in ("sysv", "both"):
-            out.append(("hash", self._sysv_hash(), 8, 4))
-        if spec.hash in ("gnu", "both"):
-            out.append(("gnu_hash", self._gnu_hash(), 8, 0))
+        """(name, bytes, alignment, entry size) for every table of the headers segment.
+
+        Only the symbol and relocation tables hold addresses; the others (hashes, strings,
+        versions) are written once and reused by the later passes of :meth:`run`."""
+        fixed = self._fixed_tables()
+        out = [t for t in fixed if t[0] in ("interp", "hash", "gnu_hash")]
         out.append(("dynsym", self._dynsym(), 8, SYM.itemsize))
-        versions = self._version_tables()
-        # dynstr is complete only after the version tables added their names.
-        out.append(("dynstr", bytes(self.dynstr.blob), 1, 0))
-        out.extend(versions)
+        out.extend(t for t in fixed if t[0] not in ("interp", "hash", "gnu_hash"))
         out.extend(self._reloc_tables())
         return out
+
+    def _fixed_tables(self) -> list[tuple[str, bytes, int, int]]:
+        """The tables that hold no address, in file order (interp, hashes, dynstr, versions);
+        computed on the first call. The dynamic string table is complete only after every
+        symbol name and the version tables' names were added."""
+        if self.fixed is None:
+            spec = self.spec
+            out: list[tuple[str, bytes, int, int]] = []
+            if spec.interp is not None:
+                out.append(("interp", spec.interp.encode() + b"\0", 1, 0))
+            if spec.hash in ("sysv", "both"):
+                out.append(("hash", self._sysv_hash(), 8, 4))
+            if spec.hash in ("gnu", "both"):
+                out.append(("gnu_hash", self._gnu_hash(), 8, 0))
+            for sym in self.ordered:
+                self.dynstr.add(sym.name)
+            versions = self._version_tables()
+            out.append(("dynstr", bytes(self.dynstr.blob), 1, 0))
+            self.fixed = out + versions
+        return self.fixed
 
     def _symbol_value(self, sym: Symbol) -> int:
         """st_value: the symbol's link-time vaddr, 0 when undefined."""
@@ -757,12 +772,13 @@ class _Builder:
         """The dynamic symbol table: the null symbol, then ``self.ordered``."""
         types = {"object": STT_OBJECT, "func": STT_FUNC, "notype": STT_NOTYPE}
         binds = {"global": STB_GLOBAL, "weak": STB_WEAK}
+        sections = {name: i for i, name in enumerate(self._section_list())}
         rows: list[dict[str, int]] = [{}]
         for sym in self.ordered:
             rows.append(dict(
                 st_name=self.dynstr.add(sym.name),
                 st_info=(binds[sym.bind] << 4) | types[sym.type],
-                st_shndx=SHN_UNDEF if sym.segment is None else self._shndx(sym),
+                st_shndx=SHN_UNDEF if sym.segment is None else self._shndx(sym, sections),
                 st_value=self._symbol_value(sym), st_size=sym.size,
             ))
         return pack_rows(SYM, rows)
@@ -783,13 +799,13 @@ class _Builder:
         """Whether the headers segment holds table ``name`` (known after the first pass)."""
         return name in self.tables or (not self.tables and name in ("dynsym", "dynstr"))
 
-    def _shndx(self, sym: Symbol) -> int:
-        """st_shndx for a symbol defined in a user segment: its section's index (used even
-        without section headers: only SHN_UNDEF and SHN_ABS mean something to ld.so)."""
+    def _shndx(self, sym: Symbol, sections: dict[str, int]) -> int:
+        """st_shndx for a symbol defined in a user segment: its section's index in
+        ``sections`` (:meth:`_section_list` by name; used even without section headers: only
+        SHN_UNDEF and SHN_ABS mean something to ld.so)."""
         assert sym.segment is not None
-        names = self._section_list()
         in_data = sym.offset < len(self.spec.segments[sym.segment].data)
-        return names.index(f"seg{sym.segment}" if in_data else f"bss{sym.segment}")
+        return sections[f"seg{sym.segment}" if in_data else f"bss{sym.segment}"]
 
     def _sysv_hash(self) -> bytes:
         """DT_HASH: nbucket, nchain, bucket[], chain[]; every symbol chained into its bucket."""
