@@ -118,6 +118,26 @@ def test_host_batches_run_under_the_same_bounds(monkeypatch: pytest.MonkeyPatch,
     assert stats.host_examples + len(host) == stats.examples
 
 
+def test_a_host_crash_in_the_inputs_own_code_is_an_outcome_not_a_finding(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Planted: CRASH inputs die only where the loader may call their code (the host backend
+    declaring runs_code), as an init function whose bytes a flip corrupted would. Rerun with
+    the backend declaring it runs no code, they load: the input's code crashed, not the
+    loader, and the campaign counts an outcome. (A crash either way stays a finding: above.)"""
+    real = loader.load
+
+    def load(data: Any, mm: Any, **kwargs: Any) -> Any:
+        if mm.runs_code and _planted(bytes(data)) == CRASH:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(data, mm, **kwargs)
+    monkeypatch.setattr(loader, "load", load)
+    stats = fuzz.run_campaign(120, kind="malformed", backend="both", out_dir=tmp_path,
+                              max_examples=40, host_batch=20, shrink_seconds=0)
+    assert stats.findings == [] and stats.failures == []
+    assert stats.host_outcomes.get("own code: SIGSEGV", 0) >= 1, stats.host_outcomes
+    assert stats.host_examples == stats.examples
+
+
 def test_nothing_is_left_behind_after_a_clean_campaign(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
     import tempfile

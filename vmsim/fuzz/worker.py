@@ -171,15 +171,19 @@ class _Rounds:
         self.send(("outcome", "host", "loaded"))
 
 
-def _host_batch(datas: list[bytes]) -> list[str]:
+def _host_batch(datas: list[bytes], run_code: bool = True) -> list[str]:
     """In a forked child: :func:`check_malformed_load` of each input on the host; each result,
-    or ``"FAIL <class>: ..."`` for a property failure."""
+    or ``"FAIL <class>: ..."`` for a property failure. ``run_code=False``: the host backend
+    declares that it runs no code, so the loader calls none of the input's functions (IFUNC
+    resolvers, init, fini) and binds as on the simulator."""
     from loader.libc import LibcMmap
 
     out = []
     for data in datas:
+        mm = LibcMmap()
+        mm.runs_code = run_code
         try:
-            out.append(check_malformed_load(data, LibcMmap()))
+            out.append(check_malformed_load(data, mm))
         except Exception as exc:  # a property failure: reported, not raised, to go on
             out.append(f"FAIL {failure_class(exc)}: {type(exc).__name__}: {exc}")
     return out
@@ -203,21 +207,14 @@ def bounded_run(fn: Callable[..., Any], *args: Any, max_rss: int, timeout: float
 
 
 def run_host_batch(datas: list[bytes], job: Job, send: Callable[[tuple[Any, ...]], None]
-                    ) -> None:
+                   ) -> None:
     """Run a batch on the host in one bounded forked child; if it does not come back whole
     (a signal, a bound), rerun its inputs one by one, each bounded, to name the culprits."""
     batch_timeout = job.timeout + 0.05 * len(datas)
     status, results = bounded_run(_host_batch, list(datas), max_rss=job.max_rss,
                                   timeout=batch_timeout)
     if status != "ok":
-        results = []
-        for data in datas:
-            one, value = bounded_run(_host_batch, [data], max_rss=job.max_rss,
-                                     timeout=job.timeout)
-            if one != "ok":
-                send(("finding", one, "host", data))
-                value = [None]
-            results += value
+        results = [_host_one(data, job, send) for data in datas]
     for data, result in zip(datas, results, strict=True):
         if result is None:
             continue
@@ -225,3 +222,23 @@ def run_host_batch(datas: list[bytes], job: Job, send: Callable[[tuple[Any, ...]
             cls = result[5:].split(":", 1)[0]
             send(("failure", cls, f"host: {result[5 + len(cls) + 2:]}", data))
         send(("outcome", "host", "failed" if result.startswith("FAIL") else result))
+
+
+def _host_one(data: bytes, job: Job, send: Callable[[tuple[Any, ...]], None]) -> str | None:
+    """One input on the host, bounded: its result, or None after sending a finding.
+
+    An input killed by a signal is run once more with the backend declaring that it runs no
+    code. If it then loads or is refused cleanly, the signal came from the input's own code
+    (an init function or IFUNC resolver the loader was right to call: glibc would call it
+    too), which is an outcome, ``"own code: SIGSEGV"``; a signal either way is the loader's,
+    a finding."""
+    how, value = bounded_run(_host_batch, [data], max_rss=job.max_rss, timeout=job.timeout)
+    if how == "ok":
+        return str(value[0])
+    if how.startswith("SIG"):
+        again, value = bounded_run(_host_batch, [data], False, max_rss=job.max_rss,
+                                   timeout=job.timeout)
+        if again == "ok":
+            return str(value[0]) if value[0].startswith("FAIL") else f"own code: {how}"
+    send(("finding", how, "host", data))
+    return None
