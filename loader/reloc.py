@@ -372,13 +372,22 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
 # Values: the bytes the file holds, addends, and each kind's formula over whole tables
 
 
+def _file_span(image: ElfImage, offsets: npt.NDArray[np.int64], width: int
+               ) -> tuple[npt.NDArray[np.uint8], int]:
+    """The file's bytes from the lowest of ``offsets`` to ``width`` past the highest (each
+    field inside the file), in one read; and that lowest offset."""
+    if not len(offsets):
+        return np.zeros(0, dtype=np.uint8), 0
+    lo, hi = int(offsets.min()), int(offsets.max()) + width
+    return np.frombuffer(image.read(lo, hi - lo), dtype=np.uint8), lo
+
+
 def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
                 ) -> npt.NDArray[np.uint64]:
     """The little-endian ``width``-byte (at most 8) values the file holds at ``vaddrs``; a
     byte outside every segment's file part is 0, as memory holds it before relocation.
     Fields wholly inside one segment's file part (all, in practice) are gathered a byte
     column at a time; only the others are looked up byte by byte."""
-    raw = np.frombuffer(image.data, dtype=np.uint8)
     starts, file_ends, offsets = (image.columns.starts, image.columns.file_ends,
                                   image.columns.offsets)
     v = vaddrs.astype(np.uint64)
@@ -388,8 +397,9 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     out = np.zeros(len(v), dtype=np.uint64)
     first = (v[whole] - starts[at[whole]] + offsets[at[whole]]).astype(np.int64)
     gathered = np.zeros(len(first), dtype=np.uint64)
+    raw, lo = _file_span(image, first, width)
     for k in range(width):
-        gathered |= raw[first + k].astype(np.uint64) << _U64(8 * k)
+        gathered |= raw[first - lo + k].astype(np.uint64) << _U64(8 * k)
     out[whole] = gathered
     rest = np.flatnonzero(~whole)
     if len(rest):
@@ -398,7 +408,9 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
         bat = np.clip(bseg, 0, None)
         ok = (bseg >= 0) & (addr < file_ends[bat]) & (addr >= v[rest][:, None])
         part = np.zeros(addr.shape, dtype=np.uint64)
-        part[ok] = raw[(addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)]
+        at_file = (addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)
+        raw, lo = _file_span(image, at_file, 1)
+        part[ok] = raw[at_file - lo]
         out[rest] = (part << (_U64(8) * np.arange(width, dtype=np.uint64))).sum(
             axis=1, dtype=np.uint64)
     return out

@@ -135,7 +135,7 @@ def _table(image: ElfImage, vaddr: int, length: int, tag: str) -> memoryview:
     if off is None:
         raise ElfDynamicError(tag, vaddr, f"[{tag}, +{length:#x}) inside one PT_LOAD's file "
                               "bytes")
-    return memoryview(image.data)[off: off + length]
+    return image.read(off, length)
 
 
 def _read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
