@@ -185,6 +185,11 @@ class ElfImage:
         """The file bytes ``[offset, offset+length)``, which must lie inside the file."""
         return self.data.read(offset, length)
 
+    def code_ranges(self) -> list[tuple[int, int]]:
+        """``[p_vaddr, p_vaddr + p_filesz)`` of each executable PT_LOAD: the only places
+        the loader may call (their .bss tails hold no code)."""
+        return [(s.p_vaddr, s.p_vaddr + s.p_filesz) for s in self.loads if s.p_flags & PF_X]
+
     def file_offset(self, vaddr: int, length: int) -> int | None:
         """The file offset holding ``[vaddr, vaddr+length)``, or None when that range is not
         wholly inside one PT_LOAD's file-backed part."""
@@ -209,8 +214,7 @@ def _parse_header(data: ElfBytes) -> dict[str, Any]:
     if ident[6] != EV_CURRENT:
         raise ElfHeaderError("e_ident[EI_VERSION]", ident[6], "must be EV_CURRENT (1)")
     row = np.frombuffer(data.read(0, EHDR_SIZE), dtype=EHDR_DTYPE, count=1)[0]
-    return {name: row[name] if name == "e_ident" else int(row[name])
-            for name in EHDR_DTYPE.names or ()}
+    return dict(zip(EHDR_DTYPE.names or (), row.tolist(), strict=True))   # Python ints
 
 
 _EI_OSABI, _EI_ABIVERSION = 7, 8

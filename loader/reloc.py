@@ -211,19 +211,20 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
                        ) -> int | None:
     """The first of ``vaddrs`` that is not code the loader may call, or None when all are.
 
-    Callable means inside ``[p_vaddr, p_vaddr + p_filesz)`` of an executable PT_LOAD: the
-    segment's bytes from the file (its .bss tail holds no code). Every address the loader
-    calls (IFUNC resolvers, init and fini functions) is checked with this before any call.
+    Callable means inside ``[p_vaddr, p_vaddr + p_filesz)`` of an executable PT_LOAD
+    (``ElfImage.code_ranges``). Every address the loader calls (IFUNC resolvers, init and
+    fini functions) is checked with this before any call. A list (the few init and fini
+    functions, one symbol) is checked in plain Python: for a handful of addresses numpy's
+    cost per call is most of the check's; an array (a table's resolvers) with numpy.
     """
+    code = image.code_ranges()
+    if isinstance(vaddrs, list):
+        return next((v for v in vaddrs if not any(lo <= v < hi for lo, hi in code)), None)
     v = np.asarray(vaddrs, dtype=np.uint64)
-    if not len(v):
-        return None
-    starts, file_ends = image.columns.starts, image.columns.file_ends
-    code = (image.columns.flags & PF.X) != 0
-    seg = _segment_of(starts, v)
-    at = np.clip(seg, 0, None)
-    ok = (seg >= 0) & code[at] & (v < file_ends[at])
-    return None if ok.all() else int(v[~ok][0])
+    inside = np.zeros(len(v), dtype=bool)
+    for lo, hi in code:
+        inside |= (v >= _U64(lo)) & (v < _U64(hi))
+    return None if inside.all() else int(v[~inside][0])
 
 
 def _segment_arrays(image: ElfImage, textrel: bool
