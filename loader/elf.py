@@ -188,7 +188,8 @@ class ElfImage:
     def code_ranges(self) -> list[tuple[int, int]]:
         """``[p_vaddr, p_vaddr + p_filesz)`` of each executable PT_LOAD: the only places
         the loader may call (their .bss tails hold no code)."""
-        return [(s.p_vaddr, s.p_vaddr + s.p_filesz) for s in self.loads if s.p_flags & PF_X]
+        code = int(PF_X)        # a plain int: an IntFlag's & goes through enum machinery
+        return [(s.p_vaddr, s.p_vaddr + s.p_filesz) for s in self.loads if s.p_flags & code]
 
     def file_offset(self, vaddr: int, length: int) -> int | None:
         """The file offset holding ``[vaddr, vaddr+length)``, or None when that range is not

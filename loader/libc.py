@@ -230,7 +230,7 @@ def _as_size(value: int) -> int:
 
 def _as_cint(value: int) -> int:
     """``value`` cast to a C ``int`` (two's complement wrap to 32 bits), as C would."""
-    value &= 0xFFFF_FFFF
+    value = int(value) & 0xFFFF_FFFF     # int() first: ProtFlags' & is enum arithmetic
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
