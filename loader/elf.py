@@ -9,8 +9,9 @@ The dynamic section and the bulk tables it points at are read by ``loader.tables
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +29,11 @@ from loader.elfdefs import (
     PHDR_DTYPE,
     PT,
 )
-from loader.errors import ElfHeaderError, ElfSegmentError, ElfUnsupportedError
+from loader.errors import ElfFileError, ElfHeaderError, ElfSegmentError, ElfUnsupportedError
 from loader.pages import page_offset, page_round_down, page_round_up
 
-__all__ = ["ElfImage", "LoadColumns", "Segment", "USER_LIMIT", "parse_image"]
+__all__ = ["ElfBytes", "ElfImage", "FileBytes", "LoadColumns", "MemoryBytes", "Segment",
+           "USER_LIMIT", "parse_image"]
 
 EHDR_SIZE = EHDR_DTYPE.itemsize
 PHDR_SIZE = PHDR_DTYPE.itemsize
@@ -39,6 +41,87 @@ USER_LIMIT = 1 << 47
 """The end of x86-64 user space (47-bit): no segment may reach past it."""
 
 PF_X, PF_W, PF_R = PF.X, PF.W, PF.R
+
+
+class ElfBytes(Protocol):
+    """Where the loader reads the file's bytes: ``size`` of them, ``read(offset, length)``
+    a read-only view of ``[offset, offset+length)``, which must lie inside the file."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> memoryview: ...
+
+
+class MemoryBytes:
+    """An ELF file given as bytes: every range is a view of them."""
+
+    def __init__(self, data: Any) -> None:
+        self.view = memoryview(data).toreadonly()
+        self.size = len(self.view)
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """The bytes ``[offset, offset+length)`` (inside the file: the parser checked)."""
+        return self.view[offset: offset + length]
+
+
+READ_WINDOW = 1 << 14
+"""FileBytes reads whole aligned windows of this many bytes, so the small records read one
+by one (version entries, the dynamic section) share one pread."""
+
+
+class FileBytes:
+    """An ELF file read from its open ``fd`` only where the loader looks, into one buffer of
+    the file's size that the process owns (never a view of a mapping of the file, which a
+    truncation would turn into SIGBUS).
+
+    Why not read it whole: most of a library is code the loader never reads (libcrypto: 2.6
+    of 4.6 MB are text); copying it all cost more than parsing all its tables. The buffer
+    is still allocated whole, once (memory as for a whole read, and the allocator recycles
+    it from load to load instead of page-faulting fresh pieces in). Each window is read at
+    most once, so bytes already checked never change under a parsed table. A read that finds
+    fewer bytes than ``size`` (fstat's at open) is an ElfFileError naming the file; any
+    other change is for the caller's size and mtime checks. After ``close`` only windows
+    already read can be served."""
+
+    def __init__(self, fd: int, size: int, label: str) -> None:
+        self.fd: int | None = fd
+        self.size, self.label = size, label
+        self.buffer = np.empty(size, dtype=np.uint8)      # no zero-fill: pread fills it
+        self.view = memoryview(self.buffer.data).toreadonly()
+        self.filled = bytearray(-(-size // READ_WINDOW))   # per window: read yet?
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """The bytes ``[offset, offset+length)``; the windows not read yet are read now."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset:#x}, +{length:#x}) outside the file's "
+                             f"{self.size:#x} bytes")
+        first, last = offset // READ_WINDOW, -(-(offset + length) // READ_WINDOW)
+        hole = self.filled.find(0, first, last)
+        while hole >= 0:
+            end = self.filled.find(1, hole, last)
+            end = last if end < 0 else end
+            self._pread(hole * READ_WINDOW, min(end * READ_WINDOW, self.size))
+            self.filled[hole:end] = b"\1" * (end - hole)
+            hole = self.filled.find(0, end, last)
+        return self.view[offset: offset + length]
+
+    def _pread(self, start: int, end: int) -> None:
+        """Fill ``buffer[start:end]`` from the file, all of it, or ElfFileError (it shrank)."""
+        if self.fd is None:
+            raise ValueError(f"file {self.label} closed: [{start:#x}, {end:#x}) was never "
+                             "read")
+        view = self.buffer.data
+        while start < end:
+            n = os.preadv(self.fd, [view[start:end]], start)
+            if n == 0:
+                raise ElfFileError(f"file {self.label} size", start,
+                                   f"{self.size:#x} bytes, as fstat said when it was opened "
+                                   "(it shrank while being read)")
+            start += n
+
+    def close(self) -> None:
+        """Forget the fd (its owner closes it): no read touches the file from now on."""
+        self.fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +166,10 @@ class LoadColumns(NamedTuple):
 class ElfImage:
     """A checked ELF file: header facts, PT_LOADs sorted and disjoint, the special headers.
 
-    ``data`` is the whole file (bytes, or a read-only mmap of it); ``size`` its length.
+    ``data`` gives the file's bytes (``read``); ``size`` is its length.
     """
 
-    data: Any
+    data: ElfBytes
     size: int
     e_type: ET
     e_entry: int
@@ -98,6 +181,16 @@ class ElfImage:
     page_size: int
     columns: LoadColumns
 
+    def read(self, offset: int, length: int) -> memoryview:
+        """The file bytes ``[offset, offset+length)``, which must lie inside the file."""
+        return self.data.read(offset, length)
+
+    def code_ranges(self) -> list[tuple[int, int]]:
+        """``[p_vaddr, p_vaddr + p_filesz)`` of each executable PT_LOAD: the only places
+        the loader may call (their .bss tails hold no code)."""
+        code = int(PF_X)        # a plain int: an IntFlag's & goes through enum machinery
+        return [(s.p_vaddr, s.p_vaddr + s.p_filesz) for s in self.loads if s.p_flags & code]
+
     def file_offset(self, vaddr: int, length: int) -> int | None:
         """The file offset holding ``[vaddr, vaddr+length)``, or None when that range is not
         wholly inside one PT_LOAD's file-backed part."""
@@ -107,11 +200,12 @@ class ElfImage:
         return None
 
 
-def _parse_header(data: Any, size: int) -> dict[str, Any]:
+def _parse_header(data: ElfBytes) -> dict[str, Any]:
     """Check the identification bytes and read the ELF header (a dict of its fields)."""
-    if size < EHDR_SIZE:
-        raise ElfHeaderError("file size", size, f"at least {EHDR_SIZE} bytes (an ELF64 header)")
-    ident = bytes(data[:16])
+    if data.size < EHDR_SIZE:
+        raise ElfHeaderError("file size", data.size, f"at least {EHDR_SIZE} bytes (an ELF64 "
+                             "header)")
+    ident = bytes(data.read(0, 16))
     if ident[:4] != ELFMAG:
         raise ElfHeaderError("e_ident[EI_MAG]", ident[:4], "must be b'\\x7fELF'")
     if ident[4] != ELFCLASS64:
@@ -120,9 +214,8 @@ def _parse_header(data: Any, size: int) -> dict[str, Any]:
         raise ElfUnsupportedError("e_ident[EI_DATA]", ident[5], "only ELFDATA2LSB (1)")
     if ident[6] != EV_CURRENT:
         raise ElfHeaderError("e_ident[EI_VERSION]", ident[6], "must be EV_CURRENT (1)")
-    row = np.frombuffer(data, dtype=EHDR_DTYPE, count=1)[0]
-    return {name: row[name] if name == "e_ident" else int(row[name])
-            for name in EHDR_DTYPE.names or ()}
+    row = np.frombuffer(data.read(0, EHDR_SIZE), dtype=EHDR_DTYPE, count=1)[0]
+    return dict(zip(EHDR_DTYPE.names or (), row.tolist(), strict=True))   # Python ints
 
 
 _EI_OSABI, _EI_ABIVERSION = 7, 8
@@ -171,11 +264,11 @@ def _check_header(hdr: dict[str, Any], size: int) -> None:
                              f"within the file size {size:#x} (truncated file?)")
 
 
-def _parse_phdrs(data: Any, hdr: dict[str, Any]) -> list[Segment]:
+def _parse_phdrs(data: ElfBytes, hdr: dict[str, Any]) -> list[Segment]:
     """Every program header (``_check_header`` bounded the table by the file), one numpy
     read of the whole table."""
-    rows = np.frombuffer(data, dtype=PHDR_DTYPE, count=hdr["e_phnum"],
-                         offset=hdr["e_phoff"]).tolist()
+    table = data.read(hdr["e_phoff"], hdr["e_phnum"] * PHDR_SIZE)
+    rows = np.frombuffer(table, dtype=PHDR_DTYPE).tolist()
     return [Segment(p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align)
             for p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, p_align in rows]
 
@@ -264,12 +357,15 @@ def _first(segs: list[Segment], p_type: PT) -> Segment | None:
 def parse_image(data: Any, page_size: int) -> ElfImage:
     """Parse and check the header and program headers of the ELF file ``data``.
 
-    ``data`` is bytes-like (bytes, memoryview or a read-only mmap). Raises an ElfError kind
-    naming the field, its value and the limit; nothing else escapes.
+    ``data`` is bytes-like (bytes, memoryview) or an ``ElfBytes`` (``FileBytes``: the
+    pipeline reads a file where it looks). Raises an ElfError kind naming the field, its value
+    and the limit; nothing else escapes (but ElfFileError from a file that shrank).
     """
-    size = len(data)
-    hdr = _parse_header(data, size)
-    _check_ident(bytes(data[:16]), hdr)
+    if not isinstance(data, FileBytes | MemoryBytes):
+        data = MemoryBytes(data)
+    size = data.size
+    hdr = _parse_header(data)
+    _check_ident(bytes(data.read(0, 16)), hdr)
     _check_header(hdr, size)
     segs = _parse_phdrs(data, hdr)
     # glibc ignores PT_LOADs with p_memsz 0; so do we.

@@ -119,8 +119,8 @@ def _iov(base: int, length: int) -> npt.NDArray[np.void]:
 
 
 _SCATTER_MIN = 64
-"""From this many separate pieces on, write_words checks the pages once and scatters with
-numpy instead of moving each word through process_vm_writev."""
+"""From this many separate pieces on, write_words probes each page once (``_probe_pages``)
+and scatters with numpy instead of moving each word through process_vm_writev."""
 
 
 def _region_of(addr: int) -> tuple[int, bytes] | None:
@@ -169,47 +169,37 @@ def _read_rest(start: int, out: bytes, got: int) -> int:
     return got
 
 
-def _writable_ranges() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Starts and ends of this process's writable mappings (/proc/self/maps, parsed lean)."""
-    starts, ends = [], []
-    with open("/proc/self/maps", "rb") as maps:
-        for line in maps:
-            span, perms = line.split(b" ", 2)[:2]
-            if perms[1:2] == b"w":
-                lo, hi = span.split(b"-")
-                starts.append(int(lo, 16))
-                ends.append(int(hi, 16))
-    return np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64)
-
-
-def _pages_writable(pages: npt.NDArray[np.uint64]) -> bool:
-    """True when every page (sorted start addresses) lies in a writable mapping and can be
-    read through process_vm_readv (mapped, not past a file's end): then a store to it cannot
-    fault. Nothing is written."""
-    starts, ends = _writable_ranges()
-    slot = np.searchsorted(ends, pages, side="right")
-    inside = slot < len(ends)
-    inside[inside] &= starts[slot[inside]] <= pages[inside]
-    if not inside.all():
-        return False
-    remote = np.empty(len(pages), dtype=_IOVEC)
-    remote["base"], remote["len"] = pages, 1
-    scratch = np.empty(len(pages), dtype=np.uint8)
-    return _transfer(False, _iov(scratch.ctypes.data, len(pages)), remote) == len(pages)
-
-
-def _pages_of_words(where: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The sorted start addresses of the pages the 8-byte words at ``where`` touch (no
-    address may be above 2**64 - 8). Sorted input (relocations usually are) skips the sort."""
+def _page_probes(where: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp] | None:
+    """The indices, in order, of the words that are the first to touch a page (an 8-byte word
+    may touch two), for addresses in ascending order (relocations' always are; None
+    otherwise). No address may be above 2**64 - 8."""
+    if not bool((where[1:] >= where[:-1]).all()):
+        return None
     mask = np.uint64(~(HOST_PAGE_SIZE - 1) & _MAP_FAILED)
-    first = where & mask
-    straddle = (where & np.uint64(HOST_PAGE_SIZE - 1)) > np.uint64(HOST_PAGE_SIZE - 8)
-    if straddle.any():
-        first = np.concatenate([first, first[straddle] + np.uint64(HOST_PAGE_SIZE)])
-    if not bool((first[1:] >= first[:-1]).all()):
-        first = np.sort(first)
-    pages: npt.NDArray[np.uint64] = first[np.concatenate([[True], first[1:] != first[:-1]])]
-    return pages
+    last_page = (where + np.uint64(7)) & mask
+    probes: npt.NDArray[np.intp] = np.flatnonzero(
+        np.concatenate([[True], last_page[1:] != last_page[:-1]]))
+    return probes
+
+
+def _probe_pages(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> bool:
+    """Store the first word of each page (``_page_probes``) through process_vm_writev,
+    which checks each page as a user store would (mapped, writable, not past a file's end)
+    and faults it in. True when all were stored: every page the words touch is then known
+    good, and the rest may be scattered by plain stores. False for unsorted addresses or
+    when a probe stopped: the probes stored are all before the first bad word, so the
+    ordered vectored write that follows leaves memory as it alone would.
+
+    Why not read /proc/self/maps: the kernel's answer costs a walk of every mapping per load
+    (half a millisecond in a Python process), and a probe store asks the same kernel the
+    exact question (can this page take a store?) for the pages concerned only."""
+    probes = _page_probes(where)
+    if probes is None:
+        return False
+    remote = np.empty(len(probes), dtype=_IOVEC)
+    remote["base"], remote["len"] = where[probes], 8
+    firsts = np.ascontiguousarray(words[probes])
+    return _transfer(True, _iov(firsts.ctypes.data, 8 * len(probes)), remote) == 8 * len(probes)
 
 
 def _scatter(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> None:
@@ -240,7 +230,7 @@ def _as_size(value: int) -> int:
 
 def _as_cint(value: int) -> int:
     """``value`` cast to a C ``int`` (two's complement wrap to 32 bits), as C would."""
-    value &= 0xFFFF_FFFF
+    value = int(value) & 0xFFFF_FFFF     # int() first: ProtFlags' & is enum arithmetic
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
@@ -394,11 +384,11 @@ class LibcMmap(MmapDefaults):
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store 64-bit little-endian ``values[i]`` at ``addrs[i]`` in one vectored
         process_vm_writev (runs of consecutive words become one piece); many separate words
-        are one numpy scatter once every page they touch is known writable (/proc/self/maps)
-        and present (process_vm_readv). Checked like :meth:`write`: on a bad address the words
+        are one numpy scatter once a probe store to each page they touch went through
+        (``_probe_pages``). Checked like :meth:`write`: on a bad address the words
         before it are stored, then MmapError(EFAULT) names it. Addresses wrap modulo 2**64
         as C's would (a negative one is in the kernel half). Raises ValueError when the
-        arrays' shapes differ. (A munmap by another thread between the check and the
+        arrays' shapes differ. (A munmap by another thread between the probe and the
         scatter can still fault.)"""
         where = as_addresses(addrs)
         words = np.ascontiguousarray(np.asarray(values, dtype="<u8").ravel())
@@ -408,7 +398,7 @@ class LibcMmap(MmapDefaults):
             return
         starts = np.flatnonzero(np.diff(where) != np.uint64(8)) + 1
         if len(starts) >= _SCATTER_MIN and int(where.max()) <= _MAP_FAILED - 8:
-            if _pages_writable(_pages_of_words(where)):
+            if _probe_pages(where, words):
                 _scatter(where, words)
                 return
         firsts = np.concatenate([[0], starts])

@@ -9,9 +9,8 @@ Reserve the span, map each PT_LOAD over it with MAP_PRIVATE|MAP_FIXED, honour ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from loader.elf import ElfImage
+from loader.elf import ElfBytes, ElfImage
 from loader.errors import ElfSegmentError
 from loader.explain import (
     SILENT,
@@ -78,7 +77,7 @@ def _zero_tail(seg: SegmentPlan, bias: int, mm: Mmap, writable_now: bool) -> Non
         mm.mprotect(page, mm.page_size, seg.prot)
 
 
-def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: Any,
+def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: ElfBytes,
                  tell: _Tell) -> None:
     """Map one PT_LOAD: the file pages (or a copy), the zeroed tail, the anonymous rest."""
     writable = bool(seg.prot & ProtFlags.PROT_WRITE)
@@ -90,7 +89,8 @@ def _map_segment(seg: SegmentPlan, bias: int, mm: Mmap, fd: int | None, data: An
             tell("copy")
             # Copy whole pages, as a file mapping would show them (bytes past the segment in
             # its last page included), then clear the tail, then seal.
-            mm.write(seg.start + bias, bytes(data[seg.offset: seg.offset + length]))
+            mm.write(seg.start + bias,
+                     bytes(data.read(seg.offset, min(length, data.size - seg.offset))))
             if seg.zero_end > seg.zero_start:
                 mm.write(seg.zero_start + bias, bytes(seg.zero_end - seg.zero_start))
             mm.mprotect(seg.start + bias, length, seg.prot)
@@ -129,12 +129,13 @@ def _teller(plan: LoadPlan, seg: SegmentPlan, image: ElfImage | None,
     return tell
 
 
-def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: Any, *,
+def map_plan(plan: LoadPlan, mm: Mmap, start: int, fd: int | None, data: ElfBytes, *,
              narrator: Narrator = SILENT, image: ElfImage | None = None) -> None:
     """Map every segment of ``plan`` into the reservation at ``start`` (= vmin + bias).
 
     ``fd`` None means no file: the backend answers need_copy and the bytes are copied from
-    ``data``. Holes are set PROT_NONE when the reservation may not be (no file). Raises
+    ``data`` (the file's bytes, ``ElfImage.data``; also when a backend answers need_copy for
+    a file). Holes are set PROT_NONE when the reservation may not be (no file). Raises
     MmapError from the backend; the caller unmaps the reservation. ``narrator`` hears each
     step (``image``, the program headers, names the segments in its sentences).
     """

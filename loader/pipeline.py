@@ -13,11 +13,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from loader.elf import ElfImage, parse_image
+from loader.elf import ElfImage, FileBytes, MemoryBytes, parse_image
 from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
@@ -126,11 +125,12 @@ def _require_regular(path: str, mode: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Source:
-    """What ``load`` reads from: the file's bytes (read once: parsing never touches the
-    file again, so a truncation cannot SIGBUS it), the open fd (None for bytes), a label,
-    and the (size, mtime) it had when read, to notice a change during the load."""
+    """What ``load`` reads from: the file's bytes (``FileBytes``: read where the parser
+    looks, into memory of its own, so a truncation cannot SIGBUS it; ``MemoryBytes`` for
+    bytes given), the open fd (None for bytes), a label, and the (size, mtime) it had when
+    opened, to notice a change during the load."""
 
-    data: Any
+    data: FileBytes | MemoryBytes
     fd: int | None
     label: str
     stamp: tuple[int, int] | None = None
@@ -142,46 +142,36 @@ def _stamp(fd: int) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _read_whole(fd: int, size: int, path: str) -> memoryview:
-    """The first ``size`` bytes of ``fd`` (read-only), which must be all of it: a file that
-    shrinks or grows while it is read is an ElfFileError naming it."""
-    buf = np.empty(size, dtype=np.uint8)       # no zero-fill pass: pread fills it
-    view = buf.data
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], got)
-        if n == 0:
-            raise ElfFileError(f"file {path} size", got, f"{size:#x} bytes, as fstat said "
-                               "before reading (it shrank while being read)")
-        got += n
-    if os.pread(fd, 1, size):
-        raise ElfFileError(f"file {path} size", size + 1, f"{size:#x} bytes, as fstat said "
-                           "before reading (it grew while being read)")
-    return view.toreadonly()
+def _label(fd: int, path: str) -> str:
+    """The absolute path of the file open as ``fd``: what the kernel says it opened (one
+    readlink of /proc/self/fd, a tenth of the cost of resolving ``path`` component by
+    component), or ``path`` resolved when /proc cannot say."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return str(Path(path).resolve())
 
 
 def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> _Source:
-    """Open and read what ``load`` was given. A path must name a regular file: checked
-    before opening (a FIFO would block the open), and again on the open fd (it may have been
-    replaced in between); the open never blocks (O_NONBLOCK). A missing file is
-    FileNotFoundError; anything not a regular file is an ElfFileError naming it."""
+    """Open what ``load`` was given. A path must name a regular file: checked before
+    opening (a FIFO would block the open), and again on the open fd (it may have been
+    replaced in between); the open never blocks (O_NONBLOCK). Nothing is read yet: the
+    parser reads what it needs (``FileBytes``). A missing file is FileNotFoundError;
+    anything not a regular file is an ElfFileError naming it."""
     if isinstance(source, bytes | bytearray | memoryview):
-        return _Source(bytes(source), None, "<bytes>")
+        return _Source(MemoryBytes(bytes(source)), None, "<bytes>")
     path = os.fspath(source)
     _require_regular(path, os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         _require_regular(path, st.st_mode)
-        data = _read_whole(fd, st.st_size, path)
-        stamp = _stamp(fd)
-        if stamp != (st.st_size, st.st_mtime_ns):
-            raise ElfFileError(f"file {path} size", stamp[0], f"{st.st_size:#x} bytes, "
-                               "unchanged while being read")
+        label = _label(fd, path)
     except BaseException:
         os.close(fd)
         raise
-    return _Source(data, fd, str(Path(path).resolve()), stamp)
+    return _Source(FileBytes(fd, st.st_size, label), fd, label,
+                   (st.st_size, st.st_mtime_ns))
 
 
 def _file_change(src: _Source) -> ElfFileError | None:
@@ -379,6 +369,20 @@ def _cleanup(mm: TracingMmap, start: int, length: int, obj: LoadedObject | None)
         mm.munmap(ext[0], ext[1] - ext[0])
 
 
+def _parse(src: _Source, page_size: int) -> tuple[ElfImage, DynamicTables]:
+    """Parse and check the headers and the dynamic tables. The parser reads the file as it
+    goes (``FileBytes``), so an error met while the file changed (a table cut short by a
+    truncation, say) is the ElfFileError of that change, not a complaint about the bytes."""
+    try:
+        image = parse_image(src.data, page_size)
+        return image, parse_tables(image)
+    except ElfError as exc:
+        changed = _file_change(src)
+        if changed is not None:
+            raise changed from exc
+        raise
+
+
 def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview, mm: Mmap, *,
          resolver: Resolver | None = None, base: int | None = None,
          explain: Callable[[Step], None] | None = None) -> LoadedObject:
@@ -395,8 +399,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     try:
         traced = TracingMmap(mm)
         narrator = SILENT if explain is None else Narrator(explain, traced.calls)
-        image = parse_image(src.data, mm.page_size)
-        tables = parse_tables(image)
+        image, tables = _parse(src, mm.page_size)
         narrator.say("parse", parse_sentence, image, src.label, len(tables.tags))
         textrel = _textrel(tables)
         check_relocations(image, tables, textrel)
@@ -410,6 +413,8 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
             resolver = HostResolver() if host else StubResolver()
         return _map_and_finish(src, image, tables, plan, traced, resolver, base, narrator)
     finally:
+        if isinstance(src.data, FileBytes):
+            src.data.close()
         if src.fd is not None:
             os.close(src.fd)
 

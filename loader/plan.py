@@ -19,14 +19,24 @@ from loader.pages import page_round_down, page_round_up
 __all__ = ["LoadPlan", "SegmentPlan", "make_plan", "prot_of"]
 
 
-def prot_of(p_flags: int) -> ProtFlags:
-    """PF_R/PF_W/PF_X -> PROT_READ/PROT_WRITE/PROT_EXEC."""
+def _prot_of_bits(p_flags: int) -> ProtFlags:
+    """PF_R/PF_W/PF_X -> PROT_READ/PROT_WRITE/PROT_EXEC, flag by flag."""
     prot = ProtFlags.PROT_NONE
     for pf, bit in ((PF.R, ProtFlags.PROT_READ), (PF.W, ProtFlags.PROT_WRITE),
                     (PF.X, ProtFlags.PROT_EXEC)):
         if p_flags & pf:
             prot |= bit
     return prot
+
+
+_PROT_OF = [_prot_of_bits(flags) for flags in range((PF.R | PF.W | PF.X) + 1)]
+"""``_prot_of_bits`` of every combination of the three flags, built once (enum arithmetic
+costs microseconds a step, and every load asks for each of its segments)."""
+
+
+def prot_of(p_flags: int) -> ProtFlags:
+    """PF_R/PF_W/PF_X -> PROT_READ/PROT_WRITE/PROT_EXEC (other bits ignored)."""
+    return _PROT_OF[p_flags & (PF.R | PF.W | PF.X)]
 
 
 @dataclass(frozen=True, slots=True)

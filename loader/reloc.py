@@ -215,19 +215,20 @@ def first_outside_code(image: ElfImage, vaddrs: npt.NDArray[np.uint64] | list[in
                        ) -> int | None:
     """The first of ``vaddrs`` that is not code the loader may call, or None when all are.
 
-    Callable means inside ``[p_vaddr, p_vaddr + p_filesz)`` of an executable PT_LOAD: the
-    segment's bytes from the file (its .bss tail holds no code). Every address the loader
-    calls (IFUNC resolvers, init and fini functions) is checked with this before any call.
+    Callable means inside ``[p_vaddr, p_vaddr + p_filesz)`` of an executable PT_LOAD
+    (``ElfImage.code_ranges``). Every address the loader calls (IFUNC resolvers, init and
+    fini functions) is checked with this before any call. A list (the few init and fini
+    functions, one symbol) is checked in plain Python: for a handful of addresses numpy's
+    cost per call is most of the check's; an array (a table's resolvers) with numpy.
     """
+    code = image.code_ranges()
+    if isinstance(vaddrs, list):
+        return next((v for v in vaddrs if not any(lo <= v < hi for lo, hi in code)), None)
     v = np.asarray(vaddrs, dtype=np.uint64)
-    if not len(v):
-        return None
-    starts, file_ends = image.columns.starts, image.columns.file_ends
-    code = (image.columns.flags & PF.X) != 0
-    seg = _segment_of(starts, v)
-    at = np.clip(seg, 0, None)
-    ok = (seg >= 0) & code[at] & (v < file_ends[at])
-    return None if ok.all() else int(v[~ok][0])
+    inside = np.zeros(len(v), dtype=bool)
+    for lo, hi in code:
+        inside |= (v >= _U64(lo)) & (v < _U64(hi))
+    return None if inside.all() else int(v[~inside][0])
 
 
 def _segment_arrays(image: ElfImage, textrel: bool
@@ -376,13 +377,22 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
 # Values: the bytes the file holds, addends, and each kind's formula over whole tables
 
 
+def _file_span(image: ElfImage, offsets: npt.NDArray[np.int64], width: int
+               ) -> tuple[npt.NDArray[np.uint8], int]:
+    """The file's bytes from the lowest of ``offsets`` to ``width`` past the highest (each
+    field inside the file), in one read; and that lowest offset."""
+    if not len(offsets):
+        return np.zeros(0, dtype=np.uint8), 0
+    lo, hi = int(offsets.min()), int(offsets.max()) + width
+    return np.frombuffer(image.read(lo, hi - lo), dtype=np.uint8), lo
+
+
 def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
                 ) -> npt.NDArray[np.uint64]:
     """The little-endian ``width``-byte (at most 8) values the file holds at ``vaddrs``; a
     byte outside every segment's file part is 0, as memory holds it before relocation.
     Fields wholly inside one segment's file part (all, in practice) are gathered a byte
     column at a time; only the others are looked up byte by byte."""
-    raw = np.frombuffer(image.data, dtype=np.uint8)
     starts, file_ends, offsets = (image.columns.starts, image.columns.file_ends,
                                   image.columns.offsets)
     v = vaddrs.astype(np.uint64)
@@ -392,8 +402,9 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
     out = np.zeros(len(v), dtype=np.uint64)
     first = (v[whole] - starts[at[whole]] + offsets[at[whole]]).astype(np.int64)
     gathered = np.zeros(len(first), dtype=np.uint64)
+    raw, lo = _file_span(image, first, width)
     for k in range(width):
-        gathered |= raw[first + k].astype(np.uint64) << _U64(8 * k)
+        gathered |= raw[first - lo + k].astype(np.uint64) << _U64(8 * k)
     out[whole] = gathered
     rest = np.flatnonzero(~whole)
     if len(rest):
@@ -402,7 +413,9 @@ def _file_value(image: ElfImage, vaddrs: npt.NDArray[np.uint64], width: int
         bat = np.clip(bseg, 0, None)
         ok = (bseg >= 0) & (addr < file_ends[bat]) & (addr >= v[rest][:, None])
         part = np.zeros(addr.shape, dtype=np.uint64)
-        part[ok] = raw[(addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)]
+        at_file = (addr[ok] - starts[bat[ok]] + offsets[bat[ok]]).astype(np.int64)
+        raw, lo = _file_span(image, at_file, 1)
+        part[ok] = raw[at_file - lo]
         out[rest] = (part << (_U64(8) * np.arange(width, dtype=np.uint64))).sum(
             axis=1, dtype=np.uint64)
     return out

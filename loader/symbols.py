@@ -239,9 +239,13 @@ class Resolver:
         defined = syms["st_shndx"][needed] != SHN.UNDEF
         if not_self is not None and len(not_self):
             defined &= ~np.isin(needed, not_self)
-        labels = _labels(tables, needed[~defined])
+        undefined = needed[~defined]
+        labels: dict[int, tuple[str, str | None]] = {}
 
         def label(i: int) -> tuple[str, str | None]:
+            # decoded when first asked (the host's scope takes raw bytes: often never)
+            if not labels and len(undefined):
+                labels.update(_labels(tables, undefined))
             if i not in labels:
                 labels[i] = symbol_label(tables, i)
             return labels[i]

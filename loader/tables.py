@@ -135,7 +135,7 @@ def _table(image: ElfImage, vaddr: int, length: int, tag: str) -> memoryview:
     if off is None:
         raise ElfDynamicError(tag, vaddr, f"[{tag}, +{length:#x}) inside one PT_LOAD's file "
                               "bytes")
-    return memoryview(image.data)[off: off + length]
+    return image.read(off, length)
 
 
 def _read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
@@ -408,8 +408,9 @@ class _Claims:
     can hold (plus one shared leaf per definition)."""
 
     def __init__(self, image: ElfImage, start: int, tag: str) -> None:
-        self.image, self.start, self.tag = image, start, tag
+        self.start, self.tag = start, tag
         self.used = bytearray(_file_bytes_from(image, start))
+        self.bytes = _table(image, start, len(self.used), tag) if self.used else b""
 
     def read(self, vaddr: int, layout: struct.Struct, link: str, *,
              shared: bool = False) -> tuple[int, ...]:
@@ -426,7 +427,7 @@ class _Claims:
                 raise ElfDynamicError(link, vaddr, "a record not read before (this link "
                                       "loops back, or shares or overlaps another record)")
             self.used[off: off + layout.size] = b"\1" * layout.size
-        return layout.unpack_from(_table(self.image, vaddr, layout.size, self.tag))
+        return layout.unpack_from(self.bytes, off)
 
 
 def _check_version_count(image: ElfImage, tags: dict[int, int], tag: int, num_tag: int,

@@ -16,6 +16,7 @@ import argparse
 import ast
 import fnmatch
 import textwrap
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,8 @@ class Part:
     @property
     def package(self) -> str:
         """The package most of its modules live in."""
-        tops = [m.split(".")[0] for m in self.modules]
-        return max(set(tops), key=tops.count)
+        tops = Counter(m.split(".")[0] for m in sorted(self.modules))
+        return tops.most_common(1)[0][0]
 
 
 def modules() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""loader.elfwriter, checked by things nobody here wrote: binutils' readelf, pyelftools, glibc's
+"""vmsim.fuzz.elfwriter, checked by things nobody here wrote: binutils' readelf, pyelftools, glibc's
 dlopen/dlsym (in a child process), and the kernel's execve.
 
 The helpers at the top (:func:`readelf_complaints`, :func:`dlopen_report`) are also used by

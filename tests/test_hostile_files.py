@@ -16,11 +16,11 @@ import pytest
 from loader_support import sim_factory
 
 from loader import load
+from loader.elf import READ_WINDOW, FileBytes
 from loader.errors import ElfFileError
 from loader.explain import Step
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap, read_maps
-from loader.pipeline import _read_whole
 from loader.symbols import StubResolver
 from vmsim.fuzz.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
 
@@ -187,19 +187,73 @@ def test_a_file_that_grows_after_reading_is_noticed_after_mapping(tmp_path: Path
 
 
 def test_a_file_that_shrinks_or_grows_while_being_read(tmp_path: Path) -> None:
-    """The read itself: fewer bytes than fstat said, or more, is an ElfFileError naming
-    the file and the size."""
+    """The read itself: fewer bytes than fstat said is an ElfFileError naming the file and
+    the size. (The parser reads only where it looks: a file that grows is noticed by the
+    size and mtime checks, as below.)"""
     path = tmp_path / "lib.so"
     path.write_bytes(b"\x7fELF" + bytes(100))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert bytes(_read_whole(fd, 104, str(path))) == b"\x7fELF" + bytes(100)
-        with pytest.raises(ElfFileError, match="shrank"):
-            _read_whole(fd, 200, str(path))
-        with pytest.raises(ElfFileError, match="grew"):
-            _read_whole(fd, 50, str(path))
+        assert bytes(FileBytes(fd, 104, str(path)).read(0, 104)) == b"\x7fELF" + bytes(100)
+        with pytest.raises(ElfFileError, match="shrank") as err:
+            FileBytes(fd, 200, str(path)).read(150, 8)
+        assert str(path) in str(err.value)
     finally:
         os.close(fd)
+
+
+LIBZ = Path("/usr/lib/x86_64-linux-gnu/libz.so.1")
+
+
+def _change(path: Path, change: str) -> None:
+    """Append a page, truncate to one window, or overwrite all after it with 0xff (the
+    mtime set a second on, so the change is seen however coarse the clock)."""
+    size = path.stat().st_size
+    if change == "grow":
+        with path.open("ab") as f:
+            f.write(b"\0" * 4096)
+    elif change == "truncate":
+        os.truncate(path, READ_WINDOW)
+    else:
+        with path.open("r+b") as f:
+            f.seek(READ_WINDOW)
+            f.write(b"\xff" * (size - READ_WINDOW))
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("change", ["grow", "truncate", "rewrite"])
+def test_a_file_that_changes_while_being_parsed(tmp_path: Path, change: str) -> None:
+    """libz, changed after its headers were read and before its tables were (the parser
+    reads the file as it goes): an ElfFileError naming the file, whether the parser met
+    the change (a short read; garbage tables) or the checks after it did; nothing mapped."""
+    path = tmp_path / "libz.so"
+    path.write_bytes(LIBZ.read_bytes())
+    assert path.stat().st_size > 2 * READ_WINDOW
+    original = FileBytes.read
+
+    def read(self: FileBytes, offset: int, length: int) -> memoryview:
+        if any(self.filled) and path.stat().st_size == LIBZ.stat().st_size:
+            _change(path, change)
+        return original(self, offset, length)
+
+    def child() -> tuple[str, str, list[str]]:
+        FileBytes.read = read  # type: ignore[method-assign]
+        return _sim_error_here(path)
+    done = run_isolated(child, timeout=10, max_rss=512 << 20)
+    assert done.status == "ok", done
+    kind, message, left = done.value
+    assert kind == "ElfFileError" and str(path) in message and left == []
+
+
+def _sim_error_here(path: Path) -> tuple[str, str, list[str]]:
+    """Load ``path`` on a fresh simulator in this process: (error type, message, maps)."""
+    space = sim_factory()()
+    try:
+        load(path, space)
+    except Exception as exc:  # the error is the result
+        return type(exc).__name__, str(exc), [str(r) for r in space.maps()]
+    return "loaded", "", []
 
 
 def test_the_bytes_read_are_a_private_copy(tmp_path: Path) -> None:
@@ -211,6 +265,6 @@ def test_the_bytes_read_are_a_private_copy(tmp_path: Path) -> None:
     space = sim_factory()()
     obj = load(path, space)
     path.write_bytes(bytes(len(data)))
-    assert bytes(obj.image.data[:4]) == b"\x7fELF"
+    assert bytes(obj.image.read(0, 4)) == b"\x7fELF"
     obj.unload()
     assert space.maps() == []

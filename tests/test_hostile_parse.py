@@ -1,7 +1,7 @@
 """Hostile input to the parser, one test per class of problem: every count and size read from
 the file is checked against the bytes that hold it before anything is allocated or walked.
 
-Each hostile image is a small valid one (``loader.elfwriter``) with bytes changed at known
+Each hostile image is a small valid one (``vmsim.fuzz.elfwriter``) with bytes changed at known
 offsets. Each load runs in the supervisor (``run_isolated``: 10 s, 512 MiB over what the child
 inherited) on a traced simulator; a refusal must be an ElfError kind naming the field, raised
 before any Mmap call.

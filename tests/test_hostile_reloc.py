@@ -2,7 +2,7 @@
 every other called address, bulk application of every kind (same result as sequential
 application, cost linear in the table), and nothing left mapped after any of these errors.
 
-Images come from ``loader.elfwriter`` with bytes patched afterwards (relocation types,
+Images come from ``vmsim.fuzz.elfwriter`` with bytes patched afterwards (relocation types,
 addends, symbol types and sizes); real programs from gcc and this machine's /usr/bin. Loads
 that may fault on the host, or that could run away in time or memory, run in a forked child
 under ``run_isolated``.

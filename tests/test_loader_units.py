@@ -186,7 +186,7 @@ def test_type_names() -> None:
 @pytest.mark.parametrize("relr", [False, True])
 def test_rel_rela_relr_give_the_writers_words(rel_format: str, relr: bool) -> None:
     """Implicit addends (REL, RELR: read from the file) and explicit ones (RELA) produce the
-    words loader.elfwriter (written independently) says a correct loader must produce."""
+    words vmsim.fuzz.elfwriter (written independently) says a correct loader must produce."""
     from loader_support import sim_factory
 
     from vmsim.fuzz.elfwriter import ElfSpec, Reloc, Segment, Symbol, build
