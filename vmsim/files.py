@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.mmap import MmapError
-from vmsim.pagetable import FramePool
+from vmsim.pagetable import FramePool, runs
 
 __all__ = ["FileTable", "Inode", "OpenFile", "Shmem", "host_call", "is_paged", "is_sized",
            "same_open_file"]
@@ -345,18 +345,15 @@ class FileTable:
                    frames: npt.NDArray[np.int64]) -> None:
         """Refresh frames from the file: page ``pages[k]`` into ``frames[k]`` (bytes past EOF
         in a partial last page keep what the frame holds, as the page cache does). One
-        ``preadv`` per run of consecutive pages, straight into the frames when they are
-        consecutive too."""
+        ``pread`` per run of consecutive pages."""
         if not len(pages):
             return
         shift, data = self.shift, self.pool.data
-        breaks = np.flatnonzero(np.diff(pages) != 1) + 1 if len(pages) > 1 else ()
-        for run in np.split(np.arange(len(pages)), breaks):
-            first = int(pages[run[0]])
-            got = host_call(os.pread, file.io(), len(run) << shift, first << shift)
+        for k0, k1 in runs(pages):
+            got = host_call(os.pread, file.io(), (k1 - k0) << shift, int(pages[k0]) << shift)
             full, rest = len(got) >> shift, len(got) & ((1 << shift) - 1)
             buf = np.frombuffer(got, dtype=np.uint8)
             if full:
-                data[frames[run[:full]]] = buf[: full << shift].reshape(full, -1)
+                data[frames[k0: k0 + full]] = buf[: full << shift].reshape(full, -1)
             if rest:
-                data[frames[run[full]], :rest] = buf[full << shift:]
+                data[frames[k0 + full], :rest] = buf[full << shift:]

@@ -425,13 +425,18 @@ class Kernel:
         """The page numbers among ``pages`` a user-mode write would fault on, or None."""
         bad = []
         vmas = self.vmas
+        ends: dict[int, int] = {}  # file_end of each VMA seen (one fstat per VMA)
         for page in pages.tolist():
             va = page << self.shift
             i = vmas.first_ending_after(va)
-            if (va >= self.task_size or i == len(vmas) or vmas[i].start > va
-                    or not vmas[i].flags & VM_WRITE
-                    or (is_sized(vmas[i].file) and self.file_end(vmas[i]) <= va)):
+            if va >= self.task_size or i == len(vmas) or vmas[i].start > va \
+                    or not vmas[i].flags & VM_WRITE:
                 bad.append(page)
+            elif is_sized(vmas[i].file):
+                if i not in ends:
+                    ends[i] = self.file_end(vmas[i])
+                if ends[i] <= va:
+                    bad.append(page)
         return np.array(bad, dtype=np.uint64) if bad else None
 
     # ---- the page-fault handler
@@ -442,9 +447,11 @@ class Kernel:
         ``va``): check the VMAs and the files' ends, then fill the PTEs (or refresh the
         page-cache frames a read goes through); raises the Fault of the first page refused,
         the pages before it handled."""
-        idx = np.flatnonzero(need)
-        lo = va + (int(idx[0]) << self.shift)
-        hi = va + ((int(idx[-1]) + 1) << self.shift)
+        first, last = 0, len(need) - 1
+        if last:
+            idx = np.flatnonzero(need)
+            first, last = int(idx[0]), int(idx[-1])
+        lo, hi = va + (first << self.shift), va + ((last + 1) << self.shift)
         for i, a, b in self.segments(lo, hi - lo, access):
             stop = self._eof_stop(i, a, b, access)
             j0, j1 = (a - va) >> self.shift, (stop - va) >> self.shift

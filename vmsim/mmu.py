@@ -38,6 +38,7 @@ from vmsim.pagetable import (
     PTE_W,
     FramePool,
     PageTable,
+    runs,
 )
 
 __all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
@@ -51,6 +52,7 @@ _WORD = 1 << 64
 _U64 = np.uint64
 _N_HAS = _U64(PTE_P | PTE_PROTNONE)
 _N_WATCHED = _U64(PTE_FILE | PTE_SIZED)
+_N_FILE = _U64(PTE_FILE)
 _N_FRAME = _U64(PTE_FRAME)
 _N_SHARED = _U64(PTE_COW | PTE_FILE)
 _N_12 = _U64(12)
@@ -97,7 +99,7 @@ class FaultHandler(Protocol):
 class Translation:
     """What :meth:`Mmu.translate_range` found: the frames of the pages from the first, up to
     the first page that faulted (``fault``, None when all did translate); ``file_backed``
-    when one of them holds a page-cache frame."""
+    when the access writes and one of them holds a page-cache frame."""
 
     __slots__ = ("fault", "file_backed", "frames")
 
@@ -141,14 +143,13 @@ class Mmu:
 
     def needs_kernel(self, ptes: npt.NDArray[np.uint64], access: Access) -> npt.NDArray[np.bool_]:
         """The pages whose PTE does not let ``access`` through, or that the kernel watches."""
-        watched: npt.NDArray[np.bool_] = (ptes & _N_WATCHED) != _N_ZERO
-        refused: npt.NDArray[np.bool_]
+        need: npt.NDArray[np.bool_]
         if access is Access.PTRACE_READ:
-            refused = (ptes & _N_HAS) == _N_ZERO
+            need = ((ptes & _N_HAS) == _N_ZERO) | ((ptes & _N_WATCHED) != _N_ZERO)
         else:
-            bits, want = _ALLOWS[access]
-            refused = (ptes & bits) != want
-        return watched | refused
+            bits, want = _ALLOWS[access]  # a watched bit set makes the PTE differ from want
+            need = (ptes & (bits | _N_WATCHED)) != want
+        return need
 
     def translate(self, va: int, access: Access) -> int:
         """The frame holding the byte at ``va`` for ``access``, or raise its Fault."""
@@ -175,7 +176,8 @@ class Mmu:
                     # kept, not raised here: drop the traceback (its frames would hold it)
                     fault = err.at(max(addr, err.addr)).with_traceback(None)
                     ptes = ptes[: (fault.addr - va) >> self.shift]
-                file_backed = file_backed or bool(((ptes & _N_WATCHED) != _N_ZERO).any())
+                if access.writes and not file_backed:
+                    file_backed = bool(((ptes & _N_FILE) != _N_ZERO).any())
             parts.append(((ptes & _N_FRAME) >> _N_12).astype(np.int64))
             if fault is not None:
                 break
@@ -239,14 +241,13 @@ class Mmu:
             raise_found(lambda: kernel.first_fault(word, 8, Access.WRITE))
             raise AssertionError("write_words: the faulting word did not fault")
         frame_of = np.empty(len(pages), dtype=np.int64)
-        breaks = np.flatnonzero(np.diff(pages) != 1) + 1 if len(pages) > 1 else ()
-        for run in np.split(np.arange(len(pages)), breaks):
-            lo = int(pages[run[0]]) << shift
-            got = self.translate_range(lo, (int(pages[run[-1]]) + 1) << shift, Access.WRITE)
+        for k0, k1 in runs(pages):
+            lo, hi = int(pages[k0]) << shift, (int(pages[k1 - 1]) + 1) << shift
+            got = self.translate_range(lo, hi, Access.WRITE)
             assert got.fault is None, "write_words: a checked page faulted"
             if got.file_backed:
                 return False
-            frame_of[run] = got.frames
+            frame_of[k0:k1] = got.frames
         self._scatter(where, words, pages, frame_of)
         return True
 

@@ -26,14 +26,16 @@ cover a 47-bit user address space for the configured page size (4 for 4 KiB page
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
-           "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable"]
+           "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "runs"]
 
 PTE_P = 1 << 0
 PTE_W = 1 << 1
@@ -51,6 +53,16 @@ ENTRIES = 512
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _POPULATE_MIN = 16  # frames: below this, the host's own page faults are as cheap
 _TABLE_LINK = PTE_P | PTE_W | PTE_U
+
+
+def runs(numbers: npt.NDArray[Any]) -> Iterator[tuple[int, int]]:
+    """The runs of consecutive values in sorted ``numbers`` (page or frame numbers), as
+    index ranges ``(k0, k1)``."""
+    if len(numbers) < 2 or int(numbers[-1]) - int(numbers[0]) == len(numbers) - 1:
+        yield 0, len(numbers)  # one run (numbers are sorted and distinct)
+        return
+    edges = [0, *(np.flatnonzero(np.diff(numbers) != 1) + 1).tolist(), len(numbers)]
+    yield from itertools.pairwise(edges)
 
 
 class FramePool:
