@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.mmap import MmapError
+from loader.pages import page_offset
 from vmsim.pagetable import FramePool, runs
 
 __all__ = ["FileTable", "Inode", "OpenFile", "Shmem", "host_call", "is_paged", "is_sized",
@@ -351,7 +352,7 @@ class FileTable:
         shift, data = self.shift, self.pool.data
         for k0, k1 in runs(pages):
             got = host_call(os.pread, file.io(), (k1 - k0) << shift, int(pages[k0]) << shift)
-            full, rest = len(got) >> shift, len(got) & ((1 << shift) - 1)
+            full, rest = len(got) >> shift, page_offset(len(got), self.pool.page_size)
             buf = np.frombuffer(got, dtype=np.uint8)
             if full:
                 data[frames[k0: k0 + full]] = buf[: full << shift].reshape(full, -1)

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.mmap import MmapError
-from loader.pages import page_round_down, page_round_up, pages_in
+from loader.pages import page_offset, page_round_down, page_round_up, pages_in
 from vmsim.fault import Access, Fault
 from vmsim.files import FileTable, Inode, OpenFile, Shmem, host_call, is_paged, is_sized
 from vmsim.mmu import VA_TOP, Mmu, beyond_user_space
@@ -124,7 +124,7 @@ class Kernel:
         """do_mmap, arguments already cast to the kernel's types: Linux's checks in order,
         placement, then the new VMA. Returns its start."""
         page = self.page_size
-        if off & (page - 1):
+        if page_offset(off, page):
             raise MmapError(errno.EINVAL, f"mmap: offset={off:#x} is not page-aligned")
         file: OpenFile | None = None
         if not flags & MAP_ANON:
@@ -166,7 +166,7 @@ class Kernel:
         if addr > task - length:
             raise MmapError(errno.ENOMEM, f"mmap: {addr:#x}+{length:#x} passes the user "
                             "space end")
-        if addr & (self.page_size - 1):
+        if page_offset(addr, self.page_size):
             raise MmapError(errno.EINVAL, f"mmap: MAP_FIXED addr={addr:#x} is not page-aligned")
         if addr < self.mmap_min_addr and not self.privileged:
             raise MmapError(errno.EPERM, f"mmap: addr={addr:#x} below mmap_min_addr")
@@ -213,7 +213,7 @@ class Kernel:
         try:                       # mappings must not close it
             if covered:
                 self.mmu.unmap(addr, end)
-                i = vmas.cut(addr, end)
+                i = vmas.cut(addr, end, i)
             vmas.insert(i, Vma(addr, end, vm_flags, pgoff, vfile, 0))
         finally:
             if vfile is not None:
@@ -247,7 +247,7 @@ class Kernel:
         splitting at the ends. EINVAL for an unaligned, empty, kernel-half or wrapping range;
         ENOMEM when a split in three would pass vm.max_map_count."""
         task = self.task_size
-        if start & (self.page_size - 1) or start > task or length > task - start:
+        if page_offset(start, self.page_size) or start > task or length > task - start:
             raise MmapError(errno.EINVAL, f"munmap: addr={start:#x} length={length:#x} is "
                             f"unaligned or not below the user space end {task:#x}")
         end = start + page_round_up(length, self.page_size)
@@ -261,7 +261,7 @@ class Kernel:
         if vma.start < start and vma.end > end:
             self._check_three_way_split(vma, "munmap")
         self.mmu.unmap(start, end)
-        vmas.cut(start, end)
+        vmas.cut(start, end, i)
 
     def mprotect(self, start: int, length: int, prot: int) -> None:
         """mprotect(2), arguments cast; not atomic as in Linux: mappings before a hole or a
@@ -271,7 +271,7 @@ class Kernel:
         if grows == PROT_GROWSDOWN | PROT_GROWSUP:
             raise MmapError(errno.EINVAL, f"mprotect: prot={prot | grows:#x} has both GROWS "
                             "bits")
-        if start & (self.page_size - 1):
+        if page_offset(start, self.page_size):
             raise MmapError(errno.EINVAL, f"mprotect: addr={start:#x} is not page-aligned")
         if not length:
             return
@@ -581,7 +581,7 @@ class Kernel:
             pool = self.mmu.pool
             pool.free(np.array([inode.cache.pop(p) for p in dropped], dtype=np.int64))
             last = inode.cache.get(size >> self.shift)
-            tail = size & (self.page_size - 1)
+            tail = page_offset(size, self.page_size)
             if last is not None and tail:
                 pool.data[last, tail:] = 0
         inode.size = size

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from loader.pages import page_offset
+
 __all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
            "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "runs"]
 
@@ -145,7 +147,7 @@ class FramePool:
         (MADV_POPULATE_WRITE): faster than taking the host's page faults one by one. Only a
         speed-up; ignored where the host cannot."""
         start, length = first * self.page_size, n * self.page_size
-        if start % mmap.PAGESIZE or length % mmap.PAGESIZE:
+        if page_offset(start) or page_offset(length):  # madvise wants host pages
             return
         try:
             self._map.madvise(_MADV_POPULATE_WRITE, start, length)

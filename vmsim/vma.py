@@ -196,32 +196,35 @@ class VmaMap:
     def replace(self, i0: int, i1: int, new: list[Vma]) -> None:
         """Replace ``vmas[i0:i1]`` by ``new`` (sorted, within the same span), keeping the gap
         index and the files' use counts right. Every change of the VMAs goes here."""
-        store, gaps, n = self._store, self.gaps, len(self._store)
-        low = store[n - i0].end if i0 else 0
-        high = store[n - 1 - i1].start if i1 < n else self.task_size
-        old = store[n - i1: n - i0][::-1]
-        edge = low
+        store, gaps = self._store, self.gaps
+        j0, j1 = len(store) - i1, len(store) - i0  # the same VMAs in the store, highest first
+        low = store[j1].end if i0 else 0
+        high = store[j0 - 1].start if j0 else self.task_size
+        old = store[j0:j1]
+        edge = high
         for v in old:
-            gaps.remove(edge, v.start)
-            edge = v.end
-        gaps.remove(edge, high)
-        edge = low
-        for v in new:
-            gaps.add(edge, v.start)
-            edge = v.end
+            gaps.remove(v.end, edge)
+            edge = v.start
+        gaps.remove(low, edge)
+        edge = high
+        for v in reversed(new):
+            gaps.add(v.end, edge)
+            edge = v.start
             if v.file is not None:
                 self.files.use(v.file)
-        gaps.add(edge, high)
+        gaps.add(low, edge)
         for v in old:
             if v.file is not None:
                 self.files.unuse(v.file)
-        store[n - i1: n - i0] = new[::-1]
-        self._neg[n - i1: n - i0] = [-v.start for v in reversed(new)]
+        store[j0:j1] = new[::-1]
+        self._neg[j0:j1] = [-v.start for v in store[j0: j0 + len(new)]]
 
-    def cut(self, start: int, end: int) -> int:
+    def cut(self, start: int, end: int, i0: int = -1) -> int:
         """Remove ``[start, end)`` (PTEs already zapped), keeping the parts of straddling
-        VMAs outside it. Returns the index where ``start`` would go."""
-        i0 = self.first_ending_after(start)
+        VMAs outside it; ``i0``, when known, is the index of the first VMA ending after
+        ``start``. Returns the index where ``start`` would go."""
+        if i0 < 0:
+            i0 = self.first_ending_after(start)
         i1 = self.count_below(end)
         if i0 >= i1:
             return i0
