@@ -194,6 +194,11 @@ def close_all(fds: set[int]) -> None:
     fds.clear()
 
 
+def _is_dev_zero(st: os.stat_result) -> bool:
+    """True when ``st`` is /dev/zero's (the one character device that maps)."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_ZERO
+
+
 def _open_file_of(fd: int, st: os.stat_result, fl: int, inode: Inode) -> OpenFile:
     """A new OpenFile for ``fd`` (its fstat ``st`` and status flags ``fl``) on ``inode``."""
     try:
@@ -203,7 +208,7 @@ def _open_file_of(fd: int, st: os.stat_result, fl: int, inode: Inode) -> OpenFil
     acc = fl & os.O_ACCMODE
     opened = OpenFile(fd, inode, acc in (os.O_RDONLY, os.O_RDWR),
                       acc in (os.O_WRONLY, os.O_RDWR), noexec)
-    opened.zero = stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_ZERO
+    opened.zero = _is_dev_zero(st)
     opened.thp = opened.zero or _fs_type(st.st_dev) in _THP_FILESYSTEMS
     return opened
 
@@ -242,9 +247,8 @@ class FileTable:
         inode = self.inodes.get(key)
         if inode is None:
             inode = Inode(st.st_dev, st.st_ino, st.st_size)
-            if not stat.S_ISREG(st.st_mode) and not (stat.S_ISCHR(st.st_mode)
-                                                     and st.st_rdev == _DEV_ZERO):
-                inode.key = (-1, st.st_ino)
+            if not stat.S_ISREG(st.st_mode) and not _is_dev_zero(st):
+                inode.key = (-1, st.st_ino)  # mmap of it fails with ENODEV
         return _open_file_of(fd, st, fl, inode)
 
     def use(self, file: OpenFile | Shmem) -> None:

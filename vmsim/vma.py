@@ -157,8 +157,9 @@ class VmaMap:
         return len(self._store)
 
     def __getitem__(self, i: int) -> Vma:
-        """The VMA of index ``i`` (0 the lowest); negative indices are not supported."""
-        return self._store[len(self._store) - 1 - i]
+        """The VMA of index ``i`` (0 the lowest; ``~i`` counts from the store's end);
+        negative indices are not supported."""
+        return self._store[~i]
 
     def __iter__(self) -> Iterator[Vma]:
         return reversed(self._store)
@@ -182,7 +183,7 @@ class VmaMap:
     def overlaps(self, start: int, end: int) -> bool:
         """True when any VMA intersects ``[start, end)``."""
         i = self.first_ending_after(start)
-        return i < len(self._store) and self[i].start < end
+        return i < len(self._store) and self._store[~i].start < end
 
     def is_free(self, start: int, end: int) -> bool:
         """True when ``[start, end)`` is inside the user space and intersects no VMA."""
@@ -228,7 +229,7 @@ class VmaMap:
         i1 = self.count_below(end)
         if i0 >= i1:
             return i0
-        first, last = self[i0], self[i1 - 1]
+        first, last = self._store[~i0], self._store[~(i1 - 1)]
         rest = []
         if first.start < start:
             rest.append(self.clone(first, first.start, start))
@@ -240,8 +241,9 @@ class VmaMap:
     def insert(self, i: int, new: Vma) -> None:
         """Put a new VMA at index ``i``, merged with its neighbours as vma_merge_new_range
         would (a new VMA has no anon_vma: it takes its neighbour's)."""
-        prev = self[i - 1] if i else None
-        nxt = self[i] if i < len(self._store) else None
+        store = self._store
+        prev = store[~(i - 1)] if i else None
+        nxt = store[~i] if i < len(store) else None
         left = prev is not None and mergeable(prev, new, self.shift)
         right = nxt is not None and mergeable(new, nxt, self.shift)
         if left and right and prev and nxt and prev.anon and nxt.anon and prev.anon != nxt.anon:
@@ -310,9 +312,10 @@ class VmaMap:
 
     def topdown(self, length: int, low: int, high: int) -> int:
         """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""
+        store = self._store
         i = self.count_below(high)
-        gap_start = self[i - 1].end if i else 0
-        gap_end = self[i].start if i < len(self._store) else self.task_size
+        gap_start = store[~(i - 1)].end if i else 0
+        gap_end = store[~i].start if i < len(store) else self.task_size
         if gap_start < high <= gap_end and high - max(gap_start, low) >= length:
             return high - length
         end = self.gaps.highest(length, low, high)
