@@ -30,19 +30,19 @@ class Access(enum.Enum):
     PTRACE_READ = "ptrace-r"
     PTRACE_WRITE = "ptrace-w"
 
+    __hash__ = object.__hash__  # members are singletons: hash by identity, in C (every
+                                # access looks its mode up)
+
     @property
     def letter(self) -> str:
         """The access as a Fault reports it: ``"r"``, ``"w"`` or ``"x"`` (a forced access
         faults as the read or write it is)."""
-        return self.value[-1]
+        return self._value_[-1]
 
     @property
     def writes(self) -> bool:
         """True for a store (user-mode or forced)."""
-        return self in _WRITES
-
-
-_WRITES = frozenset({Access.WRITE, Access.PTRACE_WRITE})
+        return self._value_[-1] == "w"
 
 
 class Fault(Exception):

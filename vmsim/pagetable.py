@@ -171,7 +171,8 @@ class PageTable:
         self.page_shift = page_shift
         self.leaf_shift = page_shift + 9
         self.levels = max(1, -(-(va_bits - page_shift) // 9))
-        self.tables: npt.NDArray[np.uint64] = np.zeros((self.levels, ENTRIES), dtype=np.uint64)
+        # room for one walk's tables (root to leaf) and a few more before the first growth
+        self.tables: npt.NDArray[np.uint64] = np.zeros((2 * self.levels, ENTRIES), dtype=np.uint64)
         self.count = 1
         self.leaves: dict[int, int] = {}
 
