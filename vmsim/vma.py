@@ -1,8 +1,8 @@
 """The kernel layer's VMAs: :class:`Vma` records, the free-gap index, and :class:`VmaMap`,
 the sorted set of a process's VMAs with the edits that split and merge them.
 
-Part of ``vmsim``'s kernel layer, used by ``vmsim.kernel``; imports ``vmsim.files`` (a VMA
-holds a use of its file) and ``vmsim.fault``.
+Part of ``vmsim``'s kernel layer, used by ``vmsim.kernel``; imports ``loader.mmap`` and
+``vmsim.files`` (a VMA holds a use of its file).
 
 A :class:`Vma` carries what Linux's ``vm_area_struct`` carries that decides merging: the
 ``vm_flags`` word (protection, shared, VM_ACCOUNT, VM_NORESERVE, ...), the file (the *open
@@ -149,7 +149,7 @@ class VmaMap:
         self.gaps.add(0, task_size)
         self.unmerged_possible = False
         """Set once a split failed at max_map_count: Linux can then leave mergeable
-        neighbours apart (check() stops asserting that it does not)."""
+        neighbours apart (vmsim.invariants stops asserting that it does not)."""
         self._store: list[Vma] = []
         self._neg: list[int] = []
 
