@@ -197,10 +197,10 @@ class Kernel:
         """mmap_region: replace what lies in the range, account, insert (merging)."""
         end = addr + length
         vmas = self.vmas
-        i = vmas.first_ending_after(addr)
-        covered = i < len(vmas) and vmas[i].start < end
-        if covered and vmas[i].start < addr and vmas[i].end > end:
-            self._check_three_way_split(vmas[i], "mmap: MAP_FIXED")
+        i, vma = vmas.find(addr)
+        covered = vma is not None and vma.start < end
+        if vma is not None and covered and vma.start < addr and vma.end > end:
+            self._check_three_way_split(vma, "mmap: MAP_FIXED")
         if vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE) == VM_WRITE:
             self._charge(length)
             vm_flags |= VM_ACCOUNT
@@ -254,10 +254,9 @@ class Kernel:
         if end == start:
             raise MmapError(errno.EINVAL, "munmap: length=0")
         vmas = self.vmas
-        i = vmas.first_ending_after(start)
-        if i == len(vmas) or vmas[i].start >= end:
+        i, vma = vmas.find(start)
+        if vma is None or vma.start >= end:
             return
-        vma = vmas[i]
         if vma.start < start and vma.end > end:
             self._check_three_way_split(vma, "munmap")
         self.mmu.unmap(start, end)

@@ -176,6 +176,11 @@ class VmaMap:
             return len(store) - 1 - j
         return len(store) - j
 
+    def find(self, addr: int) -> tuple[int, Vma | None]:
+        """The first VMA with ``end > addr`` and its index (None and len when none)."""
+        i = self.first_ending_after(addr)
+        return i, (self._store[~i] if i < len(self._store) else None)
+
     def count_below(self, addr: int) -> int:
         """How many VMAs start below ``addr``."""
         return len(self._neg) - bisect_right(self._neg, -addr)
