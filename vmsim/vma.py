@@ -209,16 +209,20 @@ class VmaMap:
         old = store[j0:j1]
         edge = high
         for v in old:
-            gaps.remove(v.end, edge)
+            if v.end < edge:
+                gaps.remove(v.end, edge)
             edge = v.start
-        gaps.remove(low, edge)
+        if low < edge:
+            gaps.remove(low, edge)
         edge = high
         for v in reversed(new):
-            gaps.add(v.end, edge)
+            if v.end < edge:
+                gaps.add(v.end, edge)
             edge = v.start
             if v.file is not None:
                 self.files.use(v.file)
-        gaps.add(low, edge)
+        if low < edge:
+            gaps.add(low, edge)
         for v in old:
             if v.file is not None:
                 self.files.unuse(v.file)
