@@ -454,14 +454,14 @@ class Kernel:
         for i, a, b in self.segments(lo, hi - lo, access):
             stop = self._eof_stop(i, a, b, access)
             j0, j1 = (a - va) >> self.shift, (stop - va) >> self.shift
-            self._fill(i, a, ptes[j0:j1], need[j0:j1], access)
+            self._fill(i, a, ptes[j0:j1], access)
             if stop < b:
                 raise Fault(stop, access, "SIGBUS", "BUS_ADRERR")
 
-    def _fill(self, i: int, va: int, ptes: npt.NDArray[np.uint64],
-              asked: npt.NDArray[np.bool_], access: Access) -> None:
-        """The pages ``asked`` of ``vmas[i]`` from ``va``: fault in those whose PTE does not
-        allow the access, then refresh the page-cache frames a read goes through."""
+    def _fill(self, i: int, va: int, ptes: npt.NDArray[np.uint64], access: Access) -> None:
+        """The pages of ``vmas[i]`` from ``va``: fault in those whose PTE does not allow the
+        access, then refresh the page-cache frames a read goes through. (A page the MMU let
+        through needs neither: its PTE allows the access and holds no page-cache frame.)"""
         if access is Access.WRITE:
             need = (ptes & _N_PW) != _N_PW
         elif access is Access.PTRACE_WRITE:
@@ -470,13 +470,12 @@ class Kernel:
             need = (ptes & _N_HAS) == _N_ZERO
         else:
             need = (ptes & _N_P) == _N_ZERO
-        need &= asked
         if need.any():
             self._fault(i, va, ptes, need, access.writes)
         file = self.vmas[i].file
         if is_paged(file) and not access.writes:
             assert isinstance(file, OpenFile)
-            cached = ((ptes & _N_FILE) != _N_ZERO) & asked
+            cached = (ptes & _N_FILE) != _N_ZERO
             if cached.any():
                 vma = self.vmas[i]
                 pages = vma.pgoff + ((va - vma.start) >> self.shift) + np.flatnonzero(cached)

@@ -74,7 +74,7 @@ class GapIndex:
     """
 
     def __init__(self) -> None:
-        self.ends: list[list[int]] = [[] for _ in range(65)]
+        self.ends: dict[int, list[int]] = {}  # by size class, made when first used
         self.start_of: dict[int, int] = {}
         self.mask = 0
 
@@ -82,7 +82,7 @@ class GapIndex:
         """Record the free gap ``[start, end)`` (ignored when empty)."""
         if end > start:
             k = (end - start).bit_length() - 1
-            insort(self.ends[k], end)
+            insort(self.ends.setdefault(k, []), end)
             self.start_of[end] = start
             self.mask |= 1 << k
 
