@@ -64,7 +64,7 @@ from loader.mmap import (
     Region,
     as_addresses,
 )
-from loader.pages import HOST_PAGE_SIZE
+from loader.pages import HOST_PAGE_SIZE, page_offset
 from vmsim.fault import Access, Fault, Stats, raise_found
 from vmsim.files import close_all
 from vmsim.invariants import check_invariants
@@ -325,7 +325,10 @@ class AddressSpace(MmapDefaults):
 
     def _precheck(self, addr: int, n: int, access: Access) -> None:
         """Before a read does any work: the Fault for its first bad byte (a walk over the
-        VMAs only), then MmapError(ENOMEM) when it is longer than MAX_READ."""
+        VMAs only), then MmapError(ENOMEM) when it is longer than MAX_READ. A read within
+        one page needs neither: its one translation faults before it changes anything."""
+        if page_offset(addr, self.page_size) + n <= self.page_size:
+            return
         raise_found(lambda: self.kernel.first_fault(addr, n, access))
         if n > MAX_READ:
             raise MmapError(errno.ENOMEM, f"read: n={n:#x} bytes is more than MAX_READ="
