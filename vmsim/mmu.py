@@ -1,217 +1,322 @@
-"""The simulated MMU: a radix page table of x86-64 PTE words and a pool of page frames.
+"""The MMU layer: every access to simulated memory is translated here, page by page, through
+the page table; what the page table does not allow is a page fault for the kernel layer.
 
-Bottom of the simulator (``vmsim``): it knows nothing of mappings, files or errno. The kernel
-layer (``vmsim.space``) decides what each PTE holds; this module stores and walks them.
+Part of ``vmsim``, above ``vmsim.pagetable`` (the PTE words and frames) and below
+``vmsim.kernel``, which it reaches only through the :class:`FaultHandler` it is given.
 
-PTE word (x86-64 layout, one ``uint64`` per page)::
-
-    63   62..59  58..52  51..12         11  10    9    8         2  1  0
-    NX   pkey    -       frame number   -   FILE  COW  PROTNONE  U  W  P
-
-``P`` present, ``W`` writable, ``U`` user, ``NX`` no-execute, ``pkey`` the protection key
-(execute-only memory uses one that denies data access). ``PROTNONE`` is Linux's marker for a
-PROT_NONE page that keeps its frame while not present. Bits 9 and 10 are free for software on
-x86; the simulator uses them: ``COW`` marks a frame shared read-only (the zero page, or a
-file's page-cache page in a private mapping) that a write must copy; ``FILE`` marks a
-page-cache frame, which the kernel layer refreshes from the file before use.
-
-Tables are 512-entry ``uint64`` rows of one numpy array, allocated on demand; an upper-level
-entry holds the row number of the next table in its frame field. Enough levels are used to
-cover a 47-bit user address space for the configured page size (4 for 4 KiB pages).
+:meth:`Mmu.translate` (one page) and :meth:`Mmu.translate_range` (a run of pages, in numpy)
+are the one entry point of every access: the access paths below (:meth:`Mmu.load`,
+:meth:`Mmu.store`, :meth:`Mmu.store_words`) and, later, a CPU's loads, stores and fetches.
+A PTE lets an access through as x86 hardware would (present; writable for a store; not NX for
+a fetch; no access-denying protection key for a load). Any other page, and any page the
+kernel asked to see (the software bits ``FILE`` and ``SIZED``, see ``vmsim.pagetable``), goes
+to :meth:`FaultHandler.page_fault`, which fills the PTE (demand paging, copy-on-write) or
+raises :class:`~vmsim.fault.Fault`, as a kernel's page-fault handler sends a signal.
 """
 
 from __future__ import annotations
 
-import mmap
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from loader.pages import page_offset, page_round_down, page_round_up
+from vmsim.fault import Access, Fault, raise_found
+from vmsim.pagetable import (
+    PTE_COW,
+    PTE_FILE,
+    PTE_FRAME,
+    PTE_NX,
+    PTE_P,
+    PTE_PKEY_SHIFT,
+    PTE_PROTNONE,
+    PTE_SIZED,
+    PTE_U,
+    PTE_W,
+    FramePool,
+    PageTable,
+    runs,
+)
+
 __all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
-           "PTE_PROTNONE", "PTE_U", "PTE_W", "FramePool", "PageTable"]
+           "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "VA_TOP", "FaultHandler", "Mmu",
+           "Translation", "beyond_user_space"]
 
-PTE_P = 1 << 0
-PTE_W = 1 << 1
-PTE_U = 1 << 2
-PTE_PROTNONE = 1 << 8
-PTE_COW = 1 << 9
-PTE_FILE = 1 << 10
-PTE_PKEY_SHIFT = 59
-PTE_NX = 1 << 63
-PTE_FRAME = ((1 << 52) - 1) & ~((1 << 12) - 1)
-"""Mask of the frame-number field (bits 12-51)."""
+VA_TOP = 1 << 47
+"""The end of the lower canonical half: the user address space of 4-level paging."""
+_WORD = 1 << 64
 
-ENTRIES = 512
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_POPULATE_MIN = 16  # frames: below this, the host's own page faults are as cheap
-_TABLE_LINK = PTE_P | PTE_W | PTE_U
+_U64 = np.uint64
+_N_HAS = _U64(PTE_P | PTE_PROTNONE)
+_N_WATCHED = _U64(PTE_FILE | PTE_SIZED)
+_N_FILE = _U64(PTE_FILE)
+_N_FRAME = _U64(PTE_FRAME)
+_N_SHARED = _U64(PTE_COW | PTE_FILE)
+_N_12 = _U64(12)
+_N_ZERO = _U64(0)
+_PKEY_MASK = 0xF << PTE_PKEY_SHIFT
+
+_ALLOWS: dict[Access, tuple[np.uint64, np.uint64]] = {
+    Access.READ: (_U64(PTE_P | _PKEY_MASK), _U64(PTE_P)),
+    Access.EXECUTE: (_U64(PTE_P | PTE_NX), _U64(PTE_P)),
+    Access.WRITE: (_U64(PTE_P | PTE_W), _U64(PTE_P | PTE_W)),
+    Access.PTRACE_WRITE: (_U64(PTE_P | PTE_W), _U64(PTE_P | PTE_W)),
+}
+"""Per access, the PTE bits that decide it and the value they must have to let it through
+without the kernel (a forced read needs only a frame: see :meth:`Mmu.needs_kernel`)."""
 
 
-class FramePool:
-    """Page frames as rows of one ``uint8`` numpy array over an anonymous host mapping.
+def beyond_user_space(va: int, access: Access) -> Fault:
+    """The fault of an access at ``va`` at or above the user space's end: a non-canonical
+    address is a #GP, which the kernel reports as SIGSEGV with SI_KERNEL; the kernel half
+    has no user pages (SEGV_MAPERR)."""
+    noncanonical = VA_TOP <= va < _WORD - VA_TOP
+    return Fault(va, access, "SIGSEGV", "SI_KERNEL" if noncanonical else "SEGV_MAPERR")
 
-    The host mapping starts small (``capacity`` frames) and grows on demand, doubling, with
-    mremap (nothing copied; a copy only when a view of the old array is still alive): frame
-    numbers never change, only the array's base. It is made with MAP_NORESERVE, so the host
-    commits memory only for frames actually written (as the simulated kernel does); an idle
-    pool costs little address space, so many spaces can exist at once and the simulator runs
-    under a small ``ulimit -v``.
-    Frame 0 is the zero page: always zeros, never handed out. Freed frames are reused first.
-    """
 
-    def __init__(self, page_size: int, capacity: int = 16) -> None:
+class FaultHandler(Protocol):
+    """What the MMU needs of the kernel layer."""
+
+    def page_fault(self, va: int, ptes: npt.NDArray[np.uint64], need: npt.NDArray[np.bool_],
+                   access: Access) -> None:
+        """Handle the pages ``need`` of the PTEs ``ptes`` (consecutive pages from ``va``) in
+        address order: fill their PTEs in place, or raise the Fault of the first one the
+        access may not touch (at its first byte), the earlier ones handled."""
+
+    def write_through(self, addr: int, data: npt.NDArray[np.uint8]) -> None:
+        """``data`` was just stored at ``addr`` on pages holding page-cache frames."""
+
+    def refused_writes(self, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64] | None:
+        """The page numbers among ``pages`` a user-mode write would fault on, or None."""
+
+    def first_fault(self, addr: int, n: int, access: Access) -> Fault | None:
+        """The Fault the access of ``[addr, addr+n)`` would raise, or None; changes nothing."""
+
+
+class Translation:
+    """What :meth:`Mmu.translate_range` found: the frames of the pages from the first, up to
+    the first page that faulted (``fault``, None when all did translate); ``file_backed``
+    when the access writes and one of them holds a page-cache frame."""
+
+    __slots__ = ("fault", "file_backed", "frames")
+
+    def __init__(self, frames: npt.NDArray[np.int64], fault: Fault | None,
+                 file_backed: bool) -> None:
+        self.frames = frames
+        self.fault = fault
+        self.file_backed = file_backed
+
+    def raise_fault(self) -> None:
+        """Raise the fault, if any (letting go of it: see :func:`vmsim.fault.raise_found`)."""
+        raise_found(self._take_fault)
+
+    def _take_fault(self) -> Fault | None:
+        fault, self.fault = self.fault, None
+        return fault
+
+
+class Mmu:
+    """The page table and the frames (physical memory) of one address space, and the
+    translation of every access through them. ``kernel`` is the page-fault handler, set by
+    the kernel layer when it takes this MMU."""
+
+    def __init__(self, page_size: int) -> None:
         self.page_size = page_size
-        self._map = self._reserve(max(capacity, 2))
-        self.data: npt.NDArray[np.uint8] = self._view(self._map, max(capacity, 2))
-        self._next = 1
-        self._free: list[int] = []
-
-    def _reserve(self, frames: int) -> mmap.mmap:
-        """A zero-filled, lazily committed host mapping for ``frames`` frames."""
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
-        return mmap.mmap(-1, frames * self.page_size, flags=flags)
-
-    def _view(self, host: mmap.mmap, frames: int) -> npt.NDArray[np.uint8]:
-        """The host mapping as a (frames, page_size) array."""
-        return np.frombuffer(host, dtype=np.uint8).reshape(frames, self.page_size)
-
-    def _grow(self, frames: int) -> None:
-        """Make room for ``frames`` frames: resize the host mapping (mremap moves its pages,
-        nothing is copied) when no view of it is alive, else copy the frames in use to a new
-        mapping. Frame numbers never change. Raises MemoryError when the host refuses
-        (address space exhausted)."""
-        old = self.data
-        self.data = np.empty((0, self.page_size), dtype=np.uint8)
-        del old  # our own export of the mapping: mremap needs none left
-        try:
-            self._map.resize(frames * self.page_size)
-            self.data = self._view(self._map, frames)
-            return
-        except (BufferError, OSError, SystemError, ValueError):
-            pass  # a caller still holds a view (or no mremap): copy instead
-        current = self._view(self._map, len(self._map) // self.page_size)
-        try:
-            host = self._reserve(frames)
-        except OSError as err:
-            self.data = current
-            raise MemoryError(f"frame pool: cannot grow to {frames} frames: {err}") from err
-        grown = self._view(host, frames)
-        grown[: self._next] = current[: self._next]
-        self._map, self.data = host, grown
+        self.shift = page_size.bit_length() - 1
+        self.pt = PageTable(self.shift)
+        self.pool = FramePool(page_size)
+        self._kernel: Callable[[], FaultHandler | None] = lambda: None
 
     @property
-    def in_use(self) -> int:
-        """Frames handed out and not yet freed (the zero page excluded)."""
-        return self._next - 1 - len(self._free)
+    def kernel(self) -> FaultHandler:
+        """The page-fault handler (held weakly: the kernel holds this MMU)."""
+        handler = self._kernel()
+        assert handler is not None, "an MMU needs its kernel's page-fault handler"
+        return handler
 
-    def alloc(self, n: int) -> npt.NDArray[np.int64]:
-        """``n`` zero-filled frames, as an array of frame numbers (ascending when fresh)."""
-        reused = self._free[-n:] if n and self._free else []
-        if reused:
-            del self._free[-len(reused):]
-        fresh = n - len(reused)
-        if self._next + fresh > len(self.data):
-            self._grow(max(2 * len(self.data), self._next + fresh))
-        got = np.empty(n, dtype=np.int64)
-        got[: len(reused)] = reused
-        got[len(reused):] = np.arange(self._next, self._next + fresh)
-        if fresh >= _POPULATE_MIN:
-            self._populate(self._next, fresh)
-        self._next += fresh
-        if reused:
-            self.data[got[: len(reused)]] = 0
-        return got
+    @kernel.setter
+    def kernel(self, handler: FaultHandler) -> None:
+        self._kernel = weakref.ref(handler)
 
-    def _populate(self, first: int, n: int) -> None:
-        """Ask the host to back frames ``[first, first+n)`` now, in one call
-        (MADV_POPULATE_WRITE): faster than taking the host's page faults one by one. Only a
-        speed-up; ignored where the host cannot."""
-        start, length = first * self.page_size, n * self.page_size
-        if start % mmap.PAGESIZE or length % mmap.PAGESIZE:
-            return
-        try:
-            self._map.madvise(_MADV_POPULATE_WRITE, start, length)
-        except (OSError, ValueError):
-            pass
-
-    def free(self, frames: npt.NDArray[np.int64]) -> None:
-        """Return frames to the pool. The zero page (0) must not be among them."""
-        self._free.extend(frames.tolist())
-
-
-class PageTable:
-    """A radix page table of PTE words, tables allocated on demand, row 0 the root.
-
-    ``leaf(va)`` gives the row of the last-level table covering ``va`` (512 pages); a dict
-    remembers leaf rows by ``va >> leaf_shift`` so repeated walks are one lookup (what a
-    paging-structure cache does in hardware).
-    """
-
-    def __init__(self, page_shift: int, va_bits: int = 47) -> None:
-        self.page_shift = page_shift
-        self.leaf_shift = page_shift + 9
-        self.levels = max(1, -(-(va_bits - page_shift) // 9))
-        self.tables: npt.NDArray[np.uint64] = np.zeros((self.levels, ENTRIES), dtype=np.uint64)
-        self.count = 1
-        self.leaves: dict[int, int] = {}
-
-    def _new_table(self) -> int:
-        """Allocate a zeroed table row and return its number."""
-        if self.count == len(self.tables):
-            grown = np.zeros((2 * self.count, ENTRIES), dtype=np.uint64)
-            grown[: self.count] = self.tables
-            self.tables = grown
-        self.count += 1
-        return self.count - 1
-
-    def leaf(self, va: int, create: bool) -> int:
-        """The row of the leaf table for ``va``, walking from the root; -1 if absent and not
-        ``create``."""
-        key = va >> self.leaf_shift
-        row = self.leaves.get(key)
-        if row is not None:
-            return row
-        if not create:
-            return -1
-        row = 0
-        for level in range(self.levels - 1, 0, -1):
-            index = (va >> (self.page_shift + 9 * level)) & (ENTRIES - 1)
-            entry = int(self.tables[row, index])
-            if entry & PTE_P:
-                row = (entry & PTE_FRAME) >> 12
-            else:
-                child = self._new_table()
-                self.tables[row, index] = (child << 12) | _TABLE_LINK
-                row = child
-        self.leaves[key] = row
-        return row
-
-    def walk(self, va: int) -> int:
-        """The PTE word for ``va`` (0 when no table covers it): the full 4-level walk."""
-        row = 0
-        for level in range(self.levels - 1, 0, -1):
-            entry = int(self.tables[row, (va >> (self.page_shift + 9 * level)) & (ENTRIES - 1)])
-            if not entry & PTE_P:
-                return 0
-            row = (entry & PTE_FRAME) >> 12
-        return int(self.tables[row, (va >> self.page_shift) & (ENTRIES - 1)])
-
-    def chunks(self, va0: int, va1: int, create: bool) -> Iterator[tuple[int, int, int, int]]:
-        """Split page-aligned ``[va0, va1)`` at leaf boundaries: yield ``(va, row, i0, i1)``
-        with PTEs ``tables[row, i0:i1]`` covering the pages from ``va``. Without ``create``,
-        leaves that do not exist are skipped, visiting only existing ones for huge ranges."""
-        shift, ls = self.page_shift, self.leaf_shift
-        first, last = va0 >> ls, (va1 - 1) >> ls
-        if create or last - first < 4 * len(self.leaves) + 8:
-            keys: list[int] | range = range(first, last + 1)
+    def needs_kernel(self, ptes: npt.NDArray[np.uint64], access: Access) -> npt.NDArray[np.bool_]:
+        """The pages whose PTE does not let ``access`` through, or that the kernel watches."""
+        need: npt.NDArray[np.bool_]
+        if access is Access.PTRACE_READ:
+            need = ((ptes & _N_HAS) == _N_ZERO) | ((ptes & _N_WATCHED) != _N_ZERO)
         else:
-            keys = sorted(k for k in self.leaves if first <= k <= last)
-        for key in keys:
-            row = self.leaf(key << ls, create) if create else self.leaves.get(key, -1)
-            if row < 0:
+            bits, want = _ALLOWS[access]  # a watched bit set makes the PTE differ from want
+            need = (ptes & (bits | _N_WATCHED)) != want
+        return need
+
+    def translate(self, va: int, access: Access) -> int:
+        """The frame holding the byte at ``va`` for ``access``, or raise its Fault."""
+        got = self.translate_range(va, va + 1, access)
+        got.raise_fault()
+        return int(got.frames[0])
+
+    def translate_range(self, addr: int, end: int, access: Access) -> Translation:
+        """Translate the pages of ``[addr, end)`` for ``access``, in address order, leaf table
+        by leaf table: the pages the PTEs refuse go to the kernel's page-fault handler. Stops
+        at the first page that faults (reported at ``addr`` when it holds it)."""
+        if addr >= VA_TOP:
+            return Translation(np.empty(0, np.int64), beyond_user_space(addr, access), False)
+        kernel = self.kernel
+        parts, fault, file_backed = [], None, False
+        top = min(page_round_up(end, self.page_size), VA_TOP)
+        for va, row, i0, i1 in self.pt.chunks(page_round_down(addr, self.page_size), top, True):
+            ptes = self.pt.tables[row, i0:i1]  # tables may have grown: look them up again
+            need = self.needs_kernel(ptes, access)
+            if need.any():
+                try:
+                    kernel.page_fault(va, ptes, need, access)
+                except Fault as err:
+                    # kept, not raised here: drop the traceback (its frames would hold it)
+                    fault = err.at(max(addr, err.addr)).with_traceback(None)
+                    ptes = ptes[: (fault.addr - va) >> self.shift]
+                if access.writes and not file_backed:
+                    file_backed = bool(((ptes & _N_FILE) != _N_ZERO).any())
+            parts.append(((ptes & _N_FRAME) >> _N_12).astype(np.int64))
+            if fault is not None:
+                break
+        if fault is None and end > VA_TOP:
+            fault = beyond_user_space(max(addr, VA_TOP), access)
+        frames = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return Translation(frames, fault, file_backed)
+
+    def _block(self, frames: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], bool]:
+        """The bytes of ``frames`` in order: a view when they are consecutive (True), else
+        a gathered copy (False)."""
+        data = self.pool.data
+        f0, k = int(frames[0]), len(frames)
+        if int(frames[-1]) - f0 == k - 1 and (k < 3 or bool((np.diff(frames) == 1).all())):
+            return data[f0: f0 + k].reshape(-1), True
+        return data[frames].reshape(-1), False
+
+    def load(self, addr: int, n: int, access: Access) -> npt.NDArray[np.uint8]:
+        """The ``n`` bytes (n > 0) at ``addr`` for a read, fetch or forced read: a view of the
+        frames when they are consecutive, else a gathered copy. Raises the Fault of the first
+        page that faults."""
+        got = self.translate_range(addr, addr + n, access)
+        got.raise_fault()
+        flat, _ = self._block(got.frames)
+        start = page_offset(addr, self.page_size)
+        return flat[start: start + n]
+
+    def store(self, addr: int, src: npt.NDArray[np.uint8], access: Access) -> None:
+        """Store ``src`` (non-empty) at ``addr`` for a write or forced write; the bytes before
+        the first page that faults are stored, then its Fault is raised."""
+        got = self.translate_range(addr, addr + len(src), access)
+        if len(got.frames):
+            start = page_offset(addr, self.page_size)
+            stored = min(len(src), (len(got.frames) << self.shift) - start)
+            flat, is_view = self._block(got.frames)
+            flat[start: start + stored] = src[:stored]
+            if not is_view:
+                self.pool.data[got.frames] = flat.reshape(len(got.frames), -1)
+            if got.file_backed:
+                self.kernel.write_through(addr, src[:stored])
+        got.raise_fault()
+
+    def store_words(self, where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> bool:
+        """Store 8-byte ``words`` at the addresses ``where`` (non-empty) as one scatter, the
+        pages translated run by run. When a word would fault, the words before the first such
+        one (in array order) are stored and its Fault raised. Returns False, storing nothing,
+        when a page holds a page-cache frame (the caller then stores word by word, so that
+        the file sees each)."""
+        kernel = self.kernel
+        shift = self.shift
+        top = _U64(VA_TOP)
+        first = np.minimum(where, top) >> _U64(shift)
+        last = (np.minimum(where, top) + _U64(7)) >> _U64(shift)
+        pages = np.unique(np.concatenate([first, last]))
+        bad = kernel.refused_writes(pages)
+        if bad is not None:
+            stop = int(np.argmax(np.isin(first, bad) | np.isin(last, bad)))
+            if stop and not self.store_words(where[:stop], words[:stop]):
+                return False
+            word = int(where[stop])  # a store faults whole: the fault of its first bad byte
+            raise_found(lambda: kernel.first_fault(word, 8, Access.WRITE))
+            raise AssertionError("write_words: the faulting word did not fault")
+        frame_of = np.empty(len(pages), dtype=np.int64)
+        for k0, k1 in runs(pages):
+            lo, hi = int(pages[k0]) << shift, (int(pages[k1 - 1]) + 1) << shift
+            got = self.translate_range(lo, hi, Access.WRITE)
+            assert got.fault is None, "write_words: a checked page faulted"
+            if got.file_backed:
+                return False
+            frame_of[k0:k1] = got.frames
+        self._scatter(where, words, pages, frame_of)
+        return True
+
+    def _scatter(self, where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64],
+                 pages: npt.NDArray[np.uint64], frame_of: npt.NDArray[np.int64]) -> None:
+        """The stores of :meth:`store_words` once page ``pages[k]`` is frame ``frame_of[k]``."""
+        shift, pmask = self.shift, _U64(self.page_size - 1)
+        flat = self.pool.data.reshape(-1)
+        if not (where & _U64(7)).any():  # aligned words never straddle a page
+            base = frame_of[np.searchsorted(pages, where >> _U64(shift))] << shift
+            pos = base + (where & pmask).astype(np.int64)
+            flat.view("<u8")[pos >> 3] = words
+            return
+        byte = (where[:, None] + np.arange(8, dtype=np.uint64)).astype(np.uint64)
+        page_of = np.searchsorted(pages, byte >> _U64(shift))
+        pos = (frame_of[page_of] << shift) + (byte & pmask).astype(np.int64)
+        flat[pos] = words.view(np.uint8).reshape(-1, 8)
+
+    # ---- the page-table operations the kernel asks for
+
+    def pte(self, va: int) -> int:
+        """The PTE word for ``va`` (0 when none), read by a full page-table walk."""
+        return self.pt.walk(va) if va < VA_TOP else 0
+
+    def protect(self, start: int, end: int, bits: int) -> None:
+        """change_protection: give the PTEs of ``[start, end)`` that hold something the
+        permission bits ``bits`` (copy-on-write frames stay read-only)."""
+        rw, ro = _U64(bits), _U64(bits & ~PTE_W)
+        keep = _U64(PTE_FRAME | PTE_COW | PTE_FILE | PTE_SIZED)
+        tables = self.pt.tables
+        for _, row, i0, i1 in self.pt.chunks(start, end, False):
+            ptes = tables[row, i0:i1]
+            has = (ptes & _N_HAS) != _N_ZERO
+            if has.any():
+                perm = np.where((ptes & _U64(PTE_COW)) != _N_ZERO, ro, rw)
+                ptes[:] = np.where(has, (ptes & keep) | perm, _N_ZERO)
+
+    def unmap(self, start: int, end: int) -> None:
+        """Clear the PTEs of ``[start, end)``, freeing the frames they own (not the zero page
+        and not page-cache frames)."""
+        if not self.pt.leaves:
+            return
+        tables = self.pt.tables
+        for _, row, i0, i1 in self.pt.chunks(start, end, False):
+            ptes = tables[row, i0:i1]
+            if not ptes.any():
                 continue
-            lo = max(va0, key << ls)
-            hi = min(va1, (key + 1) << ls)
-            i0 = (lo >> shift) & (ENTRIES - 1)
-            yield lo, row, i0, i0 + ((hi - lo) >> shift)
+            frames = ((ptes & _N_FRAME) >> _N_12).astype(np.int64)
+            owned = ((ptes & _N_HAS) != _N_ZERO) & ((ptes & _N_SHARED) == _N_ZERO) & (frames != 0)
+            if owned.any():
+                self.pool.free(frames[owned])
+            ptes[:] = 0
+
+    def resident_pages(self) -> int:
+        """Pages whose PTE holds a frame (present or PROT_NONE), the zero page excluded."""
+        resident = 0
+        tables = self.pt.tables
+        for row in self.pt.leaves.values():
+            ptes = tables[row]
+            resident += int(np.count_nonzero(((ptes & _N_HAS) != _N_ZERO)
+                                             & ((ptes & _N_FRAME) != _N_ZERO)))
+        return resident
+
+    def present_ptes(self) -> list[tuple[int, int]]:
+        """Every non-zero PTE as ``(va, pte)`` (for invariant checks)."""
+        got = []
+        tables = self.pt.tables
+        for key, row in self.pt.leaves.items():
+            ptes = tables[row]
+            for j in np.flatnonzero(ptes).tolist():
+                got.append(((key << self.pt.leaf_shift) | (j << self.shift), int(ptes[j])))
+        return got

@@ -1,24 +1,29 @@
-"""Kernel-side records of the simulator: VMAs, open files, inodes and the free-gap index.
+"""The kernel layer's VMAs: :class:`Vma` records, the free-gap index, and :class:`VmaMap`,
+the sorted set of a process's VMAs with the edits that split and merge them.
 
-Part of ``vmsim``, used by ``vmsim.space``; imports only the standard library.
+Part of ``vmsim``'s kernel layer, used by ``vmsim.kernel``; imports ``loader.mmap`` and
+``vmsim.files`` (a VMA holds a use of its file).
 
 A :class:`Vma` carries what Linux's ``vm_area_struct`` carries that decides merging: the
 ``vm_flags`` word (protection, shared, VM_ACCOUNT, VM_NORESERVE, ...), the file (the *open
-file*, not the path: a dup'd fd is the same :class:`OpenFile`, a second open() is not), the
-page offset, and the ``anon_vma`` (the history of private pages written, an integer token).
+file*, not the path: a dup'd fd is the same :class:`~vmsim.files.OpenFile`, a second open()
+is not), the page offset, and the ``anon_vma`` (the history of private pages written, an
+integer token).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
+import errno
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 
+from loader.mmap import MmapError, ProtFlags, Region
+from vmsim.files import FileTable, OpenFile, Shmem
+
 __all__ = ["VM_ACCESS", "VM_ACCOUNT", "VM_DROPPABLE", "VM_EXEC", "VM_GROWSDOWN", "VM_LOCKED",
            "VM_MAYEXEC", "VM_MAYREAD", "VM_MAYSHARE", "VM_MAYWRITE", "VM_NOHUGEPAGE",
-           "VM_NORESERVE", "VM_READ", "VM_SHARED", "VM_WRITE", "GapIndex", "Inode",
-           "OpenFile", "Shmem", "Vma", "VmaList", "same_open_file"]
+           "VM_NORESERVE", "VM_READ", "VM_SHARED", "VM_WRITE", "GapIndex", "Vma", "VmaMap",
+           "mergeable"]
 
 # vm_flags bits, with the kernel's values (include/linux/mm.h)
 VM_READ = 0x1
@@ -37,77 +42,7 @@ VM_NOHUGEPAGE = 0x40000000
 VM_DROPPABLE = 1 << 40
 VM_ACCESS = VM_READ | VM_WRITE | VM_EXEC
 
-
-class Inode:
-    """A file as the page cache sees it: ``(st_dev, st_ino)``, the size last seen, and the
-    page-cache frames by page index. ``io_fd`` (-1 when none) is a descriptor of the file the
-    simulator keeps for the I/O of open files whose own dup it let go (see
-    :meth:`OpenFile.io`); ``io_writable`` says whether it was opened for writing."""
-
-    __slots__ = ("cache", "dev", "ino", "io_fd", "io_writable", "key", "opens", "size")
-
-    def __init__(self, dev: int, ino: int, size: int) -> None:
-        self.key = (dev, ino)
-        self.dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
-        self.ino = ino
-        self.size = size
-        self.cache: dict[int, int] = {}
-        self.opens = 0
-        self.io_fd = -1
-        self.io_writable = False
-
-
-class OpenFile:
-    """An open file description (Linux's ``struct file``) the simulator holds through its own
-    dup of the caller's fd, so the mapping outlives the caller's ``close``.
-
-    ``fd`` is that dup while the description may still be reached through another fd of the
-    process (so a later mmap of such an fd can be told to be the same open file); once no
-    other fd refers to it, the simulator closes the dup (``fd`` -1) and does the file's I/O
-    through its inode's ``io_fd``: one descriptor per file, not one per open. ``zero`` marks
-    ``/dev/zero``, whose private mappings are anonymous memory that still names the file."""
-
-    __slots__ = ("fd", "inode", "noexec", "readable", "thp", "users", "writable", "zero")
-
-    def __init__(self, fd: int, inode: Inode, readable: bool, writable: bool,
-                 noexec: bool) -> None:
-        self.fd = fd
-        self.inode = inode
-        self.readable = readable
-        self.writable = writable
-        self.noexec = noexec
-        self.thp = False
-        self.users = 0
-        self.zero = False
-
-    def io(self) -> int:
-        """The descriptor to read, write and stat the file through."""
-        return self.fd if self.fd >= 0 else self.inode.io_fd
-
-    def path(self) -> str:
-        """The path ``/proc/self/maps`` shows now (with `` (deleted)`` once unlinked), kept
-        as bytes decoded with surrogateescape so that any name round-trips."""
-        try:
-            return os.fsdecode(os.readlink(os.fsencode(f"/proc/self/fd/{self.io()}")))
-        except OSError:
-            return "?"
-
-
-class Shmem:
-    """The hidden shmem file behind a shared anonymous mapping (or a shared mapping of
-    ``/dev/zero``, which is the same thing): never shared with another mapping, so such
-    mappings never merge with each other. Its size is the mapping's length (``pages``): a
-    page at file offset ``pages`` or beyond (a /dev/zero mapping at a non-zero offset) is
-    past its end, and an access there raises SIGBUS, as in Linux."""
-
-    __slots__ = ("ino", "pages", "users")
-    dev = "00:01"
-    path = "/dev/zero (deleted)"
-
-    def __init__(self, ino: int, pages: int) -> None:
-        self.ino = ino
-        self.pages = pages
-        self.users = 0
+_PROTS = [ProtFlags(p) for p in range(8)]
 
 
 class Vma:
@@ -139,7 +74,7 @@ class GapIndex:
     """
 
     def __init__(self) -> None:
-        self.ends: list[list[int]] = [[] for _ in range(65)]
+        self.ends: dict[int, list[int]] = {}  # by size class, made when first used
         self.start_of: dict[int, int] = {}
         self.mask = 0
 
@@ -147,7 +82,7 @@ class GapIndex:
         """Record the free gap ``[start, end)`` (ignored when empty)."""
         if end > start:
             k = (end - start).bit_length() - 1
-            insort(self.ends[k], end)
+            insort(self.ends.setdefault(k, []), end)
             self.start_of[end] = start
             self.mask |= 1 << k
 
@@ -185,39 +120,36 @@ class GapIndex:
         return best
 
 
-_SYS_KCMP = 312
-_KCMP_FILE = 0
-_LIBC = ctypes.CDLL(None, use_errno=True)
+def mergeable(a: Vma, b: Vma, shift: int) -> bool:
+    """True when ``b`` follows ``a`` and vma_merge would join them: adjacent, same flags and
+    open file, consecutive file pages, compatible anon_vmas (either never written, or one)."""
+    return (a.end == b.start and a.flags == b.flags and a.file is b.file
+            and a.pgoff + ((a.end - a.start) >> shift) == b.pgoff
+            and (not a.anon or not b.anon or a.anon == b.anon))
 
 
-def same_open_file(fd1: int, fd2: int) -> bool:
-    """True when two fds of this process share one open file description (kcmp(2));
-    without kcmp, by moving one's file position and watching the other's."""
-    pid = os.getpid()
-    got = _LIBC.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, fd1, fd2)
-    if got >= 0:
-        return bool(got == 0)
-    pos1, pos2 = os.lseek(fd1, 0, os.SEEK_CUR), os.lseek(fd2, 0, os.SEEK_CUR)
-    if pos1 != pos2:
-        return False
-    os.lseek(fd1, pos1 + 1, os.SEEK_SET)
-    moved = os.lseek(fd2, 0, os.SEEK_CUR) == pos1 + 1
-    os.lseek(fd1, pos1, os.SEEK_SET)
-    return moved
+class VmaMap:
+    """A process's VMAs in address order (Linux's maple tree of ``vm_area_struct``), indexed
+    ``0..len-1`` from the lowest, with the free-gap index and the files' use counts kept in
+    step by :meth:`replace`, through which every change goes.
 
-
-class VmaList:
-    """VMAs in address order, indexed ``0..len-1`` from the lowest.
-
-    Stored highest first (with a parallel list of negated starts for bisect), so that top-down
-    placement, which puts each new VMA below all others, appends to the end of the Python
-    lists instead of inserting at their front: an mmap+munmap pair stays O(log n) as regions
-    grow, as with Linux's maple tree. Negative indices are not supported.
+    Finding a VMA is a bisect over the start addresses. They are stored highest first (a
+    list of VMAs and a parallel list of negated starts), so that top-down placement, which
+    puts each new VMA below all others, appends to the end of the Python lists instead of
+    inserting at their front: an mmap+munmap pair stays O(log n) as regions grow.
     """
 
-    __slots__ = ("_neg", "_store")
-
-    def __init__(self) -> None:
+    def __init__(self, page_shift: int, task_size: int, files: FileTable,
+                 max_map_count: int) -> None:
+        self.shift = page_shift
+        self.task_size = task_size
+        self.files = files
+        self.max_map_count = max_map_count
+        self.gaps = GapIndex()
+        self.gaps.add(0, task_size)
+        self.unmerged_possible = False
+        """Set once a split failed at max_map_count: Linux can then leave mergeable
+        neighbours apart (vmsim.invariants stops asserting that it does not)."""
         self._store: list[Vma] = []
         self._neg: list[int] = []
 
@@ -225,30 +157,210 @@ class VmaList:
         return len(self._store)
 
     def __getitem__(self, i: int) -> Vma:
-        return self._store[len(self._store) - 1 - i]
+        """The VMA of index ``i`` (0 the lowest; ``~i`` counts from the store's end);
+        negative indices are not supported."""
+        return self._store[~i]
 
     def __iter__(self) -> Iterator[Vma]:
         return reversed(self._store)
 
-    def count_le(self, addr: int) -> int:
-        """How many VMAs start at or below ``addr`` (bisect_right on the starts)."""
-        return len(self._neg) - bisect_left(self._neg, -addr)
-
-    def count_lt(self, addr: int) -> int:
-        """How many VMAs start below ``addr`` (bisect_left on the starts)."""
-        return len(self._neg) - bisect_right(self._neg, -addr)
-
-    def slice(self, i0: int, i1: int) -> list[Vma]:
-        """``vmas[i0:i1]`` in address order."""
-        n = len(self._store)
-        return self._store[n - i1: n - i0][::-1]
-
-    def replace(self, i0: int, i1: int, new: list[Vma]) -> None:
-        """``vmas[i0:i1] = new`` (``new`` in address order)."""
-        n = len(self._store)
-        self._store[n - i1: n - i0] = new[::-1]
-        self._neg[n - i1: n - i0] = [-v.start for v in reversed(new)]
-
     def starts_consistent(self) -> bool:
         """True when the bisect keys match the VMAs (for invariant checks)."""
         return self._neg == [-v.start for v in self._store]
+
+    def first_ending_after(self, addr: int) -> int:
+        """Index of the first VMA with ``end > addr`` (len when none)."""
+        store = self._store
+        j = bisect_left(self._neg, -addr)  # store[j] is the highest VMA starting <= addr
+        if j < len(store) and store[j].end > addr:
+            return len(store) - 1 - j
+        return len(store) - j
+
+    def find(self, addr: int) -> tuple[int, Vma | None]:
+        """The first VMA with ``end > addr`` and its index (None and len when none)."""
+        i = self.first_ending_after(addr)
+        return i, (self._store[~i] if i < len(self._store) else None)
+
+    def count_below(self, addr: int) -> int:
+        """How many VMAs start below ``addr``."""
+        return len(self._neg) - bisect_right(self._neg, -addr)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """True when any VMA intersects ``[start, end)``."""
+        i = self.first_ending_after(start)
+        return i < len(self._store) and self._store[~i].start < end
+
+    def is_free(self, start: int, end: int) -> bool:
+        """True when ``[start, end)`` is inside the user space and intersects no VMA."""
+        return end <= self.task_size and not self.overlaps(start, end)
+
+    def clone(self, vma: Vma, start: int, end: int) -> Vma:
+        """A copy of ``vma`` cut to ``[start, end)`` with its page offset moved along."""
+        return Vma(start, end, vma.flags, vma.pgoff + ((start - vma.start) >> self.shift),
+                   vma.file, vma.anon)
+
+    def replace(self, i0: int, i1: int, new: list[Vma]) -> None:
+        """Replace ``vmas[i0:i1]`` by ``new`` (sorted, within the same span), keeping the gap
+        index and the files' use counts right. Every change of the VMAs goes here."""
+        store, gaps = self._store, self.gaps
+        j0, j1 = len(store) - i1, len(store) - i0  # the same VMAs in the store, highest first
+        low = store[j1].end if i0 else 0
+        high = store[j0 - 1].start if j0 else self.task_size
+        old = store[j0:j1]
+        edge = high
+        for v in old:
+            if v.end < edge:
+                gaps.remove(v.end, edge)
+            edge = v.start
+        if low < edge:
+            gaps.remove(low, edge)
+        edge = high
+        for v in reversed(new):
+            if v.end < edge:
+                gaps.add(v.end, edge)
+            edge = v.start
+            if v.file is not None:
+                self.files.use(v.file)
+        if low < edge:
+            gaps.add(low, edge)
+        for v in old:
+            if v.file is not None:
+                self.files.unuse(v.file)
+        store[j0:j1] = new[::-1]
+        self._neg[j0:j1] = [-v.start for v in store[j0: j0 + len(new)]]
+
+    def cut(self, start: int, end: int, i0: int = -1) -> int:
+        """Remove ``[start, end)`` (PTEs already zapped), keeping the parts of straddling
+        VMAs outside it; ``i0``, when known, is the index of the first VMA ending after
+        ``start``. Returns the index where ``start`` would go."""
+        if i0 < 0:
+            i0 = self.first_ending_after(start)
+        i1 = self.count_below(end)
+        if i0 >= i1:
+            return i0
+        first, last = self._store[~i0], self._store[~(i1 - 1)]
+        rest = []
+        if first.start < start:
+            rest.append(self.clone(first, first.start, start))
+        if last.end > end:
+            rest.append(self.clone(last, end, last.end))
+        self.replace(i0, i1, rest)
+        return i0 + (first.start < start)
+
+    def insert(self, i: int, new: Vma) -> None:
+        """Put a new VMA at index ``i``, merged with its neighbours as vma_merge_new_range
+        would (a new VMA has no anon_vma: it takes its neighbour's)."""
+        store = self._store
+        prev = store[~(i - 1)] if i else None
+        nxt = store[~i] if i < len(store) else None
+        left = prev is not None and mergeable(prev, new, self.shift)
+        right = nxt is not None and mergeable(new, nxt, self.shift)
+        if left and right and prev and nxt and prev.anon and nxt.anon and prev.anon != nxt.anon:
+            right = False
+        if left and prev:
+            high, anon = (nxt.end, prev.anon or nxt.anon) if right and nxt else (new.end,
+                                                                                  prev.anon)
+            self.replace(i - 1, i + right,
+                         [Vma(prev.start, high, new.flags, prev.pgoff, new.file, anon)])
+        elif right and nxt:
+            self.replace(i, i + 1, [Vma(new.start, nxt.end, new.flags, new.pgoff, new.file,
+                                        nxt.anon)])
+        else:
+            self.replace(i, i, [new])
+
+    def modify(self, i: int, start: int, end: int, newflags: int) -> int:
+        """vma_modify: give ``[start, end)`` of ``vmas[i]`` the flags ``newflags``, merging
+        with a neighbour when Linux would, else splitting (ENOMEM at max_map_count; a first
+        split stays done). Returns the index of the VMA covering the range."""
+        vma = self[i]
+        pgoff = vma.pgoff + ((start - vma.start) >> self.shift)
+        piece = Vma(start, end, newflags, pgoff, vma.file, vma.anon)
+        prev = self[i - 1] if i and start == vma.start else None
+        nxt = self[i + 1] if i + 1 < len(self._store) and end == vma.end else None
+        left = prev is not None and mergeable(prev, piece, self.shift)
+        right = nxt is not None and mergeable(piece, nxt, self.shift)
+        if left and right and prev and nxt and prev.anon and nxt.anon and prev.anon != nxt.anon:
+            right = False
+        if left and prev:
+            high = nxt.end if right and nxt else end
+            merged = Vma(prev.start, high, newflags, prev.pgoff, vma.file,
+                         prev.anon or (nxt.anon if right and nxt else 0) or vma.anon)
+            rest = [] if end == vma.end else [self.clone(vma, end, vma.end)]
+            self.replace(i - 1, i + (2 if right else 1), [merged, *rest])
+            return i - 1
+        if right and nxt:
+            merged = Vma(start, nxt.end, newflags, pgoff, vma.file, nxt.anon or vma.anon)
+            rest = [] if start == vma.start else [self.clone(vma, vma.start, start)]
+            self.replace(i, i + 2, [*rest, merged])
+            return i + len(rest)
+        return self._split_modify(i, start, end, newflags)
+
+    def _split_modify(self, i: int, start: int, end: int, newflags: int) -> int:
+        """modify without a merge: split ``vmas[i]`` at ``start`` and ``end`` as needed,
+        then give the middle ``newflags``. Returns its index."""
+        vma = self[i]
+        if start > vma.start:
+            self._check_split(vma)
+            self.replace(i, i + 1, [self.clone(vma, vma.start, start),
+                                    self.clone(vma, start, vma.end)])
+            i += 1
+            vma = self[i]
+        if end < vma.end:
+            self._check_split(vma)
+            self.replace(i, i + 1, [self.clone(vma, vma.start, end),
+                                    self.clone(vma, end, vma.end)])
+        self[i].flags = newflags
+        return i
+
+    def _check_split(self, vma: Vma) -> None:
+        """split_vma's limit: ENOMEM when the map already holds max_map_count VMAs."""
+        if len(self._store) >= self.max_map_count:
+            self.unmerged_possible = True  # an earlier split of this call stays done
+            raise MmapError(errno.ENOMEM, f"splitting {vma.start:#x}-{vma.end:#x} would pass "
+                            f"max_map_count={self.max_map_count}")
+
+    def topdown(self, length: int, low: int, high: int) -> int:
+        """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""
+        store = self._store
+        i = self.count_below(high)
+        gap_start = store[~(i - 1)].end if i else 0
+        gap_end = store[~i].start if i < len(store) else self.task_size
+        if gap_start < high <= gap_end and high - max(gap_start, low) >= length:
+            return high - length
+        end = self.gaps.highest(length, low, high)
+        return end - length if end >= 0 else -1
+
+    def bottomup(self, length: int, low: int, high: int) -> int:
+        """Start of the lowest free range of ``length`` in ``[low, high)``, or -1 (a scan:
+        only used when top-down placement fails or for MAP_32BIT)."""
+        edge = low
+        n = len(self._store)
+        for i in range(self.first_ending_after(low), n + 1):
+            nxt = self[i].start if i < n else self.task_size
+            if min(nxt, high) - edge >= length:
+                return edge
+            if nxt >= high:
+                return -1
+            edge = max(edge, self[i].end)
+        return -1
+
+    def regions(self) -> list[Region]:
+        """The VMAs as ``/proc/self/maps`` shows them (file paths as they are now)."""
+        paths: dict[int, str] = {}
+        out = []
+        shift = self.shift
+        for v in self:
+            f = v.file
+            prot, shared = _PROTS[v.flags & VM_ACCESS], bool(v.flags & VM_MAYSHARE)
+            if f is None:
+                out.append(Region(v.start, v.end, prot, shared))
+            elif isinstance(f, Shmem):
+                out.append(Region(v.start, v.end, prot, shared, v.pgoff << shift, f.dev, f.ino,
+                                  f.path))
+            else:
+                path = paths.get(id(f))
+                if path is None:
+                    path = paths[id(f)] = f.path()
+                out.append(Region(v.start, v.end, prot, shared, v.pgoff << shift, f.inode.dev,
+                                  f.inode.ino, path))
+        return out
