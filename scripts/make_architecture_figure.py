@@ -46,14 +46,13 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("loader.libc",)),
     ("supervisor", "run a function in a forked child, under bounds",
      ("loader.isolate",)),
-    ("MMU layer", "page table, frames, translate(va, access)",
-     ("vmsim.mmu", "vmsim.fault", "vmsim.machine.mmu*", "vmsim.machine.fault*",
-      "vmsim.machine.frames*", "vmsim.machine.access*")),
-    ("kernel layer", "VMAs, mmap semantics, files, errno",
-     ("vmsim.vma", "vmsim.kernel*", "vmsim.files*", "vmsim.machine.kernel*",
-      "vmsim.machine.vma*", "vmsim.machine.files*")),
-    ("AddressSpace", "the simulator's façade",
-     ("vmsim.space", "vmsim.machine.space*", "vmsim.machine")),
+    ("MMU layer", "page table, frames, translate(va, access), the access paths",
+     ("vmsim.mmu", "vmsim.pagetable", "vmsim.fault")),
+    ("kernel layer", "VMAs, mmap semantics, placement, files, the page-fault handler",
+     ("vmsim.kernel", "vmsim.vma", "vmsim.files", "vmsim.placement", "vmsim.syscall_args",
+      "vmsim.invariants")),
+    ("AddressSpace", "the simulator's façade: the Mmap protocol and a debugger's view",
+     ("vmsim.space",)),
     ("fuzzing kit", "ELF writer, strategies, properties, campaign",
      ("vmsim.fuzz", "vmsim.fuzz.*", "vmsim.strategies", "loader.strategies",
       "vmsim._hypothesis_plugin")),
@@ -226,9 +225,9 @@ def draw(parts: dict[str, Part], out: Path) -> Path:
                                         boxstyle="round,pad=0.02",
                                         fc=PACKAGE_COLOURS[part.package], ec="#555555"))
             ax.text(x, y + 0.3, name, ha="center", va="center", weight="bold", fontsize=9)
-            ax.text(x, y + 0.06, textwrap.fill(part.what, 44), ha="center", va="center",
+            ax.text(x, y + 0.06, textwrap.fill(part.what, 38), ha="center", va="center",
                     fontsize=6.5, style="italic")
-            listing = ", ".join(m.split(".", 1)[-1] for m in sorted(part.modules))
+            listing = ", ".join(_listing(part))
             ax.text(x, y - 0.25, textwrap.fill(listing, 48), ha="center", va="center",
                     fontsize=6, family="monospace")
     for a, b in direct_arrows(parts):
@@ -248,6 +247,19 @@ def draw(parts: dict[str, Part], out: Path) -> Path:
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _listing(part: Part) -> list[str]:
+    """How a part's modules are named in its box: without the part's package, a subpackage
+    as one entry (``fuzz/ (15 modules)``), a module of the other package in full."""
+    names: dict[str, int] = {}
+    for module in sorted(part.modules):
+        package, _, rest = module.partition(".")
+        top = rest.split(".")[0]
+        is_package = any(m.startswith(f"{package}.{top}.") for m in part.modules)
+        name = module if package != part.package else f"{top}/" if is_package else rest
+        names[name] = names.get(name, 0) + 1
+    return [f"{n} ({k} modules)" if n.endswith("/") else n for n, k in names.items()]
 
 
 def _rows(parts: dict[str, Part]) -> dict[int, list[str]]:
