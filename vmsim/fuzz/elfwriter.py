@@ -71,7 +71,9 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# Constants, with the spec's names (only those this writer emits).
+# Constants, with the spec's names (only those this writer emits). Written here from the spec,
+# not imported from loader.elfdefs, on purpose: the writer is an oracle for the loader (it says
+# what a correct load must produce), and a wrong constant shared by both would hide itself.
 
 ET_EXEC, ET_DYN = 2, 3
 EM_X86_64 = 62
