@@ -526,7 +526,7 @@ class Kernel:
             self._anon_prepare(i)
             self.files.pread_into(file, pages, cache)
             frames = pool.alloc(n)
-            pool.data[frames] = pool.data[cache]
+            pool.copy(frames, cache)
             self.cows += n
             ptes[idx] = (frames.astype(np.uint64) << _N_12) | _U64(PTE_SIZED | bits)
 

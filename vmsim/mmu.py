@@ -190,11 +190,10 @@ class Mmu:
     def _block(self, frames: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], bool]:
         """The bytes of ``frames`` in order: a view when they are consecutive (True), else
         a gathered copy (False)."""
-        data = self.pool.data
-        f0, k = int(frames[0]), len(frames)
-        if int(frames[-1]) - f0 == k - 1 and (k < 3 or bool((np.diff(frames) == 1).all())):
-            return data[f0: f0 + k].reshape(-1), True
-        return data[frames].reshape(-1), False
+        rows = self.pool.rows(frames)
+        if rows is not None:
+            return rows.reshape(-1), True
+        return self.pool.data[frames].reshape(-1), False
 
     def load(self, addr: int, n: int, access: Access) -> npt.NDArray[np.uint8]:
         """The ``n`` bytes (n > 0) at ``addr`` for a read, fetch or forced read: a view of the
