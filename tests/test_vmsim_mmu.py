@@ -158,3 +158,31 @@ def test_store_words_is_word_by_word_stores_up_to_the_first_fault(
     for page in (0, 1, 2, 4, 6, 7):
         va = BASE + page * P
         assert got.peek(va, P) == want.peek(va, P), f"page {page}"
+
+
+def test_present_frame_settles_only_what_the_pte_allows() -> None:
+    """Mmu.present_frame, the integer fast path of one-page accesses, gives a frame only
+    where the PTE lets the access through; every other access still faults as before."""
+    space = AddressSpace()
+    space.mmap(BASE, 2 * P, R | W, PRIV | FIXED | MapFlags.MAP_ANONYMOUS, 0, -1)
+    mmu = space.mmu
+    assert mmu.present_frame(BASE, 8, Access.READ) == -1  # nothing mapped in the PTE yet
+    space.read(BASE, 8)  # the zero page: readable, not writable
+    assert mmu.present_frame(BASE, 8, Access.READ) == 0
+    assert mmu.present_frame(BASE, 8, Access.WRITE) == -1
+    space.write(BASE + P - 4, b"abcdefgh")  # straddles: both pages get frames
+    frame = mmu.present_frame(BASE + 8, 8, Access.WRITE)
+    assert frame > 0 and mmu.present_frame(BASE + P - 4, 8, Access.WRITE) == -1
+    faults = space.stats.minor_faults
+    space.write(BASE + 8, b"12345678")
+    assert space.read(BASE + 8, 8) == b"12345678" and space.stats.minor_faults == faults
+    space.mprotect(BASE, P, X)  # execute-only: unreadable (exec_only), not writable
+    assert mmu.present_frame(BASE + 8, 8, Access.WRITE) == -1
+    assert mmu.present_frame(BASE + 8, 8, Access.READ) == -1
+    with pytest.raises(Fault) as write_fault:
+        space.write(BASE + 8, b"x")
+    with pytest.raises(Fault) as read_fault:
+        space.read(BASE + 8, 1)
+    assert (write_fault.value.code, read_fault.value.code) == ("SEGV_ACCERR", "SEGV_ACCERR")
+    space.poke(BASE + 8, b"!")  # a debugger still may (FOLL_FORCE on a private page)
+    assert space.peek(BASE + 8, 2) == b"!2"

@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from loader.pages import page_offset
 
-__all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
+__all__ = ["ENTRIES", "PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
            "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "runs"]
 
 PTE_P = 1 << 0
