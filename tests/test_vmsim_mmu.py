@@ -137,7 +137,7 @@ def test_store_words_is_word_by_word_stores_up_to_the_first_fault(
     the general one: both store what word-by-word writes would, and fault at the same
     byte (page-straddling words, holes, read-only pages, pages past a file's end)."""
     path = tmp_path_factory.mktemp("words") / "f"
-    path.write_bytes(b"f" * (P + 100))
+    path.write_bytes(b"f" * 100)
     rng = np.random.default_rng(seed)
     where = [BASE + 8 * k + skew for k in sorted(slots)]
     if order == "shuffled":

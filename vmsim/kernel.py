@@ -422,9 +422,8 @@ class Kernel:
 
     def refused_writes(self, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
         """Which of the sorted, distinct page numbers ``pages`` a user-mode write would fault
-        on (None when none would). One step per VMA (or hole) the pages span, each finding
-        its pages by bisection: a relocation scatter touches hundreds of pages of one or two
-        VMAs, and a Python step per page was a tenth of a large library's load."""
+        on (None when none would). One step per VMA the pages reach, its pages found by
+        bisection (a scatter's hundreds of pages lie in one or two VMAs)."""
         refused = np.zeros(len(pages), dtype=np.bool_)
         vmas, shift = self.vmas, self.shift
 
@@ -439,15 +438,12 @@ class Kernel:
                 refused[k:] = True
                 break
             vma = vmas[i]
-            if vma.start > va:  # a hole below this VMA
-                k, k0 = index(vma.start), k
-                refused[k0:k] = True
-                continue
-            k, k0 = index(vma.end), k
+            k0, k1, k = k, max(k, index(vma.start)), index(vma.end)
+            refused[k0:k1] = True  # a hole below the VMA
             if not vma.flags & VM_WRITE:
-                refused[k0:k] = True
+                refused[k1:k] = True
             elif is_sized(vma.file):  # pages wholly past the file's end: SIGBUS
-                refused[max(k0, index(self.file_end(vma))):k] = True
+                refused[max(k1, index(self.file_end(vma))):k] = True
         return refused if refused.any() else None
 
     # ---- the page-fault handler
