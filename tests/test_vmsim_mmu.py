@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loader.mmap import MapFlags, ProtFlags
 from loader.pages import HOST_PAGE_SIZE
 from vmsim import Access, AddressSpace, Fault
+from vmsim.fault import raise_found
 
 P = HOST_PAGE_SIZE
 R, W, X = ProtFlags.PROT_READ, ProtFlags.PROT_WRITE, ProtFlags.PROT_EXEC
@@ -96,3 +100,89 @@ def test_forced_accesses_report_the_read_or_write_they_are() -> None:
     assert info.value.access == "w"
     with pytest.raises(ValueError):
         space.check_access(0x1000, 1, Access.PTRACE_READ)
+
+
+def _words_space(path: Path) -> AddressSpace:
+    """Pages from BASE: 0-1 anonymous rw, 2 read-only, 3 a hole, 4-5 a private rw file
+    mapping whose file ends inside page 4 (page 5 is past it: SIGBUS), 6-7 anonymous rw."""
+    space = AddressSpace()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        space.mmap(BASE, 2 * P, R | W, PRIV | FIXED | MapFlags.MAP_ANONYMOUS, 0, -1)
+        space.mmap(BASE + 2 * P, P, R, PRIV | FIXED | MapFlags.MAP_ANONYMOUS, 0, -1)
+        space.mmap(BASE + 4 * P, 2 * P, R | W, PRIV | FIXED, 0, fd)
+        space.mmap(BASE + 6 * P, 2 * P, R | W, PRIV | FIXED | MapFlags.MAP_ANONYMOUS, 0, -1)
+    finally:
+        os.close(fd)
+    space.write(BASE + 7 * P, b"x")  # one page already present and writable
+    return space
+
+
+def _word_by_word(space: AddressSpace, where: list[int], values: list[int]) -> None:
+    """The meaning of write_words: each word in array order, stopping at the first one a
+    write would fault on (whole: nothing of it stored)."""
+    for addr, value in zip(where, values, strict=True):
+        raise_found(lambda addr=addr: space.check_access(addr, 8, "w"))  # type: ignore[misc]
+        space.write(addr, value.to_bytes(8, "little"))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(slots=st.lists(st.integers(0, 8 * P // 8 - 1), min_size=1, max_size=40, unique=True),
+       order=st.sampled_from(["sorted", "shuffled"]), skew=st.sampled_from([0, 0, 3]),
+       seed=st.integers(0, 2**32 - 1))
+def test_store_words_is_word_by_word_stores_up_to_the_first_fault(
+        tmp_path_factory: pytest.TempPathFactory, slots: list[int], order: str, skew: int,
+        seed: int) -> None:
+    """Aligned words in address order take the one-pass path of Mmu.store_words, the others
+    the general one: both store what word-by-word writes would, and fault at the same
+    byte (page-straddling words, holes, read-only pages, pages past a file's end)."""
+    path = tmp_path_factory.mktemp("words") / "f"
+    path.write_bytes(b"f" * 100)
+    rng = np.random.default_rng(seed)
+    where = [BASE + 8 * k + skew for k in sorted(slots)]
+    if order == "shuffled":
+        where = [where[k] for k in rng.permutation(len(where))]
+    values = rng.integers(0, 2**63, len(where)).tolist()
+    got, want = _words_space(path), _words_space(path)
+    def words() -> None:
+        got.write_words(np.array(where, dtype=np.uint64), np.array(values, dtype=np.uint64))
+
+    faults = []
+    for store in (words, lambda: _word_by_word(want, where, values)):
+        try:
+            store()
+            faults.append(None)
+        except Fault as fault:
+            faults.append((fault.signal, fault.code, fault.addr))
+    assert faults[0] == faults[1]
+    for page in (0, 1, 2, 4, 6, 7):
+        va = BASE + page * P
+        assert got.peek(va, P) == want.peek(va, P), f"page {page}"
+
+
+def test_present_frame_settles_only_what_the_pte_allows() -> None:
+    """Mmu.present_frame, the integer fast path of one-page accesses, gives a frame only
+    where the PTE lets the access through; every other access still faults as before."""
+    space = AddressSpace()
+    space.mmap(BASE, 2 * P, R | W, PRIV | FIXED | MapFlags.MAP_ANONYMOUS, 0, -1)
+    mmu = space.mmu
+    assert mmu.present_frame(BASE, 8, Access.READ) == -1  # nothing mapped in the PTE yet
+    space.read(BASE, 8)  # the zero page: readable, not writable
+    assert mmu.present_frame(BASE, 8, Access.READ) == 0
+    assert mmu.present_frame(BASE, 8, Access.WRITE) == -1
+    space.write(BASE + P - 4, b"abcdefgh")  # straddles: both pages get frames
+    frame = mmu.present_frame(BASE + 8, 8, Access.WRITE)
+    assert frame > 0 and mmu.present_frame(BASE + P - 4, 8, Access.WRITE) == -1
+    faults = space.stats.minor_faults
+    space.write(BASE + 8, b"12345678")
+    assert space.read(BASE + 8, 8) == b"12345678" and space.stats.minor_faults == faults
+    space.mprotect(BASE, P, X)  # execute-only: unreadable (exec_only), not writable
+    assert mmu.present_frame(BASE + 8, 8, Access.WRITE) == -1
+    assert mmu.present_frame(BASE + 8, 8, Access.READ) == -1
+    with pytest.raises(Fault) as write_fault:
+        space.write(BASE + 8, b"x")
+    with pytest.raises(Fault) as read_fault:
+        space.read(BASE + 8, 1)
+    assert (write_fault.value.code, read_fault.value.code) == ("SEGV_ACCERR", "SEGV_ACCERR")
+    space.poke(BASE + 8, b"!")  # a debugger still may (FOLL_FORCE on a private page)
+    assert space.peek(BASE + 8, 2) == b"!2"

@@ -350,11 +350,16 @@ class FileTable:
                    frames: npt.NDArray[np.int64]) -> None:
         """Refresh frames from the file: page ``pages[k]`` into ``frames[k]`` (bytes past EOF
         in a partial last page keep what the frame holds, as the page cache does). One
-        ``pread`` per run of consecutive pages."""
+        ``pread`` per run of consecutive pages, straight into the frames when they are
+        consecutive too (no bytes object to copy)."""
         if not len(pages):
             return
         shift, data = self.shift, self.pool.data
         for k0, k1 in runs(pages):
+            rows = self.pool.rows(frames[k0:k1])
+            if rows is not None:
+                host_call(os.preadv, file.io(), [rows], int(pages[k0]) << shift)
+                continue
             got = host_call(os.pread, file.io(), (k1 - k0) << shift, int(pages[k0]) << shift)
             full, rest = len(got) >> shift, page_offset(len(got), self.pool.page_size)
             buf = np.frombuffer(got, dtype=np.uint8)

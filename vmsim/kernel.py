@@ -420,23 +420,31 @@ class Kernel:
             return fault.with_traceback(None)  # a traceback's frames would hold the fault
         return None
 
-    def refused_writes(self, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64] | None:
-        """The page numbers among ``pages`` a user-mode write would fault on, or None."""
-        bad = []
-        vmas = self.vmas
-        ends: dict[int, int] = {}  # file_end of each VMA seen (one fstat per VMA)
-        for page in pages.tolist():
-            va = page << self.shift
+    def refused_writes(self, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_] | None:
+        """Which of the sorted, distinct page numbers ``pages`` a user-mode write would fault
+        on (None when none would). One step per VMA the pages reach, its pages found by
+        bisection (a scatter's hundreds of pages lie in one or two VMAs)."""
+        refused = np.zeros(len(pages), dtype=np.bool_)
+        vmas, shift = self.vmas, self.shift
+
+        def index(va: int) -> int:  # of the first page at or above va
+            return int(pages.searchsorted(_U64(max(va, 0) >> shift)))
+
+        k = 0
+        while k < len(pages):
+            va = int(pages[k]) << shift
             i = vmas.first_ending_after(va)
-            if va >= self.task_size or i == len(vmas) or vmas[i].start > va \
-                    or not vmas[i].flags & VM_WRITE:
-                bad.append(page)
-            elif is_sized(vmas[i].file):
-                if i not in ends:
-                    ends[i] = self.file_end(vmas[i])
-                if ends[i] <= va:
-                    bad.append(page)
-        return np.array(bad, dtype=np.uint64) if bad else None
+            if va >= self.task_size or i == len(vmas):
+                refused[k:] = True
+                break
+            vma = vmas[i]
+            k0, k1, k = k, max(k, index(vma.start)), index(vma.end)
+            refused[k0:k1] = True  # a hole below the VMA
+            if not vma.flags & VM_WRITE:
+                refused[k1:k] = True
+            elif is_sized(vma.file):  # pages wholly past the file's end: SIGBUS
+                refused[max(k1, index(self.file_end(vma))):k] = True
+        return refused if refused.any() else None
 
     # ---- the page-fault handler
 
@@ -514,7 +522,7 @@ class Kernel:
             self._anon_prepare(i)
             self.files.pread_into(file, pages, cache)
             frames = pool.alloc(n)
-            pool.data[frames] = pool.data[cache]
+            pool.copy(frames, cache)
             self.cows += n
             ptes[idx] = (frames.astype(np.uint64) << _N_12) | _U64(PTE_SIZED | bits)
 

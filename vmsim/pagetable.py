@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from loader.pages import page_offset
 
-__all__ = ["PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
+__all__ = ["ENTRIES", "PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
            "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "runs"]
 
 PTE_P = 1 << 0
@@ -153,6 +153,23 @@ class FramePool:
             self._map.madvise(_MADV_POPULATE_WRITE, start, length)
         except (OSError, ValueError):
             pass
+
+    def rows(self, frames: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8] | None:
+        """The frames ``frames`` as a (len, page_size) view when they are consecutive (as
+        fresh frames are), else None: a view is copied into or read into with one memcpy,
+        where a fancy index gathers or scatters page by page through a temporary."""
+        f0, k = int(frames[0]), len(frames)
+        if int(frames[-1]) - f0 == k - 1 and (k < 3 or bool((np.diff(frames) == 1).all())):
+            return self.data[f0: f0 + k]
+        return None
+
+    def copy(self, dst: npt.NDArray[np.int64], src: npt.NDArray[np.int64]) -> None:
+        """Copy frame ``src[k]`` into frame ``dst[k]`` (copy-on-write), distinct frames."""
+        to, of = self.rows(dst), self.rows(src)
+        if to is not None and of is not None:
+            to[:] = of
+        else:
+            self.data[dst] = self.data[src]
 
     def free(self, frames: npt.NDArray[np.int64]) -> None:
         """Return frames to the pool. The zero page (0) must not be among them."""
