@@ -41,6 +41,7 @@ from loader.symbols import Resolution, Resolver
 from loader.tables import DynamicTables, RelocTable
 
 __all__ = [
+    "Classified",
     "Kind",
     "RelocContext",
     "RelocOutcome",
@@ -48,6 +49,7 @@ __all__ = [
     "TlsLayout",
     "X86_64",
     "check_relocations",
+    "classify",
     "first_outside_code",
     "relocate",
     "type_name",
@@ -173,6 +175,27 @@ def _kinds_all(tables: DynamicTables) -> Kinds:
 
 
 @dataclass(frozen=True, slots=True)
+class Classified:
+    """The relocations sorted out once per load (``classify``): each table's kinds
+    (``_kinds``) and the symbols the symbolic entries use (``_needed_symbols``).
+    ``check_relocations`` computes it and ``relocate`` reuses it (through
+    ``RelocContext.classified``), so no pass over a large table is made twice for them."""
+
+    kinds_all: Kinds
+    needed: npt.NDArray[np.int64]
+
+    def of_kind(self, *wanted: Kind) -> list[npt.NDArray[np.bool_]]:
+        """Per table, which entries are one of ``wanted``."""
+        return [_is(kinds, *wanted) for kinds in self.kinds_all]
+
+
+def classify(tables: DynamicTables) -> Classified:
+    """The kinds of every table's entries and the symbols they use."""
+    kinds_all = _kinds_all(tables)
+    return Classified(kinds_all, _needed_symbols(tables, kinds_all))
+
+
+@dataclass(frozen=True, slots=True)
 class TlsLayout:
     """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
     blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
@@ -292,13 +315,14 @@ def _check_copies(tables: DynamicTables, table: RelocTable, copy: npt.NDArray[np
     return int(sizes[room > 0].astype(object).sum())
 
 
-def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> None:
+def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> Classified:
     """Every type known, every target inside a writable segment, every COPY sized to fit,
     every resolver the object's own code, before any memory is touched. Raises
-    ElfRelocationError / ElfSymbolError."""
+    ElfRelocationError / ElfSymbolError. Returns what it classified, for ``relocate``."""
     starts, ends = _segment_arrays(image, textrel)
     copied = 0
-    kinds_all = _kinds_all(tables)
+    classified = classify(tables)
+    kinds_all = classified.kinds_all
     for table, kinds in zip(tables.relocs, kinds_all, strict=True):
         known = kinds != _UNKNOWN
         if not known.all():
@@ -317,9 +341,9 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
                                  f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
-    needed = _needed_symbols(tables, kinds_all)
-    _check_ifunc_resolvers(image, tables, needed, kinds_all)
-    _check_definitions(image, tables, needed)
+    _check_ifunc_resolvers(image, tables, classified.needed, kinds_all)
+    _check_definitions(image, tables, classified.needed)
+    return classified
 
 
 def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArray[np.int64]
@@ -480,12 +504,12 @@ class RelocOutcome:
 Words = list[npt.NDArray[np.uint64]]
 
 
-def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: RelocOutcome,
-                    places: Words, values: Words) -> None:
+def _relative_words(image: ElfImage, tables: DynamicTables, kinds_all: Kinds, bias: int,
+                    out: RelocOutcome, places: Words, values: Words) -> None:
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
     b = _U64(bias & MASK64)
-    for table in tables.relocs:
-        mask = _is(_kinds(table), Kind.RELATIVE)
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mask = _is(kinds, Kind.RELATIVE)
         if mask.any():
             places.append(table.r_offset[mask] + b)
             values.append(_addends(image, table, mask) + b)
@@ -561,7 +585,8 @@ class RelocContext:
     """Where one relocation pass works: the object (``image``, ``tables``), the backend
     ``mm``, the load ``bias``, whether the backend is this process (``runs_code``: IFUNC
     resolvers may be called) and an address ``near`` the object (a stub resolver puts its
-    extern mapping there)."""
+    extern mapping there). ``classified``: what ``check_relocations`` returned for these
+    tables (None: ``relocate`` classifies them itself)."""
 
     image: ElfImage
     tables: DynamicTables
@@ -569,6 +594,7 @@ class RelocContext:
     bias: int
     runs_code: bool
     near: int
+    classified: Classified | None = None
 
 
 @dataclass(slots=True)
@@ -1073,11 +1099,11 @@ def _write(mm: Mmap, words: npt.NDArray[np.uint64], values: npt.NDArray[np.uint6
 # The pipeline step
 
 
-def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, kinds_all: Kinds
+def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, classified: Classified
           ) -> Resolution:
     """Run the resolver chain over the symbols the relocations reference."""
     tables = where.tables
-    needed = _needed_symbols(tables, kinds_all)
+    needed, kinds_all = classified.needed, classified.kinds_all
     copies = [t.r_sym[_is(kinds, Kind.COPY)]
               for t, kinds in zip(tables.relocs, kinds_all, strict=True)]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
@@ -1108,7 +1134,8 @@ def _all_pieces(ctx: _Context) -> _Pieces:
     where = ctx.where
     places: Words = []
     values: Words = []
-    _relative_words(where.image, where.tables, where.bias, ctx.out, places, values)
+    _relative_words(where.image, where.tables, ctx.kinds_all, where.bias, ctx.out, places,
+                    values)
     pieces = _Pieces()
     if places:
         place = np.concatenate(places)
@@ -1138,8 +1165,9 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     out = out if out is not None else RelocOutcome()
     out.tls = TlsLayout.first_static(where.image)
     mm = where.mm
-    kinds_all = _kinds_all(where.tables)
-    ctx = _context(where, kinds_all, _bind(where, resolver, out, kinds_all), out)
+    classified = where.classified or classify(where.tables)
+    kinds_all = classified.kinds_all
+    ctx = _context(where, kinds_all, _bind(where, resolver, out, classified), out)
     place, width, value, deferred = _all_pieces(ctx).arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
