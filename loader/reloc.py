@@ -264,13 +264,15 @@ def _segment_arrays(image: ElfImage, textrel: bool
 
 def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
           ends: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """Bytes from each offset to the end of the writable segment holding it (0 if none)."""
+    """Bytes from each offset to the end of the writable segment holding it (0 if none).
+    The segments are sorted and disjoint: the one starting last at or below an offset is the
+    only candidate, found by one searchsorted straight into the ends with a 0 in front (so an
+    offset below every segment reads end 0, outside, with no clipping pass)."""
     if not len(ends):
         return np.zeros(len(offs), dtype=np.uint64)
-    seg = _segment_of(starts, offs)
-    end = ends[np.clip(seg, 0, None)]
-    inside = (seg >= 0) & (offs < end)
-    return np.where(inside, end - offs, _U64(0))
+    end = np.concatenate([np.zeros(1, np.uint64), ends])[
+        np.searchsorted(starts, offs, side="right")]
+    return np.where(offs < end, end - offs, _U64(0))
 
 
 def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
@@ -459,10 +461,11 @@ def _file_int32(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[
     return out
 
 
-def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
-             ) -> npt.NDArray[np.uint64]:
-    """A (as uint64, two's complement) of the masked entries: explicit (RELA), or for REL the
-    file's content at the place, as wide as the field (4-byte types: sign-extended)."""
+def _addends(image: ElfImage, table: RelocTable,
+             mask: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """A (as uint64, two's complement) of the entries ``mask`` selects (a mask or positions):
+    explicit (RELA), or for REL the file's content at the place, as wide as the field (4-byte
+    types: sign-extended)."""
     if not table.implicit:
         return table.r_addend[mask].view(np.uint64)
     offs = table.r_offset[mask]
@@ -621,40 +624,58 @@ class _Context:
         return self.where.tables
 
 
+_EntryColumns = tuple[npt.NDArray[Any], ...]
+"""key, kinds, r_type, sym, P, A of some entries (``_Entries``' columns, in that order)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Entries:
-    """Entries of one table, column by column: their positions ``idx`` in ``table``, kinds,
-    symbols and places P (absolute)."""
+    """The entries whose values are computed one by one (not RELATIVE, NONE or COPY), of
+    every table at once, in sequence order, column by column: ``key`` (the entry's position
+    over all tables), kinds, type numbers, symbols, places P (absolute) and addends A.
+    One set of columns for all tables: each numpy call of a pass runs once per load, not
+    once per table (the calls, not the entries, are most of the cost). ``names`` and
+    ``firsts``: each table's name and first key, to name the table of an entry in an error."""
 
-    table: RelocTable
-    idx: npt.NDArray[np.int64]
+    key: npt.NDArray[np.int64]
     kinds: npt.NDArray[np.uint8]
+    r_type: npt.NDArray[np.uint32]
     sym: npt.NDArray[np.int64]
     p: npt.NDArray[np.uint64]
+    a: npt.NDArray[np.uint64]
+    names: tuple[str, ...]
+    firsts: npt.NDArray[np.int64]
 
     @classmethod
-    def computed(cls, ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
-                 ) -> _Entries:
-        """The entries whose values are computed one by one (not RELATIVE, NONE or COPY);
-        ``kinds``: the table's (``_kinds``)."""
-        idx = np.flatnonzero(~_is(kinds, *_PLAIN)).astype(np.int64)
-        return cls(table, idx, kinds[idx], table.r_sym[idx].astype(np.int64),
-                   table.r_offset[idx] + ctx.b)
+    def computed(cls, ctx: _Context) -> _Entries:
+        """Every table's computed entries (``ctx.kinds_all`` says which), addends included."""
+        image, tables = ctx.where.image, ctx.tables
+        parts: list[_EntryColumns] = []
+        sizes = np.array([len(t) for t in tables.relocs], dtype=np.int64)
+        firsts = np.cumsum(sizes) - sizes
+        for table, kinds, first in zip(tables.relocs, ctx.kinds_all, firsts.tolist(),
+                                       strict=True):
+            idx = np.flatnonzero(~_is(kinds, *_PLAIN))
+            if len(idx):
+                parts.append((idx + first, kinds[idx], table.r_type[idx], table.r_sym[idx],
+                              table.r_offset[idx] + ctx.b, _addends(image, table, idx)))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            parts.append((empty, empty.astype(np.uint8), empty.astype(np.uint32), empty,
+                          empty.astype(np.uint64), empty.astype(np.uint64)))
+        cols = parts[0] if len(parts) == 1 else \
+            tuple(np.concatenate(col) for col in zip(*parts, strict=True))
+        return cls(cols[0], cols[1], cols[2], cols[3], cols[4], cols[5],
+                   tuple(t.name for t in tables.relocs), firsts)
 
     def where(self, sel: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> _Entries:
         """The entries selected by ``sel`` (a mask or positions)."""
-        return _Entries(self.table, self.idx[sel], self.kinds[sel], self.sym[sel], self.p[sel])
+        return _Entries(self.key[sel], self.kinds[sel], self.r_type[sel], self.sym[sel],
+                        self.p[sel], self.a[sel], self.names, self.firsts)
 
-    @property
-    def r_type(self) -> npt.NDArray[np.uint32]:
-        """The entries' type numbers."""
-        return self.table.r_type[self.idx]
-
-    def addends(self, image: ElfImage) -> npt.NDArray[np.uint64]:
-        """A of each entry (``_addends``)."""
-        mask = np.zeros(len(self.table), dtype=bool)
-        mask[self.idx] = True
-        return _addends(image, self.table, mask)
+    def table_name(self, k: int) -> str:
+        """The name of the table entry ``k`` comes from."""
+        return self.names[int(np.searchsorted(self.firsts, self.key[k], side="right")) - 1]
 
 
 def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
@@ -714,7 +735,7 @@ def _check_fit(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64]
     if not ok.all():
         k = int(np.flatnonzero(~ok)[0])
         rule = X86_64[int(e.r_type[k])]
-        raise ElfRelocationError(f"{e.table.name} {rule.name} value at {int(e.p[k]):#x}",
+        raise ElfRelocationError(f"{e.table_name(k)} {rule.name} value at {int(e.p[k]):#x}",
                                  int(exact[k]), f"within [{int(lo[k]):#x}, {int(hi[k]):#x}]")
 
 
@@ -750,33 +771,38 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     return value
 
 
-def _table_pieces(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8], first: int,
-                  pieces: _Pieces, copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
-    """Every entry of ``table`` (of ``kinds``) that is not RELATIVE, NONE or COPY, as pieces
-    keyed by its position (``first`` + index); COPY entries go to ``copies`` for the bulk
-    copy."""
-    copy = np.flatnonzero(_is(kinds, Kind.COPY))
-    if len(copy):
-        copies.append((copy + first, table.r_offset[copy] + ctx.b,
-                       table.r_sym[copy].astype(np.int64)))
-    e = _Entries.computed(ctx, table, kinds)
-    if not len(e.idx):
+def _copy_entries(ctx: _Context) -> list[tuple[npt.NDArray[Any], ...]]:
+    """Every table's COPY entries as (key, place, symbol), for the bulk copy."""
+    copies: list[tuple[npt.NDArray[Any], ...]] = []
+    first = 0
+    for table, kinds in zip(ctx.tables.relocs, ctx.kinds_all, strict=True):
+        copy = np.flatnonzero(_is(kinds, Kind.COPY))
+        if len(copy):
+            copies.append((copy + first, table.r_offset[copy] + ctx.b,
+                           table.r_sym[copy].astype(np.int64)))
+        first += len(table)
+    return copies
+
+
+def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
+    """The entries ``e`` (every table's that are not RELATIVE, NONE or COPY) as pieces keyed
+    by their position over all tables."""
+    if not len(e.key):
         return
-    a = e.addends(ctx.where.image)
+    a = e.a
     s = ctx.addr[e.sym]
     width = _lookup(_WIDTH_COLUMN, e.r_type)
     value = _computed_values(ctx, e, a)
     irel = _is(e.kinds, Kind.IRELATIVE)
     deferred = irel | (_is(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
     _check_narrow(e, width, s, a, skip=deferred)
-    key = (e.idx + first).astype(np.int64)
     desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
-    pieces.add(key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
+    pieces.add(e.key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
                value[desc], deferred[desc])
     value[desc] = 0
-    pieces.add(key, e.p, np.minimum(width, _U64(8)), value, deferred)
+    pieces.add(e.key, e.p, np.minimum(width, _U64(8)), value, deferred)
     _record(ctx, e, width, s, a, deferred)
 
 
@@ -796,16 +822,14 @@ def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
     out.irelative.extend(zip(e.p[irel].tolist(), (ctx.b + a[irel]).tolist(), strict=True))
 
 
-def _deferred_values(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
-                     ) -> npt.NDArray[np.uint64]:
-    """The values of ``table``'s deferred entries (table order), with resolvers run: an
-    IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own IFUNC
-    symbol is recomputed with S = what that symbol's resolver selects."""
-    every = _Entries.computed(ctx, table, kinds)
+def _deferred_values(ctx: _Context, every: _Entries) -> npt.NDArray[np.uint64]:
+    """The values of the deferred entries among ``every`` (sequence order), with resolvers
+    run: an IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own
+    IFUNC symbol is recomputed with S = what that symbol's resolver selects."""
     bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
     e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
     irel = _is(e.kinds, Kind.IRELATIVE)
-    a = e.addends(ctx.where.image)
+    a = e.a
     resolver = np.where(irel, ctx.b + a, ctx.addr[e.sym])
     chosen = _run_resolvers(resolver, ctx.where.runs_code)
     value = np.where(irel, chosen, _symbol_values(e, chosen, a))
@@ -1128,9 +1152,10 @@ def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocO
     return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)
 
 
-def _all_pieces(ctx: _Context) -> _Pieces:
+def _all_pieces(ctx: _Context, computed: _Entries) -> _Pieces:
     """Every store of the pass, in sequence order: RELATIVE and RELR first, then every
-    other entry in table order, COPY bytes included."""
+    other entry in table order (``computed``: those not RELATIVE, NONE or COPY), COPY
+    bytes included."""
     where = ctx.where
     places: Words = []
     values: Words = []
@@ -1141,12 +1166,8 @@ def _all_pieces(ctx: _Context) -> _Pieces:
         place = np.concatenate(places)
         pieces.add(np.full(len(place), -1, np.int64), place, np.full(len(place), 8, np.uint64),
                    np.concatenate(values), np.zeros(len(place), dtype=bool))
-    copies: list[tuple[npt.NDArray[Any], ...]] = []
-    first = 0
-    for table, kinds in zip(where.tables.relocs, ctx.kinds_all, strict=True):
-        _table_pieces(ctx, table, kinds, first, pieces, copies)
-        first += len(table)
-    _copy_pieces(ctx, copies, pieces)
+    _computed_pieces(ctx, computed, pieces)
+    _copy_pieces(ctx, _copy_entries(ctx), pieces)
     return pieces
 
 
@@ -1168,16 +1189,15 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     classified = where.classified or classify(where.tables)
     kinds_all = classified.kinds_all
     ctx = _context(where, kinds_all, _bind(where, resolver, out, classified), out)
-    place, width, value, deferred = _all_pieces(ctx).arrays()
+    computed = _Entries.computed(ctx)
+    place, width, value, deferred = _all_pieces(ctx, computed).arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
     later = bool(deferred.any())
     _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
     out.ran_resolvers = where.runs_code
     if later:
-        value[deferred] = np.concatenate([
-            _deferred_values(ctx, t, kinds)
-            for t, kinds in zip(where.tables.relocs, kinds_all, strict=True)])
+        value[deferred] = _deferred_values(ctx, computed)
         wp, store = _cut(place, width, value)
         touched = np.isin(wp.word, wp.word[deferred[store]])
         _write(mm, *_final_words(wp.where(touched), initial))
