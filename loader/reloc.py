@@ -114,6 +114,13 @@ _PLAIN = (Kind.RELATIVE, Kind.NONE, Kind.COPY)     # not computed per entry by _
 _U64 = np.uint64
 
 
+# numpy compares an array with an IntEnum member about five times slower than with a plain
+# int (it inspects the member's type on every call): the comparisons over whole tables use
+# the numbers as ints.
+_SHN_UNDEF, _SHN_ABS = int(SHN.UNDEF), int(SHN.ABS)
+_STT_TLS, _STT_GNU_IFUNC = int(STT.TLS), int(STT.GNU_IFUNC)
+
+
 def type_name(r_type: int) -> str:
     """``R_X86_64_...`` for a known type, else ``"type N"``."""
     rule = X86_64.get(r_type)
@@ -258,7 +265,7 @@ def _segment_arrays(image: ElfImage, textrel: bool
                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
     cols = image.columns
-    sel = ((cols.flags & PF.W) != 0) | textrel
+    sel = ((cols.flags & int(PF.W)) != 0) | textrel     # int(): see _SHN_UNDEF
     return cols.starts[sel], cols.ends[sel]
 
 
@@ -356,7 +363,8 @@ def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArr
     ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     syms = tables.symtab
     shndx = syms["st_shndx"][needed]
-    own = (shndx != SHN.UNDEF) & (shndx != SHN.ABS) & (st_type(syms["st_info"][needed]) != STT.TLS)
+    own = (shndx != _SHN_UNDEF) & (shndx != _SHN_ABS) \
+        & (st_type(syms["st_info"][needed]) != _STT_TLS)
     values = syms["st_value"][needed[own]].astype(np.uint64)
     if not len(values):
         return
@@ -371,9 +379,13 @@ def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArr
 
 def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
     """Per symbol: an STT_GNU_IFUNC the object defines (its value is a resolver)."""
-    syms = tables.symtab
-    own: npt.NDArray[np.bool_] = ((st_type(syms["st_info"]) == STT.GNU_IFUNC)
-                                  & (syms["st_shndx"] != SHN.UNDEF))
+    return _own_ifunc_of(tables.symtab)
+
+
+def _own_ifunc_of(syms: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """``_own_ifunc`` of the symbol table ``syms``."""
+    own: npt.NDArray[np.bool_] = ((st_type(syms["st_info"]) == _STT_GNU_IFUNC)
+                                  & (syms["st_shndx"] != _SHN_UNDEF))
     return own
 
 
@@ -687,8 +699,8 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
     offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
-    own = (sym == 0) | ((syms["st_shndx"][sym] != SHN.UNDEF)
-                        & (st_type(syms["st_info"][sym]) == STT.TLS))
+    own = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
+                        & (st_type(syms["st_info"][sym]) == _STT_TLS))
     tls = ctx.out.tls
     value = np.zeros(len(sym), dtype=np.uint64)
     if tls is not None:
@@ -1010,16 +1022,20 @@ _BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
 
 class _WordPieces(NamedTuple):
     """Stores cut at word boundaries: each changes the bytes ``mask`` of the aligned word
-    ``word`` to those of ``bits``; ``seq`` is the store's position in sequence order."""
+    ``word`` to those of ``bits``; ``seq`` is the store's position in sequence order.
+    ``whole``: every piece is a whole word and ``seq`` ascends (``_cut`` knows it for the
+    usual aligned 8-byte stores; ``_final_words`` then needs no check of its own)."""
 
     word: npt.NDArray[np.uint64]
     mask: npt.NDArray[np.uint64]
     bits: npt.NDArray[np.uint64]
     seq: npt.NDArray[np.int64]
+    whole: bool = False
 
     def where(self, sel: npt.NDArray[np.bool_]) -> _WordPieces:
-        """The pieces selected by ``sel``."""
-        return _WordPieces(self.word[sel], self.mask[sel], self.bits[sel], self.seq[sel])
+        """The pieces selected by ``sel`` (still ``whole`` if these were)."""
+        return _WordPieces(self.word[sel], self.mask[sel], self.bits[sel], self.seq[sel],
+                           self.whole)
 
 
 def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
@@ -1029,7 +1045,7 @@ def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
     store is its own piece.)"""
     seq = np.arange(len(place), dtype=np.int64)
     if bool((width == _U64(8)).all()) and not bool((place & _U64(7)).any()):
-        return _WordPieces(place, np.full(len(place), _FULL), value, seq), seq
+        return _WordPieces(place, np.full(len(place), _FULL), value, seq, True), seq
     off = (place & _U64(7)).astype(np.int64)
     word = place - off.astype(np.uint64)
     low = np.minimum(width.astype(np.int64), 8 - off)
@@ -1084,7 +1100,7 @@ def _final_words(wp: _WordPieces, initial: _Initial
     piece covers keep their initial value."""
     if not len(wp.word):
         return wp.word, wp.bits
-    if bool((wp.mask == _FULL).all()) and bool((np.diff(wp.seq) > 0).all()):
+    if wp.whole or (bool((wp.mask == _FULL).all()) and bool((np.diff(wp.seq) > 0).all())):
         order = np.argsort(wp.word, kind="stable")
         word, bits = wp.word[order], wp.bits[order]
         last = np.ones(len(word), dtype=bool)
@@ -1147,7 +1163,7 @@ def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocO
     if not len(syms):
         syms, addr = np.zeros(1, dtype=syms.dtype), np.zeros(1, dtype=np.uint64)
     at_home = addr == syms["st_value"].astype(np.uint64) + _U64(where.bias & MASK64)
-    own = (st_type(syms["st_info"]) == STT.GNU_IFUNC) & (syms["st_shndx"] != SHN.UNDEF)
+    own = _own_ifunc_of(syms)
     bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
     return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)
 

@@ -146,12 +146,12 @@ def _read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
     n = min(dyn.p_filesz, dyn.p_memsz) // DYN_DTYPE.itemsize
     raw = np.frombuffer(_table(image, dyn.p_vaddr, n * DYN_DTYPE.itemsize, "PT_DYNAMIC"),
                         dtype=DYN_DTYPE)
-    ends = np.flatnonzero(raw["d_tag"] == DT.NULL)
+    ends = np.flatnonzero(raw["d_tag"] == int(DT.NULL))   # int(): see _check_import_sizes
     if len(ends) == 0:
         raise ElfDynamicError("PT_DYNAMIC", dyn.p_vaddr, f"a DT_NULL within {n} entries")
     raw = raw[: ends[0]]
     tags = dict(zip(raw["d_tag"].tolist(), raw["d_val"].tolist(), strict=True))
-    needed = tuple(raw["d_val"][raw["d_tag"] == DT.NEEDED].tolist())
+    needed = tuple(raw["d_val"][raw["d_tag"] == int(DT.NEEDED)].tolist())
     return tags, needed
 
 
@@ -701,7 +701,8 @@ def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
     user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
     asks for more than an address space). ElfSymbolError names the symbol. ``used``: the
     symbols relocations use (``_relocated_symbols``)."""
-    idx = np.flatnonzero(used & (syms["st_shndx"] == SHN.UNDEF))
+    # int(): numpy compares an array with an IntEnum member five times slower than with an int
+    idx = np.flatnonzero(used & (syms["st_shndx"] == int(SHN.UNDEF)))
     sizes = syms["st_size"][idx]
     # float64 sums are exact enough to find where the total crosses 2**47.
     total = np.cumsum(np.minimum(sizes, USER_LIMIT).astype(np.float64) + STUB_SLOT)
