@@ -119,8 +119,10 @@ def _iov(base: int, length: int) -> npt.NDArray[np.void]:
 
 
 _SCATTER_MIN = 64
-"""From this many separate pieces on, write_words probes each page once (``_probe_pages``)
-and scatters with numpy instead of moving each word through process_vm_writev."""
+"""From this many words on, write_words probes each page once (``_probe_pages``) and
+scatters with numpy instead of moving each word (or run of words) through
+process_vm_writev. Counted in words, not runs: finding the runs is itself a pass over
+every address, wasted when the scatter follows."""
 
 
 def _region_of(addr: int) -> tuple[int, bytes] | None:
@@ -203,10 +205,11 @@ def _probe_pages(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -
 
 
 def _scatter(where: npt.NDArray[np.uint64], words: npt.NDArray[np.uint64]) -> None:
-    """Store the words through a byte view of ``[min(where), max(where) + 8)``: only the
-    addressed bytes are touched. The pages must have been checked."""
-    lo = int(where.min())
-    span = int(where.max()) - lo + 8
+    """Store the words through a byte view of ``[where[0], where[-1] + 8)``: only the
+    addressed bytes are touched. The addresses must be in ascending order and their pages
+    checked (``_probe_pages`` made sure of both)."""
+    lo = int(where[0])
+    span = int(where[-1]) - lo + 8
     view = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(lo))
     rel = (where - np.uint64(lo)).astype(np.intp)
     if not (rel & 7).any():
@@ -383,9 +386,9 @@ class LibcMmap(MmapDefaults):
 
     def write_words(self, addrs: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Store 64-bit little-endian ``values[i]`` at ``addrs[i]`` in one vectored
-        process_vm_writev (runs of consecutive words become one piece); many separate words
-        are one numpy scatter once a probe store to each page they touch went through
-        (``_probe_pages``). Checked like :meth:`write`: on a bad address the words
+        process_vm_writev (runs of consecutive words become one piece); ``_SCATTER_MIN``
+        words or more are one numpy scatter once a probe store to each page they touch
+        went through (``_probe_pages``). Checked like :meth:`write`: on a bad address the words
         before it are stored, then MmapError(EFAULT) names it. Addresses wrap modulo 2**64
         as C's would (a negative one is in the kernel half). Raises ValueError when the
         arrays' shapes differ. (A munmap by another thread between the probe and the
@@ -396,12 +399,11 @@ class LibcMmap(MmapDefaults):
             raise ValueError(f"write_words: {where.size} addresses but {words.size} values")
         if where.size == 0:
             return
-        starts = np.flatnonzero(np.diff(where) != np.uint64(8)) + 1
-        if len(starts) >= _SCATTER_MIN and int(where.max()) <= _MAP_FAILED - 8:
+        if where.size >= _SCATTER_MIN and int(where.max()) <= _MAP_FAILED - 8:
             if _probe_pages(where, words):
                 _scatter(where, words)
                 return
-        firsts = np.concatenate([[0], starts])
+        firsts = np.concatenate([[0], np.flatnonzero(np.diff(where) != np.uint64(8)) + 1])
         remote = np.empty(len(firsts), dtype=_IOVEC)
         remote["base"] = where[firsts]
         remote["len"] = np.diff(np.append(firsts, where.size)).astype(np.uint64) * np.uint64(8)

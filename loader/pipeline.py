@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,6 +45,8 @@ from loader.outcome import Outcome, take_outcome
 from loader.plan import LoadPlan, make_plan
 from loader.reloc import (
     OWN_CODE,
+    Classified,
+    Kind,
     RelocContext,
     RelocOutcome,
     check_relocations,
@@ -85,23 +88,28 @@ def _check_arrays(image: ElfImage, tables: DynamicTables) -> None:
             raise ElfDynamicError(name, at, OWN_CODE)
 
 
-def _check_host_tls(image: ElfImage, tables: DynamicTables) -> None:
+def _check_host_tls(image: ElfImage, tables: DynamicTables, classified: Classified) -> None:
     """On the host, a PT_TLS belongs to this process's glibc; DTPMOD64/DTPOFF64 against
     another module's TLS would need that module's dynamic TLS bookkeeping in this process's
     glibc, and TLSDESC descriptors call into ld.so: all refused before any memory is
-    touched. (TPOFF64 works: the offset comes from the thread pointer.)"""
+    touched. (TPOFF64 works: the offset comes from the thread pointer.) The entries are
+    found by the kinds ``check_relocations`` classified (TLS_DESC is only TLSDESC,
+    TLS_MODULE and TLS_DTPOFF only DTPMOD64 and DTPOFF64)."""
     if image.tls is not None:
         raise ElfUnsupportedError("PT_TLS", image.tls.p_memsz,
                                   "not on the host backend (its TLS belongs to this "
                                   "process's glibc); load it on the simulator")
     syms = tables.symtab
-    for table in tables.relocs:
-        if (table.r_type == R_X86_64.TLSDESC).any():
+    descs = classified.of_kind(Kind.TLS_DESC)
+    dyns = classified.of_kind(Kind.TLS_MODULE, Kind.TLS_DTPOFF)
+    for table, desc, dyn in zip(tables.relocs, descs, dyns, strict=True):
+        if desc.any():
             raise ElfUnsupportedError(f"{table.name} r_type", int(R_X86_64.TLSDESC),
                                       "R_X86_64_TLSDESC not on the host backend (its "
                                       "descriptors call into ld.so); use the simulator")
-        dyn = ((table.r_type == R_X86_64.DTPMOD64) | (table.r_type == R_X86_64.DTPOFF64)) \
-            & (table.r_sym != 0)
+        if not dyn.any():
+            continue
+        dyn &= table.r_sym != 0
         undefined = syms["st_shndx"][table.r_sym[dyn]] == 0
         if undefined.any():
             sym = int(table.r_sym[dyn][undefined][0])
@@ -319,14 +327,16 @@ def _protect_textrel(obj: LoadedObject, writable: bool) -> None:
         obj.mm.mprotect(sp.start + obj.load_bias, sp.end - sp.start, prot)
 
 
-def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator) -> None:
-    """Relocate (with TEXTREL pages opened and closed around it), seal RELRO, run init."""
+def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator,
+            classified: Classified | None = None) -> None:
+    """Relocate (with TEXTREL pages opened and closed around it), seal RELRO, run init.
+    ``classified``: what ``check_relocations`` found, reused by ``relocate``."""
     if obj.plan.textrel:
         narrator.say("relocate", textrel_sentence, True)
         _protect_textrel(obj, True)
     before = len(obj.mm.calls)
     where = RelocContext(obj.image, obj.tables, obj.mm, obj.load_bias, obj.runs_code,
-                         obj.span[1])
+                         obj.span[1], classified)
     relocate(where, resolver, obj.relocations)
     narrator.say_all("relocate", _relocation_steps, obj, before, type(resolver).__name__)
     if obj.plan.textrel:
@@ -402,16 +412,17 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         image, tables = _parse(src, mm.page_size)
         narrator.say("parse", parse_sentence, image, src.label, len(tables.tags))
         textrel = _textrel(tables)
-        check_relocations(image, tables, textrel)
+        classified = check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
         host = runs_code(mm)
         if host:
-            _check_host_tls(image, tables)
+            _check_host_tls(image, tables, classified)
         plan = make_plan(image, textrel)
         narrator.say("plan", plan_sentence, plan)
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
-        return _map_and_finish(src, image, tables, plan, traced, resolver, base, narrator)
+        parsed = _Parsed(image, tables, classified, plan)
+        return _map_and_finish(src, parsed, traced, resolver, base, narrator)
     finally:
         if isinstance(src.data, FileBytes):
             src.data.close()
@@ -419,9 +430,18 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
             os.close(src.fd)
 
 
-def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
-                    mm: TracingMmap, resolver: Resolver, base: int | None,
-                    narrator: Narrator = SILENT) -> LoadedObject:
+class _Parsed(NamedTuple):
+    """What was read and checked before any memory is touched: the headers, the tables,
+    their relocations classified (``check_relocations``) and the plan."""
+
+    image: ElfImage
+    tables: DynamicTables
+    classified: Classified
+    plan: LoadPlan
+
+
+def _map_and_finish(src: _Source, parsed: _Parsed, mm: TracingMmap, resolver: Resolver,
+                    base: int | None, narrator: Narrator = SILENT) -> LoadedObject:
     """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise.
 
     The file is re-checked after mapping (``_check_unchanged``). A failure that is neither
@@ -429,6 +449,7 @@ def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: 
     has, say) becomes an ElfFileError when the file changed meanwhile: the load lost a race
     with whoever truncated it, which is bad input, not a loader bug. Otherwise it stays what
     it is (a Fault from the simulator is then a loader bug to fix)."""
+    image, tables, classified, plan = parsed
     start = reserve(plan, mm, base, use_file=src.fd is not None, narrator=narrator)
     obj: LoadedObject | None = None
     try:
@@ -436,7 +457,7 @@ def _map_and_finish(src: _Source, image: ElfImage, tables: DynamicTables, plan: 
         _check_unchanged(src)
         obj = LoadedObject(src.label, image, tables, plan, mm, start)
         obj.real_bindings = resolver.real
-        _finish(obj, resolver, narrator)
+        _finish(obj, resolver, narrator, classified)
         return obj
     except BaseException as exc:
         narrator.say("undo", undo_sentence, exc)

@@ -41,6 +41,7 @@ from loader.symbols import Resolution, Resolver
 from loader.tables import DynamicTables, RelocTable
 
 __all__ = [
+    "Classified",
     "Kind",
     "RelocContext",
     "RelocOutcome",
@@ -48,6 +49,7 @@ __all__ = [
     "TlsLayout",
     "X86_64",
     "check_relocations",
+    "classify",
     "first_outside_code",
     "relocate",
     "type_name",
@@ -112,6 +114,13 @@ _PLAIN = (Kind.RELATIVE, Kind.NONE, Kind.COPY)     # not computed per entry by _
 _U64 = np.uint64
 
 
+# numpy compares an array with an IntEnum member about five times slower than with a plain
+# int (it inspects the member's type on every call): the comparisons over whole tables use
+# the numbers as ints.
+_SHN_UNDEF, _SHN_ABS = int(SHN.UNDEF), int(SHN.ABS)
+_STT_TLS, _STT_GNU_IFUNC = int(STT.TLS), int(STT.GNU_IFUNC)
+
+
 def type_name(r_type: int) -> str:
     """``R_X86_64_...`` for a known type, else ``"type N"``."""
     rule = X86_64.get(r_type)
@@ -170,6 +179,27 @@ Kinds = list[npt.NDArray[np.uint8]]
 def _kinds_all(tables: DynamicTables) -> Kinds:
     """``_kinds`` of every relocation table."""
     return [_kinds(table) for table in tables.relocs]
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The relocations sorted out once per load (``classify``): each table's kinds
+    (``_kinds``) and the symbols the symbolic entries use (``_needed_symbols``).
+    ``check_relocations`` computes it and ``relocate`` reuses it (through
+    ``RelocContext.classified``), so no pass over a large table is made twice for them."""
+
+    kinds_all: Kinds
+    needed: npt.NDArray[np.int64]
+
+    def of_kind(self, *wanted: Kind) -> list[npt.NDArray[np.bool_]]:
+        """Per table, which entries are one of ``wanted``."""
+        return [_is(kinds, *wanted) for kinds in self.kinds_all]
+
+
+def classify(tables: DynamicTables) -> Classified:
+    """The kinds of every table's entries and the symbols they use."""
+    kinds_all = _kinds_all(tables)
+    return Classified(kinds_all, _needed_symbols(tables, kinds_all))
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,19 +265,21 @@ def _segment_arrays(image: ElfImage, textrel: bool
                     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Starts and ends of the segments relocations may write (writable, or all with TEXTREL)."""
     cols = image.columns
-    sel = ((cols.flags & PF.W) != 0) | textrel
+    sel = ((cols.flags & int(PF.W)) != 0) | textrel     # int(): see _SHN_UNDEF
     return cols.starts[sel], cols.ends[sel]
 
 
 def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
           ends: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """Bytes from each offset to the end of the writable segment holding it (0 if none)."""
+    """Bytes from each offset to the end of the writable segment holding it (0 if none).
+    The segments are sorted and disjoint: the one starting last at or below an offset is the
+    only candidate, found by one searchsorted straight into the ends with a 0 in front (so an
+    offset below every segment reads end 0, outside, with no clipping pass)."""
     if not len(ends):
         return np.zeros(len(offs), dtype=np.uint64)
-    seg = _segment_of(starts, offs)
-    end = ends[np.clip(seg, 0, None)]
-    inside = (seg >= 0) & (offs < end)
-    return np.where(inside, end - offs, _U64(0))
+    end = np.concatenate([np.zeros(1, np.uint64), ends])[
+        np.searchsorted(starts, offs, side="right")]
+    return np.where(offs < end, end - offs, _U64(0))
 
 
 def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
@@ -292,13 +324,14 @@ def _check_copies(tables: DynamicTables, table: RelocTable, copy: npt.NDArray[np
     return int(sizes[room > 0].astype(object).sum())
 
 
-def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> None:
+def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> Classified:
     """Every type known, every target inside a writable segment, every COPY sized to fit,
     every resolver the object's own code, before any memory is touched. Raises
-    ElfRelocationError / ElfSymbolError."""
+    ElfRelocationError / ElfSymbolError. Returns what it classified, for ``relocate``."""
     starts, ends = _segment_arrays(image, textrel)
     copied = 0
-    kinds_all = _kinds_all(tables)
+    classified = classify(tables)
+    kinds_all = classified.kinds_all
     for table, kinds in zip(tables.relocs, kinds_all, strict=True):
         known = kinds != _UNKNOWN
         if not known.all():
@@ -317,9 +350,9 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
                                  f"at most the {writable:#x} bytes of the writable PT_LOADs")
     _check_targets("DT_RELR", tables.relr, np.full(len(tables.relr), 8, np.uint64),
                    starts, ends)
-    needed = _needed_symbols(tables, kinds_all)
-    _check_ifunc_resolvers(image, tables, needed, kinds_all)
-    _check_definitions(image, tables, needed)
+    _check_ifunc_resolvers(image, tables, classified.needed, kinds_all)
+    _check_definitions(image, tables, classified.needed)
+    return classified
 
 
 def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArray[np.int64]
@@ -330,7 +363,8 @@ def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArr
     ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     syms = tables.symtab
     shndx = syms["st_shndx"][needed]
-    own = (shndx != SHN.UNDEF) & (shndx != SHN.ABS) & (st_type(syms["st_info"][needed]) != STT.TLS)
+    own = (shndx != _SHN_UNDEF) & (shndx != _SHN_ABS) \
+        & (st_type(syms["st_info"][needed]) != _STT_TLS)
     values = syms["st_value"][needed[own]].astype(np.uint64)
     if not len(values):
         return
@@ -345,9 +379,13 @@ def _check_definitions(image: ElfImage, tables: DynamicTables, needed: npt.NDArr
 
 def _own_ifunc(tables: DynamicTables) -> npt.NDArray[np.bool_]:
     """Per symbol: an STT_GNU_IFUNC the object defines (its value is a resolver)."""
-    syms = tables.symtab
-    own: npt.NDArray[np.bool_] = ((st_type(syms["st_info"]) == STT.GNU_IFUNC)
-                                  & (syms["st_shndx"] != SHN.UNDEF))
+    return _own_ifunc_of(tables.symtab)
+
+
+def _own_ifunc_of(syms: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """``_own_ifunc`` of the symbol table ``syms``."""
+    own: npt.NDArray[np.bool_] = ((st_type(syms["st_info"]) == _STT_GNU_IFUNC)
+                                  & (syms["st_shndx"] != _SHN_UNDEF))
     return own
 
 
@@ -435,10 +473,11 @@ def _file_int32(image: ElfImage, vaddrs: npt.NDArray[np.uint64]) -> npt.NDArray[
     return out
 
 
-def _addends(image: ElfImage, table: RelocTable, mask: npt.NDArray[np.bool_]
-             ) -> npt.NDArray[np.uint64]:
-    """A (as uint64, two's complement) of the masked entries: explicit (RELA), or for REL the
-    file's content at the place, as wide as the field (4-byte types: sign-extended)."""
+def _addends(image: ElfImage, table: RelocTable,
+             mask: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """A (as uint64, two's complement) of the entries ``mask`` selects (a mask or positions):
+    explicit (RELA), or for REL the file's content at the place, as wide as the field (4-byte
+    types: sign-extended)."""
     if not table.implicit:
         return table.r_addend[mask].view(np.uint64)
     offs = table.r_offset[mask]
@@ -480,12 +519,12 @@ class RelocOutcome:
 Words = list[npt.NDArray[np.uint64]]
 
 
-def _relative_words(image: ElfImage, tables: DynamicTables, bias: int, out: RelocOutcome,
-                    places: Words, values: Words) -> None:
+def _relative_words(image: ElfImage, tables: DynamicTables, kinds_all: Kinds, bias: int,
+                    out: RelocOutcome, places: Words, values: Words) -> None:
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
     b = _U64(bias & MASK64)
-    for table in tables.relocs:
-        mask = _is(_kinds(table), Kind.RELATIVE)
+    for table, kinds in zip(tables.relocs, kinds_all, strict=True):
+        mask = _is(kinds, Kind.RELATIVE)
         if mask.any():
             places.append(table.r_offset[mask] + b)
             values.append(_addends(image, table, mask) + b)
@@ -561,7 +600,8 @@ class RelocContext:
     """Where one relocation pass works: the object (``image``, ``tables``), the backend
     ``mm``, the load ``bias``, whether the backend is this process (``runs_code``: IFUNC
     resolvers may be called) and an address ``near`` the object (a stub resolver puts its
-    extern mapping there)."""
+    extern mapping there). ``classified``: what ``check_relocations`` returned for these
+    tables (None: ``relocate`` classifies them itself)."""
 
     image: ElfImage
     tables: DynamicTables
@@ -569,6 +609,7 @@ class RelocContext:
     bias: int
     runs_code: bool
     near: int
+    classified: Classified | None = None
 
 
 @dataclass(slots=True)
@@ -595,40 +636,58 @@ class _Context:
         return self.where.tables
 
 
+_EntryColumns = tuple[npt.NDArray[Any], ...]
+"""key, kinds, r_type, sym, P, A of some entries (``_Entries``' columns, in that order)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Entries:
-    """Entries of one table, column by column: their positions ``idx`` in ``table``, kinds,
-    symbols and places P (absolute)."""
+    """The entries whose values are computed one by one (not RELATIVE, NONE or COPY), of
+    every table at once, in sequence order, column by column: ``key`` (the entry's position
+    over all tables), kinds, type numbers, symbols, places P (absolute) and addends A.
+    One set of columns for all tables: each numpy call of a pass runs once per load, not
+    once per table (the calls, not the entries, are most of the cost). ``names`` and
+    ``firsts``: each table's name and first key, to name the table of an entry in an error."""
 
-    table: RelocTable
-    idx: npt.NDArray[np.int64]
+    key: npt.NDArray[np.int64]
     kinds: npt.NDArray[np.uint8]
+    r_type: npt.NDArray[np.uint32]
     sym: npt.NDArray[np.int64]
     p: npt.NDArray[np.uint64]
+    a: npt.NDArray[np.uint64]
+    names: tuple[str, ...]
+    firsts: npt.NDArray[np.int64]
 
     @classmethod
-    def computed(cls, ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
-                 ) -> _Entries:
-        """The entries whose values are computed one by one (not RELATIVE, NONE or COPY);
-        ``kinds``: the table's (``_kinds``)."""
-        idx = np.flatnonzero(~_is(kinds, *_PLAIN)).astype(np.int64)
-        return cls(table, idx, kinds[idx], table.r_sym[idx].astype(np.int64),
-                   table.r_offset[idx] + ctx.b)
+    def computed(cls, ctx: _Context) -> _Entries:
+        """Every table's computed entries (``ctx.kinds_all`` says which), addends included."""
+        image, tables = ctx.where.image, ctx.tables
+        parts: list[_EntryColumns] = []
+        sizes = np.array([len(t) for t in tables.relocs], dtype=np.int64)
+        firsts = np.cumsum(sizes) - sizes
+        for table, kinds, first in zip(tables.relocs, ctx.kinds_all, firsts.tolist(),
+                                       strict=True):
+            idx = np.flatnonzero(~_is(kinds, *_PLAIN))
+            if len(idx):
+                parts.append((idx + first, kinds[idx], table.r_type[idx], table.r_sym[idx],
+                              table.r_offset[idx] + ctx.b, _addends(image, table, idx)))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            parts.append((empty, empty.astype(np.uint8), empty.astype(np.uint32), empty,
+                          empty.astype(np.uint64), empty.astype(np.uint64)))
+        cols = parts[0] if len(parts) == 1 else \
+            tuple(np.concatenate(col) for col in zip(*parts, strict=True))
+        return cls(cols[0], cols[1], cols[2], cols[3], cols[4], cols[5],
+                   tuple(t.name for t in tables.relocs), firsts)
 
     def where(self, sel: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> _Entries:
         """The entries selected by ``sel`` (a mask or positions)."""
-        return _Entries(self.table, self.idx[sel], self.kinds[sel], self.sym[sel], self.p[sel])
+        return _Entries(self.key[sel], self.kinds[sel], self.r_type[sel], self.sym[sel],
+                        self.p[sel], self.a[sel], self.names, self.firsts)
 
-    @property
-    def r_type(self) -> npt.NDArray[np.uint32]:
-        """The entries' type numbers."""
-        return self.table.r_type[self.idx]
-
-    def addends(self, image: ElfImage) -> npt.NDArray[np.uint64]:
-        """A of each entry (``_addends``)."""
-        mask = np.zeros(len(self.table), dtype=bool)
-        mask[self.idx] = True
-        return _addends(image, self.table, mask)
+    def table_name(self, k: int) -> str:
+        """The name of the table entry ``k`` comes from."""
+        return self.names[int(np.searchsorted(self.firsts, self.key[k], side="right")) - 1]
 
 
 def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
@@ -640,8 +699,8 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
     offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
-    own = (sym == 0) | ((syms["st_shndx"][sym] != SHN.UNDEF)
-                        & (st_type(syms["st_info"][sym]) == STT.TLS))
+    own = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
+                        & (st_type(syms["st_info"][sym]) == _STT_TLS))
     tls = ctx.out.tls
     value = np.zeros(len(sym), dtype=np.uint64)
     if tls is not None:
@@ -688,7 +747,7 @@ def _check_fit(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64]
     if not ok.all():
         k = int(np.flatnonzero(~ok)[0])
         rule = X86_64[int(e.r_type[k])]
-        raise ElfRelocationError(f"{e.table.name} {rule.name} value at {int(e.p[k]):#x}",
+        raise ElfRelocationError(f"{e.table_name(k)} {rule.name} value at {int(e.p[k]):#x}",
                                  int(exact[k]), f"within [{int(lo[k]):#x}, {int(hi[k]):#x}]")
 
 
@@ -724,33 +783,38 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     return value
 
 
-def _table_pieces(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8], first: int,
-                  pieces: _Pieces, copies: list[tuple[npt.NDArray[Any], ...]]) -> None:
-    """Every entry of ``table`` (of ``kinds``) that is not RELATIVE, NONE or COPY, as pieces
-    keyed by its position (``first`` + index); COPY entries go to ``copies`` for the bulk
-    copy."""
-    copy = np.flatnonzero(_is(kinds, Kind.COPY))
-    if len(copy):
-        copies.append((copy + first, table.r_offset[copy] + ctx.b,
-                       table.r_sym[copy].astype(np.int64)))
-    e = _Entries.computed(ctx, table, kinds)
-    if not len(e.idx):
+def _copy_entries(ctx: _Context) -> list[tuple[npt.NDArray[Any], ...]]:
+    """Every table's COPY entries as (key, place, symbol), for the bulk copy."""
+    copies: list[tuple[npt.NDArray[Any], ...]] = []
+    first = 0
+    for table, kinds in zip(ctx.tables.relocs, ctx.kinds_all, strict=True):
+        copy = np.flatnonzero(_is(kinds, Kind.COPY))
+        if len(copy):
+            copies.append((copy + first, table.r_offset[copy] + ctx.b,
+                           table.r_sym[copy].astype(np.int64)))
+        first += len(table)
+    return copies
+
+
+def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
+    """The entries ``e`` (every table's that are not RELATIVE, NONE or COPY) as pieces keyed
+    by their position over all tables."""
+    if not len(e.key):
         return
-    a = e.addends(ctx.where.image)
+    a = e.a
     s = ctx.addr[e.sym]
     width = _lookup(_WIDTH_COLUMN, e.r_type)
     value = _computed_values(ctx, e, a)
     irel = _is(e.kinds, Kind.IRELATIVE)
     deferred = irel | (_is(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
     _check_narrow(e, width, s, a, skip=deferred)
-    key = (e.idx + first).astype(np.int64)
     desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
-    pieces.add(key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
+    pieces.add(e.key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
                value[desc], deferred[desc])
     value[desc] = 0
-    pieces.add(key, e.p, np.minimum(width, _U64(8)), value, deferred)
+    pieces.add(e.key, e.p, np.minimum(width, _U64(8)), value, deferred)
     _record(ctx, e, width, s, a, deferred)
 
 
@@ -770,16 +834,14 @@ def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
     out.irelative.extend(zip(e.p[irel].tolist(), (ctx.b + a[irel]).tolist(), strict=True))
 
 
-def _deferred_values(ctx: _Context, table: RelocTable, kinds: npt.NDArray[np.uint8]
-                     ) -> npt.NDArray[np.uint64]:
-    """The values of ``table``'s deferred entries (table order), with resolvers run: an
-    IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own IFUNC
-    symbol is recomputed with S = what that symbol's resolver selects."""
-    every = _Entries.computed(ctx, table, kinds)
+def _deferred_values(ctx: _Context, every: _Entries) -> npt.NDArray[np.uint64]:
+    """The values of the deferred entries among ``every`` (sequence order), with resolvers
+    run: an IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own
+    IFUNC symbol is recomputed with S = what that symbol's resolver selects."""
     bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
     e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
     irel = _is(e.kinds, Kind.IRELATIVE)
-    a = e.addends(ctx.where.image)
+    a = e.a
     resolver = np.where(irel, ctx.b + a, ctx.addr[e.sym])
     chosen = _run_resolvers(resolver, ctx.where.runs_code)
     value = np.where(irel, chosen, _symbol_values(e, chosen, a))
@@ -960,16 +1022,20 @@ _BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
 
 class _WordPieces(NamedTuple):
     """Stores cut at word boundaries: each changes the bytes ``mask`` of the aligned word
-    ``word`` to those of ``bits``; ``seq`` is the store's position in sequence order."""
+    ``word`` to those of ``bits``; ``seq`` is the store's position in sequence order.
+    ``whole``: every piece is a whole word and ``seq`` ascends (``_cut`` knows it for the
+    usual aligned 8-byte stores; ``_final_words`` then needs no check of its own)."""
 
     word: npt.NDArray[np.uint64]
     mask: npt.NDArray[np.uint64]
     bits: npt.NDArray[np.uint64]
     seq: npt.NDArray[np.int64]
+    whole: bool = False
 
     def where(self, sel: npt.NDArray[np.bool_]) -> _WordPieces:
-        """The pieces selected by ``sel``."""
-        return _WordPieces(self.word[sel], self.mask[sel], self.bits[sel], self.seq[sel])
+        """The pieces selected by ``sel`` (still ``whole`` if these were)."""
+        return _WordPieces(self.word[sel], self.mask[sel], self.bits[sel], self.seq[sel],
+                           self.whole)
 
 
 def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
@@ -979,7 +1045,7 @@ def _cut(place: npt.NDArray[np.uint64], width: npt.NDArray[np.uint64],
     store is its own piece.)"""
     seq = np.arange(len(place), dtype=np.int64)
     if bool((width == _U64(8)).all()) and not bool((place & _U64(7)).any()):
-        return _WordPieces(place, np.full(len(place), _FULL), value, seq), seq
+        return _WordPieces(place, np.full(len(place), _FULL), value, seq, True), seq
     off = (place & _U64(7)).astype(np.int64)
     word = place - off.astype(np.uint64)
     low = np.minimum(width.astype(np.int64), 8 - off)
@@ -1034,7 +1100,7 @@ def _final_words(wp: _WordPieces, initial: _Initial
     piece covers keep their initial value."""
     if not len(wp.word):
         return wp.word, wp.bits
-    if bool((wp.mask == _FULL).all()) and bool((np.diff(wp.seq) > 0).all()):
+    if wp.whole or (bool((wp.mask == _FULL).all()) and bool((np.diff(wp.seq) > 0).all())):
         order = np.argsort(wp.word, kind="stable")
         word, bits = wp.word[order], wp.bits[order]
         last = np.ones(len(word), dtype=bool)
@@ -1073,11 +1139,11 @@ def _write(mm: Mmap, words: npt.NDArray[np.uint64], values: npt.NDArray[np.uint6
 # The pipeline step
 
 
-def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, kinds_all: Kinds
+def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, classified: Classified
           ) -> Resolution:
     """Run the resolver chain over the symbols the relocations reference."""
     tables = where.tables
-    needed = _needed_symbols(tables, kinds_all)
+    needed, kinds_all = classified.needed, classified.kinds_all
     copies = [t.r_sym[_is(kinds, Kind.COPY)]
               for t, kinds in zip(tables.relocs, kinds_all, strict=True)]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
@@ -1097,29 +1163,27 @@ def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocO
     if not len(syms):
         syms, addr = np.zeros(1, dtype=syms.dtype), np.zeros(1, dtype=np.uint64)
     at_home = addr == syms["st_value"].astype(np.uint64) + _U64(where.bias & MASK64)
-    own = (st_type(syms["st_info"]) == STT.GNU_IFUNC) & (syms["st_shndx"] != SHN.UNDEF)
+    own = _own_ifunc_of(syms)
     bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
     return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)
 
 
-def _all_pieces(ctx: _Context) -> _Pieces:
+def _all_pieces(ctx: _Context, computed: _Entries) -> _Pieces:
     """Every store of the pass, in sequence order: RELATIVE and RELR first, then every
-    other entry in table order, COPY bytes included."""
+    other entry in table order (``computed``: those not RELATIVE, NONE or COPY), COPY
+    bytes included."""
     where = ctx.where
     places: Words = []
     values: Words = []
-    _relative_words(where.image, where.tables, where.bias, ctx.out, places, values)
+    _relative_words(where.image, where.tables, ctx.kinds_all, where.bias, ctx.out, places,
+                    values)
     pieces = _Pieces()
     if places:
         place = np.concatenate(places)
         pieces.add(np.full(len(place), -1, np.int64), place, np.full(len(place), 8, np.uint64),
                    np.concatenate(values), np.zeros(len(place), dtype=bool))
-    copies: list[tuple[npt.NDArray[Any], ...]] = []
-    first = 0
-    for table, kinds in zip(where.tables.relocs, ctx.kinds_all, strict=True):
-        _table_pieces(ctx, table, kinds, first, pieces, copies)
-        first += len(table)
-    _copy_pieces(ctx, copies, pieces)
+    _computed_pieces(ctx, computed, pieces)
+    _copy_pieces(ctx, _copy_entries(ctx), pieces)
     return pieces
 
 
@@ -1138,18 +1202,18 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     out = out if out is not None else RelocOutcome()
     out.tls = TlsLayout.first_static(where.image)
     mm = where.mm
-    kinds_all = _kinds_all(where.tables)
-    ctx = _context(where, kinds_all, _bind(where, resolver, out, kinds_all), out)
-    place, width, value, deferred = _all_pieces(ctx).arrays()
+    classified = where.classified or classify(where.tables)
+    kinds_all = classified.kinds_all
+    ctx = _context(where, kinds_all, _bind(where, resolver, out, classified), out)
+    computed = _Entries.computed(ctx)
+    place, width, value, deferred = _all_pieces(ctx, computed).arrays()
     wp, store = _cut(place, width, value)
     initial = _Initial(mm, wp.word[wp.mask != _FULL])
     later = bool(deferred.any())
     _write(mm, *_final_words(wp.where(~deferred[store]) if later else wp, initial))
     out.ran_resolvers = where.runs_code
     if later:
-        value[deferred] = np.concatenate([
-            _deferred_values(ctx, t, kinds)
-            for t, kinds in zip(where.tables.relocs, kinds_all, strict=True)])
+        value[deferred] = _deferred_values(ctx, computed)
         wp, store = _cut(place, width, value)
         touched = np.isin(wp.word, wp.word[deferred[store]])
         _write(mm, *_final_words(wp.where(touched), initial))

@@ -65,6 +65,10 @@ Finder = Callable[[str, "str | None"], "int | None"]
 
 _EXPORTED = (STB.GLOBAL, STB.WEAK, STB.GNU_UNIQUE)
 
+# numpy compares an array with an IntEnum member about five times slower than with a plain
+# int (it inspects the member's type on every call): the comparisons over arrays use ints.
+_SHN_UNDEF, _STB_WEAK, _STT_TLS = int(SHN.UNDEF), int(STB.WEAK), int(STT.TLS)
+
 
 def gnu_hash(name: bytes) -> int:
     """The DT_GNU_HASH hash of ``name`` (Bernstein's h*33+c, 32 bits)."""
@@ -236,7 +240,7 @@ class Resolver:
         syms = tables.symtab
         addr = np.zeros(tables.nsyms, dtype=np.uint64)
         bound = np.zeros(tables.nsyms, dtype=bool)
-        defined = syms["st_shndx"][needed] != SHN.UNDEF
+        defined = syms["st_shndx"][needed] != _SHN_UNDEF
         if not_self is not None and len(not_self):
             defined &= ~np.isin(needed, not_self)
         undefined = needed[~defined]
@@ -259,19 +263,33 @@ class Resolver:
         bound[own] = True
         self._hooks(self.post_find, needed[~bound[needed]], addr, bound, label)
         left = needed[~bound[needed]]
-        weak = st_bind(syms["st_info"][left]) == STB.WEAK
+        weak = st_bind(syms["st_info"][left]) == _STB_WEAK
         bound[left[weak]] = True            # weak undefined: 0
-        left = left[~weak]
-        imports = [(*label(i), int(syms["st_size"][i])) for i in left.tolist()]
-        extern, extern_range = self.fallback(imports, mm, near) if imports else ({}, None)
-        unresolved = tls_missing
-        for i in left.tolist():
-            key = _label_text(*label(i))
-            if key in extern:
-                addr[i], bound[i] = extern[key], True
-            else:
-                unresolved.append(key)
-        return Resolution(addr, bound, unresolved, extern, extern_range, tls_tpoff)
+        extern, extern_range, unresolved = self._fall_back(syms, left[~weak], label, mm, near,
+                                                           addr, bound)
+        return Resolution(addr, bound, tls_missing + unresolved, extern, extern_range,
+                          tls_tpoff)
+
+    def _fall_back(self, syms: npt.NDArray[Any], left: npt.NDArray[np.int64],
+                   label: Callable[[int], tuple[str, str | None]], mm: Mmap, near: int,
+                   addr: npt.NDArray[np.uint64], bound: npt.NDArray[np.bool_]
+                   ) -> tuple[dict[str, int], tuple[int, int] | None, list[str]]:
+        """Offer the symbols ``left`` to :meth:`fallback`; bind what it bound (``addr``,
+        ``bound``, in one scatter). Returns its {label: address}, its mapping's range and
+        the labels it left unresolved. The st_size column is read once for all (a field of
+        a structured array read element by element costs a microsecond each)."""
+        if not len(left):
+            return {}, None, []
+        labels = [label(i) for i in left.tolist()]
+        sizes = syms["st_size"][left].tolist()
+        imports = [(name, version, size) for (name, version), size
+                   in zip(labels, sizes, strict=True)]
+        extern, extern_range = self.fallback(imports, mm, near)
+        keys = [_label_text(name, version) for name, version in labels]
+        hit = [k for k, key in enumerate(keys) if key in extern]
+        addr[left[hit]] = np.array([extern[keys[k]] for k in hit], dtype=np.uint64)
+        bound[left[hit]] = True
+        return extern, extern_range, [key for key in keys if key not in extern]
 
     def _scope_tls_all(self, syms: npt.NDArray[Any], idx: npt.NDArray[np.int64],
                        bound: npt.NDArray[np.bool_],
@@ -280,7 +298,7 @@ class Resolver:
         """Undefined TLS symbols: their thread-pointer offsets from :meth:`scope_tls`; the
         ones nobody knows are listed "(TLS)". All are taken out of the address chain (an
         address, a stub above all, means nothing for a TLS variable)."""
-        tls = idx[st_type(syms["st_info"][idx]) == STT.TLS]
+        tls = idx[st_type(syms["st_info"][idx]) == _STT_TLS]
         found: dict[int, int] = {}
         missing: list[str] = []
         for i in tls.tolist():

@@ -60,7 +60,7 @@ class RelocTable:
     name: str
     r_offset: npt.NDArray[np.uint64]
     r_type: npt.NDArray[np.uint32]
-    r_sym: npt.NDArray[np.uint32]
+    r_sym: npt.NDArray[np.intp]
     r_addend: npt.NDArray[np.int64]
     implicit: bool
 
@@ -146,12 +146,12 @@ def _read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
     n = min(dyn.p_filesz, dyn.p_memsz) // DYN_DTYPE.itemsize
     raw = np.frombuffer(_table(image, dyn.p_vaddr, n * DYN_DTYPE.itemsize, "PT_DYNAMIC"),
                         dtype=DYN_DTYPE)
-    ends = np.flatnonzero(raw["d_tag"] == DT.NULL)
+    ends = np.flatnonzero(raw["d_tag"] == int(DT.NULL))   # int(): see _check_import_sizes
     if len(ends) == 0:
         raise ElfDynamicError("PT_DYNAMIC", dyn.p_vaddr, f"a DT_NULL within {n} entries")
     raw = raw[: ends[0]]
     tags = dict(zip(raw["d_tag"].tolist(), raw["d_val"].tolist(), strict=True))
-    needed = tuple(raw["d_val"][raw["d_tag"] == DT.NEEDED].tolist())
+    needed = tuple(raw["d_val"][raw["d_tag"] == int(DT.NEEDED)].tolist())
     return tags, needed
 
 
@@ -163,8 +163,11 @@ def _entsize(tags: dict[int, int], tag: int, name: str, want: int) -> None:
 
 def _reloc_table(image: ElfImage, name: str, vaddr: int, size: int,
                  implicit: bool) -> RelocTable:
-    """Read a RELA (or REL when ``implicit``) table into parallel arrays: column views of
-    the file's bytes, no copy (r_info's low word is the type, its high word the symbol)."""
+    """Read a RELA (or REL when ``implicit``) table into parallel arrays (r_info's low word
+    is the type, its high word the symbol). Each column is copied out of the file's rows
+    once, contiguous, and ``r_sym`` widened to ``intp``: every later pass (a dozen over a
+    large table) then reads dense memory, and indexing the symbol table by ``r_sym`` needs
+    no conversion each time (numpy converts a uint32 index on every use)."""
     dtype = REL_DTYPE if implicit else RELA_DTYPE
     if size % dtype.itemsize:
         raise ElfDynamicError(f"{name} size", size, f"a multiple of {dtype.itemsize}")
@@ -173,9 +176,10 @@ def _reloc_table(image: ElfImage, name: str, vaddr: int, size: int,
     u64 = np.frombuffer(raw, dtype="<u8").reshape(-1, words)
     u32 = np.frombuffer(raw, dtype="<u4").reshape(-1, 2 * words)
     addend = (np.zeros(len(u64), dtype=np.int64) if implicit
-              else np.frombuffer(raw, dtype="<i8").reshape(-1, words)[:, 2])
+              else np.ascontiguousarray(np.frombuffer(raw, dtype="<i8").reshape(-1, words)[:, 2]))
     # r_info = sym << 32 | type (ELF64_R_INFO): little-endian, its low half is the type
-    return RelocTable(name, u64[:, 0], u32[:, 2], u32[:, 3], addend, implicit)
+    return RelocTable(name, np.ascontiguousarray(u64[:, 0]), np.ascontiguousarray(u32[:, 2]),
+                      u32[:, 3].astype(np.intp), addend, implicit)
 
 
 def _relocs(image: ElfImage, tags: dict[int, int]) -> tuple[RelocTable, ...]:
@@ -697,7 +701,8 @@ def _check_import_sizes(syms: npt.NDArray[Any], strtab: bytes,
     user-space size (a stub resolver reserves st_size bytes for each; only a hostile file
     asks for more than an address space). ElfSymbolError names the symbol. ``used``: the
     symbols relocations use (``_relocated_symbols``)."""
-    idx = np.flatnonzero(used & (syms["st_shndx"] == SHN.UNDEF))
+    # int(): numpy compares an array with an IntEnum member five times slower than with an int
+    idx = np.flatnonzero(used & (syms["st_shndx"] == int(SHN.UNDEF)))
     sizes = syms["st_size"][idx]
     # float64 sums are exact enough to find where the total crosses 2**47.
     total = np.cumsum(np.minimum(sizes, USER_LIMIT).astype(np.float64) + STUB_SLOT)
@@ -720,10 +725,15 @@ def name_budget(strtab: bytes) -> int:
 def _check_name_bytes(syms: npt.NDArray[Any], strtab: bytes, nuls: npt.NDArray[np.intp],
                       used: npt.NDArray[np.bool_], versions: dict[int, int]) -> None:
     """The names a load cuts (the versions', and those of the symbols relocations use:
-    ``used``) add up to at most ``name_budget`` bytes, counted before any is cut."""
+    ``used``) add up to at most ``name_budget`` bytes, counted before any is cut. No name is
+    longer than the longest run between two NULs, so when that many bytes for every name fit
+    the budget (real files: by far), the exact sum (a search per name) is not needed."""
     starts = np.concatenate([syms["st_name"][used].astype(np.int64),
                              np.fromiter(set(versions.values()), dtype=np.int64)])
     if not len(starts):
+        return
+    longest = int(np.diff(nuls, prepend=-1).max()) if len(nuls) else 0
+    if len(starts) * longest <= name_budget(strtab):
         return
     total = int((nuls[np.searchsorted(nuls, starts)] - starts).sum())
     if total > name_budget(strtab):
