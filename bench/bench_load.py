@@ -22,7 +22,7 @@ host load (unloaded after the clock stops); medians of times and of the per-roun
 
     python bench/bench_load.py [--runs 21] [--libs libz libcrypto] [--clock cpu|wall]
 
-Targets (issue 10): libcrypto simulator <= 4x glibc, host <= 2.5x; libz simulator <= 8x.
+Targets: libcrypto simulator <= 4x glibc, host <= 2.5x; libz simulator <= 8x.
 """
 
 from __future__ import annotations
