@@ -235,6 +235,11 @@ class VmaMap:
         ``start``. Returns the index where ``start`` would go."""
         if i0 < 0:
             i0 = self.first_ending_after(start)
+        if i0 < len(self._store):
+            first = self._store[~i0]
+            if start <= first.start and first.end == end:
+                self._drop_alone(i0)
+                return i0
         i1 = self.count_below(end)
         if i0 >= i1:
             return i0
@@ -266,7 +271,41 @@ class VmaMap:
             self.replace(i, i + 1, [Vma(new.start, nxt.end, new.flags, new.pgoff, new.file,
                                         nxt.anon)])
         else:
-            self.replace(i, i, [new])
+            self._put_alone(i, new)
+
+    def _put_alone(self, i: int, new: Vma) -> None:
+        """``replace(i, i, [new])`` for a VMA that merges with neither neighbour: the free gap
+        it lands in is split in two. A path of its own because most mmaps end here, and the
+        general loops, slices and list building of :meth:`replace` cost as much as the rest
+        of an anonymous mmap."""
+        store, gaps = self._store, self.gaps
+        j = len(store) - i  # the store is highest first: new goes before store[j]
+        low = store[j].end if i else 0
+        high = store[j - 1].start if j else self.task_size
+        gaps.remove(low, high)
+        gaps.add(low, new.start)
+        gaps.add(new.end, high)
+        if new.file is not None:
+            self.files.use(new.file)
+        store.insert(j, new)
+        self._neg.insert(j, -new.start)
+
+    def _drop_alone(self, i: int) -> None:
+        """``replace(i, i + 1, [])``: remove ``vmas[i]`` whole, the free gaps either side of
+        it joined. The munmap of a whole mapping, on a path of its own for the reason given
+        in :meth:`_put_alone`."""
+        store, gaps = self._store, self.gaps
+        j = len(store) - 1 - i
+        vma = store[j]
+        low = store[j + 1].end if j + 1 < len(store) else 0
+        high = store[j - 1].start if j else self.task_size
+        gaps.remove(low, vma.start)
+        gaps.remove(vma.end, high)
+        gaps.add(low, high)
+        if vma.file is not None:
+            self.files.unuse(vma.file)
+        del store[j]
+        del self._neg[j]
 
     def modify(self, i: int, start: int, end: int, newflags: int) -> int:
         """vma_modify: give ``[start, end)`` of ``vmas[i]`` the flags ``newflags``, merging
