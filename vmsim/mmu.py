@@ -341,8 +341,14 @@ class Mmu:
 
     def unmap(self, start: int, end: int) -> None:
         """Clear the PTEs of ``[start, end)``, freeing the frames they own (not the zero page
-        and not page-cache frames)."""
-        if not self.pt.leaves:
+        and not page-cache frames).
+
+        Pages never touched have no PTEs: a range without a leaf table under it (none at
+        all, or none for a range within one leaf's span: one dict lookup) is skipped before
+        the walk, whose generator and numpy slices cost microseconds per call (the munmap
+        of an untouched anonymous mapping, the usual case)."""
+        leaves, ls = self.pt.leaves, self.pt.leaf_shift
+        if not leaves or (start >> ls == (end - 1) >> ls and start >> ls not in leaves):
             return
         tables = self.pt.tables
         for _, row, i0, i1 in self.pt.chunks(start, end, False):

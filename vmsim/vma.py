@@ -97,8 +97,13 @@ class GapIndex:
                 self.mask &= ~(1 << k)
 
     def highest(self, length: int, low: int, high: int) -> int:
-        """The highest gap end ``e <= high`` of a gap holding ``length`` bytes above ``low``,
-        or -1. Gaps that straddle ``high`` are the caller's business."""
+        """The highest end of a free range of ``length`` bytes in ``[low, high)``, or -1:
+        ``high`` itself when the gap holding it (or ending at it) has room below it, else
+        the highest gap end ``e < high`` of a gap holding ``length`` bytes above ``low``.
+
+        The gap straddling ``high`` is found here, where each bucket's bisection points at
+        it (the first end past ``high`` of its bucket, no gap can lie between), so that
+        top-down placement needs no bisection of the VMAs of its own."""
         best = -1
         mask = self.mask >> (length.bit_length() - 1) << (length.bit_length() - 1)
         start_of = self.start_of
@@ -108,6 +113,9 @@ class GapIndex:
             k = bit.bit_length() - 1
             bucket = self.ends[k]
             j = bisect_right(bucket, high) - 1
+            if j + 1 < len(bucket) and start_of[bucket[j + 1]] < high:
+                if high - max(start_of[bucket[j + 1]], low) >= length:
+                    return high  # the straddling gap: nothing can end higher
             while j >= 0 and bucket[j] > best:
                 end = bucket[j]
                 start = start_of[end]
@@ -360,12 +368,6 @@ class VmaMap:
 
     def topdown(self, length: int, low: int, high: int) -> int:
         """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""
-        store = self._store
-        i = self.count_below(high)
-        gap_start = store[~(i - 1)].end if i else 0
-        gap_end = store[~i].start if i < len(store) else self.task_size
-        if gap_start < high <= gap_end and high - max(gap_start, low) >= length:
-            return high - length
         end = self.gaps.highest(length, low, high)
         return end - length if end >= 0 else -1
 
