@@ -96,6 +96,22 @@ class GapIndex:
             if not bucket:
                 self.mask &= ~(1 << k)
 
+    def move_end(self, start: int, old_end: int, new_end: int) -> None:
+        """The free gap ``[start, old_end)`` now ends at ``new_end``; no other gap may end
+        between the two. :meth:`remove` then :meth:`add`, with a fast path for what a
+        top-down mmap and its munmap do to the gap below them: when the size class stays,
+        the end is replaced in place (the bucket stays sorted, no other end lying between),
+        one bisection where the pair costs two and an insertion."""
+        k = (old_end - start).bit_length() - 1
+        if start >= min(old_end, new_end) or (new_end - start).bit_length() - 1 != k:
+            self.remove(start, old_end)
+            self.add(start, new_end)
+            return
+        bucket = self.ends[k]
+        bucket[bisect_left(bucket, old_end)] = new_end
+        del self.start_of[old_end]
+        self.start_of[new_end] = start
+
     def highest(self, length: int, low: int, high: int) -> int:
         """The highest end of a free range of ``length`` bytes in ``[low, high)``, or -1:
         ``high`` itself when the gap holding it (or ending at it) has room below it, else
@@ -290,8 +306,7 @@ class VmaMap:
         j = len(store) - i  # the store is highest first: new goes before store[j]
         low = store[j].end if i else 0
         high = store[j - 1].start if j else self.task_size
-        gaps.remove(low, high)
-        gaps.add(low, new.start)
+        gaps.move_end(low, high, new.start)
         gaps.add(new.end, high)
         if new.file is not None:
             self.files.use(new.file)
@@ -307,9 +322,8 @@ class VmaMap:
         vma = store[j]
         low = store[j + 1].end if j + 1 < len(store) else 0
         high = store[j - 1].start if j else self.task_size
-        gaps.remove(low, vma.start)
         gaps.remove(vma.end, high)
-        gaps.add(low, high)
+        gaps.move_end(low, vma.start, high)
         if vma.file is not None:
             self.files.unuse(vma.file)
         del store[j]
