@@ -74,6 +74,8 @@ from vmsim.syscall_args import (
     M64,
     MAP_ANON,
     MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
     as_int_arg,
     as_size,
     check_knobs,
@@ -168,11 +170,12 @@ class AddressSpace(MmapDefaults):
         and answers ``need_copy=True``. Raises MmapError with Linux's errno.
         """
         need_copy = fd is None and not flags & MAP_ANON
-        if need_copy:
-            prot, flags = ProtFlags(3), flags | MapFlags.MAP_ANONYMOUS
         c_fd = -1 if fd is None or not -(1 << 31) <= fd < 1 << 31 else fd
+        # the substitution on ints: making ProtFlags/MapFlags members costs microseconds
         start = self.kernel.mmap(0 if addr is None else as_size(addr), as_size(length),
-                                 as_int_arg(prot), as_int_arg(flags), as_size(offset), c_fd)
+                                 PROT_READ | PROT_WRITE if need_copy else as_int_arg(prot),
+                                 as_int_arg(flags) | (MAP_ANON if need_copy else 0),
+                                 as_size(offset), c_fd)
         return Mapping(start, need_copy)
 
     def mmap_anonymous(self, addr: int, length: int, prot: ProtFlags, flags: MapFlags) -> int:

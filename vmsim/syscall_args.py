@@ -42,7 +42,7 @@ LEGACY_MAP_MASK = (0x1 | 0x2 | 0x10 | 0x20 | 0x800 | 0x1000 | 0x4000000 | 0x100 
                    | 0x40 | 0x80 | (21 << MAP_HUGE_SHIFT) | (30 << MAP_HUGE_SHIFT))
 """include/linux/mman.h: the flags MAP_SHARED_VALIDATE accepts for any file, with x86's
 MAP_32BIT and MAP_ABOVE4G (0x80) and the MAP_HUGE_2MB and MAP_HUGE_1GB size bits."""
-PROT_READ, PROT_EXEC, PROT_SEM = 0x1, 0x4, 0x8
+PROT_READ, PROT_WRITE, PROT_EXEC, PROT_SEM = 0x1, 0x2, 0x4, 0x8
 PROT_GROWSDOWN, PROT_GROWSUP = 0x01000000, 0x02000000
 PMD_SIZE = 2 << 20
 

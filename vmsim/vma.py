@@ -96,9 +96,30 @@ class GapIndex:
             if not bucket:
                 self.mask &= ~(1 << k)
 
+    def move_end(self, start: int, old_end: int, new_end: int) -> None:
+        """The free gap ``[start, old_end)`` now ends at ``new_end``; no other gap may end
+        between the two. :meth:`remove` then :meth:`add`, with a fast path for what a
+        top-down mmap and its munmap do to the gap below them: when the size class stays,
+        the end is replaced in place (the bucket stays sorted, no other end lying between),
+        one bisection where the pair costs two and an insertion."""
+        k = (old_end - start).bit_length() - 1
+        if start >= min(old_end, new_end) or (new_end - start).bit_length() - 1 != k:
+            self.remove(start, old_end)
+            self.add(start, new_end)
+            return
+        bucket = self.ends[k]
+        bucket[bisect_left(bucket, old_end)] = new_end
+        del self.start_of[old_end]
+        self.start_of[new_end] = start
+
     def highest(self, length: int, low: int, high: int) -> int:
-        """The highest gap end ``e <= high`` of a gap holding ``length`` bytes above ``low``,
-        or -1. Gaps that straddle ``high`` are the caller's business."""
+        """The highest end of a free range of ``length`` bytes in ``[low, high)``, or -1:
+        ``high`` itself when the gap holding it (or ending at it) has room below it, else
+        the highest gap end ``e < high`` of a gap holding ``length`` bytes above ``low``.
+
+        The gap straddling ``high`` is found here, where each bucket's bisection points at
+        it (the first end past ``high`` of its bucket, no gap can lie between), so that
+        top-down placement needs no bisection of the VMAs of its own."""
         best = -1
         mask = self.mask >> (length.bit_length() - 1) << (length.bit_length() - 1)
         start_of = self.start_of
@@ -108,6 +129,9 @@ class GapIndex:
             k = bit.bit_length() - 1
             bucket = self.ends[k]
             j = bisect_right(bucket, high) - 1
+            if j + 1 < len(bucket) and start_of[bucket[j + 1]] < high:
+                if high - max(start_of[bucket[j + 1]], low) >= length:
+                    return high  # the straddling gap: nothing can end higher
             while j >= 0 and bucket[j] > best:
                 end = bucket[j]
                 start = start_of[end]
@@ -235,6 +259,11 @@ class VmaMap:
         ``start``. Returns the index where ``start`` would go."""
         if i0 < 0:
             i0 = self.first_ending_after(start)
+        if i0 < len(self._store):
+            first = self._store[~i0]
+            if start <= first.start and first.end == end:
+                self._drop_alone(i0)
+                return i0
         i1 = self.count_below(end)
         if i0 >= i1:
             return i0
@@ -266,7 +295,39 @@ class VmaMap:
             self.replace(i, i + 1, [Vma(new.start, nxt.end, new.flags, new.pgoff, new.file,
                                         nxt.anon)])
         else:
-            self.replace(i, i, [new])
+            self._put_alone(i, new)
+
+    def _put_alone(self, i: int, new: Vma) -> None:
+        """``replace(i, i, [new])`` for a VMA that merges with neither neighbour: the free gap
+        it lands in is split in two. A path of its own because most mmaps end here, and the
+        general loops, slices and list building of :meth:`replace` cost as much as the rest
+        of an anonymous mmap."""
+        store, gaps = self._store, self.gaps
+        j = len(store) - i  # the store is highest first: new goes before store[j]
+        low = store[j].end if i else 0
+        high = store[j - 1].start if j else self.task_size
+        gaps.move_end(low, high, new.start)
+        gaps.add(new.end, high)
+        if new.file is not None:
+            self.files.use(new.file)
+        store.insert(j, new)
+        self._neg.insert(j, -new.start)
+
+    def _drop_alone(self, i: int) -> None:
+        """``replace(i, i + 1, [])``: remove ``vmas[i]`` whole, the free gaps either side of
+        it joined. The munmap of a whole mapping, on a path of its own for the reason given
+        in :meth:`_put_alone`."""
+        store, gaps = self._store, self.gaps
+        j = len(store) - 1 - i
+        vma = store[j]
+        low = store[j + 1].end if j + 1 < len(store) else 0
+        high = store[j - 1].start if j else self.task_size
+        gaps.remove(vma.end, high)
+        gaps.move_end(low, vma.start, high)
+        if vma.file is not None:
+            self.files.unuse(vma.file)
+        del store[j]
+        del self._neg[j]
 
     def modify(self, i: int, start: int, end: int, newflags: int) -> int:
         """vma_modify: give ``[start, end)`` of ``vmas[i]`` the flags ``newflags``, merging
@@ -321,12 +382,6 @@ class VmaMap:
 
     def topdown(self, length: int, low: int, high: int) -> int:
         """Start of the highest free range of ``length`` in ``[low, high)``, or -1."""
-        store = self._store
-        i = self.count_below(high)
-        gap_start = store[~(i - 1)].end if i else 0
-        gap_end = store[~i].start if i < len(store) else self.task_size
-        if gap_start < high <= gap_end and high - max(gap_start, low) >= length:
-            return high - length
         end = self.gaps.highest(length, low, high)
         return end - length if end >= 0 else -1
 
