@@ -31,7 +31,8 @@ from typing import Any
 
 from loader.isolate import rss_bytes
 from vmsim.fuzz.channel import LOADING, Inbox, Slot
-from vmsim.fuzz.kinds import kind_named
+from vmsim.fuzz.contract import LoaderUnderTest
+from vmsim.fuzz.kinds import PROJECT, Setup, kind_named
 from vmsim.fuzz.stats import CampaignStats, Finding
 from vmsim.fuzz.worker import Job, bounded_run, run_host_batch, work
 
@@ -206,7 +207,8 @@ class _Campaign:
         elif what == "failure":
             _what, cls, text, data = message
             stats.count(cls)
-            stats.failures.append(f"{text}\n  saved: {self._save(data, 'failure')}")
+            if stats.new_failure(text):
+                stats.failures.append(f"{text}\n  saved: {self._save(data, 'failure')}")
         elif what == "finding":
             _what, cls, backend, data = message
             stats.count(cls)
@@ -253,7 +255,8 @@ class _Campaign:
         if self.shrink_seconds > 0 and choices:
             shrunk = shrink_finding(self.job.kind, cls, pickle.loads(choices),
                                     seconds=self.shrink_seconds, max_rss=self.job.max_rss,
-                                    timeout=self.job.timeout, scratch=self.job.scratch)
+                                    timeout=self.job.timeout, scratch=self.job.scratch,
+                                    setup=self.job.setup)
             if shrunk is not None and finding.path is not None:
                 shrunk_data, shrunk_note = shrunk
                 finding.shrunk = finding.path[:-len(".elf")] + "-shrunk.elf"
@@ -262,16 +265,18 @@ class _Campaign:
         self._tick()
 
 
-def _check_once(kind: str, value: Any, scratch: Path) -> str:
+def _check_once(kind: str, value: Any, scratch: Path, setup: Setup) -> str:
     """The ``kind`` property once on a drawn value (in a bounded child, when shrinking)."""
-    return kind_named(kind).check(value, scratch)
+    return kind_named(kind).check(value, scratch, setup)
 
 
 def shrink_finding(kind: str, cls: str, choices: Sequence[Any], *, seconds: float,
-                   max_rss: int, timeout: float, scratch: Path) -> tuple[bytes, str] | None:
-    """Replay a finding's hypothesis ``choices`` and shrink it for at most ``seconds``: each
-    candidate runs in a bounded child and counts as failing when it ends the same way
-    (``cls``). The smallest reproducer's (bytes, note), or None if it does not reproduce."""
+                   max_rss: int, timeout: float, scratch: Path, setup: Setup = PROJECT
+                   ) -> tuple[bytes, str] | None:
+    """Replay a finding's hypothesis ``choices`` (drawn with ``setup``) and shrink it for at
+    most ``seconds``: each candidate runs in a bounded child and counts as failing when it
+    ends the same way (``cls``). The smallest reproducer's (bytes, note), or None if it does
+    not reproduce."""
     from hypothesis import HealthCheck, Phase, Verbosity, find, settings
     from hypothesis.database import InMemoryExampleDatabase, choices_to_bytes
 
@@ -283,14 +288,14 @@ def shrink_finding(kind: str, cls: str, choices: Sequence[Any], *, seconds: floa
     def same_end(value: Any) -> bool:
         if time.monotonic() > deadline:
             return False
-        ended, _v = bounded_run(_check_once, kind, value, scratch, max_rss=max_rss,
+        ended, _v = bounded_run(_check_once, kind, value, scratch, setup, max_rss=max_rss,
                                 timeout=timeout)
         return ended == cls
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # hypothesis' notes on large reprs
-            value = find(kind_named(kind).strategy(), same_end, database_key=key,
+            value = find(kind_named(kind).strategy(setup), same_end, database_key=key,
                          settings=settings(database=db, phases=[Phase.reuse, Phase.shrink],
                                            deadline=None, max_examples=10_000,
                                            verbosity=Verbosity.quiet,
@@ -319,7 +324,10 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
                  max_examples: int | None = None,
                  progress: Callable[[CampaignStats], None] | None = None,
                  max_rss: int = DEFAULT_MAX_RSS, input_timeout: float = DEFAULT_INPUT_TIMEOUT,
-                 shrink_seconds: float = DEFAULT_SHRINK_SECONDS) -> CampaignStats:
+                 shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
+                 loader: LoaderUnderTest | None = None,
+                 relocations: Sequence[str] | None = None,
+                 paths: Sequence[str] = ()) -> CampaignStats:
     """Run one property as a hypothesis campaign for about ``seconds`` (or ``max_examples``),
     in a supervised worker: each input may add ``max_rss`` bytes to the worker's memory and
     run ``input_timeout`` seconds; past either, or killed by a signal, it becomes a finding
@@ -334,13 +342,19 @@ def run_campaign(seconds: float, *, kind: str = "malformed", backend: str = "sim
     ``out_dir`` (a fresh temporary directory, made only when something is saved, if None).
     Ctrl-C ends the campaign: the stats so far come back with ``interrupted`` set. Nothing
     is left behind: no worker, no scratch directory.
+
+    ``loader``: the loader under test (``vmsim.fuzz.contract``; None: the project's).
+    ``relocations``: keep synthetic images within these types (``image_knobs``). ``paths``:
+    the real files the "files" kind mutates.
     """
     kind_named(kind)  # ValueError now, not in the worker
+    setup = Setup(loader, None if relocations is None else tuple(relocations), tuple(paths))
+    setup.knobs()  # ValueError now for an unknown relocation type
     stats = CampaignStats()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vmsim-fuzz-images-") as scratch:
         job = Job(kind, backend, started + seconds, max_examples, 0,
-                  Path(scratch) / "image.so", host_batch, max_rss, input_timeout)
+                  Path(scratch) / "image.so", host_batch, max_rss, input_timeout, setup)
         campaign = _Campaign(stats, job, _OutDir(out_dir), shrink_seconds, progress, started)
         try:
             campaign.run()

@@ -18,6 +18,7 @@ from vmsim.fuzz.campaign import (
     DEFAULT_SHRINK_SECONDS,
     run_campaign,
 )
+from vmsim.fuzz.contract import RELOCATION_NAMES, LoaderUnderTest, image_knobs, loader_named
 from vmsim.fuzz.kinds import KINDS
 from vmsim.fuzz.stats import CampaignStats
 
@@ -33,20 +34,34 @@ SHRINK_SECONDS = Bounded(float, 0.0, 3600.0, unit="s", example="20")
 
 def parser() -> argparse.ArgumentParser:
     """``vmsim fuzz`` arguments."""
-    p = OneLineParser(prog="vmsim fuzz", description="Run the loader's properties "
-                                "as a hypothesis campaign, with a live progress line; on a "
-                                "failure print the shrunk example and save its ELF file. Each "
-                                "input runs under a memory and a time bound in a supervised "
-                                "worker: an input past a bound (or one that kills the worker) "
-                                "is saved, shrunk and reported, and the campaign goes on.")
+    p = OneLineParser(prog="vmsim fuzz", description="Run the properties of a correct loader "
+                      "as a hypothesis campaign, with a live progress line; on a failure print "
+                      "the shrunk example and save its ELF file. Each input runs under a "
+                      "memory and a time bound in a supervised worker: an input past a bound "
+                      "(or one that kills the worker) is saved, shrunk and reported, and the "
+                      "campaign goes on. Exit 0 when no property failed, 1 when one did, 2 on "
+                      "a usage error.",
+                      epilog="This is the quick campaign, with nothing to install. For long, "
+                      "coverage-guided campaigns over many processes (with a dashboard and a "
+                      "shared example database), run the same properties under HypoFuzz: see "
+                      "docs/fuzzing-at-scale.md.")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="ELF files to mutate (field-aware) instead of drawing synthetic images")
+    p.add_argument("--loader", metavar="MODULE:FUNCTION", default=None,
+                   help="the loader under test: any f(data: bytes, mm: Mmap) -> load bias "
+                   "(default: the project's loader)")
+    p.add_argument("--relocations", metavar="TYPES", default=None,
+                   help="keep synthetic images within these relocation types, comma-separated, "
+                   f"from {','.join(RELOCATION_NAMES)} (e.g. RELATIVE for a minimal loader)")
     p.add_argument("--time", type=FUZZ_SECONDS, default=60.0, metavar="S",
-                   help="seconds to run each property (default 60)")
+                   help="seconds the whole campaign runs, shared between its properties "
+                   "(default 60)")
     p.add_argument("--backend", choices=["sim", "both"], default="sim",
                    help="sim: the simulator only; both: also the host, in forked children")
     p.add_argument("--property", choices=[*KINDS, "all"], default="all",
-                   dest="kind", help="which property to run (default: all); rate: no "
-                   "property, only generate and load valid images on the simulator, to "
-                   "measure images/s")
+                   dest="kind", help="which property to run (default: all: valid and "
+                   "malformed images, or the files with PATHs); rate: no property, only "
+                   "generate and load valid images on the simulator, to measure images/s")
     p.add_argument("--out", type=Path, default=Path("vmsim-fuzz-failures"),
                    help="where failing ELF files are saved (default ./vmsim-fuzz-failures)")
     p.add_argument("--max-rss", type=MAX_RSS_MIB, default=DEFAULT_MAX_RSS / (1 << 20),
@@ -61,24 +76,53 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _choices(p: argparse.ArgumentParser, args: argparse.Namespace
+             ) -> tuple[list[str], LoaderUnderTest | None, list[str] | None]:
+    """The kinds to run, the loader under test and the relocation types, checked now (a
+    usage error, exit 2, names what was wrong)."""
+    relocations = None if args.relocations is None else [
+        t.strip() for t in args.relocations.split(",") if t.strip()]
+    try:
+        load = None if args.loader is None else loader_named(args.loader)
+        image_knobs(relocations)
+    except ValueError as exc:
+        p.error(str(exc))
+    if not args.paths:
+        return (["valid", "malformed"] if args.kind == "all" else [args.kind]), load, relocations
+    if args.kind not in ("all", "files") or relocations is not None:
+        p.error("with PATHs the campaign mutates those files: --property and --relocations "
+                "apply to synthetic images only")
+    return ["files"], load, None
+
+
+def _outcome_line(table: dict[str, int]) -> str:
+    """``loaded N; refused: ValueError 3, ...``: how the inputs ended, by the refusal's class."""
+    refused = ", ".join(f"{name} {n}" for name, n in sorted(table.items()) if name != "loaded")
+    return f"loaded {table.get('loaded', 0)}; refused: {refused or 'none'}"
+
+
 def _summary(kind: str, stats: CampaignStats) -> None:
     """Print one campaign's summary: the progress line, outcomes, failures, findings."""
     print(f"\r  {stats.line()} in {stats.seconds:.1f}s   ", file=sys.stderr)
-    print(f"  outcomes: {dict(sorted(stats.outcomes.items()))}")
+    print(f"  {kind} outcomes: {_outcome_line(stats.outcomes)}")
     if stats.host_outcomes:
-        print(f"  host outcomes: {dict(sorted(stats.host_outcomes.items()))}")
+        print(f"  host outcomes: {_outcome_line(stats.host_outcomes)}")
     for failure in stats.failures:
         print(f"  FAILURE: {failure}")
+    again = sum(stats.repeats.values())
+    if again:
+        print(f"  (the same failures were found again {again} times, in later rounds)")
     for finding in stats.findings:
         print(f"  FINDING: {finding.line()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``vmsim fuzz [--time S] [--backend sim|both] [--property ...]``: exit 0 when no
-    property failed and no input went past a bound, 1 otherwise, 130 on Ctrl-C (after the
-    summary so far, without a traceback)."""
-    args = parser().parse_args(argv)
-    kinds = ["valid", "malformed"] if args.kind == "all" else [args.kind]
+    """``vmsim fuzz [PATH ...] [--loader M:F] [--relocations T] [--time S] [--backend ...]``:
+    exit 0 when no property failed and no input went past a bound, 1 otherwise, 2 on a usage
+    error, 130 on Ctrl-C (after the summary so far, without a traceback)."""
+    p = parser()
+    args = p.parse_args(argv)
+    kinds, load, relocations = _choices(p, args)
     failed = 0
 
     def progress(stats: CampaignStats) -> None:
@@ -86,12 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         for kind in kinds:
-            print(f"vmsim fuzz: {kind} images on {args.backend} for {args.time:g}s",
+            seconds = args.time / len(kinds)
+            print(f"vmsim fuzz: {kind} on {args.backend} for {seconds:g}s"
+                  f"{'' if args.loader is None else ', loader ' + args.loader}",
                   file=sys.stderr)
-            stats = run_campaign(args.time, kind=kind, backend=args.backend, out_dir=args.out,
+            stats = run_campaign(seconds, kind=kind, backend=args.backend, out_dir=args.out,
                                  progress=progress, max_rss=int(args.max_rss * (1 << 20)),
                                  input_timeout=args.input_timeout,
-                                 shrink_seconds=args.shrink_time)
+                                 shrink_seconds=args.shrink_time, loader=load,
+                                 relocations=relocations, paths=args.paths)
             _summary(kind, stats)
             failed += len(stats.failures) + len(stats.findings)
             if stats.interrupted:

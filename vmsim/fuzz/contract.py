@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -70,13 +72,16 @@ def project_loader(data: bytes, mm: Mmap) -> int:
 
 
 def loader_named(spec: str) -> LoaderUnderTest:
-    """The callable that ``"MODULE:FUNCTION"`` names (``--loader``), imported now.
+    """The callable that ``"MODULE:FUNCTION"`` names (``--loader``), imported now, from the
+    current directory first (as ``python -m`` would: ``mymod:load`` finds ./mymod.py).
 
     ValueError in one line when the text has no colon, the module does not import, or the
     name is missing or not callable."""
     module_name, sep, name = spec.partition(":")
     if not sep or not module_name or not name:
         raise ValueError(f"loader {spec!r}: expected MODULE:FUNCTION, e.g. mymod:load")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module's own error at import
@@ -107,10 +112,14 @@ class Attempt:
 
 
 def _refusal_name(exc: BaseException) -> str:
-    """How a refusal is counted: the class name; an MmapError with its errno's name."""
+    """How a refusal is counted: the class name (with its module unless it is a builtin or
+    the project's, e.g. ``struct.error``); an MmapError with its errno's name."""
     if isinstance(exc, loader.MmapError):
         return f"MmapError({errno.errorcode.get(exc.errno or 0, exc.errno)})"
-    return type(exc).__name__
+    module = type(exc).__module__
+    if module == "builtins" or module.split(".")[0] == "loader":
+        return type(exc).__qualname__
+    return f"{module}.{type(exc).__qualname__}"
 
 
 def attempt_load(load: LoaderUnderTest | None, data: bytes, cm: CheckingMmap,

@@ -14,66 +14,93 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import loader
 from vmsim import AddressSpace
+from vmsim.fuzz.contract import LoaderUnderTest, image_knobs, project_loader
 from vmsim.fuzz.properties import check_malformed_load, check_valid_load
 
-__all__ = ["KINDS", "Kind", "kind_named"]
+__all__ = ["KINDS", "PROJECT", "Kind", "Setup", "kind_named"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a campaign tests and draws from: ``load``, the loader under test (None: the
+    project's, with its extra checks); ``relocations``, the relocation types synthetic images
+    keep to (None: all; see ``vmsim.fuzz.contract.image_knobs``); ``paths``, the real files
+    the "files" kind mutates."""
+
+    load: LoaderUnderTest | None = None
+    relocations: tuple[str, ...] | None = None
+    paths: tuple[str, ...] = ()
+
+    def knobs(self) -> dict[str, Any]:
+        """The ``elf_images`` knobs for ``relocations``."""
+        return image_knobs(self.relocations)
+
+
+PROJECT = Setup()
+"""The default setup: the project's loader on unrestricted synthetic images."""
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of campaign. ``strategy()`` builds the hypothesis strategy (the parent replays
-    a finding's choices against the same one); ``payload(value)`` is (the file's bytes, a
-    one-line note); ``check(value, scratch)`` runs the property once on a fresh simulator and
-    returns the outcome ("loaded" or the ElfError's name), a failing property raises; ``host``:
+    """One kind of campaign. ``strategy(setup)`` builds the hypothesis strategy (the parent
+    replays a finding's choices against the same one); ``payload(value)`` is (the file's
+    bytes, a one-line note); ``check(value, scratch, setup)`` runs the property once on a
+    fresh simulator with the setup's loader and returns the outcome ("loaded" or the
+    refusal's name), a failing property raises; ``host``:
     how ``backend="both"`` checks it on the host: "batch" (the same property in forked
     batches), "compare" (host against simulator) or None."""
 
     name: str
-    strategy: Callable[[], Any]
+    strategy: Callable[[Setup], Any]
     payload: Callable[[Any], tuple[bytes, str]]
-    check: Callable[[Any, Path], str]
+    check: Callable[[Any, Path, Setup], str]
     host: Literal["batch", "compare"] | None
 
 
-def _malformed_strategy() -> Any:
+def _malformed_strategy(setup: Setup) -> Any:
+    from vmsim.fuzz.images import elf_images
     from vmsim.fuzz.malformed import malformed_elf
 
-    return malformed_elf()
+    knobs = setup.knobs()
+    return malformed_elf(elf_images(**knobs) if knobs else None)
 
 
-def _valid_strategy() -> Any:
+def _valid_strategy(setup: Setup) -> Any:
+    """Images, and whether the project's loader reads this one from a file (a loader under
+    test takes bytes only)."""
     from hypothesis import strategies as st
 
     from vmsim.fuzz.images import elf_images
 
-    return st.tuples(elf_images(textrel=st.booleans()), st.booleans())
+    knobs = setup.knobs() or {"textrel": st.booleans()}
+    return st.tuples(elf_images(**knobs), st.booleans() if setup.load is None else st.just(False))
 
 
-def _rate_strategy() -> Any:
+def _rate_strategy(setup: Setup) -> Any:
     from vmsim.fuzz.images import elf_images
 
-    return elf_images()
+    return elf_images(**setup.knobs())
 
 
-def _check_malformed(value: Any, _scratch: Path) -> str:
+def _check_malformed(value: Any, _scratch: Path, setup: Setup) -> str:
     """Property 2 on the corrupted file."""
-    return check_malformed_load(value.data, AddressSpace())
+    return check_malformed_load(value.data, AddressSpace(), loader=setup.load)
 
 
-def _check_valid(value: Any, scratch: Path) -> str:
+def _check_valid(value: Any, scratch: Path, setup: Setup) -> str:
     """Property 1 on the image, from its bytes or (when drawn so) from a file."""
     image, from_file = value
     if from_file:
         scratch.write_bytes(image.data)
-    check_valid_load(image, AddressSpace(), source=str(scratch) if from_file else None)
+    check_valid_load(image, AddressSpace(), loader=setup.load,
+                     source=str(scratch) if from_file else None)
     return "loaded"
 
 
-def _only_load(value: Any, _scratch: Path) -> str:
+def _only_load(value: Any, _scratch: Path, setup: Setup) -> str:
     """No property: the load alone (the throughput figure)."""
-    loader.load(value.data, AddressSpace())
+    (setup.load or project_loader)(value.data, AddressSpace())
     return "loaded"
 
 

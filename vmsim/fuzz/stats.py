@@ -5,6 +5,7 @@ Part of the fuzz kit (``vmsim.fuzz``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 __all__ = ["BOUND_CLASSES", "CampaignStats", "Finding"]
@@ -40,7 +41,8 @@ class CampaignStats:
     ElfError class name), ``host_examples`` checked in forked children, ``failures`` (property
     failures, shrunk by hypothesis, one line each), ``findings`` (inputs that took a worker
     down), ``classes`` (both, counted by class: "leaked-mapping", "violation", an exception's
-    name, "over-memory", "timeout", a signal), ``workers`` forked, ``interrupted`` by Ctrl-C."""
+    name, "over-memory", "timeout", a signal), ``repeats`` (how many more times each failure
+    was found again), ``workers`` forked, ``interrupted`` by Ctrl-C."""
 
     examples: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -49,6 +51,7 @@ class CampaignStats:
     failures: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
+    repeats: dict[str, int] = field(default_factory=dict)
     workers: int = 0
     interrupted: bool = False
     seconds: float = 0.0
@@ -61,6 +64,15 @@ class CampaignStats:
         """The progress line."""
         return (f"{self.examples} examples, {self.rate():.0f}/s, host {self.host_examples}, "
                 f"failures {len(self.failures)}, findings {len(self.findings)}")
+
+    def new_failure(self, text: str) -> bool:
+        """Whether a property failure (its text, whose first line says what failed) is new;
+        a repeat (each hypothesis round finds the same bug again, at other addresses) is
+        counted, not kept. Two failures are the same when their first lines differ only in
+        numbers."""
+        first = re.sub(r"0x[0-9a-f]+|\d+", "#", text.split("\n", 1)[0])
+        self.repeats[first] = self.repeats.get(first, -1) + 1
+        return not self.repeats[first]
 
     def count(self, cls: str) -> None:
         """Count one failure or finding of class ``cls``."""

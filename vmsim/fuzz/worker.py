@@ -26,7 +26,8 @@ from typing import Any
 
 from vmsim import AddressSpace
 from vmsim.fuzz.channel import Slot, send
-from vmsim.fuzz.kinds import kind_named
+from vmsim.fuzz.contract import LoaderUnderTest
+from vmsim.fuzz.kinds import PROJECT, Setup, kind_named
 from vmsim.fuzz.properties import check_malformed_load, check_same_on_both, failure_class
 
 __all__ = ["Job", "bounded_run", "run_host_batch", "work"]
@@ -41,7 +42,8 @@ ROUND_EXAMPLES = 200
 class Job:
     """What a worker runs: ``kind`` of property on ``backend`` until ``deadline``
     (monotonic) or ``max_examples`` more examples; its hypothesis rounds are numbered from
-    ``first_round`` (their seeds). ``scratch``: a file for images loaded by path."""
+    ``first_round`` (their seeds). ``scratch``: a file for images loaded by path. ``setup``:
+    the loader under test and what the inputs are drawn from."""
 
     kind: str
     backend: str
@@ -52,6 +54,7 @@ class Job:
     host_batch: int
     max_rss: int
     timeout: float
+    setup: Setup = PROJECT
 
 
 def work(job: Job, slot: Slot, fd: int) -> None:
@@ -102,7 +105,7 @@ class _Rounds:
         """Every round, then the host batch still pending."""
         from hypothesis import strategies as st
 
-        strategy: st.SearchStrategy[Any] = self.kind.strategy()
+        strategy: st.SearchStrategy[Any] = self.kind.strategy(self.job.setup)
         round_no = self.job.first_round
         while time.monotonic() < self.job.deadline and self._left() > 0:
             round_no += 1
@@ -143,7 +146,7 @@ class _Rounds:
         choices = pickle.dumps(current_build_context().data.choices)
         self.slot.begin(data, choices, note.encode())
         try:
-            outcome = self.kind.check(value, self.job.scratch)
+            outcome = self.kind.check(value, self.job.scratch, self.job.setup)
         finally:
             self.slot.end()
         self.done += 1
@@ -167,12 +170,14 @@ class _Rounds:
 
     def _compare_with_host(self, value: Any, _data: bytes) -> None:
         """The valid image on the host (forked children) against the simulator."""
-        check_same_on_both(value[0], AddressSpace)
+        check_same_on_both(value[0], AddressSpace, loader=self.job.setup.load)
         self.send(("outcome", "host", "loaded"))
 
 
-def _host_batch(datas: list[bytes], run_code: bool = True) -> list[str]:
-    """In a forked child: :func:`check_malformed_load` of each input on the host; each result,
+def _host_batch(datas: list[bytes], load: LoaderUnderTest | None, run_code: bool = True
+                ) -> list[str]:
+    """In a forked child: :func:`check_malformed_load` of each input on the host with ``load``
+    (None: the project's loader); each result,
     or ``"FAIL <class>: ..."`` for a property failure. ``run_code=False``: the host backend
     declares that it runs no code, so the loader calls none of the input's functions (IFUNC
     resolvers, init, fini) and binds as on the simulator."""
@@ -183,7 +188,7 @@ def _host_batch(datas: list[bytes], run_code: bool = True) -> list[str]:
         mm = LibcMmap()
         mm.runs_code = run_code
         try:
-            out.append(check_malformed_load(data, mm))
+            out.append(check_malformed_load(data, mm, loader=load))
         except Exception as exc:  # a property failure: reported, not raised, to go on
             out.append(f"FAIL {failure_class(exc)}: {type(exc).__name__}: {exc}")
     return out
@@ -211,8 +216,8 @@ def run_host_batch(datas: list[bytes], job: Job, send: Callable[[tuple[Any, ...]
     """Run a batch on the host in one bounded forked child; if it does not come back whole
     (a signal, a bound), rerun its inputs one by one, each bounded, to name the culprits."""
     batch_timeout = job.timeout + 0.05 * len(datas)
-    status, results = bounded_run(_host_batch, list(datas), max_rss=job.max_rss,
-                                  timeout=batch_timeout)
+    status, results = bounded_run(_host_batch, list(datas), job.setup.load,
+                                  max_rss=job.max_rss, timeout=batch_timeout)
     if status != "ok":
         results = [_host_one(data, job, send) for data in datas]
     for data, result in zip(datas, results, strict=True):
@@ -232,12 +237,13 @@ def _host_one(data: bytes, job: Job, send: Callable[[tuple[Any, ...]], None]) ->
     (an init function or IFUNC resolver the loader was right to call: glibc would call it
     too), which is an outcome, ``"own code: SIGSEGV"``; a signal either way is the loader's,
     a finding."""
-    how, value = bounded_run(_host_batch, [data], max_rss=job.max_rss, timeout=job.timeout)
+    how, value = bounded_run(_host_batch, [data], job.setup.load, max_rss=job.max_rss,
+                             timeout=job.timeout)
     if how == "ok":
         return str(value[0])
     if how.startswith("SIG"):
-        again, value = bounded_run(_host_batch, [data], False, max_rss=job.max_rss,
-                                   timeout=job.timeout)
+        again, value = bounded_run(_host_batch, [data], job.setup.load, False,
+                                   max_rss=job.max_rss, timeout=job.timeout)
         if again == "ok":
             return str(value[0]) if value[0].startswith("FAIL") else f"own code: {how}"
     send(("finding", how, "host", data))
