@@ -24,11 +24,13 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+import numpy.typing as npt
+
 import loader
 from loader.mmap import Mmap
 from loader.pages import page_round_down, page_round_up
 from vmsim.fuzz.checking import CheckingMmap, Violation
-from vmsim.fuzz.elfwriter import PT_GNU_RELRO, ElfImage
+from vmsim.fuzz.elfwriter import PT_GNU_RELRO, PT_LOAD, ElfImage
 
 __all__ = [
     "check_malformed_load",
@@ -40,11 +42,13 @@ __all__ = [
 ]
 
 
-def expected_page_perms(image: ElfImage, page_size: int) -> list[str]:
-    """The final perms of every page of the image's span, from its program headers alone:
-    each PT_LOAD's pages with its flags, holes ``---p``, RELRO ``r--p`` with both ends rounded
-    down as glibc does. Independent of the loader's own plan."""
-    loads = image.load_segments
+def expected_page_perms(image: ElfImage | npt.NDArray[Any], page_size: int) -> list[str]:
+    """The final perms of every page of the image's span, from its program headers alone
+    (``image``: an ElfImage, or a program-header table with ``loader.elfdefs.PHDR_DTYPE``'s
+    fields): each PT_LOAD's pages with its flags, holes ``---p``, RELRO ``r--p`` with both
+    ends rounded down as glibc does. Independent of the loader's own plan."""
+    phdrs = image.phdrs if isinstance(image, ElfImage) else image
+    loads = phdrs[phdrs["p_type"] == PT_LOAD]
     vmin = page_round_down(int(loads["p_vaddr"].min()), page_size)
     vmax = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page_size)
     perms = ["---p"] * ((vmax - vmin) // page_size)
@@ -58,7 +62,7 @@ def expected_page_perms(image: ElfImage, page_size: int) -> list[str]:
         hi = page_round_up(int(ph["p_vaddr"] + ph["p_memsz"]), page_size)
         for va in range(lo, hi, page_size):
             perms[(va - vmin) // page_size] = text
-    relro = image.phdrs[image.phdrs["p_type"] == PT_GNU_RELRO]
+    relro = phdrs[phdrs["p_type"] == PT_GNU_RELRO]
     if len(relro):
         lo = page_round_down(int(relro["p_vaddr"][0]), page_size)
         hi = page_round_down(int(relro["p_vaddr"][0] + relro["p_memsz"][0]), page_size)
