@@ -16,6 +16,10 @@ A map of the package, from the bottom up:
                        obtained and writes only pages it made writable (:class:`Violation`)
 ``properties``         the properties: ``check_valid_load``, ``check_malformed_load``,
                        ``check_same_on_both``, ``check_plan_predicts_map``
+``contract``           the loader under test: any ``f(data, mm) -> load bias``;
+                       :func:`project_loader` (ours behind it), refusals, ``--loader`` names
+``suite``              :func:`check_loader`: the properties as one hypothesis test, for a
+                       student's own pytest file
 ``kinds``              the table of campaign kinds: each kind's strategy, property, host check
 ``channel``            the slot (shared memory) and pipe between a worker and its parent
 ``worker``             the forked worker: hypothesis rounds, host batches
@@ -37,6 +41,7 @@ host loads with it.
 from vmsim.fuzz.campaign import run_campaign, shrink_finding
 from vmsim.fuzz.checking import CheckingMmap, Violation
 from vmsim.fuzz.command import main
+from vmsim.fuzz.contract import LoaderUnderTest, image_knobs, loader_named, project_loader
 from vmsim.fuzz.elfwriter import ElfImage, ElfSpec
 from vmsim.fuzz.properties import (
     check_malformed_load,
@@ -47,6 +52,7 @@ from vmsim.fuzz.properties import (
     failure_class,
 )
 from vmsim.fuzz.stats import BOUND_CLASSES, CampaignStats, Finding
+from vmsim.fuzz.suite import check_loader
 
 __all__ = [
     "BOUND_CLASSES",
@@ -55,14 +61,19 @@ __all__ = [
     "ElfImage",
     "ElfSpec",
     "Finding",
+    "LoaderUnderTest",
     "Violation",
+    "check_loader",
     "check_malformed_load",
     "check_plan_predicts_map",
     "check_same_on_both",
     "check_valid_load",
     "expected_page_perms",
     "failure_class",
+    "image_knobs",
+    "loader_named",
     "main",
+    "project_loader",
     "run_campaign",
     "shrink_finding",
 ]

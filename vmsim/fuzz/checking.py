@@ -101,9 +101,10 @@ class CheckingMmap:
         lo, hi = self._span(addr, length)
         if not self.owned.covers(lo, hi):
             raise Violation(f"{op}({addr:#x}, {length:#x}) outside the loader's reservation "
-                            f"({self._owned_text()})")
+                            f"({self.owned_text()})")
 
-    def _owned_text(self) -> str:
+    def owned_text(self) -> str:
+        """The ranges obtained, for a message (``nothing`` when none)."""
         return ", ".join(f"{a:#x}-{b:#x}" for a, b, _v in self.owned.items) or "nothing"
 
     def _obtained(self, addr: int, length: int, prot: ProtFlags) -> None:
@@ -169,7 +170,7 @@ class CheckingMmap:
         lo, hi = self._span(addr, max(length, 1))
         if not self.owned.covers(lo, hi):
             raise Violation(f"write of {length:#x} bytes at {addr:#x} outside the loader's "
-                            f"reservation ({self._owned_text()})")
+                            f"reservation ({self.owned_text()})")
         if not self.prots.covers(lo, hi):
             raise Violation(f"write of {length:#x} bytes at {addr:#x}: the loader unmapped "
                             "(part of) it")

@@ -20,7 +20,6 @@ Part of the fuzz kit (``vmsim.fuzz``):
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import loader
 from loader.mmap import Mmap
 from loader.pages import page_round_down, page_round_up
 from vmsim.fuzz.checking import CheckingMmap, Violation
+from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
 from vmsim.fuzz.elfwriter import PT_GNU_RELRO, PT_LOAD, ElfImage
 
 __all__ = [
@@ -42,12 +42,21 @@ __all__ = [
 ]
 
 
-def expected_page_perms(image: ElfImage | npt.NDArray[Any], page_size: int) -> list[str]:
-    """The final perms of every page of the image's span, from its program headers alone
-    (``image``: an ElfImage, or a program-header table with ``loader.elfdefs.PHDR_DTYPE``'s
-    fields): each PT_LOAD's pages with its flags, holes ``---p``, RELRO ``r--p`` with both
-    ends rounded down as glibc does. Independent of the loader's own plan."""
-    phdrs = image.phdrs if isinstance(image, ElfImage) else image
+Headers = ElfImage | npt.NDArray[Any]
+"""What the checks below read the program headers from: an ElfImage, or a program-header table
+with ``loader.elfdefs.PHDR_DTYPE``'s fields (a real file's, as ``vmsim.fuzz.realfiles`` reads)."""
+
+
+def _phdrs(image: Headers) -> npt.NDArray[Any]:
+    """The program-header table of ``image``."""
+    return image.phdrs if isinstance(image, ElfImage) else image
+
+
+def expected_page_perms(image: Headers, page_size: int) -> list[str]:
+    """The final perms of every page of the image's span, from its program headers alone:
+    each PT_LOAD's pages with its flags, holes ``---p``, RELRO ``r--p`` with both ends rounded
+    down as glibc does. Independent of the loader's own plan."""
+    phdrs = _phdrs(image)
     loads = phdrs[phdrs["p_type"] == PT_LOAD]
     vmin = page_round_down(int(loads["p_vaddr"].min()), page_size)
     vmax = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page_size)
@@ -71,11 +80,9 @@ def expected_page_perms(image: ElfImage | npt.NDArray[Any], page_size: int) -> l
     return perms
 
 
-def _final_perms(obj: loader.LoadedObject, mm: Mmap) -> list[str]:
-    """The perms of every page of ``obj``'s span as ``mm`` reports them (``---p`` where
+def _final_perms(start: int, end: int, page: int, mm: Mmap) -> list[str]:
+    """The perms of every page of ``[start, end)`` as ``mm`` reports them (``---p`` where
     nothing is mapped)."""
-    page = obj.plan.page_size
-    start, end = obj.span
     perms = ["---p"] * ((end - start) // page)
     for r in mm.maps():
         lo, hi = max(r.start, start), min(r.end, end)
@@ -84,21 +91,42 @@ def _final_perms(obj: loader.LoadedObject, mm: Mmap) -> list[str]:
     return perms
 
 
+def _first_difference(seen: list[str], want: list[str], name: str, page: int) -> None:
+    """Violation naming the first page where ``seen`` differs from ``want`` (``name``)."""
+    if seen != want:
+        bad = [i for i, (a, b) in enumerate(zip(seen, want, strict=False)) if a != b]
+        first = bad[0] if bad else min(len(seen), len(want))
+        raise Violation(f"final map differs from {name} at page +{first * page:#x}: "
+                        f"{seen[first] if first < len(seen) else 'none'} != "
+                        f"{want[first] if first < len(want) else 'none'} "
+                        f"({len(bad)} pages differ; span {len(seen)} vs {len(want)} pages)")
+
+
+def image_span(image: Headers, bias: int, page: int) -> tuple[int, int]:
+    """Where the image lies in memory when loaded at ``bias``: its PT_LOADs' pages."""
+    loads = _phdrs(image)[_phdrs(image)["p_type"] == PT_LOAD]
+    lo = page_round_down(int(loads["p_vaddr"].min()), page)
+    hi = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page)
+    return bias + lo, bias + hi
+
+
+def check_headers_predict_map(image: Headers, bias: int, mm: Mmap) -> None:
+    """The final per-page perms of the image's span at ``bias`` (as ``mm`` reports them) equal
+    what the program headers predict (:func:`expected_page_perms`). Needs nothing from the
+    loader but its bias: the map check of any loader under test."""
+    page = mm.page_size
+    start, end = image_span(image, bias, page)
+    _first_difference(_final_perms(start, end, page, mm), expected_page_perms(image, page),
+                      "the program headers", page)
+
+
 def check_plan_predicts_map(obj: loader.LoadedObject, image: ElfImage, mm: Mmap) -> None:
     """Property 5: the final per-page perms of the span (as ``mm`` reports them) equal what
     the plan predicts and what the program headers predict (:func:`expected_page_perms`)."""
     page = obj.plan.page_size
-    seen = _final_perms(obj, mm)
-    planned = [p.rwx + "p" for p in obj.plan.page_prots()]
-    expected = expected_page_perms(image, page)
-    for name, want in (("the plan", planned), ("the program headers", expected)):
-        if seen != want:
-            bad = [i for i, (a, b) in enumerate(zip(seen, want, strict=False)) if a != b]
-            first = bad[0] if bad else min(len(seen), len(want))
-            raise Violation(f"final map differs from {name} at page +{first * page:#x}: "
-                            f"{seen[first] if first < len(seen) else 'none'} != "
-                            f"{want[first] if first < len(want) else 'none'} "
-                            f"({len(bad)} pages differ; span {len(seen)} vs {len(want)} pages)")
+    seen = _final_perms(*obj.span, page, mm)
+    _first_difference(seen, [p.rwx + "p" for p in obj.plan.page_prots()], "the plan", page)
+    check_headers_predict_map(image, obj.load_bias, mm)
 
 
 def _expected_segment_bytes(image: ElfImage, index: int, bias: int) -> bytes:
@@ -122,18 +150,28 @@ def _resolver_bytes(image: ElfImage, index: int) -> list[tuple[int, int]]:
             if r.segment == index and r.symbol is not None and r.symbol in imports]
 
 
-def check_valid_load(image: ElfImage, mm: Mmap, *, source: Any = None,
-                     base: int | None = None) -> None:
-    """Property 1 (one backend) with 3, 4 and 5: load ``image`` (or ``source``, e.g. its path)
-    on ``mm`` through a :class:`CheckingMmap`; check symbols, every segment's bytes, the final
-    map; unload and check nothing is left."""
-    cm = CheckingMmap(mm)
-    obj = loader.load(image.data if source is None else source, cm, base=base)
+def _check_symbols(obj: loader.LoadedObject, image: ElfImage) -> None:
+    """The project's loader only (a loader under test has no symbol lookup): every defined
+    symbol at the load bias plus its vaddr."""
     bias = obj.load_bias
     for sym in image.spec.symbols:
         if sym.segment is not None and obj.symbol(sym.name) != bias + image.symbol_vaddr(sym.name):
             raise Violation(f"symbol {sym.name} at {obj.symbol(sym.name):#x}, expected "
                             f"{bias + image.symbol_vaddr(sym.name):#x}")
+
+
+def _check_bias(image: Headers, bias: int, cm: CheckingMmap) -> None:
+    """Violation unless the image's span at ``bias`` lies inside what the loader obtained (a
+    bias that points elsewhere would make every other check read memory it never mapped)."""
+    start, end = image_span(image, bias, cm.page_size)
+    if bias % cm.page_size or not cm.owned.covers(start, end):
+        raise Violation(f"the load bias {bias:#x} puts the image at {start:#x}-{end:#x}, "
+                        f"outside what the loader mapped ({cm.owned_text()})")
+
+
+def check_segment_bytes(image: ElfImage, bias: int, mm: Mmap) -> None:
+    """Every byte of every user segment at ``bias`` is as the writer predicts: file bytes,
+    zeros for .bss, each relocated word; the words imports bind are the resolver's choice."""
     for i, seg in enumerate(image.spec.segments):
         if not seg.memsz:
             continue
@@ -146,43 +184,71 @@ def check_valid_load(image: ElfImage, mm: Mmap, *, source: Any = None,
             raise Violation(f"segment {i} ({seg.flags}) byte +{at:#x} (vaddr "
                             f"{image.segment_vaddr(i) + at:#x}) is {got[at]:#04x}, expected "
                             f"{want[at]:#04x} ({'bss' if at >= len(seg.data) else 'file'})")
-    check_plan_predicts_map(obj, image, mm)
-    obj.unload()
-    left = cm.leftovers()
-    if left:
-        raise Violation(f"after unload still mapped: {[str(r) for r in left]}")
 
 
-def check_malformed_load(data: bytes, mm: Mmap) -> str:
-    """Property 2 (with 3 and 4): loading ``data`` either works (then unloads cleanly) or
-    raises ``ElfError``; anything else propagates. Afterwards nothing the loader obtained is
-    still mapped. Returns ``"loaded"`` or the ElfError's class name.
+def check_valid_load(image: ElfImage, mm: Mmap, *, loader: LoaderUnderTest | None = None,
+                     source: Any = None, base: int | None = None) -> None:
+    """Property 1 (one backend) with 3, 4 and 5: ``loader`` (default: the project's; see
+    ``vmsim.fuzz.contract``) loads ``image`` on ``mm`` through a :class:`CheckingMmap`; check
+    every segment's bytes and the final map against the program headers, then drop what it
+    left and check nothing remains. For the project's loader also: it may load ``source``
+    (e.g. the image's path) and at ``base``; its symbols and its plan are checked too."""
+    if loader is not None and (source is not None or base is not None):
+        raise TypeError("source= and base= are the project's loader's options; a loader under "
+                        "test takes the file's bytes only")
+    cm = CheckingMmap(mm)
+    data = image.data if source is None else source
+    attempt = attempt_load(loader, data, cm, **({} if base is None else {"base": base}))
+    if attempt.bias is None:
+        raise Violation(f"a valid image was refused: {attempt.refusal}: {attempt.reason}")
+    _check_bias(image, attempt.bias, cm)
+    if attempt.obj is not None:
+        _check_symbols(attempt.obj, image)
+    check_segment_bytes(image, attempt.bias, mm)
+    if attempt.obj is not None:
+        check_plan_predicts_map(attempt.obj, image, mm)
+    else:
+        check_headers_predict_map(image, attempt.bias, mm)
+    drop(attempt, cm)
 
-    An ``MmapError`` from the backend (an absurd but well-formed size that this machine cannot
-    reserve: ENOMEM) is let through as docs/DESIGN.md says, and returned as ``"MmapError(ENOMEM)"``
-    so campaigns count it apart; it must leave nothing behind either.
+
+def check_malformed_load(data: bytes, mm: Mmap, *, loader: LoaderUnderTest | None = None
+                         ) -> str:
+    """Property 2 (with 3 and 4): ``loader`` (default: the project's) either loads ``data``
+    or refuses it; either way nothing it obtained is left mapped once the space is dropped.
+    Returns ``"loaded"`` or the refusal's class name.
+
+    The project's loader refuses with ``ElfError`` only, or ``MmapError`` (an absurd but
+    well-formed size that this machine cannot reserve: ENOMEM, counted apart as
+    ``"MmapError(ENOMEM)"``, as docs/DESIGN.md says); a loader under test with any Exception
+    but those ``vmsim.fuzz.contract`` calls bugs. Anything else propagates.
     """
     cm = CheckingMmap(mm)
-    try:
-        obj = loader.load(data, cm)
-    except loader.ElfError as exc:
-        result = type(exc).__name__
-    except loader.MmapError as exc:
-        result = f"MmapError({errno.errorcode.get(exc.errno or 0, exc.errno)})"
-    else:
-        obj.unload()
-        result = "loaded"
-    left = cm.leftovers()
-    if left:
-        raise Violation(f"{result}, but still mapped: {[str(r) for r in left]}")
-    return result
+    attempt = attempt_load(loader, data, cm)
+    drop(attempt, cm)
+    return attempt.outcome
 
 
-def check_same_on_both(image: ElfImage, make_other: Callable[[], Mmap]) -> None:
+def _host_valid_load(image: ElfImage, load: LoaderUnderTest) -> str:
+    """In a forked child: :func:`check_valid_load` of ``load`` on the host."""
+    from loader.libc import LibcMmap
+
+    check_valid_load(image, LibcMmap(), loader=load)
+    return "loaded"
+
+
+def check_same_on_both(image: ElfImage, make_other: Callable[[], Mmap], *,
+                       loader: LoaderUnderTest | None = None) -> None:
     """Property 1 across backends: the host (forked children) and ``make_other()`` load the
-    image at the same address with equal outcomes (regions, page bytes, RELRO, calls)."""
-    from loader.compare import compare_backends
+    image with equal outcomes. The project's loader: both at the same address, their outcomes
+    compared (regions, page bytes, RELRO, calls). A loader under test: on each backend its
+    map and bytes equal the same prediction (:func:`check_valid_load`)."""
+    from loader.compare import compare_backends, run_host
 
+    if loader is not None:
+        check_valid_load(image, make_other(), loader=loader)
+        run_host(_host_valid_load, image, loader, source=image.data)
+        return
     result = compare_backends(image.data, make_other())
     if result.differences:
         raise Violation("host and simulator differ: " + "; ".join(result.differences[:6]))

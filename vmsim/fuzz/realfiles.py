@@ -36,19 +36,17 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from loader import elfdefs as ed
-from loader.errors import ElfError
 from loader.mmap import Mmap
-from loader.pages import page_round_down, page_round_up
-from loader.pipeline import load as project_load
+from loader.pages import page_round_up
 from vmsim.fuzz import malformed as mf
 from vmsim.fuzz.checking import CheckingMmap, Violation
+from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
 from vmsim.fuzz.elfwriter import ElfImage, ElfSpec, TableInfo
 from vmsim.fuzz.knobs import ValueOrStrategy, as_strategy, check_subset, ints
-from vmsim.fuzz.properties import check_malformed_load, expected_page_perms
+from vmsim.fuzz.properties import _check_bias, check_headers_predict_map, check_malformed_load
 
 __all__ = [
     "FILE_MUTATION_KINDS",
-    "Loader",
     "MAX_FILE_SIZE",
     "MutatedFile",
     "check_file_load",
@@ -69,10 +67,6 @@ relocation (r_offset, its symbol, its type, r_addend), a DT_RELR entry, a symbol
 relocation references (st_name, st_info, st_shndx, st_value, st_size), the hash tables (GNU and
 SysV: counts, bloom words, buckets, chains), the version tables (versym entries, verdef/verneed
 counts and links) or the init/fini arrays (entries, sizes); cut the file short; flip bytes."""
-
-Loader = Callable[[bytes, Mmap], int]
-"""A loader under test: ``f(data, mm)`` loads ``data`` onto ``mm`` and returns its load bias
-(until ``vmsim.fuzz.contract`` names it)."""
 
 _UNCHANGED_SHARE = 8
 """One draw in this many leaves the file unchanged (when "none" is among the kinds)."""
@@ -724,9 +718,11 @@ def _expected_for(path: str, data: bytes) -> _Expected:
 # The property.
 
 
-def check_file_load(value: MutatedFile, mm: Mmap, *, loader: Loader | None = None) -> str:
+def check_file_load(value: MutatedFile, mm: Mmap, *,
+                    loader: LoaderUnderTest | None = None) -> str:
     """The property for one drawn file; returns the outcome ("loaded" or the refusal's class
-    name). ``loader``: the loader under test (default: the project's).
+    name). ``loader``: the loader under test (default: the project's; see
+    ``vmsim.fuzz.contract``).
 
     A corrupted file: :func:`~vmsim.fuzz.properties.check_malformed_load` (it loads or is
     refused, the loader stays inside what it reserved and writes only pages it made writable,
@@ -735,29 +731,25 @@ def check_file_load(value: MutatedFile, mm: Mmap, *, loader: Loader | None = Non
     per-page permissions are what the program headers predict with glibc's RELRO rounding;
     every PT_LOAD holds the file's bytes except the words relocations write, zeros in .bss
     and up to the end of its last page; every R_X86_64_RELATIVE word is load_bias + r_addend
-    and every DT_RELR word load_bias + the word the file stores there; after unloading,
-    nothing is left mapped. A difference raises :class:`~vmsim.fuzz.checking.Violation`
-    naming the first one.
+    and every DT_RELR word load_bias + the word the file stores there; once the space is
+    dropped, nothing is left mapped. A difference raises
+    :class:`~vmsim.fuzz.checking.Violation` naming the first one.
     """
     if value.kind != "none":
-        return check_malformed_load(value.data, mm)
+        return check_malformed_load(value.data, mm, loader=loader)
     want = _expected_for(value.path, value.data)
     cm = CheckingMmap(mm)
-    try:
-        obj = project_load(value.data, cm)
-    except ElfError as exc:
-        raise Violation(f"{value.path} (unchanged) refused: {type(exc).__name__}: {exc}") \
-            from exc
-    bias = obj.load_bias
+    attempt = attempt_load(loader, value.data, cm)
+    if attempt.bias is None:
+        raise Violation(f"{value.path} (unchanged) was refused: {attempt.refusal}: "
+                        f"{attempt.reason}")
+    _check_bias(want.phdrs, attempt.bias, cm)
     loads = want.phdrs[want.phdrs["p_type"] == ENUM_P_TYPE_BASE["PT_LOAD"]]
     for i, ph in enumerate(loads):
         if int(ph["p_memsz"]):
-            _check_segment(value.data, want, mm, bias, i, loads)
-    _check_perms(want.phdrs, mm, bias)
-    obj.unload()
-    left = cm.leftovers()
-    if left:
-        raise Violation(f"after unload still mapped: {[str(r) for r in left]}")
+            _check_segment(value.data, want, mm, attempt.bias, i, loads)
+    check_headers_predict_map(want.phdrs, attempt.bias, mm)
+    drop(attempt, cm)
     return "loaded"
 
 
@@ -820,20 +812,3 @@ def _check_tail(mm: Mmap, bias: int, file_end: int, end: int,
     if len(bad):
         raise Violation(f"byte at vaddr {end + int(bad[0]):#x}, after .bss in its last page, "
                         f"is {int(tail[bad[0]]):#04x}, not 0")
-
-
-def _check_perms(phdrs: npt.NDArray[Any], mm: Mmap, bias: int) -> None:
-    """The final perms of every page of the span equal :func:`expected_page_perms`."""
-    page = mm.page_size
-    expected = expected_page_perms(phdrs, page)
-    loads = phdrs[phdrs["p_type"] == ENUM_P_TYPE_BASE["PT_LOAD"]]
-    start = bias + page_round_down(int(loads["p_vaddr"].min()), page)
-    end = start + len(expected) * page
-    seen = ["---p"] * len(expected)
-    for r in mm.maps():
-        for va in range(max(r.start, start), min(r.end, end), page):
-            seen[(va - start) // page] = r.perms
-    if seen != expected:
-        k = next(k for k, (a, b) in enumerate(zip(seen, expected, strict=True)) if a != b)
-        raise Violation(f"page +{k * page:#x} (vaddr {start - bias + k * page:#x}) is "
-                        f"{seen[k]}, the program headers say {expected[k]}")
