@@ -92,6 +92,10 @@ class MutatedFile:
     def __repr__(self) -> str:
         return f"MutatedFile({os.path.basename(self.path)}, {self.kind}: {self.mutation})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """How hypothesis prints a drawn file (its printer would list the bytes otherwise)."""
+        printer.text(repr(self))
+
 
 _READ: dict[str, tuple[tuple[int, int], bytes]] = {}
 """path -> ((size, mtime_ns), bytes): each file is read once per process."""
@@ -198,6 +202,9 @@ class _Layout:
 
     view: ElfImage
     options: dict[str, list[Mutator]]
+
+    def __repr__(self) -> str:  # hypothesis shows the strategy's arguments: keep it short
+        return f"<layout of {len(self.view.data)} bytes>"
 
 
 def _phdr_table(data: bytes) -> tuple[int, npt.NDArray[Any]]:
