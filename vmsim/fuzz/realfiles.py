@@ -101,10 +101,14 @@ _READ: dict[str, tuple[tuple[int, int], bytes]] = {}
 """path -> ((size, mtime_ns), bytes): each file is read once per process."""
 
 
-def read_elf_paths(paths: Iterable[str | os.PathLike[str]]) -> dict[str, bytes]:
-    """path -> bytes of every path, each an ELF64 x86-64 file of at most
-    :data:`MAX_FILE_SIZE` bytes; ValueError (one line naming the path) for a missing file, a
-    directory, a file that is not ELF, not ELF64 x86-64, or too large."""
+def read_elf_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+                   ) -> dict[str, bytes]:
+    """path -> bytes of every path (or of the one path), each an ELF64 x86-64 file of at
+    most :data:`MAX_FILE_SIZE` bytes; ValueError (one line naming the path) for a missing
+    file, a directory, a file that is not ELF, not ELF64 x86-64, or too large. Each file is
+    read once per process (again only if its size or mtime changed)."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
     return {os.fspath(p): _read_elf(os.fspath(p)) for p in paths}
 
 
