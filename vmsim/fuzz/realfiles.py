@@ -11,10 +11,11 @@ read (bounded: every count is checked against the file's size before anything is
 into the shape those mutators read, an :class:`~vmsim.fuzz.elfwriter.ElfImage` without a spec;
 a table whose headers lie is left out, so its kinds are not drawn. Besides those, every kind
 can overwrite one field of one entry of its tables with a boundary value (0, 1, all-ones, off
-by one, a page, past EOF, the address of another table): :data:`_FIELDS` lists the fields.
+by one, a page, past EOF, the address of another table): :func:`_field_tables` lists them.
 
 The unchanged file is judged by an oracle that does not use the loader's parser: pyelftools
-reads the program headers and dynamic tags, numpy the relocation tables.
+reads the program headers and dynamic tags and maps addresses to file offsets; numpy reads
+the relocation tables (``loader.elfdefs``' record layouts) and compares the memory.
 """
 
 from __future__ import annotations
@@ -164,12 +165,15 @@ Field = tuple[str, int, int]
 
 def _fields(dtype: np.dtype[Any], *skip: str) -> tuple[Field, ...]:
     """Every field of ``dtype`` but ``skip``, as :data:`Field` s."""
-    return tuple((name, mf._field(dtype, name)[0], mf._field(dtype, name)[1])
-                 for name in dtype.names or () if name not in skip)
+    return tuple((name, *mf._field(dtype, name)) for name in dtype.names or ()
+                 if name not in skip)
 
 
-_RELA_FIELDS: tuple[Field, ...] = (("r_offset", 0, 8), ("r_info.type", 8, 4),
-                                   ("r_info.sym", 12, 4), ("r_addend", 16, 8))
+_R_INFO = mf._field(ed.RELA_DTYPE, "r_info")[0]
+_RELA_FIELDS: tuple[Field, ...] = (  # r_info's low word is the type, its high word the symbol
+    *_fields(ed.RELA_DTYPE, "r_info", "r_addend"), ("r_info.type", _R_INFO, ed.WORD_SIZE),
+    ("r_info.sym", _R_INFO + ed.WORD_SIZE, ed.WORD_SIZE), *_fields(ed.RELA_DTYPE, "r_offset",
+                                                                    "r_info"))
 _SYM_FIELDS = _fields(ed.SYM_DTYPE, "st_other")
 _WORD8: tuple[Field, ...] = (("", 0, ed.ADDR_SIZE),)
 _WORD4: tuple[Field, ...] = (("", 0, ed.WORD_SIZE),)
@@ -546,7 +550,8 @@ def mutated_files(
     :data:`FILE_MUTATION_KINDS`).
 
     With "none" among the kinds, one draw in eight is the file unchanged (and a failing
-    example shrinks towards it). A corruption is found through the file's own headers:
+    example shrinks towards it; hypothesis does not repeat an input, so a run checks each
+    unchanged file about once). A corruption is found through the file's own headers:
     ``malformed``'s mutators on the file's layout (see :func:`~vmsim.fuzz.malformed.malformed_elf`
     for what each kind does), or one field of one entry of the kind's tables set to a boundary
     value. A kind the file gives nothing to corrupt falls back to "truncate".
