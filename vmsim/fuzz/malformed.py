@@ -574,16 +574,25 @@ def _mutate_import(draw: st.DrawFn, image: ElfImage, data: bytearray) -> str:
     return f"dynsym[{i}].{field} = {value:#x} (import)"
 
 
+_CHAIN_LIMIT = 4096
+"""The most entries (aux entries included) :func:`_chain` walks: a real file's version chains
+have a few dozen; a longer one is a loop or a lie (``vmsim.fuzz.realfiles`` reads real files)."""
+
+
 def _chain(image: ElfImage, name: str) -> list[tuple[int, list[int]]]:
     """The verdef or verneed chain of the valid image: (file offset of each entry, file
-    offsets of its aux entries)."""
+    offsets of its aux entries). ValueError when it leaves the file or runs past
+    :data:`_CHAIN_LIMIT` entries."""
     dtype, aux_dtype = (ew.VERDEF, ew.VERDAUX) if name == "verdef" else (ew.VERNEED,
                                                                           ew.VERNAUX)
     prefix = "vd" if name == "verdef" else "vn"
-    at, out = image.tables[name].offset, []
+    at, out, walked = image.tables[name].offset, [], 0
     while True:
         entry = np.frombuffer(image.data, dtype, 1, at)[0]
         aux, auxes = at + int(entry[f"{prefix}_aux"]), []
+        walked += 1 + int(entry[f"{prefix}_cnt"])
+        if walked > _CHAIN_LIMIT:
+            raise ValueError(f"{name} chain longer than {_CHAIN_LIMIT} entries")
         for _ in range(int(entry[f"{prefix}_cnt"])):
             auxes.append(aux)
             step = int(np.frombuffer(image.data, aux_dtype, 1, aux)[0][f"{prefix}a_next"])

@@ -23,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy.typing as npt
+
 import loader
 from loader.mmap import Mmap
 from loader.pages import page_round_down, page_round_up
 from vmsim.fuzz.checking import CheckingMmap, Violation
 from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
-from vmsim.fuzz.elfwriter import PT_GNU_RELRO, ElfImage
+from vmsim.fuzz.elfwriter import PT_GNU_RELRO, PT_LOAD, ElfImage
 
 __all__ = [
     "check_malformed_load",
@@ -40,11 +42,22 @@ __all__ = [
 ]
 
 
-def expected_page_perms(image: ElfImage, page_size: int) -> list[str]:
+Headers = ElfImage | npt.NDArray[Any]
+"""What the checks below read the program headers from: an ElfImage, or a program-header table
+with ``loader.elfdefs.PHDR_DTYPE``'s fields (a real file's, as ``vmsim.fuzz.realfiles`` reads)."""
+
+
+def _phdrs(image: Headers) -> npt.NDArray[Any]:
+    """The program-header table of ``image``."""
+    return image.phdrs if isinstance(image, ElfImage) else image
+
+
+def expected_page_perms(image: Headers, page_size: int) -> list[str]:
     """The final perms of every page of the image's span, from its program headers alone:
     each PT_LOAD's pages with its flags, holes ``---p``, RELRO ``r--p`` with both ends rounded
     down as glibc does. Independent of the loader's own plan."""
-    loads = image.load_segments
+    phdrs = _phdrs(image)
+    loads = phdrs[phdrs["p_type"] == PT_LOAD]
     vmin = page_round_down(int(loads["p_vaddr"].min()), page_size)
     vmax = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page_size)
     perms = ["---p"] * ((vmax - vmin) // page_size)
@@ -58,7 +71,7 @@ def expected_page_perms(image: ElfImage, page_size: int) -> list[str]:
         hi = page_round_up(int(ph["p_vaddr"] + ph["p_memsz"]), page_size)
         for va in range(lo, hi, page_size):
             perms[(va - vmin) // page_size] = text
-    relro = image.phdrs[image.phdrs["p_type"] == PT_GNU_RELRO]
+    relro = phdrs[phdrs["p_type"] == PT_GNU_RELRO]
     if len(relro):
         lo = page_round_down(int(relro["p_vaddr"][0]), page_size)
         hi = page_round_down(int(relro["p_vaddr"][0] + relro["p_memsz"][0]), page_size)
@@ -89,15 +102,15 @@ def _first_difference(seen: list[str], want: list[str], name: str, page: int) ->
                         f"({len(bad)} pages differ; span {len(seen)} vs {len(want)} pages)")
 
 
-def image_span(image: ElfImage, bias: int, page: int) -> tuple[int, int]:
+def image_span(image: Headers, bias: int, page: int) -> tuple[int, int]:
     """Where the image lies in memory when loaded at ``bias``: its PT_LOADs' pages."""
-    loads = image.load_segments
+    loads = _phdrs(image)[_phdrs(image)["p_type"] == PT_LOAD]
     lo = page_round_down(int(loads["p_vaddr"].min()), page)
     hi = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page)
     return bias + lo, bias + hi
 
 
-def check_headers_predict_map(image: ElfImage, bias: int, mm: Mmap) -> None:
+def check_headers_predict_map(image: Headers, bias: int, mm: Mmap) -> None:
     """The final per-page perms of the image's span at ``bias`` (as ``mm`` reports them) equal
     what the program headers predict (:func:`expected_page_perms`). Needs nothing from the
     loader but its bias: the map check of any loader under test."""
@@ -147,7 +160,7 @@ def _check_symbols(obj: loader.LoadedObject, image: ElfImage) -> None:
                             f"{bias + image.symbol_vaddr(sym.name):#x}")
 
 
-def _check_bias(image: ElfImage, bias: int, cm: CheckingMmap) -> None:
+def _check_bias(image: Headers, bias: int, cm: CheckingMmap) -> None:
     """Violation unless the image's span at ``bias`` lies inside what the loader obtained (a
     bias that points elsewhere would make every other check read memory it never mapped)."""
     start, end = image_span(image, bias, cm.page_size)
