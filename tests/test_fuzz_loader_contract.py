@@ -131,3 +131,21 @@ def test_usage_errors_exit_2(argv: list[str], says: str) -> None:
 def test_time_is_the_whole_campaign(tmp_path: Path) -> None:
     ran = run_cli("fuzz", "--time", "2", "--out", str(tmp_path), timeout=60)
     assert "valid on sim for 1s" in ran.err and "malformed on sim for 1s" in ran.err, ran.err
+
+
+def test_vmsim_fuzz_mutates_real_files_on_both_backends(tmp_path: Path) -> None:
+    """With PATHs the campaign draws those files, unchanged or corrupted field by field: the
+    project's loader only loads or refuses them, on the simulator and on the host."""
+    libz = "/usr/lib/x86_64-linux-gnu/libz.so.1"
+    ran = run_cli("fuzz", libz, "--time", "4", "--backend", "both", "--out", str(tmp_path),
+                  timeout=120)
+    assert ran.code == 0 and "files outcomes: loaded" in ran.out, ran
+    assert "host outcomes: loaded" in ran.out and "refused: Elf" in ran.out, ran.out
+
+
+def test_vmsim_fuzz_runs_a_loader_under_test_on_real_files(tmp_path: Path) -> None:
+    """The minimal loader knows RELATIVE only: on libz (with GLOB_DAT and JUMP_SLOT) it
+    refuses the unchanged file, which the files property reports as a failure."""
+    code, out = _fuzz(tmp_path, "planted_loaders:minimal", "/usr/lib/x86_64-linux-gnu/libz.so.1",
+                      seconds=4)
+    assert code == 1 and "(unchanged) was refused: ValueError: relocation type 6" in out, out

@@ -10,6 +10,8 @@ A map of the package, from the bottom up:
 ``images``             hypothesis strategies for valid images: ``elf_specs``, ``elf_images``
 ``malformed``          ``malformed_elf``: a valid image with one field-aware corruption; a
                        table of mutators, one per kind of ``MUTATION_KINDS``
+``realfiles``          ``mutated_files``: real ELF files with one field-aware corruption, and
+                       ``check_file_load``, their property (an oracle read by pyelftools)
 ``ops``                strategies for address-space operations (``ops``, ``op_sequences``)
                        and ``apply_op``, which runs one on any ``Mmap`` backend
 ``checking``           :class:`CheckingMmap`: a wrapper proving the loader stays inside what it

@@ -88,10 +88,18 @@ def _choices(p: argparse.ArgumentParser, args: argparse.Namespace
     except ValueError as exc:
         p.error(str(exc))
     if not args.paths:
+        if args.kind == "files":
+            p.error("--property files needs PATHs: the ELF files to mutate")
         return (["valid", "malformed"] if args.kind == "all" else [args.kind]), load, relocations
     if args.kind not in ("all", "files") or relocations is not None:
         p.error("with PATHs the campaign mutates those files: --property and --relocations "
                 "apply to synthetic images only")
+    from vmsim.fuzz.realfiles import read_elf_paths  # imports hypothesis: only when needed
+
+    try:
+        read_elf_paths(args.paths)
+    except ValueError as exc:
+        p.error(str(exc))
     return ["files"], load, None
 
 

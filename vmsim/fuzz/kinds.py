@@ -83,6 +83,20 @@ def _rate_strategy(setup: Setup) -> Any:
     return elf_images(**setup.knobs())
 
 
+def _files_strategy(setup: Setup) -> Any:
+    from vmsim.fuzz.realfiles import mutated_files
+
+    return mutated_files(setup.paths)
+
+
+def _check_file(value: Any, _scratch: Path, setup: Setup) -> str:
+    """A real file, unchanged (property 1 with an oracle read by pyelftools) or mutated
+    (property 2)."""
+    from vmsim.fuzz.realfiles import check_file_load
+
+    return check_file_load(value, AddressSpace(), loader=setup.load)
+
+
 def _check_malformed(value: Any, _scratch: Path, setup: Setup) -> str:
     """Property 2 on the corrupted file."""
     return check_malformed_load(value.data, AddressSpace(), loader=setup.load)
@@ -109,10 +123,14 @@ KINDS: dict[str, Kind] = {
                       lambda v: (v.data, f"{v.kind}: {v.mutation}"), _check_malformed, "batch"),
     "valid": Kind("valid", _valid_strategy, lambda v: (v[0].data, ""), _check_valid,
                   "compare"),
+    "files": Kind("files", _files_strategy, lambda v: (v.data, f"{v.kind}: {v.mutation}"),
+                  _check_file, "batch"),
     "rate": Kind("rate", _rate_strategy, lambda v: (v.data, ""), _only_load, None),
 }
 """Every kind a campaign can run: "malformed" (property 2 on ``malformed_elf``), "valid"
-(property 1 on ``elf_images``, host against simulator with ``backend="both"``), "rate" (only
+(property 1 on ``elf_images``, host against simulator with ``backend="both"``), "files" (the
+real files of ``Setup.paths``, unchanged or with one field-aware corruption:
+``vmsim.fuzz.realfiles``), "rate" (only
 generate and load valid images on the simulator: the throughput figure)."""
 
 

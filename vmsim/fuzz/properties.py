@@ -33,12 +33,16 @@ from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
 from vmsim.fuzz.elfwriter import PT_GNU_RELRO, PT_LOAD, ElfImage
 
 __all__ = [
+    "check_bias",
+    "check_headers_predict_map",
     "check_malformed_load",
     "check_plan_predicts_map",
     "check_same_on_both",
+    "check_segment_bytes",
     "check_valid_load",
     "expected_page_perms",
     "failure_class",
+    "image_span",
 ]
 
 
@@ -160,7 +164,7 @@ def _check_symbols(obj: loader.LoadedObject, image: ElfImage) -> None:
                             f"{bias + image.symbol_vaddr(sym.name):#x}")
 
 
-def _check_bias(image: Headers, bias: int, cm: CheckingMmap) -> None:
+def check_bias(image: Headers, bias: int, cm: CheckingMmap) -> None:
     """Violation unless the image's span at ``bias`` lies inside what the loader obtained (a
     bias that points elsewhere would make every other check read memory it never mapped)."""
     start, end = image_span(image, bias, cm.page_size)
@@ -201,7 +205,7 @@ def check_valid_load(image: ElfImage, mm: Mmap, *, loader: LoaderUnderTest | Non
     attempt = attempt_load(loader, data, cm, **({} if base is None else {"base": base}))
     if attempt.bias is None:
         raise Violation(f"a valid image was refused: {attempt.refusal}: {attempt.reason}")
-    _check_bias(image, attempt.bias, cm)
+    check_bias(image, attempt.bias, cm)
     if attempt.obj is not None:
         _check_symbols(attempt.obj, image)
     check_segment_bytes(image, attempt.bias, mm)

@@ -44,7 +44,7 @@ from vmsim.fuzz.checking import CheckingMmap, Violation
 from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
 from vmsim.fuzz.elfwriter import ElfImage, ElfSpec, TableInfo
 from vmsim.fuzz.knobs import ValueOrStrategy, as_strategy, check_subset, ints
-from vmsim.fuzz.properties import _check_bias, check_headers_predict_map, check_malformed_load
+from vmsim.fuzz.properties import check_bias, check_headers_predict_map, check_malformed_load
 
 __all__ = [
     "FILE_MUTATION_KINDS",
@@ -759,7 +759,7 @@ def check_file_load(value: MutatedFile, mm: Mmap, *,
     if attempt.bias is None:
         raise Violation(f"{value.path} (unchanged) was refused: {attempt.refusal}: "
                         f"{attempt.reason}")
-    _check_bias(want.phdrs, attempt.bias, cm)
+    check_bias(want.phdrs, attempt.bias, cm)
     loads = want.phdrs[want.phdrs["p_type"] == ENUM_P_TYPE_BASE["PT_LOAD"]]
     for i, ph in enumerate(loads):
         if int(ph["p_memsz"]):
