@@ -338,9 +338,10 @@ symbol's address, A the addend, B the load bias, P the place (the address writte
 @dataclass(frozen=True, slots=True)
 class Bindings:
     """Who the symbol slots (GLOB_DAT, JUMP_SLOT, R_X86_64_64) name: ``own`` a symbol this
-    object defines, ``imported`` one it does not; ``imports`` the distinct undefined symbols
-    any relocation names, ``weak`` of them weak, ``versioned`` of them with a version,
-    ``example`` one such ``name@VERSION``."""
+    object defines, ``imported`` one it does not; ``imports`` the distinct symbols looked up
+    outside the object (undefined ones any relocation names, and the sources of COPY
+    relocations), ``weak`` of them weak, ``versioned`` of them with a version, ``example``
+    one such ``name@VERSION``."""
 
     own: int = 0
     imported: int = 0
@@ -365,7 +366,8 @@ def bindings(tables: DynamicTables) -> Bindings:
     slot = np.isin(types, _SLOT_TYPES) & (syms != 0)
     own = int(np.count_nonzero(slot & ~undefined[syms]))
     imported = int(np.count_nonzero(slot & undefined[syms]))
-    used = np.unique(syms[(syms != 0) & undefined[syms]])
+    copied = types == int(R_X86_64.COPY)    # a COPY's source is looked up outside, too
+    used = np.unique(syms[(syms != 0) & (undefined[syms] | copied)])
     weak = int(np.count_nonzero(st_bind(tables.symtab["st_info"][used]) == int(STB.WEAK)))
     versioned, example = 0, ""
     if tables.versym is not None and len(used):
@@ -414,7 +416,8 @@ def bind_sentence(nslots: int, names: str, who: Bindings, extern: int, unresolve
     if unresolved:
         fates.append(f"{_n(unresolved)} unresolved (written as 0)")
     if who.imports:
-        return text + f". Its {_n(who.imports)} imported symbols (named by any relocation): " \
+        return text + f". Its {_n(who.imports)} imported symbols (any relocation's, COPY " \
+            "sources included): " \
             + "; ".join(fates)
     return text + (": " + "; ".join(fates) if fates else "")
 

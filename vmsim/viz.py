@@ -63,6 +63,7 @@ __all__ = [
     "plot_pages",
     "plot_trace",
     "printable",
+    "region_names",
     "region_role",
     "relative",
     "trace_frames",
@@ -160,13 +161,37 @@ def _object_name(region: Region) -> str:
     return printable(region.path.rsplit("/", 1)[-1])
 
 
+def region_names(regions: Sequence[Region], *, extern: tuple[int, int] | None = None,
+                 extern_paths: Iterable[str] = EXTERN_PATHS) -> list[str]:
+    """The name each view gives each region of ``regions`` (in address order): the file's
+    name; "extern" for the loader's stub mapping (:func:`region_role`); ".bss" for anonymous
+    writable memory right after a file mapping (the part of a segment's .bss past its last
+    file page, which the loader maps anonymously); "[anon]" for other anonymous memory."""
+    names = []
+    previous: Region | None = None
+    for region in regions:
+        if region_role(region, extern_paths=extern_paths, extern=extern) == "extern":
+            names.append("extern")
+        elif region.path:
+            names.append(_object_name(region))
+        elif (previous is not None and previous.end == region.start and _file_backed(previous)
+              and region.prot & ProtFlags.PROT_WRITE and region.prot & ProtFlags.PROT_READ):
+            names.append(".bss")
+        else:
+            names.append("[anon]")
+        previous = region
+    return names
+
+
 def _file_backed(region: Region) -> bool:
     return bool(region.inode) or region.path.startswith("/")
 
 
-def _region_label(region: Region, name_width: int = 0, offset_width: int = 0) -> str:
+def _region_label(region: Region, name_width: int = 0, offset_width: int = 0,
+                  name: str | None = None) -> str:
     offset = f"{region.offset:#x}" if _file_backed(region) else "-"
-    return (f"{_object_name(region):<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
+    shown = _object_name(region) if name is None else name
+    return (f"{shown:<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
             f"{format_size(region.length)}")
 
 
@@ -305,13 +330,15 @@ class _MapStyle:
     fontsize: float = 8.0
     name_width: int = 0
     offset_width: int = 0
+    names: dict[int, str] = field(default_factory=dict)
     roles_seen: set[str] = field(default_factory=set)
     flags_seen: set[str] = field(default_factory=set)
     unlabelled: set[int] = field(default_factory=set)
 
 
 def _label_for(style: _MapStyle, index: int, region: Region) -> str:
-    default = _region_label(region, style.name_width, style.offset_width)
+    default = _region_label(region, style.name_width, style.offset_width,
+                            style.names.get(region.start))
     if style.labels is None:
         return default
     if isinstance(style.labels, Mapping):
@@ -472,7 +499,10 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
               title: str | None) -> Axes:
     regions = sorted(regions, key=lambda r: r.start)
     _LAYOUTS[ax] = layout
-    style.name_width = max([len("object")] + [len(_object_name(r)) for r in regions])
+    style.names = dict(zip([r.start for r in regions],
+                           region_names(regions, extern=style.extern,
+                                        extern_paths=style.extern_paths), strict=True))
+    style.name_width = max([len("object")] + [len(n) for n in style.names.values()])
     style.offset_width = max([len("offset")] + [len(f"{r.offset:#x}") for r in regions])
     if style.labels is None and regions:
         header = (f"{'object':<{style.name_width}}  perm  {'offset':>{style.offset_width}}  "
