@@ -346,10 +346,11 @@ def extern_calls(sess: Session) -> int:
     if sess.extern is None:
         return 0
     lo, hi = sess.extern
-    return sum(1 for c in sess.calls
-               if isinstance(at := dict(c.args).get("addr"), int) and lo <= at < hi
-               or isinstance(c.result, int) and not isinstance(c.result, bool)
-               and lo <= c.result < hi)
+
+    def inside(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and lo <= value < hi
+
+    return sum(1 for c in sess.calls if inside(dict(c.args).get("addr")) or inside(c.result))
 
 
 def trace_note(sess: Session) -> str:

@@ -276,13 +276,49 @@ def _coverage(regions: Sequence[Region], points: npt.NDArray[np.float64]
 
 
 def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
-    return _layout(maps, min_height=0.55, max_height=14.0, gap_height=0.9, median_height=1.5)
+    return _layout(maps, min_height=0.55, max_height=8.0, gap_height=0.9, median_height=1.0)
+
+
+INCH_PER_UNIT = 0.28
+"""Inches of picture per unit of layout height (a region of the median length is one unit,
+the smallest 0.55: room for one line of 8-point text)."""
+_MONO_EM = 0.602
+"""The advance of one character of a monospace font, in ems (DejaVu Sans Mono)."""
+_LEGEND_INCHES = 4.4
+"""The width two columns of the legend take at 8 points."""
+_TICKS_INCHES = 1.4
+"""The address ticks and the axis label left of the bar, at 8 points."""
+
+
+def _text_inches(chars: int, fontsize: float, em: float = _MONO_EM) -> float:
+    """The width of ``chars`` characters at ``fontsize`` points, in inches."""
+    return chars * fontsize * em / 72.0
+
+
+def _fit_width(maps: Sequence[Sequence[Region]], fontsize: float,
+               title: str | None = None) -> float:
+    """The width of one map's picture, in inches, from what it holds: the bar and the
+    longest label (the labels take the axes' right ``1 - _TEXT_X``), the legend, the title."""
+    longest = 0
+    for regions in maps:
+        ordered = sorted(regions, key=lambda r: r.start)
+        names = region_names(ordered)
+        width = max([len("object")] + [len(n) for n in names])
+        offsets = max([len("offset")] + [len(f"{r.offset:#x}") for r in ordered])
+        longest = max([longest] + [len(_region_label(r, width, offsets, n) + "  RELRO")
+                                   for r, n in zip(ordered, names, strict=True)])
+    labels = _text_inches(longest, fontsize) / (1.0 - _TEXT_X)
+    heading = max((len(line) for line in (title or "").splitlines()), default=0)
+    return max(_TICKS_INCHES + labels, _LEGEND_INCHES * fontsize / 8.0,
+               _text_inches(heading, fontsize + 2, em=0.55) + _TICKS_INCHES, 3.0)
 
 
 def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]:
+    """A figure sized to its content: ``width`` inches a column, ``INCH_PER_UNIT`` per unit
+    of the layout's height plus room for the title and the legend."""
     import matplotlib.pyplot as plt
 
-    height = min(max(0.32 * layout.height + 1.6, 3.0), 40.0)
+    height = min(max(INCH_PER_UNIT * layout.height + 1.6, 2.5), 40.0)
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False,
                              layout="constrained")
     del fig
@@ -292,8 +328,8 @@ def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]
 # ---------------------------------------------------------------------------------------------
 # Maps
 
-_BAR = (0.0, 0.26)      # x extent of the bars; labels start at _TEXT_X
-_TEXT_X = 0.29
+_BAR = (0.0, 0.40)      # x extent of the bars; labels start at _TEXT_X
+_TEXT_X = 0.43
 MAX_LABELS = 150
 """At most about this many texts in one column of a map (region labels, address ticks, gap
 sizes): a map with more regions labels only those spaced apart enough to be read, and its
@@ -571,7 +607,8 @@ def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
     """
     regions = sorted(regions, key=lambda r: r.start)
     layout = _layout_for([regions])
-    ax = ax if ax is not None else _new_axes(layout)[0]
+    ax = ax if ax is not None else _new_axes(layout, width=_fit_width([regions], fontsize,
+                                                                      title))[0]
     style = _MapStyle(relro=relro, labels=labels, extern_paths=tuple(extern_paths),
                       extern=extern, role_of=role_of, fontsize=fontsize)
     return _draw_map(ax, regions, layout, style, title)
@@ -609,7 +646,9 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
     before = sorted(before, key=lambda r: r.start)
     after = sorted(after, key=lambda r: r.start)
     layout = _layout_for([before, after])
-    pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=8.0)
+    pair = list(axes) if axes is not None else _new_axes(
+        layout, ncols=2, width=max(_fit_width([side], fontsize, title)
+                                   for side, title in zip((before, after), titles, strict=True)))
     if len(pair) != 2:
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
     common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
@@ -999,6 +1038,17 @@ def _trace_view(calls: Iterable[Any], relro: tuple[int, int] | None,
     return _TraceView(frames, layout, relro, extern, tuple(extern_paths), fontsize)
 
 
+_CALL_WIDTH = 72
+"""A traced call is written in lines of at most this many characters above its frame."""
+
+
+def _trace_width(view: _TraceView) -> float:
+    """The width of a trace's frames: its maps' labels ("◀ new/changed" included) and the
+    call written above them."""
+    return _fit_width([f.maps for f in view.frames], view.fontsize, "x" * (_CALL_WIDTH + 4)) \
+        + _text_inches(len("  ◀ new/changed"), view.fontsize)
+
+
 def plot_trace(calls: Iterable[Any], ax: Axes | None = None, *, step: int = -1,
                relro: tuple[int, int] | None = None, extern: tuple[int, int] | None = None,
                extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0,
@@ -1008,7 +1058,7 @@ def plot_trace(calls: Iterable[Any], ax: Axes | None = None, *, step: int = -1,
     ``relro`` is hatched from the first mprotect that makes it read-only onwards."""
     view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
     index = range(len(view.frames))[step]
-    ax = ax if ax is not None else _new_axes(view.layout)[0]
+    ax = ax if ax is not None else _new_axes(view.layout, width=_trace_width(view))[0]
     _draw_frame(ax, view, index)
     return ax
 
@@ -1031,7 +1081,7 @@ def _draw_frame(ax: Axes, view: _TraceView, index: int) -> None:
                       changed={_key(r) for r in changed_regions(before, frame.maps)},
                       changed_word="new/changed", touched=_touched(frame),
                       changed_legend="new/changed by this call")
-    call = textwrap.fill(format_call(frame), width=72, subsequent_indent="    ")
+    call = textwrap.fill(format_call(frame), width=_CALL_WIDTH, subsequent_indent="    ")
     title = f"step {index + 1}/{len(view.frames)}\n{call}"
     _draw_map(ax, frame.maps, view.layout, style, title)
 
@@ -1048,7 +1098,7 @@ def animate_trace(calls: Iterable[Any], fig: Figure | None = None, *, interval: 
 
     view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
     if fig is None:
-        ax = _new_axes(view.layout)[0]
+        ax = _new_axes(view.layout, width=_trace_width(view))[0]
         fig = ax.get_figure()  # type: ignore[assignment]
         assert fig is not None
     else:
