@@ -20,6 +20,7 @@ import loader
 import vmsim
 from loader.elf import parse_image
 from loader.explain import RELOCATION_MEANINGS, Explainer, bindings
+from loader.isolate import run_isolated
 from loader.pages import HOST_PAGE_SIZE as PAGE
 from loader.reloc import X86_64
 from loader.tables import parse_tables
@@ -216,3 +217,35 @@ def test_every_relocation_type_on_this_machine_has_a_meaning_explain_prints() ->
         said = explained(found[number])
         line = next(s for s in said if s.startswith(f"  {short} ("))
         assert RELOCATION_MEANINGS[X86_64[number].name] in line
+
+
+GLOSSARY = Path(__file__).resolve().parent.parent / "docs" / "glossary.md"
+
+
+def test_the_glossary_defines_the_jargon_of_the_output() -> None:
+    text = GLOSSARY.read_text()
+    terms = ["p_offset ≡ p_vaddr (mod p_align)", "A file page mapped twice", "PT_INTERP",
+             "Entry point", "PIE", "Load bias", "ASLR", "Symbol version", "`COPY` relocation",
+             "IFUNC", "`need_copy`", "use_file", "-w-p", "`StubResolver`, extern stubs",
+             "`HostResolver`", "Outcome", "`host N`", ".bss", "RELRO"]
+    headings = text.split("**")[1::2]       # what the glossary sets in bold: its terms
+    for term in terms:
+        assert any(term in h for h in headings), term
+
+
+def test_the_glossarys_numbers_for_libz_are_this_machines() -> None:
+    text = " ".join(GLOSSARY.read_text().split())
+    own, imported = slot_counts(LIBZ)
+    assert (f"libz binds {own + imported} slots of which {own} name libz's own definitions "
+            f"({imported} name imports)") in text
+    sim = loader.load(LIBZ, vmsim.AddressSpace()).mm.calls
+    host = run_isolated(_host_calls, timeout=60).value
+    assert (f"shows {len(sim)} calls for libz on the simulator and {host} on "
+            "the host") in text
+
+
+def _host_calls() -> int:
+    """How many Mmap calls a load of libz makes on the host (run in a forked child)."""
+    from loader.libc import LibcMmap
+
+    return len(loader.load(LIBZ, LibcMmap()).mm.calls)
