@@ -384,7 +384,8 @@ def bindings(tables: DynamicTables) -> Bindings:
 def _where_imports_go(extern: int, resolver: str) -> str:
     """Where the resolver sent the imports: stubs, this process, or its own chain."""
     if extern:
-        return (f"{resolver} gave {_n(extern)} a stub each in an extern mapping (16 bytes of "
+        each = " each" if extern != 1 else ""
+        return (f"{resolver} gave {_n(extern)} a stub{each} in an extern mapping (16 bytes of "
                 f"int3 for a function, zeros for data: the simulator has no libc to bind them "
                 f"to)")
     if resolver == "HostResolver":
@@ -449,9 +450,9 @@ def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
                          resolver: str, who: Bindings | None = None,
                          obj_name: str = "the object") -> list[tuple[str, str]]:
     """What relocation did, from the outcome's counts per type: ("bind", ...) for the
-    resolver (and the symbol versions), ("apply", ...) for the one scatter, ("rare", ...)
-    for the other kinds (in the same bulk pass; IFUNC-chosen values in a second write after
-    their resolvers), ("types", ...) one line per type applied saying what it writes.
+    resolver (and the symbol versions), ("types", ...) one line per type applied saying what
+    it writes, ("apply", ...) for the one scatter, ("rare", ...) for the other kinds (in the
+    same bulk pass; IFUNC-chosen values in a second write after their resolvers).
     ``who``: who the slots name (:func:`bindings`), ``obj_name`` the object's file name."""
     out = []
     who = who if who is not None else Bindings()
@@ -464,6 +465,7 @@ def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
                                           obj_name)))
     if who.versioned:
         out.append(("bind", version_sentence(who)))
+    out += meaning_sentences(by_type)
     if relative or slots:
         out.append(("apply", f"apply {_n(relative)} RELATIVE relocations (load bias + addend)"
                     + (f" and the {_n(nslots)} symbol slots" if slots else "")
@@ -474,9 +476,9 @@ def relocation_sentences(by_type: dict[str, int], extern: int, unresolved: int,
         kinds = ", ".join(f"{k.removeprefix('R_X86_64_')} {_n(v)}" for k, v in rare.items())
         out.append(("rare", f"apply {_n(sum(rare.values()))} other relocations in the same "
                     f"bulk pass (each width cut into word pieces, in table order): {kinds}"))
-    if not out:
+    if not by_type or not any(by_type.values()):
         out.append(("apply", "no relocations to apply"))
-    return out + meaning_sentences(by_type)
+    return out
 
 
 def textrel_sentence(open_: bool) -> str:
