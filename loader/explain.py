@@ -401,8 +401,9 @@ def bind_sentence(nslots: int, names: str, who: Bindings, extern: int, unresolve
     text = (f"bind {_n(nslots)} {names} slot{'s' if nslots != 1 else ''} through the "
             f"resolver ({resolver})")
     parts = []
+    owner = "the object" if obj_name.startswith("<") else obj_name   # "<bytes>": no file name
     if who.own:
-        parts.append(f"{_n(who.own)} name {obj_name}'s own definitions (it reaches even its own "
+        parts.append(f"{_n(who.own)} name {owner}'s own definitions (it reaches even its own "
                      f"exported functions and data through its PLT and GOT, so another object "
                      f"could interpose them; here they bind to load bias + st_value)")
     if who.imported:

@@ -8,7 +8,10 @@ when the caller passes no ``ax``. Every plotting function takes an ``ax`` and re
 Colours follow gef/pwndbg ``vmmap``: by role first (code red, data purple, rodata plain,
 guard cyan, extern stubs orange), then flags drawn on top (RELRO hatched, W+X hatched red).
 Regions are drawn to scale among themselves; gaps between them are compressed to one band that
-states their size. Tests find what was drawn through each artist's ``gid`` (see ``GIDS``).
+states their size. Anonymous regions are named by what they are (``.bss``, ``extern``: see
+:func:`region_names`), and a picture sizes itself to what it holds (its labels, legend and
+title across, its regions down). Tests find what was drawn through each artist's ``gid`` (see
+``GIDS``).
 
 Inputs: :class:`MapsRecorder` wraps any backend and keeps the maps after every call (the frames
 of :func:`plot_trace` and :func:`animate_trace`); :func:`page_states` reads a simulator's page
