@@ -246,11 +246,14 @@ def reserve_sentence(plan: LoadPlan, base: int | None, use_file: bool = True) ->
 
 
 def _shared_page(plan: LoadPlan, sp: SegmentPlan) -> SegmentPlan | None:
-    """The previous PT_LOAD when its last file page is this one's first, else None."""
-    before = [p for p in plan.segments if p.index < sp.index and p.map_end > p.start]
-    if not before or sp.map_end <= sp.start:
+    """The PT_LOAD just before ``sp`` when its last file page is ``sp``'s first, else None
+    (one look, not a scan: a file of thousands of segments is told in linear time)."""
+    at = sp.index - 1
+    if at < 0 or at >= len(plan.segments) or sp.map_end <= sp.start:
         return None
-    prev = before[-1]
+    prev = plan.segments[at]
+    if prev.index != at or prev.map_end <= prev.start:
+        return None
     return prev if prev.offset + (prev.map_end - prev.start) > sp.offset else None
 
 
