@@ -166,7 +166,8 @@ class LoadColumns(NamedTuple):
 class ElfImage:
     """A checked ELF file: header facts, PT_LOADs sorted and disjoint, the special headers.
 
-    ``data`` gives the file's bytes (``read``); ``size`` is its length.
+    ``data`` gives the file's bytes (``read``); ``size`` is its length. ``interp`` is the
+    PT_INTERP header (the program interpreter's path, an executable's), or None.
     """
 
     data: ElfBytes
@@ -177,7 +178,7 @@ class ElfImage:
     dynamic: Segment | None
     relro: Segment | None
     tls: Segment | None
-    interp: bool
+    interp: Segment | None
     page_size: int
     columns: LoadColumns
 
@@ -375,5 +376,5 @@ def parse_image(data: Any, page_size: int) -> ElfImage:
     _check_special(relro, dyn, tls, loads)
     return ElfImage(data=data, size=size, e_type=ET(hdr["e_type"]), e_entry=hdr["e_entry"],
                     loads=tuple(loads), dynamic=dyn, relro=relro, tls=tls,
-                    interp=_first(segs, PT.INTERP) is not None, page_size=page_size,
+                    interp=_first(segs, PT.INTERP), page_size=page_size,
                     columns=LoadColumns.of(loads))

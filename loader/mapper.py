@@ -40,7 +40,7 @@ def reserve(plan: LoadPlan, mm: Mmap, base: int | None, use_file: bool, *,
     Raises ElfSegmentError when the exact address is not free (the backend placed it
     elsewhere) and MmapError from the backend. ``narrator`` hears the step.
     """
-    narrator.say("reserve", reserve_sentence, plan, base)
+    narrator.say("reserve", reserve_sentence, plan, base, use_file)
     if plan.fixed and base is not None and base != plan.vmin:
         raise ElfSegmentError("base", base, f"an ET_EXEC loads only at its own address "
                               f"{plan.vmin:#x}")

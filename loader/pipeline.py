@@ -31,9 +31,10 @@ from loader.explain import (
     Narrator,
     Sentences,
     Step,
+    bindings,
     init_sentence,
-    parse_sentence,
-    plan_sentence,
+    parse_sentences,
+    plan_sentences,
     relocation_sentences,
     relro_sentence,
     textrel_sentence,
@@ -357,8 +358,9 @@ def _relocation_steps(obj: LoadedObject, before: int, resolver: str) -> Sentence
     scatter = next((i for i in range(before, len(calls)) if calls[i].op == "write_words"), None)
     rel = obj.relocations
     return [(sentence, before if kind == "bind" or scatter is None else scatter)
-            for kind, sentence in relocation_sentences(dict(rel.by_type), len(rel.extern),
-                                                       len(rel.unresolved), resolver)]
+            for kind, sentence in relocation_sentences(
+                dict(rel.by_type), len(rel.extern), len(rel.unresolved), resolver,
+                bindings(obj.tables), obj.path.rsplit("/", 1)[-1])]
 
 
 def _init_steps(obj: LoadedObject, at: int) -> Sentences:
@@ -410,7 +412,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         traced = TracingMmap(mm)
         narrator = SILENT if explain is None else Narrator(explain, traced.calls)
         image, tables = _parse(src, mm.page_size)
-        narrator.say("parse", parse_sentence, image, src.label, len(tables.tags))
+        narrator.say_all("parse", parse_sentences, image, src.label, len(tables.tags))
         textrel = _textrel(tables)
         classified = check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
@@ -418,7 +420,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         if host:
             _check_host_tls(image, tables, classified)
         plan = make_plan(image, textrel)
-        narrator.say("plan", plan_sentence, plan)
+        narrator.say_all("plan", plan_sentences, plan)
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
         parsed = _Parsed(image, tables, classified, plan)

@@ -34,3 +34,30 @@ def test_committed_readme_figures_exist() -> None:
     img = SCRIPT.parent.parent / "docs" / "img"
     for name in script.FIGURES:  # type: ignore[attr-defined]
         assert (img / f"{name}.png").is_file(), f"run python {SCRIPT.name} and commit docs/img"
+
+
+def test_the_load_steps_caption_counts_what_trace_shows() -> None:
+    """README's caption of the load-steps picture: its counts are what ``vmsim trace`` lists on
+    each backend and what the script draws (the calls that change the map)."""
+    import re
+
+    from cli_support import run_cli
+
+    readme = " ".join((SCRIPT.parent.parent / "README.md").read_text().split())
+    caption = re.search(r"\*Loading libz on the host: `vmsim trace --backend libc` lists (\d+) "
+                        r"`Mmap` calls, and the (\d+) that change the map are drawn.*? On the "
+                        r"simulator `vmsim trace` lists (\d+): (\d+) more map, fill and seal",
+                        readme)
+    assert caption is not None, "the load-steps caption"
+    host, drawn, sim, extra = (int(caption[i]) for i in range(1, 5))
+
+    def listed(*argv: str) -> int:
+        ran = run_cli("trace", *argv, timeout=120)
+        assert ran.code == 0, ran.err
+        return len(ran.out.splitlines()) - 1
+
+    assert listed("--backend", "libc") == host
+    assert listed() == sim == host + extra
+    ran = run_cli("trace", "--backend", "libc", timeout=120)
+    changing = [ln for ln in ran.out.splitlines()[1:] if not re.match(r"\s*\d+ write", ln)]
+    assert len(changing) == drawn

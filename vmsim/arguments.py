@@ -50,11 +50,12 @@ class Bounded:
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{shown} is not a finite number")
         low_ok = value > self.lo if self.open_lo else value >= self.lo
-        if not low_ok or value > self.hi:
-            raise argparse.ArgumentTypeError(f"{shown} is out of range: {self._range()}")
+        problems = [] if low_ok and value <= self.hi else [f"out of range: {self._range()}"]
         if self.step > 1 and int(value) % self.step:
-            raise argparse.ArgumentTypeError(
-                f"{shown} is not a multiple of the page size {self.step:#x}")
+            problems.append(f"not a multiple of the page size {self.step:#x} (not page "
+                            f"aligned)")
+        if problems:
+            raise argparse.ArgumentTypeError(f"{shown} is {'; and '.join(problems)}")
         return value
 
     def _show(self, value: float) -> str:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from loader import LoadedObject, Mmap, load
 from loader.compare import LoadDied, run_host
-from loader.explain import Explainer, Step, format_call
+from loader.explain import Explainer, Step, bindings, format_call
 from loader.libc import LibcMmap
 from loader.mmap import Region
 from loader.outcome import regions_in
@@ -82,6 +82,9 @@ EXIT = {"ok": 0, "differ": 1, "refused": 2, "died": 3, "bug": 4, "interrupted": 
 ANSI: dict[str, str] = {"code": "\x1b[31m", "data": "\x1b[35m", "rodata": "",
                         "guard": "\x1b[36m", "extern": "\x1b[33m"}
 """vmmap's colours by role (vmsim.viz.ROLE_COLORS as terminal colours)."""
+WRITE_ONLY_NOTE = ("write-only: reserved by mmap_reserve(use_file=False), which reserves -w- "
+                   "memory to copy segments into; no segment covered this page")
+"""What a ``-w-p`` region is, wherever a view shows one."""
 RESET = "\x1b[0m"
 BOLD = "\x1b[1m"
 
@@ -137,7 +140,51 @@ def _load_on(path: str, backend: str, base: int | None) -> dict[str, Any]:
     report = load_report(obj, backend)
     report["_plan"] = str(obj.plan)
     report["_extern"] = len(obj.relocations.extern)
+    ext = obj.relocations.extern_range
+    report["_extern_regions"] = [] if ext is None else [
+        {"start": r.start, "end": r.end, "perms": r.perms, "offset": r.offset, "path": r.path}
+        for r in regions_in(obj.mm.inner.maps(), ext[0], ext[1])]
+    report["_names"] = _names(maps_rows(obj), ext)
+    who = bindings(obj.tables)
+    report["_imports"] = {"symbols": who.imports, "weak": who.weak,
+                          "host": obj.real_bindings}
     return report
+
+
+def imports_line(imports: dict[str, Any], extern: int, unresolved: int) -> str:
+    """The one line on imports, the same on both backends: how many, and where they went
+    (stubs in the extern mapping, or this process through dlsym)."""
+    count = imports["symbols"]
+    if not count:
+        return "imports: none (every symbol the object uses, it defines)"
+    weak = f", {imports['weak']} weak (0 when nobody defines them)" if imports["weak"] else ""
+    text = f"imports: {count} symbols looked up outside the object{weak}: "
+    if extern:
+        text += f"{extern} bound to stubs in the extern mapping (StubResolver)"
+    elif imports["host"]:
+        text += "bound in this process through dlsym (HostResolver)"
+    else:
+        text += "bound by the resolver"
+    return text + (f"; {unresolved} unresolved" if unresolved else "")
+
+
+def _names(regions: Sequence[Region], extern: tuple[int, int] | None) -> dict[int, str]:
+    """What the views call each anonymous region, by start: "[anon:.bss]", "[extern
+    stubs]" or "[anon]" (``vmsim.viz.region_names``; files go by their path)."""
+    from vmsim.viz import region_names
+
+    shown = {".bss": "[anon:.bss]", "extern": "[extern stubs]"}
+    return {r.start: shown.get(name, "[anon]")
+            for r, name in zip(regions, region_names(regions, extern=extern), strict=True)
+            if not r.path}
+
+
+def _region_line(r: dict[str, Any], names: dict[int, str]) -> str:
+    """One region of the report as a maps line (an anonymous one named by ``names``), with
+    a note on a write-only hole."""
+    name = r["path"] or names.get(r["start"], "[anon]")
+    note = f"  ({WRITE_ONLY_NOTE})" if r["perms"].startswith("-w-") else ""
+    return f"  {r['start']:012x}-{r['end']:012x} {r['perms']} {r['offset']:08x} {name}{note}"
 
 
 def _print_text(report: dict[str, Any]) -> None:
@@ -145,15 +192,14 @@ def _print_text(report: dict[str, Any]) -> None:
     print(report["_plan"])
     print(f"\n{report['path']} on {report['backend']}: span {report['span'][0]:#x}-"
           f"{report['span'][1]:#x}, load bias {report['load_bias']:#x}")
-    for r in report["regions"]:
-        print(f"  {r['start']:012x}-{r['end']:012x} {r['perms']} {r['offset']:08x} {r['path']}")
+    for r in [*report["regions"], *report["_extern_regions"]]:
+        print(_region_line(r, report["_names"]))
     relro = report["relro"]
     print("  RELRO " + ("none" if relro is None else f"{relro[0]:#x}-{relro[1]:#x}"))
     rel = report["relocations"]
     kinds = ", ".join(f"{k} {v}" for k, v in rel["by_type"].items())
     print(f"  relocations: {rel['applied']} applied ({kinds})")
-    if report["_extern"]:
-        print(f"  imports bound to stubs in the extern mapping: {report['_extern']}")
+    print("  " + imports_line(report["_imports"], report["_extern"], len(rel["unresolved"])))
     if rel["unresolved"]:
         print(f"  unresolved: {', '.join(rel['unresolved'])}")
     print(f"  {len(report['calls'])} Mmap calls (--json lists them)")
@@ -255,6 +301,7 @@ def _maps_lines(sess: Session, color: bool) -> list[str]:
 
     head = f"{'start':>14} {'end':>14} {'size':>9} perm {'offset':>8} {'role':<7} path"
     lines = [_paint(head, BOLD, color)]
+    names = _names(sess.regions, sess.extern)
     for r in sess.regions:
         role = region_role(r, extern=sess.extern)
         notes = []
@@ -262,7 +309,9 @@ def _maps_lines(sess: Session, color: bool) -> list[str]:
             notes.append("RELRO")
         if r.prot & r.prot.PROT_WRITE and r.prot & r.prot.PROT_EXEC:
             notes.append("W+X!")
-        name = r.path or ("[extern stubs]" if role == "extern" else "")
+        if r.perms.startswith("-w-"):
+            notes.append(WRITE_ONLY_NOTE)
+        name = r.path or names.get(r.start, "")
         row = (f"{r.start:#14x} {r.end:#14x} {format_size(r.length):>9} {r.perms} "
                f"{r.offset:08x} {role:<7} {name}" + (f"  ({', '.join(notes)})" if notes else ""))
         lines.append(_paint(row, ANSI[role], color))
@@ -285,10 +334,36 @@ def cmd_maps(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     """``vmsim trace``: every Mmap call, one per line."""
     sess = session(args.path, args.backend, args.base)
-    print(f"{sess.path} on {sess.backend}: {len(sess.calls)} Mmap calls")
+    print(f"{sess.path} on {sess.backend}: {len(sess.calls)} Mmap calls "
+          f"({trace_note(sess)})")
     for i, call in enumerate(sess.calls):
         print(f"{i:4} {format_call(call)}")
     return 0
+
+
+def extern_calls(sess: Session) -> int:
+    """How many of the session's calls acted on the extern stub mapping."""
+    if sess.extern is None:
+        return 0
+    lo, hi = sess.extern
+
+    def inside(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and lo <= value < hi
+
+    return sum(1 for c in sess.calls if inside(dict(c.args).get("addr")) or inside(c.result))
+
+
+def trace_note(sess: Session) -> str:
+    """Why the simulator's trace is longer than the host's: the extern stubs' calls."""
+    n = extern_calls(sess)
+    if n:
+        return (f"{n} of them map, fill and seal the extern stubs the resolver gives imports; "
+                f"on the host (--backend libc) imports are bound through dlsym and those "
+                f"{n} calls are not made")
+    if sess.backend == "libc":
+        return ("imports bound in this process through dlsym: no extern mapping, so the "
+                "simulator's trace has the calls that make one on top of these")
+    return "no extern mapping: every import was bound without stubs"
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -508,8 +583,10 @@ def _run_verb(args: argparse.Namespace) -> int:
     except (BrokenPipeError, KeyboardInterrupt):
         raise
     except OSError as exc:
-        _say(f"{path}: {exc.strerror or exc}"
-             + (f": {exc.filename}" if exc.filename and exc.filename != path else ""))
+        other = exc.filename is not None and str(exc.filename) != path
+        _say(f"cannot write {exc.filename}: {exc.strerror or exc}" if other and
+             getattr(args, "output", None) == exc.filename else
+             f"{path}: {exc.strerror or exc}" + (f": {exc.filename}" if other else ""))
     except Exception as exc:
         if os.environ.get("VMSIM_TRACEBACK"):
             raise

@@ -8,7 +8,10 @@ when the caller passes no ``ax``. Every plotting function takes an ``ax`` and re
 Colours follow gef/pwndbg ``vmmap``: by role first (code red, data purple, rodata plain,
 guard cyan, extern stubs orange), then flags drawn on top (RELRO hatched, W+X hatched red).
 Regions are drawn to scale among themselves; gaps between them are compressed to one band that
-states their size. Tests find what was drawn through each artist's ``gid`` (see ``GIDS``).
+states their size. Anonymous regions are named by what they are (``.bss``, ``extern``: see
+:func:`region_names`), and a picture sizes itself to what it holds (its labels, legend and
+title across, its regions down). Tests find what was drawn through each artist's ``gid`` (see
+``GIDS``).
 
 Inputs: :class:`MapsRecorder` wraps any backend and keeps the maps after every call (the frames
 of :func:`plot_trace` and :func:`animate_trace`); :func:`page_states` reads a simulator's page
@@ -63,6 +66,7 @@ __all__ = [
     "plot_pages",
     "plot_trace",
     "printable",
+    "region_names",
     "region_role",
     "relative",
     "trace_frames",
@@ -160,13 +164,37 @@ def _object_name(region: Region) -> str:
     return printable(region.path.rsplit("/", 1)[-1])
 
 
+def region_names(regions: Sequence[Region], *, extern: tuple[int, int] | None = None,
+                 extern_paths: Iterable[str] = EXTERN_PATHS) -> list[str]:
+    """The name each view gives each region of ``regions`` (in address order): the file's
+    name; "extern" for the loader's stub mapping (:func:`region_role`); ".bss" for anonymous
+    writable memory right after a file mapping (the part of a segment's .bss past its last
+    file page, which the loader maps anonymously); "[anon]" for other anonymous memory."""
+    names = []
+    previous: Region | None = None
+    for region in regions:
+        if region_role(region, extern_paths=extern_paths, extern=extern) == "extern":
+            names.append("extern")
+        elif region.path:
+            names.append(_object_name(region))
+        elif (previous is not None and previous.end == region.start and _file_backed(previous)
+              and region.prot & ProtFlags.PROT_WRITE and region.prot & ProtFlags.PROT_READ):
+            names.append(".bss")
+        else:
+            names.append("[anon]")
+        previous = region
+    return names
+
+
 def _file_backed(region: Region) -> bool:
     return bool(region.inode) or region.path.startswith("/")
 
 
-def _region_label(region: Region, name_width: int = 0, offset_width: int = 0) -> str:
+def _region_label(region: Region, name_width: int = 0, offset_width: int = 0,
+                  name: str | None = None) -> str:
     offset = f"{region.offset:#x}" if _file_backed(region) else "-"
-    return (f"{_object_name(region):<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
+    shown = _object_name(region) if name is None else name
+    return (f"{shown:<{name_width}}  {region.perms}  {offset:>{offset_width}}  "
             f"{format_size(region.length)}")
 
 
@@ -251,13 +279,49 @@ def _coverage(regions: Sequence[Region], points: npt.NDArray[np.float64]
 
 
 def _layout_for(maps: Sequence[Sequence[Region]]) -> _Layout:
-    return _layout(maps, min_height=0.55, max_height=14.0, gap_height=0.9, median_height=1.5)
+    return _layout(maps, min_height=0.55, max_height=8.0, gap_height=0.9, median_height=1.0)
+
+
+INCH_PER_UNIT = 0.28
+"""Inches of picture per unit of layout height (a region of the median length is one unit,
+the smallest 0.55: room for one line of 8-point text)."""
+_MONO_EM = 0.602
+"""The advance of one character of a monospace font, in ems (DejaVu Sans Mono)."""
+_LEGEND_INCHES = 4.4
+"""The width two columns of the legend take at 8 points."""
+_TICKS_INCHES = 1.4
+"""The address ticks and the axis label left of the bar, at 8 points."""
+
+
+def _text_inches(chars: int, fontsize: float, em: float = _MONO_EM) -> float:
+    """The width of ``chars`` characters at ``fontsize`` points, in inches."""
+    return chars * fontsize * em / 72.0
+
+
+def _fit_width(maps: Sequence[Sequence[Region]], fontsize: float,
+               title: str | None = None) -> float:
+    """The width of one map's picture, in inches, from what it holds: the bar and the
+    longest label (the labels take the axes' right ``1 - _TEXT_X``), the legend, the title."""
+    longest = 0
+    for regions in maps:
+        ordered = sorted(regions, key=lambda r: r.start)
+        names = region_names(ordered)
+        width = max([len("object")] + [len(n) for n in names])
+        offsets = max([len("offset")] + [len(f"{r.offset:#x}") for r in ordered])
+        longest = max([longest] + [len(_region_label(r, width, offsets, n) + "  RELRO")
+                                   for r, n in zip(ordered, names, strict=True)])
+    labels = _text_inches(longest, fontsize) / (1.0 - _TEXT_X)
+    heading = max((len(line) for line in (title or "").splitlines()), default=0)
+    return max(_TICKS_INCHES + labels, _LEGEND_INCHES * fontsize / 8.0,
+               _text_inches(heading, fontsize + 2, em=0.55) + _TICKS_INCHES, 3.0)
 
 
 def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]:
+    """A figure sized to its content: ``width`` inches a column, ``INCH_PER_UNIT`` per unit
+    of the layout's height plus room for the title and the legend."""
     import matplotlib.pyplot as plt
 
-    height = min(max(0.32 * layout.height + 1.6, 3.0), 40.0)
+    height = min(max(INCH_PER_UNIT * layout.height + 1.6, 2.5), 40.0)
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False,
                              layout="constrained")
     del fig
@@ -267,8 +331,8 @@ def _new_axes(layout: _Layout, ncols: int = 1, width: float = 8.5) -> list[Axes]
 # ---------------------------------------------------------------------------------------------
 # Maps
 
-_BAR = (0.0, 0.26)      # x extent of the bars; labels start at _TEXT_X
-_TEXT_X = 0.29
+_BAR = (0.0, 0.40)      # x extent of the bars; labels start at _TEXT_X
+_TEXT_X = 0.43
 MAX_LABELS = 150
 """At most about this many texts in one column of a map (region labels, address ticks, gap
 sizes): a map with more regions labels only those spaced apart enough to be read, and its
@@ -305,13 +369,15 @@ class _MapStyle:
     fontsize: float = 8.0
     name_width: int = 0
     offset_width: int = 0
+    names: dict[int, str] = field(default_factory=dict)
     roles_seen: set[str] = field(default_factory=set)
     flags_seen: set[str] = field(default_factory=set)
     unlabelled: set[int] = field(default_factory=set)
 
 
 def _label_for(style: _MapStyle, index: int, region: Region) -> str:
-    default = _region_label(region, style.name_width, style.offset_width)
+    default = _region_label(region, style.name_width, style.offset_width,
+                            style.names.get(region.start))
     if style.labels is None:
         return default
     if isinstance(style.labels, Mapping):
@@ -472,7 +538,10 @@ def _draw_map(ax: Axes, regions: Sequence[Region], layout: _Layout, style: _MapS
               title: str | None) -> Axes:
     regions = sorted(regions, key=lambda r: r.start)
     _LAYOUTS[ax] = layout
-    style.name_width = max([len("object")] + [len(_object_name(r)) for r in regions])
+    style.names = dict(zip([r.start for r in regions],
+                           region_names(regions, extern=style.extern,
+                                        extern_paths=style.extern_paths), strict=True))
+    style.name_width = max([len("object")] + [len(n) for n in style.names.values()])
     style.offset_width = max([len("offset")] + [len(f"{r.offset:#x}") for r in regions])
     if style.labels is None and regions:
         header = (f"{'object':<{style.name_width}}  perm  {'offset':>{style.offset_width}}  "
@@ -541,7 +610,8 @@ def plot_map(regions: Sequence[Region], ax: Axes | None = None, *,
     """
     regions = sorted(regions, key=lambda r: r.start)
     layout = _layout_for([regions])
-    ax = ax if ax is not None else _new_axes(layout)[0]
+    ax = ax if ax is not None else _new_axes(layout, width=_fit_width([regions], fontsize,
+                                                                      title))[0]
     style = _MapStyle(relro=relro, labels=labels, extern_paths=tuple(extern_paths),
                       extern=extern, role_of=role_of, fontsize=fontsize)
     return _draw_map(ax, regions, layout, style, title)
@@ -579,7 +649,9 @@ def plot_before_after(before: Sequence[Region], after: Sequence[Region],
     before = sorted(before, key=lambda r: r.start)
     after = sorted(after, key=lambda r: r.start)
     layout = _layout_for([before, after])
-    pair = list(axes) if axes is not None else _new_axes(layout, ncols=2, width=8.0)
+    pair = list(axes) if axes is not None else _new_axes(
+        layout, ncols=2, width=max(_fit_width([side], fontsize, title)
+                                   for side, title in zip((before, after), titles, strict=True)))
     if len(pair) != 2:
         raise ValueError(f"axes: need exactly 2 axes, got {len(pair)}")
     common = {"extern_paths": tuple(extern_paths), "extern": extern, "fontsize": fontsize}
@@ -969,6 +1041,17 @@ def _trace_view(calls: Iterable[Any], relro: tuple[int, int] | None,
     return _TraceView(frames, layout, relro, extern, tuple(extern_paths), fontsize)
 
 
+_CALL_WIDTH = 72
+"""A traced call is written in lines of at most this many characters above its frame."""
+
+
+def _trace_width(view: _TraceView) -> float:
+    """The width of a trace's frames: its maps' labels ("◀ new/changed" included) and the
+    call written above them."""
+    return _fit_width([f.maps for f in view.frames], view.fontsize, "x" * (_CALL_WIDTH + 4)) \
+        + _text_inches(len("  ◀ new/changed"), view.fontsize)
+
+
 def plot_trace(calls: Iterable[Any], ax: Axes | None = None, *, step: int = -1,
                relro: tuple[int, int] | None = None, extern: tuple[int, int] | None = None,
                extern_paths: Iterable[str] = EXTERN_PATHS, fontsize: float = 8.0,
@@ -978,7 +1061,7 @@ def plot_trace(calls: Iterable[Any], ax: Axes | None = None, *, step: int = -1,
     ``relro`` is hatched from the first mprotect that makes it read-only onwards."""
     view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
     index = range(len(view.frames))[step]
-    ax = ax if ax is not None else _new_axes(view.layout)[0]
+    ax = ax if ax is not None else _new_axes(view.layout, width=_trace_width(view))[0]
     _draw_frame(ax, view, index)
     return ax
 
@@ -1001,7 +1084,7 @@ def _draw_frame(ax: Axes, view: _TraceView, index: int) -> None:
                       changed={_key(r) for r in changed_regions(before, frame.maps)},
                       changed_word="new/changed", touched=_touched(frame),
                       changed_legend="new/changed by this call")
-    call = textwrap.fill(format_call(frame), width=72, subsequent_indent="    ")
+    call = textwrap.fill(format_call(frame), width=_CALL_WIDTH, subsequent_indent="    ")
     title = f"step {index + 1}/{len(view.frames)}\n{call}"
     _draw_map(ax, frame.maps, view.layout, style, title)
 
@@ -1018,7 +1101,7 @@ def animate_trace(calls: Iterable[Any], fig: Figure | None = None, *, interval: 
 
     view = _trace_view(calls, relro, extern, extern_paths, fontsize, only_touched)
     if fig is None:
-        ax = _new_axes(view.layout)[0]
+        ax = _new_axes(view.layout, width=_trace_width(view))[0]
         fig = ax.get_figure()  # type: ignore[assignment]
         assert fig is not None
     else:
