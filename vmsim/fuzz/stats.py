@@ -61,8 +61,9 @@ class CampaignStats:
         return self.examples / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
-        """The progress line."""
-        return (f"{self.examples} examples, {self.rate():.0f}/s, host {self.host_examples}, "
+        """The progress line (the host's count only once the host has checked some)."""
+        host = f", {self.host_examples} also on the host" if self.host_examples else ""
+        return (f"{self.examples} examples, {self.rate():.0f}/s{host}, "
                 f"failures {len(self.failures)}, findings {len(self.findings)}")
 
     def new_failure(self, text: str) -> bool:
