@@ -18,9 +18,12 @@ Run them::
     VMSIM_LOADER=mymod:load VMSIM_RELOCATIONS=RELATIVE \\
         hypothesis fuzz -n 2 -- --pyargs vmsim.fuzz.targets -k named
 
-and replay what any worker found, with plain pytest and nothing else installed::
+and replay what any worker found with plain pytest, no HypoFuzz needed (the same
+``VMSIM_LOADER``, and the database directory here or the same Redis)::
 
-    VMSIM_FUZZ_REPLAY=1 pytest --pyargs vmsim.fuzz.targets
+    VMSIM_FUZZ_REPLAY=1 python -m pytest --pyargs vmsim.fuzz.targets
+
+More in docs/fuzzing-at-scale.md.
 
 The example database (where hypothesis saves every failing example, and HypoFuzz its corpus)
 is shared by every process that runs these tests:
