@@ -22,6 +22,8 @@ A map of the package, from the bottom up:
                        :func:`project_loader` (ours behind it), refusals, ``--loader`` names
 ``suite``              :func:`check_loader`: the properties as one hypothesis test, for a
                        student's own pytest file
+``targets``            the properties as a pytest module for HypoFuzz (``hypothesis fuzz``)
+                       with a shared example database; not imported by the package
 ``kinds``              the table of campaign kinds: each kind's strategy, property, host check
 ``channel``            the slot (shared memory) and pipe between a worker and its parent
 ``worker``             the forked worker: hypothesis rounds, host batches
