@@ -42,8 +42,11 @@ def parser() -> argparse.ArgumentParser:
                       "campaign goes on. Exit 0 when no property failed, 1 when one did, 2 on "
                       "a usage error.",
                       epilog="This is the quick campaign, with nothing to install. For long, "
-                      "coverage-guided campaigns over many processes (with a dashboard and a "
-                      "shared example database), run the same properties under HypoFuzz: see "
+                      "coverage-guided campaigns (hours, many cores or machines, a shared "
+                      "example database), run the same properties under HypoFuzz: "
+                      "pip install 'vmsim[fuzz]' (HypoFuzz's licence allows non-commercial use "
+                      "only), then hypothesis fuzz --no-dashboard -- --pyargs vmsim.fuzz.targets "
+                      "(with VMSIM_LOADER=MODULE:FUNCTION for your loader); see "
                       "docs/fuzzing-at-scale.md.")
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="ELF files to mutate (field-aware) instead of drawing synthetic images")
