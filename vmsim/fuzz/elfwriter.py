@@ -413,6 +413,11 @@ class ElfImage:
     def __repr__(self) -> str:
         return f"ElfImage(<{len(self.data)} bytes>, spec={self.spec!r})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """How hypothesis prints a drawn image: its ``repr`` (hypothesis' printer would
+        otherwise list a dataclass field by field, the file's bytes included)."""
+        printer.text(repr(self))
+
     def segment_vaddr(self, index: int) -> int:
         """The link-time vaddr of user segment ``index``."""
         return self.segments[index][1]

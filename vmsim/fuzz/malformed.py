@@ -55,6 +55,10 @@ class MalformedImage:
     def __repr__(self) -> str:
         return f"MalformedImage({self.kind}: {self.mutation}; {len(self.data)} bytes)"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """How hypothesis prints a drawn image: its ``repr`` (see ``ElfImage``)."""
+        printer.text(repr(self))
+
 
 def malformed_elf(
     images: ValueOrStrategy[ElfImage] | None = None,
