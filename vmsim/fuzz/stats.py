@@ -69,9 +69,9 @@ class CampaignStats:
     def new_failure(self, text: str) -> bool:
         """Whether a property failure (its text, whose first line says what failed) is new;
         a repeat (each hypothesis round finds the same bug again, at other addresses) is
-        counted, not kept. Two failures are the same when their first lines differ only in
-        numbers."""
-        first = re.sub(r"0x[0-9a-f]+|\d+", "#", text.split("\n", 1)[0])
+        counted, not kept. Two failures are the same when their first lines, up to a list
+        of regions and at most 60 characters, differ only in numbers."""
+        first = re.sub(r"0x[0-9a-f]+|\d+", "#", text.split("\n", 1)[0].split("[", 1)[0])[:60]
         self.repeats[first] = self.repeats.get(first, -1) + 1
         return not self.repeats[first]
 
