@@ -41,6 +41,7 @@ from vmsim.pagetable import (
     PTE_W,
     FramePool,
     PageTable,
+    any_set,
     runs,
 )
 
@@ -198,7 +199,7 @@ class Mmu:
         for va, row, i0, i1 in self.pt.chunks(page_round_down(addr, self.page_size), top, True):
             ptes = self.pt.tables[row, i0:i1]  # tables may have grown: look them up again
             need = self.needs_kernel(ptes, access)
-            if need.any():
+            if any_set(need):
                 try:
                     kernel.page_fault(va, ptes, need, access)
                 except Fault as err:
@@ -206,7 +207,7 @@ class Mmu:
                     fault = err.at(max(addr, err.addr)).with_traceback(None)
                     ptes = ptes[: (fault.addr - va) >> self.shift]
                 if access.writes and not file_backed:
-                    file_backed = bool(((ptes & _N_FILE) != _N_ZERO).any())
+                    file_backed = any_set((ptes & _N_FILE) != _N_ZERO)
             parts.append(((ptes & _N_FRAME) >> _N_12).astype(np.int64))
             if fault is not None:
                 break
@@ -335,7 +336,7 @@ class Mmu:
         for _, row, i0, i1 in self.pt.chunks(start, end, False):
             ptes = tables[row, i0:i1]
             has = (ptes & _N_HAS) != _N_ZERO
-            if has.any():
+            if any_set(has):
                 perm = np.where((ptes & _U64(PTE_COW)) != _N_ZERO, ro, rw)
                 ptes[:] = np.where(has, (ptes & keep) | perm, _N_ZERO)
 
@@ -359,7 +360,7 @@ class Mmu:
                 continue
             frames = ((ptes & _N_FRAME) >> _N_12).astype(np.int64)
             owned = ((ptes & _N_HAS) != _N_ZERO) & ((ptes & _N_SHARED) == _N_ZERO) & (frames != 0)
-            if owned.any():
+            if any_set(owned):
                 self.pool.free(frames[owned])
             ptes[:] = 0
 

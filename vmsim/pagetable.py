@@ -37,7 +37,8 @@ import numpy.typing as npt
 from loader.pages import page_offset
 
 __all__ = ["ENTRIES", "PTE_COW", "PTE_FILE", "PTE_FRAME", "PTE_NX", "PTE_P", "PTE_PKEY_SHIFT",
-           "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "runs"]
+           "PTE_PROTNONE", "PTE_SIZED", "PTE_U", "PTE_W", "FramePool", "PageTable", "any_set",
+           "runs", "set_indices"]
 
 PTE_P = 1 << 0
 PTE_W = 1 << 1
@@ -55,6 +56,20 @@ ENTRIES = 512
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _POPULATE_MIN = 16  # frames: below this, the host's own page faults are as cheap
 _TABLE_LINK = PTE_P | PTE_W | PTE_U
+
+
+def any_set(mask: npt.NDArray[np.bool_]) -> bool:
+    """``mask.any()``, counted instead: ``np.count_nonzero`` costs 0.4 us where
+    ``ndarray.any()`` costs 1.5 us (it goes through numpy's Python-level reduction wrapper),
+    and every access that misses the MMU's scalar path asks a few times, on arrays of one or
+    a few PTEs."""
+    return bool(np.count_nonzero(mask))
+
+
+def set_indices(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+    """``np.flatnonzero(mask)`` for a one-dimensional ``mask``, without its ravel and
+    dispatch wrappers (0.3 us instead of 1.7 us: see :func:`any_set`)."""
+    return mask.nonzero()[0]
 
 
 def runs(numbers: npt.NDArray[Any]) -> Iterator[tuple[int, int]]:
