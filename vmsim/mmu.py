@@ -332,6 +332,8 @@ class Mmu:
         permission bits ``bits`` (copy-on-write frames stay read-only)."""
         rw, ro = _U64(bits), _U64(bits & ~PTE_W)
         keep = _U64(PTE_FRAME | PTE_COW | PTE_FILE | PTE_SIZED)
+        if self._no_leaf_under(start, end):
+            return
         tables = self.pt.tables
         for _, row, i0, i1 in self.pt.chunks(start, end, False):
             ptes = tables[row, i0:i1]
@@ -339,6 +341,14 @@ class Mmu:
             if any_set(has):
                 perm = np.where((ptes & _U64(PTE_COW)) != _N_ZERO, ro, rw)
                 ptes[:] = np.where(has, (ptes & keep) | perm, _N_ZERO)
+
+    def _no_leaf_under(self, start: int, end: int) -> bool:
+        """True when no leaf table lies under ``[start, end)`` (no page of it was ever
+        touched), found without a walk: no leaf at all, or none for a range within one
+        leaf's span (one dict lookup). The walk's generator and numpy slices cost
+        microseconds, and a fresh mapping's munmap or mprotect (a load's holes) meets none."""
+        leaves, ls = self.pt.leaves, self.pt.leaf_shift
+        return not leaves or (start >> ls == (end - 1) >> ls and start >> ls not in leaves)
 
     def unmap(self, start: int, end: int) -> None:
         """Clear the PTEs of ``[start, end)``, freeing the frames they own (not the zero page
@@ -350,8 +360,7 @@ class Mmu:
         skipped before the walk, whose generator and numpy slices cost microseconds; a
         leaf's PTEs are tested with ``np.count_nonzero`` (0.5 us, where ``ndarray.any()``
         costs 2 us a call)."""
-        leaves, ls = self.pt.leaves, self.pt.leaf_shift
-        if not leaves or (start >> ls == (end - 1) >> ls and start >> ls not in leaves):
+        if self._no_leaf_under(start, end):
             return
         tables = self.pt.tables
         for _, row, i0, i1 in self.pt.chunks(start, end, False):
