@@ -468,6 +468,20 @@ class Kernel:
             if stop < b:
                 raise Fault(stop, access, "SIGBUS", "BUS_ADRERR")
 
+    def first_write(self, va: int) -> int:
+        """The MMU's fast path for a user-mode write to the never-touched page at ``va``
+        (see ``Mmu.fresh_frame``): in private anonymous memory that allows writes, the
+        page gets a new zeroed frame, exactly as :meth:`_fault` gives it (one fault, the
+        VMA's anon_vma prepared), and its PTE word is returned; 0 for any other VMA, or
+        none, left to :meth:`page_fault`."""
+        i = self.vmas.first_ending_after(va)
+        vma = self.vmas[i] if i < len(self.vmas) else None
+        if vma is None or vma.start > va or vma.file is not None or not vma.flags & VM_WRITE:
+            return 0
+        self._anon_prepare(i)
+        self.faults += 1
+        return (int(self.mmu.pool.alloc(1)[0]) << 12) | self.pte_bits(vma.flags)
+
     def _fill(self, i: int, va: int, ptes: npt.NDArray[np.uint64], access: Access) -> None:
         """The pages of ``vmas[i]`` from ``va``: fault in those whose PTE does not allow the
         access, then refresh the page-cache frames a read goes through. (A page the MMU let
