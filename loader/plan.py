@@ -29,14 +29,17 @@ def _prot_of_bits(p_flags: int) -> ProtFlags:
     return prot
 
 
-_PROT_OF = [_prot_of_bits(flags) for flags in range((PF.R | PF.W | PF.X) + 1)]
+_PF_RWX = int(PF.R | PF.W | PF.X)
+"""The three permission flags as a plain int: masking an int with an IntFlag makes an enum
+member (a microsecond each time), masking with an int does not."""
+_PROT_OF = [_prot_of_bits(flags) for flags in range(_PF_RWX + 1)]
 """``_prot_of_bits`` of every combination of the three flags, built once (enum arithmetic
 costs microseconds a step, and every load asks for each of its segments)."""
 
 
 def prot_of(p_flags: int) -> ProtFlags:
     """PF_R/PF_W/PF_X -> PROT_READ/PROT_WRITE/PROT_EXEC (other bits ignored)."""
-    return _PROT_OF[p_flags & (PF.R | PF.W | PF.X)]
+    return _PROT_OF[p_flags & _PF_RWX]
 
 
 @dataclass(frozen=True, slots=True)

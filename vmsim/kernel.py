@@ -38,6 +38,8 @@ from vmsim.pagetable import (
     PTE_SIZED,
     PTE_U,
     PTE_W,
+    any_set,
+    set_indices,
 )
 from vmsim.placement import Placement
 from vmsim.syscall_args import (
@@ -444,7 +446,7 @@ class Kernel:
                 refused[k1:k] = True
             elif is_sized(vma.file):  # pages wholly past the file's end: SIGBUS
                 refused[max(k1, index(self.file_end(vma))):k] = True
-        return refused if refused.any() else None
+        return refused if any_set(refused) else None
 
     # ---- the page-fault handler
 
@@ -456,7 +458,7 @@ class Kernel:
         the pages before it handled."""
         first, last = 0, len(need) - 1
         if last:
-            idx = np.flatnonzero(need)
+            idx = set_indices(need)
             first, last = int(idx[0]), int(idx[-1])
         lo, hi = va + (first << self.shift), va + ((last + 1) << self.shift)
         for i, a, b in self.segments(lo, hi - lo, access):
@@ -465,6 +467,20 @@ class Kernel:
             self._fill(i, a, ptes[j0:j1], access)
             if stop < b:
                 raise Fault(stop, access, "SIGBUS", "BUS_ADRERR")
+
+    def first_write(self, va: int) -> int:
+        """The MMU's fast path for a user-mode write to the never-touched page at ``va``
+        (see ``Mmu.fresh_frame``): in private anonymous memory that allows writes, the
+        page gets a new zeroed frame, exactly as :meth:`_fault` gives it (one fault, the
+        VMA's anon_vma prepared), and its PTE word is returned; 0 for any other VMA, or
+        none, left to :meth:`page_fault`."""
+        i = self.vmas.first_ending_after(va)
+        vma = self.vmas[i] if i < len(self.vmas) else None
+        if vma is None or vma.start > va or vma.file is not None or not vma.flags & VM_WRITE:
+            return 0
+        self._anon_prepare(i)
+        self.faults += 1
+        return (int(self.mmu.pool.alloc(1)[0]) << 12) | self.pte_bits(vma.flags)
 
     def _fill(self, i: int, va: int, ptes: npt.NDArray[np.uint64], access: Access) -> None:
         """The pages of ``vmas[i]`` from ``va``: fault in those whose PTE does not allow the
@@ -478,15 +494,15 @@ class Kernel:
             need = (ptes & _N_HAS) == _N_ZERO
         else:
             need = (ptes & _N_P) == _N_ZERO
-        if need.any():
+        if any_set(need):
             self._fault(i, va, ptes, need, access.writes)
         file = self.vmas[i].file
         if is_paged(file) and not access.writes:
             assert isinstance(file, OpenFile)
             cached = (ptes & _N_FILE) != _N_ZERO
-            if cached.any():
+            if any_set(cached):
                 vma = self.vmas[i]
-                pages = vma.pgoff + ((va - vma.start) >> self.shift) + np.flatnonzero(cached)
+                pages = vma.pgoff + ((va - vma.start) >> self.shift) + set_indices(cached)
                 frames = ((ptes[cached] & _N_FRAME) >> _N_12).astype(np.int64)
                 self.files.pread_into(file, pages, frames)
 
@@ -495,7 +511,7 @@ class Kernel:
         """Fill the PTEs ``need`` of ``vmas[i]`` from ``va`` in place: the zero page, a new
         frame, the file's page-cache page, or a copy-on-write copy."""
         vma = self.vmas[i]
-        idx = np.flatnonzero(need)
+        idx = set_indices(need)
         n = len(idx)
         self.faults += n
         bits = self.pte_bits(vma.flags)

@@ -41,6 +41,7 @@ from vmsim.pagetable import (
     PTE_W,
     FramePool,
     PageTable,
+    any_set,
     runs,
 )
 
@@ -91,6 +92,12 @@ class FaultHandler(Protocol):
         """Handle the pages ``need`` of the PTEs ``ptes`` (consecutive pages from ``va``) in
         address order: fill their PTEs in place, or raise the Fault of the first one the
         access may not touch (at its first byte), the earlier ones handled."""
+
+    def first_write(self, va: int) -> int:
+        """The PTE word for a user-mode write to the page at ``va``, which has no PTE yet,
+        when the page lies in private anonymous memory the write may touch: a new zeroed
+        frame, set up and counted as :meth:`page_fault` would; 0 in every other case (which
+        then goes through :meth:`page_fault`)."""
 
     def write_through(self, addr: int, data: npt.NDArray[np.uint8]) -> None:
         """``data`` was just stored at ``addr`` on pages holding page-cache frames."""
@@ -198,7 +205,7 @@ class Mmu:
         for va, row, i0, i1 in self.pt.chunks(page_round_down(addr, self.page_size), top, True):
             ptes = self.pt.tables[row, i0:i1]  # tables may have grown: look them up again
             need = self.needs_kernel(ptes, access)
-            if need.any():
+            if any_set(need):
                 try:
                     kernel.page_fault(va, ptes, need, access)
                 except Fault as err:
@@ -206,7 +213,7 @@ class Mmu:
                     fault = err.at(max(addr, err.addr)).with_traceback(None)
                     ptes = ptes[: (fault.addr - va) >> self.shift]
                 if access.writes and not file_backed:
-                    file_backed = bool(((ptes & _N_FILE) != _N_ZERO).any())
+                    file_backed = any_set((ptes & _N_FILE) != _N_ZERO)
             parts.append(((ptes & _N_FRAME) >> _N_12).astype(np.int64))
             if fault is not None:
                 break
@@ -236,10 +243,33 @@ class Mmu:
         flat, _ = self._block(got.frames)
         return flat[start: start + n]
 
+    def fresh_frame(self, addr: int, n: int, access: Access) -> int:
+        """The frame of the one page holding all of ``[addr, addr+n)`` when ``access`` is a
+        user-mode write, the page has no PTE yet and the kernel settles it at once
+        (:meth:`FaultHandler.first_write`: private anonymous memory); else -1 (then
+        :meth:`translate_range` decides).
+
+        Why: a loader's copy of each segment into fresh anonymous memory is mostly such
+        writes, and the general path's numpy steps on arrays of one PTE cost about 20 us a
+        page, where this costs a few (as :meth:`present_frame` does for present pages)."""
+        if access is not Access.WRITE or addr >= VA_TOP or (addr ^ (addr + n - 1)) >> self.shift:
+            return -1
+        row = self.pt.leaf(addr, True)
+        index = (addr >> self.shift) & (ENTRIES - 1)
+        if self.pt.tables[row, index]:
+            return -1
+        pte = self.kernel.first_write(page_round_down(addr, self.page_size))
+        if not pte:
+            return -1
+        self.pt.tables[row, index] = pte
+        return (pte & PTE_FRAME) >> 12
+
     def store(self, addr: int, src: npt.NDArray[np.uint8], access: Access) -> None:
         """Store ``src`` (non-empty) at ``addr`` for a write or forced write; the bytes before
         the first page that faults are stored, then its Fault is raised."""
         frame = self.present_frame(addr, len(src), access)
+        if frame < 0:
+            frame = self.fresh_frame(addr, len(src), access)
         if frame >= 0:
             start = page_offset(addr, self.page_size)
             self.pool.data[frame, start: start + len(src)] = src
@@ -331,13 +361,23 @@ class Mmu:
         permission bits ``bits`` (copy-on-write frames stay read-only)."""
         rw, ro = _U64(bits), _U64(bits & ~PTE_W)
         keep = _U64(PTE_FRAME | PTE_COW | PTE_FILE | PTE_SIZED)
+        if self._no_leaf_under(start, end):
+            return
         tables = self.pt.tables
         for _, row, i0, i1 in self.pt.chunks(start, end, False):
             ptes = tables[row, i0:i1]
             has = (ptes & _N_HAS) != _N_ZERO
-            if has.any():
+            if any_set(has):
                 perm = np.where((ptes & _U64(PTE_COW)) != _N_ZERO, ro, rw)
                 ptes[:] = np.where(has, (ptes & keep) | perm, _N_ZERO)
+
+    def _no_leaf_under(self, start: int, end: int) -> bool:
+        """True when no leaf table lies under ``[start, end)`` (no page of it was ever
+        touched), found without a walk: no leaf at all, or none for a range within one
+        leaf's span (one dict lookup). The walk's generator and numpy slices cost
+        microseconds, and a fresh mapping's munmap or mprotect (a load's holes) meets none."""
+        leaves, ls = self.pt.leaves, self.pt.leaf_shift
+        return not leaves or (start >> ls == (end - 1) >> ls and start >> ls not in leaves)
 
     def unmap(self, start: int, end: int) -> None:
         """Clear the PTEs of ``[start, end)``, freeing the frames they own (not the zero page
@@ -349,8 +389,7 @@ class Mmu:
         skipped before the walk, whose generator and numpy slices cost microseconds; a
         leaf's PTEs are tested with ``np.count_nonzero`` (0.5 us, where ``ndarray.any()``
         costs 2 us a call)."""
-        leaves, ls = self.pt.leaves, self.pt.leaf_shift
-        if not leaves or (start >> ls == (end - 1) >> ls and start >> ls not in leaves):
+        if self._no_leaf_under(start, end):
             return
         tables = self.pt.tables
         for _, row, i0, i1 in self.pt.chunks(start, end, False):
@@ -359,7 +398,7 @@ class Mmu:
                 continue
             frames = ((ptes & _N_FRAME) >> _N_12).astype(np.int64)
             owned = ((ptes & _N_HAS) != _N_ZERO) & ((ptes & _N_SHARED) == _N_ZERO) & (frames != 0)
-            if owned.any():
+            if any_set(owned):
                 self.pool.free(frames[owned])
             ptes[:] = 0
 

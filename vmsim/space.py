@@ -169,12 +169,13 @@ class AddressSpace(MmapDefaults):
         As loader.libc does, ``fd`` None without MAP_ANONYMOUS maps writable anonymous memory
         and answers ``need_copy=True``. Raises MmapError with Linux's errno.
         """
-        need_copy = fd is None and not flags & MAP_ANON
-        c_fd = -1 if fd is None or not -(1 << 31) <= fd < 1 << 31 else fd
         # the substitution on ints: making ProtFlags/MapFlags members costs microseconds
+        c_flags = as_int_arg(flags)
+        need_copy = fd is None and not c_flags & MAP_ANON
+        c_fd = -1 if fd is None or not -(1 << 31) <= fd < 1 << 31 else fd
         start = self.kernel.mmap(0 if addr is None else as_size(addr), as_size(length),
                                  PROT_READ | PROT_WRITE if need_copy else as_int_arg(prot),
-                                 as_int_arg(flags) | (MAP_ANON if need_copy else 0),
+                                 c_flags | (MAP_ANON if need_copy else 0),
                                  as_size(offset), c_fd)
         return Mapping(start, need_copy)
 
