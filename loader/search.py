@@ -376,7 +376,6 @@ class _Closure:
                 name in (rtld.name, rtld.info.soname) or file_id == rtld.info.file_id):
             self.rtld = None
             self.add(rtld, None)
-            return True
         index = self.by_name.get(name)
         if index is None and file_id is not None:
             index = self.by_id.get(file_id)
