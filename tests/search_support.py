@@ -16,6 +16,8 @@ The tree (under one temporary directory D, built once per session):
   wrong64/libleaf.so an aarch64 (e_machine 183) copy; wrong32/libleaf.so an ELFCLASS32 copy
   notelf/libleaf.so  text: glibc stops the search there with "invalid ELF header"
   bin/prog_nodeflib  needs libleaf.so and libc.so.6, linked -z nodefaultlib
+  bin/prog_slash, bin/prog_abs   need lib/libns.so (no soname) by the path given to gcc:
+                     ./lib/libns.so (relative to the current directory) and D/lib/libns.so
 """
 
 from __future__ import annotations
@@ -112,7 +114,20 @@ def build_tree(d: Path) -> dict[str, Path]:
     _wrong(d, out)
     out["prog_nodeflib"] = _prog(bin_, "prog_nodeflib", "leaf", f"-L{lib}", "-lleaf",
                                  "-Wl,-z,nodefaultlib")
+    (lib / "ns.c").write_text(LEAF.replace("leaf", "ns"))
+    _gcc(d, "-fPIC", "-shared", "-o", "lib/libns.so", "lib/ns.c")
+    out["prog_slash"] = _prog(bin_, "prog_slash", "ns", "../lib/libns.so")
+    _rename_needed(out["prog_slash"], "../lib/libns.so", "./lib/libns.so")
+    out["prog_abs"] = _prog(bin_, "prog_abs", "ns", str(lib / "libns.so"))
     return out
+
+
+def _rename_needed(prog: Path, old: str, new: str) -> None:
+    """Rewrite a DT_NEEDED string in place (``new`` no longer than ``old``)."""
+    data = prog.read_bytes()
+    assert len(new) <= len(old) and data.count(old.encode() + b"\0") == 1
+    prog.write_bytes(data.replace(old.encode() + b"\0",
+                                  new.encode() + bytes(len(old) - len(new) + 1)))
 
 
 def _cycle(where: Path, out: dict[str, Path]) -> None:

@@ -67,7 +67,9 @@ FIXTURE_CASES = [
     ("prog_plain", "{d}/lib"), ("prog_both", None), ("cyca", None), ("cycb", None),
     ("miss", None), ("prog_nodeflib", None), ("prog_plain", "{d}/wrong64:{d}/wrong32:{d}/lib"),
     ("prog_rpath", "{d}/other"), ("prog_runpath", "{d}/other"), ("prog_runpath", "{d}/lib2"),
-    ("prog_plain", ":{d}/lib"), ("mid", None), ("mid", "{d}/first"),
+    ("prog_plain", ":{d}/lib"), ("mid", None), ("mid", "{d}/first"), ("prog_slash", None),
+    ("prog_abs", None), ("prog_plain", "$ORIGIN/../lib"), ("prog_plain", "${{ORIGIN}}/../other/"),
+    ("prog_plain", "{d}/lib//"),
 ]
 """(fixture, LD_LIBRARY_PATH) pairs: each step of the search, alone and against another."""
 
