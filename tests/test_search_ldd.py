@@ -16,8 +16,7 @@ from cli_support import ROOT
 from search_support import masked, real_ldd, tree_fixture  # noqa: F401 (a fixture)
 
 import vmsim.fuzz.elfwriter as ew
-from loader import ElfError, ElfHeaderError
-from loader.errors import ElfDependencyError
+from loader import ElfDependencyError, ElfError, ElfHeaderError
 from loader.search import Found, SearchPath, closure, read_object
 from vmsim.cli import EXIT, main
 
