@@ -16,6 +16,8 @@ The tree (under one temporary directory D, built once per session):
   wrong64/libleaf.so an aarch64 (e_machine 183) copy; wrong32/libleaf.so an ELFCLASS32 copy
   notelf/libleaf.so  text: glibc stops the search there with "invalid ELF header"
   bin/prog_nodeflib  needs libleaf.so and libc.so.6, linked -z nodefaultlib
+  hw/libleaf.so, hw/glibc-hwcaps/x86-64-v2/libleaf.so   a glibc-hwcaps subdirectory
+  legacy/libleaf.so, legacy/x86_64/libleaf.so   a legacy hwcap (AT_PLATFORM) subdirectory
   bin/prog_slash, bin/prog_abs   need lib/libns.so (no soname) by the path given to gcc:
                      ./lib/libns.so (relative to the current directory) and D/lib/libns.so
 """
@@ -119,6 +121,9 @@ def build_tree(d: Path) -> dict[str, Path]:
     out["prog_slash"] = _prog(bin_, "prog_slash", "ns", "../lib/libns.so")
     _rename_needed(out["prog_slash"], "../lib/libns.so", "./lib/libns.so")
     out["prog_abs"] = _prog(bin_, "prog_abs", "ns", str(lib / "libns.so"))
+    for sub in ("hw", "hw/glibc-hwcaps/x86-64-v2", "legacy", "legacy/x86_64"):
+        (d / sub).mkdir(parents=True)
+        shutil.copy(out["leaf"], d / sub / "libleaf.so")
     return out
 
 

@@ -68,7 +68,7 @@ FIXTURE_CASES = [
     ("prog_rpath", "{d}/other"), ("prog_runpath", "{d}/other"), ("prog_runpath", "{d}/lib2"),
     ("prog_plain", ":{d}/lib"), ("mid", None), ("mid", "{d}/first"), ("prog_slash", None),
     ("prog_abs", None), ("prog_plain", "$ORIGIN/../lib"), ("prog_plain", "${{ORIGIN}}/../other/"),
-    ("prog_plain", "{d}/lib//"),
+    ("prog_plain", "{d}/lib//"), ("prog_plain", "{d}/hw"), ("prog_plain", "{d}/legacy"),
 ]
 """(fixture, LD_LIBRARY_PATH) pairs: each step of the search, alone and against another."""
 
