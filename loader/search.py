@@ -10,34 +10,40 @@ How ld.so (glibc 2.36, x86-64 Debian) finds a DT_NEEDED ``name`` of object L:
   1. DT_RPATH of L, then of the object that loaded L, and so up to the program (then the
      program's own, if it was not in that chain); all skipped when L has a DT_RUNPATH (and
      an object with a DT_RUNPATH has no DT_RPATH at all).
-  2. ``library_path`` (LD_LIBRARY_PATH).
+  2. ``library_path`` (LD_LIBRARY_PATH; $ORIGIN in it is the program's).
   3. DT_RUNPATH of L (only L's: RUNPATH does not reach its dependencies' dependencies).
-  4. /etc/ld.so.cache (``loader.ldcache``), 5. the system directories /lib/x86_64-linux-gnu,
-     /usr/lib/x86_64-linux-gnu, /lib, /usr/lib; both skipped when L has DF_1_NODEFLIB.
-  In every directory of 1-3 and 5 the subdirectories of ``HWCAP_SUBDIRS`` come first
-  (glibc-hwcaps/x86-64-v4 ... v2, then the legacy tls/ and x86_64/ ones: what
-  ``ld.so --list-diagnostics`` lists as searched on this machine). In RPATH and RUNPATH,
-  ``$ORIGIN`` is the directory of L's file name as it was opened (the current directory
-  joined in front of a relative one, nothing normalised), ``$LIB`` is lib/x86_64-linux-gnu
-  and ``$PLATFORM`` x86_64 (AT_PLATFORM here); ``${NAME}`` alike; any other ``$NAME`` stays
-  as written. An empty element is the current directory (the path is then ``name`` alone).
-  A candidate that is ELF but of another class or machine is skipped and the search goes
-  on; a file that is not ELF at all stops the search with an error (as ld.so's open_verify).
-  A file found is then compared by identity (st_dev, st_ino) with the objects loaded: the
-  same file under another name is the same object.
+  4. /etc/ld.so.cache (``loader.ldcache``): an entry of the best glibc-hwcaps level the CPU
+     supports, else the plain entry.
+  5. The system directories /lib/x86_64-linux-gnu, /usr/lib/x86_64-linux-gnu, /lib,
+     /usr/lib. Steps 4 and 5 are skipped when L has DF_1_NODEFLIB.
+In each directory of steps 1-3 and 5, ``HWCAP_SUBDIRS`` are tried first: glibc-hwcaps/
+x86-64-v4 ... v2 as far as the CPU supports them, then the legacy tls/ and x86_64/ ones
+(what ``ld.so --list-diagnostics`` lists as searched here). In RPATH and RUNPATH,
+``$ORIGIN`` is the directory of L's file name as it was opened (the current directory
+joined in front of a relative one, nothing normalised), ``$LIB`` is lib/x86_64-linux-gnu,
+``$PLATFORM`` x86_64 (AT_PLATFORM here), ``${NAME}`` alike; any other ``$NAME`` stays as
+written; an empty element is the current directory (the path is then ``name`` alone). A
+candidate that is ELF of another class or machine is skipped and the search goes on; one
+that is not ELF at all stops it with an error (as ld.so's open_verify). A file found is
+compared by identity (st_dev, st_ino) with the objects loaded: the same file under another
+name is the same object.
 
-The closure (``closure``): breadth-first. The program first, then each LD_PRELOAD entry
-(searched as the program's needs), then the program's DT_NEEDED in order, then the first
-preload's, then each dependency's in the order they were first met: every object appears
-once, where it was first needed, so cycles (a needs b needs a) end. ld.so itself is one of
-them when something needs it (libc.so.6 does): it is already loaded, found by its soname
-ld-linux-x86-64.so.2 or the program's PT_INTERP path. With ``missing="report"`` (what ldd
-shows) a name found nowhere becomes an entry with no path and no dependencies, and is met
-again as a new entry each time it is needed (glibc's faked objects do not match names).
+The closure (``closure``), breadth-first as ld.so's _dl_map_object_deps: the program, then
+each preload (LD_PRELOAD, searched as the program's needs), then the program's DT_NEEDED in
+order, then the first preload's, then each dependency's, in the order the objects were
+first met. Every object appears once, where first needed, so cycles (a needs b needs a)
+end. ld.so is one of them when something needs it (libc.so.6 does): already loaded, it is
+matched by its soname ld-linux-x86-64.so.2 or the program's PT_INTERP path. With
+``missing="report"`` (what ldd shows) a name found nowhere becomes an entry with no path
+and no dependencies, met again as a new entry each time it is needed (glibc's faked objects
+match no name). ldd lists ld.so's chain (``ldd_lines``): the program, the vDSO, the objects
+in load order, except that ld.so sits right after the found object that precedes it.
 
-Where ours differs: we never open a file twice to map it (nothing is mapped here);
-secure-mode (setuid) rules, LD_DEBUG, audit modules, DT_AUXILIARY/DT_FILTER and legacy
-hwcap-bit cache entries are not modelled; only regular files are candidates.
+Where ours differs: nothing is opened to be mapped (a file is read for its headers only);
+secure-mode (setuid) rules, audit modules, DT_AUXILIARY/DT_FILTER and legacy hwcap-bit
+cache entries are not modelled; only regular files are candidates; a corrupt cache is an
+error (glibc ignores it); with ``missing="error"`` a preload found nowhere is an error
+(glibc ignores it with a message).
 """
 
 from __future__ import annotations
@@ -58,21 +64,45 @@ from loader.ldcache import LdCache
 from loader.pages import HOST_PAGE_SIZE
 from loader.tables import _read_dynamic, _strtab, name_budget
 
-__all__ = ["DEFAULT_DIRS", "HWCAP_SUBDIRS", "RTLD", "Found", "Hit", "ObjectInfo",
-           "SearchPath", "closure", "ldd_lines", "read_object"]
+__all__ = ["DEFAULT_DIRS", "GLIBC_HWCAPS", "HWCAP_SUBDIRS", "RTLD", "Found", "Hit", "ObjectInfo",
+           "SearchPath", "closure", "ldd_lines", "read_object", "supported_glibc_hwcaps"]
 
 DEFAULT_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib", "/usr/lib")
 """The system search path (``ld.so --list-diagnostics``: path.system_dirs)."""
 
-HWCAP_SUBDIRS = ("glibc-hwcaps/x86-64-v4/", "glibc-hwcaps/x86-64-v3/",
-                 "glibc-hwcaps/x86-64-v2/", "tls/x86_64/x86_64/", "tls/x86_64/", "tls/",
-                 "x86_64/x86_64/", "x86_64/", "")
-"""Tried in each directory, in this order (LD_DEBUG=libs shows them; ld.so lists
-tls/x86_64/ and x86_64/ twice, once for AT_PLATFORM and once for the hwcap: the second try
-finds nothing new, so it is left out)."""
+ISA_LEVELS = {
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
+    "x86-64-v2": {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"},
+}
+"""The CPU flags (/proc/cpuinfo names) each glibc-hwcaps level needs, on top of the levels
+below it (the x86-64 psABI's micro-architecture levels; abm is LZCNT)."""
 
-GLIBC_HWCAPS = ("x86-64-v4", "x86-64-v3", "x86-64-v2")
-"""The glibc-hwcaps names this CPU supports, best first (``--list-diagnostics``)."""
+
+def supported_glibc_hwcaps(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The glibc-hwcaps subdirectory names this CPU supports, best first (what
+    ``ld.so --list-diagnostics`` marks "supported, searched")."""
+    try:
+        with open(cpuinfo) as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return ()
+    flags = set(line.partition(":")[2].split())
+    levels = list(ISA_LEVELS)
+    return tuple(name for i, name in enumerate(levels)
+                 if all(ISA_LEVELS[n] <= flags for n in levels[i:]))
+
+
+GLIBC_HWCAPS = supported_glibc_hwcaps()
+"""This CPU's glibc-hwcaps names, best first."""
+
+LEGACY_SUBDIRS = ("tls/x86_64/x86_64/", "tls/x86_64/", "tls/", "x86_64/x86_64/", "x86_64/")
+"""glibc 2.36's legacy hwcap subdirectories on x86-64 (AT_PLATFORM x86_64 and the x86_64
+hwcap, under tls/ and not; LD_DEBUG=libs shows tls/x86_64/ and x86_64/ twice, once per
+reason: the second try finds nothing new, so it is left out)."""
+
+HWCAP_SUBDIRS = (*(f"glibc-hwcaps/{name}/" for name in GLIBC_HWCAPS), *LEGACY_SUBDIRS, "")
+"""Tried in each directory of the search, in this order."""
 
 DST = {"ORIGIN": None, "LIB": "lib/x86_64-linux-gnu", "PLATFORM": "x86_64"}
 """Dynamic string tokens: $LIB and $PLATFORM as this machine's ld.so expands them."""

@@ -18,6 +18,8 @@ The tree (under one temporary directory D, built once per session):
   bin/prog_nodeflib  needs libleaf.so and libc.so.6, linked -z nodefaultlib
   hw/libleaf.so, hw/glibc-hwcaps/x86-64-v2/libleaf.so   a glibc-hwcaps subdirectory
   legacy/libleaf.so, legacy/x86_64/libleaf.so   a legacy hwcap (AT_PLATFORM) subdirectory
+  bin/prog_dst       needs libleaf.so, libleaf2.so; DT_RPATH $ORIGIN/../dst/$LIB:
+                     ${ORIGIN}/../dst/${PLATFORM}, which hold one each
   bin/prog_slash, bin/prog_abs   need lib/libns.so (no soname) by the path given to gcc:
                      ./lib/libns.so (relative to the current directory) and D/lib/libns.so
 """
@@ -121,6 +123,12 @@ def build_tree(d: Path) -> dict[str, Path]:
     out["prog_slash"] = _prog(bin_, "prog_slash", "ns", "../lib/libns.so")
     _rename_needed(out["prog_slash"], "../lib/libns.so", "./lib/libns.so")
     out["prog_abs"] = _prog(bin_, "prog_abs", "ns", str(lib / "libns.so"))
+    out["prog_dst"] = _prog(bin_, "prog_dst", "leaf", f"-L{lib}", "-lleaf",
+                            f"-L{d / 'lib2'}", "-lleaf2", "-Wl,--disable-new-dtags,-rpath,"
+                            "$ORIGIN/../dst/$LIB:${ORIGIN}/../dst/${PLATFORM}")
+    for sub, name in (("dst/lib/x86_64-linux-gnu", "leaf"), ("dst/x86_64", "leaf2")):
+        (d / sub).mkdir(parents=True)
+        shutil.copy(out[name], d / sub)
     for sub in ("hw", "hw/glibc-hwcaps/x86-64-v2", "legacy", "legacy/x86_64"):
         (d / sub).mkdir(parents=True)
         shutil.copy(out["leaf"], d / sub / "libleaf.so")

@@ -7,6 +7,7 @@ says how each object was found, loads each once, and names the chain of a missin
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from search_support import masked, real_ldd, tree_fixture  # noqa: F401 (a fixtu
 
 import vmsim.fuzz.elfwriter as ew
 from loader import ElfDependencyError, ElfError, ElfHeaderError
-from loader.search import Found, SearchPath, closure, read_object
+from loader.search import DEFAULT_DIRS, GLIBC_HWCAPS, Found, SearchPath, closure, read_object
 from vmsim.cli import EXIT, main
 
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
@@ -69,6 +70,7 @@ FIXTURE_CASES = [
     ("prog_plain", ":{d}/lib"), ("mid", None), ("mid", "{d}/first"), ("prog_slash", None),
     ("prog_abs", None), ("prog_plain", "$ORIGIN/../lib"), ("prog_plain", "${{ORIGIN}}/../other/"),
     ("prog_plain", "{d}/lib//"), ("prog_plain", "{d}/hw"), ("prog_plain", "{d}/legacy"),
+    ("prog_dst", None),
 ]
 """(fixture, LD_LIBRARY_PATH) pairs: each step of the search, alone and against another."""
 
@@ -218,3 +220,20 @@ def test_ldd_into_a_closed_pipe_is_quiet() -> None:
 def test_closure_refuses_a_program_of_another_machine(tree: dict[str, Path]) -> None:
     with pytest.raises(ElfError, match="ELF64 x86-64"):
         closure(str(tree["wrong64"]))
+
+
+def _ld_so(option: str) -> str:
+    """This machine's ``ld.so OPTION`` output."""
+    return subprocess.run(["/lib64/ld-linux-x86-64.so.2", option], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_the_search_constants_are_this_machines_ld_so() -> None:
+    help_text = _ld_so("--help")
+    levels = help_text.split("glibc-hwcaps directories, in priority order:")[1].split("\n\n")[0]
+    searched = [ln.split()[0] for ln in levels.splitlines() if "(supported, searched)" in ln]
+    assert tuple(searched) == GLIBC_HWCAPS
+    system = re.findall(r'path\.system_dirs\[0x[0-9a-f]+\]="([^"]*)"',
+                        _ld_so("--list-diagnostics"))
+    assert [d.rstrip("/") for d in system] == list(DEFAULT_DIRS)
+    assert 'dl_platform="x86_64"' in _ld_so("--list-diagnostics")
