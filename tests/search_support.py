@@ -166,7 +166,7 @@ def _wrong(d: Path, out: dict[str, Path]) -> None:
     """libleaf.so copies glibc must skip (another machine, another class) or stop at (text)."""
     for sub, offset, fmt, value in (("wrong64", 18, "<H", 183), ("wrong32", 4, "B", 1)):
         (d / sub).mkdir()
-        out[sub] = shutil.copy(out["leaf"], d / sub / "libleaf.so")
+        out[sub] = Path(shutil.copy(out["leaf"], d / sub / "libleaf.so"))
         _patch(out[sub], offset, fmt, value)
     (d / "notelf").mkdir()
     out["notelf"] = d / "notelf" / "libleaf.so"

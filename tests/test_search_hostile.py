@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import vmsim.fuzz.elfwriter as ew
@@ -23,10 +25,10 @@ MANY = 100_000
 TEXT = ew.Segment("rx", data=b"\xc3" * 64)
 
 
-def _build(**spec: object) -> tuple[bytearray, np.ndarray]:  # type: ignore[type-arg]
+def _build(**spec: Any) -> tuple[bytearray, npt.NDArray[Any]]:
     """An elfwriter shared object (``spec`` knobs): its bytes and a writable view of its
     dynamic section (d_tag, d_val rows) over them."""
-    image = ew.build(ew.ElfSpec(segments=(TEXT,), **spec))  # type: ignore[arg-type]
+    image = ew.build(ew.ElfSpec(segments=(TEXT,), **spec))
     data = bytearray(image.data)
     dyn = image.tables["dynamic"]
     rows = np.frombuffer(data, ew.DYN, count=dyn.size // ew.DYN.itemsize, offset=dyn.offset)

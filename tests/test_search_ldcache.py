@@ -25,7 +25,7 @@ def ldconfig_p(cache: str | None = None) -> list[tuple[str, str, str]]:
     """``ldconfig -p`` (``-C cache``): (name, flags text, path) per entry, in its order."""
     argv = ["ldconfig", "-p", *(["-C", cache] if cache else [])]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return [m.groups() for m in map(LINE.match, out.splitlines()) if m]  # type: ignore[misc]
+    return [(m[1], m[2], m[3]) for m in map(LINE.match, out.splitlines()) if m]
 
 
 def write_cache(entries: list[tuple[str, str, str | None]], generator: str = "test") -> bytes:
