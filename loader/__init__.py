@@ -9,6 +9,8 @@ validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
 """
 
 from loader.errors import (
+    ElfCacheError,
+    ElfDependencyError,
     ElfDynamicError,
     ElfError,
     ElfFileError,
@@ -27,6 +29,8 @@ from loader.trace import CopyingMmap, TracingMmap
 
 __all__ = [
     "CopyingMmap",
+    "ElfCacheError",
+    "ElfDependencyError",
     "ElfDynamicError",
     "ElfError",
     "ElfFileError",

@@ -72,3 +72,16 @@ class ElfFileError(ElfError):
 
 
 __all__.append("ElfFileError")
+
+
+class ElfCacheError(ElfError):
+    """/etc/ld.so.cache (or a file given as one) that breaks the glibc-ld.so.cache1.1
+    layout: bad magic, counts or string offsets past the file."""
+
+
+class ElfDependencyError(ElfError):
+    """A dependency that cannot be found (no directory of the search holds an x86-64 ELF64
+    file of that name), or found but refused; the message names the chain that needed it."""
+
+
+__all__ += ["ElfCacheError", "ElfDependencyError"]

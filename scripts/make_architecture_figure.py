@@ -44,6 +44,8 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("loader.compare",)),
     ("host backend", "mmap/mprotect/munmap of this process",
      ("loader.libc",)),
+    ("library search", "DT_NEEDED names to files as ld.so finds them; ld.so.cache",
+     ("loader.search", "loader.ldcache")),
     ("supervisor", "run a function in a forked child, under bounds",
      ("loader.isolate",)),
     ("MMU layer", "page table, frames, translate(va, access), the access paths",

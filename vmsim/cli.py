@@ -7,6 +7,7 @@ Top layer: imports ``loader`` and ``vmsim``. Verbs:
   vmsim explain [PATH]     the loader's steps in sentences, each with the calls it caused
   vmsim plot [PATH] -o FILE.png   vmsim.viz's map of the loaded object
   vmsim diff PATH
+  vmsim ldd PATH           the libraries ld.so would load with PATH, in glibc ldd's format
   vmsim fuzz [...]         (vmsim.fuzz's campaign; see vmsim fuzz --help)
 Without PATH, a small library of this machine (libz.so.1) is loaded. Host (libc) loads run in
 a forked child; what it saw comes back as a ``Session``.
@@ -59,6 +60,7 @@ examples:
   vmsim explain                       each step in a sentence (what and why) with its calls
   vmsim plot -o libz.png              the map as a picture (regions to scale, RELRO hatched)
   vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
+  vmsim ldd /usr/bin/ls               ls's libraries as ldd lists them (found by our search)
 
 PATH defaults to libz.so.1 of this machine for load, maps, trace, explain and plot.
 
@@ -331,6 +333,38 @@ def cmd_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ldd(args: argparse.Namespace) -> int:
+    """``vmsim ldd``: the closure in ldd's format (addresses all zero: nothing is loaded)."""
+    from loader import ElfError
+    from loader.search import closure, ldd_lines
+
+    preload = [p for p in args.preload.replace(" ", ":").split(":") if p]
+    try:
+        found = closure(args.path, library_path=args.library_path.split(":")
+                        if args.library_path else (), preload=preload, missing="report")
+    except ElfError as exc:
+        _say(f"ldd {args.path}: {type(exc).__name__}: {exc}")
+        return EXIT["refused"]
+    if not found[0].info or not found[0].info.dynamic:
+        _say(f"{args.path}: not a dynamic executable (no PT_DYNAMIC)")
+        return EXIT["refused"]
+    for line in ldd_lines(found):
+        print(line)
+    return EXIT["ok"]
+
+
+LDD_HELP = """\
+Print the shared objects ld.so would load with PATH, found by the project's own search
+(loader.search: DT_RPATH, LD_LIBRARY_PATH, DT_RUNPATH, /etc/ld.so.cache, the system
+directories, as glibc 2.36 does), in the format and order of glibc's ldd: a tab, then
+"name => path (0xADDRESS)", "name => not found", the vDSO and ld.so lines. Nothing is
+loaded and no code runs, so every address is printed as 0x0000000000000000 (ldd prints
+where glibc mapped each object). LD_LIBRARY_PATH is read from the environment as ldd does
+(--library-path overrides it); LD_PRELOAD is not read (it would preload into this command
+itself): give --preload instead. Example: vmsim ldd /usr/bin/ls
+"""
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """``vmsim trace``: every Mmap call, one per line."""
     sess = session(args.path, args.backend, args.base)
@@ -497,6 +531,17 @@ def parser() -> argparse.ArgumentParser:
     df.add_argument("path", metavar="PATH", help="ELF shared object or executable")
     df.set_defaults(func=cmd_diff)
     _add_views(verbs)
+    dd = verbs.add_parser("ldd", help="the libraries ld.so would load with PATH, as ldd "
+                          "prints them", description=LDD_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dd.add_argument("path", metavar="PATH", help="ELF program or shared object")
+    dd.add_argument("--library-path", metavar="DIRS",
+                    default=os.environ.get("LD_LIBRARY_PATH", ""),
+                    help="colon-separated directories searched as LD_LIBRARY_PATH "
+                    "(default: $LD_LIBRARY_PATH)")
+    dd.add_argument("--preload", metavar="LIBS", default="",
+                    help="objects loaded first, as LD_PRELOAD (colon- or space-separated)")
+    dd.set_defaults(func=cmd_ldd)
     verbs.add_parser("fuzz", help="run the loader's hypothesis properties as a campaign "
                      "(vmsim fuzz --help)", add_help=False)
     return top
