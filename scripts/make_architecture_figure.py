@@ -64,7 +64,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("vmsim.sweep",)),
     ("pictures", "maps and page states in matplotlib",
      ("vmsim.viz",)),
-    ("command", "vmsim load/maps/diff/plot/fuzz",
+    ("command", "vmsim load/maps/ldd/diff/plot/fuzz",
      ("vmsim.cli", "vmsim.__main__")),
 )
 
