@@ -46,22 +46,17 @@ from vmsim.syscall_args import (
     M64,
     MAP_ANON,
     MAP_FIXED,
-    MAP_GROWSDOWN,
     MAP_HUGETLB,
-    MAP_LOCKED,
     MAP_NONBLOCK,
     MAP_NOREPLACE,
-    MAP_NORESERVE,
     MAP_POPULATE,
-    MAP_STACK,
     PROT_EXEC,
     PROT_GROWSDOWN,
     PROT_GROWSUP,
     PROT_READ,
     PROT_SEM,
-    anon_flags,
-    file_flags,
     meminfo_pages,
+    new_vma_flags,
     refuse_hugetlb_anon,
 )
 from vmsim.vma import (
@@ -71,10 +66,8 @@ from vmsim.vma import (
     VM_GROWSDOWN,
     VM_LOCKED,
     VM_MAYEXEC,
-    VM_MAYREAD,
     VM_MAYSHARE,
     VM_MAYWRITE,
-    VM_NOHUGEPAGE,
     VM_NORESERVE,
     VM_READ,
     VM_SHARED,
@@ -149,7 +142,8 @@ class Kernel:
         if not length:
             raise MmapError(errno.ENOMEM, "mmap: length rounds past the end of the address space")
         addr = self._mmap_address(addr, length, flags, file, off >> self.shift)
-        vm_flags, pgoff = self._vm_flags(prot, flags, file, off >> self.shift, length, addr)
+        vm_flags, pgoff = new_vma_flags(prot, flags, file, off >> self.shift, length, addr,
+                                        self.shift)
         return self._map_region(addr, length, vm_flags, file, pgoff, flags)
 
     def _mmap_address(self, addr: int, length: int, flags: int, file: OpenFile | None,
@@ -176,23 +170,6 @@ class Kernel:
             raise MmapError(errno.EEXIST, f"mmap: MAP_FIXED_NOREPLACE over a mapping at "
                             f"{addr:#x}")
         return addr
-
-    def _vm_flags(self, prot: int, flags: int, file: OpenFile | None, pgoff: int,
-                  length: int, addr: int) -> tuple[int, int]:
-        """The new VMA's vm_flags and page offset, after the map type checks of a file or
-        anonymous memory."""
-        vm_flags = (prot & VM_ACCESS) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
-        if flags & (MAP_GROWSDOWN | MAP_LOCKED | MAP_STACK):
-            vm_flags |= ((VM_GROWSDOWN if flags & MAP_GROWSDOWN else 0)
-                         | (VM_LOCKED if flags & MAP_LOCKED else 0)
-                         | (VM_NOHUGEPAGE if flags & MAP_STACK else 0))
-        if file is not None:
-            vm_flags = file_flags(file, vm_flags, flags, prot, pgoff, length, self.shift)
-        else:
-            vm_flags, pgoff = anon_flags(vm_flags, flags, addr, self.shift)
-        if flags & MAP_NORESERVE:
-            vm_flags |= VM_NORESERVE
-        return vm_flags, pgoff
 
     def _map_region(self, addr: int, length: int, vm_flags: int, file: OpenFile | None,
                     pgoff: int, flags: int) -> int:

@@ -16,12 +16,16 @@ from loader.mmap import MmapError
 from loader.pages import HOST_PAGE_SIZE
 from vmsim.files import OpenFile
 from vmsim.vma import (
+    VM_ACCESS,
     VM_DROPPABLE,
     VM_EXEC,
     VM_GROWSDOWN,
+    VM_LOCKED,
     VM_MAYEXEC,
+    VM_MAYREAD,
     VM_MAYSHARE,
     VM_MAYWRITE,
+    VM_NOHUGEPAGE,
     VM_NORESERVE,
     VM_SHARED,
     VM_WRITE,
@@ -132,6 +136,24 @@ def refuse_hugetlb_anon(addr: int, length: int, flags: int) -> None:
         raise MmapError(errno.EINVAL, f"mmap: MAP_HUGETLB at addr={addr:#x}, not aligned to "
                         f"its huge page size {huge:#x}")
     raise MmapError(errno.ENOMEM, "mmap: MAP_HUGETLB: no huge pages reserved")
+
+
+def new_vma_flags(prot: int, flags: int, file: OpenFile | None, pgoff: int, length: int,
+                  addr: int, page_shift: int) -> tuple[int, int]:
+    """do_mmap's vm_flags and page offset for a new VMA, after the map type checks of a file
+    (:func:`file_flags`) or of anonymous memory (:func:`anon_flags`)."""
+    vm_flags = (prot & VM_ACCESS) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    if flags & (MAP_GROWSDOWN | MAP_LOCKED | MAP_STACK):
+        vm_flags |= ((VM_GROWSDOWN if flags & MAP_GROWSDOWN else 0)
+                     | (VM_LOCKED if flags & MAP_LOCKED else 0)
+                     | (VM_NOHUGEPAGE if flags & MAP_STACK else 0))
+    if file is not None:
+        vm_flags = file_flags(file, vm_flags, flags, prot, pgoff, length, page_shift)
+    else:
+        vm_flags, pgoff = anon_flags(vm_flags, flags, addr, page_shift)
+    if flags & MAP_NORESERVE:
+        vm_flags |= VM_NORESERVE
+    return vm_flags, pgoff
 
 
 def anon_flags(vm_flags: int, flags: int, addr: int, page_shift: int) -> tuple[int, int]:
