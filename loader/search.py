@@ -62,7 +62,7 @@ from loader.elfdefs import DT
 from loader.errors import ElfDependencyError, ElfDynamicError, ElfHeaderError
 from loader.ldcache import LdCache
 from loader.pages import HOST_PAGE_SIZE
-from loader.tables import _read_dynamic, _strtab, name_budget
+from loader.tables import name_budget, read_dynamic, read_strtab
 
 __all__ = ["DEFAULT_DIRS", "GLIBC_HWCAPS", "HWCAP_SUBDIRS", "RTLD", "Found", "Hit", "ObjectInfo",
            "SearchPath", "closure", "ldd_lines", "read_object", "supported_glibc_hwcaps"]
@@ -204,8 +204,8 @@ def _interp(image: ElfImage) -> str | None:
 
 def _info(image: ElfImage, path: str, file_id: tuple[int, int]) -> ObjectInfo:
     """The search's view of a parsed image."""
-    tags, needed = _read_dynamic(image)
-    strtab = _strtab(image, tags)
+    tags, needed = read_dynamic(image)
+    strtab = read_strtab(image, tags)
     one = [t for t in (DT.SONAME, DT.RPATH, DT.RUNPATH) if t in tags]
     names = _names(strtab, [*needed, *(tags[t] for t in one)], "DT_NEEDED/SONAME/RPATH")
     single = dict(zip(one, names[len(needed):], strict=True))

@@ -43,6 +43,8 @@ __all__ = [
     "decode_relr",
     "relr_count",
     "parse_tables",
+    "read_dynamic",
+    "read_strtab",
 ]
 
 
@@ -138,7 +140,7 @@ def _table(image: ElfImage, vaddr: int, length: int, tag: str) -> memoryview:
     return image.read(off, length)
 
 
-def _read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
+def read_dynamic(image: ElfImage) -> tuple[dict[int, int], tuple[int, ...]]:
     """The dynamic tags up to DT_NULL, read through PT_DYNAMIC's p_vaddr (as glibc does)."""
     dyn = image.dynamic
     if dyn is None:
@@ -594,7 +596,7 @@ def _symbol_count(image: ElfImage, tags: dict[int, int], relocs: tuple[RelocTabl
     return max((need for _, _, need in demands), default=0), gnu, sysv
 
 
-def _strtab(image: ElfImage, tags: dict[int, int]) -> bytes:
+def read_strtab(image: ElfImage, tags: dict[int, int]) -> bytes:
     """DT_STRTAB's DT_STRSZ bytes (inside one PT_LOAD's file bytes), ending with a NUL."""
     strsz = tags.get(DT.STRSZ, 0)
     strtab = bytes(_table(image, tags[DT.STRTAB], strsz, "DT_STRTAB")) \
@@ -749,8 +751,8 @@ def parse_tables(image: ElfImage) -> DynamicTables:
     anything is allocated or walked. Raises an ElfError kind (never anything else) naming
     the tag or field and the bad value.
     """
-    tags, needed = _read_dynamic(image)
-    strtab = _strtab(image, tags)
+    tags, needed = read_dynamic(image)
+    strtab = read_strtab(image, tags)
     relocs = _relocs(image, tags)
     syms, gnu, sysv = _symbols(image, tags, strtab, relocs)
     names = _Names(strtab)

@@ -37,7 +37,7 @@ import pytest
 
 from loader.elf import parse_image
 from loader.pages import HOST_PAGE_SIZE
-from loader.tables import _read_dynamic
+from loader.tables import read_dynamic
 
 LEAF = "int leaf(void) { return 1; }\n"
 USE = "extern int {fn}(void);\nint {name}(void) {{ return {fn}() + 1; }}\n"
@@ -80,7 +80,7 @@ def _rpath_and_runpath(prog: Path, skip: int) -> None:
     ``skip`` on (so the file has both, the RUNPATH a suffix of the RPATH)."""
     data = prog.read_bytes()
     image = parse_image(data, HOST_PAGE_SIZE)
-    tags, _ = _read_dynamic(image)
+    tags, _ = read_dynamic(image)
     assert image.dynamic is not None
     dyn = image.dynamic.p_offset
     for at in range(dyn, dyn + image.dynamic.p_filesz, 16):
