@@ -18,7 +18,7 @@ from vmsim import AddressSpace
 from vmsim.fuzz.contract import LoaderUnderTest, image_knobs, project_loader
 from vmsim.fuzz.properties import check_malformed_load, check_valid_load
 
-__all__ = ["KINDS", "PROJECT", "Kind", "Setup", "kind_named"]
+__all__ = ["KINDS", "PROJECT", "Kind", "Setup", "kind_named", "malformed_images"]
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,17 @@ class Kind:
     host: Literal["batch", "compare"] | None
 
 
-def _malformed_strategy(setup: Setup) -> Any:
+def malformed_images(knobs: dict[str, Any]) -> Any:
+    """``malformed_elf`` over images drawn with ``knobs`` (none: its own default images,
+    which carry imports and init arrays so that every mutation kind finds its target)."""
     from vmsim.fuzz.images import elf_images
     from vmsim.fuzz.malformed import malformed_elf
 
-    knobs = setup.knobs()
     return malformed_elf(elf_images(**knobs) if knobs else None)
+
+
+def _malformed_strategy(setup: Setup) -> Any:
+    return malformed_images(setup.knobs())
 
 
 def _valid_strategy(setup: Setup) -> Any:

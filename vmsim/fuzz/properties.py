@@ -62,8 +62,7 @@ def expected_page_perms(image: Headers, page_size: int) -> list[str]:
     down as glibc does. Independent of the loader's own plan."""
     phdrs = _phdrs(image)
     loads = phdrs[phdrs["p_type"] == PT_LOAD]
-    vmin = page_round_down(int(loads["p_vaddr"].min()), page_size)
-    vmax = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page_size)
+    vmin, vmax = image_span(image, 0, page_size)
     perms = ["---p"] * ((vmax - vmin) // page_size)
     for ph in loads:
         if not int(ph["p_memsz"]):
@@ -108,7 +107,8 @@ def _first_difference(seen: list[str], want: list[str], name: str, page: int) ->
 
 def image_span(image: Headers, bias: int, page: int) -> tuple[int, int]:
     """Where the image lies in memory when loaded at ``bias``: its PT_LOADs' pages."""
-    loads = _phdrs(image)[_phdrs(image)["p_type"] == PT_LOAD]
+    phdrs = _phdrs(image)
+    loads = phdrs[phdrs["p_type"] == PT_LOAD]
     lo = page_round_down(int(loads["p_vaddr"].min()), page)
     hi = page_round_up(int((loads["p_vaddr"] + loads["p_memsz"]).max()), page)
     return bias + lo, bias + hi

@@ -20,6 +20,7 @@ from collections.abc import Collection
 from typing import Any, Literal
 
 from vmsim.fuzz.contract import LoaderUnderTest, image_knobs
+from vmsim.fuzz.kinds import malformed_images
 from vmsim.fuzz.properties import check_malformed_load, check_same_on_both, check_valid_load
 
 __all__ = ["CASE_KINDS", "check_case", "check_loader", "loader_cases"]
@@ -36,7 +37,6 @@ def loader_cases(relocations: Collection[str] | None = None,
     from hypothesis import strategies as st
 
     from vmsim.fuzz.images import elf_images
-    from vmsim.fuzz.malformed import malformed_elf
 
     unknown = sorted(set(kinds) - set(CASE_KINDS))
     if unknown or not kinds:
@@ -46,8 +46,7 @@ def loader_cases(relocations: Collection[str] | None = None,
     if "valid" in kinds:
         options.append(st.tuples(st.just("valid"), elf_images(**knobs)))
     if "malformed" in kinds:
-        images = elf_images(**knobs) if knobs else None
-        options.append(st.tuples(st.just("malformed"), malformed_elf(images)))
+        options.append(st.tuples(st.just("malformed"), malformed_images(knobs)))
     return st.one_of(options)
 
 
