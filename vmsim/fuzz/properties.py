@@ -2,20 +2,23 @@
 :class:`~vmsim.fuzz.checking.Violation` (an AssertionError) or lets the loader's own exception
 through, so hypothesis can shrink a failure to a small example.
 
-Part of the fuzz kit (``vmsim.fuzz``):
+Part of the fuzz kit (``vmsim.fuzz``). Each property takes ``loader=``: a loader under test
+(any ``f(data, mm) -> load bias``, see ``vmsim.fuzz.contract``), or None for the project's
+loader, which gets the extra checks its result object allows (symbols, the plan, ``unload``).
 
-1. :func:`check_valid_load`: a valid image loads; symbols, relocated words and every byte of
-   every segment are as the ELF writer predicts; nothing is left mapped after ``unload``.
-   With :func:`check_same_on_both` the host (in a forked child) and another backend load
-   it at the same address with equal outcomes.
-2. :func:`check_malformed_load`: a corrupted image either loads or raises ``ElfError``, never
-   anything else, and leaves no mapping behind.
+1. :func:`check_valid_load`: a valid image loads; relocated words and every byte of every
+   segment are as the ELF writer predicts, the final map is what the program headers
+   predict, and nothing is left mapped once the space is dropped. With
+   :func:`check_same_on_both` the host (in a forked child) and another backend give equal
+   outcomes.
+2. :func:`check_malformed_load`: a corrupted image either loads or is refused (the project's
+   loader: with ``ElfError`` only), and leaves no mapping behind.
 3. :class:`~vmsim.fuzz.checking.CheckingMmap` (used by both): the loader never maps, unmaps or
    protects outside what it reserved itself.
 4. ... and never writes to a page it has not made writable (the simulator would fault; the
    wrapper says so on any backend, before the host would crash).
-5. :func:`check_plan_predicts_map`: the plan alone (and, independently, the program headers
-   with glibc's RELRO rounding) predicts the final map, page by page.
+5. :func:`check_headers_predict_map` (any loader) and :func:`check_plan_predicts_map` (the
+   project's: its plan too) predict the final map page by page, with glibc's RELRO rounding.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from hypothesis.errors import InvalidArgument
 
 from loader import elfdefs as ed
 from loader.mmap import Mmap
-from loader.pages import page_round_up
+from loader.pages import HOST_PAGE_SIZE, page_round_up
 from vmsim.fuzz import malformed as mf
 from vmsim.fuzz.checking import CheckingMmap, Violation
 from vmsim.fuzz.contract import LoaderUnderTest, attempt_load, drop
@@ -72,7 +72,7 @@ counts and links) or the init/fini arrays (entries, sizes); cut the file short; 
 _UNCHANGED_SHARE = 8
 """One draw in this many leaves the file unchanged (when "none" is among the kinds)."""
 
-_PAGE = mf._PAGE
+_PAGE = HOST_PAGE_SIZE
 
 
 # --------------------------------------------------------------------------------------------

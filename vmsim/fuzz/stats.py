@@ -72,8 +72,11 @@ class CampaignStats:
         counted, not kept. Two failures are the same when their first lines, up to a list
         of regions and at most 60 characters, differ only in numbers."""
         first = re.sub(r"0x[0-9a-f]+|\d+", "#", text.split("\n", 1)[0].split("[", 1)[0])[:60]
-        self.repeats[first] = self.repeats.get(first, -1) + 1
-        return not self.repeats[first]
+        if first in self.repeats:
+            self.repeats[first] += 1
+            return False
+        self.repeats[first] = 0
+        return True
 
     def count(self, cls: str) -> None:
         """Count one failure or finding of class ``cls``."""
