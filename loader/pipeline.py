@@ -50,6 +50,7 @@ from loader.reloc import (
     Kind,
     RelocContext,
     RelocOutcome,
+    TlsLayout,
     check_relocations,
     first_outside_code,
     relocate,
@@ -397,7 +398,8 @@ def _parse(src: _Source, page_size: int) -> tuple[ElfImage, DynamicTables]:
 
 def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview, mm: Mmap, *,
          resolver: Resolver | None = None, base: int | None = None,
-         explain: Callable[[Step], None] | None = None) -> LoadedObject:
+         explain: Callable[[Step], None] | None = None,
+         tls: TlsLayout | None = None) -> LoadedObject:
     """Load an x86-64 ELF shared object or executable onto ``mm`` and return it.
 
     ``base``: the address for the span's start (default: the backend chooses; an ET_EXEC
@@ -406,6 +408,9 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     then), MmapError from the backend (everything mapped so far unmapped again).
     ``explain``: called with each step of the load as a ``loader.explain.Step`` (a plain
     sentence, what and why), in pipeline order; ``loader.explain.Explainer`` collects them.
+    ``tls``: the TLS module the object's PT_TLS block is (module id, static offset or None
+    for dynamic TLS), as a process image assigns it; given, the host accepts TLS (the caller
+    runs its TLS), else the block is the first static one and the host refuses PT_TLS.
     """
     src = _open(path_or_bytes)
     try:
@@ -417,14 +422,14 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         classified = check_relocations(image, tables, textrel)
         _check_arrays(image, tables)
         host = runs_code(mm)
-        if host:
+        if host and tls is None:
             _check_host_tls(image, tables, classified)
         plan = make_plan(image, textrel)
         narrator.say_all("plan", plan_sentences, plan)
         if resolver is None:
             resolver = HostResolver() if host else StubResolver()
         parsed = _Parsed(image, tables, classified, plan)
-        return _map_and_finish(src, parsed, traced, resolver, base, narrator)
+        return _map_and_finish(src, parsed, traced, resolver, base, narrator, tls)
     finally:
         if isinstance(src.data, FileBytes):
             src.data.close()
@@ -443,7 +448,8 @@ class _Parsed(NamedTuple):
 
 
 def _map_and_finish(src: _Source, parsed: _Parsed, mm: TracingMmap, resolver: Resolver,
-                    base: int | None, narrator: Narrator = SILENT) -> LoadedObject:
+                    base: int | None, narrator: Narrator = SILENT,
+                    tls: TlsLayout | None = None) -> LoadedObject:
     """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise.
 
     The file is re-checked after mapping (``_check_unchanged``). A failure that is neither
@@ -459,6 +465,7 @@ def _map_and_finish(src: _Source, parsed: _Parsed, mm: TracingMmap, resolver: Re
         _check_unchanged(src)
         obj = LoadedObject(src.label, image, tables, plan, mm, start)
         obj.real_bindings = resolver.real
+        obj.relocations.tls = tls
         _finish(obj, resolver, narrator, classified)
         return obj
     except BaseException as exc:

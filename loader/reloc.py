@@ -206,10 +206,11 @@ def classify(tables: DynamicTables) -> Classified:
 class TlsLayout:
     """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
     blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
-    is the block's distance below the thread pointer."""
+    is the block's distance below the thread pointer, None for a block in dynamic TLS
+    (allocated per thread on first use: initial-exec TPOFF64 cannot reach it)."""
 
     module_id: int
-    tp_offset: int
+    tp_offset: int | None
 
     @classmethod
     def first_static(cls, image: ElfImage, module_id: int = 1) -> TlsLayout | None:
@@ -720,8 +721,8 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
             value = np.full(len(sym), tls.module_id, dtype=np.uint64)
         elif kind is Kind.TLS_DTPOFF:
             value = st_value + a
-        else:
-            value = st_value + a - _U64(tls.tp_offset & MASK64)
+        elif own.any():
+            value = st_value + a - _U64(_static_offset(tls) & MASK64)
         value = np.where(own, value, _U64(0))
     if kind is Kind.TLS_TPOFF and ctx.res.tls_tpoff:
         known = np.zeros(len(syms), dtype=bool)
@@ -732,6 +733,16 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         value = np.where(known[sym], offset[sym] + a, value)
     out: npt.NDArray[np.uint64] = value
     return out
+
+
+def _static_offset(tls: TlsLayout) -> int:
+    """The object's static TLS offset, for TPOFF64; ElfRelocationError when its block is
+    in dynamic TLS (an initial-exec access cannot reach it)."""
+    if tls.tp_offset is None:
+        raise ElfRelocationError("R_X86_64_TPOFF64 against the object's own TLS module",
+                                 tls.module_id, "a module in static TLS (this one is in "
+                                 "dynamic TLS: initial-exec access needs static TLS)")
+    return tls.tp_offset
 
 
 def _exact(s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64], p: npt.NDArray[np.uint64]
@@ -1212,7 +1223,8 @@ def relocate(where: RelocContext, resolver: Resolver, out: RelocOutcome | None =
     source, MmapError from the backend.
     """
     out = out if out is not None else RelocOutcome()
-    out.tls = TlsLayout.first_static(where.image)
+    if out.tls is None:     # a process image (LinkMap) sets the layout it chose
+        out.tls = TlsLayout.first_static(where.image)
     mm = where.mm
     classified = where.classified or classify(where.tables)
     kinds_all = classified.kinds_all
