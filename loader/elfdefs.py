@@ -46,6 +46,7 @@ __all__ = [
     "VERSYM_HIDDEN",
     "VERSYM_VERSION",
     "VER_FLG_BASE",
+    "VER_FLG_WEAK",
     "WORD_SIZE",
     "st_bind",
     "st_type",
@@ -238,6 +239,8 @@ VERSYM_HIDDEN = 0x8000
 """The versym bit marking a definition not to bind by default (``sym@VER``, not ``@@``)."""
 VER_FLG_BASE = 0x1
 """vd_flags: the file's own base version (its soname), not a real version."""
+VER_FLG_WEAK = 0x2
+"""vna_flags: a weak need (a missing version is no error)."""
 
 
 def versym_index(versym: _Ints) -> _Ints:

@@ -59,7 +59,7 @@ from loader.symbols import HostResolver, Resolver, StubResolver, find
 from loader.tables import DynamicTables, parse_tables
 from loader.trace import TracingMmap
 
-__all__ = ["LoadedObject", "load", "runs_code"]
+__all__ = ["LoadedObject", "load", "map_object", "relocate_object", "runs_code"]
 
 _INIT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
@@ -226,6 +226,7 @@ class LoadedObject:
         self.inits: list[int] = []
         self.finis: list[int] = []
         self.loaded = True
+        self.classified: Classified | None = None
 
     def symbol(self, name: str) -> int:
         """The absolute address of exported ``name`` (``"name@VERSION"`` for a version).
@@ -329,16 +330,18 @@ def _protect_textrel(obj: LoadedObject, writable: bool) -> None:
         obj.mm.mprotect(sp.start + obj.load_bias, sp.end - sp.start, prot)
 
 
-def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator,
-            classified: Classified | None = None) -> None:
-    """Relocate (with TEXTREL pages opened and closed around it), seal RELRO, run init.
-    ``classified``: what ``check_relocations`` found, reused by ``relocate``."""
+def relocate_object(obj: LoadedObject, resolver: Resolver, narrator: Narrator = SILENT,
+                    classified: Classified | None = None, *, lazy: bool = False) -> None:
+    """Relocate (with TEXTREL pages opened and closed around it) and seal RELRO: the
+    second stage of a load, after ``map_object`` (no init; a failure leaves the mapping
+    to the caller). ``classified``: what ``check_relocations`` found, reused by
+    ``relocate``; ``lazy``: JUMP_SLOTs keep their PLT addresses (lazy binding)."""
     if obj.plan.textrel:
         narrator.say("relocate", textrel_sentence, True)
         _protect_textrel(obj, True)
     before = len(obj.mm.calls)
     where = RelocContext(obj.image, obj.tables, obj.mm, obj.load_bias, obj.runs_code,
-                         obj.span[1], classified)
+                         obj.span[1], classified or obj.classified, lazy)
     relocate(where, resolver, obj.relocations)
     narrator.say_all("relocate", _relocation_steps, obj, before, type(resolver).__name__)
     if obj.plan.textrel:
@@ -347,6 +350,12 @@ def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator,
     if obj.relro is not None:
         narrator.say("protect", relro_sentence, obj.plan, obj.image.relro)
         obj.mm.mprotect(obj.relro[0], obj.relro[1] - obj.relro[0], ProtFlags.PROT_READ)
+
+
+def _finish(obj: LoadedObject, resolver: Resolver, narrator: Narrator,
+            classified: Classified | None = None) -> None:
+    """Relocate and protect (``relocate_object``), then run init."""
+    relocate_object(obj, resolver, narrator, classified)
     before = len(obj.mm.calls)
     obj.run_init()
     narrator.say_all("init", _init_steps, obj, before)
@@ -416,25 +425,44 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     try:
         traced = TracingMmap(mm)
         narrator = SILENT if explain is None else Narrator(explain, traced.calls)
-        image, tables = _parse(src, mm.page_size)
-        narrator.say_all("parse", parse_sentences, image, src.label, len(tables.tags))
-        textrel = _textrel(tables)
-        classified = check_relocations(image, tables, textrel)
-        _check_arrays(image, tables)
-        host = runs_code(mm)
-        if host and tls is None:
-            _check_host_tls(image, tables, classified)
-        plan = make_plan(image, textrel)
-        narrator.say_all("plan", plan_sentences, plan)
+        parsed = _checked(src, traced, narrator, host_tls=tls is not None)
         if resolver is None:
-            resolver = HostResolver() if host else StubResolver()
-        parsed = _Parsed(image, tables, classified, plan)
-        return _map_and_finish(src, parsed, traced, resolver, base, narrator, tls)
+            resolver = HostResolver() if runs_code(mm) else StubResolver()
+        obj = _map(src, parsed, traced, base, narrator)
+        obj.real_bindings = resolver.real
+        obj.relocations.tls = tls
+        try:
+            _finish(obj, resolver, narrator, parsed.classified)
+        except BaseException as exc:
+            raise _undone(src, obj.mm, obj.span[0], parsed.plan.span_length, obj, narrator,
+                          exc)
+        return obj
     finally:
-        if isinstance(src.data, FileBytes):
-            src.data.close()
-        if src.fd is not None:
-            os.close(src.fd)
+        _close(src)
+
+
+def map_object(source: str | os.PathLike[str] | bytes, mm: TracingMmap, *,
+               base: int | None = None, host_tls: bool = False) -> LoadedObject:
+    """The first stage of a load, for a process image (``loader.LinkMap``) that maps a
+    whole closure before it relocates any of it: open, parse and check, plan, reserve and
+    map. Nothing is relocated, protected or run. ``host_tls``: the caller runs the TLS of
+    this object on the host. Bad input raises an ElfError kind with nothing mapped."""
+    src = _open(source)
+    try:
+        parsed = _checked(src, mm, SILENT, host_tls=host_tls)
+        obj = _map(src, parsed, mm, base, SILENT)
+        obj.classified = parsed.classified
+        return obj
+    finally:
+        _close(src)
+
+
+def _close(src: _Source) -> None:
+    """Close what ``_open`` opened."""
+    if isinstance(src.data, FileBytes):
+        src.data.close()
+    if src.fd is not None:
+        os.close(src.fd)
 
 
 class _Parsed(NamedTuple):
@@ -447,32 +475,47 @@ class _Parsed(NamedTuple):
     plan: LoadPlan
 
 
-def _map_and_finish(src: _Source, parsed: _Parsed, mm: TracingMmap, resolver: Resolver,
-                    base: int | None, narrator: Narrator = SILENT,
-                    tls: TlsLayout | None = None) -> LoadedObject:
-    """Reserve, map, relocate, protect, init; on any failure unmap everything and re-raise.
+def _checked(src: _Source, mm: TracingMmap, narrator: Narrator, *, host_tls: bool
+             ) -> _Parsed:
+    """Parse and check everything before any memory is touched; plan."""
+    image, tables = _parse(src, mm.page_size)
+    narrator.say_all("parse", parse_sentences, image, src.label, len(tables.tags))
+    textrel = _textrel(tables)
+    classified = check_relocations(image, tables, textrel)
+    _check_arrays(image, tables)
+    if runs_code(mm) and not host_tls:
+        _check_host_tls(image, tables, classified)
+    plan = make_plan(image, textrel)
+    narrator.say_all("plan", plan_sentences, plan)
+    return _Parsed(image, tables, classified, plan)
 
-    The file is re-checked after mapping (``_check_unchanged``). A failure that is neither
-    an ElfError nor an MmapError (the simulator's SIGBUS Fault on a page the file no longer
-    has, say) becomes an ElfFileError when the file changed meanwhile: the load lost a race
-    with whoever truncated it, which is bad input, not a loader bug. Otherwise it stays what
-    it is (a Fault from the simulator is then a loader bug to fix)."""
-    image, tables, classified, plan = parsed
+
+def _map(src: _Source, parsed: _Parsed, mm: TracingMmap, base: int | None,
+         narrator: Narrator) -> LoadedObject:
+    """Reserve and map; the file is re-checked after mapping (``_check_unchanged``). On any
+    failure everything is unmapped and the error re-raised (``_undone``)."""
+    image, tables, _, plan = parsed
     start = reserve(plan, mm, base, use_file=src.fd is not None, narrator=narrator)
-    obj: LoadedObject | None = None
     try:
         map_plan(plan, mm, start, src.fd, src.data, narrator=narrator, image=image)
         _check_unchanged(src)
-        obj = LoadedObject(src.label, image, tables, plan, mm, start)
-        obj.real_bindings = resolver.real
-        obj.relocations.tls = tls
-        _finish(obj, resolver, narrator, classified)
-        return obj
     except BaseException as exc:
-        narrator.say("undo", undo_sentence, exc)
-        _cleanup(mm, start, plan.span_length, obj)
-        changed = None if isinstance(exc, ElfError | MmapError) or \
-            not isinstance(exc, Exception) else _file_change(src)
-        if changed is not None:
-            raise changed from exc
-        raise
+        raise _undone(src, mm, start, plan.span_length, None, narrator, exc)
+    return LoadedObject(src.label, image, tables, plan, mm, start)
+
+
+def _undone(src: _Source, mm: TracingMmap, start: int, length: int, obj: LoadedObject | None,
+            narrator: Narrator, exc: BaseException) -> BaseException:
+    """Unmap everything after a failure and return what to raise: ``exc``, or an
+    ElfFileError when the file changed meanwhile. A failure that is neither an ElfError nor
+    an MmapError (the simulator's SIGBUS Fault on a page the file no longer has, say) lost a
+    race with whoever truncated the file: bad input, not a loader bug. Otherwise it stays
+    what it is (a Fault from the simulator is then a loader bug to fix)."""
+    narrator.say("undo", undo_sentence, exc)
+    _cleanup(mm, start, length, obj)
+    changed = None if isinstance(exc, ElfError | MmapError) or \
+        not isinstance(exc, Exception) else _file_change(src)
+    if changed is not None:
+        changed.__cause__ = exc
+        return changed
+    return exc

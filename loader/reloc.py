@@ -111,6 +111,7 @@ X86_64: dict[int, Rule] = dict([
 _SYMBOLIC = (Kind.ABSOLUTE, Kind.PCREL, Kind.COPY, Kind.TLS_MODULE, Kind.TLS_DTPOFF,
              Kind.TLS_TPOFF, Kind.TLS_DESC)
 _PLAIN = (Kind.RELATIVE, Kind.NONE, Kind.COPY)     # not computed per entry by _table_pieces
+_JUMP_SLOT = int(R_X86_64.JUMP_SLOT)
 _U64 = np.uint64
 
 
@@ -623,6 +624,8 @@ class RelocContext:
     runs_code: bool
     near: int
     classified: Classified | None = None
+    lazy: bool = False
+    """JUMP_SLOTs keep their lazy value (the PLT address the file holds, plus the bias)."""
 
 
 @dataclass(slots=True)
@@ -715,6 +718,8 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
     own = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
                         & (st_type(syms["st_info"][sym]) == _STT_TLS))
     tls = ctx.out.tls
+    if ctx.res.tls is not None:
+        return _scope_tls_values(ctx, kind, sym, a)
     value = np.zeros(len(sym), dtype=np.uint64)
     if tls is not None:
         if kind is Kind.TLS_MODULE:
@@ -732,6 +737,34 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         offset[idx] = [v & MASK64 for v in ctx.res.tls_tpoff.values()]
         value = np.where(known[sym], offset[sym] + a, value)
     out: npt.NDArray[np.uint64] = value
+    return out
+
+
+def _scope_tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
+                      a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The TLS kinds when a process image looked every TLS symbol up (``Resolution.tls``):
+    symbol 0 (a local-dynamic or own-module entry) is the object's own module."""
+    tls, defs = ctx.out.tls, ctx.res.tls
+    assert defs is not None
+    own = sym == 0
+    own_module = tls.module_id if tls is not None else 0
+    if kind is Kind.TLS_MODULE:
+        out: npt.NDArray[np.uint64] = np.where(own, _U64(own_module), defs.module[sym])
+        return out
+    if kind is Kind.TLS_DTPOFF:
+        out = np.where(own, a, defs.value[sym] + a)
+        return out
+    offset = defs.offset[sym]
+    if own.any():
+        offset = np.where(own, -1 if tls is None or tls.tp_offset is None else tls.tp_offset,
+                          offset)
+    if (offset < 0).any():
+        k = int(np.flatnonzero(offset < 0)[0])
+        raise ElfRelocationError(f"R_X86_64_TPOFF64 of symbol {int(sym[k])}",
+                                 int(defs.module[sym[k]]) if sym[k] else own_module,
+                                 "a module in static TLS (initial-exec access cannot reach "
+                                 "a module in dynamic TLS)")
+    out = np.where(own, a, defs.value[sym] + a) - offset.astype(np.uint64)
     return out
 
 
@@ -830,6 +863,10 @@ def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
     value = _computed_values(ctx, e, a)
     irel = _is(e.kinds, Kind.IRELATIVE)
     deferred = irel | (_is(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
+    if ctx.where.lazy:
+        slot = e.r_type == _JUMP_SLOT
+        value[slot] = _file_words(ctx.where.image, e.p[slot] - ctx.b) + ctx.b
+        deferred &= ~slot
     _check_narrow(e, width, s, a, skip=deferred)
     desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
@@ -928,12 +965,15 @@ def _copy_sizes(ctx: _Context, sym: npt.NDArray[np.int64], src: npt.NDArray[np.u
     glibc's memcpy does; the definition's size is known on the host (dladdr1), elsewhere the
     reference's stands. A size mismatch is recorded as glibc's warning."""
     ref = ctx.syms["st_size"][sym].astype(np.uint64)
-    if not ctx.where.runs_code or not len(src):
+    if ctx.res.sizes is not None:
+        known, defined = np.ones(len(sym), dtype=bool), ctx.res.sizes[sym]
+    elif not ctx.where.runs_code or not len(src):
         return ref
-    distinct, back = np.unique(src, return_inverse=True)
-    found = [_host_definition_size(int(x)) for x in distinct.tolist()]
-    known = np.array([f is not None for f in found])[back.ravel()]
-    defined = np.array([f or 0 for f in found], dtype=np.uint64)[back.ravel()]
+    else:
+        distinct, back = np.unique(src, return_inverse=True)
+        found = [_host_definition_size(int(x)) for x in distinct.tolist()]
+        known = np.array([f is not None for f in found])[back.ravel()]
+        defined = np.array([f or 0 for f in found], dtype=np.uint64)[back.ravel()]
     size = np.where(known, np.minimum(ref, defined), ref)
     differ = np.flatnonzero(known & (defined != ref) & (src != 0))
     for k in differ[:_MAX_WARNINGS].tolist():
@@ -1186,6 +1226,8 @@ def _context(where: RelocContext, kinds_all: Kinds, res: Resolution, out: RelocO
     if not len(syms):
         syms, addr = np.zeros(1, dtype=syms.dtype), np.zeros(1, dtype=np.uint64)
     at_home = addr == syms["st_value"].astype(np.uint64) + _U64(where.bias & MASK64)
+    if res.ifunc is not None and len(res.ifunc):
+        return _Context(where, kinds_all, res, out, syms, addr, res.ifunc)
     own = _own_ifunc_of(syms)
     bound = res.bound if len(res.bound) else np.zeros(1, dtype=bool)
     return _Context(where, kinds_all, res, out, syms, addr, own & bound & at_home)

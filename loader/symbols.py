@@ -54,8 +54,10 @@ __all__ = [
     "Resolver",
     "Resolution",
     "StubResolver",
+    "TlsDefinitions",
     "find",
     "gnu_hash",
+    "names_of",
     "split_version",
     "sysv_hash",
 ]
@@ -171,9 +173,25 @@ class Resolution:
     extern: dict[str, int] = field(default_factory=dict)
     extern_range: tuple[int, int] | None = None
     tls_tpoff: dict[int, int] = field(default_factory=dict)
+    ifunc: npt.NDArray[np.bool_] | None = None
+    """Per symbol: bound to an STT_GNU_IFUNC (its value is a resolver to run). None: the
+    relocation pass decides (the object's own IFUNCs bound to themselves)."""
+    tls: TlsDefinitions | None = None
+    sizes: npt.NDArray[np.uint64] | None = None
+    """Per symbol: the definition's st_size (what a COPY copies at most), when known."""
 
 
-def _names(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
+@dataclass(frozen=True, slots=True)
+class TlsDefinitions:
+    """Per symbol, where a process image found its TLS definition: the module id, that
+    module's static TLS offset (-1: the module is in dynamic TLS) and st_value in it."""
+
+    module: npt.NDArray[np.uint64]
+    offset: npt.NDArray[np.int64]
+    value: npt.NDArray[np.uint64]
+
+
+def names_of(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
     """The raw names of symbols ``idx``: each NUL found with one searchsorted, not a scan."""
     starts = tables.symtab["st_name"][idx].astype(np.int64)
     nuls = tables.nuls
@@ -184,8 +202,8 @@ def _names(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes]:
 
 def _labels(tables: DynamicTables, idx: npt.NDArray[np.int64]
             ) -> dict[int, tuple[str, str | None]]:
-    """(name, version) of every symbol of ``idx``, names cut in bulk (see ``_names``)."""
-    names = [n.decode("utf-8", "surrogateescape") for n in _names(tables, idx)]
+    """(name, version) of every symbol of ``idx``, names cut in bulk (see ``names_of``)."""
+    names = [n.decode("utf-8", "surrogateescape") for n in names_of(tables, idx)]
     if tables.versym is None:
         return dict(zip(idx.tolist(), [(n, None) for n in names], strict=True))
     vers = versym_index(tables.versym[idx]).tolist()
@@ -325,7 +343,7 @@ class Resolver:
         versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
         vidx = versym_index(tables.versym[idx]).tolist() if tables.versym is not None else \
             [0] * len(idx)
-        for i, name, v in zip(idx.tolist(), _names(tables, idx), vidx, strict=True):
+        for i, name, v in zip(idx.tolist(), names_of(tables, idx), vidx, strict=True):
             found = self.scope_raw(name, versions.get(v) if v > 1 else None)
             if found is not None:
                 addr[i], bound[i] = found, True

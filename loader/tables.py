@@ -27,6 +27,7 @@ from loader.elfdefs import (
     SHN,
     SYM_DTYPE,
     VER_FLG_BASE,
+    VER_FLG_WEAK,
     VERSYM_VERSION,
     WORD_SIZE,
     versym_index,
@@ -112,6 +113,8 @@ class DynamicTables:
     fini_array: tuple[int, int] = (0, 0)
     nuls: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     """Where the string table's NUL bytes are: the end of every name, by one searchsorted."""
+    version_needs: tuple[tuple[str, str, bool], ...] = ()
+    """DT_VERNEED as (file, version, weak): what a process image checks its objects define."""
 
     @property
     def nsyms(self) -> int:
@@ -504,29 +507,33 @@ def _verdefs(image: ElfImage, tags: dict[int, int], names: _Names,
 
 
 def _verneeds(image: ElfImage, tags: dict[int, int], names: _Names,
-              out: dict[int, int]) -> None:
-    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name offset.
+              out: dict[int, int]) -> list[tuple[int, int, bool]]:
+    """Fill ``out`` with DT_VERNEED's index (vna_other) -> name offset; return every need
+    as (vn_file offset, vna_name offset, VER_FLG_WEAK set).
 
     As glibc, each chain is followed to a 0 link (vn_next, vna_next); DT_VERNEEDNUM and
     vn_cnt are not trusted for the walk."""
     _check_version_count(image, tags, DT.VERNEED, DT.VERNEEDNUM, VERNEED,
                          ("DT_VERNEED", "DT_VERNEEDNUM"))
+    needs: list[tuple[int, int, bool]] = []
     if DT.VERNEED not in tags:
-        return
+        return needs
     claims = _Claims(image, tags[DT.VERNEED], "DT_VERNEED")
     at, link = tags[DT.VERNEED], "DT_VERNEED"
     while True:
-        version, _, _, aux, nxt = claims.read(at, VERNEED, link)
+        version, _, file_off, aux, nxt = claims.read(at, VERNEED, link)
         _check_record_version(version, "vn_version")
+        names.check(file_off, "vn_file")
         aux_at, aux_link = at + aux, "vn_aux"
         while True:
-            _, _, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
+            _, flags, other, name_off, aux_next = claims.read(aux_at, VERNAUX, aux_link)
             out[other & VERSYM_VERSION] = names.check(name_off, "vna_name")
+            needs.append((file_off, name_off, bool(flags & VER_FLG_WEAK)))
             if not aux_next:
                 break
             aux_at, aux_link = aux_at + aux_next, "vna_next"
         if not nxt:
-            return
+            return needs
         at, link = at + nxt, "vn_next"
 
 
@@ -758,7 +765,7 @@ def parse_tables(image: ElfImage) -> DynamicTables:
     names = _Names(strtab)
     name_offsets: dict[int, int] = {}
     defined = _verdefs(image, tags, names, name_offsets)
-    _verneeds(image, tags, names, name_offsets)
+    needs = _verneeds(image, tags, names, name_offsets)
     nuls = np.flatnonzero(np.frombuffer(strtab, dtype=np.uint8) == 0)
     used = _relocated_symbols(len(syms), relocs)
     _check_name_bytes(syms, strtab, nuls, used, name_offsets)
@@ -772,4 +779,5 @@ def parse_tables(image: ElfImage) -> DynamicTables:
         default_versions=frozenset(defined), gnu_hash=gnu, sysv_hash=sysv,
         init_array=_array_tag(tags, DT.INIT_ARRAY, DT.INIT_ARRAYSZ, "DT_INIT_ARRAY"),
         fini_array=_array_tag(tags, DT.FINI_ARRAY, DT.FINI_ARRAYSZ, "DT_FINI_ARRAY"),
-        nuls=nuls)
+        nuls=nuls, version_needs=tuple((names(f, "vn_file"), names(v, "vna_name"), weak)
+                                       for f, v, weak in needs))

@@ -1,0 +1,227 @@
+"""Symbol lookup across a process image, as glibc 2.36's ld.so does it (elf/dl-lookup.c).
+
+Part of the ``loader`` layer (imports ``loader.tables``, ``loader.symbols``,
+``loader.elfdefs``). A *scope* is a list of search lists; each search list is a list of
+objects (``Definitions``: an object's definitions by name). A reference is looked up in
+every object of every list, in order, and the first object that defines it wins. Which
+definition of an object counts (glibc's ``check_match``, then ``do_lookup_x``):
+
+- the symbol must have a value (``st_value`` nonzero, or SHN_ABS, or STT_TLS), a type that
+  defines something (NOTYPE, OBJECT, FUNC, COMMON, TLS, GNU_IFUNC) and the name asked for;
+- an undefined symbol with a value (an executable's canonical PLT entry) defines a name for
+  every reference except those of the PLT class (JUMP_SLOT and the TLS relocations);
+- versions: a versioned reference takes the definition of that version, or one whose
+  version index names no version (0, or 1 in an object with no DT_VERDEF) unless it is
+  hidden. An unversioned reference takes a definition of index 0, 1 or 2 at once, else the
+  one non-hidden versioned definition when the object has exactly one (``dlsym``, asking
+  for the newest, takes index 2 and up the same way);
+- the first definition that matches decides for the object: a hidden or internal one, or a
+  local binding, sends the search on to the next object; a global, weak or unique one is
+  the answer (weak is not weaker than global: glibc's default, LD_DYNAMIC_WEAK unset).
+
+The reference itself decides first: a symbol bound locally (STB_LOCAL, STV_HIDDEN or
+STV_INTERNAL) is the referencing object's own; a protected definition is the object's own
+whenever the lookup finds another object's, except for data an executable copied
+(the lookup with the PLT class finds the object itself).
+COPY relocations look past the executable (the copy is not its own source).
+
+Where ours differs: a symbol referenced by relocations of both classes is looked up once,
+with the non-PLT class (they differ only for an executable's canonical PLT entry);
+STB_GNU_UNIQUE is looked up as global (glibc keeps one process-wide table of them, which
+gives the same answer unless two objects define one under different scopes); a reference
+version's "hidden" flag (never set by linkers for needs) is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from loader.elf import ElfImage
+from loader.elfdefs import MASK64, SHN, STB, STT, VERSYM_HIDDEN, st_bind, st_type, versym_index
+from loader.symbols import names_of
+from loader.tables import DynamicTables
+
+__all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeObject", "lookup",
+           "visibility"]
+
+STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
+_ALLOWED_TYPES = [int(t) for t in (STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS,
+                                   STT.GNU_IFUNC)]
+
+
+def visibility(st_other: int) -> int:
+    """The STV_* visibility of a symbol's ``st_other``."""
+    return st_other & 3
+
+
+class ScopeObject(Protocol):
+    """What a lookup needs of a loaded object: its name, tables, headers and load bias, and
+    whether it is the program (COPY relocations look past it)."""
+
+    name: str
+    tables: DynamicTables
+    image: ElfImage
+    load_bias: int
+    is_program: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """Where a lookup ended: ``obj`` defines the symbol as its symbol ``index``."""
+
+    obj: Definitions
+    index: int
+
+    @property
+    def symbol(self) -> Any:
+        """The defining symbol table entry."""
+        return self.obj.obj.tables.symtab[self.index]
+
+    @property
+    def address(self) -> int:
+        """Load bias + st_value (for STT_TLS: the offset in its module's block)."""
+        sym = self.symbol
+        if st_type(int(sym["st_info"])) == STT.TLS:
+            return int(sym["st_value"])
+        return (int(sym["st_value"]) + self.obj.obj.load_bias) & MASK64
+
+    @property
+    def is_ifunc(self) -> bool:
+        """The definition is an STT_GNU_IFUNC: its value is a resolver to run."""
+        return st_type(int(self.symbol["st_info"])) == STT.GNU_IFUNC
+
+
+@dataclass(frozen=True, slots=True)
+class LookupStep:
+    """One object a lookup asked (``why``): its name and what it said."""
+
+    obj: str
+    said: str
+
+
+Scope = Sequence[Sequence["Definitions"]]
+"""Search lists in order (glibc's l_scope): the global scope first, then a local one."""
+
+
+class Definitions:
+    """One object's candidate definitions by name: every dynamic symbol with a value and a
+    defining type (``check_match``'s first tests), found by a dict, in symbol order (the
+    order of a GNU hash chain for one name)."""
+
+    def __init__(self, obj: ScopeObject) -> None:
+        self.obj = obj
+        tables = obj.tables
+        syms = tables.symtab
+        kind = st_type(syms["st_info"])
+        valued = (syms["st_value"] != 0) | (syms["st_shndx"] == int(SHN.ABS)) | \
+            (kind == int(STT.TLS))
+        keep = np.isin(kind, _ALLOWED_TYPES) & valued
+        if len(keep):
+            keep[0] = False
+        idx = np.flatnonzero(keep).astype(np.int64)
+        self.by_name: dict[bytes, list[int]] = {}
+        for i, name in zip(idx.tolist(), names_of(tables, idx), strict=True):
+            self.by_name.setdefault(name, []).append(i)
+        self.versions = {k: v.encode("utf-8", "surrogateescape")
+                         for k, v in tables.versions.items()}
+        self.versym = tables.versym
+
+    def _version_ok(self, i: int, version: bytes | None, newest: bool,
+                    seen: list[int]) -> bool:
+        """``check_match``'s version test of symbol ``i``; a versioned definition an
+        unversioned reference may take only if it is the object's one is added to
+        ``seen`` (and not taken now)."""
+        if self.versym is None:
+            return True
+        vs = int(self.versym[i])
+        ndx = versym_index(vs)
+        if version is not None:
+            defined = self.versions.get(ndx)
+            return defined == version or (defined is None and not vs & VERSYM_HIDDEN)
+        if ndx < (2 if newest else 3):
+            return True
+        if not vs & VERSYM_HIDDEN:
+            seen.append(i)
+        return False
+
+    def match(self, name: bytes, version: bytes | None, *, plt: bool = False,
+              newest: bool = False) -> int | None:
+        """The symbol index that decides for this object (``do_lookup_x``), or None."""
+        seen: list[int] = []
+        syms = self.obj.tables.symtab
+        for i in self.by_name.get(name, ()):
+            if plt and int(syms["st_shndx"][i]) == int(SHN.UNDEF):
+                continue
+            if self._version_ok(i, version, newest, seen):
+                return i
+        return seen[0] if len(seen) == 1 else None
+
+    def what(self, name: bytes, version: bytes | None) -> str:
+        """What this object has of ``name`` in words (``why``'s account of a miss)."""
+        found = self.by_name.get(name)
+        if not found:
+            return "does not define it"
+        if self.versym is None:
+            return "defines it"
+        have = [self.versions.get(versym_index(int(self.versym[i])), "(none)") for i in found]
+        shown = ", ".join(v.decode("utf-8", "surrogateescape") if isinstance(v, bytes)
+                          else v for v in have)
+        want = "(unversioned)" if version is None else version.decode()
+        return f"has versions {shown}; wanted {want}"
+
+
+def _decides(found: Definitions, i: int) -> bool:
+    """The definition ``i`` ends the lookup (global, weak or unique, and not hidden)."""
+    sym = found.obj.tables.symtab[i]
+    if visibility(int(sym["st_other"])) in (STV_INTERNAL, STV_HIDDEN):
+        return False
+    return st_bind(int(sym["st_info"])) in (int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE))
+
+
+def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = False,
+           copy: bool = False, newest: bool = False,
+           steps: list[LookupStep] | None = None) -> Definition | None:
+    """The first definition of ``name`` (``version``: the reference's, or None) over
+    ``scope``, as ``_dl_lookup_symbol_x``; None when nobody defines it. ``plt``: a
+    JUMP_SLOT or TLS relocation; ``copy``: a COPY (the program is skipped); ``newest``:
+    dlsym's lookup. ``steps`` collects what each object asked said."""
+    asked: set[int] = set()
+    for search_list in scope:
+        for found in search_list:
+            if id(found) in asked:
+                continue
+            asked.add(id(found))
+            if copy and found.obj.is_program:
+                continue
+            i = found.match(name, version, plt=plt, newest=newest)
+            if i is not None and _decides(found, i):
+                if steps is not None:
+                    steps.append(LookupStep(found.obj.name, "defines it: the definition"))
+                return Definition(found, i)
+            if steps is not None:
+                steps.append(LookupStep(found.obj.name, found.what(name, version)
+                                        if i is None else "has it hidden or local"))
+    return None
+
+
+def all_definitions(name: bytes, version: bytes | None, scope: Scope
+                    ) -> list[Definition]:
+    """Every object of ``scope`` that would define ``name`` (what a winner interposes)."""
+    out: list[Definition] = []
+    for search_list in scope:
+        for found in search_list:
+            i = found.match(name, version)
+            if i is not None and _decides(found, i) and \
+                    all(d.obj is not found for d in out):
+                out.append(Definition(found, i))
+    return out
+
+
+def reference_class(kinds_plt: npt.NDArray[np.bool_]) -> bool:
+    """Whether every relocation of a symbol is of the PLT class (see the module docstring)."""
+    return bool(kinds_plt.all())
