@@ -8,12 +8,13 @@ init and fini functions) is the backend's declared capability ``Mmap.runs_code``
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 
@@ -205,12 +206,18 @@ def _check_unchanged(src: _Source) -> None:
         raise changed
 
 
+def _nothing() -> None:
+    """What ``LoadedObject.close_file`` does when ``load`` closed the file already."""
+
+
 class LoadedObject:
     """An ELF object loaded by :func:`load`. Addresses are absolute.
 
-    ``load_bias``: load address minus lowest vaddr. ``span``: (start, end) of the
-    reservation. ``relro``: the (start, end) made read-only, or None. ``relocations``: what
-    relocation did. ``inits``/``finis``: functions run (host) or recorded (simulator).
+    ``name``: its DT_SONAME, else its file name. ``is_program``: the program of a process
+    image (``loader.LinkMap.exec``). ``load_bias``: load address minus lowest vaddr.
+    ``span``: (start, end) of the reservation. ``relro``: the (start, end) made read-only,
+    or None. ``relocations``: what relocation did. ``inits``/``finis``: functions run
+    (host) or recorded (simulator).
     """
 
     def __init__(self, path: str, image: ElfImage, tables: DynamicTables, plan: LoadPlan,
@@ -227,6 +234,11 @@ class LoadedObject:
         self.finis: list[int] = []
         self.loaded = True
         self.classified: Classified | None = None
+        soname = tables.tags.get(DT.SONAME)
+        self.name = tables.name(soname) if soname is not None and soname < len(tables.strtab) \
+            else os.path.basename(path)
+        self.is_program = False
+        self.close_file: Callable[[], None] = _nothing
 
     def symbol(self, name: str) -> int:
         """The absolute address of exported ``name`` (``"name@VERSION"`` for a version).
@@ -434,8 +446,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
         try:
             _finish(obj, resolver, narrator, parsed.classified)
         except BaseException as exc:
-            raise _undone(src, obj.mm, obj.span[0], parsed.plan.span_length, obj, narrator,
-                          exc)
+            _undo(src, obj.mm, obj.span[0], parsed.plan.span_length, obj, narrator, exc)
         return obj
     finally:
         _close(src)
@@ -446,15 +457,18 @@ def map_object(source: str | os.PathLike[str] | bytes, mm: TracingMmap, *,
     """The first stage of a load, for a process image (``loader.LinkMap``) that maps a
     whole closure before it relocates any of it: open, parse and check, plan, reserve and
     map. Nothing is relocated, protected or run. ``host_tls``: the caller runs the TLS of
-    this object on the host. Bad input raises an ElfError kind with nothing mapped."""
+    this object on the host. Bad input raises an ElfError kind with nothing mapped. The
+    file stays open (relocation reads addends from it): ``obj.close_file()`` closes it."""
     src = _open(source)
     try:
         parsed = _checked(src, mm, SILENT, host_tls=host_tls)
         obj = _map(src, parsed, mm, base, SILENT)
-        obj.classified = parsed.classified
-        return obj
-    finally:
+    except BaseException:
         _close(src)
+        raise
+    obj.classified = parsed.classified
+    obj.close_file = functools.partial(_close, src)
+    return obj
 
 
 def _close(src: _Source) -> None:
@@ -493,21 +507,21 @@ def _checked(src: _Source, mm: TracingMmap, narrator: Narrator, *, host_tls: boo
 def _map(src: _Source, parsed: _Parsed, mm: TracingMmap, base: int | None,
          narrator: Narrator) -> LoadedObject:
     """Reserve and map; the file is re-checked after mapping (``_check_unchanged``). On any
-    failure everything is unmapped and the error re-raised (``_undone``)."""
+    failure everything is unmapped and the error re-raised (``_undo``)."""
     image, tables, _, plan = parsed
     start = reserve(plan, mm, base, use_file=src.fd is not None, narrator=narrator)
     try:
         map_plan(plan, mm, start, src.fd, src.data, narrator=narrator, image=image)
         _check_unchanged(src)
     except BaseException as exc:
-        raise _undone(src, mm, start, plan.span_length, None, narrator, exc)
+        _undo(src, mm, start, plan.span_length, None, narrator, exc)
     return LoadedObject(src.label, image, tables, plan, mm, start)
 
 
-def _undone(src: _Source, mm: TracingMmap, start: int, length: int, obj: LoadedObject | None,
-            narrator: Narrator, exc: BaseException) -> BaseException:
-    """Unmap everything after a failure and return what to raise: ``exc``, or an
-    ElfFileError when the file changed meanwhile. A failure that is neither an ElfError nor
+def _undo(src: _Source, mm: TracingMmap, start: int, length: int, obj: LoadedObject | None,
+          narrator: Narrator, exc: BaseException) -> NoReturn:
+    """Unmap everything after a failure and raise: ``exc`` again, or an ElfFileError when
+    the file changed meanwhile. A failure that is neither an ElfError nor
     an MmapError (the simulator's SIGBUS Fault on a page the file no longer has, say) lost a
     race with whoever truncated the file: bad input, not a loader bug. Otherwise it stays
     what it is (a Fault from the simulator is then a loader bug to fix)."""
@@ -516,6 +530,5 @@ def _undone(src: _Source, mm: TracingMmap, start: int, length: int, obj: LoadedO
     changed = None if isinstance(exc, ElfError | MmapError) or \
         not isinstance(exc, Exception) else _file_change(src)
     if changed is not None:
-        changed.__cause__ = exc
-        return changed
-    return exc
+        raise changed from exc
+    raise exc

@@ -65,7 +65,8 @@ from loader.pages import HOST_PAGE_SIZE
 from loader.tables import name_budget, read_dynamic, read_strtab
 
 __all__ = ["DEFAULT_DIRS", "GLIBC_HWCAPS", "HWCAP_SUBDIRS", "RTLD", "Found", "Hit", "ObjectInfo",
-           "SearchPath", "closure", "ldd_lines", "read_object", "supported_glibc_hwcaps"]
+           "SearchPath", "closure", "extend_closure", "ldd_lines", "read_object",
+           "supported_glibc_hwcaps"]
 
 DEFAULT_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib", "/usr/lib")
 """The system search path (``ld.so --list-diagnostics``: path.system_dirs)."""
@@ -467,6 +468,34 @@ def closure(path: str, *, library_path: str | Sequence[str] = (),
             walk.need(name, at)
         at += 1
     return walk.entries
+
+
+def extend_closure(known: Sequence[Found], name: str, *, search: SearchPath | None = None
+                   ) -> tuple[Found, list[Found]]:
+    """What a dlopen of ``name`` adds to a process whose objects are ``known`` (their
+    entries, in load order): the root's entry (a known one when ``name`` names a loaded
+    object: by soname, a name it was asked by, its path or its file identity) and the new
+    entries in load order, root first (empty when nothing is new). Breadth-first from the
+    root as ``closure``; a name without a slash is searched as the program's needs are
+    (glibc searches with the caller's DT_RPATH/RUNPATH: the program here)."""
+    walk = _Closure(search or SearchPath(), "error")
+    for found in known:
+        walk.add(found, None)
+    first = len(walk.entries)
+    program = [known[0].info] if known and known[0].info is not None else []
+    if not walk.known(name):
+        hit = walk.search.find(name, program)
+        if not walk.known(name, hit.info.file_id):
+            walk.add(Found(name, hit.path, hit.how, None, hit.info), None)
+    if len(walk.entries) == first:
+        return walk.entries[walk.by_name[name]], []
+    at = first
+    while at < len(walk.entries):
+        info = walk.entries[at].info
+        for needed in info.needed if info is not None else ():
+            walk.need(needed, at)
+        at += 1
+    return walk.entries[first], walk.entries[first:]
 
 
 VDSO = "linux-vdso.so.1"

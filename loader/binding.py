@@ -1,0 +1,141 @@
+"""Binding one object of a process image: its references looked up over its scope.
+
+Part of the ``loader`` layer (imports ``loader.scope``, ``loader.symbols``, ``loader.tls``
+through a callable). ``ScopeResolver`` is the ``Resolver`` a ``LinkMap`` gives the
+relocation pass of each object: every symbol a relocation references is looked up as glibc
+does (``loader.scope``: the reference decides first, then the objects of the scope in
+order), and what each symbol bound to is kept (``found``) for ``LinkMap.bindings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from loader.elfdefs import MASK64, SHN, STB, STT, st_bind, st_type, versym_index
+from loader.mmap import Mmap
+from loader.reloc import TlsLayout
+from loader.scope import (
+    STV_HIDDEN,
+    STV_INTERNAL,
+    STV_PROTECTED,
+    Definition,
+    Definitions,
+    Scope,
+    lookup,
+    visibility,
+)
+from loader.symbols import Resolution, Resolver, TlsDefinitions, names_of
+from loader.tables import DynamicTables
+
+__all__ = ["Classes", "ScopeResolver"]
+
+TlsOf = Callable[[Definitions], "TlsLayout | None"]
+"""The TLS module a process image gave an object (None: the object has no PT_TLS)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Classes:
+    """Per symbol of the referencing object, how its relocations look it up: ``plt`` (every
+    reference is of the PLT class: JUMP_SLOT and the TLS kinds), ``copy`` (a COPY: the
+    program is skipped), ``lazy`` (only lazy JUMP_SLOTs reference it: not binding it yet is
+    no error)."""
+
+    plt: npt.NDArray[np.bool_]
+    copy: npt.NDArray[np.bool_]
+    lazy: npt.NDArray[np.bool_]
+
+
+@dataclass
+class _Bound:
+    """What ``resolve`` fills, per symbol of the referencing object."""
+
+    n: int
+    addr: npt.NDArray[np.uint64] = field(init=False)
+    bound: npt.NDArray[np.bool_] = field(init=False)
+    ifunc: npt.NDArray[np.bool_] = field(init=False)
+    sizes: npt.NDArray[np.uint64] = field(init=False)
+    tls: TlsDefinitions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.addr = np.zeros(self.n, dtype=np.uint64)
+        self.bound = np.zeros(self.n, dtype=bool)
+        self.ifunc = np.zeros(self.n, dtype=bool)
+        self.sizes = np.zeros(self.n, dtype=np.uint64)
+        self.tls = TlsDefinitions(np.zeros(self.n, dtype=np.uint64),
+                                  np.full(self.n, -1, dtype=np.int64),
+                                  np.zeros(self.n, dtype=np.uint64))
+
+
+class ScopeResolver(Resolver):
+    """Bind ``me``'s references over ``scope`` (module docstring). ``tls_of`` gives the TLS
+    module of a defining object; ``classes`` says how each symbol is looked up; ``runs_code``
+    whether IFUNC resolvers can run (the host). After ``resolve``, ``found`` maps each
+    bound symbol index to its Definition (absent: weak undefined, or a lazy slot unbound)."""
+
+    def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
+                 *, real: bool) -> None:
+        super().__init__()
+        self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
+        self.real = real
+        self.found: dict[int, Definition] = {}
+
+    def _one(self, i: int, name: bytes, version: bytes | None) -> Definition | None:
+        """What symbol ``i`` of ``me`` binds to (None: nobody defines it)."""
+        sym = self.me.obj.tables.symtab[i]
+        defined = int(sym["st_shndx"]) != SHN.UNDEF
+        local = st_bind(int(sym["st_info"])) == STB.LOCAL or \
+            visibility(int(sym["st_other"])) in (STV_HIDDEN, STV_INTERNAL)
+        if local:
+            return Definition(self.me, i) if defined else None
+        plt, copy = bool(self.classes.plt[i]), bool(self.classes.copy[i])
+        found = lookup(name, version, self.search_lists, plt=plt, copy=copy)
+        if defined and visibility(int(sym["st_other"])) == STV_PROTECTED and \
+                found is not None and found.obj is not self.me:
+            again = found if plt else lookup(name, version, self.search_lists, plt=True)
+            if again is not None and again.obj is not self.me:
+                return Definition(self.me, i)
+        return found
+
+    def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,
+                mm: Mmap, near: int,
+                not_self: npt.NDArray[np.int64] | None = None) -> Resolution:
+        """Look every symbol of ``needed`` up; weak undefined ones bind to 0, lazy-only ones
+        stay unbound, the rest are listed unresolved."""
+        out = _Bound(tables.nsyms)
+        unresolved: list[str] = []
+        versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
+        vidx = versym_index(tables.versym[needed]).tolist() if tables.versym is not None \
+            else [0] * len(needed)
+        weak = (st_bind(tables.symtab["st_info"][needed]) == int(STB.WEAK)).tolist()
+        for i, name, v, is_weak in zip(needed.tolist(), names_of(tables, needed), vidx, weak,
+                                       strict=True):
+            version = versions.get(v) if v > 1 else None
+            found = self._one(i, name, version)
+            if found is not None:
+                self._bind(out, i, found)
+            elif is_weak:
+                out.bound[i] = True
+            elif not self.classes.lazy[i]:
+                label = name.decode("utf-8", "surrogateescape")
+                unresolved.append(f"{label}@{version.decode()}" if version else label)
+        return Resolution(out.addr, out.bound, unresolved, ifunc=out.ifunc, tls=out.tls,
+                          sizes=out.sizes)
+
+    def _bind(self, out: _Bound, i: int, found: Definition) -> None:
+        """Record symbol ``i`` bound to ``found``: its address, IFUNC mark, size, TLS."""
+        self.found[i] = found
+        sym = found.symbol
+        out.addr[i] = found.address
+        out.bound[i] = True
+        out.ifunc[i] = found.is_ifunc
+        out.sizes[i] = int(sym["st_size"])
+        if st_type(int(sym["st_info"])) == STT.TLS:
+            layout = self.tls_of(found.obj)
+            if layout is not None:
+                out.tls.module[i] = layout.module_id
+                out.tls.offset[i] = -1 if layout.tp_offset is None else layout.tp_offset
+                out.tls.value[i] = int(sym["st_value"]) & MASK64

@@ -1,0 +1,604 @@
+"""A process image: a program or library with its whole closure, as glibc's ld.so builds it.
+
+Part of the ``loader`` layer, on top of ``loader.pipeline`` (one object), ``loader.search``
+(which files, in which order), ``loader.scope`` and ``loader.binding`` (what each reference
+binds to) and ``loader.tls`` (module ids and the static TLS layout).
+
+How a ``LinkMap`` loads, as ld.so (glibc 2.36) does at startup (``exec``) and in ``dlopen``:
+1. the closure, breadth-first (``loader.search.closure``); objects already loaded are reused;
+2. every new object mapped (``map_object``) before any is relocated; the versions each needs
+   checked against the objects that define them (DT_VERNEED, as _dl_check_map_versions);
+3. TLS modules: ids in load order; startup objects in static TLS, dlopen'ed ones dynamic;
+4. the scope of each new object: the global scope (the program's search list: the program,
+   its preloads, then their dependencies breadth-first, plus what was dlopen'ed with
+   scope="global"), then for a dlopen'ed object the dlopen'ed root's own search list;
+5. relocation, dependencies first (the reverse of the init order), each object's references
+   looked up over its scope (``ScopeResolver``), then RELRO sealed; with bind="lazy" the
+   JUMP_SLOTs keep their PLT addresses, GOT[1] names the object, GOT[2] the lazy resolver;
+6. init, in glibc's order (``_dl_sort_maps``' depth-first sort of the new root's search list:
+   dependencies first; DT_INIT before DT_INIT_ARRAY; a program's DT_PREINIT_ARRAY first):
+   run where code runs (the host), recorded elsewhere. fini is the reverse sort at dlclose
+   and unload.
+
+A LinkMap that has not ``exec``'d a program starts as the smallest real process does: a
+program linked against libc only, so libc.so.6 and ld-linux-x86-64.so.2 are the global scope
+ahead of any dlopen'ed closure (on the simulator they are loaded on the first dlopen; the
+program itself, having no file, is not among ``objects``).
+
+On the simulator nothing runs: IFUNC resolvers, init functions and lazy resolution are
+recorded as pending (``bindings()`` says which). Any failure unmaps everything the failed
+call mapped and names the object and the chain that needed it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from loader.binding import Classes, ScopeResolver
+from loader.elf import ElfImage
+from loader.elfdefs import DF, DF_1, DT, MASK64, R_X86_64
+from loader.errors import ElfDependencyError, ElfSymbolError
+from loader.mmap import MapFlags, Mmap, ProtFlags
+from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
+from loader.reloc import Kind, TlsLayout, type_name
+from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
+from loader.search import Found, SearchPath, closure, extend_closure
+from loader.symbols import split_version, symbol_label
+from loader.trace import TracingMmap
+
+__all__ = ["Binding", "LinkMap", "Why"]
+
+Bind = Literal["now", "lazy"]
+ScopeKind = Literal["local", "global"]
+SMALLEST_PROGRAM_NEEDS = "libc.so.6"
+"""What the smallest real program needs: a LinkMap with no ``exec`` starts from it."""
+_PLT_KINDS = (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF, Kind.TLS_DESC)
+
+
+class Binding(NamedTuple):
+    """One symbol relocation of a process image (``LinkMap.bindings``): the ``object`` it
+    belongs to and its ``r_offset``, ``type`` and ``symbol``/``version``; the ``target``
+    object that defines the symbol (None: unbound, e.g. weak undefined), the ``value`` in
+    memory now, and ``pending``: what glibc would have done is not done yet (a lazy slot
+    not yet called, an IFUNC resolver not run on a backend that runs no code)."""
+
+    object: str
+    r_offset: int
+    type: str
+    symbol: str
+    version: str | None
+    target: str | None
+    value: int
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Why:
+    """``LinkMap.why``: the objects asked in order and what each said, the definition that
+    wins (object name, or None) and the later definitions it interposes."""
+
+    symbol: str
+    version: str | None
+    steps: tuple[LookupStep, ...]
+    winner: str | None
+    interposed: tuple[str, ...]
+
+
+class _Member:
+    """One object of the image and its bookkeeping: the search entry that found it, its
+    definitions by name, direct dependencies (DT_NEEDED order), scope, lazy state, how many
+    dlopens hold it, whether it belongs to the startup set (never unloaded)."""
+
+    def __init__(self, obj: LoadedObject, found: Found) -> None:
+        self.obj, self.found = obj, found
+        self.defs = Definitions(obj)
+        self.deps: list[_Member] = []
+        self.searchlist: list[_Member] = []
+        self.scope: Scope = []
+        self.resolver: ScopeResolver | None = None
+        self.lazy = False
+        self.lazy_values: dict[int, int] = {}
+        self.opens = 0
+        self.startup = False
+        self.init_called = False
+
+    @property
+    def name(self) -> str:
+        """The object's name (its soname, else its file name)."""
+        return self.obj.name
+
+
+class LinkMap:
+    """One process image on one backend (module docstring)."""
+
+    def __init__(self, mm: Mmap, *, library_path: str | Sequence[str] = (),
+                 preload: Sequence[str] = (), resolver: object = None) -> None:
+        self.mm = TracingMmap(mm)
+        self.search = SearchPath(library_path)
+        self.preload = tuple(preload)
+        self.resolver = resolver
+        self.runs_code = runs_code(mm)
+        self._members: list[_Member] = []
+        self._global: list[_Member] = []
+        self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
+        self._tls = _TlsModules()
+        self._lazy_stub: tuple[int, int] | None = None
+        self.init_order: list[str] = []
+        self.fini_order: list[str] = []
+        self.program: LoadedObject | None = None
+
+    # --- what the image holds -------------------------------------------------------------
+
+    @property
+    def objects(self) -> list[LoadedObject]:
+        """Every object in link-map order."""
+        return [m.obj for m in self._members]
+
+    @property
+    def tls(self) -> list[dict[str, object]]:
+        """Per TLS module: name, id, block size and alignment, static offset (None: dynamic)."""
+        return self._tls.table()
+
+    def _member(self, obj: LoadedObject) -> _Member:
+        for m in self._members:
+            if m.obj is obj:
+                return m
+        raise ValueError(f"{obj!r} is not an object of this LinkMap (closed already?)")
+
+    # --- exec and dlopen ------------------------------------------------------------------
+
+    def exec(self, path: str | os.PathLike[str], *, bind: Bind = "lazy") -> LoadedObject:
+        """Load the program ``path``, its preloads and its closure, as ld.so does at
+        startup (``bind``: "lazy" as ld.so by default, "now" as LD_BIND_NOW). No code of the
+        program runs. Only one program per LinkMap, before any dlopen."""
+        if self._members:
+            raise ElfDependencyError("exec of " + os.fspath(path), "a LinkMap that has "
+                                     "objects already", "exec first, on an empty LinkMap")
+        entries = closure(os.fspath(path), search=self.search, preload=self.preload)
+        new = self._load(entries, bind=bind, startup=True)
+        self.program = new[0].obj
+        new[0].obj.is_program = True
+        return self.program
+
+    def _boot(self) -> None:
+        """The smallest real process: libc.so.6 and its closure (ld.so) as startup objects
+        in the global scope (the program linked against libc only has no file here)."""
+        if self._members:
+            return
+        _, entries = extend_closure([], SMALLEST_PROGRAM_NEEDS, search=self.search)
+        self._load(entries, bind="now", startup=True)
+
+    def dlopen(self, path_or_soname: str | os.PathLike[str], *, bind: Bind = "now",
+               scope: ScopeKind = "local") -> LoadedObject:
+        """Load an object and its closure as glibc's dlopen (RTLD_NOW or RTLD_LAZY,
+        RTLD_LOCAL or RTLD_GLOBAL); an object already loaded is only counted again (and
+        made global when asked). Returns the handle: the object itself."""
+        self._boot()
+        name = os.fspath(path_or_soname)
+        known = [m.found for m in self._members]
+        root_found, entries = extend_closure(known, name, search=self.search)
+        if entries:
+            root = self._load(entries, bind=bind, startup=False)[0]
+        else:
+            root = next(m for m in self._members if m.found is root_found)
+        root.opens += 1
+        if scope == "global":
+            self._make_global(root)
+        return root.obj
+
+    def _make_global(self, root: _Member) -> None:
+        """RTLD_GLOBAL: the root's search list joins the global scope (each object once)."""
+        for m in root.searchlist:
+            if m not in self._global:
+                self._global.append(m)
+                self._global_defs.append(m.defs)
+
+    # --- the load -------------------------------------------------------------------------
+
+    def _load(self, entries: list[Found], *, bind: Bind, startup: bool) -> list[_Member]:
+        """Map, check, lay out TLS, scope, relocate and init the new ``entries`` (the first
+        is the root); on any failure unmap all of them and re-raise."""
+        new: list[_Member] = []
+        try:
+            for found in entries:
+                new.append(self._map(found, startup))
+            self._link(new, startup)
+            self._check_versions(new)
+            for m in new:
+                m.lazy = bind == "lazy" and _may_be_lazy(m.obj)
+            order = self._sorted(new[0].searchlist if startup else
+                                 _closure_of(new[0]))
+            self._relocate([m for m in reversed(order) if m in new])
+            self._init([m for m in reversed(order) if m in new and not m.init_called])
+        except BaseException:
+            self._drop(new)
+            raise
+        finally:
+            for m in new:
+                m.obj.close_file()
+        return new
+
+    def _map(self, found: Found, startup: bool) -> _Member:
+        """Map one object (not relocated) and enter it in the link map."""
+        assert found.path is not None
+        obj = map_object(found.path, self.mm, host_tls=self.runs_code)
+        obj.name = found.info.soname if found.info and found.info.soname else \
+            os.path.basename(found.path)
+        member = _Member(obj, found)
+        member.startup = startup
+        self._members.append(member)
+        if obj.image.tls is not None:
+            self._tls.add(member.name, obj.image, startup=startup)
+        return member
+
+    def _link(self, new: list[_Member], startup: bool) -> None:
+        """Dependencies, search lists and scopes of the new objects."""
+        by_name = self._names()
+        for m in new:
+            m.deps = _deps(m, by_name)
+        root = new[0]
+        root.searchlist = list(new) if startup else _closure_of(root)
+        if startup:
+            self._make_global(root)
+        local = [m.defs for m in root.searchlist]
+        scope = [self._global_defs] if startup else [self._global_defs, local]
+        for m in new:
+            m.scope = scope
+
+    def _names(self) -> dict[str, _Member]:
+        """Every name an object is known by (as asked, as found, soname, aliases)."""
+        out: dict[str, _Member] = {}
+        for m in self._members:
+            f = m.found
+            for n in (f.name, f.path, m.name, *f.aliases):
+                if n is not None:
+                    out.setdefault(n, m)
+        return out
+
+    def _check_versions(self, new: list[_Member]) -> None:
+        """Every version a new object needs (DT_VERNEED, not weak) is defined by the object
+        of that name: ElfDependencyError naming the version, the file and the chain."""
+        by_name = self._names()
+        for m in new:
+            for file, version, weak in m.obj.tables.version_needs:
+                target = by_name.get(file)
+                if target is None or weak:
+                    continue
+                defined = set(target.obj.tables.versions[k] for k in
+                              target.obj.tables.default_versions
+                              if k in target.obj.tables.versions)
+                if version not in defined:
+                    raise ElfDependencyError(
+                        f"version {version} of {file}", target.found.path,
+                        f"defined by it (required by {_chain(m, self._members)})")
+
+    def _relocate(self, order: list[_Member]) -> None:
+        """Relocate each object over its scope (dependencies first); an undefined symbol is
+        an ElfSymbolError naming the object and its chain."""
+        for m in order:
+            classes = _classes(m)
+            m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
+                                       real=self.runs_code)
+            m.obj.relocations.tls = self._tls.layout(m.name)
+            m.obj.real_bindings = self.runs_code
+            relocate_object(m.obj, m.resolver, lazy=m.lazy)
+            if m.obj.relocations.unresolved:
+                raise ElfSymbolError(
+                    f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
+                    len(m.obj.relocations.unresolved),
+                    f"defined in its scope (needed by {_chain(m, self._members)})")
+            if m.lazy:
+                self._set_lazy_got(m)
+                m.lazy_values = _jump_slot_words(m.obj)
+
+    def _tls_of(self, defs: Definitions) -> TlsLayout | None:
+        """The TLS module of the object behind ``defs``."""
+        return self._tls.layout(defs.obj.name)
+
+    def _set_lazy_got(self, m: _Member) -> None:
+        """GOT[1]: the object's number in the link map (+1); GOT[2]: the lazy resolver (on
+        the simulator an int3 page: nothing runs there yet)."""
+        got = m.obj.tables.tags.get(DT.PLTGOT)
+        if not got:
+            return
+        ident = self._members.index(m) + 1
+        words = np.array([ident, self._lazy_resolver()], dtype="<u8").tobytes()
+        self.mm.write(got + m.obj.load_bias + 8, words)
+
+    def _lazy_resolver(self) -> int:
+        """The address GOT[2] holds: one read+exec page of int3 (a trap, until code runs on
+        the simulator), mapped once per LinkMap."""
+        if self._lazy_stub is None:
+            page = self.mm.page_size
+            addr = self.mm.mmap(None, page, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE,
+                                MapFlags.MAP_PRIVATE | MapFlags.MAP_ANONYMOUS, 0, None).addr
+            self.mm.write(addr, b"\xcc" * page)
+            self.mm.mprotect(addr, page, ProtFlags.PROT_READ | ProtFlags.PROT_EXEC)
+            self._lazy_stub = (addr, addr + page)
+        return self._lazy_stub[0]
+
+    def _init(self, order: list[_Member]) -> None:
+        """Run (host) or record (elsewhere) each object's init functions, in ``order``; a
+        program's DT_PREINIT_ARRAY is recorded first (its start-up code runs it)."""
+        for m in order:
+            m.init_called = True
+            m.obj.run_init()
+            self.init_order.append(m.name)
+
+    def _sorted(self, maps: list[_Member]) -> list[_Member]:
+        """``_dl_sort_maps`` (the depth-first sort of glibc 2.35+): objects before their
+        dependencies. Init runs it backwards, fini forwards."""
+        return _dfs_sort(maps)
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def dlsym(self, handle: LoadedObject | None, name: str, version: str | None = None) -> int:
+        """The address of ``name`` as dlsym/dlvsym finds it: in ``handle``'s search list (its
+        closure, breadth-first), or the global scope for None (RTLD_DEFAULT). Unversioned, the
+        default (newest) version wins. KeyError when nobody defines it."""
+        if version is None:
+            name, version = split_version(name)
+        scope = [self._global_defs] if handle is None else \
+            [[m.defs for m in self._member(handle).searchlist or [self._member(handle)]]]
+        raw = version.encode() if version else None
+        found = lookup(name.encode(), raw, scope, newest=raw is None)
+        if found is None:
+            raise KeyError(name if version is None else f"{name}@{version}")
+        return found.address
+
+    def why(self, symbol: str, obj: LoadedObject | None = None) -> Why:
+        """How ``symbol`` ("name" or "name@VERSION") is looked up from ``obj``'s scope
+        (default: the program's, or the global scope): each object asked and what it said,
+        the winner, and the later definitions it interposes."""
+        name, version = split_version(symbol)
+        scope = self._member(obj).scope if obj is not None else [self._global_defs]
+        raw = version.encode() if version else None
+        steps: list[LookupStep] = []
+        found = lookup(name.encode(), raw, scope, steps=steps)
+        others = all_definitions(name.encode(), raw, scope)
+        interposed = tuple(d.obj.obj.name for d in others if found and d.obj is not found.obj)
+        return Why(name, version, tuple(steps), found.obj.obj.name if found else None,
+                   interposed)
+
+    def bindings(self) -> list[Binding]:
+        """One record per symbol relocation of every object, in link-map order (see
+        ``Binding``); values read from memory now."""
+        out: list[Binding] = []
+        for m in self._members:
+            out.extend(_bindings_of(m, self.runs_code))
+        return out
+
+    # --- closing --------------------------------------------------------------------------
+
+    def dlclose(self, handle: LoadedObject) -> None:
+        """Drop one dlopen of ``handle``; objects no open handle and no startup object needs
+        any more are finalised (fini recorded, or run on the host) and unmapped."""
+        m = self._member(handle)
+        if m.opens <= 0:
+            raise ValueError(f"{handle!r} is not open (dlclose without dlopen)")
+        m.opens -= 1
+        keep = _reachable([x for x in self._members if x.startup or x.opens > 0])
+        gone = [x for x in self._sorted(self._members) if x not in keep]
+        self._finalise(gone)
+
+    def unload(self) -> None:
+        """Finalise every object (fini in glibc's exit order) and unmap the whole image."""
+        self._finalise(self._sorted(self._members))
+        if self._lazy_stub is not None:
+            self.mm.munmap(self._lazy_stub[0], self._lazy_stub[1] - self._lazy_stub[0])
+            self._lazy_stub = None
+        self._global.clear()
+        self._global_defs.clear()
+
+    def _finalise(self, order: list[_Member]) -> None:
+        """Fini (recorded, or run) for each object of ``order`` whose init was called, then
+        unmap them all."""
+        try:
+            for m in order:
+                if m.init_called:
+                    self.fini_order.append(m.name)
+        finally:
+            self._drop(order)
+
+    def _drop(self, members: list[_Member]) -> None:
+        """Unmap ``members`` (``unload``: fini where it runs) and forget them."""
+        for m in members:
+            try:
+                m.obj.unload()
+            finally:
+                if m in self._members:
+                    self._members.remove(m)
+                if m in self._global:
+                    self._global.remove(m)
+                    self._global_defs.remove(m.defs)
+                self._tls.remove(m.name)
+
+
+def _may_be_lazy(obj: LoadedObject) -> bool:
+    """Whether ``obj`` binds its JUMP_SLOTs lazily under RTLD_LAZY: it has a DT_JMPREL and
+    no DT_BIND_NOW, DF_BIND_NOW or DF_1_NOW."""
+    tags = obj.tables.tags
+    return DT.JMPREL in tags and DT.BIND_NOW not in tags and \
+        not tags.get(DT.FLAGS, 0) & DF.BIND_NOW and not tags.get(DT.FLAGS_1, 0) & DF_1.NOW
+
+
+def _deps(m: _Member, by_name: dict[str, _Member]) -> list[_Member]:
+    """``m``'s direct dependencies in DT_NEEDED order, each once (l_initfini)."""
+    info = m.found.info
+    needed = info.needed if info is not None else ()
+    return _unique([by_name[n] for n in needed if n in by_name and by_name[n] is not m])
+
+
+def _unique(members: list[_Member]) -> list[_Member]:
+    """``members`` without repeats, first occurrence kept."""
+    out: list[_Member] = []
+    for m in members:
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def _closure_of(root: _Member) -> list[_Member]:
+    """``root``'s search list: it and its dependencies, breadth-first, each once."""
+    out = [root]
+    at = 0
+    while at < len(out):
+        out.extend(d for d in out[at].deps if d not in out)
+        at += 1
+    return out
+
+
+def _reachable(roots: list[_Member]) -> set[_Member]:
+    """Every member reachable from ``roots`` through dependencies."""
+    seen: set[_Member] = set()
+    stack = list(roots)
+    while stack:
+        m = stack.pop()
+        if m not in seen:
+            seen.add(m)
+            stack.extend(m.deps)
+    return seen
+
+
+def _dfs_sort(maps: list[_Member]) -> list[_Member]:
+    """glibc's _dl_sort_maps_dfs: from the last map to the first, a depth-first walk over
+    each object's dependencies (in DT_NEEDED order) places an object after it has placed
+    all it reaches, filling the result from its end: a reverse post-order, so every object
+    comes before its dependencies (cycles broken where the walk first closes them). The
+    program is never reached through a dependency."""
+    inside = set(maps)
+    visited: set[_Member] = set()
+    placed: list[_Member] = []
+
+    def walk(m: _Member) -> None:
+        visited.add(m)
+        for dep in m.deps:
+            if dep not in visited and dep in inside and not dep.obj.is_program:
+                walk(dep)
+        placed.append(m)
+
+    for m in reversed(maps):
+        if m not in visited:
+            walk(m)
+    return placed[::-1]
+
+
+def _chain(m: _Member, members: list[_Member]) -> str:
+    """Who needed ``m``: its path, the object whose DT_NEEDED loaded it, and so up."""
+    by_path = {x.found.path: x for x in members}
+    chain = [m.found.path or m.name]
+    at = m.found.needed_by
+    while at is not None and at not in chain and len(chain) < len(members) + 1:
+        chain.append(at)
+        up = by_path.get(at)
+        at = up.found.needed_by if up is not None else None
+    return " <- ".join(str(c) for c in chain)
+
+
+def _classes(m: _Member) -> Classes:
+    """How each symbol of ``m`` is looked up (``Classes``) from its relocations' types."""
+    tables, classified = m.obj.tables, m.obj.classified
+    n = max(tables.nsyms, 1)
+    any_plt, any_other = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    copy, lazy_ok = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    if classified is None:
+        return Classes(any_plt, copy, lazy_ok)
+    for table, kinds in zip(tables.relocs, classified.kinds_all, strict=True):
+        slot = table.r_type == int(R_X86_64.JUMP_SLOT)
+        plt = slot | np.isin(kinds, [_kind_code(k) for k in _PLT_KINDS])
+        any_plt[table.r_sym[plt]] = True
+        any_other[table.r_sym[~plt]] = True
+        copy[table.r_sym[table.r_type == int(R_X86_64.COPY)]] = True
+        lazy_ok[table.r_sym[slot]] = True
+    lazy = lazy_ok & ~any_other if m.lazy else np.zeros(n, dtype=bool)
+    return Classes(any_plt & ~any_other, copy, lazy)
+
+
+def _kind_code(kind: Kind) -> int:
+    """The code ``loader.reloc`` stores for ``kind`` in its classified arrays."""
+    return list(Kind).index(kind)
+
+
+def _bindings_of(m: _Member, runs: bool) -> list[Binding]:
+    """``Binding`` records of one object (see ``LinkMap.bindings``)."""
+    obj, resolver = m.obj, m.resolver
+    if resolver is None or obj.classified is None:
+        return []
+    tables = obj.tables
+    out: list[Binding] = []
+    for table, kinds in zip(tables.relocs, obj.classified.kinds_all, strict=True):
+        symbolic = (table.r_sym != 0) & ~np.isin(kinds, [_kind_code(Kind.RELATIVE),
+                                                          _kind_code(Kind.NONE)])
+        for k in np.flatnonzero(symbolic).tolist():
+            out.append(_binding(m, int(table.r_offset[k]), int(table.r_type[k]),
+                                int(table.r_sym[k]), runs))
+    return out
+
+
+def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Binding:
+    """One ``Binding``: the word now in memory, what the symbol bound to, pending or not."""
+    obj = m.obj
+    assert m.resolver is not None
+    name, version = symbol_label(obj.tables, sym)
+    found = m.resolver.found.get(sym)
+    value = int.from_bytes(obj.mm.read(r_offset + obj.load_bias, 8), "little") & MASK64
+    lazy_slot = m.lazy and r_type == int(R_X86_64.JUMP_SLOT) and \
+        value == m.lazy_values.get(r_offset)
+    pending = lazy_slot or (found is not None and found.is_ifunc and not runs)
+    return Binding(obj.name, r_offset, type_name(r_type), name, version,
+                   found.obj.obj.name if found is not None else None, value, pending)
+
+
+def _jump_slot_words(obj: LoadedObject) -> dict[int, int]:
+    """r_offset -> the word now at each JUMP_SLOT of ``obj`` (right after a lazy relocation:
+    the PLT addresses the slots hold until their first call)."""
+    out: dict[int, int] = {}
+    for table in obj.tables.relocs:
+        for off in table.r_offset[table.r_type == int(R_X86_64.JUMP_SLOT)].tolist():
+            word = obj.mm.read(off + obj.load_bias, 8)
+            out[off] = int.from_bytes(word, "little")
+    return out
+
+
+class _TlsModules:
+    """TLS modules of a process image: ids (the lowest free, from 1) and, for startup
+    objects, static offsets below the thread pointer in load order (variant II: each block
+    placed below the previous one, aligned, its first byte congruent to p_vaddr modulo
+    p_align, as glibc's ``firstbyte``); dlopen'ed objects are in dynamic TLS."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, tuple[TlsLayout, int, int]] = {}
+        self.static_end = 0
+
+    def add(self, name: str, image: ElfImage, *, startup: bool) -> TlsLayout:
+        tls = image.tls
+        assert tls is not None
+        used = {layout.module_id for layout, _, _ in self.modules.values()}
+        module_id = next(i for i in range(1, len(used) + 2) if i not in used)
+        offset = None
+        align = max(tls.p_align, 1)
+        if startup:
+            firstbyte = -tls.p_vaddr & (align - 1)
+            offset = (self.static_end + tls.p_memsz - firstbyte + align - 1) // align * align \
+                + firstbyte
+            self.static_end = offset
+        layout = TlsLayout(module_id, offset)
+        self.modules[name] = (layout, tls.p_memsz, align)
+        return layout
+
+    def layout(self, name: str) -> TlsLayout | None:
+        entry = self.modules.get(name)
+        return entry[0] if entry is not None else None
+
+    def remove(self, name: str) -> None:
+        self.modules.pop(name, None)
+
+    def table(self) -> list[dict[str, object]]:
+        return [{"name": name, "id": layout.module_id, "size": size, "align": align,
+                 "offset": layout.tp_offset}
+                for name, (layout, size, align) in self.modules.items()]
