@@ -41,8 +41,8 @@ import numpy as np
 
 from loader.binding import Classes, ScopeResolver
 from loader.elf import ElfImage
-from loader.elfdefs import DF, DF_1, DT, MASK64, R_X86_64
-from loader.errors import ElfDependencyError, ElfSymbolError
+from loader.elfdefs import DF, DF_1, DT, MASK64, PF, R_X86_64
+from loader.errors import ElfDependencyError, ElfDynamicError, ElfSymbolError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, type_name
@@ -286,29 +286,30 @@ class LinkMap:
                                        real=self.runs_code)
             m.obj.relocations.tls = self._tls.layout(m.name)
             m.obj.real_bindings = self.runs_code
-            relocate_object(m.obj, m.resolver, lazy=m.lazy)
+            relocate_object(m.obj, m.resolver, lazy=m.lazy,
+                            before_seal=self._set_lazy_got if m.lazy else None)
             if m.obj.relocations.unresolved:
                 raise ElfSymbolError(
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
             if m.lazy:
-                self._set_lazy_got(m)
                 m.lazy_values = _jump_slot_words(m.obj)
 
     def _tls_of(self, defs: Definitions) -> TlsLayout | None:
         """The TLS module of the object behind ``defs``."""
         return self._tls.layout(defs.obj.name)
 
-    def _set_lazy_got(self, m: _Member) -> None:
+    def _set_lazy_got(self, obj: LoadedObject) -> None:
         """GOT[1]: the object's number in the link map (+1); GOT[2]: the lazy resolver (on
         the simulator an int3 page: nothing runs there yet)."""
-        got = m.obj.tables.tags.get(DT.PLTGOT)
+        got = obj.tables.tags.get(DT.PLTGOT)
         if not got:
             return
-        ident = self._members.index(m) + 1
+        _check_got(obj, got)
+        ident = self.objects.index(obj) + 1
         words = np.array([ident, self._lazy_resolver()], dtype="<u8").tobytes()
-        self.mm.write(got + m.obj.load_bias + 8, words)
+        self.mm.write(got + obj.load_bias + 8, words)
 
     def _lazy_resolver(self) -> int:
         """The address GOT[2] holds: one read+exec page of int3 (a trap, until code runs on
@@ -552,6 +553,17 @@ def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Bi
     pending = lazy_slot or (found is not None and found.is_ifunc and not runs)
     return Binding(obj.name, r_offset, type_name(r_type), name, version,
                    found.obj.obj.name if found is not None else None, value, pending)
+
+
+def _check_got(obj: LoadedObject, got: int) -> None:
+    """GOT[1] and GOT[2] (DT_PLTGOT + 8, 16 bytes) must lie in one writable PT_LOAD:
+    ElfDynamicError otherwise (a hostile DT_PLTGOT must not steer a write elsewhere)."""
+    for seg in obj.image.loads:
+        if seg.p_flags & PF.W and seg.p_vaddr <= got + 8 and \
+                got + 24 <= seg.p_vaddr + seg.p_memsz:
+            return
+    raise ElfDynamicError("DT_PLTGOT", got, "GOT[1] and GOT[2] (DT_PLTGOT + 8, 16 bytes) "
+                          "inside one writable PT_LOAD")
 
 
 def _jump_slot_words(obj: LoadedObject) -> dict[int, int]:

@@ -343,11 +343,14 @@ def _protect_textrel(obj: LoadedObject, writable: bool) -> None:
 
 
 def relocate_object(obj: LoadedObject, resolver: Resolver, narrator: Narrator = SILENT,
-                    classified: Classified | None = None, *, lazy: bool = False) -> None:
+                    classified: Classified | None = None, *, lazy: bool = False,
+                    before_seal: Callable[[LoadedObject], None] | None = None) -> None:
     """Relocate (with TEXTREL pages opened and closed around it) and seal RELRO: the
     second stage of a load, after ``map_object`` (no init; a failure leaves the mapping
     to the caller). ``classified``: what ``check_relocations`` found, reused by
-    ``relocate``; ``lazy``: JUMP_SLOTs keep their PLT addresses (lazy binding)."""
+    ``relocate``; ``lazy``: JUMP_SLOTs keep their PLT addresses (lazy binding);
+    ``before_seal``: called after relocation, before RELRO is sealed (GOT[1] and GOT[2]
+    of a lazy object lie in RELRO, as GNU ld places it)."""
     if obj.plan.textrel:
         narrator.say("relocate", textrel_sentence, True)
         _protect_textrel(obj, True)
@@ -356,6 +359,8 @@ def relocate_object(obj: LoadedObject, resolver: Resolver, narrator: Narrator = 
                          obj.span[1], classified or obj.classified, lazy)
     relocate(where, resolver, obj.relocations)
     narrator.say_all("relocate", _relocation_steps, obj, before, type(resolver).__name__)
+    if before_seal is not None:
+        before_seal(obj)
     if obj.plan.textrel:
         narrator.say("protect", textrel_sentence, False)
         _protect_textrel(obj, False)
