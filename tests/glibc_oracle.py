@@ -156,7 +156,7 @@ def attribute(values: np.ndarray, spans: Sequence[Span]) -> list[tuple[str | Non
         owner = np.where(inside, below, np.where(at_end, ending, -1))
     owner[values == 0] = -1
     return [(None, value) if index < 0 else (ordered[index].key, value - ordered[index].bias)
-            for value, index in zip(values.tolist(), owner.tolist())]
+            for value, index in zip(values.tolist(), owner.tolist(), strict=True)]
 
 
 @dataclass
@@ -185,7 +185,7 @@ class GlibcImage:
             return {}
         offsets = symbol_relocations(obj.path)["offset"]
         attributed = attribute(obj.words_at(offsets), self.spans())
-        return dict(zip(offsets.tolist(), attributed))
+        return dict(zip(offsets.tolist(), attributed, strict=True))
 
     def all_words(self) -> dict[str, dict[int, tuple[str | None, int]]]:
         """key -> ``words`` of that object, for every object."""
@@ -217,7 +217,8 @@ def _rela_table(elf: ELFFile, data: bytes, start: int, size: int) -> np.ndarray:
 def symbol_relocations(path: str) -> np.ndarray:
     """Every R_X86_64_64, GLOB_DAT and JUMP_SLOT relocation with a symbol (index not 0) of the
     file ``path``, in file order (DT_RELA, then DT_JMPREL), as a structured array of
-    ("offset", "type", "symbol": the .dynsym index, "addend"), read through pyelftools' view of the dynamic segment."""
+    ("offset", "type", "symbol": the .dynsym index, "addend"), read through pyelftools' view of
+    the dynamic segment."""
     data = Path(path).read_bytes()
     with open(path, "rb") as f:
         elf = ELFFile(f)
@@ -410,10 +411,10 @@ prefix keeps "c" from becoming a libc.so)."""
 
 def _init_library(where: Path, name: str, needed: Sequence[str]) -> Path:
     """Build ``where/liborder_<name>.so`` from initlib.c, needing ``needed`` (in that order)."""
-    flags = ["-DWITH_DT_INIT", "-Wl,-init=oracle_dt_init,-fini=oracle_dt_fini"] if name == "g" \
-        else []
-    _gcc(where, "-fPIC", "-shared", f'-DLIB_NAME="{name}"', *flags, f"-Wl,-soname,liborder_{name}.so",
-         "-o", f"liborder_{name}.so", str(SOURCES / "initlib.c"), "-L.", "-Wl,--no-as-needed",
+    dt_init = ["-DWITH_DT_INIT", "-Wl,-init=oracle_dt_init,-fini=oracle_dt_fini"]
+    flags = [*(dt_init if name == "g" else []), f"-Wl,-soname,liborder_{name}.so"]
+    _gcc(where, "-fPIC", "-shared", f'-DLIB_NAME="{name}"', *flags, "-o", f"liborder_{name}.so",
+         str(SOURCES / "initlib.c"), "-L.", "-Wl,--no-as-needed",
          *(f"-lorder_{dep}" for dep in needed), "-Wl,--enable-new-dtags,-rpath,$ORIGIN")
     return where / f"liborder_{name}.so"
 
