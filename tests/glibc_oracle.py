@@ -267,7 +267,7 @@ def _gcc(where: Path, *args: str) -> None:
 @functools.cache
 def _tools() -> dict[str, Path]:
     """The oracle's own C programs, built once per Python process into a temporary directory
-    removed at exit: "dlopen_driver", "exec_dumper", "initfini_driver"."""
+    removed at exit: "dlopen_driver", "exec_dumper"."""
     where = Path(tempfile.mkdtemp(prefix="vmsim-glibc-oracle-"))
     atexit.register(shutil.rmtree, where, ignore_errors=True)
     dump, out = str(SOURCES / "dump.c"), {}
@@ -276,8 +276,6 @@ def _tools() -> dict[str, Path]:
     out["exec_dumper"] = where / "libvmsim_oracle_dump.so"
     _gcc(where, "-fPIC", "-shared", "-fvisibility=hidden", "-o", out["exec_dumper"].name,
          str(SOURCES / "exec_dumper.c"), dump)
-    out["initfini_driver"] = where / "initfini_driver"
-    _gcc(where, "-o", "initfini_driver", str(SOURCES / "initfini_driver.c"))
     return out
 
 
@@ -378,7 +376,7 @@ def glibc_dlopen_image(path: str | os.PathLike[str], *, bind: str = "now",
     with tempfile.TemporaryDirectory(prefix="vmsim-oracle-run-") as where:
         out = Path(where) / "image.bin"
         extra = {"LD_BIND_NOW": "1"} if bind == "now" else {}
-        _run([str(driver), str(out), os.fspath(path), bind, scope],
+        _run([str(driver), "dump", str(out), os.fspath(path), bind, scope],
              _environment(library_path, **extra))
         return read_dump(out.read_bytes(), str(driver))
 
@@ -448,12 +446,13 @@ def glibc_init_fini(path: str | os.PathLike[str], *, mode: str = "dlopen",
     """The "<lib>:<which>" lines the init_order_fixture objects log under glibc, split into
     (inits: preinit_array, init, init_array; finis: fini_array, fini), each in run order.
 
-    mode "dlopen": a fresh main program linked against libc only dlopens ``path`` (RTLD_NOW |
-    RTLD_LOCAL), dlcloses it and _exits. mode "exec": runs the program ``path`` to its exit.
+    mode "dlopen": a fresh main program linked against libc only (``dlopen_driver()``) dlopens
+    ``path`` (RTLD_NOW | RTLD_LOCAL), dlcloses it and _exits. mode "exec": runs the program
+    ``path`` to its exit.
     """
     if mode not in ("dlopen", "exec"):
         raise ValueError(f"mode must be dlopen or exec, not {mode!r}")
-    argv = [os.fspath(path)] if mode == "exec" else [str(_tools()["initfini_driver"]),
+    argv = [os.fspath(path)] if mode == "exec" else [str(dlopen_driver()), "initfini",
                                                      os.fspath(path)]
     with tempfile.TemporaryDirectory(prefix="vmsim-oracle-run-") as where:
         log = Path(where) / "init.log"
