@@ -2,8 +2,9 @@
  *
  * Its constructor writes the image to the file named by $VMSIM_ORACLE_DUMP (format: dump.c),
  * then ends the process with _exit(0): the program's own code never runs. ld.so has finished
- * relocating every startup object before any constructor runs; the inits glibc ordered before
- * this one (libc's, and any that glibc's sort puts first) have run. Built with hidden
+ * relocating every startup object before any constructor runs. glibc's sort runs this
+ * constructor after those of every other library (and after the program's DT_PREINIT_ARRAY):
+ * only the program's own DT_INIT/DT_INIT_ARRAY have not run when it dumps. Built with hidden
  * visibility: it defines no dynamic symbol, so it interposes nothing.
  * Exit status 4: the dump failed; 2: $VMSIM_ORACLE_DUMP unset.
  */
