@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
 from glibc_oracle import (
+    INIT_LOG_VARIABLE,
     R_X86_64_JUMP_SLOT,
     VDSO_NAME,
     GlibcImage,
@@ -251,6 +253,31 @@ def test_exec_init_order_runs_preinit_first_and_the_program_last(
     dlopen_inits, dlclose_finis = glibc_init_fini(order_libs["top"])
     assert inits == ["prog:preinit_array", *dlopen_inits, "prog:init_array"]
     assert finis == ["prog:fini_array", *dlclose_finis]
+
+
+def test_the_exec_dumper_runs_after_every_library_init(order_libs: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """What glibc_exec_image's docstring says: only the program's own inits have not run."""
+    log = tmp_path / "init.log"
+    env = dict(os.environ, LD_PRELOAD=str(exec_dumper()), LD_BIND_NOW="1",
+               VMSIM_ORACLE_DUMP=str(tmp_path / "image.bin"), **{INIT_LOG_VARIABLE: str(log)})
+    subprocess.run([order_libs["prog"]], env=env, check=True)
+    inits, _ = glibc_init_fini(order_libs["prog"], mode="exec")
+    assert log.read_text().splitlines() == inits[:-1] and inits[-1] == "prog:init_array"
+    assert (tmp_path / "image.bin").stat().st_size > 0
+
+
+def test_lazy_libstdcxx_slots_its_inits_called_are_bound() -> None:
+    """With RTLD_LAZY, a JUMP_SLOT an init function called through is bound when glibc's side
+    is read: libstdc++'s constructors call malloc and __cxa_atexit."""
+    image = glibc_dlopen_image("libstdc++.so.6", bind="lazy")
+    obj = image.object("libstdc++.so.6")
+    assert obj.path is not None
+    names, words = relocation_symbols(obj.path), image.words(obj)
+    bound = {names[offset][0] for offset, (target, _) in words.items()
+             if names[offset][1] == R_X86_64_JUMP_SLOT and target != obj.key}
+    assert {"malloc", "__cxa_atexit"} <= bound
+    assert len(bound) < 10
 
 
 def test_attribute_gives_a_span_end_to_the_object_it_ends() -> None:
