@@ -1,0 +1,141 @@
+"""The objects this process already has, for a process image on the host backend.
+
+Part of the ``loader`` layer (ctypes; imports ``loader.elf``, ``loader.tables``,
+``loader.search``). On the host a ``LinkMap`` lives in this very process: libc, ld.so and
+whatever else glibc loaded are used where they are, never loaded twice. ``process_objects``
+lists them as glibc's link map does (``dl_iterate_phdr``: name, load bias, TLS module);
+``Resident`` is one of them as a LinkMap member: its dynamic tables read from its file (for
+symbol lookup), its load bias taken from glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from loader.elf import ElfImage, FileBytes, parse_image
+from loader.elfdefs import PT
+from loader.pages import HOST_PAGE_SIZE
+from loader.reloc import RelocOutcome, TlsLayout
+from loader.tables import DynamicTables, parse_tables
+
+__all__ = ["ProcessObject", "Resident", "process_objects"]
+
+
+class _PhdrInfo(ctypes.Structure):
+    """struct dl_phdr_info (glibc's <link.h>), the fields up to dlpi_tls_data."""
+
+    _fields_ = [("dlpi_addr", ctypes.c_uint64), ("dlpi_name", ctypes.c_char_p),
+                ("dlpi_phdr", ctypes.c_void_p), ("dlpi_phnum", ctypes.c_uint16),
+                ("dlpi_adds", ctypes.c_ulonglong), ("dlpi_subs", ctypes.c_ulonglong),
+                ("dlpi_tls_modid", ctypes.c_size_t), ("dlpi_tls_data", ctypes.c_void_p)]
+
+
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t,
+                             ctypes.c_void_p)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessObject:
+    """One object of this process's link map: its file name (the program's is
+    /proc/self/exe's target), load bias, span of its PT_LOADs and TLS module id (0: none)."""
+
+    path: str
+    bias: int
+    span: tuple[int, int]
+    tls_modid: int
+
+
+def _span(info: _PhdrInfo) -> tuple[int, int]:
+    """Lowest and highest address of the object's PT_LOADs (page-rounded end)."""
+    phdrs = (ctypes.c_uint32 * (14 * info.dlpi_phnum)).from_address(info.dlpi_phdr)
+    lo, hi = None, 0
+    for k in range(info.dlpi_phnum):
+        word = phdrs[14 * k: 14 * k + 14]
+        if word[0] != PT.LOAD:
+            continue
+        vaddr = word[4] | word[5] << 32
+        memsz = word[10] | word[11] << 32
+        lo = vaddr if lo is None else min(lo, vaddr)
+        hi = max(hi, vaddr + memsz)
+    start = info.dlpi_addr + (lo or 0)
+    end = -(-(info.dlpi_addr + hi) // HOST_PAGE_SIZE) * HOST_PAGE_SIZE
+    return start, end
+
+
+def process_objects() -> list[ProcessObject]:
+    """This process's objects in link-map order (the vDSO, which has no file, left out)."""
+    out: list[ProcessObject] = []
+
+    def visit(info: Any, size: int, data: Any) -> int:
+        row = info.contents
+        name = (row.dlpi_name or b"").decode("utf-8", "surrogateescape")
+        path = os.readlink("/proc/self/exe") if not out and not name else name
+        if path and os.path.exists(path):
+            out.append(ProcessObject(path, int(row.dlpi_addr), _span(row),
+                                     int(row.dlpi_tls_modid)))
+        return 0
+
+    ctypes.CDLL(None).dl_iterate_phdr(_CALLBACK(visit), None)
+    return out
+
+
+class Resident:
+    """An object this process already has, as a LinkMap member: never mapped, relocated,
+    initialised or unmapped by us. Its tables are read from its file when first asked
+    (a symbol lookup that reaches it)."""
+
+    runs_code = True
+    classified = None
+
+    def __init__(self, row: ProcessObject, name: str) -> None:
+        self.path, self.name = row.path, name
+        self.load_bias, self.span = row.bias, row.span
+        self.tls_modid = row.tls_modid
+        self.is_program = False
+        self.loaded = True
+        self.relocations = RelocOutcome()
+        self.inits: list[int] = []
+        self.finis: list[int] = []
+
+    @functools.cached_property
+    def _parsed(self) -> tuple[ElfImage, DynamicTables]:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = FileBytes(fd, os.fstat(fd).st_size, self.path)
+            try:
+                image = parse_image(data, HOST_PAGE_SIZE)
+                return image, parse_tables(image)
+            finally:
+                data.close()
+        finally:
+            os.close(fd)
+
+    @property
+    def image(self) -> ElfImage:
+        """Its headers, from its file."""
+        return self._parsed[0]
+
+    @property
+    def tables(self) -> DynamicTables:
+        """Its dynamic tables, from its file."""
+        return self._parsed[1]
+
+    def tls_layout(self) -> TlsLayout | None:
+        """Its TLS module as glibc set it up (id; static offset unknown here: None)."""
+        return TlsLayout(self.tls_modid, None) if self.tls_modid else None
+
+    def run_init(self) -> None:
+        """glibc ran its init already."""
+
+    def unload(self) -> None:
+        """Never unmapped by us: glibc owns it."""
+
+    def close_file(self) -> None:
+        """Nothing open."""
+
+    def __repr__(self) -> str:
+        return f"<Resident {self.path} bias={self.load_bias:#x}>"
