@@ -126,6 +126,7 @@ _TRAMPOLINE: tuple[tuple[str, str, str], ...] = (
 CODE = bytes.fromhex("".join(hexes for hexes, _, _ in _TRAMPOLINE))
 """The trampoline's machine code (``LISTING`` assembled); the page holds it from offset 0."""
 
+
 def _line(text: str, why: str) -> str:
     """One line of the listing: labels flush left, instructions indented, then the comment."""
     line = text if text.endswith(":") else "    " + text
@@ -138,8 +139,9 @@ LISTING = "\n".join(_line(text, why) for _, text, why in _TRAMPOLINE) + "\n"
 
 def _label_offset(label: str) -> int:
     """Where ``label:`` is in ``CODE``: the bytes of the entries before it."""
-    ends = np.cumsum([0] + [len(bytes.fromhex(h)) for h, _, _ in _TRAMPOLINE])
-    return int(ends[[text for _, text, _ in _TRAMPOLINE].index(label + ":")])
+    texts = [text for _, text, _ in _TRAMPOLINE]
+    before = _TRAMPOLINE[: texts.index(label + ":")]
+    return sum(len(bytes.fromhex(hexes)) for hexes, _, _ in before)
 
 
 FAILED_OFFSET = _label_offset("lazy_failed")
