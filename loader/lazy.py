@@ -356,7 +356,8 @@ def slot_wanted(got: LazyGot, tables: DynamicTables, index: int) -> SlotWanted:
     Raises ElfRelocationError when ``index`` is not a JUMP_SLOT's index, ElfSymbolError when
     the entry names no symbol.
     """
-    pos = int(np.searchsorted(got.index, index)) if 0 <= index < len(tables.symtab) << 32 else 0
+    fits = 0 <= index <= np.iinfo(np.int64).max       # else searchsorted cannot compare it
+    pos = int(np.searchsorted(got.index, index)) if fits else len(got.index)
     if pos >= len(got.index) or int(got.index[pos]) != index:
         raise ElfRelocationError("DT_JMPREL index", index,
                                  f"one of the {len(got.index)} JUMP_SLOT entries' indices")

@@ -11,18 +11,19 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import Section, SymbolTableSection
 
 from loader import HostResolver, LoadedObject, load
 from loader.elf import ElfImage, parse_image
 from loader.elfdefs import R_X86_64
-from loader.errors import ElfError, ElfRelocationError, ElfSymbolError
+from loader.errors import ElfDynamicError, ElfError, ElfRelocationError, ElfSymbolError
 from loader.isolate import run_isolated
 from loader.lazy import (
     CODE,
@@ -192,6 +193,89 @@ def test_bind_now_object_is_refused_lazily(lazy_libs: dict[str, Path]) -> None:
     assert binds_now(tables)
     with pytest.raises(ElfRelocationError, match="PT_GNU_RELRO"):
         lazy_got(image, tables, 0)
+
+
+def _section(elf: ELFFile, name: str) -> Section:
+    """The section called ``name``, which must be there."""
+    found = elf.get_section_by_name(name)
+    assert found is not None, name
+    return found
+
+
+def _dynamic_entry(path: Path, tag: str) -> int:
+    """The file offset of the first dynamic entry with ``d_tag`` ``tag`` ("DT_PLTGOT"),
+    found with pyelftools."""
+    with path.open("rb") as f:
+        dynamic = ELFFile(f).get_section_by_name(".dynamic")
+        assert isinstance(dynamic, DynamicSection)
+        for i, entry in enumerate(dynamic.iter_tags()):
+            if entry.entry.d_tag == tag:
+                return int(dynamic["sh_offset"]) + 16 * i
+    raise LookupError(tag)
+
+
+def _patched(path: Path, at: int, value: int, width: int = 8) -> tuple[ElfImage, DynamicTables]:
+    """The project's parse of ``path`` with the ``width`` bytes at file offset ``at`` set to
+    ``value``."""
+    data = bytearray(path.read_bytes())
+    data[at: at + width] = value.to_bytes(width, "little")
+    image = parse_image(bytes(data), HOST_PAGE_SIZE)
+    return image, parse_tables(image)
+
+
+def test_lazy_got_refuses_what_it_cannot_make_lazy(lazy_libs: dict[str, Path]) -> None:
+    """Each refusal names what it read: no DT_PLTGOT, a GOT in code, a slot that is not
+    8-aligned, a lazy value outside the object's code (the first call would jump there)."""
+    path = lazy_libs["plain"]
+    pltgot = _dynamic_entry(path, "DT_PLTGOT")
+    slots = elftools_slots(path)
+    with path.open("rb") as f:
+        elf = ELFFile(f)
+        text = _section(elf, ".text")["sh_addr"]
+        rela = _section(elf, ".rela.plt")["sh_offset"]
+        slot_at = next(elf.address_offsets(slots[0][1], 8))
+    cases = [
+        (pltgot, 21, ElfDynamicError, "DT_PLTGOT = 0x0"),           # the tag becomes DT_DEBUG
+        (pltgot + 8, text, ElfDynamicError, f"DT_PLTGOT = {text:#x}"),
+        (rela, slots[0][1] + 4, ElfRelocationError, r"DT_JMPREL\[0\] JUMP_SLOT r_offset"),
+        (slot_at, 0, ElfRelocationError, r"DT_JMPREL\[0\] lazy value = 0x0"),
+    ]
+    for at, value, error, message in cases:
+        image, tables = _patched(path, at, value)
+        with pytest.raises(error, match=message):
+            lazy_got(image, tables, 0)
+
+
+class _NoWrites:
+    """An Mmap stand-in that fails any write: for calls that must write nothing."""
+
+    def write_words(self, addrs: Any, values: Any) -> None:
+        raise AssertionError(f"write_words({addrs}, {values})")
+
+
+def test_without_jmprel_there_is_no_lazy_state(lazy_libs: dict[str, Path]) -> None:
+    """No DT_JMPREL (its tag made DT_DEBUG): no GOT, no slots, and make_lazy writes nothing."""
+    path = lazy_libs["plain"]
+    image, tables = _patched(path, _dynamic_entry(path, "DT_JMPREL"), 21)
+    got = lazy_got(image, tables, 0x1000)
+    assert (got.got, len(got.index), len(got.slot), len(got.lazy_value)) == (0, 0, 0, 0)
+    make_lazy(cast(Mmap, _NoWrites()), got, 1, 2)
+
+
+def test_an_unknown_object_is_a_kept_failure() -> None:
+    """The binder's callback for a GOT[1] it does not know (KeyError) is kept as a failure
+    and answered with the failure path (called from Python here: no native code runs)."""
+    binder = HostLazyBinder(LibcMmap())
+    try:
+        tramp = binder.trampoline
+        assert tramp._call(0x1234, 0) == tramp.failed_address == tramp.address + FAILED_OFFSET
+        assert [(f.got1, f.reloc_index, type(f.error)) for f in tramp.failures] == \
+            [(0x1234, 0, KeyError)]
+        with pytest.raises(KeyError):
+            tramp.check()
+        assert tramp.failures == []
+    finally:
+        binder.close()
 
 
 def _lazy_capable(count: int) -> list[Path]:
