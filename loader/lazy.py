@@ -184,6 +184,11 @@ class LazyTrampoline:
     """
 
     def __init__(self, mm: Mmap, resolve: Resolve) -> None:
+        """Map and fill the page. ValueError when ``mm`` does not map into this process
+        (``runs_code`` False: there lazy binding can only be recorded as pending)."""
+        if not mm.runs_code:
+            raise ValueError(f"LazyTrampoline: {type(mm).__name__} does not run code; the "
+                             "trampoline belongs to the host backend (LibcMmap)")
         self.mm = mm
         self.failures: list[LazyFailure] = []
         self._resolve = resolve

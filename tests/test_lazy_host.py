@@ -324,7 +324,8 @@ def test_lazy_got_of_every_machine_library() -> None:
 
 def test_make_lazy_on_the_simulator(lazy_libs: dict[str, Path]) -> None:
     """make_lazy works through any Mmap: on the simulator the slots read back as their lazy
-    values, GOT[1] and GOT[2] as given (written before RELRO would seal them)."""
+    values, GOT[1] and GOT[2] as given (written before RELRO would seal them). The
+    trampoline itself is refused there: nothing can run it."""
     from vmsim import AddressSpace
 
     mm = AddressSpace()
@@ -334,6 +335,8 @@ def test_make_lazy_on_the_simulator(lazy_libs: dict[str, Path]) -> None:
         make_lazy(mm, got, 0x1234, 0x5678)
     assert _words(mm, got.slot) == got.lazy_value.tolist()
     assert _words(mm, [got.got1, got.got2]) == [0x1234, 0x5678]
+    with pytest.raises(ValueError, match="does not run code"):
+        LazyTrampoline(mm, lambda got1, index: 0)
 
 
 # --- on the host: the PLT at work, in a forked child --------------------------------------------
