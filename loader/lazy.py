@@ -430,7 +430,9 @@ class HostLazyBinder:
     def attach(self, got: LazyGot, tables: DynamicTables, lookup: Lookup, *,
                ident: int | None = None) -> int:
         """Put a loaded object in the lazy state (``make_lazy``) and bind it from now on.
-        ``ident`` (GOT[1]) defaults to the GOT's address. Returns ``ident``."""
+        ``ident`` (GOT[1]) defaults to the GOT's address. Returns ``ident``. In ld's lazy
+        layout GOT[0..2] lie inside PT_GNU_RELRO: attach before RELRO is sealed (or open
+        it around the call), as glibc writes them during relocation."""
         ident = got.got if ident is None else ident
         self.objects[ident] = _Lazy(got, tables, lookup)
         make_lazy(self.mm, got, ident, self.trampoline.address)
