@@ -32,6 +32,7 @@ call mapped and names the object and the chain that needed it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,19 +42,23 @@ import numpy as np
 
 from loader.binding import Classes, ScopeResolver
 from loader.elf import ElfImage
-from loader.elfdefs import DF, DF_1, DT, MASK64, PF, R_X86_64
-from loader.errors import ElfDependencyError, ElfDynamicError, ElfSymbolError
+from loader.elfdefs import DT, MASK64, R_X86_64
+from loader.errors import ElfDependencyError, ElfSymbolError, ElfUnsupportedError
+from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
-from loader.reloc import Kind, TlsLayout, type_name
+from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
+from loader.resident import Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
-from loader.search import Found, SearchPath, closure, extend_closure
+from loader.search import Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import split_version, symbol_label
 from loader.trace import TracingMmap
 
 __all__ = ["Binding", "LinkMap", "Why"]
 
 Bind = Literal["now", "lazy"]
+ImageObject = LoadedObject | Resident
+"""An object of a process image: loaded by us, or (host) one the process already had."""
 ScopeKind = Literal["local", "global"]
 SMALLEST_PROGRAM_NEEDS = "libc.so.6"
 """What the smallest real program needs: a LinkMap with no ``exec`` starts from it."""
@@ -94,15 +99,15 @@ class _Member:
     definitions by name, direct dependencies (DT_NEEDED order), scope, lazy state, how many
     dlopens hold it, whether it belongs to the startup set (never unloaded)."""
 
-    def __init__(self, obj: LoadedObject, found: Found) -> None:
+    def __init__(self, obj: LoadedObject | Resident, found: Found) -> None:
         self.obj, self.found = obj, found
-        self.defs = Definitions(obj)
         self.deps: list[_Member] = []
         self.searchlist: list[_Member] = []
         self.scope: Scope = []
         self.resolver: ScopeResolver | None = None
         self.lazy = False
-        self.lazy_values: dict[int, int] = {}
+        self.lazy_values: dict[int, int] = {}     # r_offset -> PLT address + bias
+        self.lazy_got = 0
         self.opens = 0
         self.startup = False
         self.init_called = False
@@ -111,6 +116,18 @@ class _Member:
     def name(self) -> str:
         """The object's name (its soname, else its file name)."""
         return self.obj.name
+
+    @property
+    def loaded(self) -> LoadedObject:
+        """The object as our loader loaded it (never a resident: they are not relocated
+        here)."""
+        assert isinstance(self.obj, LoadedObject), self.obj
+        return self.obj
+
+    @functools.cached_property
+    def defs(self) -> Definitions:
+        """Its definitions by name (read when a lookup first reaches it)."""
+        return Definitions(self.obj)
 
 
 class LinkMap:
@@ -128,6 +145,7 @@ class LinkMap:
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
         self._tls = _TlsModules()
         self._lazy_stub: tuple[int, int] | None = None
+        self._binder: HostLazyBinder | None = None
         self.init_order: list[str] = []
         self.fini_order: list[str] = []
         self.program: LoadedObject | None = None
@@ -135,7 +153,7 @@ class LinkMap:
     # --- what the image holds -------------------------------------------------------------
 
     @property
-    def objects(self) -> list[LoadedObject]:
+    def objects(self) -> list[ImageObject]:
         """Every object in link-map order."""
         return [m.obj for m in self._members]
 
@@ -144,7 +162,7 @@ class LinkMap:
         """Per TLS module: name, id, block size and alignment, static offset (None: dynamic)."""
         return self._tls.table()
 
-    def _member(self, obj: LoadedObject) -> _Member:
+    def _member(self, obj: ImageObject) -> _Member:
         for m in self._members:
             if m.obj is obj:
                 return m
@@ -156,12 +174,16 @@ class LinkMap:
         """Load the program ``path``, its preloads and its closure, as ld.so does at
         startup (``bind``: "lazy" as ld.so by default, "now" as LD_BIND_NOW). No code of the
         program runs. Only one program per LinkMap, before any dlopen."""
+        if self.runs_code:
+            raise ElfUnsupportedError("exec of " + os.fspath(path), "the host backend",
+                                      "the simulator (this process has its program already: "
+                                      "dlopen into it instead)")
         if self._members:
             raise ElfDependencyError("exec of " + os.fspath(path), "a LinkMap that has "
                                      "objects already", "exec first, on an empty LinkMap")
         entries = closure(os.fspath(path), search=self.search, preload=self.preload)
         new = self._load(entries, bind=bind, startup=True)
-        self.program = new[0].obj
+        self.program = new[0].loaded
         new[0].obj.is_program = True
         return self.program
 
@@ -170,11 +192,32 @@ class LinkMap:
         in the global scope (the program linked against libc only has no file here)."""
         if self._members:
             return
+        if self.runs_code:
+            self._adopt_process()
+            return
         _, entries = extend_closure([], SMALLEST_PROGRAM_NEEDS, search=self.search)
         self._load(entries, bind="now", startup=True)
 
+    def _adopt_process(self) -> None:
+        """On the host: this process's own objects, used where they are (``Resident``), in
+        its link-map order; the program's closure is the global scope, as glibc's."""
+        for row in process_objects():
+            info = read_object(row.path)
+            if info is None:
+                continue
+            m = _Member(Resident(row, info.soname or os.path.basename(row.path)),
+                        Found(row.path, row.path, "loaded", None, info))
+            m.startup = True
+            self._members.append(m)
+        by_name = self._names()
+        for m in self._members:
+            m.deps = _deps(m, by_name)
+        if self._members:
+            self._members[0].obj.is_program = True
+            self._make_global(_closure_of(self._members[0]))
+
     def dlopen(self, path_or_soname: str | os.PathLike[str], *, bind: Bind = "now",
-               scope: ScopeKind = "local") -> LoadedObject:
+               scope: ScopeKind = "local") -> ImageObject:
         """Load an object and its closure as glibc's dlopen (RTLD_NOW or RTLD_LAZY,
         RTLD_LOCAL or RTLD_GLOBAL); an object already loaded is only counted again (and
         made global when asked). Returns the handle: the object itself."""
@@ -188,12 +231,12 @@ class LinkMap:
             root = next(m for m in self._members if m.found is root_found)
         root.opens += 1
         if scope == "global":
-            self._make_global(root)
+            self._make_global(root.searchlist)
         return root.obj
 
-    def _make_global(self, root: _Member) -> None:
-        """RTLD_GLOBAL: the root's search list joins the global scope (each object once)."""
-        for m in root.searchlist:
+    def _make_global(self, searchlist: list[_Member]) -> None:
+        """RTLD_GLOBAL, or startup: a search list joins the global scope (each object once)."""
+        for m in searchlist:
             if m not in self._global:
                 self._global.append(m)
                 self._global_defs.append(m.defs)
@@ -210,7 +253,7 @@ class LinkMap:
             self._link(new, startup)
             self._check_versions(new)
             for m in new:
-                m.lazy = bind == "lazy" and _may_be_lazy(m.obj)
+                m.lazy = bind == "lazy" and _may_be_lazy(m.loaded)
             order = self._sorted(new[0].searchlist if startup else
                                  _closure_of(new[0]))
             self._relocate([m for m in reversed(order) if m in new])
@@ -244,7 +287,7 @@ class LinkMap:
         root = new[0]
         root.searchlist = list(new) if startup else _closure_of(root)
         if startup:
-            self._make_global(root)
+            self._make_global(root.searchlist)
         local = [m.defs for m in root.searchlist]
         scope = [self._global_defs] if startup else [self._global_defs, local]
         for m in new:
@@ -285,31 +328,50 @@ class LinkMap:
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
                                        real=self.runs_code)
             m.obj.relocations.tls = self._tls.layout(m.name)
-            m.obj.real_bindings = self.runs_code
-            relocate_object(m.obj, m.resolver, lazy=m.lazy,
-                            before_seal=self._set_lazy_got if m.lazy else None)
+            m.loaded.real_bindings = self.runs_code
+            relocate_object(m.loaded, m.resolver, lazy=m.lazy,
+                            before_seal=functools.partial(self._make_lazy, m) if m.lazy
+                            else None)
             if m.obj.relocations.unresolved:
                 raise ElfSymbolError(
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
-            if m.lazy:
-                m.lazy_values = _jump_slot_words(m.obj)
 
     def _tls_of(self, defs: Definitions) -> TlsLayout | None:
-        """The TLS module of the object behind ``defs``."""
+        """The TLS module of the object behind ``defs`` (a resident's: as glibc set it)."""
+        if isinstance(defs.obj, Resident):
+            return defs.obj.tls_layout()
         return self._tls.layout(defs.obj.name)
 
-    def _set_lazy_got(self, obj: LoadedObject) -> None:
-        """GOT[1]: the object's number in the link map (+1); GOT[2]: the lazy resolver (on
-        the simulator an int3 page: nothing runs there yet)."""
-        got = obj.tables.tags.get(DT.PLTGOT)
-        if not got:
+    def _make_lazy(self, m: _Member, obj: LoadedObject) -> None:
+        """Put ``m`` in the lazy state before RELRO is sealed (GNU ld puts GOT[0..2] inside
+        it): every JUMP_SLOT its PLT address, GOT[1] what names the object, GOT[2] the lazy
+        resolver: on the host the native trampoline that calls back into ``_lazy_lookup``,
+        on the simulator an int3 page (nothing runs there yet)."""
+        got = lazy_got(obj.image, obj.tables, obj.load_bias)
+        if not got.got:
             return
-        _check_got(obj, got)
-        ident = self.objects.index(obj) + 1
-        words = np.array([ident, self._lazy_resolver()], dtype="<u8").tobytes()
-        self.mm.write(got + obj.load_bias + 8, words)
+        if self.runs_code:
+            if self._binder is None:
+                self._binder = HostLazyBinder(self.mm)
+            self._binder.attach(got, obj.tables, functools.partial(self._lazy_lookup, m))
+        else:
+            make_lazy(self.mm, got, self.objects.index(obj) + 1, self._lazy_resolver())
+        m.lazy_got = got.got
+        m.lazy_values = dict(zip((got.slot - np.uint64(obj.load_bias & MASK64)).tolist(),
+                                 got.lazy_value.tolist(), strict=True))
+
+    def _lazy_lookup(self, m: _Member, name: str, version: str | None) -> int | None:
+        """What a lazy slot of ``m`` binds to at its first call (host): the symbol looked up
+        over ``m``'s scope with the PLT class, an IFUNC's resolver run."""
+        found = lookup(name.encode("utf-8", "surrogateescape"),
+                       version.encode() if version else None, m.scope, plt=True)
+        if found is None:
+            return None
+        if found.is_ifunc:
+            return call_ifunc(found.address)
+        return found.address
 
     def _lazy_resolver(self) -> int:
         """The address GOT[2] holds: one read+exec page of int3 (a trap, until code runs on
@@ -338,7 +400,7 @@ class LinkMap:
 
     # --- lookups --------------------------------------------------------------------------
 
-    def dlsym(self, handle: LoadedObject | None, name: str, version: str | None = None) -> int:
+    def dlsym(self, handle: ImageObject | None, name: str, version: str | None = None) -> int:
         """The address of ``name`` as dlsym/dlvsym finds it: in ``handle``'s search list (its
         closure, breadth-first), or the global scope for None (RTLD_DEFAULT). Unversioned, the
         default (newest) version wins. KeyError when nobody defines it."""
@@ -352,7 +414,7 @@ class LinkMap:
             raise KeyError(name if version is None else f"{name}@{version}")
         return found.address
 
-    def why(self, symbol: str, obj: LoadedObject | None = None) -> Why:
+    def why(self, symbol: str, obj: ImageObject | None = None) -> Why:
         """How ``symbol`` ("name" or "name@VERSION") is looked up from ``obj``'s scope
         (default: the program's, or the global scope): each object asked and what it said,
         the winner, and the later definitions it interposes."""
@@ -376,7 +438,7 @@ class LinkMap:
 
     # --- closing --------------------------------------------------------------------------
 
-    def dlclose(self, handle: LoadedObject) -> None:
+    def dlclose(self, handle: ImageObject) -> None:
         """Drop one dlopen of ``handle``; objects no open handle and no startup object needs
         any more are finalised (fini recorded, or run on the host) and unmapped."""
         m = self._member(handle)
@@ -393,6 +455,9 @@ class LinkMap:
         if self._lazy_stub is not None:
             self.mm.munmap(self._lazy_stub[0], self._lazy_stub[1] - self._lazy_stub[0])
             self._lazy_stub = None
+        if self._binder is not None:
+            self._binder.close()
+            self._binder = None
         self._global.clear()
         self._global_defs.clear()
 
@@ -409,6 +474,8 @@ class LinkMap:
     def _drop(self, members: list[_Member]) -> None:
         """Unmap ``members`` (``unload``: fini where it runs) and forget them."""
         for m in members:
+            if self._binder is not None and m.lazy_got:
+                self._binder.detach(m.lazy_got)
             try:
                 m.obj.unload()
             finally:
@@ -422,10 +489,8 @@ class LinkMap:
 
 def _may_be_lazy(obj: LoadedObject) -> bool:
     """Whether ``obj`` binds its JUMP_SLOTs lazily under RTLD_LAZY: it has a DT_JMPREL and
-    no DT_BIND_NOW, DF_BIND_NOW or DF_1_NOW."""
-    tags = obj.tables.tags
-    return DT.JMPREL in tags and DT.BIND_NOW not in tags and \
-        not tags.get(DT.FLAGS, 0) & DF.BIND_NOW and not tags.get(DT.FLAGS_1, 0) & DF_1.NOW
+    no DT_BIND_NOW, DF_BIND_NOW or DF_1_NOW (``loader.lazy.binds_now``)."""
+    return DT.JMPREL in obj.tables.tags and not binds_now(obj.tables)
 
 
 def _deps(m: _Member, by_name: dict[str, _Member]) -> list[_Member]:
@@ -543,7 +608,7 @@ def _bindings_of(m: _Member, runs: bool) -> list[Binding]:
 
 def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Binding:
     """One ``Binding``: the word now in memory, what the symbol bound to, pending or not."""
-    obj = m.obj
+    obj = m.loaded
     assert m.resolver is not None
     name, version = symbol_label(obj.tables, sym)
     found = m.resolver.found.get(sym)
@@ -553,28 +618,6 @@ def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Bi
     pending = lazy_slot or (found is not None and found.is_ifunc and not runs)
     return Binding(obj.name, r_offset, type_name(r_type), name, version,
                    found.obj.obj.name if found is not None else None, value, pending)
-
-
-def _check_got(obj: LoadedObject, got: int) -> None:
-    """GOT[1] and GOT[2] (DT_PLTGOT + 8, 16 bytes) must lie in one writable PT_LOAD:
-    ElfDynamicError otherwise (a hostile DT_PLTGOT must not steer a write elsewhere)."""
-    for seg in obj.image.loads:
-        if seg.p_flags & PF.W and seg.p_vaddr <= got + 8 and \
-                got + 24 <= seg.p_vaddr + seg.p_memsz:
-            return
-    raise ElfDynamicError("DT_PLTGOT", got, "GOT[1] and GOT[2] (DT_PLTGOT + 8, 16 bytes) "
-                          "inside one writable PT_LOAD")
-
-
-def _jump_slot_words(obj: LoadedObject) -> dict[int, int]:
-    """r_offset -> the word now at each JUMP_SLOT of ``obj`` (right after a lazy relocation:
-    the PLT addresses the slots hold until their first call)."""
-    out: dict[int, int] = {}
-    for table in obj.tables.relocs:
-        for off in table.r_offset[table.r_type == int(R_X86_64.JUMP_SLOT)].tolist():
-            word = obj.mm.read(off + obj.load_bias, 8)
-            out[off] = int.from_bytes(word, "little")
-    return out
 
 
 class _TlsModules:

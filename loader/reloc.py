@@ -560,7 +560,7 @@ def _needed_symbols(tables: DynamicTables, kinds_all: Kinds) -> npt.NDArray[np.i
     return idx
 
 
-def _call_ifunc(resolver_addr: int) -> int:
+def call_ifunc(resolver_addr: int) -> int:
     """Run an IFUNC resolver in this process (host only) and return what it selects."""
     return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(resolver_addr)())
 
@@ -573,7 +573,7 @@ def _run_resolvers(targets: npt.NDArray[np.uint64], runs_code: bool) -> npt.NDAr
     distinct, first, back = np.unique(targets, return_index=True, return_inverse=True)
     chosen = np.zeros(len(distinct), dtype=np.uint64)
     for k in np.argsort(first, kind="stable").tolist():     # in table order
-        chosen[k] = _call_ifunc(int(distinct[k]))
+        chosen[k] = call_ifunc(int(distinct[k]))
     out: npt.NDArray[np.uint64] = chosen[back.ravel()]
     return out
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from loader.elf import ElfImage
 from loader.elfdefs import MASK64, SHN, STB, STT, VERSYM_HIDDEN, st_bind, st_type, versym_index
@@ -63,11 +62,20 @@ class ScopeObject(Protocol):
     """What a lookup needs of a loaded object: its name, tables, headers and load bias, and
     whether it is the program (COPY relocations look past it)."""
 
-    name: str
-    tables: DynamicTables
-    image: ElfImage
-    load_bias: int
-    is_program: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tables(self) -> DynamicTables: ...
+
+    @property
+    def image(self) -> ElfImage: ...
+
+    @property
+    def load_bias(self) -> int: ...
+
+    @property
+    def is_program(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +228,3 @@ def all_definitions(name: bytes, version: bytes | None, scope: Scope
                     all(d.obj is not found for d in out):
                 out.append(Definition(found, i))
     return out
-
-
-def reference_class(kinds_plt: npt.NDArray[np.bool_]) -> bool:
-    """Whether every relocation of a symbol is of the PLT class (see the module docstring)."""
-    return bool(kinds_plt.all())
