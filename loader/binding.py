@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from loader.elfdefs import MASK64, SHN, STB, STT, st_bind, st_type, versym_index
+from loader.elfdefs import MASK64, SHN, STB, st_bind, versym_index
 from loader.mmap import Mmap
 from loader.reloc import TlsLayout
 from loader.scope import (
@@ -77,25 +77,34 @@ class ScopeResolver(Resolver):
     bound symbol index to its Definition (absent: weak undefined, or a lazy slot unbound)."""
 
     def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
-                 *, real: bool) -> None:
+                 *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
+                                           Definition | None] | None = None) -> None:
         super().__init__()
         self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
         self.real = real
         self.found: dict[int, Definition] = {}
+        self.memo = {} if memo is None else memo
+        """Lookups already done over this same scope (objects loaded together share it)."""
+
+    def _lookup(self, name: bytes, version: bytes | None, plt: bool, copy: bool
+                ) -> Definition | None:
+        """``lookup`` over the scope, each question asked once per scope."""
+        key = (name, version, plt, copy)
+        if key not in self.memo:
+            self.memo[key] = lookup(name, version, self.search_lists, plt=plt, copy=copy)
+        return self.memo[key]
 
     def _one(self, i: int, name: bytes, version: bytes | None) -> Definition | None:
         """What symbol ``i`` of ``me`` binds to (None: nobody defines it)."""
-        sym = self.me.obj.tables.symtab[i]
-        defined = int(sym["st_shndx"]) != SHN.UNDEF
-        local = st_bind(int(sym["st_info"])) == STB.LOCAL or \
-            visibility(int(sym["st_other"])) in (STV_HIDDEN, STV_INTERNAL)
-        if local:
-            return Definition(self.me, i) if defined else None
+        me = self.me
+        defined = me.shndx[i] != SHN.UNDEF
+        seen_as = visibility(me.other[i])
+        if st_bind(me.info[i]) == STB.LOCAL or seen_as in (STV_HIDDEN, STV_INTERNAL):
+            return Definition(me, i) if defined else None
         plt, copy = bool(self.classes.plt[i]), bool(self.classes.copy[i])
-        found = lookup(name, version, self.search_lists, plt=plt, copy=copy)
-        if defined and visibility(int(sym["st_other"])) == STV_PROTECTED and \
-                found is not None and found.obj is not self.me:
-            again = found if plt else lookup(name, version, self.search_lists, plt=True)
+        found = self._lookup(name, version, plt, copy)
+        if defined and seen_as == STV_PROTECTED and found is not None and found.obj is not me:
+            again = found if plt else self._lookup(name, version, True, copy)
             if again is not None and again.obj is not self.me:
                 return Definition(self.me, i)
         return found
@@ -128,14 +137,13 @@ class ScopeResolver(Resolver):
     def _bind(self, out: _Bound, i: int, found: Definition) -> None:
         """Record symbol ``i`` bound to ``found``: its address, IFUNC mark, size, TLS."""
         self.found[i] = found
-        sym = found.symbol
         out.addr[i] = found.address
         out.bound[i] = True
         out.ifunc[i] = found.is_ifunc
-        out.sizes[i] = int(sym["st_size"])
-        if st_type(int(sym["st_info"])) == STT.TLS:
+        out.sizes[i] = found.size
+        if found.is_tls:
             layout = self.tls_of(found.obj)
             if layout is not None:
                 out.tls.module[i] = layout.module_id
                 out.tls.offset[i] = -1 if layout.tp_offset is None else layout.tp_offset
-                out.tls.value[i] = int(sym["st_value"]) & MASK64
+                out.tls.value[i] = found.address & MASK64

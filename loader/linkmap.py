@@ -36,7 +36,7 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
-from loader.resident import Resident, process_objects
+from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import split_version, symbol_label
@@ -201,6 +201,7 @@ class LinkMap:
     def _adopt_process(self) -> None:
         """On the host: this process's own objects, used where they are (``Resident``), in
         its link-map order; the program's closure is the global scope, as glibc's."""
+        rows: dict[_Member, ProcessObject] = {}
         for row in process_objects():
             info = read_object(row.path)
             if info is None:
@@ -209,12 +210,16 @@ class LinkMap:
                         Found(row.path, row.path, "loaded", None, info))
             m.startup = True
             self._members.append(m)
+            rows[m] = row
         by_name = self._names()
         for m in self._members:
             m.deps = _deps(m, by_name)
         if self._members:
             self._members[0].obj.is_program = True
             self._make_global(_closure_of(self._members[0]))
+        for m in self._global:
+            assert isinstance(m.obj, Resident)
+            m.obj.in_static_tls(rows[m])
 
     def dlopen(self, path_or_soname: str | os.PathLike[str], *, bind: Bind = "now",
                scope: ScopeKind = "local") -> ImageObject:
@@ -269,7 +274,7 @@ class LinkMap:
     def _map(self, found: Found, startup: bool) -> _Member:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
-        obj = map_object(found.path, self.mm, host_tls=self.runs_code)
+        obj = map_object(found.path, self.mm, host_tls=False)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)
@@ -323,10 +328,12 @@ class LinkMap:
     def _relocate(self, order: list[_Member]) -> None:
         """Relocate each object over its scope (dependencies first); an undefined symbol is
         an ElfSymbolError naming the object and its chain."""
+        memo: dict[int, dict[Any, Any]] = {}
         for m in order:
             classes = _classes(m)
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
-                                       real=self.runs_code)
+                                       real=self.runs_code,
+                                       memo=memo.setdefault(id(m.scope), {}))
             m.obj.relocations.tls = self._tls.layout(m.name)
             m.loaded.real_bindings = self.runs_code
             relocate_object(m.loaded, m.resolver, lazy=m.lazy,
@@ -477,7 +484,7 @@ class LinkMap:
             if self._binder is not None and m.lazy_got:
                 self._binder.detach(m.lazy_got)
             try:
-                m.obj.unload()
+                m.obj.unload(fini=m.init_called)
             finally:
                 if m in self._members:
                     self._members.remove(m)

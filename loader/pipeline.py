@@ -312,15 +312,17 @@ class LoadedObject:
         an executable's belong to its own start-up code, which this loader does not run."""
         return self.real_bindings and self.image.e_type == ET.DYN and not self.image.interp
 
-    def unload(self) -> None:
+    def unload(self, *, fini: bool = True) -> None:
         """Run fini (host; DT_FINI_ARRAY in reverse, then DT_FINI, as glibc) and unmap the
-        span and any extern mapping. A second call does nothing."""
+        span and any extern mapping. ``fini=False``: unmap only (an object whose init never
+        ran: a process image undoing a failed load). A second call does nothing."""
         if not self.loaded:
             return
         self.loaded = False
         try:
-            self.finis = self._functions(DT.FINI, self.tables.fini_array, reverse=True)
-            if self.runs_code and self.runs_init:
+            if fini:
+                self.finis = self._functions(DT.FINI, self.tables.fini_array, reverse=True)
+            if fini and self.runs_code and self.runs_init:
                 self._call_all(self.finis, "fini")
         finally:  # a refused fini (its code rewritten since load) still unmaps everything
             self.mm.munmap(self.span[0], self.span[1] - self.span[0])

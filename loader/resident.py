@@ -20,6 +20,7 @@ from loader.elf import ElfImage, FileBytes, parse_image
 from loader.elfdefs import PT
 from loader.pages import HOST_PAGE_SIZE
 from loader.reloc import RelocOutcome, TlsLayout
+from loader.symbols import thread_pointer
 from loader.tables import DynamicTables, parse_tables
 
 __all__ = ["ProcessObject", "Resident", "process_objects"]
@@ -41,12 +42,14 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_s
 @dataclass(frozen=True, slots=True)
 class ProcessObject:
     """One object of this process's link map: its file name (the program's is
-    /proc/self/exe's target), load bias, span of its PT_LOADs and TLS module id (0: none)."""
+    /proc/self/exe's target), load bias, span of its PT_LOADs, TLS module id (0: none) and
+    this thread's TLS block of it (0: none yet)."""
 
     path: str
     bias: int
     span: tuple[int, int]
     tls_modid: int
+    tls_data: int
 
 
 def _span(info: _PhdrInfo) -> tuple[int, int]:
@@ -76,7 +79,7 @@ def process_objects() -> list[ProcessObject]:
         path = os.readlink("/proc/self/exe") if not out and not name else name
         if path and os.path.exists(path):
             out.append(ProcessObject(path, int(row.dlpi_addr), _span(row),
-                                     int(row.dlpi_tls_modid)))
+                                     int(row.dlpi_tls_modid), int(row.dlpi_tls_data or 0)))
         return 0
 
     ctypes.CDLL(None).dl_iterate_phdr(_CALLBACK(visit), None)
@@ -95,6 +98,7 @@ class Resident:
         self.path, self.name = row.path, name
         self.load_bias, self.span = row.bias, row.span
         self.tls_modid = row.tls_modid
+        self.tls_offset: int | None = None
         self.is_program = False
         self.loaded = True
         self.relocations = RelocOutcome()
@@ -125,13 +129,20 @@ class Resident:
         return self._parsed[1]
 
     def tls_layout(self) -> TlsLayout | None:
-        """Its TLS module as glibc set it up (id; static offset unknown here: None)."""
-        return TlsLayout(self.tls_modid, None) if self.tls_modid else None
+        """Its TLS module as glibc set it up: the id, and the static offset when it is a
+        startup object (``in_static_tls``), else None (dynamic TLS)."""
+        return TlsLayout(self.tls_modid, self.tls_offset) if self.tls_modid else None
+
+    def in_static_tls(self, row: ProcessObject) -> None:
+        """Mark it a startup object: its TLS block sits at a fixed distance below the
+        thread pointer, the same in every thread (thread pointer - this thread's block)."""
+        if self.tls_modid and row.tls_data:
+            self.tls_offset = thread_pointer() - row.tls_data
 
     def run_init(self) -> None:
         """glibc ran its init already."""
 
-    def unload(self) -> None:
+    def unload(self, *, fini: bool = True) -> None:
         """Never unmapped by us: glibc owns it."""
 
     def close_file(self) -> None:

@@ -41,7 +41,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from loader.elf import ElfImage
-from loader.elfdefs import MASK64, SHN, STB, STT, VERSYM_HIDDEN, st_bind, st_type, versym_index
+from loader.elfdefs import (
+    MASK64,
+    SHN,
+    STB,
+    STT,
+    VERSYM_HIDDEN,
+    VERSYM_VERSION,
+    st_bind,
+    st_type,
+)
 from loader.symbols import names_of
 from loader.tables import DynamicTables
 
@@ -93,15 +102,25 @@ class Definition:
     @property
     def address(self) -> int:
         """Load bias + st_value (for STT_TLS: the offset in its module's block)."""
-        sym = self.symbol
-        if st_type(int(sym["st_info"])) == STT.TLS:
-            return int(sym["st_value"])
-        return (int(sym["st_value"]) + self.obj.obj.load_bias) & MASK64
+        cols, i = self.obj, self.index
+        if cols.info[i] & 0xF == STT.TLS:
+            return cols.value[i]
+        return (cols.value[i] + self.obj.obj.load_bias) & MASK64
 
     @property
     def is_ifunc(self) -> bool:
         """The definition is an STT_GNU_IFUNC: its value is a resolver to run."""
-        return st_type(int(self.symbol["st_info"])) == STT.GNU_IFUNC
+        return self.obj.info[self.index] & 0xF == STT.GNU_IFUNC
+
+    @property
+    def is_tls(self) -> bool:
+        """The definition is an STT_TLS: its value is an offset in its module's block."""
+        return self.obj.info[self.index] & 0xF == STT.TLS
+
+    @property
+    def size(self) -> int:
+        """The definition's st_size."""
+        return self.obj.size[self.index]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +156,15 @@ class Definitions:
             self.by_name.setdefault(name, []).append(i)
         self.versions = {k: v.encode("utf-8", "surrogateescape")
                          for k, v in tables.versions.items()}
-        self.versym = tables.versym
+        self.versym: list[int] | None = None if tables.versym is None else \
+            tables.versym.tolist()
+        # the columns a lookup reads, as lists: one element of a structured array costs a
+        # microsecond, of a list a few nanoseconds
+        self.info: list[int] = syms["st_info"].tolist()
+        self.other: list[int] = syms["st_other"].tolist()
+        self.shndx: list[int] = syms["st_shndx"].tolist()
+        self.value: list[int] = syms["st_value"].tolist()
+        self.size: list[int] = syms["st_size"].tolist()
 
     def _version_ok(self, i: int, version: bytes | None, newest: bool,
                     seen: list[int]) -> bool:
@@ -146,8 +173,8 @@ class Definitions:
         ``seen`` (and not taken now)."""
         if self.versym is None:
             return True
-        vs = int(self.versym[i])
-        ndx = versym_index(vs)
+        vs = self.versym[i]
+        ndx = vs & VERSYM_VERSION
         if version is not None:
             defined = self.versions.get(ndx)
             return defined == version or (defined is None and not vs & VERSYM_HIDDEN)
@@ -161,9 +188,8 @@ class Definitions:
               newest: bool = False) -> int | None:
         """The symbol index that decides for this object (``do_lookup_x``), or None."""
         seen: list[int] = []
-        syms = self.obj.tables.symtab
         for i in self.by_name.get(name, ()):
-            if plt and int(syms["st_shndx"][i]) == int(SHN.UNDEF):
+            if plt and self.shndx[i] == SHN.UNDEF:
                 continue
             if self._version_ok(i, version, newest, seen):
                 return i
@@ -176,19 +202,21 @@ class Definitions:
             return "does not define it"
         if self.versym is None:
             return "defines it"
-        have = [self.versions.get(versym_index(int(self.versym[i])), "(none)") for i in found]
+        have = [self.versions.get(self.versym[i] & VERSYM_VERSION, "(none)") for i in found]
         shown = ", ".join(v.decode("utf-8", "surrogateescape") if isinstance(v, bytes)
                           else v for v in have)
         want = "(unversioned)" if version is None else version.decode()
         return f"has versions {shown}; wanted {want}"
 
 
+_DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
+
+
 def _decides(found: Definitions, i: int) -> bool:
     """The definition ``i`` ends the lookup (global, weak or unique, and not hidden)."""
-    sym = found.obj.tables.symtab[i]
-    if visibility(int(sym["st_other"])) in (STV_INTERNAL, STV_HIDDEN):
+    if visibility(found.other[i]) in (STV_INTERNAL, STV_HIDDEN):
         return False
-    return st_bind(int(sym["st_info"])) in (int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE))
+    return st_bind(found.info[i]) in _DECIDING_BINDS
 
 
 def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = False,
@@ -197,14 +225,15 @@ def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = Fals
     """The first definition of ``name`` (``version``: the reference's, or None) over
     ``scope``, as ``_dl_lookup_symbol_x``; None when nobody defines it. ``plt``: a
     JUMP_SLOT or TLS relocation; ``copy``: a COPY (the program is skipped); ``newest``:
-    dlsym's lookup. ``steps`` collects what each object asked said."""
-    asked: set[int] = set()
+    dlsym's lookup. ``steps`` collects what each object asked said. An object in two
+    search lists is asked twice, as glibc does (its answer is the same both times)."""
     for search_list in scope:
         for found in search_list:
-            if id(found) in asked:
-                continue
-            asked.add(id(found))
-            if copy and found.obj.is_program:
+            if name not in found.by_name or (copy and found.obj.is_program):
+                if steps is not None:
+                    steps.append(LookupStep(found.obj.name, "skipped: the program (a COPY "
+                                            "looks past it)" if copy and found.obj.is_program
+                                            else "does not define it"))
                 continue
             i = found.match(name, version, plt=plt, newest=newest)
             if i is not None and _decides(found, i):
