@@ -327,20 +327,23 @@ def _check_loads(loads: list[Segment], size: int, page_size: int) -> None:
         raise ElfSegmentError("span", span, f"at most the user-space size {USER_LIMIT:#x}")
 
 
-def _inside_loads(seg: Segment, loads: list[Segment]) -> bool:
-    """True when ``[p_vaddr, p_vaddr+p_memsz)`` lies inside one PT_LOAD."""
-    return any(ld.p_vaddr <= seg.p_vaddr and seg.end <= ld.end for ld in loads)
+def _inside_loads(start: int, end: int, loads: list[Segment]) -> bool:
+    """True when ``[start, end)`` lies inside one PT_LOAD."""
+    return any(ld.p_vaddr <= start and end <= ld.end for ld in loads)
 
 
 def _check_special(relro: Segment | None, dyn: Segment | None, tls: Segment | None,
                    loads: list[Segment]) -> None:
-    """PT_GNU_RELRO, PT_DYNAMIC and PT_TLS must each lie inside one PT_LOAD."""
+    """PT_GNU_RELRO, PT_DYNAMIC and PT_TLS's init image must each lie inside one PT_LOAD
+    (PT_TLS's p_memsz is the per-thread block's size: its .tbss tail takes no room in the
+    object, and a large one runs past the PT_LOAD)."""
     for name, seg in (("PT_GNU_RELRO", relro), ("PT_DYNAMIC", dyn), ("PT_TLS", tls)):
         if seg is None:
             continue
-        if seg.end > USER_LIMIT or not _inside_loads(seg, loads):
+        size, size_name = (seg.p_filesz, "p_filesz") if seg is tls else (seg.p_memsz, "p_memsz")
+        if seg.end > USER_LIMIT or not _inside_loads(seg.p_vaddr, seg.p_vaddr + size, loads):
             raise ElfSegmentError(f"{name}.p_vaddr", seg.p_vaddr,
-                                  f"[p_vaddr, p_vaddr + p_memsz {seg.p_memsz:#x}) inside one "
+                                  f"[p_vaddr, p_vaddr + {size_name} {size:#x}) inside one "
                                   "PT_LOAD")
     if tls is not None:
         if tls.p_filesz > tls.p_memsz:
