@@ -226,6 +226,16 @@ class TlsState:
         """Every module, in module-id order."""
         return sorted(self._modules.values(), key=lambda m: m.module_id)
 
+    @property
+    def dtv_length(self) -> int:
+        """The length a new thread's DTV gets: the highest module id + DTV_SURPLUS."""
+        return max((m.module_id for m in self._modules.values()), default=0) + DTV_SURPLUS
+
+    @property
+    def dtv_generation(self) -> int:
+        """The generation a new thread's DTV starts at: the newest loaded module's."""
+        return max((m.generation for m in self._modules.values()), default=0)
+
     def module(self, name: str) -> TlsModule:
         """The module of object ``name``; KeyError when it has none."""
         return self._modules[name]
@@ -234,6 +244,12 @@ class TlsState:
         """What ``loader.load(..., tls=)`` takes for object ``name``; None without TLS."""
         mod = self._modules.get(name)
         return None if mod is None else mod.layout
+
+    def set_load_bias(self, name: str, load_bias: int) -> TlsModule:
+        """Record where object ``name`` was loaded (its init image is at p_vaddr +
+        load_bias): ``loader.load`` needs the layout before it chooses the bias."""
+        self._modules[name] = replace(self._modules[name], load_bias=load_bias)
+        return self._modules[name]
 
     def table(self) -> list[dict[str, object]]:
         """Per module, in id order: name, module_id, size, align, static_offset (bytes below
@@ -435,14 +451,11 @@ def _area_layout(tls: TlsState, base: int) -> tuple[int, int]:
 
 def _dtv_words(tls: TlsState, tp: int, dtv: int) -> tuple[list[int], list[int]]:
     """(addresses, values) of a fresh thread's DTV words (``allocate_dtv`` and
-    ``_dl_allocate_tls_init``): length = highest id + DTV_SURPLUS, generation = the newest
-    module's, per module its block (static) or TLS_DTV_UNALLOCATED (dynamic); the rest 0."""
-    mods = tls.modules
-    top = max((m.module_id for m in mods), default=0)
-    generation = max((m.generation for m in mods), default=0)
+    ``_dl_allocate_tls_init``): its length and generation, then per module its block
+    (static) or TLS_DTV_UNALLOCATED (dynamic); entries of free ids stay 0."""
     addrs = [dtv - _DTV_ENTRY, dtv]
-    values = [top + DTV_SURPLUS, generation]
-    for mod in mods:
+    values = [tls.dtv_length, tls.dtv_generation]
+    for mod in tls.modules:
         addrs.append(dtv + mod.module_id * _DTV_ENTRY)
         values.append(TLS_DTV_UNALLOCATED if mod.tp_offset is None else tp - mod.tp_offset)
     return addrs, values
@@ -455,8 +468,7 @@ def build_thread_area(mm: Mmap, tls: TlsState, *, stack_guard: int = 0,
     ``mm`` at p_vaddr + load bias, so the objects must be loaded and relocated) and zeros
     after it; the TCB header (self pointers, DTV, the two guards) and the DTV are written.
     The area is unmapped again when a read or write fails (MmapError, vmsim.Fault)."""
-    top = max((m.module_id for m in tls.modules), default=0)
-    dtv_bytes = (top + DTV_SURPLUS + 2) * _DTV_ENTRY
+    dtv_bytes = (tls.dtv_length + 2) * _DTV_ENTRY
     wanted = tls.static_size + tls.static_align + _WORD + _DTV_ENTRY + dtv_bytes
     length = page_round_up(wanted, mm.page_size)
     start = mm.mmap_anonymous(0, length, ProtFlags.PROT_READ | ProtFlags.PROT_WRITE,
