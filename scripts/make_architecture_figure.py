@@ -37,7 +37,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("narration", "a load told step by step (a null narrator by default)",
      ("loader.explain", "loader.narrat*")),
     ("pipeline", "reserve, map, relocate, bind, protect",
-     ("loader.mapper", "loader.reloc", "loader.symbols", "loader.pipeline")),
+     ("loader.mapper", "loader.reloc", "loader.symbols", "loader.pipeline", "loader.tls")),
     ("records", "the calls a load made, its comparable outcome",
      ("loader.outcome", "loader.trace")),
     ("compare", "one load on two backends, outcome against outcome",
