@@ -26,7 +26,7 @@ offset ``v`` in the block is at ``tp - tp_offset + v`` (R_X86_64_TPOFF64 stores
   (allocated per thread by ``__tls_get_addr``) unless a relocation needs it static:
   R_X86_64_TPOFF64 (initial-exec, DF_STATIC_TLS objects) takes it from the surplus or fails
   the dlopen; R_X86_64_TLSDESC tries, within the 512 optional bytes, and falls back to dynamic.
-  :meth:`TlsState.use_static` is that step; the caller makes it while relocating.
+  :meth:`TlsState.use_static` is that step (``add_dlopen(static=...)`` makes it).
 * **dlclose** (``_dl_close_worker``): the id is freed; static TLS is given back only when the
   freed blocks are contiguous and end at the top of what is used (the optional budget is not
   given back).
@@ -40,6 +40,7 @@ static) needs running code and is not modelled.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -57,6 +58,7 @@ __all__ = [
     "TCB_ALIGNMENT",
     "TLS_DTV_UNALLOCATED",
     "TLS_TCB_SIZE",
+    "TcbHead",
     "ThreadArea",
     "TlsModule",
     "TlsObject",
@@ -406,10 +408,14 @@ class TlsState:
 # One thread's area: static TLS blocks, the TCB and the DTV, laid out as glibc lays them
 
 
-TCB_SELF, TCB_DTV, TCB_SELF2, TCB_STACK_GUARD, TCB_POINTER_GUARD = 0x0, 0x8, 0x10, 0x28, 0x30
-"""Offsets in tcbhead_t (x86-64): tcb (itself), dtv, self (the thread descriptor, also
-itself), stack_guard (%fs:0x28, read by -fstack-protector code), pointer_guard (%fs:0x30,
-PTR_MANGLE's key)."""
+class TcbHead(enum.IntEnum):
+    """Offsets from tp of the tcbhead_t fields glibc sets for a new thread (x86-64)."""
+
+    TCB = 0x0              # the TCB itself (tp): %fs:0 reads the thread pointer
+    DTV = 0x8              # the DTV (its generation entry)
+    SELF = 0x10            # the thread descriptor, which is the TCB too
+    STACK_GUARD = 0x28     # the canary -fstack-protector code reads at %fs:0x28
+    POINTER_GUARD = 0x30   # PTR_MANGLE's key
 
 
 @dataclass(slots=True)
@@ -467,7 +473,10 @@ def build_thread_area(mm: Mmap, tls: TlsState, *, stack_guard: int = 0,
     thread it creates: each static block gets its init image (p_filesz bytes read through
     ``mm`` at p_vaddr + load bias, so the objects must be loaded and relocated) and zeros
     after it; the TCB header (self pointers, DTV, the two guards) and the DTV are written.
-    The area is unmapped again when a read or write fails (MmapError, vmsim.Fault)."""
+    The area is unmapped again when a read or write fails (MmapError, vmsim.Fault).
+    ValueError before :meth:`TlsState.add_startup` (the area has no size yet)."""
+    if not tls.started:
+        raise ValueError("build_thread_area: TlsState.add_startup has not run")
     dtv_bytes = (tls.dtv_length + 2) * _DTV_ENTRY
     wanted = tls.static_size + tls.static_align + _WORD + _DTV_ENTRY + dtv_bytes
     length = page_round_up(wanted, mm.page_size)
@@ -492,7 +501,7 @@ def _fill_area(area: ThreadArea, tls: TlsState, stack_guard: int, pointer_guard:
         if mod.filesz:
             mm.write(tp - mod.tp_offset, mm.read(mod.image_vaddr + mod.load_bias, mod.filesz))
     addrs, values = _dtv_words(tls, tp, area.dtv)
-    addrs += [tp + TCB_SELF, tp + TCB_DTV, tp + TCB_SELF2, tp + TCB_STACK_GUARD,
-              tp + TCB_POINTER_GUARD, tp + TLS_TCB_SIZE]
+    addrs += [tp + TcbHead.TCB, tp + TcbHead.DTV, tp + TcbHead.SELF, tp + TcbHead.STACK_GUARD,
+              tp + TcbHead.POINTER_GUARD, tp + TLS_TCB_SIZE]
     values += [tp, area.dtv, tp, stack_guard, pointer_guard, area.start]
     mm.write_words(np.array(addrs, dtype=np.uint64), np.array(values, dtype=np.uint64))

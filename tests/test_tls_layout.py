@@ -36,6 +36,7 @@ from loader.pages import HOST_PAGE_SIZE
 from loader.tls import (
     TLS_DTV_UNALLOCATED,
     TLS_TCB_SIZE,
+    TcbHead,
     ThreadArea,
     TlsObject,
     TlsState,
@@ -43,7 +44,7 @@ from loader.tls import (
     static_offsets,
     static_surplus,
 )
-from vmsim import AddressSpace
+from vmsim import AddressSpace, Fault
 
 ORACLE_DIR = Path(__file__).parent / "tls_oracle"
 
@@ -317,21 +318,21 @@ def area_report(mm: Any, area: ThreadArea) -> dict[str, Any]:
     def word(addr: int) -> int:
         return int.from_bytes(mm.read(addr, 8), "little")
 
-    tp, dtv = area.tp, word(area.tp + 8)
+    tp, dtv = area.tp, word(area.tp + TcbHead.DTV)
+    assert dtv == area.dtv
     entries: list[int | str | None] = []
-    for module_id in range(1, word(dtv - 16) + 1):
-        val = word(dtv + 16 * module_id)
+    for module_id in range(1, word(area.dtv_entry(-1)) + 1):
+        val = word(area.dtv_entry(module_id))
         entries.append("unallocated" if val == TLS_DTV_UNALLOCATED else
                        None if val == 0 else tp - val)
-    return {"tcb": [word(tp) - tp, word(tp + 16) - tp], "dtv_len": word(dtv - 16),
-            "dtv_gen": word(dtv), "dtv": entries}
+    return {"tcb": [word(tp + TcbHead.TCB) - tp, word(tp + TcbHead.SELF) - tp],
+            "dtv_len": word(area.dtv_entry(-1)), "dtv_gen": word(dtv), "dtv": entries}
 
 
 def check_area(mm: Any, area: ThreadArea, state: TlsState, report: dict[str, Any],
                fixtures: set[str]) -> None:
     """``area`` against glibc's ``report`` of a thread: TCB, DTV and, for the fixtures'
     blocks (which no code changed), every byte; every block also equals its init image."""
-    assert area.dtv == int.from_bytes(mm.read(area.tp + 8, 8), "little")
     assert area_report(mm, area) == {k: report[k] for k in ("tcb", "dtv_len", "dtv_gen", "dtv")}
     for mod in state.modules:
         if mod.tp_offset is None:
@@ -361,8 +362,8 @@ def test_startup_thread_area_equals_glibc(oracle: Oracle, order: str) -> None:
     objs = load_tls_objects(mm, state)
     area = build_thread_area(mm, state, stack_guard=0x1122334455667700, pointer_guard=7)
     check_area(mm, area, state, report, fixture_names(oracle))
-    assert mm.read(area.tp + 0x28, 16) == (0x1122334455667700).to_bytes(8, "little") + \
-        (7).to_bytes(8, "little")
+    guards = mm.read(area.tp + TcbHead.STACK_GUARD, 16)
+    assert guards == struct.pack("<QQ", 0x1122334455667700, 7)
     area.close()
     assert not any(r.start <= area.tp < r.end for r in mm.maps())
     for obj in objs:
@@ -528,3 +529,17 @@ def test_state_misuse_and_hostile_headers() -> None:
     assert zero.module("x").align == 1 and zero.module("x").tp_offset == 3
     assert zero.table() == [{"name": "x", "module_id": 1, "size": 3, "align": 1,
                              "static_offset": 3}]
+
+
+def test_thread_area_failures_leave_nothing_mapped() -> None:
+    """Before add_startup there is no area to build; an init image that cannot be read
+    (here: the object was never loaded) is the backend's fault, and the area is unmapped."""
+    mm = AddressSpace()
+    with pytest.raises(ValueError, match="add_startup"):
+        build_thread_area(mm, TlsState())
+    state = TlsState()
+    state.add_startup([TlsObject("ghost", tls_segment(64, 8, vaddr=0x5000, filesz=8),
+                                 load_bias=0x10000000)])
+    with pytest.raises(Fault):
+        build_thread_area(mm, state)
+    assert mm.maps() == []
