@@ -71,6 +71,7 @@ NEEDS = {"dpair": ["die", "die2"]}
 LINK_ORDERS = {
     "forward": ["t1", "t100", "t1b", "t24", "tmis", "t4k", "stdc++"],
     "reverse": ["stdc++", "t4k", "tmis", "t24", "t1b", "t100", "t1"],
+    "plain": [],              # the program and libc: blocks aligned 16 at most, area 64
 }
 R_X86_64_TPOFF64, R_X86_64_TLSDESC = 18, 36
 DF_STATIC_TLS = 0x10
@@ -230,8 +231,8 @@ def test_startup_layout_equals_glibc(oracle: Oracle, order: str) -> None:
     assert model_offsets(state) == glibc_offsets(report)
     assert (state.static_size, state.static_align) == (report["static_size"],
                                                         report["static_align"])
-    names = [Path(p).name.split(".")[0] for p in glibc_offsets(report)]
-    assert {"libc", "libstdc++", "libtmis", "libt4k"} <= set(names)
+    names = {Path(p).name.split(".")[0] for p in glibc_offsets(report)}
+    assert "libc" in names and (order == "plain" or {"libstdc++", "libtmis"} <= names)
 
 
 def test_oracle_exercises_the_rules(oracle: Oracle) -> None:
