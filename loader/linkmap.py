@@ -41,7 +41,6 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from loader.binding import Classes, ScopeResolver
-from loader.elf import ElfImage
 from loader.elfdefs import DT, MASK64, R_X86_64
 from loader.errors import ElfDependencyError, ElfSymbolError, ElfUnsupportedError
 from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
@@ -52,6 +51,7 @@ from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import split_version, symbol_label
+from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
 from loader.trace import TracingMmap
 
 __all__ = ["Binding", "LinkMap", "Why"]
@@ -143,7 +143,9 @@ class LinkMap:
         self._members: list[_Member] = []
         self._global: list[_Member] = []
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
-        self._tls = _TlsModules()
+        self._tls = TlsState()
+        self.thread: ThreadArea | None = None
+        """The main thread's TLS on the simulator (static blocks, TCB, DTV), once built."""
         self._lazy_stub: tuple[int, int] | None = None
         self._binder: HostLazyBinder | None = None
         self.init_order: list[str] = []
@@ -159,7 +161,7 @@ class LinkMap:
 
     @property
     def tls(self) -> list[dict[str, object]]:
-        """Per TLS module: name, id, block size and alignment, static offset (None: dynamic)."""
+        """Per TLS module: name, id, block size and alignment, static offset or dynamic."""
         return self._tls.table()
 
     def _member(self, obj: ImageObject) -> _Member:
@@ -261,10 +263,15 @@ class LinkMap:
                 m.lazy = bind == "lazy" and _may_be_lazy(m.loaded)
             order = self._sorted(new[0].searchlist if startup else
                                  _closure_of(new[0]))
-            self._relocate([m for m in reversed(order) if m in new])
+            relocation_order = [m for m in reversed(order) if m in new]
+            self._assign_tls(new, relocation_order, startup)
+            self._relocate(relocation_order)
+            self._thread_tls(new, startup)
             self._init([m for m in reversed(order) if m in new and not m.init_called])
         except BaseException:
             self._drop(new)
+            if startup:
+                self._tls = TlsState()
             raise
         finally:
             for m in new:
@@ -280,8 +287,6 @@ class LinkMap:
         member = _Member(obj, found)
         member.startup = startup
         self._members.append(member)
-        if obj.image.tls is not None:
-            self._tls.add(member.name, obj.image, startup=startup)
         return member
 
     def _link(self, new: list[_Member], startup: bool) -> None:
@@ -344,6 +349,65 @@ class LinkMap:
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
+
+    def _assign_tls(self, new: list[_Member], relocation_order: list[_Member],
+                    startup: bool) -> None:
+        """Module ids and static offsets (``loader.tls``): startup objects in static TLS;
+        a dlopen's objects dynamic, except the modules its TPOFF64 (must) and TLSDESC
+        (may, within the optional surplus) relocations reach, asked for in relocation
+        order, as glibc's relocation does."""
+        objects = [TlsObject(m.name, m.loaded.image.tls, m.obj.load_bias) for m in new]
+        if startup:
+            self._tls.add_startup(objects)
+        else:
+            static = [want for m in relocation_order for want in self._static_wants(m)]
+            self._tls.add_dlopen(objects, static=list(dict.fromkeys(static)))
+
+    def _static_wants(self, m: _Member) -> list[tuple[str, bool]]:
+        """(module, optional) for each TLS module ``m``'s TPOFF64 (optional False) and
+        TLSDESC (True) relocations reach: symbol 0 is ``m`` itself, others are looked up
+        over its scope."""
+        out: list[tuple[str, bool]] = []
+        obj = m.loaded
+        if obj.classified is None:
+            return out
+        wanted = {_kind_code(Kind.TLS_TPOFF): False, _kind_code(Kind.TLS_DESC): True}
+        for table, kinds in zip(obj.tables.relocs, obj.classified.kinds_all, strict=True):
+            for k in np.flatnonzero(np.isin(kinds, list(wanted))).tolist():
+                target = self._tls_target(m, int(table.r_sym[k]))
+                if target is not None:
+                    out.append((target, wanted[int(kinds[k])]))
+        return out
+
+    def _tls_target(self, m: _Member, sym: int) -> str | None:
+        """The name of the object whose TLS symbol ``sym`` of ``m`` reaches (None: none)."""
+        if sym == 0:
+            return m.name
+        name, version = symbol_label(m.obj.tables, sym)
+        found = lookup(name.encode("utf-8", "surrogateescape"),
+                       version.encode() if version else None, m.scope, plt=True)
+        return found.obj.obj.name if found is not None else None
+
+    def _thread_tls(self, new: list[_Member], startup: bool) -> None:
+        """On the simulator: after startup relocation, the main thread's area (static blocks
+        from their init images, TCB, DTV: ``loader.tls.build_thread_area``); after a
+        dlopen, the static blocks it was given are initialised in that area, as glibc's
+        _dl_init_static_tls does in every thread."""
+        if self.runs_code:
+            return
+        if startup:
+            self.thread = build_thread_area(self.mm, self._tls)
+            return
+        if self.thread is None:
+            return
+        for m in new:
+            mod = self._tls.layout(m.name)
+            tls = m.loaded.image.tls
+            if mod is None or mod.tp_offset is None or tls is None:
+                continue
+            block = self.thread.tp - mod.tp_offset
+            image = self.mm.read(tls.p_vaddr + m.obj.load_bias, tls.p_filesz)
+            self.mm.write(block, bytes(image) + bytes(tls.p_memsz - tls.p_filesz))
 
     def _tls_of(self, defs: Definitions) -> TlsLayout | None:
         """The TLS module of the object behind ``defs`` (a resident's: as glibc set it)."""
@@ -458,7 +522,13 @@ class LinkMap:
 
     def unload(self) -> None:
         """Finalise every object (fini in glibc's exit order) and unmap the whole image."""
+        for m in self._members:
+            m.startup = False           # an unload takes everything, startup objects too
         self._finalise(self._sorted(self._members))
+        self._tls = TlsState()
+        if self.thread is not None:
+            self.thread.close()
+            self.thread = None
         if self._lazy_stub is not None:
             self.mm.munmap(self._lazy_stub[0], self._lazy_stub[1] - self._lazy_stub[0])
             self._lazy_stub = None
@@ -491,7 +561,8 @@ class LinkMap:
                 if m in self._global:
                     self._global.remove(m)
                     self._global_defs.remove(m.defs)
-                self._tls.remove(m.name)
+        kept = {mod.name for mod in self._tls.modules if mod.startup}
+        self._tls.remove([m.name for m in members if m.name not in kept])
 
 
 def _may_be_lazy(obj: LoadedObject) -> bool:
@@ -625,42 +696,3 @@ def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Bi
     pending = lazy_slot or (found is not None and found.is_ifunc and not runs)
     return Binding(obj.name, r_offset, type_name(r_type), name, version,
                    found.obj.obj.name if found is not None else None, value, pending)
-
-
-class _TlsModules:
-    """TLS modules of a process image: ids (the lowest free, from 1) and, for startup
-    objects, static offsets below the thread pointer in load order (variant II: each block
-    placed below the previous one, aligned, its first byte congruent to p_vaddr modulo
-    p_align, as glibc's ``firstbyte``); dlopen'ed objects are in dynamic TLS."""
-
-    def __init__(self) -> None:
-        self.modules: dict[str, tuple[TlsLayout, int, int]] = {}
-        self.static_end = 0
-
-    def add(self, name: str, image: ElfImage, *, startup: bool) -> TlsLayout:
-        tls = image.tls
-        assert tls is not None
-        used = {layout.module_id for layout, _, _ in self.modules.values()}
-        module_id = next(i for i in range(1, len(used) + 2) if i not in used)
-        offset = None
-        align = max(tls.p_align, 1)
-        if startup:
-            firstbyte = -tls.p_vaddr & (align - 1)
-            offset = (self.static_end + tls.p_memsz - firstbyte + align - 1) // align * align \
-                + firstbyte
-            self.static_end = offset
-        layout = TlsLayout(module_id, offset)
-        self.modules[name] = (layout, tls.p_memsz, align)
-        return layout
-
-    def layout(self, name: str) -> TlsLayout | None:
-        entry = self.modules.get(name)
-        return entry[0] if entry is not None else None
-
-    def remove(self, name: str) -> None:
-        self.modules.pop(name, None)
-
-    def table(self) -> list[dict[str, object]]:
-        return [{"name": name, "id": layout.module_id, "size": size, "align": align,
-                 "offset": layout.tp_offset}
-                for name, (layout, size, align) in self.modules.items()]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import vmsim
-from loader.elfdefs import DT
+from loader.elfdefs import DT, R_X86_64
 from loader.linkmap import LinkMap
 from loader.pipeline import LoadedObject
 from tests.glibc_oracle import (
@@ -144,3 +144,42 @@ def test_init_and_fini_order_equal_glibc(tmp_path: Path) -> None:
     ours_fini = [n for n in lm.fini_order if n in fixture_names]
     assert ours_init == [Path(str(fixture[x])).name for x in objects_in_order(inits)]
     assert ours_fini == [Path(str(fixture[x])).name for x in objects_in_order(finis)]
+
+
+TLS_TYPES = {int(R_X86_64.DTPMOD64): "module", int(R_X86_64.TPOFF64): "offset",
+             int(R_X86_64.DTPOFF64): "offset"}
+
+
+def _tls_words(lm: LinkMap, glibc: GlibcImage, key: str) -> tuple[list[object], list[object]]:
+    """Every DTPMOD64 / DTPOFF64 / TPOFF64 word of ``key`` on both sides: module ids as the
+    key of the module they name, offsets as they are."""
+    obj = next(o for o in lm.objects if _key(o) == key)
+    theirs = glibc.object(key)
+    offs, kinds = [], []
+    for table in obj.tables.relocs:
+        for off, typ in zip(table.r_offset.tolist(), table.r_type.tolist(), strict=True):
+            if typ in TLS_TYPES:
+                offs.append(off)
+                kinds.append(TLS_TYPES[typ])
+    ours = [int.from_bytes(obj.mm.read(off + obj.load_bias, 8), "little") for off in offs]
+    glibc_words = theirs.words_at(np.array(offs, dtype=np.uint64)).tolist()
+    our_ids = {int(row["module_id"]): str(row["name"]) for row in lm.tls}
+    glibc_ids = {o.tls_modid: o.key for o in glibc.objects if o.tls_modid}
+
+    def named(words: list[int], ids: dict[int, str]) -> list[object]:
+        return [ids.get(w, w) if kind == "module" else w
+                for w, kind in zip(words, kinds, strict=True)]
+
+    return named(ours, our_ids), named(glibc_words, glibc_ids)
+
+
+@pytest.mark.parametrize(("library", "key"), [("libstdc++.so.6", "libstdc++.so.6"),
+                                              ("libz.so.1", "libc.so.6")])
+def test_tls_words_equal_glibc(library: str, key: str) -> None:
+    """DTPMOD64 names the same module, DTPOFF64 and TPOFF64 (libc's initial-exec TLS,
+    against the static layout of a program linked against libc only) are the same words."""
+    glibc = glibc_dlopen_image(library, bind="now")
+    lm = LinkMap(vmsim.AddressSpace())
+    lm.dlopen(library)
+    ours, theirs = _tls_words(lm, glibc, key)
+    assert ours and ours == theirs
