@@ -47,7 +47,7 @@ from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, type_name
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
-from loader.search import Found, SearchPath, closure, extend_closure
+from loader.search import RTLD, Found, SearchPath, closure, extend_closure
 from loader.symbols import split_version, symbol_label
 from loader.trace import TracingMmap
 
@@ -210,7 +210,7 @@ class LinkMap:
             self._link(new, startup)
             self._check_versions(new)
             for m in new:
-                m.lazy = bind == "lazy" and _may_be_lazy(m.obj)
+                m.lazy = bind == "lazy" and _may_be_lazy(m.obj) and not _is_rtld(m)
             order = self._sorted(new[0].searchlist if startup else
                                  _closure_of(new[0]))
             self._relocate([m for m in reversed(order) if m in new])
@@ -286,6 +286,8 @@ class LinkMap:
                                        real=self.runs_code)
             m.obj.relocations.tls = self._tls.layout(m.name)
             m.obj.real_bindings = self.runs_code
+            if m.lazy:              # as elf_machine_runtime_setup: before RELRO is sealed
+                self._set_lazy_got(m)
             relocate_object(m.obj, m.resolver, lazy=m.lazy)
             if m.obj.relocations.unresolved:
                 raise ElfSymbolError(
@@ -293,7 +295,6 @@ class LinkMap:
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
             if m.lazy:
-                self._set_lazy_got(m)
                 m.lazy_values = _jump_slot_words(m.obj)
 
     def _tls_of(self, defs: Definitions) -> TlsLayout | None:
@@ -425,6 +426,12 @@ def _may_be_lazy(obj: LoadedObject) -> bool:
     tags = obj.tables.tags
     return DT.JMPREL in tags and DT.BIND_NOW not in tags and \
         not tags.get(DT.FLAGS, 0) & DF.BIND_NOW and not tags.get(DT.FLAGS_1, 0) & DF_1.NOW
+
+
+def _is_rtld(m: _Member) -> bool:
+    """``m`` is ld.so, which glibc always relocates "now" (rtld.c: its own map is relocated
+    with lazy 0; its .got.plt lies inside its RELRO)."""
+    return m.name == os.path.basename(RTLD)
 
 
 def _deps(m: _Member, by_name: dict[str, _Member]) -> list[_Member]:
