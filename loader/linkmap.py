@@ -166,11 +166,15 @@ class LinkMap:
         return self.program
 
     def _boot(self) -> None:
-        """The smallest real process: libc.so.6 and its closure (ld.so) as startup objects
-        in the global scope (the program linked against libc only has no file here)."""
+        """The smallest real process: the preloads, then libc.so.6 and its closure (ld.so),
+        as startup objects in the global scope (the program linked against libc only has no
+        file here). A preload's own dependencies come right after it (glibc loads them after
+        libc: the order differs only for a preload that needs more than libc)."""
         if self._members:
             return
-        _, entries = extend_closure([], SMALLEST_PROGRAM_NEEDS, search=self.search)
+        entries: list[Found] = []
+        for name in (*self.preload, SMALLEST_PROGRAM_NEEDS):
+            entries += extend_closure(entries, name, search=self.search)[1]
         self._load(entries, bind="now", startup=True)
 
     def dlopen(self, path_or_soname: str | os.PathLike[str], *, bind: Bind = "now",
