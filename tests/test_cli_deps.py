@@ -297,3 +297,5 @@ def test_files_that_are_no_image_are_one_line(tmp_path: Path, kind: str,
                       "truncated": libz[:200], "empty": b""}[kind])
     line = _refused(run_cli(*argv, str(path)))
     assert str(path) in line
+    assert "only with --deps" in _refused(run_cli("load", LIBSSL, "--preload", "libz.so.1"))
+    assert "only with --deps" in _refused(run_cli("maps", LIBSSL, "--bind", "now"))

@@ -2,12 +2,14 @@
 
 Top layer: imports ``loader`` and ``vmsim``. Verbs:
   vmsim load [PATH] [--backend sim|libc] [--base ADDR] [--json]
-  vmsim maps [PATH]        a coloured table of the regions, like gef/pwndbg vmmap
+  vmsim load --deps PATH   the process image: PATH and its libraries (vmsim.deps)
+  vmsim maps [PATH]        a coloured table of the regions, like gef/pwndbg vmmap (--deps too)
   vmsim trace [PATH]       every Mmap call the load made, with result or errno
   vmsim explain [PATH]     the loader's steps in sentences, each with the calls it caused
   vmsim plot [PATH] -o FILE.png   vmsim.viz's map of the loaded object
   vmsim diff PATH
   vmsim ldd PATH           the libraries ld.so would load with PATH, in glibc ldd's format
+  vmsim why SYMBOL PATH    how ld.so finds SYMBOL in PATH's image: objects asked, the winner
   vmsim fuzz [...]         (vmsim.fuzz's campaign; see vmsim fuzz --help)
 Without PATH, a small library of this machine (libz.so.1) is loaded. Host (libc) loads run in
 a forked child; what it saw comes back as a ``Session``.
@@ -70,6 +72,11 @@ examples:
   vmsim plot -o libz.png              the map as a picture (regions to scale, RELRO hatched)
   vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
   vmsim ldd /usr/bin/ls               ls's libraries as ldd lists them (found by our search)
+  vmsim load --deps /usr/bin/ls       ls and its libraries loaded as ld.so starts it: each
+                                      object's base, span and relocations, init order, TLS
+  vmsim maps --deps /usr/lib/x86_64-linux-gnu/libssl.so.3   the whole image's regions
+  vmsim why malloc /usr/bin/ls        which library's malloc ls uses, and why (--preload
+                                      LIB shows interposition)
 
 PATH defaults to libz.so.1 of this machine for load, maps, trace, explain and plot.
 
@@ -211,6 +218,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         report = image_report(_image(args))
         print(json.dumps(report) if args.json else "\n".join(image_text(report)))
         return EXIT["ok"]
+    _one_object(args)
     if args.backend == "libc":
         report = run_host(_load_on, path, "libc", args.base, source=path)
     else:
@@ -344,6 +352,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
         print(f"{sess.path} and its closure on sim ({image.how}, bind {image.bind}): "
               f"{len(image.lm.objects)} objects, {len(regions)} regions")
     else:
+        _one_object(args)
         sess = session(args.path, args.backend, args.base)
         print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
     for line in _maps_lines(sess, _use_color(args.color, sys.stdout)):
@@ -372,6 +381,17 @@ def _image(args: argparse.Namespace) -> Image:
                          "of the image)")
     return open_image(args.path, library_path=_library_path(args), preload=_preloads(args),
                       bind=args.bind)
+
+
+def _one_object(args: argparse.Namespace) -> None:
+    """UsageError when an option that only a process image takes is given without --deps."""
+    given = [name for name, value, default in (
+        ("--preload", args.preload, ""), ("--bind", args.bind, None),
+        ("--library-path", args.library_path, os.environ.get("LD_LIBRARY_PATH", "")))
+        if value != default]
+    if given:
+        raise UsageError(f"argument {given[0]}: only with --deps (one object alone loads "
+                         "no libraries)")
 
 
 def cmd_why(args: argparse.Namespace) -> int:
