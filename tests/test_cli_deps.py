@@ -299,3 +299,8 @@ def test_files_that_are_no_image_are_one_line(tmp_path: Path, kind: str,
     assert str(path) in line
     assert "only with --deps" in _refused(run_cli("load", LIBSSL, "--preload", "libz.so.1"))
     assert "only with --deps" in _refused(run_cli("maps", LIBSSL, "--bind", "now"))
+
+
+def test_a_preload_that_cannot_be_found_is_refused_by_name() -> None:
+    line = _refused(run_cli("why", "malloc", "/usr/bin/ls", "--preload", "libnothere.so.9"))
+    assert "--preload: libnothere.so.9 cannot be preloaded (not found" in line

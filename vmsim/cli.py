@@ -379,8 +379,26 @@ def _image(args: argparse.Namespace) -> Image:
     if getattr(args, "base", None) is not None:
         raise UsageError("argument --base: not with --deps (the backend places each object "
                          "of the image)")
+    _check_preloads(_preloads(args), _library_path(args))
     return open_image(args.path, library_path=_library_path(args), preload=_preloads(args),
                       bind=args.bind)
+
+
+def _check_preloads(preloads: list[str], library_path: list[str]) -> None:
+    """UsageError naming a --preload the search cannot find (ld.so would print an error
+    and go on without it; here it is refused, so what is shown is what was asked)."""
+    from loader import ElfDependencyError, ElfError
+    from loader.search import SearchPath
+
+    search = SearchPath(library_path)
+    for name in preloads:
+        try:
+            search.find(name)
+        except ElfError as exc:
+            why = "not found in the search path" if isinstance(exc, ElfDependencyError) \
+                else f"{type(exc).__name__}: {exc}"
+            raise UsageError(f"argument --preload: {name} cannot be preloaded ({why}); "
+                             "ld.so would say so and go on without it") from None
 
 
 def _one_object(args: argparse.Namespace) -> None:
