@@ -304,3 +304,11 @@ def test_files_that_are_no_image_are_one_line(tmp_path: Path, kind: str,
 def test_a_preload_that_cannot_be_found_is_refused_by_name() -> None:
     line = _refused(run_cli("why", "malloc", "/usr/bin/ls", "--preload", "libnothere.so.9"))
     assert "--preload: libnothere.so.9 cannot be preloaded (not found" in line
+
+
+def test_maps_of_a_lazily_bound_program_names_the_resolver_page(built: dict[str, Path]) -> None:
+    lazy = run_cli("maps", "--deps", str(built["prog"]), "--color", "never")
+    assert lazy.code == EXIT["ok"], lazy.err
+    assert re.search(r" r-xp 00000000 code +\[lazy resolver \(GOT\[2\]\)", lazy.out)
+    now = run_cli("maps", "--deps", str(built["prog"]), "--bind", "now", "--color", "never")
+    assert now.code == EXIT["ok"] and "[lazy resolver" not in now.out

@@ -64,7 +64,7 @@ class Image:
         """Why ``obj`` is in the image, in a few words."""
         if obj is self.root:
             return "the program" if self.how == "exec" else "dlopen'ed"
-        if _same_file(obj.path, self.preload):
+        if obj.name in self.preload or _same_file(obj.path, self.preload):
             return "preload"
         objects = self.lm.objects
         if self.how == "dlopen" and objects.index(obj) < objects.index(self.root):
