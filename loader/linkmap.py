@@ -49,7 +49,7 @@ from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
-from loader.search import Found, SearchPath, closure, extend_closure, read_object
+from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import split_version, symbol_label
 from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
 from loader.trace import TracingMmap
@@ -190,14 +190,18 @@ class LinkMap:
         return self.program
 
     def _boot(self) -> None:
-        """The smallest real process: libc.so.6 and its closure (ld.so) as startup objects
-        in the global scope (the program linked against libc only has no file here)."""
+        """The smallest real process: the preloads, then libc.so.6 and its closure (ld.so),
+        as startup objects in the global scope (the program linked against libc only has no
+        file here). A preload's own dependencies come right after it (glibc loads them after
+        libc: the order differs only for a preload that needs more than libc)."""
         if self._members:
             return
         if self.runs_code:
             self._adopt_process()
             return
-        _, entries = extend_closure([], SMALLEST_PROGRAM_NEEDS, search=self.search)
+        entries: list[Found] = []
+        for name in (*self.preload, SMALLEST_PROGRAM_NEEDS):
+            entries += extend_closure(entries, name, search=self.search)[1]
         self._load(entries, bind="now", startup=True)
 
     def _adopt_process(self) -> None:
@@ -260,7 +264,7 @@ class LinkMap:
             self._link(new, startup)
             self._check_versions(new)
             for m in new:
-                m.lazy = bind == "lazy" and _may_be_lazy(m.loaded)
+                m.lazy = bind == "lazy" and _may_be_lazy(m.loaded) and not _is_rtld(m)
             order = self._sorted(new[0].searchlist if startup else
                                  _closure_of(new[0]))
             relocation_order = [m for m in reversed(order) if m in new]
@@ -569,6 +573,12 @@ def _may_be_lazy(obj: LoadedObject) -> bool:
     """Whether ``obj`` binds its JUMP_SLOTs lazily under RTLD_LAZY: it has a DT_JMPREL and
     no DT_BIND_NOW, DF_BIND_NOW or DF_1_NOW (``loader.lazy.binds_now``)."""
     return DT.JMPREL in obj.tables.tags and not binds_now(obj.tables)
+
+
+def _is_rtld(m: _Member) -> bool:
+    """``m`` is ld.so, which glibc always relocates "now" (rtld.c: its own map is relocated
+    with lazy 0; its .got.plt lies inside its RELRO)."""
+    return m.name == os.path.basename(RTLD)
 
 
 def _deps(m: _Member, by_name: dict[str, _Member]) -> list[_Member]:

@@ -899,6 +899,8 @@ def _deferred_values(ctx: _Context, every: _Entries) -> npt.NDArray[np.uint64]:
     run: an IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own
     IFUNC symbol is recomputed with S = what that symbol's resolver selects."""
     bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
+    if ctx.where.lazy:          # a lazy JUMP_SLOT keeps its PLT address (_computed_pieces)
+        bound &= every.r_type != _JUMP_SLOT
     e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
     irel = _is(e.kinds, Kind.IRELATIVE)
     a = e.a

@@ -67,8 +67,8 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("vmsim.sweep",)),
     ("pictures", "maps and page states in matplotlib",
      ("vmsim.viz",)),
-    ("command", "vmsim load/maps/ldd/diff/plot/fuzz",
-     ("vmsim.cli", "vmsim.__main__")),
+    ("command", "vmsim load/maps/ldd/why/diff/plot/fuzz",
+     ("vmsim.cli", "vmsim.deps", "vmsim.__main__")),
 )
 
 EVERYONE_USES = "interface"   # its arrows are left out of the picture: nearly every part has one

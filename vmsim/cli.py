@@ -2,12 +2,14 @@
 
 Top layer: imports ``loader`` and ``vmsim``. Verbs:
   vmsim load [PATH] [--backend sim|libc] [--base ADDR] [--json]
-  vmsim maps [PATH]        a coloured table of the regions, like gef/pwndbg vmmap
+  vmsim load --deps PATH   the process image: PATH and its libraries (vmsim.deps)
+  vmsim maps [PATH]        a coloured table of the regions, like gef/pwndbg vmmap (--deps too)
   vmsim trace [PATH]       every Mmap call the load made, with result or errno
   vmsim explain [PATH]     the loader's steps in sentences, each with the calls it caused
   vmsim plot [PATH] -o FILE.png   vmsim.viz's map of the loaded object
   vmsim diff PATH
   vmsim ldd PATH           the libraries ld.so would load with PATH, in glibc ldd's format
+  vmsim why SYMBOL PATH    how ld.so finds SYMBOL in PATH's image: objects asked, the winner
   vmsim fuzz [...]         (vmsim.fuzz's campaign; see vmsim fuzz --help)
 Without PATH, a small library of this machine (libz.so.1) is loaded. Host (libc) loads run in
 a forked child; what it saw comes back as a ``Session``.
@@ -35,6 +37,15 @@ from loader.outcome import regions_in
 from loader.pages import HOST_PAGE_SIZE
 from loader.trace import Call
 from vmsim.arguments import Bounded, OneLineParser
+from vmsim.deps import (
+    Image,
+    image_regions,
+    image_report,
+    image_text,
+    object_fields,
+    open_image,
+    why_lines,
+)
 
 __all__ = ["DEFAULT_LIBRARY", "EXIT", "Bounded", "Session", "load_report", "main", "maps_rows",
            "session"]
@@ -61,12 +72,17 @@ examples:
   vmsim plot -o libz.png              the map as a picture (regions to scale, RELRO hatched)
   vmsim fuzz --time 30                fuzz the loader with generated and broken ELF files
   vmsim ldd /usr/bin/ls               ls's libraries as ldd lists them (found by our search)
+  vmsim load --deps /usr/bin/ls       ls and its libraries loaded as ld.so starts it: each
+                                      object's base, span and relocations, init order, TLS
+  vmsim maps --deps /usr/lib/x86_64-linux-gnu/libssl.so.3   the whole image's regions
+  vmsim why malloc /usr/bin/ls        which library's malloc ls uses, and why (--preload
+                                      LIB shows interposition)
 
 PATH defaults to libz.so.1 of this machine for load, maps, trace, explain and plot.
 
 exit status:
   0    done (diff: the outcomes are equal)
-  1    diff: the outcomes differ (listed on stdout)
+  1    diff: the outcomes differ (listed on stdout); why: nobody defines the symbol
   2    usage error, or the input refused: not a regular file, not ELF, an ELF file the
        loader refuses, a call the backend refused, an output that cannot be written
   3    a load died: the host (libc) child was killed by a signal or went past its memory
@@ -77,7 +93,7 @@ exit status:
 Every error is one line on stderr starting with "vmsim:".
 """
 
-EXIT = {"ok": 0, "differ": 1, "refused": 2, "died": 3, "bug": 4, "interrupted": 130,
+EXIT = {"ok": 0, "differ": 1, "undefined": 1, "refused": 2, "died": 3, "bug": 4, "interrupted": 130,
         "pipe": 141}
 """The exit statuses (EPILOG explains each)."""
 
@@ -118,21 +134,9 @@ def _sim_backend() -> Mmap:
 
 def load_report(obj: LoadedObject, backend: str) -> dict[str, Any]:
     """The JSON object of docs/DESIGN.md for a loaded object (absolute addresses)."""
-    start, end = obj.span
-    regions = regions_in(obj.mm.inner.maps(), start, end)
-    rel = obj.relocations
-    return {
-        "path": obj.path,
-        "backend": backend,
-        "load_bias": obj.load_bias,
-        "span": [start, end],
-        "regions": [{"start": r.start, "end": r.end, "perms": r.perms, "offset": r.offset,
-                     "path": r.path} for r in regions],
-        "relro": None if obj.relro is None else list(obj.relro),
-        "relocations": {"applied": rel.applied, "by_type": dict(sorted(rel.by_type.items())),
-                        "unresolved": list(rel.unresolved)},
-        "calls": [c.as_dict() for c in obj.mm.calls],
-    }
+    fields = object_fields(obj, obj.mm.inner.maps())
+    return {"path": fields.pop("path"), "backend": backend, **fields,
+            "calls": [c.as_dict() for c in obj.mm.calls]}
 
 
 def _load_on(path: str, backend: str, base: int | None) -> dict[str, Any]:
@@ -208,8 +212,13 @@ def _print_text(report: dict[str, Any]) -> None:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    """``vmsim load``."""
+    """``vmsim load``: one object, or with --deps the whole process image."""
     path = args.path
+    if args.deps:
+        report = image_report(_image(args))
+        print(json.dumps(report) if args.json else "\n".join(image_text(report)))
+        return EXIT["ok"]
+    _one_object(args)
     if args.backend == "libc":
         report = run_host(_load_on, path, "libc", args.base, source=path)
     else:
@@ -258,6 +267,15 @@ class Session:
     regions: list[Region]
     calls: list[Call]
     steps: list[Step] = field(default_factory=list)
+    relros: list[tuple[int, int]] = field(default_factory=list)
+    """Every RELRO range of a process image (``maps --deps``), besides ``relro``."""
+    labels: dict[int, str] = field(default_factory=dict)
+    """Names of anonymous regions by start, where the views know better than "[anon]"."""
+
+    def in_relro(self, r: Region) -> bool:
+        """Whether ``r`` lies inside a RELRO range of the session."""
+        ranges = self.relros + ([self.relro] if self.relro else [])
+        return any(lo <= r.start and r.end <= hi for lo, hi in ranges)
 
 
 def maps_rows(obj: LoadedObject) -> list[Region]:
@@ -307,13 +325,13 @@ def _maps_lines(sess: Session, color: bool) -> list[str]:
     for r in sess.regions:
         role = region_role(r, extern=sess.extern)
         notes = []
-        if sess.relro and sess.relro[0] <= r.start and r.end <= sess.relro[1]:
+        if sess.in_relro(r):
             notes.append("RELRO")
         if r.prot & r.prot.PROT_WRITE and r.prot & r.prot.PROT_EXEC:
             notes.append("W+X!")
         if r.perms.startswith("-w-"):
             notes.append(WRITE_ONLY_NOTE)
-        name = r.path or names.get(r.start, "")
+        name = r.path or sess.labels.get(r.start) or names.get(r.start, "")
         row = (f"{r.start:#14x} {r.end:#14x} {format_size(r.length):>9} {r.perms} "
                f"{r.offset:08x} {role:<7} {name}" + (f"  ({', '.join(notes)})" if notes else ""))
         lines.append(_paint(row, ANSI[role], color))
@@ -325,12 +343,84 @@ def _maps_lines(sess: Session, color: bool) -> list[str]:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
-    """``vmsim maps``: the regions as a coloured table."""
-    sess = session(args.path, args.backend, args.base)
-    print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
+    """``vmsim maps``: the regions as a coloured table (with --deps: the whole image's)."""
+    if args.deps:
+        image = _image(args)
+        regions, relros, labels = image_regions(image)
+        sess = Session(args.path, "sim", (regions[0].start, regions[-1].end), None, None,
+                       regions, list(image.lm.mm.calls), relros=relros, labels=labels)
+        print(f"{sess.path} and its closure on sim ({image.how}, bind {image.bind}): "
+              f"{len(image.lm.objects)} objects, {len(regions)} regions")
+    else:
+        _one_object(args)
+        sess = session(args.path, args.backend, args.base)
+        print(f"{sess.path} on {sess.backend}: span {sess.span[0]:#x}-{sess.span[1]:#x}")
     for line in _maps_lines(sess, _use_color(args.color, sys.stdout)):
         print(line)
     return 0
+
+
+def _preloads(args: argparse.Namespace) -> list[str]:
+    """--preload as a list (colon- or space-separated, as LD_PRELOAD)."""
+    return [p for p in args.preload.replace(" ", ":").split(":") if p]
+
+
+def _library_path(args: argparse.Namespace) -> list[str]:
+    """--library-path as a list of directories (colon-separated, as LD_LIBRARY_PATH)."""
+    return args.library_path.split(":") if args.library_path else []
+
+
+def _image(args: argparse.Namespace) -> Image:
+    """PATH and its closure on the simulator (--deps, and ``why``); UsageError for the
+    options only a single-object load takes."""
+    if getattr(args, "backend", "sim") != "sim":
+        raise UsageError("argument --deps: a process image is built on the simulator only "
+                         "(--backend sim) for now")
+    if getattr(args, "base", None) is not None:
+        raise UsageError("argument --base: not with --deps (the backend places each object "
+                         "of the image)")
+    _check_preloads(_preloads(args), _library_path(args))
+    return open_image(args.path, library_path=_library_path(args), preload=_preloads(args),
+                      bind=args.bind)
+
+
+def _check_preloads(preloads: list[str], library_path: list[str]) -> None:
+    """UsageError naming a --preload the search cannot find (ld.so would print an error
+    and go on without it; here it is refused, so what is shown is what was asked)."""
+    from loader import ElfDependencyError, ElfError
+    from loader.search import SearchPath
+
+    search = SearchPath(library_path)
+    for name in preloads:
+        try:
+            search.find(name)
+        except ElfError as exc:
+            why = "not found in the search path" if isinstance(exc, ElfDependencyError) \
+                else f"{type(exc).__name__}: {exc}"
+            raise UsageError(f"argument --preload: {name} cannot be preloaded ({why}); "
+                             "ld.so would say so and go on without it") from None
+
+
+def _one_object(args: argparse.Namespace) -> None:
+    """UsageError when an option that only a process image takes is given without --deps."""
+    given = [name for name, value, default in (
+        ("--preload", args.preload, ""), ("--bind", args.bind, None),
+        ("--library-path", args.library_path, os.environ.get("LD_LIBRARY_PATH", "")))
+        if value != default]
+    if given:
+        raise UsageError(f"argument {given[0]}: only with --deps (one object alone loads "
+                         "no libraries)")
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    """``vmsim why``: exit 0 when somebody defines SYMBOL, 1 when nobody does."""
+    image = _image(args)
+    try:
+        lines, defined = why_lines(image, args.symbol, args.from_object)
+    except KeyError as exc:
+        raise UsageError(f"argument --from: {exc.args[0]}") from None
+    print("\n".join(lines))
+    return EXIT["ok"] if defined else EXIT["undefined"]
 
 
 def cmd_ldd(args: argparse.Namespace) -> int:
@@ -338,10 +428,9 @@ def cmd_ldd(args: argparse.Namespace) -> int:
     from loader import ElfError
     from loader.search import closure, ldd_lines
 
-    preload = [p for p in args.preload.replace(" ", ":").split(":") if p]
     try:
-        found = closure(args.path, library_path=args.library_path.split(":")
-                        if args.library_path else (), preload=preload, missing="report")
+        found = closure(args.path, library_path=_library_path(args),
+                        preload=_preloads(args), missing="report")
     except ElfError as exc:
         _say(f"ldd {args.path}: {type(exc).__name__}: {exc}")
         return EXIT["refused"]
@@ -362,6 +451,17 @@ loaded and no code runs, so every address is printed as 0x0000000000000000 (ldd 
 where glibc mapped each object). LD_LIBRARY_PATH is read from the environment as ldd does
 (--library-path overrides it); LD_PRELOAD is not read (it would preload into this command
 itself): give --preload instead. Example: vmsim ldd /usr/bin/ls
+"""
+
+
+WHY_HELP = """\
+Load PATH and its closure on the simulator (as 'vmsim load --deps' does) and tell how the
+dynamic linker finds SYMBOL: the objects of the scope asked in order, what each said (does
+not define it; has versions X, wanted Y; defines it), the definition that wins and the
+later definitions it interposes. When the object asking (--from, default the program or
+PATH) refers to SYMBOL, its version is the one looked up, and each of its relocations of
+SYMBOL is shown with the word it holds now. Exit 0 when somebody defines SYMBOL, 1 when
+nobody does. Example: vmsim why malloc /usr/bin/ls --preload ./libmymalloc.so
 """
 
 
@@ -471,6 +571,43 @@ def _common(sub: argparse.ArgumentParser, color: bool = False) -> None:
                          help="ANSI colours: auto (only on a terminal), always, never")
 
 
+def _search_options(sub: argparse.ArgumentParser) -> None:
+    """--library-path and --preload, as ld.so takes LD_LIBRARY_PATH and LD_PRELOAD."""
+    sub.add_argument("--library-path", metavar="DIRS",
+                     default=os.environ.get("LD_LIBRARY_PATH", ""),
+                     help="colon-separated directories searched as LD_LIBRARY_PATH "
+                     "(default: $LD_LIBRARY_PATH)")
+    sub.add_argument("--preload", metavar="LIBS", default="",
+                     help="objects loaded first, as LD_PRELOAD (colon- or space-separated)")
+
+
+def _image_options(sub: argparse.ArgumentParser, deps: bool = True) -> None:
+    """--deps (unless the verb always loads the image), --library-path, --preload, --bind."""
+    if deps:
+        sub.add_argument("--deps", action="store_true",
+                         help="the whole process image: PATH and every library it needs, "
+                         "loaded as ld.so does (a program is started, a library dlopen'ed "
+                         "by the smallest program, linked against libc only)")
+    _search_options(sub)
+    sub.add_argument("--bind", choices=["now", "lazy"], default=None,
+                     help="bind JUMP_SLOTs now (LD_BIND_NOW, RTLD_NOW) or lazily (at the "
+                     "first call); default: lazy for a program, now for a library")
+
+
+def _add_why(verbs: Any) -> None:
+    """The why verb."""
+    wy = verbs.add_parser("why", help="which library's definition of SYMBOL wins, and why",
+                          description=WHY_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    wy.add_argument("symbol", metavar="SYMBOL", help="a symbol name, or NAME@VERSION")
+    wy.add_argument("path", metavar="PATH", help="ELF program or shared object")
+    wy.add_argument("--from", dest="from_object", metavar="OBJECT",
+                    help="look it up from this object of the image (soname, file name or "
+                    "path; default: the program, or PATH itself for a library)")
+    _image_options(wy, deps=False)
+    wy.set_defaults(func=cmd_why)
+
+
 def _add_views(verbs: Any) -> None:
     """The maps, trace, explain and plot verbs."""
     mp = verbs.add_parser(
@@ -480,6 +617,7 @@ def _add_views(verbs: Any) -> None:
         "role (code red, data purple, rodata plain, guard cyan, extern stubs yellow), RELRO "
         "and W+X marked. Example: vmsim maps --backend libc", epilog=None)
     _common(mp, color=True)
+    _image_options(mp)
     mp.set_defaults(func=cmd_maps)
     tr = verbs.add_parser(
         "trace", help="every Mmap call the load made, with result or errno",
@@ -520,7 +658,9 @@ def parser() -> argparse.ArgumentParser:
     _common(ld)
     ld.add_argument("--json", action="store_true",
                     help="print one JSON object: path, backend, load_bias, span, regions, "
-                    "relro, relocations, calls")
+                    "relro, relocations, calls (with --deps: an \"objects\" list of those "
+                    "fields per object, with init_order, tls and the image's calls)")
+    _image_options(ld)
     ld.set_defaults(func=cmd_load)
     df = verbs.add_parser("diff", help="load on both backends at one address and compare",
                           description="Load PATH on the host (in a forked child) and on the "
@@ -535,13 +675,9 @@ def parser() -> argparse.ArgumentParser:
                           "prints them", description=LDD_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     dd.add_argument("path", metavar="PATH", help="ELF program or shared object")
-    dd.add_argument("--library-path", metavar="DIRS",
-                    default=os.environ.get("LD_LIBRARY_PATH", ""),
-                    help="colon-separated directories searched as LD_LIBRARY_PATH "
-                    "(default: $LD_LIBRARY_PATH)")
-    dd.add_argument("--preload", metavar="LIBS", default="",
-                    help="objects loaded first, as LD_PRELOAD (colon- or space-separated)")
+    _search_options(dd)
     dd.set_defaults(func=cmd_ldd)
+    _add_why(verbs)
     verbs.add_parser("fuzz", help="run the loader's hypothesis properties as a campaign "
                      "(vmsim fuzz --help)", add_help=False)
     return top
@@ -644,7 +780,7 @@ def _run_verb(args: argparse.Namespace) -> int:
 def _refusal(args: argparse.Namespace, exc: Exception) -> str:
     """The line for a load refused by the loader (ElfError) or the backend (MmapError): blamed
     on --base when the load address the user gave is what failed, on the file otherwise."""
-    from loader import ElfError
+    from loader import ElfDependencyError, ElfError, ElfSymbolError
 
     path: str = args.path
     base = getattr(args, "base", None)
@@ -652,11 +788,20 @@ def _refusal(args: argparse.Namespace, exc: Exception) -> str:
     field = exc.field if isinstance(exc, ElfError) else "load address"
     if base is not None and field in ("base", "load address"):
         return f"argument --base {base:#x}: {path} cannot be loaded there ({what})"
+    if isinstance(exc, ElfDependencyError) or \
+            (isinstance(exc, ElfSymbolError) and _builds_image(args)):
+        return (f"{path}: its process image cannot be built ({what}); 'a <- b' reads "
+                "'a, needed by b'")
     if isinstance(exc, ElfError):
         return (f"{path}: {_elf_hint(path)} ({what}); try 'vmsim load' with no arguments "
                 "for a demo")
     backend = getattr(args, "backend", None) or "sim or libc"
     return f"{path}: the {backend} backend refused a call ({what})"
+
+
+def _builds_image(args: argparse.Namespace) -> bool:
+    """Whether the verb loads a process image (--deps, why) rather than one object."""
+    return bool(getattr(args, "deps", False)) or args.verb == "why"
 
 
 _FILE_KINDS: dict[Callable[[int], bool], str] = {
