@@ -179,7 +179,7 @@ def test_json_carries_the_single_object_fields(libssl: dict[str, Any]) -> None:
         assert o["relocations"]["applied"] == sum(o["relocations"]["by_type"].values()) > 0
     assert libssl["init_order"] == ["ld-linux-x86-64.so.2", "libc.so.6", "libcrypto.so.3",
                                     "libssl.so.3"]
-    assert [(t["name"], t["id"]) for t in libssl["tls"]] == [("libc.so.6", 1)]
+    assert [(t["name"], t["module_id"]) for t in libssl["tls"]] == [("libc.so.6", 1)]
     assert libssl["calls"] and libssl["bindings"]["symbolic"] > 1000
 
 

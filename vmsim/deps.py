@@ -131,8 +131,8 @@ def object_fields(obj: LoadedObject, maps: list[Region]) -> dict[str, Any]:
 def image_report(image: Image) -> dict[str, Any]:
     """``vmsim load --deps --json``: the image as one JSON object. Each entry of "objects"
     has the single-object fields (``object_fields``) plus "name" and "role"; "init_order"
-    lists names; "tls" one entry per module (offset: below the thread pointer, null for
-    dynamic TLS); "bindings" counts the symbol relocations and the pending ones."""
+    lists names; "tls" one entry per module (static_offset: below the thread pointer, or
+    "dynamic"); "bindings" counts the symbol relocations and the pending ones."""
     lm = image.lm
     maps = lm.mm.inner.maps()
     objects = [{"name": o.name, "role": image.role(o), **object_fields(o, maps)}
@@ -181,9 +181,10 @@ def _tls_lines(tls: list[dict[str, Any]]) -> list[str]:
         return ["TLS: none (no object has a PT_TLS segment)"]
     out = ["TLS (module id, block size and alignment, where the block is):"]
     for t in tls:
-        where = ("dynamic (allocated per thread on first use)" if t["offset"] is None else
-                 f"static, at the thread pointer - {t['offset']:#x}")
-        out.append(f"  module {t['id']}: {t['name']}, {t['size']} bytes aligned "
+        offset = t["static_offset"]
+        where = ("dynamic (allocated per thread on first use)" if offset == "dynamic" else
+                 f"static, at the thread pointer - {offset:#x}")
+        out.append(f"  module {t['module_id']}: {t['name']}, {t['size']} bytes aligned "
                    f"{t['align']}, {where}")
     return out
 
