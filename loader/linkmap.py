@@ -489,6 +489,15 @@ class LinkMap:
             raise KeyError(name if version is None else f"{name}@{version}")
         return found.address
 
+    def scope_of(self, obj: ImageObject | None = None) -> list[str]:
+        """The names of the objects a lookup from ``obj`` asks, in order, each once (None:
+        the global scope, what dlsym(RTLD_DEFAULT) searches)."""
+        scope = self._member(obj).scope if obj is not None else [self._global_defs]
+        names: list[str] = []
+        for search_list in scope:
+            names += [d.obj.name for d in search_list if d.obj.name not in names]
+        return names
+
     def why(self, symbol: str, obj: ImageObject | None = None) -> Why:
         """How ``symbol`` ("name" or "name@VERSION") is looked up from ``obj``'s scope
         (default: the program's, or the global scope): each object asked and what it said,

@@ -227,8 +227,13 @@ def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = Fals
     JUMP_SLOT or TLS relocation; ``copy``: a COPY (the program is skipped); ``newest``:
     dlsym's lookup. ``steps`` collects what each object asked said. An object in two
     search lists is asked twice, as glibc does (its answer is the same both times)."""
+    asked: list[Definitions] = []
     for search_list in scope:
         for found in search_list:
+            if steps is not None:           # ``why`` lists each object once
+                if found in asked:
+                    continue
+                asked.append(found)
             if name not in found.by_name or (copy and found.obj.is_program):
                 if steps is not None:
                     steps.append(LookupStep(found.obj.name, "skipped: the program (a COPY "

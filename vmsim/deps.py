@@ -209,9 +209,8 @@ def image_regions(image: Image) -> tuple[list[Region], list[tuple[int, int]],
 
 
 def scope_order(image: Image, obj: LoadedObject) -> list[str]:
-    """The objects of ``obj``'s scope in lookup order: those a lookup of a name nobody
-    defines asks (each once)."""
-    return [step.obj for step in image.lm.why("\x00", obj).steps]
+    """The objects of ``obj``'s scope in lookup order, each once (``LinkMap.scope_of``)."""
+    return image.lm.scope_of(obj)
 
 
 def why_lines(image: Image, symbol: str, from_name: str | None = None
