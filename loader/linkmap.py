@@ -32,9 +32,10 @@ call mapped and names the object and the chain that needed it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from loader.binding import Classes, ScopeResolver
 from loader.elfdefs import DT, MASK64, R_X86_64
-from loader.errors import ElfDependencyError, ElfSymbolError, ElfUnsupportedError
+from loader.errors import ElfDependencyError, ElfError, ElfSymbolError, ElfUnsupportedError
 from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
@@ -285,7 +286,8 @@ class LinkMap:
     def _map(self, found: Found, startup: bool) -> _Member:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
-        obj = map_object(found.path, self.mm, host_tls=False)
+        with _about(found, self._members):
+            obj = map_object(found.path, self.mm, host_tls=False)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)
@@ -345,9 +347,10 @@ class LinkMap:
                                        memo=memo.setdefault(id(m.scope), {}))
             m.obj.relocations.tls = self._tls.layout(m.name)
             m.loaded.real_bindings = self.runs_code
-            relocate_object(m.loaded, m.resolver, lazy=m.lazy,
-                            before_seal=functools.partial(self._make_lazy, m) if m.lazy
-                            else None)
+            with _about(m.found, self._members):
+                relocate_object(m.loaded, m.resolver, lazy=m.lazy,
+                                before_seal=functools.partial(self._make_lazy, m) if m.lazy
+                                else None)
             if m.obj.relocations.unresolved:
                 raise ElfSymbolError(
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
@@ -651,16 +654,30 @@ def _dfs_sort(maps: list[_Member]) -> list[_Member]:
     return placed[::-1]
 
 
-def _chain(m: _Member, members: list[_Member]) -> str:
+def _chain(m: _Member | Found, members: list[_Member]) -> str:
     """Who needed ``m``: its path, the object whose DT_NEEDED loaded it, and so up."""
+    found = m.found if isinstance(m, _Member) else m
     by_path = {x.found.path: x for x in members}
-    chain = [m.found.path or m.name]
-    at = m.found.needed_by
+    chain = [found.path or found.name]
+    at = found.needed_by
     while at is not None and at not in chain and len(chain) < len(members) + 1:
         chain.append(at)
         up = by_path.get(at)
         at = up.found.needed_by if up is not None else None
     return " <- ".join(str(c) for c in chain)
+
+
+@contextlib.contextmanager
+def _about(found: Found, members: list[_Member]) -> Iterator[None]:
+    """Name the object and the chain that needed it in any ElfError raised inside (the
+    same kind of error, its field prefixed), unless the message names the file already."""
+    try:
+        yield
+    except ElfError as exc:
+        if found.path is not None and found.path in str(exc):
+            raise
+        raise type(exc)(f"{_chain(found, members)}: {exc.field}", exc.value,
+                        exc.limit) from exc
 
 
 def _classes(m: _Member) -> Classes:

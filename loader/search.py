@@ -59,7 +59,7 @@ import numpy as np
 
 from loader.elf import ElfImage, FileBytes, parse_image
 from loader.elfdefs import DT
-from loader.errors import ElfDependencyError, ElfDynamicError, ElfHeaderError
+from loader.errors import ElfDependencyError, ElfDynamicError, ElfError, ElfHeaderError
 from loader.ldcache import LdCache
 from loader.pages import HOST_PAGE_SIZE
 from loader.tables import name_budget, read_dynamic, read_strtab
@@ -292,11 +292,17 @@ class SearchPath:
         return self._absent[directory]
 
     def _try(self, path: str, skipped: list[str]) -> ObjectInfo | None:
-        """``read_object`` with the misses (cannot open, other class/machine) as None."""
+        """``read_object`` with the misses (cannot open, other class/machine) as None; a
+        file that is not ELF at all stops the search (as ld.so's open_verify), its error
+        naming the file."""
         try:
             info = read_object(path)
         except OSError:
             return None
+        except ElfError as exc:
+            if path in str(exc):
+                raise
+            raise type(exc)(f"{path}: {exc.field}", exc.value, exc.limit) from exc
         if info is None:
             skipped.append(path)
         return info
