@@ -207,10 +207,14 @@ class TlsLayout:
     """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
     blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
     is the block's distance below the thread pointer, None for a block in dynamic TLS
-    (allocated per thread on first use: initial-exec TPOFF64 cannot reach it)."""
+    (allocated per thread on first use: initial-exec TPOFF64 cannot reach it).
+    ``descriptor``: for a dynamic-TLS block, the (function, argument) words of the TLS
+    descriptor of offset x in the block (the host's ``loader.hosttls.HostTls``); None: a
+    TLSDESC against the block is refused as TPOFF64 is."""
 
     module_id: int
     tp_offset: int | None
+    descriptor: Callable[[int], tuple[int, int]] | None = None
 
     @classmethod
     def first_static(cls, image: ElfImage, module_id: int = 1) -> TlsLayout | None:
@@ -712,8 +716,7 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
     offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
-    own = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
-                        & (st_type(syms["st_info"][sym]) == _STT_TLS))
+    own = _own_tls(ctx, sym)
     tls = ctx.out.tls
     value = np.zeros(len(sym), dtype=np.uint64)
     if tls is not None:
@@ -733,6 +736,15 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         value = np.where(known[sym], offset[sym] + a, value)
     out: npt.NDArray[np.uint64] = value
     return out
+
+
+def _own_tls(ctx: _Context, sym: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of ``sym`` name the object's own TLS block: symbol 0 (local-dynamic) or a TLS
+    symbol the object defines."""
+    syms = ctx.syms
+    own: npt.NDArray[np.bool_] = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
+                                               & (st_type(syms["st_info"][sym]) == _STT_TLS))
+    return own
 
 
 def _static_offset(tls: TlsLayout) -> int:
@@ -796,9 +808,9 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     """Each entry's value before any resolver runs: the symbolic formula, the TLS kinds, and
     B + A for IRELATIVE (its resolver, run later)."""
     value = _symbol_values(e, ctx.addr[e.sym], a)
+    desc_kind = Kind.TLS_DTPOFF if _dynamic_descriptors(ctx) else Kind.TLS_TPOFF
     for kind in (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF):
-        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is Kind.TLS_TPOFF else \
-            _is(e.kinds, kind)
+        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is desc_kind else _is(e.kinds, kind)
         if sel.any():
             value[sel] = _tls_values(ctx, kind, e.sym[sel], a[sel])
     irel = _is(e.kinds, Kind.IRELATIVE)
@@ -834,11 +846,41 @@ def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
     desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
+    # A dynamic block's descriptors come from its layout's ``descriptor`` (the host's).
+    function = np.zeros(int(desc.sum()), dtype=np.uint64)
+    if _dynamic_descriptors(ctx) and desc.any():
+        function, value[desc] = _descriptor_words(ctx, e.where(desc), value[desc])
     pieces.add(e.key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
                value[desc], deferred[desc])
-    value[desc] = 0
+    value[desc] = function
     pieces.add(e.key, e.p, np.minimum(width, _U64(8)), value, deferred)
     _record(ctx, e, width, s, a, deferred)
+
+
+def _dynamic_descriptors(ctx: _Context) -> bool:
+    """The object's TLS block is dynamic and its layout makes its TLS descriptors."""
+    tls = ctx.out.tls
+    return tls is not None and tls.tp_offset is None and tls.descriptor is not None
+
+
+def _descriptor_words(ctx: _Context, e: _Entries, offsets: npt.NDArray[np.uint64]
+                      ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The (function, argument) words of the TLSDESC entries ``e``, at ``offsets`` in the
+    object's dynamic block, one ``descriptor`` call per distinct offset. ElfRelocationError
+    for a descriptor of a TLS variable another object defines (not made here)."""
+    tls = ctx.out.tls
+    assert tls is not None and tls.descriptor is not None
+    other = ~_own_tls(ctx, e.sym)
+    if other.any():
+        k = int(np.flatnonzero(other)[0])
+        raise ElfRelocationError(f"{e.table_name(k)} R_X86_64_TLSDESC symbol at "
+                                 f"{int(e.p[k]):#x}", int(e.sym[k]),
+                                 "a TLS variable the object defines (descriptors of "
+                                 "another object's TLS are not made on the host)")
+    distinct, where = np.unique(offsets, return_inverse=True)
+    words = np.array([tls.descriptor(int(x)) for x in distinct.tolist()],
+                     dtype=np.uint64).reshape(-1, 2)
+    return words[where, 0], words[where, 1]
 
 
 def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
