@@ -34,11 +34,12 @@ import os
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from loader.elf import ElfImage
 from loader.elfdefs import EHDR_DTYPE, PHDR_DTYPE, PT, R_X86_64, SHN, STT, st_type
@@ -46,7 +47,7 @@ from loader.errors import ElfSegmentError, ElfUnsupportedError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import page_round_up
 from loader.reloc import TlsLayout
-from loader.symbols import Finder, HostResolver
+from loader.symbols import Finder, HostResolver, Resolution
 from loader.tables import DynamicTables
 
 __all__ = ["MODULE_ID_BASE", "EhFrame", "HostTls", "check_no_initial_exec",
@@ -216,22 +217,31 @@ def _check_xsave(cpuid_at: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Module:
-    """One of our TLS modules: its init image (absolute), sizes and alignment."""
+    """One of our TLS modules: its init image's vaddr, sizes and alignment, and the load
+    bias once it is placed (None before)."""
 
-    image: int
+    vaddr: int
     filesz: int
     memsz: int
     align: int
+    bias: int | None = None
 
 
 class HostTls:
     """Dynamic TLS for the objects our loader maps into this process (module docstring).
 
-    Usage: ``tls = HostTls(mm)``; per object, ``layout = tls.add_module(image, bias)`` once
-    its place is known and before it is relocated, then relocate with ``tls=layout`` and a
-    resolver with ``tls.find`` among its ``pre_find`` hooks (``tls.resolver()``);
-    ``tls.remove_module(layout.module_id)`` when it is unloaded; ``tls.close()`` last.
-    Every thread gets its own block of each module on its first access.
+    Usage, for a process image that maps before it relocates: ``tls = HostTls(mm)``; per
+    object, ``layout = tls.add_module(image, bias)``, then relocate with ``tls=layout`` and
+    ``tls.find`` among the resolver's ``pre_find`` hooks (``tls.resolver()``). With
+    ``loader.load``, which maps, relocates and runs init in one call::
+
+        layout = tls.add_module(image)          # image: loader.elf.parse_image(...)
+        obj = loader.load(path, mm, resolver=tls.resolver(layout), tls=layout)
+
+    (the resolver places the module when relocation starts; an object that imports
+    nothing is placed by hand, ``tls.place(layout.module_id, obj.load_bias)``, before any
+    thread touches its TLS). ``tls.remove_module(layout.module_id)`` when it is unloaded;
+    ``tls.close()`` last. Every thread gets its own block of each module on first use.
     """
 
     def __init__(self, mm: Mmap) -> None:
@@ -262,25 +272,36 @@ class HostTls:
         """A resolver hook (``Finder``): ``__tls_get_addr`` binds to ``tls_get_addr``."""
         return self.tls_get_addr if name == "__tls_get_addr" else None
 
-    def resolver(self) -> HostResolver:
-        """This process's scope, with ``__tls_get_addr`` bound to ours."""
+    def resolver(self, layout: TlsLayout | None = None) -> HostResolver:
+        """This process's scope, with ``__tls_get_addr`` bound to ours. With ``layout`` (a
+        module added without its bias), the resolver also places that module at the bias
+        the relocation pass resolves with: after mapping, before any init function runs.
+        (``loader.load`` takes ``base`` but says the bias only when it returns.)"""
         hook: Finder = self.find
-        return HostResolver(pre_find=[hook])
+        if layout is None:
+            return HostResolver(pre_find=[hook])
+        return _PlacingResolver(self, layout.module_id, [hook])
 
-    def add_module(self, image: ElfImage, bias: int) -> TlsLayout:
+    def add_module(self, image: ElfImage, bias: int | None = None) -> TlsLayout:
         """A new module for ``image``'s PT_TLS, its init image at ``bias`` + p_vaddr (the
-        bytes there when a thread first touches the block: relocated ones). Returns the
-        layout ``loader.load(..., tls=)`` takes: dynamic TLS, descriptors of ours.
-        ElfSegmentError when the image has no PT_TLS."""
+        bytes there when a thread first touches the block: relocated ones); ``bias`` None:
+        given later (``place``). Returns the layout ``loader.load(..., tls=)`` takes:
+        dynamic TLS, descriptors of ours. ElfSegmentError when the image has no PT_TLS."""
         seg = image.tls
         if seg is None:
             raise ElfSegmentError("PT_TLS", None, "a PT_TLS header (the object has no TLS)")
         with self._lock:
             module_id, self._next_id = self._next_id, self._next_id + 1
-            self._modules[module_id] = _Module(bias + seg.p_vaddr, seg.p_filesz, seg.p_memsz,
-                                               max(seg.p_align, 16))
+            self._modules[module_id] = _Module(seg.p_vaddr, seg.p_filesz, seg.p_memsz,
+                                               max(seg.p_align, 16), bias)
             self._indices[module_id] = {}
         return TlsLayout(module_id, None, partial(self._descriptor, module_id))
+
+    def place(self, module_id: int, bias: int) -> None:
+        """Module ``module_id``'s object is loaded at ``bias``: blocks can now be made.
+        A thread that touches a module before it is placed aborts the process."""
+        with self._lock:
+            self._modules[module_id] = replace(self._modules[module_id], bias=bias)
 
     def remove_module(self, module_id: int) -> None:
         """Forget module ``module_id`` and free every thread's block of it."""
@@ -349,13 +370,31 @@ class HostTls:
                 _LIBC.free(block)
 
 
+class _PlacingResolver(HostResolver):
+    """``HostTls.resolver(layout)``: places the module when the relocation pass asks."""
+
+    def __init__(self, tls: HostTls, module_id: int, pre_find: list[Finder]) -> None:
+        super().__init__(pre_find)
+        self.tls, self.module_id = tls, module_id
+
+    def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,
+                mm: Mmap, near: int,
+                not_self: npt.NDArray[np.int64] | None = None) -> Resolution:
+        """Place the module at ``bias``, then resolve as the host does."""
+        self.tls.place(self.module_id, bias)
+        return super().resolve(tables, needed, bias, mm, near, not_self)
+
+
 def _new_block(module: _Module) -> int:
-    """A block for ``module``: aligned, the init image then zeros."""
+    """A block for ``module``: aligned, the init image then zeros. LookupError when the
+    module is not placed yet."""
+    if module.bias is None:
+        raise LookupError("a TLS block of a module not placed yet (HostTls.place)")
     size = max(-(-module.memsz // module.align) * module.align, module.align)
     block = _LIBC.aligned_alloc(module.align, size)
     if not block:
         raise MemoryError(f"aligned_alloc({module.align}, {size}) failed")
-    ctypes.memmove(block, module.image, module.filesz)
+    ctypes.memmove(block, module.bias + module.vaddr, module.filesz)
     ctypes.memset(block + module.filesz, 0, size - module.filesz)
     return int(block)
 

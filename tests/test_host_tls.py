@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from loader.errors import ElfError, ElfUnsupportedError
 from loader.hosttls import (
     CODE,
     MODULE_ID_BASE,
+    EhFrame,
     HostTls,
     check_no_initial_exec,
     glibc_tls_module,
@@ -34,8 +36,7 @@ from loader.hosttls import (
 )
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
-from loader.plan import make_plan
-from loader.symbols import HostResolver, thread_pointer
+from loader.symbols import Finder, HostResolver, thread_pointer
 from loader.tables import parse_tables
 
 SOURCES = Path(__file__).parent / "hosttls_fixture"
@@ -69,22 +70,44 @@ def libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
-def _load(path: Path, tls: HostTls) -> loader.LoadedObject:
-    """Load ``path`` with its TLS in ``tls``. The module needs its load bias before the
-    load relocates and runs init, so the span's place is chosen first (a free range, at
-    once given back) and the object loaded exactly there."""
-    mm = tls.mm
-    image = parse_image(MemoryBytes(path.read_bytes()), mm.page_size)
-    plan = make_plan(image, False)
-    base = mm.mmap_reserve(None, plan.span_length, True)
-    mm.munmap(base, plan.span_length)
-    layout = tls.add_module(image, base - plan.vmin)
-    return loader.load(path, mm, resolver=tls.resolver(), base=base, tls=layout)
+def _load(path: Path, tls: HostTls, *hooks: Finder) -> loader.LoadedObject:
+    """Load ``path`` with its TLS in ``tls`` (placed by the resolver, before init) and
+    ``hooks`` after ``tls.find`` in the resolver chain."""
+    image = parse_image(MemoryBytes(path.read_bytes()), tls.mm.page_size)
+    layout = tls.add_module(image) if image.tls is not None else None
+    resolver = tls.resolver(layout)
+    resolver.pre_find.extend(hooks)
+    return loader.load(path, tls.mm, resolver=resolver, tls=layout)
 
 
-def _with_libstdcxx() -> None:
-    """libstdc++ (and libgcc_s) in this process, loaded by glibc, in the global scope."""
-    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+LIBSTDCXX = Path("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")
+LIBSTDCXX_BY = ("glibc", "ours")
+"""Who loads the libstdc++ the C++ fixture binds to: glibc (in place: numpy, imported by
+``loader``, brought it in already) or our loader, a second copy beside glibc's that the
+fixture binds to first (its own TLS then one of our modules, its .eh_frame registered)."""
+
+
+def _defined_in(obj: loader.LoadedObject, name: str, version: str | None) -> int | None:
+    """A resolver hook: ``obj``'s definition of name[@version], or None."""
+    try:
+        return obj.symbol(f"{name}@{version}" if version else name)
+    except KeyError:
+        return None
+
+
+def _cxx_load(path: Path, libstdcxx_by: str) -> tuple[loader.LoadedObject, EhFrame]:
+    """The C++ fixture loaded by our loader, its .eh_frame registered, over libstdc++
+    loaded by ``libstdcxx_by``."""
+    tls = HostTls(LibcMmap())
+    if libstdcxx_by == "glibc":
+        ctypes.CDLL(str(LIBSTDCXX), mode=ctypes.RTLD_GLOBAL)
+        obj = _load(path, tls)
+    else:
+        ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
+        std = _load(LIBSTDCXX, tls)
+        register_eh_frame(std)
+        obj = _load(path, tls, partial(_defined_in, std))
+    return obj, register_eh_frame(obj)
 
 
 def _function(obj: loader.LoadedObject, name: str, restype: Any, *argtypes: Any) -> Any:
@@ -122,10 +145,8 @@ def test_listing_assembles_to_the_code(tmp_path: Path) -> None:
     assert (tmp_path / "code.bin").read_bytes() == CODE
 
 
-def _cxx_threads(path: Path) -> dict[str, Any]:
-    _with_libstdcxx()
-    tls = HostTls(LibcMmap())
-    obj = _load(path, tls)
+def _cxx_threads(path: Path, libstdcxx_by: str) -> dict[str, Any]:
+    obj, _ = _cxx_load(path, libstdcxx_by)
     bump = _function(obj, "bump_counter", ctypes.c_int)
     hidden = _function(obj, "bump_hidden", ctypes.c_int)
     tally = _function(obj, "bump_tally", ctypes.c_long)
@@ -141,11 +162,13 @@ def _cxx_threads(path: Path) -> dict[str, Any]:
             "constructions": _function(obj, "tally_constructions", ctypes.c_int)()}
 
 
+@pytest.mark.parametrize("libstdcxx_by", LIBSTDCXX_BY)
 @pytest.mark.parametrize("dialect", sorted(DIALECTS))
-def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str) -> None:
+def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str,
+                                     libstdcxx_by: str) -> None:
     """Two threads and the main thread each count from the initial values (7, 3, and a
     constructed Tally) in their own blocks, general dynamic and TLS descriptors alike."""
-    got = run_isolated(_cxx_threads, libs[f"cxx-{dialect}"], timeout=60.0)
+    got = run_isolated(_cxx_threads, libs[f"cxx-{dialect}"], libstdcxx_by, timeout=60.0)
     assert got.status == "ok"
     value = got.value
     assert value["main"] == [8, 9, 10]
@@ -159,11 +182,8 @@ def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str) -> Non
     assert value["constructions"] == 2          # one Tally per thread that touched it
 
 
-def _cxx_exceptions(path: Path, deregister: bool) -> list[int]:
-    _with_libstdcxx()
-    tls = HostTls(LibcMmap())
-    obj = _load(path, tls)
-    eh = register_eh_frame(obj)
+def _cxx_exceptions(path: Path, libstdcxx_by: str, deregister: bool) -> list[int]:
+    obj, eh = _cxx_load(path, libstdcxx_by)
     inside = _function(obj, "throw_inside", ctypes.c_int, ctypes.c_int)
     across = _function(obj, "catch_across", ctypes.c_int, ctypes.c_int)
     if deregister:
@@ -172,11 +192,14 @@ def _cxx_exceptions(path: Path, deregister: bool) -> list[int]:
     return got + _in_two_threads(lambda: across(1) + inside(5))
 
 
+@pytest.mark.parametrize("libstdcxx_by", LIBSTDCXX_BY)
 @pytest.mark.parametrize("dialect", sorted(DIALECTS))
-def test_cxx_exceptions_unwind_through_our_code(libs: dict[str, Path], dialect: str) -> None:
+def test_cxx_exceptions_unwind_through_our_code(libs: dict[str, Path], dialect: str,
+                                                libstdcxx_by: str) -> None:
     """throw/catch inside the fixture, and a std::runtime_error thrown by an extern "C"
     function and caught by its caller, in the main thread and two others."""
-    got = run_isolated(_cxx_exceptions, libs[f"cxx-{dialect}"], False, timeout=60.0)
+    got = run_isolated(_cxx_exceptions, libs[f"cxx-{dialect}"], libstdcxx_by, False,
+                       timeout=60.0)
     assert got.status == "ok"
     assert got.value == [0, 100 + len("boom 3"), 100 + len("boom 12"), 0, 42, 148, 148]
 
@@ -184,7 +207,7 @@ def test_cxx_exceptions_unwind_through_our_code(libs: dict[str, Path], dialect: 
 def test_exceptions_need_the_registration(libs: dict[str, Path]) -> None:
     """Once the .eh_frame is deregistered, the unwinder cannot find the fixture's frames:
     the throw ends in std::terminate (abort)."""
-    got = run_isolated(_cxx_exceptions, libs["cxx-gnu"], True, timeout=60.0)
+    got = run_isolated(_cxx_exceptions, libs["cxx-gnu"], "glibc", True, timeout=60.0)
     assert got.status == "SIGABRT"
 
 
@@ -256,7 +279,7 @@ def test_tls_descriptor_keeps_every_register(libs: dict[str, Path]) -> None:
 
 
 def _glibc_module() -> tuple[tuple[int, int] | None, int, int, int]:
-    _with_libstdcxx()
+    ctypes.CDLL(str(LIBSTDCXX), mode=ctypes.RTLD_GLOBAL)
     tls = HostTls(LibcMmap())
     found = glibc_tls_module("_ZSt11__once_call")
     assert found is not None
