@@ -308,10 +308,12 @@ class HostTls:
         with self._lock:
             self._modules.pop(module_id, None)
             self._indices.pop(module_id, None)
-            for blocks in self._blocks.values():
+            for thread, blocks in list(self._blocks.items()):
                 block = blocks.pop(module_id, None)
                 if block is not None:
                     _LIBC.free(block)
+                if not blocks:
+                    del self._blocks[thread]
 
     def close(self) -> None:
         """Free every block, delete the thread key, unmap the code (nothing may call it

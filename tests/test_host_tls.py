@@ -332,3 +332,25 @@ def test_initial_exec_refused(libs: dict[str, Path]) -> None:
                                                    image.page_size)), "gnu")
     with pytest.raises(ElfError, match="TPOFF64"):
         run_isolated(_initial_exec, path, timeout=60.0)
+
+
+def _remove_and_close(path: Path) -> tuple[int, int, int, bool]:
+    tls = HostTls(LibcMmap())
+    obj = _load(path, tls)
+    assert obj.relocations.tls is not None
+    _function(obj, "bump_value", ctypes.c_long)()
+    before = tls.threads_with_blocks()
+    tls.remove_module(obj.relocations.tls.module_id)
+    after = tls.threads_with_blocks()
+    code = tls.code
+    tls.close()
+    tls.close()
+    return before, after, code, any(r.start <= code < r.end for r in tls.mm.maps())
+
+
+def test_remove_module_and_close(libs: dict[str, Path]) -> None:
+    """remove_module frees the module's blocks; close unmaps the native code (twice: once)."""
+    got = run_isolated(_remove_and_close, libs["c-gnu"], timeout=60.0)
+    assert got.status == "ok"
+    before, after, _, still_mapped = got.value
+    assert (before, after, still_mapped) == (1, 0, False)
