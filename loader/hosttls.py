@@ -35,7 +35,6 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,7 +46,7 @@ from loader.errors import ElfSegmentError, ElfUnsupportedError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import page_round_up
 from loader.reloc import TlsLayout
-from loader.symbols import Finder, HostResolver, Resolution
+from loader.symbols import Finder, HostResolver, Resolution, find
 from loader.tables import DynamicTables
 
 __all__ = ["MODULE_ID_BASE", "EhFrame", "HostTls", "check_no_initial_exec",
@@ -217,14 +216,15 @@ def _check_xsave(cpuid_at: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Module:
-    """One of our TLS modules: its init image's vaddr, sizes and alignment, and the load
-    bias once it is placed (None before)."""
+    """One of our TLS modules: its init image's vaddr, sizes and alignment, the load bias
+    once it is placed (None before), the object's tables when its exports are looked up."""
 
     vaddr: int
     filesz: int
     memsz: int
     align: int
     bias: int | None = None
+    tables: DynamicTables | None = None
 
 
 class HostTls:
@@ -258,8 +258,10 @@ class HostTls:
             raise OSError("pthread_key_create failed")
         self._key: int | None = key.value
         callback = ctypes.cast(self._lookup, ctypes.c_void_p).value or 0
+        real = _glibc_tls_get_addr()
+        self._glibc_lookup = _LOOKUP(real)
         self.code, self._code_length = _map_code(mm, {"callback": callback,
-                                                      "real_tls_get_addr": _glibc_tls_get_addr()})
+                                                      "real_tls_get_addr": real})
         self.tls_get_addr = self.code + LABELS["tls_get_addr"]
         self.tlsdesc_function = self.code + LABELS["tlsdesc"]
         try:
@@ -273,29 +275,45 @@ class HostTls:
         return self.tls_get_addr if name == "__tls_get_addr" else None
 
     def resolver(self, layout: TlsLayout | None = None) -> HostResolver:
-        """This process's scope, with ``__tls_get_addr`` bound to ours. With ``layout`` (a
+        """This process's scope, with ``__tls_get_addr`` bound to ours and the module ids
+        of glibc's TLS modules for DTPMOD64 against their variables. With ``layout`` (a
         module added without its bias), the resolver also places that module at the bias
         the relocation pass resolves with: after mapping, before any init function runs.
         (``loader.load`` takes ``base`` but says the bias only when it returns.)"""
         hook: Finder = self.find
         if layout is None:
-            return HostResolver(pre_find=[hook])
+            return _TlsResolver(self, [hook])
         return _PlacingResolver(self, layout.module_id, [hook])
 
-    def add_module(self, image: ElfImage, bias: int | None = None) -> TlsLayout:
+    def add_module(self, image: ElfImage, bias: int | None = None, *,
+                   tables: DynamicTables | None = None) -> TlsLayout:
         """A new module for ``image``'s PT_TLS, its init image at ``bias`` + p_vaddr (the
         bytes there when a thread first touches the block: relocated ones); ``bias`` None:
-        given later (``place``). Returns the layout ``loader.load(..., tls=)`` takes:
-        dynamic TLS, descriptors of ours. ElfSegmentError when the image has no PT_TLS."""
+        given later (``place``). With ``tables`` (the object's), the TLS variables it
+        exports are found by ``module_of``. Returns the layout ``loader.load(..., tls=)``
+        takes: dynamic TLS, descriptors of ours. ElfSegmentError without PT_TLS."""
         seg = image.tls
         if seg is None:
             raise ElfSegmentError("PT_TLS", None, "a PT_TLS header (the object has no TLS)")
         with self._lock:
             module_id, self._next_id = self._next_id, self._next_id + 1
             self._modules[module_id] = _Module(seg.p_vaddr, seg.p_filesz, seg.p_memsz,
-                                               max(seg.p_align, 16), bias)
+                                               max(seg.p_align, 16), bias, tables)
             self._indices[module_id] = {}
-        return TlsLayout(module_id, None, partial(self._descriptor, module_id))
+        return TlsLayout(module_id, None, self.descriptor)
+
+    def module_of(self, name: str, version: str | None) -> tuple[int, int] | None:
+        """(module id, offset in its block) of the TLS variable name[@version]: in the
+        first module of ours added with ``tables`` that exports it, else in glibc's
+        (``glibc_tls_module``); None when neither defines it."""
+        query = f"{name}@{version}" if version else name
+        for module_id, module in list(self._modules.items()):
+            i = None if module.tables is None else find(module.tables, query)
+            if i is not None and module.tables is not None:
+                sym = module.tables.symtab[i]
+                if st_type(int(sym["st_info"])) == int(STT.TLS):
+                    return module_id, int(sym["st_value"])
+        return glibc_tls_module(name, version)
 
     def place(self, module_id: int, bias: int) -> None:
         """Module ``module_id``'s object is loaded at ``bias``: blocks can now be made.
@@ -343,11 +361,12 @@ class HostTls:
         with self._lock:
             return len(self._blocks)
 
-    def _descriptor(self, module_id: int, offset: int) -> tuple[int, int]:
-        """The (function, argument) of the TLS descriptor of ``offset`` in the module: our
-        descriptor function and a tls_index {module, offset} kept until remove_module."""
+    def descriptor(self, module_id: int, offset: int) -> tuple[int, int]:
+        """The (function, argument) words of a TLS descriptor of ``offset`` in module
+        ``module_id`` (ours or glibc's): our descriptor function and a tls_index
+        {module, offset}, kept until the module is removed (glibc's: until ``close``)."""
         with self._lock:
-            indices = self._indices[module_id]
+            indices = self._indices.setdefault(module_id, {})
             if offset not in indices:
                 indices[offset] = _TlsIndex(module_id, offset)
             return self.tlsdesc_function, ctypes.addressof(indices[offset])
@@ -358,6 +377,8 @@ class HostTls:
         aborts, rather than returning an address that is wrong."""
         try:
             module_id, offset = _TlsIndex.from_address(ti)
+            if module_id < MODULE_ID_BASE:         # a descriptor of glibc's TLS
+                return int(self._glibc_lookup(ti))
             return self.block(module_id) + offset
         except BaseException:
             traceback.print_exc()
@@ -372,12 +393,26 @@ class HostTls:
                 _LIBC.free(block)
 
 
-class _PlacingResolver(HostResolver):
+class _TlsResolver(HostResolver):
+    """``HostTls.resolver()``: this process's scope; TLS variables of other modules (ours,
+    then glibc's) have their module id and offset (``HostTls.module_of``), for DTPMOD64,
+    DTPOFF64 and TLS descriptors."""
+
+    def __init__(self, tls: HostTls, pre_find: list[Finder]) -> None:
+        super().__init__(pre_find)
+        self.tls = tls
+
+    def scope_tls_module(self, name: str, version: str | None) -> tuple[int, int] | None:
+        """``HostTls.module_of(name, version)``."""
+        return self.tls.module_of(name, version)
+
+
+class _PlacingResolver(_TlsResolver):
     """``HostTls.resolver(layout)``: places the module when the relocation pass asks."""
 
     def __init__(self, tls: HostTls, module_id: int, pre_find: list[Finder]) -> None:
-        super().__init__(pre_find)
-        self.tls, self.module_id = tls, module_id
+        super().__init__(tls, pre_find)
+        self.module_id = module_id
 
     def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,
                 mm: Mmap, near: int,

@@ -208,13 +208,13 @@ class TlsLayout:
     blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
     is the block's distance below the thread pointer, None for a block in dynamic TLS
     (allocated per thread on first use: initial-exec TPOFF64 cannot reach it).
-    ``descriptor``: for a dynamic-TLS block, the (function, argument) words of the TLS
-    descriptor of offset x in the block (the host's ``loader.hosttls.HostTls``); None: a
-    TLSDESC against the block is refused as TPOFF64 is."""
+    ``descriptor``: for a dynamic-TLS block, ``(module id, offset) -> (function, argument)``,
+    the words of a TLS descriptor (the host's ``loader.hosttls.HostTls``); None: a TLSDESC
+    against the block is refused as TPOFF64 is."""
 
     module_id: int
     tp_offset: int | None
-    descriptor: Callable[[int], tuple[int, int]] | None = None
+    descriptor: Callable[[int, int], tuple[int, int]] | None = None
 
     @classmethod
     def first_static(cls, image: ElfImage, module_id: int = 1) -> TlsLayout | None:
@@ -709,11 +709,11 @@ class _Entries:
 
 def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
                 a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block; TPOFF of a
-    TLS symbol defined elsewhere comes from the resolver's scope when it knew it.
+    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block; those of a
+    TLS symbol defined elsewhere come from the resolver's scope when it knew them.
 
     A TLS symbol the object does not define itself has no block here: it gets module 0,
-    offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
+    offset 0 (the resolver listed it as unresolved unless its scope knew it)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
     own = _own_tls(ctx, sym)
@@ -727,15 +727,25 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         elif own.any():
             value = st_value + a - _U64(_static_offset(tls) & MASK64)
         value = np.where(own, value, _U64(0))
-    if kind is Kind.TLS_TPOFF and ctx.res.tls_tpoff:
+    scope = _scope_tls(ctx.res, kind)
+    if scope:
         known = np.zeros(len(syms), dtype=bool)
-        offset = np.zeros(len(syms), dtype=np.uint64)
-        idx = np.fromiter(ctx.res.tls_tpoff, dtype=np.int64, count=len(ctx.res.tls_tpoff))
+        found = np.zeros(len(syms), dtype=np.uint64)
+        idx = np.fromiter(scope, dtype=np.int64, count=len(scope))
         known[idx] = True
-        offset[idx] = [v & MASK64 for v in ctx.res.tls_tpoff.values()]
-        value = np.where(known[sym], offset[sym] + a, value)
+        found[idx] = [v & MASK64 for v in scope.values()]
+        value = np.where(known[sym], found[sym] + (0 if kind is Kind.TLS_MODULE else a), value)
     out: npt.NDArray[np.uint64] = value
     return out
+
+
+def _scope_tls(res: Resolution, kind: Kind) -> dict[int, int]:
+    """What the resolver's scope said of TLS symbols defined elsewhere, for ``kind``:
+    thread-pointer offsets (TPOFF), module ids (DTPMOD) or offsets in the block (DTPOFF)."""
+    if kind is Kind.TLS_TPOFF:
+        return res.tls_tpoff
+    part = 0 if kind is Kind.TLS_MODULE else 1
+    return {i: pair[part] for i, pair in res.tls_module.items()}
 
 
 def _own_tls(ctx: _Context, sym: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -865,22 +875,24 @@ def _dynamic_descriptors(ctx: _Context) -> bool:
 
 def _descriptor_words(ctx: _Context, e: _Entries, offsets: npt.NDArray[np.uint64]
                       ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """The (function, argument) words of the TLSDESC entries ``e``, at ``offsets`` in the
-    object's dynamic block, one ``descriptor`` call per distinct offset. ElfRelocationError
-    for a descriptor of a TLS variable another object defines (not made here)."""
+    """The (function, argument) words of the TLSDESC entries ``e``, at ``offsets`` in their
+    modules' blocks (the object's own, or another's its resolver's scope knew), one
+    ``descriptor`` call per distinct (module, offset). ElfRelocationError for a variable
+    whose module nobody knew."""
     tls = ctx.out.tls
     assert tls is not None and tls.descriptor is not None
-    other = ~_own_tls(ctx, e.sym)
-    if other.any():
-        k = int(np.flatnonzero(other)[0])
+    modules = _tls_values(ctx, Kind.TLS_MODULE, e.sym, e.a)
+    if (modules == 0).any():
+        k = int(np.flatnonzero(modules == 0)[0])
         raise ElfRelocationError(f"{e.table_name(k)} R_X86_64_TLSDESC symbol at "
                                  f"{int(e.p[k]):#x}", int(e.sym[k]),
-                                 "a TLS variable the object defines (descriptors of "
-                                 "another object's TLS are not made on the host)")
-    distinct, where = np.unique(offsets, return_inverse=True)
-    words = np.array([tls.descriptor(int(x)) for x in distinct.tolist()],
+                                 "a TLS variable of the object or of a module its "
+                                 "resolver's scope knows")
+    distinct, where = np.unique(np.stack([modules, offsets], axis=1), axis=0,
+                                return_inverse=True)
+    words = np.array([tls.descriptor(m, x) for m, x in distinct.tolist()],
                      dtype=np.uint64).reshape(-1, 2)
-    return words[where, 0], words[where, 1]
+    return words[where.ravel(), 0], words[where.ravel(), 1]
 
 
 def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],

@@ -23,6 +23,7 @@ import pytest
 
 import loader
 from loader.elf import MemoryBytes, parse_image
+from loader.elfdefs import STT, st_type
 from loader.errors import ElfError, ElfUnsupportedError
 from loader.hosttls import (
     CODE,
@@ -36,7 +37,7 @@ from loader.hosttls import (
 )
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
-from loader.symbols import Finder, HostResolver, thread_pointer
+from loader.symbols import Finder, HostResolver, find, thread_pointer
 from loader.tables import parse_tables
 
 SOURCES = Path(__file__).parent / "hosttls_fixture"
@@ -74,7 +75,8 @@ def _load(path: Path, tls: HostTls, *hooks: Finder) -> loader.LoadedObject:
     """Load ``path`` with its TLS in ``tls`` (placed by the resolver, before init) and
     ``hooks`` after ``tls.find`` in the resolver chain."""
     image = parse_image(MemoryBytes(path.read_bytes()), tls.mm.page_size)
-    layout = tls.add_module(image) if image.tls is not None else None
+    tables = parse_tables(image)
+    layout = tls.add_module(image, tables=tables) if image.tls is not None else None
     resolver = tls.resolver(layout)
     resolver.pre_find.extend(hooks)
     return loader.load(path, tls.mm, resolver=resolver, tls=layout)
@@ -88,11 +90,12 @@ fixture binds to first (its own TLS then one of our modules, its .eh_frame regis
 
 
 def _defined_in(obj: loader.LoadedObject, name: str, version: str | None) -> int | None:
-    """A resolver hook: ``obj``'s definition of name[@version], or None."""
-    try:
-        return obj.symbol(f"{name}@{version}" if version else name)
-    except KeyError:
+    """A resolver hook: the address of ``obj``'s definition of name[@version], or None.
+    TLS variables are passed on to the TLS scope (``HostTls.module_of``)."""
+    i = find(obj.tables, f"{name}@{version}" if version else name)
+    if i is None or st_type(int(obj.tables.symtab[i]["st_info"])) == STT.TLS:
         return None
+    return obj.symbol(f"{name}@{version}" if version else name)
 
 
 def _cxx_load(path: Path, libstdcxx_by: str) -> tuple[loader.LoadedObject, EhFrame]:
@@ -158,7 +161,8 @@ def _cxx_threads(path: Path, libstdcxx_by: str) -> dict[str, Any]:
                 [tally() for _ in range(3)], where())
 
     results = _in_two_threads(work)
-    return {"main": [*main, bump()], "threads": results, "main_at": where(),
+    once = _function(obj, "call_once_twice", ctypes.c_int)()
+    return {"main": [*main, bump()], "threads": results, "main_at": where(), "once": once,
             "constructions": _function(obj, "tally_constructions", ctypes.c_int)()}
 
 
@@ -167,7 +171,9 @@ def _cxx_threads(path: Path, libstdcxx_by: str) -> dict[str, Any]:
 def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str,
                                      libstdcxx_by: str) -> None:
     """Two threads and the main thread each count from the initial values (7, 3, and a
-    constructed Tally) in their own blocks, general dynamic and TLS descriptors alike."""
+    constructed Tally) in their own blocks, general dynamic and TLS descriptors alike.
+    std::call_once reaches libstdc++'s TLS (``__once_call``) through its module id, glibc's
+    real one or ours."""
     got = run_isolated(_cxx_threads, libs[f"cxx-{dialect}"], libstdcxx_by, timeout=60.0)
     assert got.status == "ok"
     value = got.value
@@ -180,6 +186,7 @@ def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str,
         addresses.add(at)
     assert len(addresses) == 3
     assert value["constructions"] == 2          # one Tally per thread that touched it
+    assert value["once"] == 1
 
 
 def _cxx_exceptions(path: Path, libstdcxx_by: str, deregister: bool) -> list[int]:
@@ -259,7 +266,7 @@ def _desc_registers(c_path: Path, preserve: Path) -> tuple[list[int], int, int]:
     harness.desc_preserves.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     layout = tls.add_module(obj.image, obj.load_bias)      # a second module, same image
     assert layout.descriptor is not None
-    desc = (ctypes.c_uint64 * 2)(*layout.descriptor(8))
+    desc = (ctypes.c_uint64 * 2)(*layout.descriptor(layout.module_id, 8))
     out = (ctypes.c_uint64 * 32)()
     harness.desc_preserves(ctypes.addressof(desc), ctypes.addressof(out))
     return list(out), thread_pointer(), tls.block(layout.module_id)

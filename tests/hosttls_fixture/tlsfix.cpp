@@ -53,3 +53,14 @@ extern "C" int catch_across(int x) {
         return std::string(e.what()) == "across" ? 42 : -1;
     }
 }
+
+// std::call_once uses libstdc++'s thread_local __once_callable and __once_call: DTPMOD64 and
+// DTPOFF64 against TLS variables another object defines.
+#include <mutex>
+static std::once_flag once;
+static int once_runs;
+extern "C" int call_once_twice(void) {
+    std::call_once(once, [] { once_runs++; });
+    std::call_once(once, [] { once_runs++; });
+    return once_runs;
+}
