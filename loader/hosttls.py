@@ -49,12 +49,16 @@ from loader.reloc import TlsLayout
 from loader.symbols import Finder, HostResolver, Resolution, find
 from loader.tables import DynamicTables
 
-__all__ = ["MODULE_ID_BASE", "EhFrame", "HostTls", "check_no_initial_exec",
+__all__ = ["MAX_BLOCK", "MODULE_ID_BASE", "EhFrame", "HostTls", "check_no_initial_exec",
            "glibc_tls_module", "register_eh_frame"]
 
 MODULE_ID_BASE = 1 << 32
 """Our TLS module ids start here: ``tls_get_addr`` sends a tls_index whose ti_module has a
 nonzero upper half to Python, the rest to glibc."""
+
+MAX_BLOCK = 1 << 30
+"""The largest TLS block (and alignment) a module of ours may ask for: each thread that
+touches it gets one."""
 
 # The native code. Each line: its bytes, then the instruction that assembles to them (a test
 # assembles the right-hand column with this machine's ``as`` and compares). The two words
@@ -252,23 +256,23 @@ class HostTls:
         self._indices: dict[int, dict[int, Any]] = {}       # module -> offset -> tls_index
         self._next_id = MODULE_ID_BASE
         self._lookup = _LOOKUP(self._on_lookup)
-        self._on_exit = _DESTRUCTOR(self._on_thread_exit)
-        key = ctypes.c_uint()
-        if _LIBC.pthread_key_create(ctypes.byref(key), self._on_exit):
-            raise OSError("pthread_key_create failed")
-        self._key: int | None = key.value
-        callback = ctypes.cast(self._lookup, ctypes.c_void_p).value or 0
         real = _glibc_tls_get_addr()
         self._glibc_lookup = _LOOKUP(real)
+        callback = ctypes.cast(self._lookup, ctypes.c_void_p).value or 0
         self.code, self._code_length = _map_code(mm, {"callback": callback,
                                                       "real_tls_get_addr": real})
         self.tls_get_addr = self.code + LABELS["tls_get_addr"]
         self.tlsdesc_function = self.code + LABELS["tlsdesc"]
+        self._on_exit = _DESTRUCTOR(self._on_thread_exit)
+        key = ctypes.c_uint()
         try:
             _check_xsave(self.code + LABELS["cpuid"])
+            if _LIBC.pthread_key_create(ctypes.byref(key), self._on_exit):
+                raise OSError("pthread_key_create failed")
         except BaseException:
-            self.close()
+            mm.munmap(self.code, self._code_length)
             raise
+        self._key: int | None = key.value
 
     def find(self, name: str, version: str | None) -> int | None:
         """A resolver hook (``Finder``): ``__tls_get_addr`` binds to ``tls_get_addr``."""
@@ -295,6 +299,9 @@ class HostTls:
         seg = image.tls
         if seg is None:
             raise ElfSegmentError("PT_TLS", None, "a PT_TLS header (the object has no TLS)")
+        if seg.p_memsz > MAX_BLOCK or seg.p_align > MAX_BLOCK:
+            raise ElfSegmentError("PT_TLS p_memsz, p_align", (seg.p_memsz, seg.p_align),
+                                  f"each at most {MAX_BLOCK:#x} (a block per thread)")
         with self._lock:
             module_id, self._next_id = self._next_id, self._next_id + 1
             self._modules[module_id] = _Module(seg.p_vaddr, seg.p_filesz, seg.p_memsz,
@@ -504,13 +511,16 @@ def _eh_frame_start(obj: _Mapped) -> int | None:
     hit = np.flatnonzero(phdrs["p_type"] == int(PT.GNU_EH_FRAME))
     if not len(hit):
         return None
-    hdr = obj.load_bias + int(phdrs["p_vaddr"][hit[0]])
-    version, enc = obj.mm.read(hdr, 2)
+    hdr, size = obj.load_bias + int(phdrs["p_vaddr"][hit[0]]), int(phdrs["p_memsz"][hit[0]])
+    version, enc = obj.mm.read(hdr, 2) if size >= 2 else (0, 0)
     fmt = _DW_EH_PE_FORMATS.get(enc & 0x0F)
     if version != _EH_HDR_VERSION or fmt is None or enc & 0xF0 not in (0, _DW_EH_PE_PCREL):
         raise ElfUnsupportedError(f"{obj.path}: .eh_frame_hdr version, eh_frame_ptr_enc",
                                   (version, hex(enc)), "version 1, a 4- or 8-byte pointer, "
                                   "absolute or pc-relative")
+    if size < 4 + fmt[1]:
+        raise ElfSegmentError(f"{obj.path}: PT_GNU_EH_FRAME p_memsz", size,
+                              f"at least {4 + fmt[1]} (the header up to eh_frame_ptr)")
     value = int(np.frombuffer(obj.mm.read(hdr + 4, fmt[1]), dtype=fmt[0])[0])
     return (hdr + 4 + value if enc & _DW_EH_PE_PCREL else value) & ((1 << 64) - 1)
 

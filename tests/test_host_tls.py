@@ -15,8 +15,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,12 +26,14 @@ import pytest
 import loader
 from loader.elf import MemoryBytes, parse_image
 from loader.elfdefs import STT, st_type
-from loader.errors import ElfError, ElfUnsupportedError
+from loader.errors import ElfError, ElfSegmentError, ElfUnsupportedError
 from loader.hosttls import (
     CODE,
+    MAX_BLOCK,
     MODULE_ID_BASE,
     EhFrame,
     HostTls,
+    _check_terminated,
     check_no_initial_exec,
     glibc_tls_module,
     listing_lines,
@@ -361,3 +365,37 @@ def test_remove_module_and_close(libs: dict[str, Path]) -> None:
     assert got.status == "ok"
     before, after, _, still_mapped = got.value
     assert (before, after, still_mapped) == (1, 0, False)
+
+
+def test_huge_tls_block_refused(libs: dict[str, Path]) -> None:
+    """A PT_TLS asking for more than MAX_BLOCK bytes (or alignment) per thread is refused
+    before any module is made."""
+    image = parse_image(MemoryBytes(libs["c-gnu"].read_bytes()), LibcMmap().page_size)
+    assert image.tls is not None
+    tls = HostTls(LibcMmap())
+    try:
+        for field in ("p_memsz", "p_align"):
+            huge = replace(image, tls=replace(image.tls, **{field: MAX_BLOCK * 2}))
+            with pytest.raises(ElfSegmentError, match="PT_TLS p_memsz, p_align"):
+                tls.add_module(huge, 0)
+    finally:
+        tls.close()
+
+
+class _FakeObject:
+    """What register_eh_frame's helpers read of an object: one PT_LOAD holding ``data``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.path, self.load_bias = data, "fake.so", 0
+        self.image = SimpleNamespace(loads=[SimpleNamespace(p_vaddr=0, p_filesz=len(data))])
+        self.mm = SimpleNamespace(read=lambda at, n: data[at: at + n])
+
+
+def test_eh_frame_needs_its_terminator() -> None:
+    """libgcc walks .eh_frame to a zero length word: records that run to the end of their
+    segment without one are refused; a 64-bit length is stepped over."""
+    cie = (20).to_bytes(4, "little") + bytes(20)
+    long_record = b"\xff\xff\xff\xff" + (8).to_bytes(8, "little") + bytes(8)
+    _check_terminated(_FakeObject(cie + long_record + bytes(4)), 0)      # type: ignore[arg-type]
+    with pytest.raises(ElfSegmentError, match="no zero terminator"):
+        _check_terminated(_FakeObject(cie + long_record), 0)              # type: ignore[arg-type]
