@@ -166,7 +166,9 @@ def _cxx_threads(path: Path, libstdcxx_by: str) -> dict[str, Any]:
 
     results = _in_two_threads(work)
     once = _function(obj, "call_once_twice", ctypes.c_int)()
+    native = [_function(obj, "bump_in_std_thread", ctypes.c_int)() for _ in range(2)]
     return {"main": [*main, bump()], "threads": results, "main_at": where(), "once": once,
+            "native": native,
             "constructions": _function(obj, "tally_constructions", ctypes.c_int)()}
 
 
@@ -177,7 +179,7 @@ def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str,
     """Two threads and the main thread each count from the initial values (7, 3, and a
     constructed Tally) in their own blocks, general dynamic and TLS descriptors alike.
     std::call_once reaches libstdc++'s TLS (``__once_call``) through its module id, glibc's
-    real one or ours."""
+    real one or ours. std::threads the fixture starts (unknown to Python) count from 7."""
     got = run_isolated(_cxx_threads, libs[f"cxx-{dialect}"], libstdcxx_by, timeout=60.0)
     assert got.status == "ok"
     value = got.value
@@ -191,6 +193,7 @@ def test_cxx_thread_local_per_thread(libs: dict[str, Path], dialect: str,
     assert len(addresses) == 3
     assert value["constructions"] == 2          # one Tally per thread that touched it
     assert value["once"] == 1
+    assert value["native"] == [10, 10]          # std::threads: each from 7 again
 
 
 def _cxx_exceptions(path: Path, libstdcxx_by: str, deregister: bool) -> list[int]:

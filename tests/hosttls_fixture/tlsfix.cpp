@@ -64,3 +64,12 @@ extern "C" int call_once_twice(void) {
     std::call_once(once, [] { once_runs++; });
     return once_runs;
 }
+
+// A thread Python never saw (std::thread): its own counter, from the initial value.
+#include <thread>
+extern "C" int bump_in_std_thread(void) {
+    int last = 0;
+    std::thread worker([&last] { for (int i = 0; i < 3; i++) last = bump_counter(); });
+    worker.join();
+    return last;
+}
