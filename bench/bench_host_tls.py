@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import loader
+from loader.ehframe import register_eh_frame
 from loader.elf import MemoryBytes, parse_image
-from loader.hosttls import HostTls, register_eh_frame
+from loader.hosttls import HostTls
 from loader.libc import LibcMmap
 from loader.tables import parse_tables
 

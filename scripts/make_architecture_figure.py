@@ -45,7 +45,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("host backend", "mmap/mprotect/munmap of this process",
      ("loader.libc",)),
     ("host TLS", "dynamic TLS, TLS descriptors, .eh_frame registration in this process",
-     ("loader.hosttls",)),
+     ("loader.hosttls", "loader.ehframe")),
     ("library search", "DT_NEEDED names to files as ld.so finds them; ld.so.cache",
      ("loader.search", "loader.ldcache")),
     ("supervisor", "run a function in a forked child, under bounds",

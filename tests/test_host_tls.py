@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import loader
+from loader.ehframe import EhFrame, _check_terminated, register_eh_frame
 from loader.elf import MemoryBytes, parse_image
 from loader.elfdefs import STT, st_type
 from loader.errors import ElfError, ElfSegmentError, ElfUnsupportedError
@@ -31,13 +32,10 @@ from loader.hosttls import (
     CODE,
     MAX_BLOCK,
     MODULE_ID_BASE,
-    EhFrame,
     HostTls,
-    _check_terminated,
     check_no_initial_exec,
     glibc_tls_module,
     listing_lines,
-    register_eh_frame,
 )
 from loader.isolate import run_isolated
 from loader.libc import LibcMmap
