@@ -20,8 +20,11 @@ about the objects our loader maps, so what it would do for their TLS is done her
   (``check_no_initial_exec``).
 - **Exceptions** are ``loader.ehframe``'s (libgcc's ``__register_frame``).
 
-``glibc_tls_module`` gives the real module id and block offset of a TLS variable that an
-object glibc loaded defines (for a DTPMOD64/DTPOFF64 pair against it).
+TLS variables other modules define: ``HostTls.module_of`` gives (module id, offset) from our
+modules' tables first, then glibc's real ones (``glibc_tls_module``, through
+``dl_iterate_phdr``); the resolver (``HostTls.resolver``) hands them to DTPMOD64, DTPOFF64
+and TLS descriptors (a descriptor of glibc's TLS reaches glibc's ``__tls_get_addr`` through
+the callback).
 """
 
 from __future__ import annotations
