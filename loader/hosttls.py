@@ -246,6 +246,7 @@ class HostTls:
     nothing is placed by hand, ``tls.place(layout.module_id, obj.load_bias)``, before any
     thread touches its TLS). ``tls.remove_module(layout.module_id)`` when it is unloaded;
     ``tls.close()`` last. Every thread gets its own block of each module on first use.
+    Keep the HostTls referenced until ``close``: the native code calls into it.
     """
 
     def __init__(self, mm: Mmap) -> None:
