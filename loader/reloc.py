@@ -208,10 +208,14 @@ class TlsLayout:
     """Where the object's TLS block sits in the simulated static TLS (glibc's variant II:
     blocks below the thread pointer). ``module_id`` is what DTPMOD64 stores; ``tp_offset``
     is the block's distance below the thread pointer, None for a block in dynamic TLS
-    (allocated per thread on first use: initial-exec TPOFF64 cannot reach it)."""
+    (allocated per thread on first use: initial-exec TPOFF64 cannot reach it).
+    ``descriptor``: for a dynamic-TLS block, ``(module id, offset) -> (function, argument)``,
+    the words of a TLS descriptor (the host's ``loader.hosttls.HostTls``); None: a TLSDESC
+    against the block is refused as TPOFF64 is."""
 
     module_id: int
     tp_offset: int | None
+    descriptor: Callable[[int, int], tuple[int, int]] | None = None
 
     @classmethod
     def first_static(cls, image: ElfImage, module_id: int = 1) -> TlsLayout | None:
@@ -708,15 +712,14 @@ class _Entries:
 
 def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
                 a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block; TPOFF of a
-    TLS symbol defined elsewhere comes from the resolver's scope when it knew it.
+    """DTPMOD64 / DTPOFF64 / TPOFF64 against the object's own static TLS block; those of a
+    TLS symbol defined elsewhere come from the resolver's scope when it knew them.
 
     A TLS symbol the object does not define itself has no block here: it gets module 0,
-    offset 0 (the resolver listed it as unresolved unless its scope knew its TPOFF)."""
+    offset 0 (the resolver listed it as unresolved unless its scope knew it)."""
     syms = ctx.syms
     st_value = np.where(sym == 0, _U64(0), syms["st_value"][sym].astype(np.uint64))
-    own = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
-                        & (st_type(syms["st_info"][sym]) == _STT_TLS))
+    own = _own_tls(ctx, sym)
     tls = ctx.out.tls
     if ctx.res.tls is not None:
         return _scope_tls_values(ctx, kind, sym, a)
@@ -729,13 +732,14 @@ def _tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
         elif own.any():
             value = st_value + a - _U64(_static_offset(tls) & MASK64)
         value = np.where(own, value, _U64(0))
-    if kind is Kind.TLS_TPOFF and ctx.res.tls_tpoff:
+    scope = _scope_tls(ctx.res, kind)
+    if scope:
         known = np.zeros(len(syms), dtype=bool)
-        offset = np.zeros(len(syms), dtype=np.uint64)
-        idx = np.fromiter(ctx.res.tls_tpoff, dtype=np.int64, count=len(ctx.res.tls_tpoff))
+        found = np.zeros(len(syms), dtype=np.uint64)
+        idx = np.fromiter(scope, dtype=np.int64, count=len(scope))
         known[idx] = True
-        offset[idx] = [v & MASK64 for v in ctx.res.tls_tpoff.values()]
-        value = np.where(known[sym], offset[sym] + a, value)
+        found[idx] = [v & MASK64 for v in scope.values()]
+        value = np.where(known[sym], found[sym] + (0 if kind is Kind.TLS_MODULE else a), value)
     out: npt.NDArray[np.uint64] = value
     return out
 
@@ -766,6 +770,24 @@ def _scope_tls_values(ctx: _Context, kind: Kind, sym: npt.NDArray[np.int64],
                                  "a module in dynamic TLS)")
     out = np.where(own, a, defs.value[sym] + a) - offset.astype(np.uint64)
     return out
+
+
+def _scope_tls(res: Resolution, kind: Kind) -> dict[int, int]:
+    """What the resolver's scope said of TLS symbols defined elsewhere, for ``kind``:
+    thread-pointer offsets (TPOFF), module ids (DTPMOD) or offsets in the block (DTPOFF)."""
+    if kind is Kind.TLS_TPOFF:
+        return res.tls_tpoff
+    part = 0 if kind is Kind.TLS_MODULE else 1
+    return {i: pair[part] for i, pair in res.tls_module.items()}
+
+
+def _own_tls(ctx: _Context, sym: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of ``sym`` name the object's own TLS block: symbol 0 (local-dynamic) or a TLS
+    symbol the object defines."""
+    syms = ctx.syms
+    own: npt.NDArray[np.bool_] = (sym == 0) | ((syms["st_shndx"][sym] != _SHN_UNDEF)
+                                               & (st_type(syms["st_info"][sym]) == _STT_TLS))
+    return own
 
 
 def _static_offset(tls: TlsLayout) -> int:
@@ -829,9 +851,9 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     """Each entry's value before any resolver runs: the symbolic formula, the TLS kinds, and
     B + A for IRELATIVE (its resolver, run later)."""
     value = _symbol_values(e, ctx.addr[e.sym], a)
+    desc_kind = Kind.TLS_DTPOFF if _dynamic_descriptors(ctx) else Kind.TLS_TPOFF
     for kind in (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF):
-        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is Kind.TLS_TPOFF else \
-            _is(e.kinds, kind)
+        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is desc_kind else _is(e.kinds, kind)
         if sel.any():
             value[sel] = _tls_values(ctx, kind, e.sym[sel], a[sel])
     irel = _is(e.kinds, Kind.IRELATIVE)
@@ -871,11 +893,43 @@ def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
     desc = _is(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
+    # A dynamic block's descriptors come from its layout's ``descriptor`` (the host's).
+    function = np.zeros(int(desc.sum()), dtype=np.uint64)
+    if _dynamic_descriptors(ctx) and desc.any():
+        function, value[desc] = _descriptor_words(ctx, e.where(desc), value[desc])
     pieces.add(e.key[desc], e.p[desc] + _U64(8), np.full(int(desc.sum()), 8, np.uint64),
                value[desc], deferred[desc])
-    value[desc] = 0
+    value[desc] = function
     pieces.add(e.key, e.p, np.minimum(width, _U64(8)), value, deferred)
     _record(ctx, e, width, s, a, deferred)
+
+
+def _dynamic_descriptors(ctx: _Context) -> bool:
+    """The object's TLS block is dynamic and its layout makes its TLS descriptors."""
+    tls = ctx.out.tls
+    return tls is not None and tls.tp_offset is None and tls.descriptor is not None
+
+
+def _descriptor_words(ctx: _Context, e: _Entries, offsets: npt.NDArray[np.uint64]
+                      ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The (function, argument) words of the TLSDESC entries ``e``, at ``offsets`` in their
+    modules' blocks (the object's own, or another's its resolver's scope knew), one
+    ``descriptor`` call per distinct (module, offset). ElfRelocationError for a variable
+    whose module nobody knew."""
+    tls = ctx.out.tls
+    assert tls is not None and tls.descriptor is not None
+    modules = _tls_values(ctx, Kind.TLS_MODULE, e.sym, e.a)
+    if (modules == 0).any():
+        k = int(np.flatnonzero(modules == 0)[0])
+        raise ElfRelocationError(f"{e.table_name(k)} R_X86_64_TLSDESC symbol at "
+                                 f"{int(e.p[k]):#x}", int(e.sym[k]),
+                                 "a TLS variable of the object or of a module its "
+                                 "resolver's scope knows")
+    distinct, where = np.unique(np.stack([modules, offsets], axis=1), axis=0,
+                                return_inverse=True)
+    words = np.array([tls.descriptor(m, x) for m, x in distinct.tolist()],
+                     dtype=np.uint64).reshape(-1, 2)
+    return words[where.ravel(), 0], words[where.ravel(), 1]
 
 
 def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],

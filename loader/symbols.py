@@ -179,6 +179,7 @@ class Resolution:
     tls: TlsDefinitions | None = None
     sizes: npt.NDArray[np.uint64] | None = None
     """Per symbol: the definition's st_size (what a COPY copies at most), when known."""
+    tls_module: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,11 @@ class Resolver:
         TLS, as TPOFF64 needs), or None (default: none)."""
         return None
 
+    def scope_tls_module(self, name: str, version: str | None) -> tuple[int, int] | None:
+        """(module id, offset in its block) of a TLS variable defined outside the object,
+        as DTPMOD64 and DTPOFF64 need, or None (default: none)."""
+        return None
+
     def fallback(self, imports: list[tuple[str, str | None, int]], mm: Mmap,
                  near: int) -> tuple[dict[str, int], tuple[int, int] | None]:
         """Bind what is left: ``imports`` lists (name, version, st_size). Returns
@@ -273,8 +279,8 @@ class Resolver:
             return labels[i]
 
         self._hooks(self.pre_find, needed, addr, bound, label)
-        tls_tpoff, tls_missing = self._scope_tls_all(syms, needed[~defined & ~bound[needed]],
-                                                     bound, label)
+        tls_tpoff, tls_module, tls_missing = self._scope_tls_all(
+            syms, needed[~defined & ~bound[needed]], bound, label)
         self._scope_all(tables, needed[~defined & ~bound[needed]], addr, bound)
         own = needed[defined & ~bound[needed]]
         addr[own] = (syms["st_value"][own] + np.uint64(bias & MASK64))
@@ -286,7 +292,7 @@ class Resolver:
         extern, extern_range, unresolved = self._fall_back(syms, left[~weak], label, mm, near,
                                                            addr, bound)
         return Resolution(addr, bound, tls_missing + unresolved, extern, extern_range,
-                          tls_tpoff)
+                          tls_tpoff, tls_module=tls_module)
 
     def _fall_back(self, syms: npt.NDArray[Any], left: npt.NDArray[np.int64],
                    label: Callable[[int], tuple[str, str | None]], mm: Mmap, near: int,
@@ -312,21 +318,26 @@ class Resolver:
     def _scope_tls_all(self, syms: npt.NDArray[Any], idx: npt.NDArray[np.int64],
                        bound: npt.NDArray[np.bool_],
                        label: Callable[[int], tuple[str, str | None]]
-                       ) -> tuple[dict[int, int], list[str]]:
-        """Undefined TLS symbols: their thread-pointer offsets from :meth:`scope_tls`; the
-        ones nobody knows are listed "(TLS)". All are taken out of the address chain (an
-        address, a stub above all, means nothing for a TLS variable)."""
+                       ) -> tuple[dict[int, int], dict[int, tuple[int, int]], list[str]]:
+        """Undefined TLS symbols: their thread-pointer offsets from :meth:`scope_tls` and
+        their (module, offset) from :meth:`scope_tls_module`; the ones nobody knows are
+        listed "(TLS)". All are taken out of the address chain (an address, a stub above
+        all, means nothing for a TLS variable)."""
         tls = idx[st_type(syms["st_info"][idx]) == _STT_TLS]
         found: dict[int, int] = {}
+        modules: dict[int, tuple[int, int]] = {}
         missing: list[str] = []
         for i in tls.tolist():
             off = self.scope_tls(*label(i))
-            if off is None:
+            module = self.scope_tls_module(*label(i))
+            if off is None and module is None:
                 missing.append(_label_text(*label(i)) + " (TLS)")
-            else:
+            if off is not None:
                 found[i] = off
+            if module is not None:
+                modules[i] = module
             bound[i] = True
-        return found, missing
+        return found, modules, missing
 
     def scope_raw(self, name: bytes, version: bytes | None) -> int | None:
         """:meth:`scope` on raw strtab bytes (a backend may override it to skip decoding)."""

@@ -44,6 +44,8 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("loader.compare",)),
     ("host backend", "mmap/mprotect/munmap of this process",
      ("loader.libc",)),
+    ("host TLS", "dynamic TLS, TLS descriptors, .eh_frame registration in this process",
+     ("loader.hosttls", "loader.ehframe")),
     ("library search", "DT_NEEDED names to files as ld.so finds them; ld.so.cache",
      ("loader.search", "loader.ldcache")),
     ("process image", "a closure as ld.so builds it: scope, bindings, TLS, init order",
