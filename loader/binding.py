@@ -78,13 +78,17 @@ class ScopeResolver(Resolver):
 
     def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
                  *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
-                                           Definition | None] | None = None) -> None:
+                                           Definition | None] | None = None,
+                 overrides: dict[bytes, int] | None = None) -> None:
         super().__init__()
         self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
         self.real = real
         self.found: dict[int, Definition] = {}
         self.memo = {} if memo is None else memo
         """Lookups already done over this same scope (objects loaded together share it)."""
+        self.overrides = overrides or {}
+        """Names bound to a given address instead of the scope's definition (on the host,
+        ``__tls_get_addr`` when objects of ours have TLS: ``loader.hosttls``)."""
 
     def _lookup(self, name: bytes, version: bytes | None, plt: bool, copy: bool
                 ) -> Definition | None:
@@ -123,6 +127,9 @@ class ScopeResolver(Resolver):
         for i, name, v, is_weak in zip(needed.tolist(), names_of(tables, needed), vidx, weak,
                                        strict=True):
             version = versions.get(v) if v > 1 else None
+            if name in self.overrides:
+                out.addr[i], out.bound[i] = self.overrides[name], True
+                continue
             found = self._one(i, name, version)
             if found is not None:
                 self._bind(out, i, found)

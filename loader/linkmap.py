@@ -42,8 +42,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from loader.binding import Classes, ScopeResolver
+from loader.ehframe import EhFrame, register_eh_frame
 from loader.elfdefs import DT, MASK64, R_X86_64
 from loader.errors import ElfDependencyError, ElfError, ElfSymbolError, ElfUnsupportedError
+from loader.hosttls import HostTls, check_no_initial_exec
 from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
@@ -51,7 +53,7 @@ from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
-from loader.symbols import split_version, symbol_label
+from loader.symbols import HostResolver, split_version, symbol_label
 from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
 from loader.trace import TracingMmap
 
@@ -145,6 +147,9 @@ class LinkMap:
         self._global: list[_Member] = []
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
         self._tls = TlsState()
+        self._host_tls: HostTls | None = None
+        self._host_layouts: dict[str, TlsLayout] = {}
+        self._eh_frames: dict[str, EhFrame] = {}
         self.thread: ThreadArea | None = None
         """The main thread's TLS on the simulator (static blocks, TCB, DTV), once built."""
         self._lazy_stub: tuple[int, int] | None = None
@@ -272,6 +277,7 @@ class LinkMap:
             self._assign_tls(new, relocation_order, startup)
             self._relocate(relocation_order)
             self._thread_tls(new, startup)
+            self._register_eh_frames(new)
             self._init([m for m in reversed(order) if m in new and not m.init_called])
         except BaseException:
             self._drop(new)
@@ -287,7 +293,7 @@ class LinkMap:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
         with _about(found, self._members):
-            obj = map_object(found.path, self.mm, host_tls=False)
+            obj = map_object(found.path, self.mm, host_tls=self.runs_code)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)
@@ -344,8 +350,9 @@ class LinkMap:
             classes = _classes(m)
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
                                        real=self.runs_code,
-                                       memo=memo.setdefault(id(m.scope), {}))
-            m.obj.relocations.tls = self._tls.layout(m.name)
+                                       memo=memo.setdefault(id(m.scope), {}),
+                                       overrides=self._overrides())
+            m.obj.relocations.tls = self._layout(m.name)
             m.loaded.real_bindings = self.runs_code
             with _about(m.found, self._members):
                 relocate_object(m.loaded, m.resolver, lazy=m.lazy,
@@ -363,12 +370,36 @@ class LinkMap:
         a dlopen's objects dynamic, except the modules its TPOFF64 (must) and TLSDESC
         (may, within the optional surplus) relocations reach, asked for in relocation
         order, as glibc's relocation does."""
+        if self.runs_code:
+            self._assign_host_tls(new)
+            return
         objects = [TlsObject(m.name, m.loaded.image.tls, m.obj.load_bias) for m in new]
         if startup:
             self._tls.add_startup(objects)
         else:
             static = [want for m in relocation_order for want in self._static_wants(m)]
             self._tls.add_dlopen(objects, static=list(dict.fromkeys(static)))
+
+    def _assign_host_tls(self, new: list[_Member]) -> None:
+        """On the host, each new object with TLS is a module of ``loader.hosttls`` (ids glibc
+        never uses, dynamic TLS, our ``__tls_get_addr`` and descriptor function); an
+        initial-exec access to it is refused by name (glibc's static TLS is not ours)."""
+        for m in new:
+            tls = m.loaded.image.tls
+            if tls is None or tls.p_memsz == 0:
+                continue
+            with _about(m.found, self._members):
+                check_no_initial_exec(m.loaded.tables, m.name)
+            if self._host_tls is None:
+                self._host_tls = HostTls(self.mm)
+            self._host_layouts[m.name] = self._host_tls.add_module(
+                m.loaded.image, m.obj.load_bias, tables=m.loaded.tables)
+
+    def _layout(self, name: str) -> TlsLayout | None:
+        """The TLS module of our object ``name`` (the host's, or the simulated process's)."""
+        if self.runs_code:
+            return self._host_layouts.get(name)
+        return self._tls.layout(name)
 
     def _static_wants(self, m: _Member) -> list[tuple[str, bool]]:
         """(module, optional) for each TLS module ``m``'s TPOFF64 (optional False) and
@@ -395,6 +426,19 @@ class LinkMap:
                        version.encode() if version else None, m.scope, plt=True)
         return found.obj.obj.name if found is not None else None
 
+    def _register_eh_frames(self, new: list[_Member]) -> None:
+        """On the host, each new object's .eh_frame is registered with libgcc (after
+        relocation, before init: an initialiser may throw and catch), so exceptions unwind
+        through code glibc does not know of (``loader.ehframe``)."""
+        if not self.runs_code:
+            return
+        for m in new:
+            finder = _ScopeFinder(m.scope)
+            if finder.scope("__register_frame", None) is None:
+                continue        # no unwinder in this process or the image: nothing unwinds
+            with _about(m.found, self._members):
+                self._eh_frames[m.name] = register_eh_frame(m.loaded, finder)
+
     def _thread_tls(self, new: list[_Member], startup: bool) -> None:
         """On the simulator: after startup relocation, the main thread's area (static blocks
         from their init images, TCB, DTV: ``loader.tls.build_thread_area``); after a
@@ -420,11 +464,20 @@ class LinkMap:
         """The TLS module of the object behind ``defs`` (a resident's: as glibc set it)."""
         if isinstance(defs.obj, Resident):
             return defs.obj.tls_layout()
-        return self._tls.layout(defs.obj.name)
+        return self._layout(defs.obj.name)
+
+    def _overrides(self) -> dict[bytes, int]:
+        """Symbols our objects bind to something else than the scope's definition: on the
+        host with TLS of ours, ``__tls_get_addr`` is ``loader.hosttls``'s (which hands
+        glibc's module ids on to glibc's own)."""
+        if self._host_tls is None:
+            return {}
+        return {b"__tls_get_addr": self._host_tls.tls_get_addr}
 
     def _make_lazy(self, m: _Member, obj: LoadedObject) -> None:
         """Put ``m`` in the lazy state before RELRO is sealed (GNU ld puts GOT[0..2] inside
-        it): every JUMP_SLOT its PLT address, GOT[1] what names the object, GOT[2] the lazy
+        it): every JUMP_SLOT its PLT address, GOT[1] what names the object (its GOT's own
+        address: unique while it is loaded, as glibc's link_map pointer), GOT[2] the lazy
         resolver: on the host the native trampoline that calls back into ``_lazy_lookup``,
         on the simulator an int3 page (nothing runs there yet)."""
         got = lazy_got(obj.image, obj.tables, obj.load_bias)
@@ -435,7 +488,7 @@ class LinkMap:
                 self._binder = HostLazyBinder(self.mm)
             self._binder.attach(got, obj.tables, functools.partial(self._lazy_lookup, m))
         else:
-            make_lazy(self.mm, got, self.objects.index(obj) + 1, self._lazy_resolver())
+            make_lazy(self.mm, got, got.got, self._lazy_resolver())
         m.lazy_got = got.got
         m.lazy_values = dict(zip((got.slot - np.uint64(obj.load_bias & MASK64)).tolist(),
                                  got.lazy_value.tolist(), strict=True))
@@ -481,7 +534,9 @@ class LinkMap:
     def dlsym(self, handle: ImageObject | None, name: str, version: str | None = None) -> int:
         """The address of ``name`` as dlsym/dlvsym finds it: in ``handle``'s search list (its
         closure, breadth-first), or the global scope for None (RTLD_DEFAULT). Unversioned, the
-        default (newest) version wins. KeyError when nobody defines it."""
+        default (newest) version wins. An IFUNC gives what its resolver chooses on the host,
+        the resolver itself on the simulator (nothing runs there). KeyError when nobody
+        defines it."""
         if version is None:
             name, version = split_version(name)
         scope = [self._global_defs] if handle is None else \
@@ -490,6 +545,8 @@ class LinkMap:
         found = lookup(name.encode(), raw, scope, newest=raw is None)
         if found is None:
             raise KeyError(name if version is None else f"{name}@{version}")
+        if found.is_ifunc and self.runs_code:
+            return call_ifunc(found.address)
         return found.address
 
     def scope_of(self, obj: ImageObject | None = None) -> list[str]:
@@ -551,6 +608,9 @@ class LinkMap:
         if self._binder is not None:
             self._binder.close()
             self._binder = None
+        if self._host_tls is not None:
+            self._host_tls.close()
+            self._host_tls = None
         self._global.clear()
         self._global_defs.clear()
 
@@ -569,6 +629,9 @@ class LinkMap:
         for m in members:
             if self._binder is not None and m.lazy_got:
                 self._binder.detach(m.lazy_got)
+            frame = self._eh_frames.pop(m.name, None)
+            if frame is not None:
+                frame.deregister()
             try:
                 m.obj.unload(fini=m.init_called)
             finally:
@@ -577,8 +640,26 @@ class LinkMap:
                 if m in self._global:
                     self._global.remove(m)
                     self._global_defs.remove(m.defs)
+        for m in members:
+            layout = self._host_layouts.pop(m.name, None)
+            if layout is not None and self._host_tls is not None:
+                self._host_tls.remove_module(layout.module_id)
         kept = {mod.name for mod in self._tls.modules if mod.startup}
         self._tls.remove([m.name for m in members if m.name not in kept])
+
+
+class _ScopeFinder(HostResolver):
+    """A name looked up over a member's scope first, then this process's global scope
+    (dlsym): where ``loader.ehframe`` finds libgcc's ``__register_frame``."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__()
+        self.search_lists = scope
+
+    def scope(self, name: str, version: str | None) -> int | None:
+        found = lookup(name.encode(), version.encode() if version else None,
+                       self.search_lists)
+        return found.address if found is not None else super().scope(name, version)
 
 
 def _may_be_lazy(obj: LoadedObject) -> bool:
