@@ -6,6 +6,10 @@ bit-field helper. The pipeline: ``loader.elf`` and ``loader.tables`` parse and
 validate, ``loader.plan`` plans, ``loader.mapper`` maps, ``loader.reloc`` and
 ``loader.symbols`` relocate, ``loader.pipeline`` protects, runs init and ties it together;
 ``loader.outcome`` makes loads comparable and ``loader.trace`` records the calls.
+``loader.LinkMap`` is a whole process image: ``loader.search`` finds the closure,
+``loader.scope`` and ``loader.binding`` bind it as ld.so does, ``loader.tls`` lays out its
+TLS; on the host ``loader.resident``, ``loader.lazy``, ``loader.hosttls`` and
+``loader.ehframe`` do what glibc would do for the objects it does not know.
 """
 
 from loader.errors import (
@@ -20,6 +24,7 @@ from loader.errors import (
     ElfSymbolError,
     ElfUnsupportedError,
 )
+from loader.linkmap import Binding, LinkMap, Why
 from loader.mmap import MapFlags, Mapping, Mmap, MmapDefaults, MmapError, ProtFlags, Region
 from loader.outcome import Outcome
 from loader.pipeline import LoadedObject, load, runs_code
@@ -28,6 +33,7 @@ from loader.symbols import HostResolver, Resolver, StubResolver
 from loader.trace import CopyingMmap, TracingMmap
 
 __all__ = [
+    "Binding",
     "CopyingMmap",
     "ElfCacheError",
     "ElfDependencyError",
@@ -40,6 +46,7 @@ __all__ = [
     "ElfSymbolError",
     "ElfUnsupportedError",
     "HostResolver",
+    "LinkMap",
     "LoadPlan",
     "LoadedObject",
     "MapFlags",
@@ -53,6 +60,7 @@ __all__ = [
     "Resolver",
     "StubResolver",
     "TracingMmap",
+    "Why",
     "load",
     "runs_code",
 ]
