@@ -28,7 +28,7 @@ from loader.scope import (
     lookup,
     visibility,
 )
-from loader.symbols import Resolution, Resolver, TlsDefinitions, names_of
+from loader.symbols import Finder, Resolution, Resolver, TlsDefinitions, names_of
 from loader.tables import DynamicTables
 
 __all__ = ["Classes", "ScopeResolver"]
@@ -79,11 +79,15 @@ class ScopeResolver(Resolver):
     def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
                  *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
                                            Definition | None] | None = None,
-                 overrides: dict[bytes, int] | None = None) -> None:
-        super().__init__()
+                 overrides: dict[bytes, int] | None = None,
+                 hooks: Resolver | None = None) -> None:
+        super().__init__(hooks.pre_find if hooks else (), hooks.post_find if hooks else ())
         self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
         self.real = real
         self.found: dict[int, Definition] = {}
+        self.hooked: dict[int, int] = {}
+        """Symbols a user's hook bound (``pre_find`` before the scope, ``post_find`` after
+        it found nothing), and to what."""
         self.memo = {} if memo is None else memo
         """Lookups already done over this same scope (objects loaded together share it)."""
         self.overrides = overrides or {}
@@ -130,8 +134,14 @@ class ScopeResolver(Resolver):
             if name in self.overrides:
                 out.addr[i], out.bound[i] = self.overrides[name], True
                 continue
-            found = self._one(i, name, version)
-            if found is not None:
+            hooked = self._ask(self.pre_find, name, version)
+            found = self._one(i, name, version) if hooked is None else None
+            if hooked is None and found is None:
+                hooked = self._ask(self.post_find, name, version)
+            if hooked is not None:
+                out.addr[i], out.bound[i] = hooked, True
+                self.hooked[i] = hooked
+            elif found is not None:
                 self._bind(out, i, found)
             elif is_weak:
                 out.bound[i] = True
@@ -140,6 +150,19 @@ class ScopeResolver(Resolver):
                 unresolved.append(f"{label}@{version.decode()}" if version else label)
         return Resolution(out.addr, out.bound, unresolved, ifunc=out.ifunc, tls=out.tls,
                           sizes=out.sizes)
+
+    @staticmethod
+    def _ask(hooks: list[Finder], name: bytes, version: bytes | None) -> int | None:
+        """The first answer of the user's ``hooks`` (``LinkMap(resolver=...)``), or None."""
+        if not hooks:
+            return None
+        text = name.decode("utf-8", "surrogateescape")
+        wanted = version.decode("utf-8", "surrogateescape") if version else None
+        for hook in hooks:
+            found = hook(text, wanted)
+            if found is not None:
+                return found
+        return None
 
     def _bind(self, out: _Bound, i: int, found: Definition) -> None:
         """Record symbol ``i`` bound to ``found``: its address, IFUNC mark, size, TLS."""

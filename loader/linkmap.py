@@ -53,7 +53,7 @@ from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
-from loader.symbols import HostResolver, split_version, symbol_label
+from loader.symbols import HostResolver, Resolver, split_version, symbol_label
 from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
 from loader.trace import TracingMmap
 
@@ -66,6 +66,10 @@ ScopeKind = Literal["local", "global"]
 SMALLEST_PROGRAM_NEEDS = "libc.so.6"
 """What the smallest real program needs: a LinkMap with no ``exec`` starts from it."""
 _PLT_KINDS = (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF, Kind.TLS_DESC)
+
+
+HOOKED = "(a resolver hook)"
+"""``Binding.target`` of a symbol a hook of ``LinkMap(resolver=...)`` bound."""
 
 
 class Binding(NamedTuple):
@@ -134,10 +138,13 @@ class _Member:
 
 
 class LinkMap:
-    """One process image on one backend (module docstring)."""
+    """One process image on one backend (module docstring). ``library_path`` plays
+    LD_LIBRARY_PATH, ``preload`` LD_PRELOAD; ``resolver``: a ``loader.Resolver`` whose
+    ``pre_find`` hooks are asked before the scope for every symbol and whose ``post_find``
+    hooks after the scope found nothing (a binding they make has target ``HOOKED``)."""
 
     def __init__(self, mm: Mmap, *, library_path: str | Sequence[str] = (),
-                 preload: Sequence[str] = (), resolver: object = None) -> None:
+                 preload: Sequence[str] = (), resolver: Resolver | None = None) -> None:
         self.mm = TracingMmap(mm)
         self.search = SearchPath(library_path)
         self.preload = tuple(preload)
@@ -351,7 +358,7 @@ class LinkMap:
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
                                        real=self.runs_code,
                                        memo=memo.setdefault(id(m.scope), {}),
-                                       overrides=self._overrides())
+                                       overrides=self._overrides(), hooks=self.resolver)
             m.obj.relocations.tls = self._layout(m.name)
             m.loaded.real_bindings = self.runs_code
             with _about(m.found, self._members):
@@ -811,5 +818,7 @@ def _binding(m: _Member, r_offset: int, r_type: int, sym: int, runs: bool) -> Bi
     lazy_slot = m.lazy and r_type == int(R_X86_64.JUMP_SLOT) and \
         value == m.lazy_values.get(r_offset)
     pending = lazy_slot or (found is not None and found.is_ifunc and not runs)
-    return Binding(obj.name, r_offset, type_name(r_type), name, version,
-                   found.obj.obj.name if found is not None else None, value, pending)
+    target = found.obj.obj.name if found is not None else \
+        HOOKED if sym in m.resolver.hooked else None
+    return Binding(obj.name, r_offset, type_name(r_type), name, version, target, value,
+                   pending)

@@ -127,3 +127,20 @@ def test_dlclose_unmaps_what_only_it_held(tree: dict[str, Path]) -> None:
     assert lm.fini_order[-2:] == ["libmid.so", "libleaf.so"]
     lm.unload()
     assert _regions(lm) == []
+
+
+def test_resolver_hooks_come_before_and_after_the_scope(versions: dict[str, Path]) -> None:
+    """LinkMap(resolver=...): a pre_find hook wins over the scope; a post_find hook binds
+    what nobody defines (the undefined ``nowhere`` loads then)."""
+    from loader import Resolver
+    from loader.linkmap import HOOKED
+
+    hooks = Resolver(pre_find=[lambda name, version: 0x1000 if name == "malloc" else None],
+                     post_find=[lambda name, version: 0x2000 if name == "nowhere" else None])
+    lm = LinkMap(vmsim.AddressSpace(), resolver=hooks)
+    lm.dlopen(str(versions["undef"]), bind="now")
+    got = {b.symbol: (b.target, b.value) for b in lm.bindings() if b.object == "libundef.so"}
+    assert got["nowhere"] == (HOOKED, 0x2000)
+    libc_malloc = {(b.target, b.value) for b in lm.bindings()
+                   if b.object == "libc.so.6" and b.symbol == "malloc"}
+    assert libc_malloc == {(HOOKED, 0x1000)}
