@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_load import _CLOCKS, Bench
+from bench_load import _CLOCKS, Bench, interleaved, stop
 
 from loader.libc import LibcMmap
 from loader.linkmap import LinkMap
@@ -92,25 +91,14 @@ def _glibc(bench: Bench, name: str) -> float:
 
 
 def measure(bench: Bench, name: str, rounds: int) -> dict[str, float]:
-    """Interleaved rounds: glibc, simulator, host; medians of times and per-round ratios."""
+    """Interleaved rounds: glibc, simulator, host (bench_load's ``interleaved``)."""
     workers = {b: _worker(b, bench.clock, name) for b in ("sim", "host")}
-    times: dict[str, list[float]] = {"glibc": [], "sim": [], "host": []}
     try:
-        for _ in range(rounds):
-            times["glibc"].append(_glibc(bench, name))
-            for backend, worker in workers.items():
-                times[backend].append(_ask(worker, name))
+        return interleaved(rounds, {"glibc": lambda: _glibc(bench, name),
+                                    "sim": lambda: _ask(workers["sim"], name),
+                                    "host": lambda: _ask(workers["host"], name)})
     finally:
-        for worker in workers.values():
-            assert worker.stdin is not None
-            worker.stdin.close()
-            worker.wait()
-    med = statistics.median
-    g = times["glibc"]
-    return {"glibc_ms": med(g) * 1e3, "sim_ms": med(times["sim"]) * 1e3,
-            "host_ms": med(times["host"]) * 1e3,
-            "sim_ratio": med([b / a for a, b in zip(g, times["sim"], strict=True)]),
-            "host_ratio": med([b / a for a, b in zip(g, times["host"], strict=True)])}
+        stop(workers)
 
 
 def main() -> None:

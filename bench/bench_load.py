@@ -132,27 +132,39 @@ def _serve(backend: str, clock: Callable[[], float]) -> None:
         print(took, flush=True)
 
 
-def measure(bench: Bench, path: str, rounds: int) -> dict[str, float]:
-    """Interleaved rounds (glibc, sim, host each round, so the machine's other work hits all
-    three alike); medians of the times and of the per-round ratios."""
-    workers = {backend: bench.worker(backend, path) for backend in ("sim", "host")}
-    times: dict[str, list[float]] = {"glibc": [], "sim": [], "host": []}
-    try:
-        for _ in range(rounds):
-            times["glibc"].append(bench.glibc(path))
-            for backend, worker in workers.items():
-                times[backend].append(bench.ours(worker, path))
-    finally:
-        for worker in workers.values():
-            assert worker.stdin is not None
-            worker.stdin.close()
-            worker.wait()
+def interleaved(rounds: int, takers: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """``rounds`` rounds, each taking one time from every taker in turn ("glibc" first, so
+    the machine's other work hits all alike): medians of the times (ms) and of the per-round
+    ratios to glibc's."""
+    times: dict[str, list[float]] = {name: [] for name in takers}
+    for _ in range(rounds):
+        for name, take in takers.items():
+            times[name].append(take())
     med = statistics.median
     g = times["glibc"]
-    return {"glibc_ms": med(g) * 1e3, "sim_ms": med(times["sim"]) * 1e3,
-            "host_ms": med(times["host"]) * 1e3,
-            "sim_ratio": med([b / a for a, b in zip(g, times["sim"], strict=True)]),
-            "host_ratio": med([b / a for a, b in zip(g, times["host"], strict=True)])}
+    out = {f"{name}_ms": med(t) * 1e3 for name, t in times.items()}
+    out.update({f"{name}_ratio": med([b / a for a, b in zip(g, t, strict=True)])
+                for name, t in times.items() if name != "glibc"})
+    return out
+
+
+def stop(workers: dict[str, subprocess.Popen[str]]) -> None:
+    """Close the workers' input and wait for them."""
+    for worker in workers.values():
+        assert worker.stdin is not None
+        worker.stdin.close()
+        worker.wait()
+
+
+def measure(bench: Bench, path: str, rounds: int) -> dict[str, float]:
+    """Interleaved rounds of glibc, sim and host loads (``interleaved``)."""
+    workers = {backend: bench.worker(backend, path) for backend in ("sim", "host")}
+    try:
+        return interleaved(rounds, {"glibc": lambda: bench.glibc(path),
+                                    "sim": lambda: bench.ours(workers["sim"], path),
+                                    "host": lambda: bench.ours(workers["host"], path)})
+    finally:
+        stop(workers)
 
 
 def main() -> None:

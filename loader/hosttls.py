@@ -41,11 +41,12 @@ import numpy as np
 import numpy.typing as npt
 
 from loader.elf import ElfImage
-from loader.elfdefs import PHDR_DTYPE, PT, R_X86_64, SHN, STT, st_type
+from loader.elfdefs import R_X86_64, SHN, STT, st_type
 from loader.errors import ElfSegmentError, ElfUnsupportedError
 from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pages import page_round_up
 from loader.reloc import TlsLayout
+from loader.resident import process_objects
 from loader.symbols import Finder, HostResolver, Resolution, find
 from loader.tables import DynamicTables
 
@@ -468,27 +469,6 @@ def check_no_initial_exec(tables: DynamicTables, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # glibc's own TLS modules
 
-class _PhdrInfo(ctypes.Structure):
-    """``struct dl_phdr_info`` (glibc's <link.h>), every field up to dlpi_tls_data."""
-
-    _fields_ = [("dlpi_addr", ctypes.c_uint64), ("dlpi_name", ctypes.c_char_p),
-                ("dlpi_phdr", ctypes.c_void_p), ("dlpi_phnum", ctypes.c_uint16),
-                ("dlpi_adds", ctypes.c_uint64), ("dlpi_subs", ctypes.c_uint64),
-                ("dlpi_tls_modid", ctypes.c_size_t), ("dlpi_tls_data", ctypes.c_void_p)]
-
-
-_PHDR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t,
-                                  ctypes.c_void_p)
-
-
-def _tls_memsz(info: _PhdrInfo) -> int:
-    """p_memsz of the object's PT_TLS (0 without one)."""
-    table = ctypes.string_at(info.dlpi_phdr or 0, info.dlpi_phnum * PHDR_DTYPE.itemsize)
-    phdrs = np.frombuffer(table, dtype=PHDR_DTYPE)
-    hit = np.flatnonzero(phdrs["p_type"] == int(PT.TLS))
-    return int(phdrs["p_memsz"][hit[0]]) if len(hit) else 0
-
-
 def glibc_tls_module(name: str, version: str | None = None) -> tuple[int, int] | None:
     """(module id, offset in its block) of the TLS variable ``name`` as an object glibc
     loaded defines it: what DTPMOD64 and DTPOFF64 against it hold. The module is the one
@@ -497,15 +477,7 @@ def glibc_tls_module(name: str, version: str | None = None) -> tuple[int, int] |
     addr = HostResolver().scope(name, version)
     if addr is None:
         return None
-    found: list[tuple[int, int]] = []
-
-    def visit(info: Any, _size: int, _data: Any) -> int:
-        obj = info.contents
-        start = obj.dlpi_tls_data or 0
-        if obj.dlpi_tls_modid and start <= addr < start + _tls_memsz(obj):
-            found.append((int(obj.dlpi_tls_modid), addr - start))
-            return 1
-        return 0
-
-    _LIBC.dl_iterate_phdr(_PHDR_CALLBACK(visit), None)
-    return found[0] if found else None
+    for obj in process_objects():
+        if obj.tls_modid and obj.tls_data <= addr < obj.tls_data + obj.tls_memsz:
+            return obj.tls_modid, addr - obj.tls_data
+    return None

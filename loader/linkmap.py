@@ -222,6 +222,8 @@ class LinkMap:
         its link-map order; the program's closure is the global scope, as glibc's."""
         rows: dict[_Member, ProcessObject] = {}
         for row in process_objects():
+            if not os.path.exists(row.path):
+                continue        # the vDSO: no file to read symbols from
             info = read_object(row.path)
             if info is None:
                 continue

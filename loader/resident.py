@@ -16,9 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from loader.elf import ElfImage, FileBytes, parse_image
-from loader.elfdefs import PT
-from loader.pages import HOST_PAGE_SIZE
+from loader.elfdefs import PHDR_DTYPE, PT
+from loader.pages import HOST_PAGE_SIZE, page_round_up
 from loader.reloc import RelocOutcome, TlsLayout
 from loader.symbols import thread_pointer
 from loader.tables import DynamicTables, parse_tables
@@ -42,44 +45,52 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_s
 @dataclass(frozen=True, slots=True)
 class ProcessObject:
     """One object of this process's link map: its file name (the program's is
-    /proc/self/exe's target), load bias, span of its PT_LOADs, TLS module id (0: none) and
-    this thread's TLS block of it (0: none yet)."""
+    /proc/self/exe's target; the vDSO's is its name, with no file), load bias, span of its
+    PT_LOADs, TLS module id (0: none), this thread's TLS block of it (0: none yet) and the
+    block's size."""
 
     path: str
     bias: int
     span: tuple[int, int]
     tls_modid: int
     tls_data: int
+    tls_memsz: int = 0
 
 
-def _span(info: _PhdrInfo) -> tuple[int, int]:
+def _phdrs(info: _PhdrInfo) -> npt.NDArray[Any]:
+    """The object's program headers, as glibc has them in memory."""
+    table = ctypes.string_at(info.dlpi_phdr or 0, info.dlpi_phnum * PHDR_DTYPE.itemsize)
+    return np.frombuffer(table, dtype=PHDR_DTYPE)
+
+
+def _span(info: _PhdrInfo, phdrs: npt.NDArray[Any]) -> tuple[int, int]:
     """Lowest and highest address of the object's PT_LOADs (page-rounded end)."""
-    phdrs = (ctypes.c_uint32 * (14 * info.dlpi_phnum)).from_address(info.dlpi_phdr)
-    lo, hi = None, 0
-    for k in range(info.dlpi_phnum):
-        word = phdrs[14 * k: 14 * k + 14]
-        if word[0] != PT.LOAD:
-            continue
-        vaddr = word[4] | word[5] << 32
-        memsz = word[10] | word[11] << 32
-        lo = vaddr if lo is None else min(lo, vaddr)
-        hi = max(hi, vaddr + memsz)
-    start = info.dlpi_addr + (lo or 0)
-    end = -(-(info.dlpi_addr + hi) // HOST_PAGE_SIZE) * HOST_PAGE_SIZE
-    return start, end
+    loads = phdrs[phdrs["p_type"] == int(PT.LOAD)]
+    if not len(loads):
+        return info.dlpi_addr, info.dlpi_addr
+    start = info.dlpi_addr + int(loads["p_vaddr"].min())
+    end = info.dlpi_addr + int((loads["p_vaddr"] + loads["p_memsz"]).max())
+    return start, page_round_up(end, HOST_PAGE_SIZE)
+
+
+def _tls_memsz(phdrs: npt.NDArray[Any]) -> int:
+    """p_memsz of the object's PT_TLS (0 without one)."""
+    hit = np.flatnonzero(phdrs["p_type"] == int(PT.TLS))
+    return int(phdrs["p_memsz"][hit[0]]) if len(hit) else 0
 
 
 def process_objects() -> list[ProcessObject]:
-    """This process's objects in link-map order (the vDSO, which has no file, left out)."""
+    """This process's objects in link-map order (``ProcessObject``)."""
     out: list[ProcessObject] = []
 
     def visit(info: Any, size: int, data: Any) -> int:
         row = info.contents
         name = (row.dlpi_name or b"").decode("utf-8", "surrogateescape")
         path = os.readlink("/proc/self/exe") if not out and not name else name
-        if path and os.path.exists(path):
-            out.append(ProcessObject(path, int(row.dlpi_addr), _span(row),
-                                     int(row.dlpi_tls_modid), int(row.dlpi_tls_data or 0)))
+        phdrs = _phdrs(row)
+        out.append(ProcessObject(path, int(row.dlpi_addr), _span(row, phdrs),
+                                 int(row.dlpi_tls_modid), int(row.dlpi_tls_data or 0),
+                                 _tls_memsz(phdrs)))
         return 0
 
     ctypes.CDLL(None).dl_iterate_phdr(_CALLBACK(visit), None)

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
 from loader.elfdefs import DT
@@ -25,6 +24,7 @@ from loader.libc import LibcMmap
 from loader.linkmap import LinkMap
 from loader.mmap import Mmap
 from loader.pipeline import LoadedObject
+from tests.test_lazy_host import elftools_slots
 
 LEAF_C = r"""
 #include <stdlib.h>
@@ -65,19 +65,8 @@ def libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def file_slots(path: Path) -> dict[str, tuple[int, int, int]]:
     """Per JUMP_SLOT symbol of ``path``: (index in .rela.plt, r_offset, the word the file holds
-    there), read with pyelftools."""
-    with path.open("rb") as f:
-        elf = ELFFile(f)
-        rela = elf.get_section_by_name(".rela.plt")
-        assert isinstance(rela, RelocationSection)
-        syms = elf.get_section(rela["sh_link"])
-        assert isinstance(syms, SymbolTableSection)
-        out = {}
-        for index, rel in enumerate(rela.iter_relocations()):
-            f.seek(next(elf.address_offsets(rel["r_offset"], 8)))
-            word = int.from_bytes(f.read(8), "little")
-            out[syms.get_symbol(rel["r_info_sym"]).name] = (index, rel["r_offset"], word)
-        return out
+    there), read with pyelftools (``tests.test_lazy_host.elftools_slots``)."""
+    return {name: (index, off, word) for index, off, name, word in elftools_slots(path)}
 
 
 def file_word(path: Path, vaddr: int) -> int:
