@@ -153,12 +153,8 @@ class LinkMap:
         self._members: list[_Member] = []
         self._global: list[_Member] = []
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
-        self._tls = TlsState()
-        self._host_tls: HostTls | None = None
-        self._host_layouts: dict[str, TlsLayout] = {}
+        self._tls = _ImageTls(self.mm, self.runs_code)
         self._eh_frames: dict[str, EhFrame] = {}
-        self.thread: ThreadArea | None = None
-        """The main thread's TLS on the simulator (static blocks, TCB, DTV), once built."""
         self._lazy_stub: tuple[int, int] | None = None
         self._binder: HostLazyBinder | None = None
         self.init_order: list[str] = []
@@ -176,6 +172,11 @@ class LinkMap:
     def tls(self) -> list[dict[str, object]]:
         """Per TLS module: name, id, block size and alignment, static offset or dynamic."""
         return self._tls.table()
+
+    @property
+    def thread(self) -> ThreadArea | None:
+        """The main thread's TLS on the simulator (static blocks, TCB, DTV), once built."""
+        return self._tls.thread
 
     def _member(self, obj: ImageObject) -> _Member:
         for m in self._members:
@@ -283,15 +284,15 @@ class LinkMap:
             order = self._sorted(new[0].searchlist if startup else
                                  _closure_of(new[0]))
             relocation_order = [m for m in reversed(order) if m in new]
-            self._assign_tls(new, relocation_order, startup)
+            self._tls.assign(new, relocation_order, startup, self._members)
             self._relocate(relocation_order)
-            self._thread_tls(new, startup)
+            self._tls.initialise(new, startup)
             self._register_eh_frames(new)
             self._init([m for m in reversed(order) if m in new and not m.init_called])
         except BaseException:
             self._drop(new)
             if startup:
-                self._tls = TlsState()
+                self._tls.reset()
             raise
         finally:
             for m in new:
@@ -357,11 +358,11 @@ class LinkMap:
         memo: dict[int, dict[Any, Any]] = {}
         for m in order:
             classes = _classes(m)
-            m.resolver = ScopeResolver(m.defs, m.scope, self._tls_of, classes,
+            m.resolver = ScopeResolver(m.defs, m.scope, self._tls.of, classes,
                                        real=self.runs_code,
                                        memo=memo.setdefault(id(m.scope), {}),
-                                       overrides=self._overrides(), hooks=self.resolver)
-            m.obj.relocations.tls = self._layout(m.name)
+                                       overrides=self._tls.overrides(), hooks=self.resolver)
+            m.obj.relocations.tls = self._tls.layout(m.name)
             m.loaded.real_bindings = self.runs_code
             with _about(m.found, self._members):
                 relocate_object(m.loaded, m.resolver, lazy=m.lazy,
@@ -372,68 +373,6 @@ class LinkMap:
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
-
-    def _assign_tls(self, new: list[_Member], relocation_order: list[_Member],
-                    startup: bool) -> None:
-        """Module ids and static offsets (``loader.tls``): startup objects in static TLS;
-        a dlopen's objects dynamic, except the modules its TPOFF64 (must) and TLSDESC
-        (may, within the optional surplus) relocations reach, asked for in relocation
-        order, as glibc's relocation does."""
-        if self.runs_code:
-            self._assign_host_tls(new)
-            return
-        objects = [TlsObject(m.name, m.loaded.image.tls, m.obj.load_bias) for m in new]
-        if startup:
-            self._tls.add_startup(objects)
-        else:
-            static = [want for m in relocation_order for want in self._static_wants(m)]
-            self._tls.add_dlopen(objects, static=list(dict.fromkeys(static)))
-
-    def _assign_host_tls(self, new: list[_Member]) -> None:
-        """On the host, each new object with TLS is a module of ``loader.hosttls`` (ids glibc
-        never uses, dynamic TLS, our ``__tls_get_addr`` and descriptor function); an
-        initial-exec access to it is refused by name (glibc's static TLS is not ours)."""
-        for m in new:
-            tls = m.loaded.image.tls
-            if tls is None or tls.p_memsz == 0:
-                continue
-            with _about(m.found, self._members):
-                check_no_initial_exec(m.loaded.tables, m.name)
-            if self._host_tls is None:
-                self._host_tls = HostTls(self.mm)
-            self._host_layouts[m.name] = self._host_tls.add_module(
-                m.loaded.image, m.obj.load_bias, tables=m.loaded.tables)
-
-    def _layout(self, name: str) -> TlsLayout | None:
-        """The TLS module of our object ``name`` (the host's, or the simulated process's)."""
-        if self.runs_code:
-            return self._host_layouts.get(name)
-        return self._tls.layout(name)
-
-    def _static_wants(self, m: _Member) -> list[tuple[str, bool]]:
-        """(module, optional) for each TLS module ``m``'s TPOFF64 (optional False) and
-        TLSDESC (True) relocations reach: symbol 0 is ``m`` itself, others are looked up
-        over its scope."""
-        out: list[tuple[str, bool]] = []
-        obj = m.loaded
-        if obj.classified is None:
-            return out
-        wanted = {_kind_code(Kind.TLS_TPOFF): False, _kind_code(Kind.TLS_DESC): True}
-        for table, kinds in zip(obj.tables.relocs, obj.classified.kinds_all, strict=True):
-            for k in np.flatnonzero(np.isin(kinds, list(wanted))).tolist():
-                target = self._tls_target(m, int(table.r_sym[k]))
-                if target is not None:
-                    out.append((target, wanted[int(kinds[k])]))
-        return out
-
-    def _tls_target(self, m: _Member, sym: int) -> str | None:
-        """The name of the object whose TLS symbol ``sym`` of ``m`` reaches (None: none)."""
-        if sym == 0:
-            return m.name
-        name, version = symbol_label(m.obj.tables, sym)
-        found = lookup(name.encode("utf-8", "surrogateescape"),
-                       version.encode() if version else None, m.scope, plt=True)
-        return found.obj.obj.name if found is not None else None
 
     def _register_eh_frames(self, new: list[_Member]) -> None:
         """On the host, each new object's .eh_frame is registered with libgcc (after
@@ -447,41 +386,6 @@ class LinkMap:
                 continue        # no unwinder in this process or the image: nothing unwinds
             with _about(m.found, self._members):
                 self._eh_frames[m.name] = register_eh_frame(m.loaded, finder)
-
-    def _thread_tls(self, new: list[_Member], startup: bool) -> None:
-        """On the simulator: after startup relocation, the main thread's area (static blocks
-        from their init images, TCB, DTV: ``loader.tls.build_thread_area``); after a
-        dlopen, the static blocks it was given are initialised in that area, as glibc's
-        _dl_init_static_tls does in every thread."""
-        if self.runs_code:
-            return
-        if startup:
-            self.thread = build_thread_area(self.mm, self._tls)
-            return
-        if self.thread is None:
-            return
-        for m in new:
-            mod = self._tls.layout(m.name)
-            tls = m.loaded.image.tls
-            if mod is None or mod.tp_offset is None or tls is None:
-                continue
-            block = self.thread.tp - mod.tp_offset
-            image = self.mm.read(tls.p_vaddr + m.obj.load_bias, tls.p_filesz)
-            self.mm.write(block, bytes(image) + bytes(tls.p_memsz - tls.p_filesz))
-
-    def _tls_of(self, defs: Definitions) -> TlsLayout | None:
-        """The TLS module of the object behind ``defs`` (a resident's: as glibc set it)."""
-        if isinstance(defs.obj, Resident):
-            return defs.obj.tls_layout()
-        return self._layout(defs.obj.name)
-
-    def _overrides(self) -> dict[bytes, int]:
-        """Symbols our objects bind to something else than the scope's definition: on the
-        host with TLS of ours, ``__tls_get_addr`` is ``loader.hosttls``'s (which hands
-        glibc's module ids on to glibc's own)."""
-        if self._host_tls is None:
-            return {}
-        return {b"__tls_get_addr": self._host_tls.tls_get_addr}
 
     def _make_lazy(self, m: _Member, obj: LoadedObject) -> None:
         """Put ``m`` in the lazy state before RELRO is sealed (GNU ld puts GOT[0..2] inside
@@ -607,19 +511,13 @@ class LinkMap:
         for m in self._members:
             m.startup = False           # an unload takes everything, startup objects too
         self._finalise(self._sorted(self._members))
-        self._tls = TlsState()
-        if self.thread is not None:
-            self.thread.close()
-            self.thread = None
+        self._tls.close()
         if self._lazy_stub is not None:
             self.mm.munmap(self._lazy_stub[0], self._lazy_stub[1] - self._lazy_stub[0])
             self._lazy_stub = None
         if self._binder is not None:
             self._binder.close()
             self._binder = None
-        if self._host_tls is not None:
-            self._host_tls.close()
-            self._host_tls = None
         self._global.clear()
         self._global_defs.clear()
 
@@ -649,12 +547,150 @@ class LinkMap:
                 if m in self._global:
                     self._global.remove(m)
                     self._global_defs.remove(m.defs)
+        self._tls.drop(members)
+
+
+class _ImageTls:
+    """The TLS of a process image (``loader.tls`` on the simulator, ``loader.hosttls`` for
+    our objects on the host): module ids, static offsets, the main thread's area."""
+
+    def __init__(self, mm: TracingMmap, runs_code: bool) -> None:
+        self.mm, self.runs_code = mm, runs_code
+        self.state = TlsState()
+        self.host: HostTls | None = None
+        self.host_layouts: dict[str, TlsLayout] = {}
+        self.host_rows: dict[str, dict[str, object]] = {}
+        self.thread: ThreadArea | None = None
+
+    def table(self) -> list[dict[str, object]]:
+        """``LinkMap.tls``: one row per module (the host's modules are ours only)."""
+        if self.runs_code:
+            return list(self.host_rows.values())
+        return self.state.table()
+
+    def layout(self, name: str) -> TlsLayout | None:
+        """The TLS module of our object ``name`` (the host's, or the simulated process's)."""
+        if self.runs_code:
+            return self.host_layouts.get(name)
+        return self.state.layout(name)
+
+    def of(self, defs: Definitions) -> TlsLayout | None:
+        """The TLS module of the object behind ``defs`` (a resident's: as glibc set it)."""
+        if isinstance(defs.obj, Resident):
+            return defs.obj.tls_layout()
+        return self.layout(defs.obj.name)
+
+    def overrides(self) -> dict[bytes, int]:
+        """Symbols our objects bind to something else than the scope's definition: on the
+        host with TLS of ours, ``__tls_get_addr`` is ``loader.hosttls``'s (which hands
+        glibc's module ids on to glibc's own)."""
+        return {} if self.host is None else {b"__tls_get_addr": self.host.tls_get_addr}
+
+    def assign(self, new: list[_Member], relocation_order: list[_Member], startup: bool,
+               members: list[_Member]) -> None:
+        """Module ids and static offsets (``loader.tls``): startup objects in static TLS;
+        a dlopen's objects dynamic, except the modules its TPOFF64 (must) and TLSDESC
+        (may, within the optional surplus) relocations reach, asked for in relocation
+        order, as glibc's relocation does. On the host: ``assign_host``."""
+        if self.runs_code:
+            self.assign_host(new, members)
+            return
+        objects = [TlsObject(m.name, m.loaded.image.tls, m.obj.load_bias) for m in new]
+        if startup:
+            self.state.add_startup(objects)
+        else:
+            static = [want for m in relocation_order for want in _static_wants(m)]
+            self.state.add_dlopen(objects, static=list(dict.fromkeys(static)))
+
+    def assign_host(self, new: list[_Member], members: list[_Member]) -> None:
+        """On the host, each new object with TLS is a module of ``loader.hosttls`` (ids glibc
+        never uses, dynamic TLS, our ``__tls_get_addr`` and descriptor function); an
+        initial-exec access to it is refused by name (glibc's static TLS is not ours)."""
+        for m in new:
+            tls = m.loaded.image.tls
+            if tls is None or tls.p_memsz == 0:
+                continue
+            with _about(m.found, members):
+                check_no_initial_exec(m.loaded.tables, m.name)
+            if self.host is None:
+                self.host = HostTls(self.mm)
+            layout = self.host.add_module(m.loaded.image, m.obj.load_bias,
+                                          tables=m.loaded.tables)
+            self.host_layouts[m.name] = layout
+            self.host_rows[m.name] = {"name": m.name, "module_id": layout.module_id,
+                                      "size": tls.p_memsz, "align": max(tls.p_align, 1),
+                                      "static_offset": "dynamic"}
+
+    def initialise(self, new: list[_Member], startup: bool) -> None:
+        """On the simulator: after startup relocation, the main thread's area (static blocks
+        from their init images, TCB, DTV: ``loader.tls.build_thread_area``); after a
+        dlopen, the static blocks it was given are initialised in that area, as glibc's
+        _dl_init_static_tls does in every thread."""
+        if self.runs_code:
+            return
+        if startup:
+            self.thread = build_thread_area(self.mm, self.state)
+            return
+        for m in new:
+            mod, tls = self.state.layout(m.name), m.loaded.image.tls
+            if self.thread is None or mod is None or mod.tp_offset is None or tls is None:
+                continue
+            image = self.mm.read(tls.p_vaddr + m.obj.load_bias, tls.p_filesz)
+            self.mm.write(self.thread.tp - mod.tp_offset,
+                          bytes(image) + bytes(tls.p_memsz - tls.p_filesz))
+
+    def drop(self, members: list[_Member]) -> None:
+        """Forget the modules of ``members`` (a dlclose, or a failed load undone)."""
         for m in members:
-            layout = self._host_layouts.pop(m.name, None)
-            if layout is not None and self._host_tls is not None:
-                self._host_tls.remove_module(layout.module_id)
-        kept = {mod.name for mod in self._tls.modules if mod.startup}
-        self._tls.remove([m.name for m in members if m.name not in kept])
+            self.host_rows.pop(m.name, None)
+            layout = self.host_layouts.pop(m.name, None)
+            if layout is not None and self.host is not None:
+                self.host.remove_module(layout.module_id)
+        kept = {mod.name for mod in self.state.modules if mod.startup}
+        self.state.remove([m.name for m in members if m.name not in kept])
+
+    def reset(self) -> None:
+        """A failed startup: no module is left."""
+        self.state = TlsState()
+
+    def close(self) -> None:
+        """``unload``: the thread area unmapped, the host's code and blocks freed."""
+        self.reset()
+        if self.thread is not None:
+            self.thread.close()
+            self.thread = None
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        self.host_layouts.clear()
+        self.host_rows.clear()
+
+
+def _static_wants(m: _Member) -> list[tuple[str, bool]]:
+    """(module, optional) for each TLS module ``m``'s TPOFF64 (optional False) and TLSDESC
+    (True) relocations reach: symbol 0 is ``m`` itself, others are looked up over its
+    scope."""
+    out: list[tuple[str, bool]] = []
+    obj = m.loaded
+    if obj.classified is None:
+        return out
+    wanted = {_kind_code(Kind.TLS_TPOFF): False, _kind_code(Kind.TLS_DESC): True}
+    for table, kinds in zip(obj.tables.relocs, obj.classified.kinds_all, strict=True):
+        for k in np.flatnonzero(np.isin(kinds, list(wanted))).tolist():
+            target = _tls_target(m, int(table.r_sym[k]))
+            if target is not None:
+                out.append((target, wanted[int(kinds[k])]))
+    return out
+
+
+def _tls_target(m: _Member, sym: int) -> str | None:
+    """The name of the object whose TLS symbol ``sym`` of ``m`` reaches (None: none)."""
+    if sym == 0:
+        return m.name
+    name, version = symbol_label(m.obj.tables, sym)
+    found = lookup(name.encode("utf-8", "surrogateescape"),
+                   version.encode() if version else None, m.scope, plt=True)
+    return found.obj.obj.name if found is not None else None
 
 
 class _ScopeFinder(HostResolver):
