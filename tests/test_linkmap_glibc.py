@@ -197,12 +197,13 @@ def _machine_libraries() -> list[str]:
 
 
 def _written_by_init(lm: LinkMap, word: tuple[str | None, int], symbol: str) -> bool:
-    """glibc's word names an object that does not define ``symbol`` there: an init
-    function wrote it after relocation (libgnutls sets libgmp's allocation hooks)."""
+    """glibc's word names an object that does not define ``symbol`` there, or points
+    outside every object (into the heap): an init function wrote it after relocation
+    (libgnutls sets libgmp's allocation hooks, libapt-private libc's ``stderr``)."""
     target, offset = word
     obj = next((o for o in lm.objects if _key(o) == target), None)
     if obj is None:
-        return False
+        return target is None and offset != 0
     try:
         return obj.symbol(symbol) - obj.load_bias != offset
     except KeyError:
