@@ -80,7 +80,8 @@ class ScopeResolver(Resolver):
                  *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
                                            Definition | None] | None = None,
                  overrides: dict[bytes, int] | None = None,
-                 hooks: Resolver | None = None) -> None:
+                 hooks: Resolver | None = None,
+                 unique: dict[bytes, Definition] | None = None) -> None:
         super().__init__(hooks.pre_find if hooks else (), hooks.post_find if hooks else ())
         self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
         self.real = real
@@ -90,6 +91,9 @@ class ScopeResolver(Resolver):
         it found nothing), and to what."""
         self.memo = {} if memo is None else memo
         """Lookups already done over this same scope (objects loaded together share it)."""
+        self.unique = {} if unique is None else unique
+        """The process's STB_GNU_UNIQUE definitions by name: the first one bound wins for
+        every later reference (glibc's unique symbol table)."""
         self.overrides = overrides or {}
         """Names bound to a given address instead of the scope's definition (on the host,
         ``__tls_get_addr`` when objects of ours have TLS: ``loader.hosttls``)."""
@@ -115,6 +119,8 @@ class ScopeResolver(Resolver):
             again = found if plt else self._lookup(name, version, True, copy)
             if again is not None and again.obj is not self.me:
                 return Definition(self.me, i)
+        if found is not None and st_bind(found.obj.info[found.index]) == STB.GNU_UNIQUE:
+            return self.unique.setdefault(name, found)
         return found
 
     def resolve(self, tables: DynamicTables, needed: npt.NDArray[np.int64], bias: int,

@@ -51,7 +51,7 @@ from loader.mmap import MapFlags, Mmap, ProtFlags
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
-from loader.scope import Definitions, LookupStep, Scope, all_definitions, lookup
+from loader.scope import Definition, Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import HostResolver, Resolver, split_version, symbol_label
 from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
@@ -155,6 +155,8 @@ class LinkMap:
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
         self._tls = _ImageTls(self.mm, self.runs_code)
         self._eh_frames: dict[str, EhFrame] = {}
+        self._unique: dict[bytes, Definition] = {}
+        """STB_GNU_UNIQUE symbols: the first definition bound wins process-wide."""
         self._lazy_stub: tuple[int, int] | None = None
         self._binder: HostLazyBinder | None = None
         self.init_order: list[str] = []
@@ -361,7 +363,8 @@ class LinkMap:
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls.of, classes,
                                        real=self.runs_code,
                                        memo=memo.setdefault(id(m.scope), {}),
-                                       overrides=self._tls.overrides(), hooks=self.resolver)
+                                       overrides=self._tls.overrides(), hooks=self.resolver,
+                                       unique=self._unique)
             m.obj.relocations.tls = self._tls.layout(m.name)
             m.loaded.real_bindings = self.runs_code
             with _about(m.found, self._members):
@@ -548,6 +551,8 @@ class LinkMap:
                     self._global.remove(m)
                     self._global_defs.remove(m.defs)
         self._tls.drop(members)
+        gone = {id(m.defs) for m in members if "defs" in m.__dict__}
+        self._unique = {k: d for k, d in self._unique.items() if id(d.obj) not in gone}
 
 
 class _ImageTls:

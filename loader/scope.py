@@ -26,10 +26,10 @@ whenever the lookup finds another object's, except for data an executable copied
 COPY relocations look past the executable (the copy is not its own source).
 
 Where ours differs: a symbol referenced by relocations of both classes is looked up once,
-with the non-PLT class (they differ only for an executable's canonical PLT entry);
-STB_GNU_UNIQUE is looked up as global (glibc keeps one process-wide table of them, which
-gives the same answer unless two objects define one under different scopes); a reference
-version's "hidden" flag (never set by linkers for needs) is ignored.
+with the non-PLT class (they differ only for an executable's canonical PLT entry); a
+reference version's "hidden" flag (never set by linkers for needs) is ignored.
+STB_GNU_UNIQUE is looked up as global here; ``loader.binding`` then applies glibc's
+process-wide table of them (the first definition bound wins everywhere).
 """
 
 from __future__ import annotations
