@@ -237,3 +237,19 @@ def test_the_search_constants_are_this_machines_ld_so() -> None:
                         _ld_so("--list-diagnostics"))
     assert [d.rstrip("/") for d in system] == list(DEFAULT_DIRS)
     assert 'dl_platform="x86_64"' in _ld_so("--list-diagnostics")
+
+
+def test_a_preload_found_nowhere_is_reported_as_ldd_does() -> None:
+    """glibc ignores a preload it cannot find, with an ERROR line on stderr: the same
+    line (ldd prints it twice, as ld.so runs twice), and the same listing on stdout."""
+    import os
+    import subprocess
+    import sys
+
+    ours = subprocess.run([sys.executable, "-m", "vmsim.cli", "ldd", "/usr/bin/true",
+                           "--preload", "libnothere.so"], capture_output=True, text=True)
+    env = {**os.environ, "LD_PRELOAD": "libnothere.so"}
+    theirs = subprocess.run(["ldd", "/usr/bin/true"], capture_output=True, text=True, env=env)
+    assert ours.returncode == 0
+    assert set(ours.stderr.splitlines()) == set(theirs.stderr.splitlines())
+    assert "libnothere.so" in ours.stderr

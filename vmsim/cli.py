@@ -437,6 +437,10 @@ def cmd_ldd(args: argparse.Namespace) -> int:
     if not found[0].info or not found[0].info.dynamic:
         _say(f"{args.path}: not a dynamic executable (no PT_DYNAMIC)")
         return EXIT["refused"]
+    loaded = {n for f in found if f.how == "preload" for n in (f.name, *f.aliases)}
+    for name in (p for p in _preloads(args) if p not in loaded):
+        print(f"ERROR: ld.so: object '{name}' from LD_PRELOAD cannot be preloaded (cannot "
+              "open shared object file): ignored.", file=sys.stderr)
     for line in ldd_lines(found):
         print(line)
     return EXIT["ok"]
