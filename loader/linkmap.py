@@ -16,14 +16,17 @@ How a ``LinkMap`` loads, as ld.so (glibc 2.36) does at startup (``exec``) and in
    looked up over its scope (``ScopeResolver``), then RELRO sealed; with bind="lazy" the
    JUMP_SLOTs keep their PLT addresses, GOT[1] names the object, GOT[2] the lazy resolver;
 6. init, in glibc's order (``_dl_sort_maps``' depth-first sort of the new root's search list:
-   dependencies first; DT_INIT before DT_INIT_ARRAY; a program's DT_PREINIT_ARRAY first):
-   run where code runs (the host), recorded elsewhere. fini is the reverse sort at dlclose
-   and unload.
+   dependencies first; DT_INIT before DT_INIT_ARRAY): run where code runs (the host),
+   recorded elsewhere (a program's own init functions, DT_PREINIT_ARRAY included, belong to
+   its start-up code and are neither). fini is the reverse sort at dlclose and unload.
 
 A LinkMap that has not ``exec``'d a program starts as the smallest real process does: a
-program linked against libc only, so libc.so.6 and ld-linux-x86-64.so.2 are the global scope
-ahead of any dlopen'ed closure (on the simulator they are loaded on the first dlopen; the
-program itself, having no file, is not among ``objects``).
+program linked against libc only, so the preloads, libc.so.6 and ld-linux-x86-64.so.2 are
+the global scope ahead of any dlopen'ed closure (on the simulator they are loaded on the
+first dlopen; the program itself, having no file, is not among ``objects``). On the host
+that process is this one: its own objects are used where they are (``loader.resident``),
+the objects we load get their TLS from ``loader.hosttls``, their .eh_frame registered
+(``loader.ehframe``) and lazy binding through ``loader.lazy``'s trampoline.
 
 On the simulator nothing runs: IFUNC resolvers, init functions and lazy resolution are
 recorded as pending (``bindings()`` says which). Any failure unmaps everything the failed
