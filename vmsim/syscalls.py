@@ -56,7 +56,7 @@ SYSCALL_NAMES = {
     28: "madvise", 32: "dup", 33: "dup2", 35: "nanosleep", 39: "getpid", 41: "socket",
     56: "clone", 57: "fork", 58: "vfork", 59: "execve", 60: "exit", 61: "wait4", 62: "kill",
     63: "uname", 72: "fcntl", 79: "getcwd", 89: "readlink", 96: "gettimeofday",
-    97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid",
+    97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid",
     131: "sigaltstack", 158: "arch_prctl", 186: "gettid", 201: "time", 202: "futex",
     218: "set_tid_address", 228: "clock_gettime", 231: "exit_group", 234: "tgkill",
     257: "openat", 262: "newfstatat", 267: "readlinkat", 273: "set_robust_list",
