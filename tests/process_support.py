@@ -13,7 +13,7 @@ import vmsim
 PROT_RX = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def assemble(source: str) -> tuple[bytes, dict[str, int]]:
     """The bytes of ``source``'s .text and the offsets of its labels."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,9 +5,9 @@ and what code cannot reach."""
 from __future__ import annotations
 
 import pytest
+from process_support import load_code
 
 import vmsim
-from process_support import load_code
 
 PROT_R, PROT_RW = 1, 3
 

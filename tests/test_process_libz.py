@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from process_support import load_code
 
 import vmsim
-from process_support import load_code
 
 MIB = 1 << 20
 

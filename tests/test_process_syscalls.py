@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from process_support import load_code
 
 import vmsim
-from process_support import load_code
 from vmsim.process import BRK_BASE, Exited
 
 SYSCALL = "mov rax, rdi\n mov rdi, rsi\n mov rsi, rdx\n mov rdx, rcx\n mov r10, r8\n" \
