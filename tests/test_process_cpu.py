@@ -49,8 +49,16 @@ def test_a_jump_into_a_non_executable_page_faults_at_the_target() -> None:
 def test_an_infinite_loop_stops_at_the_budget() -> None:
     with vmsim.Process(budget=100_000) as proc:
         addr, _ = load_code(proc, "spin:\n jmp spin")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="100000 instructions"):
             proc.call(addr)
+
+
+def test_an_infinite_loop_stops_at_the_timeout_without_a_budget() -> None:
+    with vmsim.Process(budget=None, timeout=0.05) as proc:
+        addr, _ = load_code(proc, "spin:\n jmp spin")
+        with pytest.raises(TimeoutError, match=r"0\.05 s"):
+            proc.call(addr)
+        assert proc.call(load_code(proc, "mov eax, 5\n ret")[0]) == 5
 
 
 @pytest.mark.parametrize("where", ["pool", "kernel half", "low", "noncanonical"])

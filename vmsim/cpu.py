@@ -22,6 +22,9 @@ holding: munmap, mprotect, a copy-on-write copy replacing a shared frame.
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +39,7 @@ from vmsim.fault import Access, Fault
 from vmsim.mmu import Mmu
 from vmsim.pagetable import PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_W
 
-__all__ = ["CPU_PAGE_SIZE", "Cpu", "Stop"]
+__all__ = ["CPU_PAGE_SIZE", "WATCHDOG", "Cpu", "Stop", "Watchdog"]
 
 CPU_PAGE_SIZE = 4096
 """The page size of Unicorn's x86-64 TLB: a Process's space must use it."""
@@ -182,19 +185,24 @@ class Cpu:
 
     # ---- running
 
-    def run(self, pc: int, end: int, budget: int) -> None:
+    def run(self, pc: int, end: int, budget: int | None, timeout: float | None = None) -> None:
         """Run from ``pc`` until the CPU reaches ``end``. Raises the Fault of a refused
         access or a trap (``pc`` set), :class:`Stop` when the program exits, TimeoutError
-        after ``budget`` instructions without reaching ``end`` (counted from the last
-        resume after the frame pool grew: at most once per doubling)."""
+        after ``budget`` instructions (Unicorn counts each: several times slower) or
+        ``timeout`` seconds (a watchdog thread: full speed) without reaching ``end``. Both
+        count from the last resume after the frame pool grew (at most once per doubling)."""
         while True:
             self._map_physical()
             self._stop = None
+            token = None if timeout is None else WATCHDOG.arm(self.uc.emu_stop, timeout)
             try:
-                self.uc.emu_start(pc, end, count=budget)
+                self.uc.emu_start(pc, end, count=budget or 0)
                 error = None
             except uc.UcError as err:
                 error = err
+            finally:
+                if token is not None:
+                    WATCHDOG.disarm(token)
             stop, self._stop = self._stop, None
             pc = self.reg("rip")
             if isinstance(stop, Stop) and stop.moved:
@@ -206,8 +214,55 @@ class Cpu:
             if error is not None:
                 raise _error_fault(error, pc)
             if pc != end:
-                raise TimeoutError(f"no return after {budget} instructions (at {pc:#x})")
+                limit = f"{budget} instructions" if budget else f"{timeout} s"
+                raise TimeoutError(f"no return after {limit} (at {pc:#x})")
             return
+
+
+class Watchdog:
+    """Stops runs that pass their deadline: one thread for every CPU, started at the first
+    :meth:`arm`, sleeping until the nearest deadline (Unicorn runs without Python's lock
+    held, so the thread gets to run). It holds a run's ``stop`` only while the run is armed.
+    (Unicorn's own ``timeout`` starts and joins a thread per run: a quarter of a millisecond
+    a call.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._runs: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, stop: Callable[[], None], seconds: float) -> int:
+        """Call ``stop`` unless :meth:`disarm` comes within ``seconds``; the run's token."""
+        with self._lock:
+            token = next(self._tokens)
+            self._runs[token] = (time.monotonic() + seconds, stop)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True,
+                                                name="vmsim-cpu-watchdog")
+                self._thread.start()
+            self._lock.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        """The run ``token`` ended."""
+        with self._lock:
+            self._runs.pop(token, None)
+
+    def _watch(self) -> None:
+        """The thread: wait for the nearest deadline, stop the runs past theirs."""
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, stop) in list(self._runs.items()):
+                    if deadline <= now:
+                        del self._runs[token]
+                        stop()
+                nearest = min((d for d, _ in self._runs.values()), default=None)
+                self._lock.wait(None if nearest is None else nearest - now)
+
+
+WATCHDOG = Watchdog()
 
 
 def _error_fault(error: uc.UcError, pc: int) -> Fault:

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Exited", "Process", "ProcessStats"]
 
-BUDGET = 200_000_000
-"""The default instruction budget of one ``call``."""
 STACK_SIZE = 8 << 20
 BRK_BASE = 0x5555_5600_0000
 """Where the program break starts (no program is exec'ed yet: a fixed place)."""
@@ -63,12 +61,18 @@ class ProcessStats(NamedTuple):
 
 class Process:
     """An x86-64 process on the simulator: ``space`` its AddressSpace, ``stdout`` and
-    ``stderr`` what it wrote to fds 1 and 2, ``budget`` the instructions one ``call`` may run
-    before TimeoutError."""
+    ``stderr`` what it wrote to fds 1 and 2. One ``call`` stops with TimeoutError after
+    ``timeout`` seconds (a watchdog thread: code runs at full speed), or, when ``budget`` is
+    given, after ``budget`` instructions (exact and reproducible, but Unicorn then counts
+    every instruction, which makes code run several times slower)."""
 
-    def __init__(self, *, budget: int = BUDGET, stack_size: int = STACK_SIZE) -> None:
+    def __init__(self, *, budget: int | None = None, timeout: float = 10.0,
+                 stack_size: int = STACK_SIZE) -> None:
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget={budget}: a positive instruction count, or None")
         self.space = AddressSpace(page_size=CPU_PAGE_SIZE)
         self.budget = budget
+        self.timeout = timeout
         self.cpu = Cpu(self.space.mmu)
         self.kernel = Syscalls(self.space, BRK_BASE)
         self.cpu.syscall = self.kernel
@@ -116,7 +120,7 @@ class Process:
         """Call the function at ``addr`` as the System V ABI says, with integer or pointer
         ``args`` (the first six in registers, the rest on the stack), returning to the trap
         page; its rax (unsigned). Raises Fault on a fault or trap (``pc`` set), TimeoutError
-        past ``budget`` instructions, :class:`Exited` when the program exits."""
+        past the budget or timeout, :class:`Exited` when the program exits."""
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
         sp = (self.stack_top - 8 * len(extra)) & ~15
         frame = b"".join(a.to_bytes(8, "little") for a in [self.trap, *extra])
@@ -125,7 +129,8 @@ class Process:
             self.cpu.set_reg(reg, value)
         self.cpu.set_reg("rsp", sp - 8)
         try:
-            self.cpu.run(addr, self.trap, self.budget)
+            self.cpu.run(addr, self.trap, self.budget,
+                         None if self.budget else self.timeout)
         except Stop as stop:
             assert stop.status is not None
             self.exit_status = stop.status
