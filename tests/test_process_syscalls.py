@@ -141,3 +141,23 @@ def test_mmap_of_an_opened_file_is_the_files_pages(tmp_path: Path) -> None:
         load, _ = load_code(proc, "mov rax, [rdi]\n ret")
         assert proc.call(load, addr + 4096).to_bytes(8, "little") == b"pagepage"
         assert syscall(proc, 9, 0, 8192, 3, 0x01, fd, 0) == -errno.EACCES  # shared, writable
+
+
+def test_code_past_a_files_end_is_sigbus_and_its_writes_copy_on_write(tmp_path: Path) -> None:
+    """A private file mapping: code's store copies the page (the file keeps its bytes); a
+    load from a page wholly past the file's end is SIGBUS, as Linux delivers it."""
+    target = tmp_path / "short.bin"
+    target.write_bytes(b"A" * 4096)
+    with vmsim.Process() as proc:
+        path = proc.alloc(os.fsencode(target) + b"\0")
+        fd = syscall(proc, 257, -100 & M64, path, os.O_RDONLY, 0)
+        addr = syscall(proc, 9, 0, 8192, 3, 0x02, fd, 0)
+        store, _ = load_code(proc, "mov [rdi], rsi\n ret")
+        load, labels = load_code(proc, "load:\n mov rax, [rdi]\n ret")
+        proc.call(store, addr, 0x4242)
+        assert proc.call(load, addr) == 0x4242 and target.read_bytes() == b"A" * 4096
+        assert proc.stats.page_faults["cow"] == 1
+        with pytest.raises(vmsim.Fault) as info:
+            proc.call(load, addr + 4096)
+        assert (info.value.signal, info.value.code, info.value.pc) == (
+            "SIGBUS", "BUS_ADRERR", labels["load"])
