@@ -25,15 +25,29 @@ def test_a_call_returns_rax_and_passes_seven_arguments() -> None:
 
 
 def test_a_load_from_a_guard_page_is_a_fault_with_the_instructions_pc() -> None:
-    """The fault's address is the faulting page's (Unicorn's TLB fill is told the page)."""
     with vmsim.Process() as proc:
         addr, labels = load_code(proc, LOAD)
         with pytest.raises(vmsim.Fault) as info:
             proc.call(addr, proc.stack_guard + 8)
         fault = info.value
         assert (fault.addr, fault.access, fault.signal, fault.code, fault.pc) == (
-            proc.stack_guard, "r", "SIGSEGV", "SEGV_ACCERR", labels["load"])
+            proc.stack_guard + 8, "r", "SIGSEGV", "SEGV_ACCERR", labels["load"])
         assert proc.stats.page_faults["fatal"] == 1
+
+
+@pytest.mark.parametrize("offset", [-4, 0, 0xFF8])
+def test_a_store_into_a_read_only_page_faults_at_its_first_byte_there(offset: int) -> None:
+    """As Linux's si_addr: the first byte of the access in the refused page, also for a
+    store that starts on the writable page before it."""
+    with vmsim.Process() as proc:
+        addr, labels = load_code(proc, STORE)
+        area = proc.space.kernel.mmap(0, 8192, PROT_RW, 0x22, 0, -1)
+        proc.space.mprotect(area + 4096, 4096, PROT_R)
+        with pytest.raises(vmsim.Fault) as info:
+            proc.call(addr, area + 4096 + offset, 1)
+        assert (info.value.addr, info.value.pc) == (area + 4096 + max(offset, 0),
+                                                    labels["store"])
+        assert proc.space.read(area + 4092, 4) == bytes(4)  # nothing stored
 
 
 def test_a_jump_into_a_non_executable_page_faults_at_the_target() -> None:
@@ -72,7 +86,7 @@ def test_code_cannot_reach_host_memory(where: str) -> None:
                   "noncanonical": 0x0000_8000_0000_0000}[where]
         with pytest.raises(vmsim.Fault) as info:
             proc.call(addr, target, 0x4141414141414141)
-        assert info.value.addr == target & ~0xFFF and info.value.pc == labels["store"]
+        assert info.value.addr == target and info.value.pc == labels["store"]
         assert info.value.code == ("SI_KERNEL" if where == "noncanonical" else "SEGV_MAPERR")
         assert not (proc.space.mmu.pool.data.view("<u8") == 0x4141414141414141).any()
 

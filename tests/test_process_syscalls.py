@@ -87,7 +87,7 @@ def test_arch_prctl_sets_and_gets_the_fs_base() -> None:
         read_fs, _ = load_code(proc, "mov rax, fs:[8]\n ret")
         with pytest.raises(vmsim.Fault) as info:  # %fs:8 lies at 0x1234008: nothing there
             proc.call(read_fs)
-        assert info.value.addr == 0x1234000
+        assert info.value.addr == 0x1234008
 
 
 def test_uname_getrandom_and_prlimit() -> None:

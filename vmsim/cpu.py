@@ -45,6 +45,8 @@ CPU_PAGE_SIZE = 4096
 """The page size of Unicorn's x86-64 TLB: a Process's space must use it."""
 _ACCESS = {ucc.UC_MEM_READ: Access.READ, ucc.UC_MEM_WRITE: Access.WRITE,
            ucc.UC_MEM_FETCH: Access.EXECUTE}
+_SCRATCH = 1 << 40
+"""The physical address of the scratch pages of :meth:`Cpu._exact` (far above any frame)."""
 _READ, _WRITE, _EXEC = int(ucc.UC_PROT_READ), int(ucc.UC_PROT_WRITE), int(ucc.UC_PROT_EXEC)
 _TRAPS = {0: ("SIGFPE", "FPE_INTDIV"), 1: ("SIGTRAP", "TRAP_TRACE"),
           3: ("SIGTRAP", "SI_KERNEL"), 4: ("SIGSEGV", "SI_KERNEL"),
@@ -94,6 +96,8 @@ class Cpu:
         self._stop: BaseException | None = None
         self._phys: npt.NDArray[np.uint8] | None = None  # held: see the module docstring
         self._remapping = False
+        self._probing: int | None = None  # the page :meth:`_exact` watches
+        self.uc.mem_map(_SCRATCH, 2 * CPU_PAGE_SIZE, ucc.UC_PROT_ALL)
         self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._fill)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._interrupt)
         self.uc.hook_add(ucc.UC_HOOK_INSN, self._syscall, aux1=x86.UC_X86_INS_SYSCALL)
@@ -145,6 +149,10 @@ class Cpu:
         if self._remapping:
             entry.paddr, entry.perms = va, ucc.UC_PROT_NONE
             return True
+        if self._probing is not None and kind != ucc.UC_MEM_FETCH:
+            other = va != self._probing  # the faulting page, or another
+            entry.paddr, entry.perms = _SCRATCH + other * CPU_PAGE_SIZE, _READ | _WRITE
+            return True
         self.stats["tlb_fills"] += 1
         kernel = self.mmu.kernel
         faults, cows = getattr(kernel, "faults", 0), getattr(kernel, "cows", 0)
@@ -163,12 +171,57 @@ class Cpu:
         entry.perms = pte_perms(self.mmu.pte(va))
         return True
 
+    def _fresh_blocks(self) -> None:
+        """Drop cached translations and translated blocks (hooks are compiled into them)."""
+        self.flush_tlb()
+        self.uc.ctl_flush_tb()
+
+    def _exact(self, pc: int, fault: Fault) -> Fault:
+        """``fault`` (found by a fill, which is told only the page) at the first byte the
+        instruction at ``pc`` touches in that page, as Linux's si_addr. A fetch: ``pc`` when
+        the instruction starts in the page. Data: the instruction runs once more from a
+        saved context, every data page translated to a scratch page and its accesses
+        watched; then the context, the TLB and the translated blocks are restored. (The
+        watch is told physical addresses: the faulting page's scratch page is the first of
+        two, every other page's the second.)"""
+        page = fault.addr & -CPU_PAGE_SIZE
+        if fault.access == "x":
+            return fault.at(max(page, pc))
+        hits: list[int] = []
+
+        def watch(engine: Any, _kind: int, paddr: int, size: int, _value: int,
+                  _data: Any) -> bool:
+            offset = paddr - _SCRATCH
+            if not hits and 0 <= offset < 2 * CPU_PAGE_SIZE:
+                if offset < CPU_PAGE_SIZE:
+                    hits.append(page + offset)
+                elif offset + size > 2 * CPU_PAGE_SIZE:  # from the page before, into it
+                    hits.append(page)
+            if hits:
+                engine.emu_stop()
+            return True
+
+        saved = self.uc.context_save()
+        hook = self.uc.hook_add(ucc.UC_HOOK_MEM_READ | ucc.UC_HOOK_MEM_WRITE, watch)
+        self._probing = page
+        self._fresh_blocks()
+        try:
+            self.uc.emu_start(pc, 0, count=1)
+        except uc.UcError:
+            pass  # the scratch page's bytes may make it trap: its accesses are what counts
+        finally:
+            self._probing = None
+            self.uc.hook_del(hook)
+            self.uc.context_restore(saved)
+            self._fresh_blocks()
+        return fault.at(hits[0]) if hits else fault
+
     # ---- traps
 
     def _interrupt(self, _uc: Any, vector: int, _data: Any) -> None:
         """An exception the CPU raised: a page fault the fill refused (already recorded), or
         a trap the kernel would turn into a signal."""
-        if self._stop is None:
+        if self._stop is None and self._probing is None:
             signal, code = _TRAPS.get(vector, ("SIGSEGV", "SI_KERNEL"))
             pc = self.reg("rip")
             self._stop = Fault(pc, Access.EXECUTE, signal, code, pc)
@@ -208,7 +261,7 @@ class Cpu:
             if isinstance(stop, Stop) and stop.moved:
                 continue
             if isinstance(stop, Fault):
-                raise stop.on_cpu(pc if stop.pc is None else stop.pc)
+                raise stop if stop.pc is not None else self._exact(pc, stop).on_cpu(pc)
             if stop is not None:
                 raise stop
             if error is not None:
