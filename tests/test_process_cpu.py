@@ -148,3 +148,19 @@ def test_the_frame_pool_growing_during_a_run_keeps_every_write() -> None:
         for k in (0, 1, 17, 1000, pages - 1):
             assert proc.space.read(area + k * 4096, 8) == k.to_bytes(8, "little")
         assert proc.space.stats.frames >= pages
+
+
+@pytest.mark.parametrize(("source", "signal", "code"), [
+    ("xor ecx, ecx\n xor edx, edx\n mov eax, 1\nbad:\n div ecx\n ret", "SIGFPE", "FPE_INTDIV"),
+    ("nop\nbad:\n ud2\n ret", "SIGILL", "ILL_ILLOPN"),
+    ("nop\nbad:\n in al, dx\n ret", "SIGSEGV", "SI_KERNEL"),
+    ("int3\nbad:\n ret", "SIGTRAP", "SI_KERNEL"),  # reported after the int3, as Linux does
+])
+def test_traps_are_the_signals_linux_sends(source: str, signal: str, code: str) -> None:
+    with vmsim.Process() as proc:
+        addr, labels = load_code(proc, source)
+        with pytest.raises(vmsim.Fault) as info:
+            proc.call(addr)
+        assert (info.value.signal, info.value.code, info.value.pc) == (signal, code,
+                                                                       labels["bad"])
+        assert proc.call(load_code(proc, "mov eax, 3\n ret")[0]) == 3  # the CPU goes on

@@ -101,6 +101,8 @@ class Cpu:
         self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._fill)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._interrupt)
         self.uc.hook_add(ucc.UC_HOOK_INSN, self._syscall, aux1=x86.UC_X86_INS_SYSCALL)
+        for port_io in (x86.UC_X86_INS_IN, x86.UC_X86_INS_OUT):
+            self.uc.hook_add(ucc.UC_HOOK_INSN, self._port_io, aux1=port_io)
         mmu.tlb_flushes.append(self.flush_tlb)
 
     # ---- registers
@@ -226,6 +228,14 @@ class Cpu:
             pc = self.reg("rip")
             self._stop = Fault(pc, Access.EXECUTE, signal, code, pc)
         self.uc.emu_stop()
+
+    def _port_io(self, _uc: Any, _port: int, _size: int, *_rest: Any) -> int:
+        """in/out: no I/O permission in a user process (#GP: SIGSEGV, SI_KERNEL)."""
+        if self._stop is None:
+            pc = self.reg("rip")
+            self._stop = Fault(pc, Access.EXECUTE, "SIGSEGV", "SI_KERNEL", pc)
+        self.uc.emu_stop()
+        return 0
 
     def _syscall(self, _uc: Any, _data: Any) -> None:
         """The ``syscall`` instruction: the kernel's entry."""

@@ -62,9 +62,13 @@ class ProcessStats(NamedTuple):
 class Process:
     """An x86-64 process on the simulator: ``space`` its AddressSpace, ``stdout`` and
     ``stderr`` what it wrote to fds 1 and 2. One ``call`` stops with TimeoutError after
-    ``timeout`` seconds (a watchdog thread: code runs at full speed), or, when ``budget`` is
+    ``timeout`` seconds (a watchdog thread: code runs at full speed) and, when ``budget`` is
     given, after ``budget`` instructions (exact and reproducible, but Unicorn then counts
-    every instruction, which makes code run several times slower)."""
+    every instruction, which makes code run several times slower).
+
+    The code runs at Unicorn's privilege level 0: privileged instructions (mov to a control
+    register, wrmsr, hlt) act on the emulated CPU where Linux would send SIGSEGV (they reach
+    nothing of the host; hlt halts until the timeout); in and out are SIGSEGV."""
 
     def __init__(self, *, budget: int | None = None, timeout: float = 10.0,
                  stack_size: int = STACK_SIZE) -> None:
@@ -129,8 +133,7 @@ class Process:
             self.cpu.set_reg(reg, value)
         self.cpu.set_reg("rsp", sp - 8)
         try:
-            self.cpu.run(addr, self.trap, self.budget,
-                         None if self.budget else self.timeout)
+            self.cpu.run(addr, self.trap, self.budget, self.timeout)
         except Stop as stop:
             assert stop.status is not None
             self.exit_status = stop.status
