@@ -46,10 +46,12 @@ def test_adler32_of_a_mebibyte_equals_zlibs(libz: vmsim.Process,
 def test_the_fs_base_is_the_link_maps_thread_pointer(libz: vmsim.Process) -> None:
     """%fs:0 holds the TCB's self pointer in the thread area LinkMap built."""
     read, _ = load_code(libz, "mov rax, fs:[0]\n ret")
+    canary, _ = load_code(libz, "mov rax, fs:[0x28]\n ret")  # what -fstack-protector reads
     assert libz.linkmap is not None and libz.linkmap.thread is not None
     assert libz.cpu.reg("fs_base") == libz.linkmap.thread.tp
-    assert libz.call(read) == int.from_bytes(libz.space.read(libz.linkmap.thread.tp, 8),
-                                             "little")
+    tp = libz.linkmap.thread.tp
+    assert libz.call(read) == int.from_bytes(libz.space.read(tp, 8), "little") == tp
+    assert libz.call(canary) == int.from_bytes(libz.space.read(tp + 0x28, 8), "little")
 
 
 def test_code_writing_libz_relro_faults_at_its_store(libz: vmsim.Process) -> None:

@@ -69,6 +69,34 @@ def test_mmap_munmap_and_mprotect_go_through_the_simulators_kernel() -> None:
         assert syscall(proc, 9, 0, 4096, 1, 0x02, 99, 0) == -errno.EBADF
 
 
+def test_mprotect_and_munmap_made_by_code_reach_its_own_tlb() -> None:
+    """Code writes a page, makes it read-only, writes again: the second write faults (the
+    TLB entry the first write filled was flushed); after munmap a load faults too."""
+    with vmsim.Process() as proc:
+        addr, labels = load_code(proc, """
+            mov r12, rdi
+            mov qword ptr [r12], 1
+            mov rax, 10
+            mov rsi, 4096
+            mov rdx, 1
+            syscall
+            mov rbx, rax
+        again:
+            mov qword ptr [r12], 2
+            ret""")
+        page = proc.alloc(bytes(8))
+        with pytest.raises(vmsim.Fault) as info:
+            proc.call(addr, page)
+        assert (info.value.addr, info.value.access, info.value.pc) == (page, "w",
+                                                                       labels["again"])
+        assert proc.cpu.reg("rbx") == 0 and proc.space.read(page, 8) == (1).to_bytes(8, "little")
+        load, _ = load_code(proc, "mov rax, [rdi]\n ret")
+        assert proc.call(load, page) == 1
+        assert syscall(proc, 11, page, 4096) == 0
+        with pytest.raises(vmsim.Fault, match="SEGV_MAPERR"):
+            proc.call(load, page)
+
+
 def test_brk_grows_the_break_with_anonymous_memory() -> None:
     with vmsim.Process() as proc:
         assert syscall(proc, 12, 0) == BRK_BASE
