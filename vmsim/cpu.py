@@ -45,6 +45,8 @@ CPU_PAGE_SIZE = 4096
 """The page size of Unicorn's x86-64 TLB: a Process's space must use it."""
 _ACCESS = {ucc.UC_MEM_READ: Access.READ, ucc.UC_MEM_WRITE: Access.WRITE,
            ucc.UC_MEM_FETCH: Access.EXECUTE}
+TCG_BUFFER = 64 << 20
+"""Unicorn's buffer of translated code (its default is 1 GiB of address space per CPU)."""
 _SCRATCH = 1 << 40
 """The physical address of the scratch pages of :meth:`Cpu._exact` (far above any frame)."""
 _READ, _WRITE, _EXEC = int(ucc.UC_PROT_READ), int(ucc.UC_PROT_WRITE), int(ucc.UC_PROT_EXEC)
@@ -90,6 +92,7 @@ class Cpu:
             raise ValueError(f"a CPU needs {CPU_PAGE_SIZE}-byte pages, not {mmu.page_size}")
         self.mmu = mmu
         self.uc = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
+        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER)  # before anything makes Unicorn set up
         self.uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         self.syscall: Callable[[Cpu], None] = lambda cpu: None
         self.stats: Counter[str] = Counter()
