@@ -36,6 +36,16 @@ def test_write_to_stdout_and_stderr_is_captured() -> None:
         assert proc.stats.syscalls["write"] == 3
 
 
+def test_captured_output_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsim.syscalls.MAX_OUTPUT", 10)
+    with vmsim.Process() as proc:
+        text = proc.alloc(b"0123456789abcdef")
+        assert syscall(proc, 1, 1, text, 6) == 6
+        assert syscall(proc, 1, 1, text, 6) == 4
+        assert syscall(proc, 1, 1, text, 6) == -errno.ENOSPC
+        assert proc.stdout == b"0123450123"
+
+
 def test_a_write_from_a_bad_buffer_is_efault() -> None:
     with vmsim.Process() as proc:
         assert syscall(proc, 1, 1, 0x1000, 4) == -errno.EFAULT

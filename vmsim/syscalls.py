@@ -32,10 +32,13 @@ from vmsim.space import AddressSpace
 from vmsim.syscall_args import MAP_ANON, MAP_NOREPLACE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from vmsim.syscall_args import as_int_arg as c_int
 
-__all__ = ["MAX_IO", "SYSCALL_NAMES", "Syscalls"]
+__all__ = ["MAX_IO", "MAX_OUTPUT", "SYSCALL_NAMES", "Syscalls"]
 
 MAX_IO = 1 << 20
 """The most bytes one read, write or getrandom moves (a shorter count is legal)."""
+MAX_OUTPUT = 64 << 20
+"""The most bytes fds 1 and 2 capture each; a write past it is ENOSPC (a program writing in a
+loop cannot fill the host's memory)."""
 _PATH_MAX = 4096
 _AT_FDCWD = -100
 _AT_EMPTY_PATH, _AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
@@ -283,11 +286,15 @@ class Syscalls:
     # ---- output
 
     def write(self, fd: int, buf: int, count: int) -> int:
-        """write(2) to fd 1 or 2 (captured); other descriptors are read-only (EBADF)."""
+        """write(2) to fd 1 or 2 (captured, up to MAX_OUTPUT); other descriptors are
+        read-only (EBADF)."""
         out = {1: self.stdout, 2: self.stderr}.get(c_int(fd))
         if out is None:
             return -errno.EBADF
-        data = self.space.read(buf, min(count, MAX_IO))
+        room = MAX_OUTPUT - len(out)
+        if count and room <= 0:
+            return -errno.ENOSPC
+        data = self.space.read(buf, min(count, MAX_IO, room))
         out += data
         return len(data)
 
