@@ -150,6 +150,20 @@ def test_the_frame_pool_growing_during_a_run_keeps_every_write() -> None:
         assert proc.space.stats.frames >= pages
 
 
+def test_touching_memory_past_the_limit_stops_the_run() -> None:
+    with vmsim.Process(memory=256 << 12) as proc:
+        area = proc.space.kernel.mmap(0, 1024 * 4096, PROT_RW, 0x22, 0, -1)
+        fill, _ = load_code(proc, """
+            xor ecx, ecx
+        again:
+            mov [rdi + rcx], rcx
+            add rcx, 4096
+            jmp again""")
+        with pytest.raises(MemoryError, match="256 frames"):
+            proc.call(fill, area)
+        assert proc.space.stats.frames <= 257
+
+
 @pytest.mark.parametrize(("source", "signal", "code"), [
     ("xor ecx, ecx\n xor edx, edx\n mov eax, 1\nbad:\n div ecx\n ret", "SIGFPE", "FPE_INTDIV"),
     ("nop\nbad:\n ud2\n ret", "SIGILL", "ILL_ILLOPN"),

@@ -82,15 +82,17 @@ def pte_perms(pte: int) -> int:
 
 
 class Cpu:
-    """An x86-64 CPU translating through ``mmu``. ``syscall`` is called for each
+    """An x86-64 CPU translating through ``mmu``; a run stops with MemoryError once the
+    space holds more than ``frame_limit`` frames. ``syscall`` is called for each
     ``syscall`` instruction (the kernel's entry: it reads and writes the registers).
     ``stats``: ``tlb_fills`` and, taken in fills, ``page_faults`` by kind (``demand``:
     zero fill or a file's page, ``cow``: copy-on-write copies, ``fatal``: refused)."""
 
-    def __init__(self, mmu: Mmu) -> None:
+    def __init__(self, mmu: Mmu, frame_limit: int = 1 << 20) -> None:
         if mmu.page_size != CPU_PAGE_SIZE:
             raise ValueError(f"a CPU needs {CPU_PAGE_SIZE}-byte pages, not {mmu.page_size}")
         self.mmu = mmu
+        self.frame_limit = frame_limit
         self.uc = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER)  # before anything makes Unicorn set up
         self.uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
@@ -149,6 +151,14 @@ class Cpu:
         self._stop = Stop(moved=True)
         return True
 
+    def _out_of_memory(self) -> bool:
+        """True when the frames in use pass ``frame_limit``: the CPU must stop (the OOM
+        killer's part: a program touching memory in a loop cannot fill the host's)."""
+        if self.mmu.pool.in_use <= self.frame_limit:
+            return False
+        self._stop = MemoryError(f"the process uses more than {self.frame_limit} frames")
+        return True
+
     def _fill(self, _uc: Any, va: int, kind: int, entry: Any, _data: Any) -> bool:
         """Unicorn's TLB miss at page ``va``: translate through the simulator's MMU."""
         if self._remapping:
@@ -170,7 +180,7 @@ class Cpu:
         cow = getattr(kernel, "cows", 0) - cows
         self.stats["page_faults.cow"] += cow
         self.stats["page_faults.demand"] += getattr(kernel, "faults", 0) - faults - cow
-        if self._moved():
+        if self._moved() or self._out_of_memory():
             return False
         entry.paddr = frame * CPU_PAGE_SIZE
         entry.perms = pte_perms(self.mmu.pte(va))
@@ -253,7 +263,8 @@ class Cpu:
 
     def run(self, pc: int, end: int, budget: int | None, timeout: float | None = None) -> None:
         """Run from ``pc`` until the CPU reaches ``end``. Raises the Fault of a refused
-        access or a trap (``pc`` set), :class:`Stop` when the program exits, TimeoutError
+        access or a trap (``pc`` set), :class:`Stop` when the program exits, MemoryError past
+        the frame limit, TimeoutError
         after ``budget`` instructions (Unicorn counts each: several times slower) or
         ``timeout`` seconds (a watchdog thread: full speed) without reaching ``end``. Both
         count from the last resume after the frame pool grew (at most once per doubling)."""

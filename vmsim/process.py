@@ -64,20 +64,21 @@ class Process:
     ``stderr`` what it wrote to fds 1 and 2. One ``call`` stops with TimeoutError after
     ``timeout`` seconds (a watchdog thread: code runs at full speed) and, when ``budget`` is
     given, after ``budget`` instructions (exact and reproducible, but Unicorn then counts
-    every instruction, which makes code run several times slower).
+    every instruction, which makes code run several times slower). A call that makes the
+    space hold more than ``memory`` bytes of frames stops with MemoryError.
 
     The code runs at Unicorn's privilege level 0: privileged instructions (mov to a control
     register, wrmsr, hlt) act on the emulated CPU where Linux would send SIGSEGV (they reach
     nothing of the host; hlt halts until the timeout); in and out are SIGSEGV."""
 
     def __init__(self, *, budget: int | None = None, timeout: float = 10.0,
-                 stack_size: int = STACK_SIZE) -> None:
+                 memory: int = 4 << 30, stack_size: int = STACK_SIZE) -> None:
         if budget is not None and budget <= 0:
             raise ValueError(f"budget={budget}: a positive instruction count, or None")
         self.space = AddressSpace(page_size=CPU_PAGE_SIZE)
         self.budget = budget
         self.timeout = timeout
-        self.cpu = Cpu(self.space.mmu)
+        self.cpu = Cpu(self.space.mmu, memory // CPU_PAGE_SIZE)
         self.kernel = Syscalls(self.space, BRK_BASE)
         self.cpu.syscall = self.kernel
         self.exit_status: int | None = None
@@ -124,7 +125,8 @@ class Process:
         """Call the function at ``addr`` as the System V ABI says, with integer or pointer
         ``args`` (the first six in registers, the rest on the stack), returning to the trap
         page; its rax (unsigned). Raises Fault on a fault or trap (``pc`` set), TimeoutError
-        past the budget or timeout, :class:`Exited` when the program exits."""
+        past the budget or timeout, MemoryError past ``memory``, :class:`Exited` when the
+        program exits."""
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
         sp = (self.stack_top - 8 * len(extra)) & ~15
         frame = b"".join(a.to_bytes(8, "little") for a in [self.trap, *extra])
