@@ -162,6 +162,7 @@ def test_host_files_are_readable_and_never_writable(tmp_path: Path) -> None:
         assert int.from_bytes(proc.space.read(buf + 48, 8), "little") == 1000  # st_size
         assert syscall(proc, 262, -100 & M64, path, buf, 0) == 0
         assert int.from_bytes(proc.space.read(buf + 48, 8), "little") == 1000
+        assert syscall(proc, 17, fd, buf, 1, M64) == -errno.EINVAL  # no host offset that far
         assert syscall(proc, 1, fd, buf, 1) == -errno.EBADF
         assert syscall(proc, 3, fd) == 0
         assert syscall(proc, 0, fd, buf, 1) == -errno.EBADF

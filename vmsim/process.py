@@ -13,6 +13,13 @@ simulator it runs no code of theirs (no IFUNC resolver, no init function, no laz
 a lazily bound PLT call reaches the int3 page LinkMap leaves in GOT[2] and stops with SIGTRAP).
 The FS base is the LinkMap's thread pointer, so %fs-relative TLS and the stack protector's
 %fs:0x28 read the thread area LinkMap built.
+
+Known differences from a Linux process: a page-cache page is refreshed from its file when the
+CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
+in the page cache (the file is not written; the syscalls open files read-only, so only a
+mapping made from the host side can be one); mremap and everything not listed in
+``vmsim.syscalls`` is -ENOSYS; one thread, no signals delivered to the program (a fault ends
+the call).
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ class Syscalls:
             result = -errno.EFAULT
         except OSError as err:
             result = -(err.errno or errno.EIO)
+        except (OverflowError, ValueError):  # a value the host call cannot take
+            result = -errno.EINVAL
         cpu.set_reg("rax", result)
 
     # ---- process
