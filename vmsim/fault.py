@@ -52,23 +52,33 @@ class Fault(Exception):
     when built from an :class:`Access`), ``signal`` ``"SIGSEGV"`` or ``"SIGBUS"``, ``code``
     ``"SEGV_MAPERR"`` (nothing mapped there), ``"SEGV_ACCERR"`` (mapped, access not allowed),
     ``"BUS_ADRERR"`` (file page past EOF) or ``"SI_KERNEL"`` (a non-canonical address: x86
-    raises #GP, the kernel sends SIGSEGV with si_code SI_KERNEL).
+    raises #GP, the kernel sends SIGSEGV with si_code SI_KERNEL). ``pc`` is the address of
+    the instruction that faulted when code running on a CPU (``vmsim.Process``) made the
+    access, else None.
     """
 
-    def __init__(self, addr: int, access: str | Access, signal: str, code: str) -> None:
+    def __init__(self, addr: int, access: str | Access, signal: str, code: str,
+                 pc: int | None = None) -> None:
         self.addr = addr
         self.access = access.letter if isinstance(access, Access) else access
         self.signal = signal
         self.code = code
+        self.pc = pc
         kind = {"r": "read", "w": "write", "x": "fetch"}.get(self.access, self.access)
-        super().__init__(f"{signal} ({code}): {kind} at {addr:#x}")
+        where = "" if pc is None else f" (pc {pc:#x})"
+        super().__init__(f"{signal} ({code}): {kind} at {addr:#x}{where}")
 
-    def __reduce__(self) -> tuple[type[Fault], tuple[int, str, str, str]]:
-        return (Fault, (self.addr, self.access, self.signal, self.code))
+    def __reduce__(self) -> tuple[type[Fault], tuple[int, str, str, str, int | None]]:
+        return (Fault, (self.addr, self.access, self.signal, self.code, self.pc))
 
     def at(self, addr: int) -> Fault:
         """The same fault reported at ``addr`` (the first byte of the access in the page)."""
-        return self if addr == self.addr else Fault(addr, self.access, self.signal, self.code)
+        return self if addr == self.addr else Fault(addr, self.access, self.signal, self.code,
+                                                    self.pc)
+
+    def on_cpu(self, pc: int) -> Fault:
+        """The same fault, made by the instruction at ``pc``."""
+        return Fault(self.addr, self.access, self.signal, self.code, pc)
 
 
 def raise_found(find: Callable[[], Fault | None]) -> None:

@@ -491,6 +491,8 @@ class Kernel:
         idx = set_indices(need)
         n = len(idx)
         self.faults += n
+        if write and self.mmu.tlb_flushes and np.count_nonzero(ptes[idx] & _N_HAS):
+            self.mmu.flush_tlb()  # a shared frame is about to be replaced by a copy
         bits = self.pte_bits(vma.flags)
         file = vma.file
         pool = self.mmu.pool

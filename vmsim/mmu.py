@@ -143,6 +143,15 @@ class Mmu:
         self.pt = PageTable(self.shift)
         self.pool = FramePool(page_size)
         self._kernel: Callable[[], FaultHandler | None] = lambda: None
+        self.tlb_flushes: list[Callable[[], None]] = []
+        """What to call when translations a CPU may have cached stop holding (a CPU's TLB
+        flush, ``vmsim.cpu``): PTEs cleared or changed, a frame replaced by its copy."""
+
+    def flush_tlb(self) -> None:
+        """Tell every CPU caching this page table's translations to drop them (a TLB
+        shootdown)."""
+        for flush in self.tlb_flushes:
+            flush()
 
     @property
     def kernel(self) -> FaultHandler:
@@ -370,6 +379,7 @@ class Mmu:
             if any_set(has):
                 perm = np.where((ptes & _U64(PTE_COW)) != _N_ZERO, ro, rw)
                 ptes[:] = np.where(has, (ptes & keep) | perm, _N_ZERO)
+        self.flush_tlb()
 
     def _no_leaf_under(self, start: int, end: int) -> bool:
         """True when no leaf table lies under ``[start, end)`` (no page of it was ever
@@ -401,6 +411,7 @@ class Mmu:
             if any_set(owned):
                 self.pool.free(frames[owned])
             ptes[:] = 0
+        self.flush_tlb()
 
     def resident_pages(self) -> int:
         """Pages whose PTE holds a frame (present or PROT_NONE), the zero page excluded."""

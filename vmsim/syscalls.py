@@ -1,0 +1,322 @@
+"""The system calls of a simulated process: the simulator is its kernel.
+
+Part of ``vmsim``'s process layer: :class:`Syscalls` serves the ``syscall`` instructions of
+a :class:`~vmsim.cpu.Cpu` (``vmsim.process`` wires them), reading its registers as Linux's
+x86-64 entry does (number in rax, arguments in rdi, rsi, rdx, r10, r8, r9, result in rax,
+``-errno`` on failure). Memory calls (mmap, munmap, mprotect, brk) go through the same
+``vmsim.kernel.Kernel`` calls as the ``Mmap`` methods of :class:`~vmsim.AddressSpace`; the
+program's own memory is read and written as user-mode accesses (a fault is ``-EFAULT``).
+
+Host files are reachable read-only and only through descriptors of the program's own table:
+openat refuses any write access (EACCES), read/pread64/lseek/fstat/newfstatat/close work on
+what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs. Anything
+else returns ``-ENOSYS`` and is counted by name.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import resource
+import struct
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from loader.mmap import MmapError
+from loader.pages import page_round_up
+from vmsim.cpu import Cpu, Stop
+from vmsim.fault import Fault
+from vmsim.space import AddressSpace
+from vmsim.syscall_args import MAP_ANON, MAP_NOREPLACE, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from vmsim.syscall_args import as_int_arg as c_int
+
+__all__ = ["MAX_IO", "MAX_OUTPUT", "SYSCALL_NAMES", "Syscalls"]
+
+MAX_IO = 1 << 20
+"""The most bytes one read, write or getrandom moves (a shorter count is legal)."""
+MAX_OUTPUT = 64 << 20
+"""The most bytes fds 1 and 2 capture each; a write past it is ENOSPC (a program writing in a
+loop cannot fill the host's memory)."""
+_PATH_MAX = 4096
+_AT_FDCWD = -100
+_AT_EMPTY_PATH, _AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
+_ARCH_SET_GS, _ARCH_SET_FS, _ARCH_GET_FS, _ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")  # struct stat, x86-64
+_RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STACK",
+            4: "RLIMIT_CORE", 5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE",
+            8: "RLIMIT_MEMLOCK", 9: "RLIMIT_AS"}
+PID = 1000
+"""The simulated process's pid (and its one thread's tid)."""
+
+SYSCALL_NAMES = {
+    0: "read", 1: "write", 2: "open", 3: "close", 4: "stat", 5: "fstat", 6: "lstat", 7: "poll",
+    8: "lseek", 9: "mmap", 10: "mprotect", 11: "munmap", 12: "brk", 13: "rt_sigaction",
+    14: "rt_sigprocmask", 15: "rt_sigreturn", 16: "ioctl", 17: "pread64", 18: "pwrite64",
+    19: "readv", 20: "writev", 21: "access", 22: "pipe", 24: "sched_yield", 25: "mremap",
+    28: "madvise", 32: "dup", 33: "dup2", 35: "nanosleep", 39: "getpid", 41: "socket",
+    56: "clone", 57: "fork", 58: "vfork", 59: "execve", 60: "exit", 61: "wait4", 62: "kill",
+    63: "uname", 72: "fcntl", 79: "getcwd", 89: "readlink", 96: "gettimeofday",
+    97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid",
+    131: "sigaltstack", 158: "arch_prctl", 186: "gettid", 201: "time", 202: "futex",
+    218: "set_tid_address", 228: "clock_gettime", 231: "exit_group", 234: "tgkill",
+    257: "openat", 262: "newfstatat", 267: "readlinkat", 273: "set_robust_list",
+    293: "pipe2", 302: "prlimit64", 318: "getrandom", 332: "statx", 334: "rseq",
+    435: "clone3", 439: "faccessat2"}
+"""x86-64 syscall numbers, for the names calls are counted by (others: ``syscall_<nr>``)."""
+_ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+class Syscalls:
+    """The kernel entry of one process: its descriptor table, brk, captured output and
+    counters (``counts``: calls by name; ``enosys``: the unimplemented ones by name)."""
+
+    def __init__(self, space: AddressSpace, brk_base: int) -> None:
+        self.space = space
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.counts: Counter[str] = Counter()
+        self.enosys: Counter[str] = Counter()
+        self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
+        self.brk_base = self.brk = brk_base
+        handlers: dict[int, Callable[..., int]] = {
+            0: self.read, 1: self.write, 3: self.close, 5: self.fstat, 8: self.lseek,
+            9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call, 17: self.pread64,
+            20: self.writev, 39: lambda: PID, 60: self.exit, 63: self.uname,
+            158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
+            231: self.exit, 257: self.openat, 262: self.newfstatat,
+            273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom}
+        self.handlers = {nr: (h, len(inspect.signature(h).parameters))
+                         for nr, h in handlers.items()}
+        self.cpu: Cpu | None = None
+
+    def close_all(self) -> None:
+        """Close the host descriptors the program still holds."""
+        for host in self.fds.values():
+            os.close(host)
+        self.fds.clear()
+
+    # ---- the entry
+
+    def __call__(self, cpu: Cpu) -> None:
+        """One ``syscall`` instruction on ``cpu``: dispatch on rax, result into rax."""
+        self.cpu = cpu
+        nr = cpu.reg("rax")
+        name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
+        self.counts[name] += 1
+        entry = self.handlers.get(nr)
+        if entry is None:
+            self.enosys[name] += 1
+            cpu.set_reg("rax", -errno.ENOSYS)
+            return
+        handler, nargs = entry
+        try:
+            result = handler(*(cpu.reg(r) for r in _ARGS[:nargs]))
+        except MmapError as err:
+            result = -err.code
+        except Fault:
+            result = -errno.EFAULT
+        except OSError as err:
+            result = -(err.errno or errno.EIO)
+        except (OverflowError, ValueError):  # a value the host call cannot take
+            result = -errno.EINVAL
+        cpu.set_reg("rax", result)
+
+    # ---- process
+
+    def exit(self, status: int) -> int:
+        """exit / exit_group: the CPU stops with the status (its low byte, as wait sees)."""
+        raise Stop(status & 0xFF)
+
+    def arch_prctl(self, code: int, addr: int) -> int:
+        """ARCH_SET_FS/GS set the segment base; ARCH_GET_FS/GS store it at ``addr``."""
+        assert self.cpu is not None
+        reg = "fs_base" if code in (_ARCH_SET_FS, _ARCH_GET_FS) else "gs_base"
+        if code in (_ARCH_SET_FS, _ARCH_SET_GS):
+            if addr >= self.space.task_size:
+                return -errno.EPERM
+            self.cpu.set_reg(reg, addr)
+            return 0
+        if code in (_ARCH_GET_FS, _ARCH_GET_GS):
+            self.space.write(addr, self.cpu.reg(reg).to_bytes(8, "little"))
+            return 0
+        return -errno.EINVAL
+
+    def uname(self, buf: int) -> int:
+        """struct utsname: the host's, with the node name "vmsim"."""
+        host = os.uname()
+        fields = (host.sysname, "vmsim", host.release, host.version, host.machine, "(none)")
+        self.space.write(buf, b"".join(f.encode()[:64].ljust(65, b"\0") for f in fields))
+        return 0
+
+    def prlimit64(self, pid: int, res: int, new: int, old: int) -> int:
+        """Read a limit (the host's); setting one is refused (EPERM)."""
+        if pid not in (0, PID):
+            return -errno.ESRCH
+        if res not in _RLIMITS:
+            return -errno.EINVAL
+        if new:
+            return -errno.EPERM
+        if old:
+            soft, hard = resource.getrlimit(getattr(resource, _RLIMITS[res]))
+            self.space.write(old, struct.pack("<qq", soft, hard))
+        return 0
+
+    def getrandom(self, buf: int, count: int, _flags: int) -> int:
+        """Random bytes from the host (at most MAX_IO a call)."""
+        count = min(count, MAX_IO)
+        self.space.write(buf, os.urandom(count))
+        return count
+
+    # ---- memory
+
+    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int, off: int) -> int:
+        """mmap(2) on the simulator's kernel; a file descriptor is the program's own."""
+        host = -1
+        if not c_int(flags) & MAP_ANON:
+            host = self.fds.get(c_int(fd), -1)
+            if host < 0:
+                return -errno.EBADF
+        return self.space.kernel.mmap(addr, length, c_int(prot), c_int(flags), off, host)
+
+    def munmap(self, addr: int, length: int) -> int:
+        """munmap(2) on the simulator's kernel."""
+        self.space.kernel.munmap(addr, length)
+        return 0
+
+    def mprotect(self, addr: int, length: int, prot: int) -> int:
+        """mprotect(2) on the simulator's kernel."""
+        self.space.kernel.mprotect(addr, length, c_int(prot))
+        return 0
+
+    def brk_call(self, addr: int) -> int:
+        """brk(2): move the program break (anonymous memory from ``brk_base``); returns the
+        break, unchanged when the move is refused, as Linux does."""
+        page = self.space.page_size
+        old, new = page_round_up(self.brk, page), page_round_up(addr, page)
+        if addr < self.brk_base:
+            return self.brk
+        try:
+            if new > old:
+                self.space.kernel.mmap(old, new - old, PROT_READ | PROT_WRITE,
+                                       MAP_PRIVATE | MAP_ANON | MAP_NOREPLACE, 0, -1)
+            elif new < old:
+                self.space.kernel.munmap(new, old - new)
+        except MmapError:
+            return self.brk
+        self.brk = addr
+        return addr
+
+    # ---- files (host files, read-only)
+
+    def _path(self, addr: int) -> str:
+        """The NUL-terminated path at ``addr`` (ENAMETOOLONG past PATH_MAX)."""
+        out = b""
+        while len(out) < _PATH_MAX:
+            chunk = self.space.read(addr + len(out), 1 + (-(addr + len(out) + 1)) % 256)
+            end = chunk.find(b"\0")
+            if end >= 0:
+                return os.fsdecode(out + chunk[:end])
+            out += chunk
+        raise OSError(errno.ENAMETOOLONG, "path too long")
+
+    def _host_fd(self, fd: int) -> int:
+        """The host descriptor behind the program's ``fd`` (EBADF when none)."""
+        host = self.fds.get(c_int(fd))
+        if host is None:
+            raise OSError(errno.EBADF, "bad file descriptor")
+        return host
+
+    def openat(self, dirfd: int, path: int, flags: int, _mode: int) -> int:
+        """Open a host file read-only (relative paths from the host's working directory when
+        ``dirfd`` is AT_FDCWD, else from the program's directory descriptor)."""
+        flags = c_int(flags)
+        if flags & _WRITE_FLAGS:
+            return -errno.EACCES
+        name = self._path(path)
+        base = None if c_int(dirfd) == _AT_FDCWD or name.startswith("/") else \
+            self._host_fd(dirfd)
+        host = os.open(name, (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)) | os.O_RDONLY
+                       | os.O_CLOEXEC, dir_fd=base)
+        fd = next(n for n in range(3, len(self.fds) + 4) if n not in self.fds)
+        self.fds[fd] = host
+        return fd
+
+    def close(self, fd: int) -> int:
+        """close(2) of one of the program's descriptors."""
+        host = self._host_fd(fd)
+        del self.fds[c_int(fd)]
+        os.close(host)
+        return 0
+
+    def read(self, fd: int, buf: int, count: int) -> int:
+        """read(2): fd 0 is at its end; others are the program's host files."""
+        if c_int(fd) == 0:
+            return 0
+        data = os.read(self._host_fd(fd), min(count, MAX_IO))
+        self.space.write(buf, data)
+        return len(data)
+
+    def pread64(self, fd: int, buf: int, count: int, offset: int) -> int:
+        """pread64(2) on one of the program's host files."""
+        data = os.pread(self._host_fd(fd), min(count, MAX_IO), offset)
+        self.space.write(buf, data)
+        return len(data)
+
+    def lseek(self, fd: int, offset: int, whence: int) -> int:
+        """lseek(2) on one of the program's host files."""
+        return os.lseek(self._host_fd(fd), offset - (offset >> 63 << 64), c_int(whence))
+
+    def fstat(self, fd: int, buf: int) -> int:
+        """fstat(2) on one of the program's host files."""
+        self.space.write(buf, _stat_bytes(os.fstat(self._host_fd(fd))))
+        return 0
+
+    def newfstatat(self, dirfd: int, path: int, buf: int, flags: int) -> int:
+        """newfstatat(2): fstat with AT_EMPTY_PATH and "", else a host stat of the path."""
+        name = self._path(path)
+        if not name and c_int(flags) & _AT_EMPTY_PATH:
+            return self.fstat(dirfd, buf)
+        base = None if c_int(dirfd) == _AT_FDCWD or name.startswith("/") else \
+            self._host_fd(dirfd)
+        st = os.stat(name, dir_fd=base, follow_symlinks=not c_int(flags) & _AT_SYMLINK_NOFOLLOW)
+        self.space.write(buf, _stat_bytes(st))
+        return 0
+
+    # ---- output
+
+    def write(self, fd: int, buf: int, count: int) -> int:
+        """write(2) to fd 1 or 2 (captured, up to MAX_OUTPUT); other descriptors are
+        read-only (EBADF)."""
+        out = {1: self.stdout, 2: self.stderr}.get(c_int(fd))
+        if out is None:
+            return -errno.EBADF
+        room = MAX_OUTPUT - len(out)
+        if count and room <= 0:
+            return -errno.ENOSPC
+        data = self.space.read(buf, min(count, MAX_IO, room))
+        out += data
+        return len(data)
+
+    def writev(self, fd: int, iov: int, count: int) -> int:
+        """writev(2) to fd 1 or 2: each iovec in turn (at most 1024)."""
+        if not 0 <= c_int(count) <= 1024:
+            return -errno.EINVAL
+        total = 0
+        for k in range(c_int(count)):
+            base, length = struct.unpack("<QQ", self.space.read(iov + 16 * k, 16))
+            wrote = self.write(fd, base, length)
+            if wrote < 0:
+                return wrote
+            total += wrote
+        return total
+
+
+def _stat_bytes(st: Any) -> bytes:
+    """``os.stat_result`` as x86-64's struct stat."""
+    return _STAT.pack(st.st_dev, st.st_ino, st.st_nlink, st.st_mode, st.st_uid, st.st_gid, 0,
+                      st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
+                      int(st.st_atime), st.st_atime_ns % 10**9, int(st.st_mtime),
+                      st.st_mtime_ns % 10**9, int(st.st_ctime), st.st_ctime_ns % 10**9)
