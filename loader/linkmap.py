@@ -50,7 +50,7 @@ from loader.elfdefs import DT, MASK64, R_X86_64
 from loader.errors import ElfDependencyError, ElfError, ElfSymbolError, ElfUnsupportedError
 from loader.hosttls import HostTls, check_no_initial_exec
 from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
-from loader.mmap import MapFlags, Mmap, ProtFlags
+from loader.mmap import MapFlags, Mmap, ProtFlags, code_runner
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
@@ -153,10 +153,13 @@ class LinkMap:
         self.preload = tuple(preload)
         self.resolver = resolver
         self.runs_code = runs_code(mm)
+        self.runner = code_runner(mm)
+        self.host = self.runs_code and self.runner is None
+        """The backend is this very process (not a simulated one with a CPU of its own)."""
         self._members: list[_Member] = []
         self._global: list[_Member] = []
         self._global_defs: list[Definitions] = []     # the same, as the lookup reads it
-        self._tls = _ImageTls(self.mm, self.runs_code)
+        self._tls = _ImageTls(self.mm, self.host)
         self._eh_frames: dict[str, EhFrame] = {}
         self._unique: dict[bytes, Definition] = {}
         """STB_GNU_UNIQUE symbols: the first definition bound wins process-wide."""
@@ -195,7 +198,7 @@ class LinkMap:
         """Load the program ``path``, its preloads and its closure, as ld.so does at
         startup (``bind``: "lazy" as ld.so by default, "now" as LD_BIND_NOW). No code of the
         program runs. Only one program per LinkMap, before any dlopen."""
-        if self.runs_code:
+        if self.host:
             raise ElfUnsupportedError("exec of " + os.fspath(path), "the host backend",
                                       "the simulator (this process has its program already: "
                                       "dlopen into it instead)")
@@ -215,7 +218,7 @@ class LinkMap:
         libc: the order differs only for a preload that needs more than libc)."""
         if self._members:
             return
-        if self.runs_code:
+        if self.host:
             self._adopt_process()
             return
         entries: list[Found] = []
@@ -308,7 +311,7 @@ class LinkMap:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
         with _about(found, self._members):
-            obj = map_object(found.path, self.mm, host_tls=self.runs_code)
+            obj = map_object(found.path, self.mm, host_tls=self.host)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)
@@ -384,7 +387,7 @@ class LinkMap:
         """On the host, each new object's .eh_frame is registered with libgcc (after
         relocation, before init: an initialiser may throw and catch), so exceptions unwind
         through code glibc does not know of (``loader.ehframe``)."""
-        if not self.runs_code:
+        if not self.host:
             return
         for m in new:
             finder = _ScopeFinder(m.scope)
@@ -402,7 +405,7 @@ class LinkMap:
         got = lazy_got(obj.image, obj.tables, obj.load_bias)
         if not got.got:
             return
-        if self.runs_code:
+        if self.host:
             if self._binder is None:
                 self._binder = HostLazyBinder(self.mm)
             self._binder.attach(got, obj.tables, functools.partial(self._lazy_lookup, m))
@@ -420,7 +423,7 @@ class LinkMap:
         if found is None:
             return None
         if found.is_ifunc:
-            return call_ifunc(found.address)
+            return call_ifunc(found.address, self.runner)
         return found.address
 
     def _lazy_resolver(self) -> int:
@@ -465,7 +468,7 @@ class LinkMap:
         if found is None:
             raise KeyError(name if version is None else f"{name}@{version}")
         if found.is_ifunc and self.runs_code:
-            return call_ifunc(found.address)
+            return call_ifunc(found.address, self.runner)
         return found.address
 
     def scope_of(self, obj: ImageObject | None = None) -> list[str]:
@@ -562,8 +565,8 @@ class _ImageTls:
     """The TLS of a process image (``loader.tls`` on the simulator, ``loader.hosttls`` for
     our objects on the host): module ids, static offsets, the main thread's area."""
 
-    def __init__(self, mm: TracingMmap, runs_code: bool) -> None:
-        self.mm, self.runs_code = mm, runs_code
+    def __init__(self, mm: TracingMmap, host: bool) -> None:
+        self.mm, self.host_side = mm, host
         self.state = TlsState()
         self.host: HostTls | None = None
         self.host_layouts: dict[str, TlsLayout] = {}
@@ -572,13 +575,13 @@ class _ImageTls:
 
     def table(self) -> list[dict[str, object]]:
         """``LinkMap.tls``: one row per module (the host's modules are ours only)."""
-        if self.runs_code:
+        if self.host_side:
             return list(self.host_rows.values())
         return self.state.table()
 
     def layout(self, name: str) -> TlsLayout | None:
         """The TLS module of our object ``name`` (the host's, or the simulated process's)."""
-        if self.runs_code:
+        if self.host_side:
             return self.host_layouts.get(name)
         return self.state.layout(name)
 
@@ -600,7 +603,7 @@ class _ImageTls:
         a dlopen's objects dynamic, except the modules its TPOFF64 (must) and TLSDESC
         (may, within the optional surplus) relocations reach, asked for in relocation
         order, as glibc's relocation does. On the host: ``assign_host``."""
-        if self.runs_code:
+        if self.host_side:
             self.assign_host(new, members)
             return
         objects = [TlsObject(m.name, m.loaded.image.tls, m.obj.load_bias) for m in new]
@@ -634,7 +637,7 @@ class _ImageTls:
         from their init images, TCB, DTV: ``loader.tls.build_thread_area``); after a
         dlopen, the static blocks it was given are initialised in that area, as glibc's
         _dl_init_static_tls does in every thread."""
-        if self.runs_code:
+        if self.host_side:
             return
         if startup:
             self.thread = build_thread_area(self.mm, self.state)

@@ -13,10 +13,12 @@ through raw pointers, is spelled ``read``/``write``.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno as errno_codes
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -335,3 +337,29 @@ class MmapDefaults:
         words = np.asarray(values, dtype="<u8").ravel()
         for addr, word in zip(as_addresses(addrs).tolist(), words, strict=True):
             self.write(int(addr), word.tobytes())
+
+
+Runner = Callable[..., int]
+"""``call(addr, *int_args) -> rax``: a System V call into code a backend runs itself."""
+
+
+def code_runner(mm: Mmap) -> Runner | None:
+    """The backend's own ``call`` when it runs code somewhere else than this process (a
+    ``vmsim.Process``: an emulated CPU over a simulated space), found through wrappers'
+    ``inner``; None for the host (code runs here, through ctypes) and for a plain simulator."""
+    at: object = mm
+    while at is not None:
+        call = getattr(at, "call", None)
+        if callable(call):
+            return call  # type: ignore[no-any-return]
+        at = getattr(at, "inner", None)
+    return None
+
+
+def call_function(runner: Runner | None, addr: int, *args: int) -> int:
+    """Call ``addr`` with integer ``args``: on the backend's CPU (``runner``), or in this
+    process through ctypes; rax."""
+    if runner is not None:
+        return runner(addr, *args)
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64, *([ctypes.c_uint64] * len(args)))(addr)
+    return int(fn(*args))

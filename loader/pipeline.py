@@ -42,7 +42,7 @@ from loader.explain import (
     undo_sentence,
 )
 from loader.mapper import map_plan, reserve
-from loader.mmap import Mmap, MmapError, ProtFlags
+from loader.mmap import Mmap, MmapError, ProtFlags, call_function, code_runner
 from loader.outcome import Outcome, take_outcome
 from loader.plan import LoadPlan, make_plan
 from loader.reloc import (
@@ -66,9 +66,11 @@ _INIT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def runs_code(mm: Mmap) -> bool:
-    """True when ``mm`` maps into this process, so loaded code can be called (the backend's
-    declared ``runs_code``; wrappers forward their inner backend's)."""
+    """True when code ``mm`` maps can be called: in this process (the host), or on a CPU of
+    the backend's own (``code_runner``). Wrappers forward their inner backend's."""
     return bool(mm.runs_code)
+
+
 
 
 def _textrel(tables: DynamicTables) -> bool:
@@ -229,6 +231,7 @@ class LoadedObject:
                       (plan.relro[0] + self.load_bias, plan.relro[1] + self.load_bias))
         self.relocations = RelocOutcome()
         self.runs_code = runs_code(mm)
+        self.runner = code_runner(mm)
         self.real_bindings = True
         self.inits: list[int] = []
         self.finis: list[int] = []
@@ -255,7 +258,7 @@ class LoadedObject:
                 raise ElfSymbolError(f"STT_GNU_IFUNC {name!r} resolver",
                                      int(sym["st_value"]),
                                      OWN_CODE)
-            addr = int(ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)())
+            addr = call_function(self.runner, addr)
         return addr
 
     def outcome(self, *, keep_bytes: bool = False) -> Outcome:
@@ -294,7 +297,10 @@ class LoadedObject:
         self._check_callable(funcs, what)
         empty = (ctypes.c_void_p * 1)()
         for fn in funcs:
-            _INIT(fn)(0, ctypes.addressof(empty), ctypes.addressof(empty))
+            if self.runner is not None:      # argv and envp: empty, as here
+                self.runner(fn, 0, 0, 0)
+            else:
+                _INIT(fn)(0, ctypes.addressof(empty), ctypes.addressof(empty))
 
     def run_init(self) -> None:
         """Run (host, shared objects) or record (otherwise) the init functions. Where they
@@ -504,8 +510,8 @@ def _checked(src: _Source, mm: TracingMmap, narrator: Narrator, *, host_tls: boo
     textrel = _textrel(tables)
     classified = check_relocations(image, tables, textrel)
     _check_arrays(image, tables)
-    if runs_code(mm) and not host_tls:
-        _check_host_tls(image, tables, classified)
+    if runs_code(mm) and code_runner(mm) is None and not host_tls:
+        _check_host_tls(image, tables, classified)     # this very process: glibc's TLS
     plan = make_plan(image, textrel)
     narrator.say_all("plan", plan_sentences, plan)
     return _Parsed(image, tables, classified, plan)

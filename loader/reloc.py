@@ -36,7 +36,7 @@ import numpy.typing as npt
 from loader.elf import ElfImage
 from loader.elfdefs import MASK64, PF, R_X86_64, SHN, STT, st_type
 from loader.errors import ElfRelocationError, ElfSymbolError
-from loader.mmap import Mmap, ProtFlags
+from loader.mmap import Mmap, ProtFlags, Runner, call_function, code_runner
 from loader.symbols import Resolution, Resolver
 from loader.tables import DynamicTables, RelocTable
 
@@ -564,12 +564,14 @@ def _needed_symbols(tables: DynamicTables, kinds_all: Kinds) -> npt.NDArray[np.i
     return idx
 
 
-def call_ifunc(resolver_addr: int) -> int:
-    """Run an IFUNC resolver in this process (host only) and return what it selects."""
-    return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(resolver_addr)())
+def call_ifunc(resolver_addr: int, runner: Runner | None = None) -> int:
+    """Run an IFUNC resolver (in this process, or on the backend's CPU: ``runner``) and
+    return what it selects."""
+    return call_function(runner, resolver_addr)
 
 
-def _run_resolvers(targets: npt.NDArray[np.uint64], runs_code: bool) -> npt.NDArray[np.uint64]:
+def _run_resolvers(targets: npt.NDArray[np.uint64], runs_code: bool,
+                   runner: Runner | None = None) -> npt.NDArray[np.uint64]:
     """What each resolver in ``targets`` selects: on the host, each distinct resolver called
     once; elsewhere the resolver's own address (nothing can run)."""
     if not runs_code or not len(targets):
@@ -577,7 +579,7 @@ def _run_resolvers(targets: npt.NDArray[np.uint64], runs_code: bool) -> npt.NDAr
     distinct, first, back = np.unique(targets, return_index=True, return_inverse=True)
     chosen = np.zeros(len(distinct), dtype=np.uint64)
     for k in np.argsort(first, kind="stable").tolist():     # in table order
-        chosen[k] = call_ifunc(int(distinct[k]))
+        chosen[k] = call_ifunc(int(distinct[k]), runner)
     out: npt.NDArray[np.uint64] = chosen[back.ravel()]
     return out
 
@@ -959,7 +961,7 @@ def _deferred_values(ctx: _Context, every: _Entries) -> npt.NDArray[np.uint64]:
     irel = _is(e.kinds, Kind.IRELATIVE)
     a = e.a
     resolver = np.where(irel, ctx.b + a, ctx.addr[e.sym])
-    chosen = _run_resolvers(resolver, ctx.where.runs_code)
+    chosen = _run_resolvers(resolver, ctx.where.runs_code, code_runner(ctx.where.mm))
     value = np.where(irel, chosen, _symbol_values(e, chosen, a))
     _check_narrow(e, _lookup(_WIDTH_COLUMN, e.r_type), chosen, a)
     out: npt.NDArray[np.uint64] = value

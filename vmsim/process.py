@@ -25,7 +25,7 @@ the call).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from vmsim.cpu import CPU_PAGE_SIZE, Cpu, Stop
 from vmsim.fault import Stats
@@ -134,6 +134,8 @@ class Process:
         page; its rax (unsigned). Raises Fault on a fault or trap (``pc`` set), TimeoutError
         past the budget or timeout, MemoryError past ``memory``, :class:`Exited` when the
         program exits."""
+        if self.linkmap is not None and self.linkmap.thread is not None:
+            self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
         sp = (self.stack_top - 8 * len(extra)) & ~15
         frame = b"".join(a.to_bytes(8, "little") for a in [self.trap, *extra])
@@ -155,7 +157,7 @@ class Process:
         process's space (no code of theirs runs: see the module docstring); its handle."""
         from loader.linkmap import LinkMap  # the process image layer sits above vmsim's core
         if self.linkmap is None:
-            self.linkmap = LinkMap(self.space)
+            self.linkmap = LinkMap(_Running(self))
         handle = self.linkmap.dlopen(path, bind=bind)
         if self.linkmap.thread is not None:
             self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
@@ -177,3 +179,16 @@ class Process:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class _Running:
+    """The process's space as the loader's backend, with the capability to run code: IFUNC
+    resolvers and init functions run on the process's CPU (``call``), not in the host."""
+
+    runs_code = True
+
+    def __init__(self, proc: Process) -> None:
+        self.inner = proc.space
+        self.call = proc.call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
