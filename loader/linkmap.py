@@ -49,7 +49,7 @@ from loader.ehframe import EhFrame, register_eh_frame
 from loader.elfdefs import DT, MASK64, R_X86_64
 from loader.errors import ElfDependencyError, ElfError, ElfSymbolError, ElfUnsupportedError
 from loader.hosttls import HostTls, check_no_initial_exec
-from loader.lazy import HostLazyBinder, binds_now, lazy_got, make_lazy
+from loader.lazy import HostLazyBinder, LazyGot, binds_now, lazy_got, make_lazy, slot_wanted
 from loader.mmap import MapFlags, Mmap, ProtFlags, code_runner
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
@@ -118,6 +118,7 @@ class _Member:
         self.lazy = False
         self.lazy_values: dict[int, int] = {}     # r_offset -> PLT address + bias
         self.lazy_got = 0
+        self.lazy_info: LazyGot | None = None
         self.opens = 0
         self.startup = False
         self.init_called = False
@@ -411,9 +412,30 @@ class LinkMap:
             self._binder.attach(got, obj.tables, functools.partial(self._lazy_lookup, m))
         else:
             make_lazy(self.mm, got, got.got, self._lazy_resolver())
-        m.lazy_got = got.got
+        m.lazy_got, m.lazy_info = got.got, got
         m.lazy_values = dict(zip((got.slot - np.uint64(obj.load_bias & MASK64)).tolist(),
                                  got.lazy_value.tolist(), strict=True))
+
+    @property
+    def lazy_resolver_address(self) -> int | None:
+        """Where GOT[2] of a lazy object points on a backend that is not this process (the
+        int3 page a simulated CPU turns into a call of ``lazy_resolve``); None until one."""
+        return None if self._lazy_stub is None else self._lazy_stub[0]
+
+    def lazy_resolve(self, got1: int, index: int) -> int:
+        """What GOT[2]'s resolver does at a lazy slot's first call: bind slot ``index`` (its
+        position in DT_JMPREL) of the object whose GOT[1] is ``got1``, write the slot, and
+        return the target. ElfSymbolError when the object or the symbol is unknown."""
+        m = next((x for x in self._members if x.lazy_got == got1 and x.lazy_info), None)
+        if m is None or m.lazy_info is None:
+            raise ElfSymbolError("GOT[1] of a lazy call", got1, "the GOT of a lazy object")
+        want = slot_wanted(m.lazy_info, m.loaded.tables, index)
+        target = self._lazy_lookup(m, want.name, want.version)
+        if not target:
+            shown = want.name + (f"@{want.version}" if want.version else "")
+            raise ElfSymbolError(f"lazy symbol of {m.name}", shown, "defined in its scope")
+        self.mm.write(want.slot, (target & MASK64).to_bytes(8, "little"))
+        return target
 
     def _lazy_lookup(self, m: _Member, name: str, version: str | None) -> int | None:
         """What a lazy slot of ``m`` binds to at its first call (host): the symbol looked up

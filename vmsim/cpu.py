@@ -57,6 +57,19 @@ _TRAPS = {0: ("SIGFPE", "FPE_INTDIV"), 1: ("SIGTRAP", "TRAP_TRACE"),
 any other vector is a SIGSEGV with SI_KERNEL."""
 
 
+Service = Callable[[], "tuple[int, int]"]
+"""A kernel service behind an int3 (``Cpu.services``): called outside the run, it returns
+(where the run goes on, how many bytes to pop off the stack first)."""
+
+
+class _ServiceCall(Exception):
+    """The run reached the int3 of a service at ``addr``."""
+
+    def __init__(self, addr: int) -> None:
+        super().__init__(f"service at {addr:#x}")
+        self.addr = addr
+
+
 class Stop(Exception):
     """Why the CPU stopped before its end address, when not for a fault: ``status`` of an
     exit (``exit``/``exit_group``), or ``moved`` when the frame pool's array changed (the
@@ -97,6 +110,10 @@ class Cpu:
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER)  # before anything makes Unicorn set up
         self.uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         self.syscall: Callable[[Cpu], None] = lambda cpu: None
+        self.services: dict[int, Service] = {}
+        """int3 addresses that are calls into the simulator, not traps (the lazy resolver
+        GOT[2] points at): the run stops there, the service runs (it may call code of the
+        process itself), and the run goes on where it says."""
         self.stats: Counter[str] = Counter()
         self._stop: BaseException | None = None
         self._phys: npt.NDArray[np.uint8] | None = None  # held: see the module docstring
@@ -237,9 +254,12 @@ class Cpu:
         """An exception the CPU raised: a page fault the fill refused (already recorded), or
         a trap the kernel would turn into a signal."""
         if self._stop is None and self._probing is None:
-            signal, code = _TRAPS.get(vector, ("SIGSEGV", "SI_KERNEL"))
             pc = self.reg("rip")
-            self._stop = Fault(pc, Access.EXECUTE, signal, code, pc)
+            if vector == 3 and pc - 1 in self.services:
+                self._stop = _ServiceCall(pc - 1)
+            else:
+                signal, code = _TRAPS.get(vector, ("SIGSEGV", "SI_KERNEL"))
+                self._stop = Fault(pc, Access.EXECUTE, signal, code, pc)
         self.uc.emu_stop()
 
     def _port_io(self, _uc: Any, _port: int, _size: int, *_rest: Any) -> int:
@@ -260,6 +280,15 @@ class Cpu:
             self.uc.emu_stop()
 
     # ---- running
+
+    def _serve(self, addr: int) -> int:
+        """Run the service at ``addr`` with this run's registers saved around it (it may run
+        code of the process); pop what it says; where the run goes on."""
+        saved = self.uc.context_save()
+        target, pop = self.services[addr]()
+        self.uc.context_restore(saved)
+        self.set_reg("rsp", self.reg("rsp") + pop)
+        return target
 
     def run(self, pc: int, end: int, budget: int | None, timeout: float | None = None) -> None:
         """Run from ``pc`` until the CPU reaches ``end``. Raises the Fault of a refused
@@ -283,6 +312,9 @@ class Cpu:
             stop, self._stop = self._stop, None
             pc = self.reg("rip")
             if isinstance(stop, Stop) and stop.moved:
+                continue
+            if isinstance(stop, _ServiceCall):
+                pc = self._serve(stop.addr)
                 continue
             if isinstance(stop, Fault):
                 raise stop if stop.pc is not None else self._exact(pc, stop).on_cpu(pc)

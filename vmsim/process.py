@@ -44,6 +44,7 @@ BRK_BASE = 0x5555_5600_0000
 _HLT = b"\xf4"
 _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _WORD = (1 << 64) - 1
+_RED_ZONE = 128 + 64   # the System V red zone, and a margin: what a nested call must not touch
 
 
 class Exited(Exception):
@@ -90,6 +91,9 @@ class Process:
         self.cpu.syscall = self.kernel
         self.exit_status: int | None = None
         self.linkmap: LinkMap | None = None
+        self._nested_sp: int | None = None   # a service's call runs below the caller's stack
+        self.lazy_binds = 0
+        """How many times the lazy resolver (GOT[2]) was entered."""
         page = CPU_PAGE_SIZE
         guard = self.space.kernel.mmap(0, stack_size + page, 0, MAP_PRIVATE | MAP_ANON, 0, -1)
         self.space.kernel.mprotect(guard + page, stack_size, PROT_READ | PROT_WRITE)
@@ -137,7 +141,8 @@ class Process:
         if self.linkmap is not None and self.linkmap.thread is not None:
             self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
-        sp = (self.stack_top - 8 * len(extra)) & ~15
+        top = self.stack_top if self._nested_sp is None else self._nested_sp
+        sp = (top - 8 * len(extra)) & ~15
         frame = b"".join(a.to_bytes(8, "little") for a in [self.trap, *extra])
         self.space.write(sp - 8, frame)
         for reg, value in zip(_ARG_REGS, args, strict=False):
@@ -159,9 +164,28 @@ class Process:
         if self.linkmap is None:
             self.linkmap = LinkMap(_Running(self))
         handle = self.linkmap.dlopen(path, bind=bind)
+        resolver = self.linkmap.lazy_resolver_address
+        if resolver is not None:
+            self.cpu.services[resolver] = self._lazy_binding
         if self.linkmap.thread is not None:
             self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
         return handle
+
+    def _lazy_binding(self) -> tuple[int, int]:
+        """GOT[2]'s service: PLT0 pushed GOT[1] and the PLT entry the relocation's index;
+        the LinkMap binds the slot (an IFUNC's resolver runs on this CPU, on the stack below
+        the caller's, past its red zone); the run jumps to the function, the two words
+        popped, the caller's return address on top as the PLT left it."""
+        assert self.linkmap is not None
+        sp = self.cpu.reg("rsp")
+        got1, index = (int.from_bytes(self.space.read(sp + k, 8), "little") for k in (0, 8))
+        self._nested_sp = (sp - _RED_ZONE) & ~15
+        try:
+            target = self.linkmap.lazy_resolve(got1, index)
+        finally:
+            self._nested_sp = None
+        self.lazy_binds += 1
+        return target, 16
 
     def dlsym(self, handle: ImageObject | None, name: str) -> int:
         """The address of ``name`` as ``dlsym(handle, name)`` finds it (KeyError if none)."""
