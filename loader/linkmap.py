@@ -50,7 +50,7 @@ from loader.elfdefs import DT, MASK64, R_X86_64
 from loader.errors import ElfDependencyError, ElfError, ElfSymbolError, ElfUnsupportedError
 from loader.hosttls import HostTls, check_no_initial_exec
 from loader.lazy import HostLazyBinder, LazyGot, binds_now, lazy_got, make_lazy, slot_wanted
-from loader.mmap import MapFlags, Mmap, ProtFlags, code_runner
+from loader.mmap import MapFlags, Mmap, MmapError, ProtFlags, code_runner
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
 from loader.resident import ProcessObject, Resident, process_objects
@@ -829,7 +829,8 @@ def _chain(m: _Member | Found, members: list[_Member]) -> str:
 @contextlib.contextmanager
 def _about(found: Found, members: list[_Member]) -> Iterator[None]:
     """Name the object and the chain that needed it in any ElfError raised inside (the
-    same kind of error, its field prefixed), unless the message names the file already."""
+    same kind of error, its field prefixed), unless the message names the file already; an
+    MmapError keeps its errno and gets a note naming them."""
     try:
         yield
     except ElfError as exc:
@@ -837,6 +838,9 @@ def _about(found: Found, members: list[_Member]) -> Iterator[None]:
             raise
         raise type(exc)(f"{_chain(found, members)}: {exc.field}", exc.value,
                         exc.limit) from exc
+    except MmapError as exc:    # the backend's refusal (its errno kept): say whose load it was
+        exc.add_note(f"while loading {_chain(found, members)}")
+        raise
 
 
 def _classes(m: _Member) -> Classes:

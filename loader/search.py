@@ -357,14 +357,20 @@ class SearchPath:
         the program, last). ElfDependencyError naming the chain when nowhere; an ElfError
         kind when a candidate is not ELF (glibc stops there too)."""
         skipped: list[str] = []
-        if "/" in name:
-            info = self._try(name, skipped)
-            hit = Hit(name, "path", info) if info is not None else None
-        else:
-            hit = self._steps(name, chain, skipped)
+        needers = " <- ".join(obj.path for obj in chain) or "(the command line)"
+        try:
+            if "/" in name:
+                info = self._try(name, skipped)
+                hit = Hit(name, "path", info) if info is not None else None
+            else:
+                hit = self._steps(name, chain, skipped)
+        except ElfError as exc:     # a candidate that is no ELF object: say who needed it
+            if isinstance(exc, ElfDependencyError) or not chain:
+                raise
+            raise type(exc)(f"{exc.field} (needed by {needers})", exc.value,
+                            exc.limit) from exc
         if hit is not None:
             return hit
-        needers = " <- ".join(obj.path for obj in chain) or "(the command line)"
         other = f"; skipped (another ELF class or machine): {', '.join(skipped)}" \
             if skipped else ""
         raise ElfDependencyError(f"DT_NEEDED of {needers}", name,

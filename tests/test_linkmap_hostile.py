@@ -17,6 +17,7 @@ import vmsim
 from loader.errors import ElfError
 from loader.isolate import run_isolated
 from loader.linkmap import LinkMap
+from loader.mmap import MmapError
 from vmsim.fuzz.realfiles import MutatedFile, mutated_files
 
 DEP = "int dep_value = 7;\nint dep(void) { return dep_value; }\n"
@@ -50,9 +51,9 @@ def _load_mutated(root: Path, victim: str, data: bytes, where: Path) -> tuple[st
     before = [(r.start, r.end, r.prot) for r in lm.mm.maps()]
     try:
         lm.dlopen(str(where / root.name))
-    except ElfError as exc:
+    except (ElfError, MmapError) as exc:     # bad input, or the backend refusing its sizes
         after = [(r.start, r.end, r.prot) for r in lm.mm.maps()]
-        return "refused", str(exc), after == before
+        return "refused", " ".join([str(exc), *getattr(exc, "__notes__", [])]), after == before
     lm.unload()
     return "loaded", "", True
 
@@ -76,3 +77,21 @@ def test_a_corrupted_member_of_a_closure_is_refused_cleanly(
             assert "libdep.so" in message or "libtop.so" in message, (mutated, message)
 
     check()
+
+
+def test_a_backend_refusal_names_the_object(closure: dict[str, Path], tmp_path: Path) -> None:
+    """A PT_LOAD too big for the simulated machine (the kernel's ENOMEM): the MmapError keeps
+    its errno and carries a note naming the object and its chain; nothing stays mapped."""
+    import struct
+
+    data = bytearray(closure["dep"].read_bytes())
+    phoff = struct.unpack_from("<Q", data, 32)[0]
+    loads = [phoff + 56 * k for k in range(struct.unpack_from("<H", data, 56)[0])
+             if struct.unpack_from("<I", data, phoff + 56 * k)[0] == 1]
+    struct.pack_into("<Q", data, loads[-1] + 40, 1 << 40)     # the last PT_LOAD's p_memsz
+    done = run_isolated(_load_mutated, closure["top"], "libdep.so", bytes(data), tmp_path,
+                        timeout=20.0, max_rss=512 << 20)
+    assert done.status == "ok"
+    outcome, message, clean = done.value
+    assert clean and outcome == "refused"
+    assert "libdep.so" in message and "libtop.so" in message
