@@ -28,8 +28,10 @@ that process is this one: its own objects are used where they are (``loader.resi
 the objects we load get their TLS from ``loader.hosttls``, their .eh_frame registered
 (``loader.ehframe``) and lazy binding through ``loader.lazy``'s trampoline.
 
-On the simulator nothing runs: IFUNC resolvers, init functions and lazy resolution are
-recorded as pending (``bindings()`` says which). Any failure unmaps everything the failed
+Where code runs (the host, or a ``vmsim.Process``, whose ``call`` runs it on its emulated CPU:
+``loader.mmap.code_runner``), IFUNC resolvers, init functions and lazy resolution run. On a
+backend that runs no code (the simulator alone) they are recorded as pending
+(``bindings()`` says which). Any failure unmaps everything the failed
 call mapped and names the object and the chain that needed it.
 """
 
@@ -478,9 +480,9 @@ class LinkMap:
     def dlsym(self, handle: ImageObject | None, name: str, version: str | None = None) -> int:
         """The address of ``name`` as dlsym/dlvsym finds it: in ``handle``'s search list (its
         closure, breadth-first), or the global scope for None (RTLD_DEFAULT). Unversioned, the
-        default (newest) version wins. An IFUNC gives what its resolver chooses on the host,
-        the resolver itself on the simulator (nothing runs there). KeyError when nobody
-        defines it."""
+        default (newest) version wins. An IFUNC gives what its resolver chooses where code
+        runs (the host, a ``vmsim.Process``), the resolver itself on the simulator alone.
+        KeyError when nobody defines it."""
         if version is None:
             name, version = split_version(name)
         scope = [self._global_defs] if handle is None else \

@@ -56,3 +56,20 @@ def test_first_call_binds_through_the_resolver(lazy_libs: Path) -> None:
         text = proc.alloc(b"lazy binding\0")
         assert proc.call(proc.dlsym(h, "count"), text) == 12       # strlen: an IFUNC, bound
         assert proc.lazy_binds == 2 and not _slot(proc, "strlen")[1]
+
+
+def test_a_lazy_symbol_nobody_defines_ends_the_program_as_glibc(tmp_path: Path) -> None:
+    """glibc prints "symbol lookup error" and exits with 127 at the first call of a lazy
+    slot whose symbol nobody defines: so does the process."""
+    (tmp_path / "miss.c").write_text("int missing(int);\nint callmiss(int x) "
+                                     "{ return missing(x) + 1; }\n")
+    subprocess.run(["gcc", "-O1", "-fPIC", "-shared", "-Wl,-z,lazy", "-o", "libmiss.so",
+                    "miss.c"], cwd=tmp_path, check=True)
+    from vmsim.process import Exited
+
+    with vmsim.Process(timeout=30.0) as proc:
+        h = proc.dlopen(str(tmp_path / "libmiss.so"), bind="lazy")
+        with pytest.raises(Exited) as ended:
+            proc.call(proc.dlsym(h, "callmiss"), 1)
+        assert ended.value.status == 127
+        assert b"symbol lookup error" in proc.stderr and b"missing" in proc.stderr

@@ -296,7 +296,8 @@ class Cpu:
         the frame limit, TimeoutError
         after ``budget`` instructions (Unicorn counts each: several times slower) or
         ``timeout`` seconds (a watchdog thread: full speed) without reaching ``end``. Both
-        count from the last resume after the frame pool grew (at most once per doubling)."""
+        count from the last resume: after the frame pool grew (at most once per doubling)
+        or a service ran (at most once per lazy slot)."""
         while True:
             self._map_physical()
             self._stop = None

@@ -8,11 +8,13 @@ access the code makes is translated by the space's MMU, so it sees the space as 
 show it to the program: page faults fill it on demand, copy-on-write copies, a denied access is
 a :class:`~vmsim.Fault` with the instruction's address (``pc``).
 
-Libraries are loaded by ``loader.LinkMap`` on the process's space as it is today: on the
-simulator it runs no code of theirs (no IFUNC resolver, no init function, no lazy resolution:
-a lazily bound PLT call reaches the int3 page LinkMap leaves in GOT[2] and stops with SIGTRAP).
-The FS base is the LinkMap's thread pointer, so %fs-relative TLS and the stack protector's
-%fs:0x28 read the thread area LinkMap built.
+Libraries are loaded by ``loader.LinkMap`` on the process's space, with the process as a
+backend that runs code (``loader.mmap.code_runner``: its ``call``): IFUNC resolvers and init
+functions run on this CPU, and a lazily bound PLT call reaches GOT[2]'s int3 page, a service
+of the simulator (``Cpu.services``) that binds the slot through ``LinkMap.lazy_resolve`` and
+goes on to the function. A symbol nobody defines ends the program as glibc's does: "symbol
+lookup error" on stderr, exit status 127. The FS base is the LinkMap's thread pointer, so
+%fs-relative TLS and the stack protector's %fs:0x28 read the thread area LinkMap built.
 
 Known differences from a Linux process: a page-cache page is refreshed from its file when the
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from loader.errors import ElfSymbolError
 from vmsim.cpu import CPU_PAGE_SIZE, Cpu, Stop
 from vmsim.fault import Stats
 from vmsim.space import AddressSpace
@@ -159,7 +162,8 @@ class Process:
     def dlopen(self, path: str | os.PathLike[str],
                bind: Literal["now", "lazy"] = "now") -> ImageObject:
         """Load ``path`` (a file or a soname) and its closure with ``loader.LinkMap`` into the
-        process's space (no code of theirs runs: see the module docstring); its handle."""
+        process's space, their IFUNC resolvers and init functions run on this CPU (see the
+        module docstring); its handle."""
         from loader.linkmap import LinkMap  # the process image layer sits above vmsim's core
         if self.linkmap is None:
             self.linkmap = LinkMap(_Running(self))
@@ -182,6 +186,9 @@ class Process:
         self._nested_sp = (sp - _RED_ZONE) & ~15
         try:
             target = self.linkmap.lazy_resolve(got1, index)
+        except ElfSymbolError as exc:   # glibc: "symbol lookup error", _exit(127)
+            self.kernel.stderr += f"symbol lookup error: {exc}\n".encode()
+            raise Stop(status=127) from exc
         finally:
             self._nested_sp = None
         self.lazy_binds += 1
