@@ -1,0 +1,225 @@
+"""execve as Linux's binfmt_elf does it: the program's PT_LOADs and its interpreter's mapped
+into a process's space, the program break placed, and the initial stack built (argc, the
+argv and envp pointers, the auxiliary vector, the strings they point to).
+
+Part of ``vmsim``'s process layer, used by ``vmsim.process`` (``Process.exec``). The mapping
+is ``loader.pipeline.map_object``: the loader maps, but relocates nothing and runs nothing (a
+static-pie program and ld.so relocate themselves, and ld.so loads the rest).
+
+Where things go, as Linux 6.x places them without address randomization (``setarch -R``):
+an ET_EXEC at its own addresses; an ET_DYN with a PT_INTERP at ``ELF_ET_DYN_BASE``
+(aligned up to its largest p_align); a static-pie (ET_DYN, no PT_INTERP) and the
+interpreter wherever mmap puts them (top-down from the mmap base). The break starts at the
+page after the program's last byte (a static-pie's too: Linux moves it to ELF_ET_DYN_BASE only
+when randomizing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from loader.elf import ElfImage, FileBytes, parse_image
+from loader.elfdefs import EHDR_DTYPE, ET, PF, PHDR_DTYPE
+from loader.pages import page_round_up
+from loader.pipeline import LoadedObject, map_object
+from loader.trace import TracingMmap
+from vmsim.space import AddressSpace
+
+__all__ = ["AT", "ELF_ET_DYN_BASE", "Image", "InitialStack", "Loaded", "auxv", "brk_start",
+           "build_stack", "load_program", "map_image"]
+
+ELF_ET_DYN_BASE = 0x5555_5555_4000
+"""Where Linux x86-64 puts a PIE program that has an interpreter (2/3 of TASK_SIZE, page
+aligned), when it does not randomize."""
+PLATFORM = b"x86_64"
+WORD = 8
+_STACK_ALIGN = 16
+
+
+class AT:
+    """The auxiliary vector's keys (``<elf.h>``) that exec writes."""
+
+    NULL, PHDR, PHENT, PHNUM, PAGESZ, BASE, FLAGS, ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
+    UID, EUID, GID, EGID, PLATFORM, HWCAP, CLKTCK = 11, 12, 13, 14, 15, 16, 17
+    SECURE, RANDOM, HWCAP2, EXECFN = 23, 25, 26, 31
+
+
+CLOCK_TICKS = 100
+"""AT_CLKTCK: Linux's USER_HZ."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A program mapped by :func:`map_image`: its ``entry`` (relocated), where its program
+    headers are in memory (``phdr``, ``phnum``), its ``load_bias``, ``end`` (its last byte
+    in memory, exclusive: the break starts at the page after) and ``interp``, the path of
+    its PT_INTERP, or None. ``obj`` is the loader's record of the mapping."""
+
+    obj: LoadedObject
+    entry: int
+    phdr: int
+    phnum: int
+    load_bias: int
+    end: int
+    interp: str | None
+
+
+def _header(image: ElfImage) -> dict[str, int]:
+    """The ELF header's fields (the loader has checked them)."""
+    row = np.frombuffer(image.read(0, EHDR_DTYPE.itemsize), dtype=EHDR_DTYPE, count=1)[0]
+    return dict(zip(EHDR_DTYPE.names or (), row.tolist(), strict=True))
+
+
+def _interp_path(image: ElfImage) -> str | None:
+    """The path PT_INTERP names (up to its first NUL), or None without one."""
+    seg = image.interp
+    if seg is None:
+        return None
+    raw = bytes(image.read(seg.p_offset, seg.p_filesz))
+    return os.fsdecode(raw.split(b"\0", 1)[0])
+
+
+def _phdr_vaddr(image: ElfImage, phoff: int) -> int:
+    """The unrelocated address of the program header table: where the PT_LOAD holding file
+    offset ``phoff`` maps it (Linux's rule; 0 when no PT_LOAD holds it)."""
+    for seg in image.loads:
+        if seg.p_offset <= phoff < seg.p_offset + seg.p_filesz:
+            return seg.p_vaddr + (phoff - seg.p_offset)
+    return 0
+
+
+def _base_for(image: ElfImage, is_program: bool) -> int | None:
+    """Where exec puts the object's lowest PT_LOAD (None: where mmap puts it; see the module
+    docstring)."""
+    if image.e_type != ET.DYN or not is_program or image.interp is None:
+        return None
+    align = max((seg.p_align for seg in image.loads), default=1)
+    return ELF_ET_DYN_BASE if align <= 1 else -(-ELF_ET_DYN_BASE // align) * align
+
+
+def _headers(path: str | os.PathLike[str], page_size: int) -> ElfImage:
+    """The checked ELF and program headers of the file at ``path`` (an ElfError kind when
+    the loader refuses them)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return parse_image(FileBytes(fd, os.fstat(fd).st_size, os.fspath(path)), page_size)
+    finally:
+        os.close(fd)
+
+
+def _pad_zero(space: AddressSpace, obj: LoadedObject) -> None:
+    """Zero the rest of the page after each writable PT_LOAD's .bss end, as Linux's padzero
+    does (the loader, like glibc's ld.so, zeroes only up to p_memsz and leaves the file's
+    bytes past it): ld.so's first allocations take that page's rest past its ``_end``."""
+    for seg in obj.image.loads:
+        if seg.p_memsz > seg.p_filesz and seg.p_flags & PF.W:
+            start = seg.p_vaddr + seg.p_memsz + obj.load_bias
+            space.write(start, bytes(page_round_up(start, space.page_size) - start))
+
+
+def map_image(space: AddressSpace, path: str | os.PathLike[str], *,
+              is_program: bool) -> Image:
+    """Map ``path``'s PT_LOADs into ``space`` as exec does (the program when
+    ``is_program``, else its interpreter): mapped and protected, not relocated. Raises
+    an ElfError kind for a file the loader refuses, MmapError when the space refuses."""
+    base = _base_for(_headers(path, space.page_size), is_program)
+    obj = map_object(path, TracingMmap(space), base=base, host_tls=True)
+    try:
+        _pad_zero(space, obj)
+        image, bias = obj.image, obj.load_bias
+        hdr = _header(image)
+        end = max(seg.p_vaddr + seg.p_memsz for seg in image.loads) + bias
+        return Image(obj, image.e_entry + bias, _phdr_vaddr(image, hdr["e_phoff"]) + bias,
+                     hdr["e_phnum"], bias, end, _interp_path(image))
+    finally:
+        obj.close_file()
+
+
+def auxv(program: Image, interp_base: int, page_size: int) -> list[tuple[int, int]]:
+    """The auxiliary vector in Linux's order, without the entries that point into the stack
+    (AT_RANDOM, AT_EXECFN, AT_PLATFORM: :func:`build_stack` adds them) and without AT_NULL.
+    AT_HWCAP and AT_HWCAP2 are 0 (glibc asks the CPU itself, with cpuid); there is no vDSO
+    (no AT_SYSINFO_EHDR)."""
+    return [(AT.HWCAP, 0), (AT.PAGESZ, page_size), (AT.CLKTCK, CLOCK_TICKS),
+            (AT.PHDR, program.phdr), (AT.PHENT, PHDR_DTYPE.itemsize), (AT.PHNUM, program.phnum),
+            (AT.BASE, interp_base), (AT.FLAGS, 0), (AT.ENTRY, program.entry),
+            (AT.UID, os.getuid()), (AT.EUID, os.geteuid()), (AT.GID, os.getgid()),
+            (AT.EGID, os.getegid()), (AT.SECURE, 0)]
+
+
+@dataclass(frozen=True)
+class InitialStack:
+    """What :func:`build_stack` wrote: ``sp`` (16-aligned, at argc) and the addresses the
+    vector points into the strings area with (``random``, ``execfn``, ``platform``)."""
+
+    sp: int
+    random: int
+    execfn: int
+    platform: int
+    auxv: list[tuple[int, int]]
+
+
+def _words(values: list[int]) -> bytes:
+    """``values`` as little-endian 64-bit words."""
+    return b"".join(v.to_bytes(WORD, "little") for v in values)
+
+
+def build_stack(space: AddressSpace, top: int, argv: list[bytes], envp: list[bytes],
+                execfn: bytes, aux: list[tuple[int, int]], random: bytes) -> InitialStack:
+    """Write the initial stack below ``top`` as Linux's exec and create_elf_tables do: at
+    the top a zero word, below it the strings (argv's first, lowest; then envp's; then
+    ``execfn``), then 16-aligned the platform string and the 16 ``random`` bytes, then the
+    table: argc, argv pointers, NULL, envp pointers, NULL, ``aux`` with AT_RANDOM,
+    AT_HWCAP2 (0), AT_EXECFN, AT_PLATFORM and AT_NULL appended; its start 16-aligned."""
+    strings = [s + b"\0" for s in (*argv, *envp, execfn)]
+    area = b"".join(strings)
+    at = top - WORD - len(area)
+    space.write(at, area + bytes(WORD))
+    pointers = [at + sum(map(len, strings[:k])) for k in range(len(strings))]
+    p = at & -_STACK_ALIGN
+    platform = p - len(PLATFORM) - 1
+    rand = platform - len(random)
+    space.write(rand, random + PLATFORM + b"\0")
+    full = [*aux, (AT.RANDOM, rand), (AT.HWCAP2, 0), (AT.EXECFN, pointers[-1]),
+            (AT.PLATFORM, platform), (AT.NULL, 0)]
+    table = [len(argv), *pointers[:len(argv)], 0, *pointers[len(argv):-1], 0,
+             *(v for pair in full for v in pair)]
+    sp = (rand - WORD * len(table)) & -_STACK_ALIGN
+    space.write(sp, _words(table))
+    return InitialStack(sp, rand, pointers[-1], platform, full)
+
+
+def brk_start(program: Image, page_size: int) -> int:
+    """Where the program break starts: the page after the program's last byte."""
+    return page_round_up(program.end, page_size)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An exec'ed program ready to run: the ``program``, its ``interp`` (None for a static
+    program), the initial ``stack`` and ``start``, where the CPU begins (the interpreter's
+    entry when there is one, else the program's)."""
+
+    program: Image
+    interp: Image | None
+    stack: InitialStack
+    start: int
+
+
+def load_program(space: AddressSpace, top: int, path: str | os.PathLike[str],
+                 argv: list[str], env: dict[str, str]) -> Loaded:
+    """What execve does before the first instruction: the program and its PT_INTERP mapped
+    (:func:`map_image`), the initial stack built below ``top`` (:func:`build_stack`, with
+    ``argv``, ``env`` as ``NAME=value`` strings, ``path`` as AT_EXECFN, 16 host random
+    bytes as AT_RANDOM)."""
+    program = map_image(space, path, is_program=True)
+    interp = None if program.interp is None else \
+        map_image(space, program.interp, is_program=False)
+    aux = auxv(program, 0 if interp is None else interp.load_bias, space.page_size)
+    stack = build_stack(space, top, [os.fsencode(a) for a in argv],
+                        [os.fsencode(f"{k}={v}") for k, v in env.items()],
+                        os.fsencode(os.fspath(path)), aux, os.urandom(16))
+    return Loaded(program, interp, stack, program.entry if interp is None else interp.entry)
