@@ -8,10 +8,10 @@ static-pie program and ld.so relocate themselves, and ld.so loads the rest).
 
 Where things go, as Linux 6.x places them without address randomization (``setarch -R``):
 an ET_EXEC at its own addresses; an ET_DYN with a PT_INTERP at ``ELF_ET_DYN_BASE``
-(aligned up to its largest p_align); a static-pie (ET_DYN, no PT_INTERP) and the
+(rounded down to its largest p_align); a static-pie (ET_DYN, no PT_INTERP) and the
 interpreter wherever mmap puts them (top-down from the mmap base). The break starts at the
-page after the program's last byte (a static-pie's too: Linux moves it to ELF_ET_DYN_BASE only
-when randomizing).
+page after the program's last byte, but a static-pie's at the page after ELF_ET_DYN_BASE
+(Linux 6.10 and later move it out of the mmap area, randomizing or not).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from vmsim.space import AddressSpace
 __all__ = ["AT", "ELF_ET_DYN_BASE", "Image", "InitialStack", "Loaded", "auxv", "brk_start",
            "build_stack", "load_program", "map_image"]
 
-ELF_ET_DYN_BASE = 0x5555_5555_4000
-"""Where Linux x86-64 puts a PIE program that has an interpreter (2/3 of TASK_SIZE, page
-aligned), when it does not randomize."""
+ELF_ET_DYN_BASE = 0x5555_5555_4AAA
+"""Linux x86-64's ELF_ET_DYN_BASE (2/3 of the 47-bit user window): a PIE program with an
+interpreter goes there, rounded down to its alignment; a static-pie's break starts at the
+page after it."""
 PLATFORM = b"x86_64"
 WORD = 8
 _STACK_ALIGN = 16
@@ -96,8 +97,8 @@ def _base_for(image: ElfImage, is_program: bool) -> int | None:
     docstring)."""
     if image.e_type != ET.DYN or not is_program or image.interp is None:
         return None
-    align = max((seg.p_align for seg in image.loads), default=1)
-    return ELF_ET_DYN_BASE if align <= 1 else -(-ELF_ET_DYN_BASE // align) * align
+    align = max([image.page_size, *(seg.p_align for seg in image.loads)])
+    return ELF_ET_DYN_BASE & -align
 
 
 def _headers(path: str | os.PathLike[str], page_size: int) -> ElfImage:
@@ -193,8 +194,10 @@ def build_stack(space: AddressSpace, top: int, argv: list[bytes], envp: list[byt
 
 
 def brk_start(program: Image, page_size: int) -> int:
-    """Where the program break starts: the page after the program's last byte."""
-    return page_round_up(program.end, page_size)
+    """Where the program break starts: the page after the program's last byte; a
+    static-pie's, the page after ELF_ET_DYN_BASE (see the module docstring)."""
+    static_pie = program.obj.image.e_type == ET.DYN and program.interp is None
+    return page_round_up(ELF_ET_DYN_BASE if static_pie else program.end, page_size)
 
 
 @dataclass(frozen=True)

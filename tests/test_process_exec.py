@@ -1,0 +1,246 @@
+"""vmsim.Process.exec: gcc-built programs (static-pie, and dynamically linked through this
+machine's own ld.so running on the simulated CPU) against their real runs under
+``setarch -R`` (same stdout, same exit status); the initial stack as binfmt_elf builds it;
+faults and the time limit; the syscalls exec'ed programs need (access, readlink, ioctl,
+fstat of stdio)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_process_syscalls import syscall
+
+import vmsim
+from loader.pages import page_round_up
+from vmsim.execve import AT, build_stack
+
+REPORT = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/auxv.h>
+int main(int argc, char **argv, char **envp) {
+    void *brk = sbrk(0);   /* where Linux put the break, without randomization */
+    size_t total = 0;
+    for (int i = 0; i < argc; i++) total += strlen(argv[i]);
+    char *copy = malloc(total + 1000);
+    copy[0] = 0;
+    for (int i = 1; i < argc; i++) strcat(strcat(copy, argv[i]), "+");
+    printf("argc=%d joined=%s\n", argc, copy);
+    for (int i = 0; i < argc; i++) printf("argv[%d]=%s\n", i, argv[i]);
+    for (char **e = envp; *e; e++) printf("env %s\n", *e);
+    printf("brk=%p interp=%d\n", brk, getauxval(AT_BASE) != 0);
+    printf("pagesz=%lu phent=%lu phnum=%lu secure=%lu uid=%lu egid=%lu clktck=%lu\n",
+           getauxval(AT_PAGESZ), getauxval(AT_PHENT), getauxval(AT_PHNUM),
+           getauxval(AT_SECURE), getauxval(AT_UID), getauxval(AT_EGID), getauxval(AT_CLKTCK));
+    printf("platform=%s execfn=%s\n", (char *)getauxval(AT_PLATFORM),
+           (char *)getauxval(AT_EXECFN));
+    printf("entry-phdr=%ld\n", (long)(getauxval(AT_ENTRY) - getauxval(AT_PHDR)));
+    char *big = malloc(1 << 20);   /* past the brk heap's first step: mmap or brk grows */
+    memset(big, 7, 1 << 20);
+    printf("big=%d\n", big[12345]);
+    free(big);
+    free(copy);
+    return argc + 40;
+}
+"""
+LOOP = "int main(void) { for (volatile int i = 0; ; i++) ; }\n"
+WRITE_RODATA = r"""
+const char message[] = "read-only";
+int main(void) { *(volatile char *)&message[2] = 'X'; return 0; }
+"""
+ARGV = ["one", "two three", ""]
+ENV = {"X": "1", "LANG": "C", "EMPTY": ""}
+
+
+def _gcc(source: str, out: Path, *flags: str) -> Path:
+    """``source`` compiled by gcc into ``out``."""
+    src = out.with_suffix(".c")
+    src.write_text(source)
+    subprocess.run(["gcc", "-O1", *flags, "-o", str(out), str(src)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The programs, built once per module: the report as static-pie and as a dynamically
+    linked PIE, the infinite loop and the write to .rodata as static-pie."""
+    where = tmp_path_factory.mktemp("exec_programs")
+    return {"static-pie": _gcc(REPORT, where / "report_spie", "-static-pie"),
+            "dynamic": _gcc(REPORT, where / "report_dyn"),
+            "loop": _gcc(LOOP, where / "loop", "-static-pie"),
+            "rodata": _gcc(WRITE_RODATA, where / "rodata", "-static-pie")}
+
+
+def _real(path: Path, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """The program run by this machine's kernel without address randomization."""
+    return subprocess.run(["setarch", "-R", str(path), *argv[1:]], env=env,
+                          capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("kind", ["static-pie", "dynamic"])
+def test_exec_matches_the_real_run(programs: dict[str, Path], kind: str) -> None:
+    path = programs[kind]
+    argv = [str(path), *ARGV]
+    real = _real(path, argv, ENV)
+    with vmsim.Process(timeout=60) as proc:
+        status = proc.exec(path, argv=argv, env=ENV)
+        assert (proc.stdout, proc.stderr) == (real.stdout, real.stderr)
+        assert status == real.returncode == len(argv) + 40
+        assert proc.exit_status == status
+        assert b"interp=%d" % (kind == "dynamic") in proc.stdout
+        assert proc.stats.syscalls["exit_group"] == 1
+
+
+def test_dynamic_program_runs_through_ld_so_which_maps_libc(programs: dict[str, Path]) -> None:
+    with vmsim.Process(timeout=60) as proc:
+        proc.exec(programs["dynamic"], argv=["report"])
+        assert proc.image is not None and proc.image.interp is not None
+        assert proc.image.start == proc.image.interp.entry
+        assert proc.image.program.interp == "/lib64/ld-linux-x86-64.so.2"
+        calls = proc.stats.syscalls
+        assert calls["openat"] >= 2 and calls["mmap"] >= 4     # ld.so.cache, libc.so.6
+        libc = [r for r in proc.space.maps() if r.path.endswith("libc.so.6")]
+        assert any("x" in r.perms for r in libc)
+        assert proc.space.maps()[0].start == 0x5555_5555_4000     # as setarch -R shows it
+
+
+def test_a_static_pie_is_not_relocated_by_the_loader(programs: dict[str, Path]) -> None:
+    """The program relocates itself (its RELATIVE and IRELATIVE slots are its own work):
+    stopped at its entry (a budget of one instruction), its writable PT_LOAD holds the
+    file's bytes."""
+    path = programs["static-pie"]
+    with vmsim.Process(budget=1) as proc:
+        with pytest.raises(TimeoutError):
+            proc.exec(path)
+        assert proc.image is not None and proc.image.interp is None
+        obj = proc.image.program.obj
+        seg = next(s for s in obj.image.loads if s.p_flags & 2)   # PF_W
+        on_file = path.read_bytes()[seg.p_offset: seg.p_offset + seg.p_filesz]
+        assert proc.space.read(seg.p_vaddr + obj.load_bias, seg.p_filesz) == on_file
+
+
+def test_brk_starts_where_linux_puts_it(programs: dict[str, Path]) -> None:
+    """A dynamically linked program's break at the page after its end; a static-pie's at
+    the page after ELF_ET_DYN_BASE (Linux 6.10+; the real runs print sbrk(0) at main)."""
+    for kind, expected in (("dynamic", None), ("static-pie", 0x5555_5555_5000)):
+        with vmsim.Process(budget=1) as proc:
+            with pytest.raises(TimeoutError):
+                proc.exec(programs[kind])
+            assert proc.image is not None
+            start = expected or page_round_up(proc.image.program.end, 4096)
+            assert proc.kernel.brk == proc.kernel.brk_base == start
+
+
+def test_an_infinite_loop_stops_at_the_time_limit(programs: dict[str, Path]) -> None:
+    with vmsim.Process(timeout=1.0) as proc, pytest.raises(TimeoutError):
+        proc.exec(programs["loop"])
+    with vmsim.Process(budget=200_000) as proc, pytest.raises(TimeoutError):
+        proc.exec(programs["loop"])
+    assert proc.exit_status is None
+
+
+def test_a_write_to_rodata_is_a_fault_at_its_instruction(programs: dict[str, Path]) -> None:
+    path = programs["rodata"]
+    assert _real(path, [str(path)], {}).returncode == -11    # SIGSEGV on the real kernel
+    with vmsim.Process() as proc, pytest.raises(vmsim.Fault) as caught:
+        proc.exec(path)
+    fault = caught.value
+    assert proc.image is not None
+    obj = proc.image.program.obj
+    nm = subprocess.run(["nm", str(path)], check=True, capture_output=True, text=True).stdout
+    symbols = {line.split()[2]: int(line.split()[0], 16) for line in nm.splitlines()
+               if len(line.split()) == 3}
+    assert (fault.signal, fault.code, fault.access) == ("SIGSEGV", "SEGV_ACCERR", "w")
+    assert fault.addr == obj.load_bias + symbols["message"] + 2
+    assert fault.pc is not None
+    code = [(s.p_vaddr, s.p_vaddr + s.p_filesz) for s in obj.image.loads if s.p_flags & 1]
+    assert any(lo <= fault.pc - obj.load_bias < hi for lo, hi in code)
+    assert symbols["main"] <= fault.pc - obj.load_bias < symbols["main"] + 16
+
+
+def test_the_initial_stack_is_laid_out_as_linux_does() -> None:
+    with vmsim.Process() as proc:
+        top = proc.stack_top
+        aux = [(AT.PAGESZ, 4096), (AT.BASE, 0)]
+        stack = build_stack(proc.space, top, [b"prog", b"a"], [b"K=v"], b"/bin/prog", aux,
+                            bytes(range(16)))
+        sp = stack.sp
+        assert sp % 16 == 0
+
+        def word(at: int) -> int:
+            return int.from_bytes(proc.space.read(at, 8), "little")
+
+        def string(at: int) -> bytes:
+            return proc.space.read(at, min(64, top - at)).split(b"\0")[0]
+
+        assert word(sp) == 2
+        assert [string(word(sp + 8)), string(word(sp + 16)), word(sp + 24)] == \
+            [b"prog", b"a", 0]
+        assert [string(word(sp + 32)), word(sp + 40)] == [b"K=v", 0]
+        pairs = [struct.unpack("<QQ", proc.space.read(sp + 48 + 16 * k, 16))
+                 for k in range(len(stack.auxv))]
+        assert pairs == stack.auxv and pairs[-1] == (AT.NULL, 0)
+        found = dict(pairs)
+        assert proc.space.read(found[AT.RANDOM], 16) == bytes(range(16))
+        assert string(found[AT.PLATFORM]) == b"x86_64"
+        assert string(found[AT.EXECFN]) == b"/bin/prog"
+        assert found[AT.PAGESZ] == 4096 and found[AT.HWCAP2] == 0
+        # the strings: argv's first and lowest, then envp's, execfn, a zero word at the top
+        assert word(sp + 8) < word(sp + 16) < word(sp + 32) < found[AT.EXECFN]
+        assert found[AT.EXECFN] + len(b"/bin/prog\0") == top - 8 and word(top - 8) == 0
+
+
+# ---- the syscalls exec'ed programs make
+
+def test_access_answers_from_the_host_read_only(tmp_path: Path) -> None:
+    present = tmp_path / "f"
+    present.write_bytes(b"x")
+    with vmsim.Process() as proc:
+        name = proc.alloc(os.fsencode(present) + b"\0")
+        missing = proc.alloc(os.fsencode(tmp_path / "none") + b"\0")
+        assert syscall(proc, 21, name, os.R_OK) == 0
+        assert syscall(proc, 21, name, os.F_OK) == 0
+        assert syscall(proc, 21, name, os.W_OK) == -errno.EACCES
+        assert syscall(proc, 21, missing, os.R_OK) == -errno.ENOENT
+        assert syscall(proc, 21, name, 0x40) == -errno.EINVAL
+        assert syscall(proc, 269, -100, name, os.R_OK) == 0          # faccessat
+        assert "access" not in proc.stats.enosys
+
+
+def test_readlink_of_proc_self_exe_is_the_program(tmp_path: Path,
+                                                  programs: dict[str, Path]) -> None:
+    link = tmp_path / "link"
+    link.symlink_to("target/of/it")
+    with vmsim.Process() as proc:
+        exe = proc.alloc(b"/proc/self/exe\0")
+        buf = proc.alloc(bytes(256))
+        assert syscall(proc, 89, exe, buf, 256) == -errno.ENOENT      # nothing exec'ed
+        proc.kernel.exe = str(programs["loop"])
+        n = syscall(proc, 89, exe, buf, 256)
+        assert proc.space.read(buf, n) == os.fsencode(programs["loop"])
+        assert syscall(proc, 89, exe, buf, 5) == 5                     # truncated, no NUL
+        name = proc.alloc(os.fsencode(link) + b"\0")
+        assert syscall(proc, 267, -100, name, buf, 256) == len(b"target/of/it")
+        assert proc.space.read(buf, 12) == b"target/of/it"
+        assert syscall(proc, 89, name, buf, 0) == -errno.EINVAL
+
+
+def test_ioctl_is_enotty_and_stdio_are_pipes(tmp_path: Path) -> None:
+    tcgets = 0x5401
+    with vmsim.Process() as proc:
+        assert syscall(proc, 16, 1, tcgets, proc.alloc(bytes(64))) == -errno.ENOTTY
+        assert syscall(proc, 16, 9, tcgets, 0) == -errno.EBADF
+        buf = proc.alloc(bytes(144))
+        for fd in (0, 1, 2):
+            assert syscall(proc, 5, fd, buf) == 0
+            mode = int.from_bytes(proc.space.read(buf + 24, 4), "little")
+            assert stat.S_ISFIFO(mode)
+        assert syscall(proc, 5, 7, buf) == -errno.EBADF
