@@ -17,6 +17,7 @@ import pytest
 from test_process_syscalls import syscall
 
 import vmsim
+from loader.mmap import Region
 from loader.pages import page_round_up
 from vmsim.execve import AT, build_stack
 
@@ -56,6 +57,20 @@ WRITE_RODATA = r"""
 const char message[] = "read-only";
 int main(void) { *(volatile char *)&message[2] = 'X'; return 0; }
 """
+PRINT_MAPS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+int main(void) {
+    char *p = malloc(100);
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[4096];
+    if (!f) return 3;
+    while (fgets(line, sizeof line, f)) fputs(line, stdout);
+    fclose(f);
+    free(p);
+    return 0;
+}
+"""
 ARGV = ["one", "two three", ""]
 ENV = {"X": "1", "LANG": "C", "EMPTY": ""}
 
@@ -76,6 +91,8 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"static-pie": _gcc(REPORT, where / "report_spie", "-static-pie"),
             "dynamic": _gcc(REPORT, where / "report_dyn"),
             "loop": _gcc(LOOP, where / "loop", "-static-pie"),
+            "maps static-pie": _gcc(PRINT_MAPS, where / "maps_spie", "-static-pie"),
+            "maps dynamic": _gcc(PRINT_MAPS, where / "maps_dyn"),
             "rodata": _gcc(WRITE_RODATA, where / "rodata", "-static-pie")}
 
 
@@ -110,6 +127,56 @@ def test_dynamic_program_runs_through_ld_so_which_maps_libc(programs: dict[str, 
         libc = [r for r in proc.space.maps() if r.path.endswith("libc.so.6")]
         assert any("x" in r.perms for r in libc)
         assert proc.space.maps()[0].start == 0x5555_5555_4000     # as setarch -R shows it
+
+
+def _by_object(maps: bytes) -> dict[str, list[tuple[int, int, str, int]]]:
+    """A /proc/self/maps text's file-backed regions by path, each as (start, end) relative
+    to the object's lowest address, its permissions and its file offset."""
+    regions = [Region.parse(line) for line in maps.decode().splitlines()]
+    out: dict[str, list[tuple[int, int, str, int]]] = {}
+    for r in regions:
+        if r.path.startswith("/"):
+            out.setdefault(r.path, []).append((r.start, r.end, r.perms, r.offset))
+    return {path: [(a - rows[0][0], b - rows[0][0], perms, offset)
+                   for a, b, perms, offset in rows] for path, rows in out.items()}
+
+
+def _heap(maps: bytes, start: int) -> list[tuple[int, int]]:
+    """The anonymous regions of a maps text that start at ``start`` (the break's)."""
+    return [(r.start, r.end) for r in map(Region.parse, maps.decode().splitlines())
+            if r.start == start and not r.path.startswith("/")]
+
+
+@pytest.mark.parametrize("kind", ["static-pie", "dynamic"])
+def test_maps_at_exit_equal_the_real_process(programs: dict[str, Path], kind: str) -> None:
+    """The program prints its own /proc/self/maps before it exits: the simulator's (served
+    by the syscall layer) against the kernel's under setarch -R, region by region relative
+    to each object's base (the program, ld.so, libc), and the heap at the same address.
+    (Anonymous regions other than the heap are left out: without a vDSO, ld.so allocates
+    its link maps in a different order, and the kernel's [vvar]/[vdso] are missing.)"""
+    path = programs[f"maps {kind}"]
+    real = _real(path, [str(path)], {})
+    assert real.returncode == 0
+    with vmsim.Process(timeout=60) as proc:
+        assert proc.exec(path) == 0
+        expected = _by_object(real.stdout)
+        assert _by_object(proc.stdout) == expected
+        assert len(expected) == (1 if kind == "static-pie" else 3)
+        heap = _heap(real.stdout, proc.kernel.brk_base)
+        assert heap and _heap(proc.stdout, proc.kernel.brk_base) == heap
+
+
+def test_the_hosts_proc_files_are_refused_and_maps_is_the_simulators() -> None:
+    with vmsim.Process() as proc:
+        for name in (b"/proc/self/mem", b"/proc/%d/mem" % os.getpid(), b"/proc/self/environ",
+                     b"/proc/thread-self/mem", b"/proc/self/task/%d/mem" % os.getpid()):
+            path = proc.alloc(name + b"\0")
+            assert syscall(proc, 257, -100, path, os.O_RDONLY, 0) == -errno.EACCES, name
+        buf = proc.alloc(bytes(1 << 16))
+        fd = syscall(proc, 257, -100, proc.alloc(b"/proc/self/maps\0"), os.O_RDONLY, 0)
+        at_open = [str(r) for r in proc.space.maps()]
+        n = syscall(proc, 0, fd, buf, 1 << 16)
+        assert proc.space.read(buf, n).decode().splitlines() == at_open
 
 
 def test_a_static_pie_is_not_relocated_by_the_loader(programs: dict[str, Path]) -> None:

@@ -9,8 +9,11 @@ program's own memory is read and written as user-mode accesses (a fault is ``-EF
 
 Host files are reachable read-only and only through descriptors of the program's own table:
 openat refuses any write access (EACCES), read/pread64/lseek/fstat/newfstatat/close work on
-what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs. Anything
-else returns ``-ENOSYS`` and is counted by name.
+what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs (pipes to
+fstat, ENOTTY to ioctl). The host's /proc is refused (EACCES: its processes' memory is
+there) but for the process's own ``/proc/self/maps``, which the simulator writes. access and
+readlink answer from the host's files (write access: EACCES), /proc/self/exe is the program
+``exec`` ran. Anything else returns ``-ENOSYS`` and is counted by name.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STA
             4: "RLIMIT_CORE", 5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE",
             8: "RLIMIT_MEMLOCK", 9: "RLIMIT_AS"}
 _STDIO = (0, 1, 2)
-_PROC_SELF_EXE = "/proc/self/exe"
 PID = 1000
 """The simulated process's pid (and its one thread's tid)."""
+_PROC_SELF_EXE = "/proc/self/exe"
+_PROC_MAPS = ("/proc/self/maps", f"/proc/{PID}/maps", "/proc/thread-self/maps")
 
 SYSCALL_NAMES = {
     0: "read", 1: "write", 2: "open", 3: "close", 4: "stat", 5: "fstat", 6: "lstat", 7: "poll",
@@ -244,17 +248,38 @@ class Syscalls:
 
     def openat(self, dirfd: int, path: int, flags: int, _mode: int) -> int:
         """Open a host file read-only (relative paths from the host's working directory when
-        ``dirfd`` is AT_FDCWD, else from the program's directory descriptor)."""
+        ``dirfd`` is AT_FDCWD, else from the program's directory descriptor). The process's
+        own ``/proc/self/maps`` is the simulator's (:meth:`_maps_file`); any other file of
+        the host's /proc (its processes' memory, maps, fds) is EACCES."""
         flags = c_int(flags)
         if flags & _WRITE_FLAGS:
             return -errno.EACCES
         name = self._path(path)
+        if name in _PROC_MAPS:
+            return self._install(self._maps_file())
         base = self._dir_fd(dirfd, name)
         host = os.open(name, (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)) | os.O_RDONLY
                        | os.O_CLOEXEC, dir_fd=base)
+        if _on_host_proc(host):
+            os.close(host)
+            return -errno.EACCES
+        return self._install(host)
+
+    def _install(self, host: int) -> int:
+        """The program's lowest free descriptor (from 3) for the host's ``host``."""
         fd = next(n for n in range(3, len(self.fds) + 4) if n not in self.fds)
         self.fds[fd] = host
         return fd
+
+    def _maps_file(self) -> int:
+        """A host memory file holding the space's ``/proc/self/maps`` as it is now."""
+        text = "".join(f"{region}\n" for region in self.space.maps()).encode()
+        host = os.memfd_create("maps", os.MFD_CLOEXEC)
+        view = memoryview(text)
+        while view:
+            view = view[os.write(host, view):]
+        os.lseek(host, 0, os.SEEK_SET)
+        return host
 
     def close(self, fd: int) -> int:
         """close(2) of one of the program's descriptors."""
@@ -372,6 +397,15 @@ class Syscalls:
                 return wrote
             total += wrote
         return total
+
+
+def _on_host_proc(host: int) -> bool:
+    """Whether the open ``host`` descriptor is a file of the host's /proc (where the host's
+    processes, this one among them, show their memory)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{host}").startswith("/proc/")
+    except OSError:
+        return True
 
 
 _PIPE_STAT = _STAT.pack(0, 0, 1, stat.S_IFIFO | 0o600, os.getuid(), os.getgid(), 0, 0, 0, 4096,
