@@ -85,11 +85,14 @@ def _gcc(source: str, out: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The programs, built once per module: the report as static-pie and as a dynamically
-    linked PIE, the infinite loop and the write to .rodata as static-pie."""
+    """The programs, built once per module: the report as static-pie, dynamically linked
+    PIE, static (ET_EXEC) and dynamically linked ET_EXEC (-no-pie); the infinite loop, the
+    write to .rodata and the maps printer as static-pie (the printer also dynamic)."""
     where = tmp_path_factory.mktemp("exec_programs")
     return {"static-pie": _gcc(REPORT, where / "report_spie", "-static-pie"),
             "dynamic": _gcc(REPORT, where / "report_dyn"),
+            "static": _gcc(REPORT, where / "report_static", "-static"),
+            "no-pie": _gcc(REPORT, where / "report_nopie", "-no-pie"),
             "loop": _gcc(LOOP, where / "loop", "-static-pie"),
             "maps static-pie": _gcc(PRINT_MAPS, where / "maps_spie", "-static-pie"),
             "maps dynamic": _gcc(PRINT_MAPS, where / "maps_dyn"),
@@ -102,7 +105,7 @@ def _real(path: Path, argv: list[str], env: dict[str, str]) -> subprocess.Comple
                           capture_output=True, timeout=60, check=False)
 
 
-@pytest.mark.parametrize("kind", ["static-pie", "dynamic"])
+@pytest.mark.parametrize("kind", ["static-pie", "dynamic", "static", "no-pie"])
 def test_exec_matches_the_real_run(programs: dict[str, Path], kind: str) -> None:
     path = programs[kind]
     argv = [str(path), *ARGV]
@@ -112,7 +115,7 @@ def test_exec_matches_the_real_run(programs: dict[str, Path], kind: str) -> None
         assert (proc.stdout, proc.stderr) == (real.stdout, real.stderr)
         assert status == real.returncode == len(argv) + 40
         assert proc.exit_status == status
-        assert b"interp=%d" % (kind == "dynamic") in proc.stdout
+        assert b"interp=%d" % (kind in ("dynamic", "no-pie")) in proc.stdout
         assert proc.stats.syscalls["exit_group"] == 1
 
 
@@ -311,3 +314,19 @@ def test_ioctl_is_enotty_and_stdio_are_pipes(tmp_path: Path) -> None:
             mode = int.from_bytes(proc.space.read(buf + 24, 4), "little")
             assert stat.S_ISFIFO(mode)
         assert syscall(proc, 5, 7, buf) == -errno.EBADF
+
+
+def test_argv_past_arg_max_is_e2big_with_nothing_mapped(programs: dict[str, Path]) -> None:
+    with vmsim.Process(stack_size=1 << 20) as proc:
+        before = proc.space.maps()
+        with pytest.raises(OSError) as caught:
+            proc.exec(programs["loop"], argv=["x" * (1 << 19)])
+        assert caught.value.errno == errno.E2BIG
+        assert proc.space.maps() == before and proc.image is None
+
+
+def test_exec_runs_once_on_a_fresh_process(programs: dict[str, Path]) -> None:
+    with vmsim.Process(timeout=60) as proc:
+        assert proc.exec(programs["static-pie"]) == 41
+        with pytest.raises(RuntimeError):
+            proc.exec(programs["static-pie"])

@@ -16,6 +16,7 @@ page after the program's last byte, but a static-pie's at the page after ELF_ET_
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from loader.trace import TracingMmap
 from vmsim.space import AddressSpace
 
 __all__ = ["AT", "ELF_ET_DYN_BASE", "Image", "InitialStack", "Loaded", "auxv", "brk_start",
-           "build_stack", "load_program", "map_image"]
+           "build_stack", "check_arg_max", "load_program", "map_image"]
 
 ELF_ET_DYN_BASE = 0x5555_5555_4AAA
 """Linux x86-64's ELF_ET_DYN_BASE (2/3 of the 47-bit user window): a PIE program with an
@@ -48,6 +49,9 @@ class AT:
     SECURE, RANDOM, HWCAP2, EXECFN = 23, 25, 26, 31
 
 
+ARG_MAX = (8 << 20) // 4
+"""The most stack exec's strings and tables may take: a quarter of the stack (Linux's rule,
+for the default 8 MiB stack limit)."""
 CLOCK_TICKS = 100
 """AT_CLKTCK: Linux's USER_HZ."""
 
@@ -168,13 +172,29 @@ def _words(values: list[int]) -> bytes:
     return b"".join(v.to_bytes(WORD, "little") for v in values)
 
 
+_AUX_ROOM = 64 * WORD
+"""Room for argc, the NULLs, the auxiliary vector and the random and platform bytes."""
+
+
+def check_arg_max(strings: list[bytes], arg_max: int) -> None:
+    """Raise OSError(E2BIG) when ``strings`` (argv, envp and the file name), their pointers
+    and the vector need more than ``arg_max`` bytes of stack."""
+    need = sum(len(s) + 1 + WORD for s in strings) + _AUX_ROOM
+    if need > arg_max:
+        raise OSError(errno.E2BIG, f"argv and envp need {need} bytes of stack, more than "
+                      f"ARG_MAX ({arg_max}: a quarter of the stack, as Linux allows)")
+
+
 def build_stack(space: AddressSpace, top: int, argv: list[bytes], envp: list[bytes],
-                execfn: bytes, aux: list[tuple[int, int]], random: bytes) -> InitialStack:
+                execfn: bytes, aux: list[tuple[int, int]], random: bytes, *,
+                arg_max: int = ARG_MAX) -> InitialStack:
     """Write the initial stack below ``top`` as Linux's exec and create_elf_tables do: at
     the top a zero word, below it the strings (argv's first, lowest; then envp's; then
     ``execfn``), then 16-aligned the platform string and the 16 ``random`` bytes, then the
     table: argc, argv pointers, NULL, envp pointers, NULL, ``aux`` with AT_RANDOM,
-    AT_HWCAP2 (0), AT_EXECFN, AT_PLATFORM and AT_NULL appended; its start 16-aligned."""
+    AT_HWCAP2 (0), AT_EXECFN, AT_PLATFORM and AT_NULL appended; its start 16-aligned.
+    Raises OSError(E2BIG), nothing written, when it all needs more than ``arg_max`` bytes."""
+    check_arg_max([*argv, *envp, execfn], arg_max)
     strings = [s + b"\0" for s in (*argv, *envp, execfn)]
     area = b"".join(strings)
     at = top - WORD - len(area)
@@ -213,16 +233,19 @@ class Loaded:
 
 
 def load_program(space: AddressSpace, top: int, path: str | os.PathLike[str],
-                 argv: list[str], env: dict[str, str]) -> Loaded:
+                 argv: list[str], env: dict[str, str], *, arg_max: int = ARG_MAX) -> Loaded:
     """What execve does before the first instruction: the program and its PT_INTERP mapped
     (:func:`map_image`), the initial stack built below ``top`` (:func:`build_stack`, with
     ``argv``, ``env`` as ``NAME=value`` strings, ``path`` as AT_EXECFN, 16 host random
-    bytes as AT_RANDOM)."""
+    bytes as AT_RANDOM; OSError(E2BIG) past ``arg_max`` bytes, before anything is mapped)."""
+    argv_b = [os.fsencode(a) for a in argv]
+    envp_b = [os.fsencode(f"{k}={v}") for k, v in env.items()]
+    execfn = os.fsencode(os.fspath(path))
+    check_arg_max([*argv_b, *envp_b, execfn], arg_max)
     program = map_image(space, path, is_program=True)
     interp = None if program.interp is None else \
         map_image(space, program.interp, is_program=False)
     aux = auxv(program, 0 if interp is None else interp.load_bias, space.page_size)
-    stack = build_stack(space, top, [os.fsencode(a) for a in argv],
-                        [os.fsencode(f"{k}={v}") for k, v in env.items()],
-                        os.fsencode(os.fspath(path)), aux, os.urandom(16))
+    stack = build_stack(space, top, argv_b, envp_b, execfn, aux, os.urandom(16),
+                        arg_max=arg_max)
     return Loaded(program, interp, stack, program.entry if interp is None else interp.entry)

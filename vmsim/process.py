@@ -202,12 +202,14 @@ class Process:
         the entry (the interpreter's, when there is one) until the program exits; its exit
         status. ``argv`` defaults to ``[path]``. For a fresh Process (nothing dlopen'ed).
         Raises Fault on a fault (``pc`` set), TimeoutError past the budget or timeout,
-        MemoryError past ``memory``, an ElfError kind for a file the loader refuses."""
+        MemoryError past ``memory``, an ElfError kind for a file the loader refuses,
+        OSError(E2BIG) when argv and env take more than a quarter of the stack."""
         from vmsim.execve import brk_start, load_program
-        if self.linkmap is not None or self.exit_status is not None:
+        if self.linkmap is not None or self.image is not None:
             raise RuntimeError("exec needs a fresh Process")
         argv = [os.fspath(path)] if argv is None else list(argv)
-        self.image = load_program(self.space, self.stack_top, path, argv, dict(env or {}))
+        self.image = load_program(self.space, self.stack_top, path, argv, dict(env or {}),
+                                  arg_max=(self.stack_top - self.stack_guard) // 4)
         self.kernel.exe = os.fspath(path)
         self.kernel.brk_base = self.kernel.brk = brk_start(self.image.program,
                                                            self.space.page_size)
