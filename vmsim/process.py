@@ -14,6 +14,12 @@ a lazily bound PLT call reaches the int3 page LinkMap leaves in GOT[2] and stops
 The FS base is the LinkMap's thread pointer, so %fs-relative TLS and the stack protector's
 %fs:0x28 read the thread area LinkMap built.
 
+``exec`` runs a whole program instead (``vmsim.execve``): its PT_LOADs and its PT_INTERP
+mapped as binfmt_elf maps them, the initial stack built on the process's stack, and the run
+from the entry (glibc's own ld.so, for a dynamically linked program: it opens, reads and
+maps libc through the syscall layer) until exit_group. No vDSO is mapped (glibc then makes
+the real syscalls), so ld.so's own allocations come in another order than on Linux.
+
 Known differences from a Linux process: a page-cache page is refreshed from its file when the
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
 in the page cache (the file is not written; the syscalls open files read-only, so only a
@@ -41,7 +47,7 @@ __all__ = ["Exited", "Process", "ProcessStats"]
 
 STACK_SIZE = 8 << 20
 BRK_BASE = 0x5555_5600_0000
-"""Where the program break starts (no program is exec'ed yet: a fixed place)."""
+"""Where the program break starts until ``exec`` places it after the program."""
 _HLT = b"\xf4"
 _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _WORD = (1 << 64) - 1
