@@ -71,15 +71,25 @@ int main(void) {
     return 0;
 }
 """
+CPP = r"""
+#include <iostream>
+#include <string>
+#include <vector>
+int main(int argc, char **argv) {
+    std::vector<std::string> args(argv, argv + argc);
+    for (const auto &a : args) std::cout << a.size() << " [" << a << "]\n";
+    return 5;
+}
+"""
 ARGV = ["one", "two three", ""]
 ENV = {"X": "1", "LANG": "C", "EMPTY": ""}
 
 
-def _gcc(source: str, out: Path, *flags: str) -> Path:
-    """``source`` compiled by gcc into ``out``."""
-    src = out.with_suffix(".c")
+def _gcc(source: str, out: Path, *flags: str, compiler: str = "gcc") -> Path:
+    """``source`` compiled by gcc (or ``compiler``) into ``out``."""
+    src = out.with_suffix(".cc" if compiler == "g++" else ".c")
     src.write_text(source)
-    subprocess.run(["gcc", "-O1", *flags, "-o", str(out), str(src)], check=True)
+    subprocess.run([compiler, "-O1", *flags, "-o", str(out), str(src)], check=True)
     return out
 
 
@@ -93,6 +103,7 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "dynamic": _gcc(REPORT, where / "report_dyn"),
             "static": _gcc(REPORT, where / "report_static", "-static"),
             "no-pie": _gcc(REPORT, where / "report_nopie", "-no-pie"),
+            "c++": _gcc(CPP, where / "cpp", compiler="g++"),
             "loop": _gcc(LOOP, where / "loop", "-static-pie"),
             "maps static-pie": _gcc(PRINT_MAPS, where / "maps_spie", "-static-pie"),
             "maps dynamic": _gcc(PRINT_MAPS, where / "maps_dyn"),
@@ -117,6 +128,20 @@ def test_exec_matches_the_real_run(programs: dict[str, Path], kind: str) -> None
         assert proc.exit_status == status
         assert b"interp=%d" % (kind in ("dynamic", "no-pie")) in proc.stdout
         assert proc.stats.syscalls["exit_group"] == 1
+
+
+def test_a_cplusplus_program_with_libstdcxx_matches_the_real_run(
+        programs: dict[str, Path]) -> None:
+    """libstdc++, libm, libgcc_s and libc loaded by ld.so; pthread_once's futex wake."""
+    path = programs["c++"]
+    argv = [str(path), *ARGV]
+    real = _real(path, argv, ENV)
+    with vmsim.Process(timeout=60) as proc:
+        assert proc.exec(path, argv=argv, env=ENV) == real.returncode == 5
+        assert proc.stdout == real.stdout
+        paths = {os.path.basename(r.path) for r in proc.space.maps()}
+        assert {"libm.so.6", "libgcc_s.so.1", "libc.so.6"} <= paths
+        assert any(name.startswith("libstdc++.so.6") for name in paths)   # the real file
 
 
 def test_dynamic_program_runs_through_ld_so_which_maps_libc(programs: dict[str, Path]) -> None:
@@ -301,6 +326,20 @@ def test_readlink_of_proc_self_exe_is_the_program(tmp_path: Path,
         assert syscall(proc, 267, -100, name, buf, 256) == len(b"target/of/it")
         assert proc.space.read(buf, 12) == b"target/of/it"
         assert syscall(proc, 89, name, buf, 0) == -errno.EINVAL
+
+
+def test_futex_of_a_lone_thread() -> None:
+    wait, wake, private = 0, 1, 128
+    with vmsim.Process() as proc:
+        word = proc.alloc((7).to_bytes(4, "little"))
+        assert syscall(proc, 202, word, wake | private, 2**31 - 1, 0, 0, 0) == 0
+        assert syscall(proc, 202, word, wait | private, 6, 0, 0, 0) == -errno.EAGAIN
+        assert syscall(proc, 202, word, wait, 7, 0, 0, 0) == -errno.EINTR
+        assert syscall(proc, 202, word, wait, 7, proc.alloc(bytes(16)), 0, 0) == \
+            -errno.ETIMEDOUT
+        assert syscall(proc, 202, 8, wait, 7, 0, 0, 0) == -errno.EFAULT
+        assert syscall(proc, 202, word, 3, 0, 0, 0, 0) == -errno.ENOSYS   # FUTEX_REQUEUE
+        assert proc.stats.syscalls["futex"] == 6 and "futex" not in proc.stats.enosys
 
 
 def test_ioctl_is_enotty_and_stdio_are_pipes(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STA
             4: "RLIMIT_CORE", 5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE",
             8: "RLIMIT_MEMLOCK", 9: "RLIMIT_AS"}
 _STDIO = (0, 1, 2)
+_FUTEX_CMD = 0x7F   # the operation, without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
+_FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_BITSET
 PID = 1000
 """The simulated process's pid (and its one thread's tid)."""
 _PROC_SELF_EXE = "/proc/self/exe"
@@ -95,7 +97,7 @@ class Syscalls:
             9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call, 17: self.pread64,
             16: self.ioctl, 20: self.writev, 21: self.access, 39: lambda: PID, 60: self.exit,
             63: self.uname, 89: self.readlink, 267: self.readlinkat, 269: self.faccessat,
-            158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
+            202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
             231: self.exit, 257: self.openat, 262: self.newfstatat,
             273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom}
         self.handlers = {nr: (h, len(inspect.signature(h).parameters))
@@ -153,6 +155,22 @@ class Syscalls:
             self.space.write(addr, self.cpu.reg(reg).to_bytes(8, "little"))
             return 0
         return -errno.EINVAL
+
+    def futex(self, uaddr: int, op: int, val: int, timeout: int, _uaddr2: int,
+              _val3: int) -> int:
+        """futex(2) for the one thread there is: a wake wakes nobody (0); a wait returns
+        EAGAIN when the word is no longer ``val``, ETIMEDOUT with a timeout, else EINTR (a
+        lone thread would sleep forever: the caller's retry loop runs into the time
+        limit instead); other operations ENOSYS."""
+        cmd = c_int(op) & _FUTEX_CMD
+        if cmd in _FUTEX_WAKES:
+            return 0
+        if cmd not in _FUTEX_WAITS:
+            return -errno.ENOSYS
+        word = int.from_bytes(self.space.read(uaddr, 4), "little")
+        if word != val & 0xFFFF_FFFF:
+            return -errno.EAGAIN
+        return -errno.ETIMEDOUT if timeout else -errno.EINTR
 
     def uname(self, buf: int) -> int:
         """struct utsname: the host's, with the node name "vmsim"."""
