@@ -17,6 +17,7 @@ import pytest
 from test_process_syscalls import syscall
 
 import vmsim
+from loader.errors import ElfError
 from loader.mmap import Region
 from loader.pages import page_round_up
 from vmsim.execve import AT, build_stack
@@ -369,3 +370,15 @@ def test_exec_runs_once_on_a_fresh_process(programs: dict[str, Path]) -> None:
         assert proc.exec(programs["static-pie"]) == 41
         with pytest.raises(RuntimeError):
             proc.exec(programs["static-pie"])
+
+
+def test_a_missing_interpreter_or_a_file_no_elf_is_refused_before_running(
+        tmp_path: Path) -> None:
+    program = _gcc(LOOP, tmp_path / "orphan", "-Wl,--dynamic-linker=/nonexistent/ld.so")
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\necho hi\n")
+    with vmsim.Process() as proc, pytest.raises(FileNotFoundError):
+        proc.exec(program)
+    with vmsim.Process() as proc, pytest.raises(ElfError):
+        proc.exec(script)
+    assert proc.stats.syscalls == {}
