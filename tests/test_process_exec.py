@@ -382,3 +382,8 @@ def test_a_missing_interpreter_or_a_file_no_elf_is_refused_before_running(
     with vmsim.Process() as proc, pytest.raises(ElfError):
         proc.exec(script)
     assert proc.stats.syscalls == {}
+    long = _gcc(LOOP, tmp_path / "long", "-Wl,--dynamic-linker=/" + "d" * 5000)
+    with vmsim.Process() as proc:
+        with pytest.raises(ElfError, match="PT_INTERP"):
+            proc.exec(long)              # Linux: ENOEXEC past PATH_MAX
+        assert proc.image is None and not any(r.path == str(long) for r in proc.space.maps())

@@ -24,6 +24,7 @@ import numpy as np
 
 from loader.elf import ElfImage, FileBytes, parse_image
 from loader.elfdefs import EHDR_DTYPE, ET, PF, PHDR_DTYPE
+from loader.errors import ElfSegmentError
 from loader.pages import page_round_up
 from loader.pipeline import LoadedObject, map_object
 from loader.trace import TracingMmap
@@ -38,6 +39,7 @@ interpreter goes there, rounded down to its alignment; a static-pie's break star
 page after it."""
 PLATFORM = b"x86_64"
 WORD = 8
+_PATH_MAX = 4096
 _STACK_ALIGN = 16
 
 
@@ -79,10 +81,14 @@ def _header(image: ElfImage) -> dict[str, int]:
 
 
 def _interp_path(image: ElfImage) -> str | None:
-    """The path PT_INTERP names (up to its first NUL), or None without one."""
+    """The path PT_INTERP names (up to its first NUL), or None without one. Raises
+    ElfSegmentError for one Linux refuses (ENOEXEC): under 2 or over PATH_MAX bytes."""
     seg = image.interp
     if seg is None:
         return None
+    if not 2 <= seg.p_filesz <= _PATH_MAX:
+        raise ElfSegmentError("PT_INTERP p_filesz", seg.p_filesz,
+                              f"2 to PATH_MAX ({_PATH_MAX}) bytes, as Linux's execve takes")
     raw = bytes(image.read(seg.p_offset, seg.p_filesz))
     return os.fsdecode(raw.split(b"\0", 1)[0])
 
@@ -105,12 +111,13 @@ def _base_for(image: ElfImage, is_program: bool) -> int | None:
     return ELF_ET_DYN_BASE & -align
 
 
-def _headers(path: str | os.PathLike[str], page_size: int) -> ElfImage:
-    """The checked ELF and program headers of the file at ``path`` (an ElfError kind when
-    the loader refuses them)."""
+def _headers(path: str | os.PathLike[str], page_size: int) -> tuple[ElfImage, str | None]:
+    """The checked ELF and program headers of the file at ``path`` and its PT_INTERP path
+    (an ElfError kind when the loader refuses them)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return parse_image(FileBytes(fd, os.fstat(fd).st_size, os.fspath(path)), page_size)
+        image = parse_image(FileBytes(fd, os.fstat(fd).st_size, os.fspath(path)), page_size)
+        return image, _interp_path(image)
     finally:
         os.close(fd)
 
@@ -118,11 +125,15 @@ def _headers(path: str | os.PathLike[str], page_size: int) -> ElfImage:
 def _pad_zero(space: AddressSpace, obj: LoadedObject) -> None:
     """Zero the rest of the page after each writable PT_LOAD's .bss end, as Linux's padzero
     does (the loader, like glibc's ld.so, zeroes only up to p_memsz and leaves the file's
-    bytes past it): ld.so's first allocations take that page's rest past its ``_end``."""
-    for seg in obj.image.loads:
+    bytes past it): ld.so's first allocations take that page's rest past its ``_end``.
+    (Never into a next PT_LOAD that starts in the same page.)"""
+    loads = obj.image.loads
+    for seg, after in zip(loads, [*loads[1:], None], strict=True):
         if seg.p_memsz > seg.p_filesz and seg.p_flags & PF.W:
-            start = seg.p_vaddr + seg.p_memsz + obj.load_bias
-            space.write(start, bytes(page_round_up(start, space.page_size) - start))
+            start = seg.p_vaddr + seg.p_memsz
+            end = page_round_up(start, space.page_size)
+            end = end if after is None else min(end, after.p_vaddr)  # not into the next one
+            space.write(start + obj.load_bias, bytes(max(end - start, 0)))
 
 
 def map_image(space: AddressSpace, path: str | os.PathLike[str], *,
@@ -130,7 +141,8 @@ def map_image(space: AddressSpace, path: str | os.PathLike[str], *,
     """Map ``path``'s PT_LOADs into ``space`` as exec does (the program when
     ``is_program``, else its interpreter): mapped and protected, not relocated. Raises
     an ElfError kind for a file the loader refuses, MmapError when the space refuses."""
-    base = _base_for(_headers(path, space.page_size), is_program)
+    headers, interp = _headers(path, space.page_size)
+    base = _base_for(headers, is_program)
     obj = map_object(path, TracingMmap(space), base=base, host_tls=True)
     try:
         _pad_zero(space, obj)
@@ -138,7 +150,7 @@ def map_image(space: AddressSpace, path: str | os.PathLike[str], *,
         hdr = _header(image)
         end = max(seg.p_vaddr + seg.p_memsz for seg in image.loads) + bias
         return Image(obj, image.e_entry + bias, _phdr_vaddr(image, hdr["e_phoff"]) + bias,
-                     hdr["e_phnum"], bias, end, _interp_path(image))
+                     hdr["e_phnum"], bias, end, interp)
     finally:
         obj.close_file()
 
