@@ -60,7 +60,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("AddressSpace", "the simulator's façade: the Mmap protocol and a debugger's view",
      ("vmsim.space",)),
     ("CPU", "vmsim.Process: Unicorn with vmsim as its MMU, the simulator as its kernel",
-     ("vmsim.cpu", "vmsim.syscalls", "vmsim.process")),
+     ("vmsim.cpu", "vmsim.syscalls", "vmsim.process", "vmsim.execve")),
     ("fuzzing kit", "ELF writer, strategies, properties, campaign",
      ("vmsim.fuzz", "vmsim.fuzz.*", "vmsim.strategies", "loader.strategies",
       "vmsim._hypothesis_plugin")),

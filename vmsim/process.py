@@ -16,6 +16,12 @@ goes on to the function. A symbol nobody defines ends the program as glibc's doe
 lookup error" on stderr, exit status 127. The FS base is the LinkMap's thread pointer, so
 %fs-relative TLS and the stack protector's %fs:0x28 read the thread area LinkMap built.
 
+``exec`` runs a whole program instead (``vmsim.execve``): its PT_LOADs and its PT_INTERP
+mapped as binfmt_elf maps them, the initial stack built on the process's stack, and the run
+from the entry (glibc's own ld.so, for a dynamically linked program: it opens, reads and
+maps libc through the syscall layer) until exit_group. No vDSO is mapped (glibc then makes
+the real syscalls), so ld.so's own allocations come in another order than on Linux.
+
 Known differences from a Linux process: a page-cache page is refreshed from its file when the
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
 in the page cache (the file is not written; the syscalls open files read-only, so only a
@@ -38,16 +44,21 @@ from vmsim.syscalls import Syscalls
 
 if TYPE_CHECKING:
     from loader.linkmap import ImageObject, LinkMap
+    from vmsim.execve import Loaded
 
 __all__ = ["Exited", "Process", "ProcessStats"]
 
 STACK_SIZE = 8 << 20
 BRK_BASE = 0x5555_5600_0000
-"""Where the program break starts (no program is exec'ed yet: a fixed place)."""
+"""Where the program break starts until ``exec`` places it after the program."""
 _HLT = b"\xf4"
 _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _WORD = (1 << 64) - 1
 _RED_ZONE = 128 + 64   # the System V red zone, and a margin: what a nested call must not touch
+_START_ZEROED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15", "fs_base", "gs_base")
+"""The registers Linux's ELF_PLAT_INIT and start_thread leave zero at a program's entry
+(rdx, the atexit function a static program's _start registers, among them)."""
 
 
 class Exited(Exception):
@@ -97,6 +108,8 @@ class Process:
         self._nested_sp: int | None = None   # a service's call runs below the caller's stack
         self.lazy_binds = 0
         """How many times the lazy resolver (GOT[2]) was entered."""
+        self.image: Loaded | None = None
+        """What ``exec`` mapped and built (the program, its interpreter, the stack)."""
         page = CPU_PAGE_SIZE
         guard = self.space.kernel.mmap(0, stack_size + page, 0, MAP_PRIVATE | MAP_ANON, 0, -1)
         self.space.kernel.mprotect(guard + page, stack_size, PROT_READ | PROT_WRITE)
@@ -193,6 +206,36 @@ class Process:
             self._nested_sp = None
         self.lazy_binds += 1
         return target, 16
+
+    def exec(self, path: str | os.PathLike[str], argv: list[str] | None = None,
+             env: dict[str, str] | None = None) -> int:
+        """execve(``path``, ``argv``, ``env``) as Linux's binfmt_elf does it (see
+        ``vmsim.execve``: the program and its PT_INTERP mapped, the break just past the
+        program, the initial stack with argv, envp and the auxiliary vector), then run from
+        the entry (the interpreter's, when there is one) until the program exits; its exit
+        status. ``argv`` defaults to ``[path]``. For a fresh Process (nothing dlopen'ed).
+        Raises Fault on a fault (``pc`` set), TimeoutError past the budget or timeout,
+        MemoryError past ``memory``, an ElfError kind for a file the loader refuses,
+        OSError(E2BIG) when argv and env take more than a quarter of the stack."""
+        from vmsim.execve import brk_start, load_program
+        if self.linkmap is not None or self.image is not None:
+            raise RuntimeError("exec needs a fresh Process")
+        argv = [os.fspath(path)] if argv is None else list(argv)
+        self.image = load_program(self.space, self.stack_top, path, argv, dict(env or {}),
+                                  arg_max=(self.stack_top - self.stack_guard) // 4)
+        self.kernel.exe = os.fspath(path)
+        self.kernel.brk_base = self.kernel.brk = brk_start(self.image.program,
+                                                           self.space.page_size)
+        for reg in _START_ZEROED:
+            self.cpu.set_reg(reg, 0)
+        self.cpu.set_reg("rsp", self.image.stack.sp)
+        try:
+            self.cpu.run(self.image.start, self.trap, self.budget, self.timeout)
+        except Stop as stop:
+            assert stop.status is not None
+            self.exit_status = stop.status
+            return stop.status
+        raise RuntimeError("the program returned into the trap page")
 
     def dlsym(self, handle: ImageObject | None, name: str) -> int:
         """The address of ``name`` as ``dlsym(handle, name)`` finds it (KeyError if none)."""

@@ -9,8 +9,11 @@ program's own memory is read and written as user-mode accesses (a fault is ``-EF
 
 Host files are reachable read-only and only through descriptors of the program's own table:
 openat refuses any write access (EACCES), read/pread64/lseek/fstat/newfstatat/close work on
-what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs. Anything
-else returns ``-ENOSYS`` and is counted by name.
+what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs (pipes to
+fstat, ENOTTY to ioctl). The host's /proc is refused (EACCES: its processes' memory is
+there) but for the process's own ``/proc/self/maps``, which the simulator writes. access and
+readlink answer from the host's files (write access: EACCES), /proc/self/exe is the program
+``exec`` ran. Anything else returns ``-ENOSYS`` and is counted by name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import errno
 import inspect
 import os
 import resource
+import stat
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -48,8 +52,13 @@ _STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")  # struct stat, x86-64
 _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STACK",
             4: "RLIMIT_CORE", 5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE",
             8: "RLIMIT_MEMLOCK", 9: "RLIMIT_AS"}
+_STDIO = (0, 1, 2)
+_FUTEX_CMD = 0x7F   # the operation, without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
+_FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_BITSET
 PID = 1000
 """The simulated process's pid (and its one thread's tid)."""
+_PROC_SELF_EXE = "/proc/self/exe"
+_PROC_MAPS = ("/proc/self/maps", f"/proc/{PID}/maps", "/proc/thread-self/maps")
 
 SYSCALL_NAMES = {
     0: "read", 1: "write", 2: "open", 3: "close", 4: "stat", 5: "fstat", 6: "lstat", 7: "poll",
@@ -81,11 +90,14 @@ class Syscalls:
         self.enosys: Counter[str] = Counter()
         self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
         self.brk_base = self.brk = brk_base
+        self.exe: str | None = None
+        """The program ``exec`` ran (what readlink of /proc/self/exe gives), or None."""
         handlers: dict[int, Callable[..., int]] = {
             0: self.read, 1: self.write, 3: self.close, 5: self.fstat, 8: self.lseek,
             9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call, 17: self.pread64,
-            20: self.writev, 39: lambda: PID, 60: self.exit, 63: self.uname,
-            158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
+            16: self.ioctl, 20: self.writev, 21: self.access, 39: lambda: PID, 60: self.exit,
+            63: self.uname, 89: self.readlink, 267: self.readlinkat, 269: self.faccessat,
+            202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
             231: self.exit, 257: self.openat, 262: self.newfstatat,
             273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom}
         self.handlers = {nr: (h, len(inspect.signature(h).parameters))
@@ -143,6 +155,22 @@ class Syscalls:
             self.space.write(addr, self.cpu.reg(reg).to_bytes(8, "little"))
             return 0
         return -errno.EINVAL
+
+    def futex(self, uaddr: int, op: int, val: int, timeout: int, _uaddr2: int,
+              _val3: int) -> int:
+        """futex(2) for the one thread there is: a wake wakes nobody (0); a wait returns
+        EAGAIN when the word is no longer ``val``, ETIMEDOUT with a timeout, else EINTR (a
+        lone thread would sleep forever: the caller's retry loop runs into the time
+        limit instead); other operations ENOSYS."""
+        cmd = c_int(op) & _FUTEX_CMD
+        if cmd in _FUTEX_WAKES:
+            return 0
+        if cmd not in _FUTEX_WAITS:
+            return -errno.ENOSYS
+        word = int.from_bytes(self.space.read(uaddr, 4), "little")
+        if word != val & 0xFFFF_FFFF:
+            return -errno.EAGAIN
+        return -errno.ETIMEDOUT if timeout else -errno.EINTR
 
     def uname(self, buf: int) -> int:
         """struct utsname: the host's, with the node name "vmsim"."""
@@ -229,20 +257,47 @@ class Syscalls:
             raise OSError(errno.EBADF, "bad file descriptor")
         return host
 
+    def _dir_fd(self, dirfd: int, name: str) -> int | None:
+        """The host directory descriptor a relative ``name`` is looked up from (None: the
+        host's working directory, for AT_FDCWD or an absolute name)."""
+        if c_int(dirfd) == _AT_FDCWD or name.startswith("/"):
+            return None
+        return self._host_fd(dirfd)
+
     def openat(self, dirfd: int, path: int, flags: int, _mode: int) -> int:
         """Open a host file read-only (relative paths from the host's working directory when
-        ``dirfd`` is AT_FDCWD, else from the program's directory descriptor)."""
+        ``dirfd`` is AT_FDCWD, else from the program's directory descriptor). The process's
+        own ``/proc/self/maps`` is the simulator's (:meth:`_maps_file`); any other file of
+        the host's /proc (its processes' memory, maps, fds) is EACCES."""
         flags = c_int(flags)
         if flags & _WRITE_FLAGS:
             return -errno.EACCES
         name = self._path(path)
-        base = None if c_int(dirfd) == _AT_FDCWD or name.startswith("/") else \
-            self._host_fd(dirfd)
+        if name in _PROC_MAPS:
+            return self._install(self._maps_file())
+        base = self._dir_fd(dirfd, name)
         host = os.open(name, (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)) | os.O_RDONLY
                        | os.O_CLOEXEC, dir_fd=base)
+        if _on_host_proc(host):
+            os.close(host)
+            return -errno.EACCES
+        return self._install(host)
+
+    def _install(self, host: int) -> int:
+        """The program's lowest free descriptor (from 3) for the host's ``host``."""
         fd = next(n for n in range(3, len(self.fds) + 4) if n not in self.fds)
         self.fds[fd] = host
         return fd
+
+    def _maps_file(self) -> int:
+        """A host memory file holding the space's ``/proc/self/maps`` as it is now."""
+        text = "".join(f"{region}\n" for region in self.space.maps()).encode()
+        host = os.memfd_create("maps", os.MFD_CLOEXEC)
+        view = memoryview(text)
+        while view:
+            view = view[os.write(host, view):]
+        os.lseek(host, 0, os.SEEK_SET)
+        return host
 
     def close(self, fd: int) -> int:
         """close(2) of one of the program's descriptors."""
@@ -270,17 +325,65 @@ class Syscalls:
         return os.lseek(self._host_fd(fd), offset - (offset >> 63 << 64), c_int(whence))
 
     def fstat(self, fd: int, buf: int) -> int:
-        """fstat(2) on one of the program's host files."""
-        self.space.write(buf, _stat_bytes(os.fstat(self._host_fd(fd))))
+        """fstat(2) on one of the program's host files; fds 0, 1 and 2 are pipes (as under
+        ``subprocess.run(..., capture_output=True)``: a program's stdio is fully buffered)."""
+        st = _PIPE_STAT if c_int(fd) in _STDIO else _stat_bytes(os.fstat(self._host_fd(fd)))
+        self.space.write(buf, st)
         return 0
+
+    def ioctl(self, fd: int, _request: int, _arg: int) -> int:
+        """ioctl(2): no descriptor of the program is a terminal or a device, so every
+        request (TCGETS, isatty's) is ENOTTY; EBADF for a descriptor it does not have."""
+        if c_int(fd) not in _STDIO:
+            self._host_fd(fd)
+        return -errno.ENOTTY
+
+    def access(self, path: int, mode: int) -> int:
+        """access(2): :meth:`faccessat` from the working directory."""
+        return self.faccessat(_AT_FDCWD, path, mode)
+
+    def faccessat(self, dirfd: int, path: int, mode: int) -> int:
+        """faccessat(2) (no flags): ENOENT and the like as the host's lookup says; asking
+        for write access is EACCES (host files are read-only to the program), else the
+        host's answer for read and execute."""
+        name = self._path(path)
+        base = self._dir_fd(dirfd, name)
+        os.stat(name, dir_fd=base)
+        mode = c_int(mode)
+        if mode & ~(os.R_OK | os.W_OK | os.X_OK):
+            return -errno.EINVAL
+        if mode & os.W_OK or not os.access(name, mode, dir_fd=base):
+            return -errno.EACCES
+        return 0
+
+    def readlink(self, path: int, buf: int, size: int) -> int:
+        """readlink(2): :meth:`readlinkat` from the working directory."""
+        return self.readlinkat(_AT_FDCWD, path, buf, size)
+
+    def readlinkat(self, dirfd: int, path: int, buf: int, size: int) -> int:
+        """readlinkat(2): /proc/self/exe is the exec'ed program's absolute path (ENOENT
+        without one); another host path is the host's link (truncated to ``size``, no NUL
+        added, as Linux does)."""
+        if not 0 < c_int(size):
+            return -errno.EINVAL
+        name = self._path(path)
+        if name == _PROC_SELF_EXE:
+            if self.exe is None:
+                return -errno.ENOENT
+            target = os.fsencode(os.path.abspath(self.exe))
+        else:
+            base = self._dir_fd(dirfd, name)
+            target = os.fsencode(os.readlink(name, dir_fd=base))
+        data = target[:min(c_int(size), _PATH_MAX)]
+        self.space.write(buf, data)
+        return len(data)
 
     def newfstatat(self, dirfd: int, path: int, buf: int, flags: int) -> int:
         """newfstatat(2): fstat with AT_EMPTY_PATH and "", else a host stat of the path."""
         name = self._path(path)
         if not name and c_int(flags) & _AT_EMPTY_PATH:
             return self.fstat(dirfd, buf)
-        base = None if c_int(dirfd) == _AT_FDCWD or name.startswith("/") else \
-            self._host_fd(dirfd)
+        base = self._dir_fd(dirfd, name)
         st = os.stat(name, dir_fd=base, follow_symlinks=not c_int(flags) & _AT_SYMLINK_NOFOLLOW)
         self.space.write(buf, _stat_bytes(st))
         return 0
@@ -312,6 +415,20 @@ class Syscalls:
                 return wrote
             total += wrote
         return total
+
+
+def _on_host_proc(host: int) -> bool:
+    """Whether the open ``host`` descriptor is a file of the host's /proc (where the host's
+    processes, this one among them, show their memory)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{host}").startswith("/proc/")
+    except OSError:
+        return True
+
+
+_PIPE_STAT = _STAT.pack(0, 0, 1, stat.S_IFIFO | 0o600, os.getuid(), os.getgid(), 0, 0, 0, 4096,
+                       0, 0, 0, 0, 0, 0, 0)
+"""fstat of fds 0, 1 and 2: an anonymous pipe's (no device, no inode, no times)."""
 
 
 def _stat_bytes(st: Any) -> bytes:
