@@ -292,7 +292,7 @@ class LinkMap:
             self._check_versions(new)
             for m in new:
                 m.lazy = bind == "lazy" and _may_be_lazy(m.loaded) and not _is_rtld(m)
-            order = self._sorted(new[0].searchlist if startup else
+            order = _dfs_sort(new[0].searchlist if startup else
                                  _closure_of(new[0]))
             relocation_order = [m for m in reversed(order) if m in new]
             self._tls.assign(new, relocation_order, startup, self._members)
@@ -470,11 +470,6 @@ class LinkMap:
             m.obj.run_init()
             self.init_order.append(m.name)
 
-    def _sorted(self, maps: list[_Member]) -> list[_Member]:
-        """``_dl_sort_maps`` (the depth-first sort of glibc 2.35+): objects before their
-        dependencies. Init runs it backwards, fini forwards."""
-        return _dfs_sort(maps)
-
     # --- lookups --------------------------------------------------------------------------
 
     def dlsym(self, handle: ImageObject | None, name: str, version: str | None = None) -> int:
@@ -536,14 +531,14 @@ class LinkMap:
             raise ValueError(f"{handle!r} is not open (dlclose without dlopen)")
         m.opens -= 1
         keep = _reachable([x for x in self._members if x.startup or x.opens > 0])
-        gone = [x for x in self._sorted(self._members) if x not in keep]
+        gone = [x for x in _dfs_sort(self._members) if x not in keep]
         self._finalise(gone)
 
     def unload(self) -> None:
         """Finalise every object (fini in glibc's exit order) and unmap the whole image."""
         for m in self._members:
             m.startup = False           # an unload takes everything, startup objects too
-        self._finalise(self._sorted(self._members))
+        self._finalise(_dfs_sort(self._members))
         self._tls.close()
         if self._lazy_stub is not None:
             self.mm.munmap(self._lazy_stub[0], self._lazy_stub[1] - self._lazy_stub[0])

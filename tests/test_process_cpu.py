@@ -178,3 +178,16 @@ def test_traps_are_the_signals_linux_sends(source: str, signal: str, code: str) 
         assert (info.value.signal, info.value.code, info.value.pc) == (signal, code,
                                                                        labels["bad"])
         assert proc.call(load_code(proc, "mov eax, 3\n ret")[0]) == 3  # the CPU goes on
+
+
+def test_hlt_is_sigsegv_as_in_a_user_process() -> None:
+    """``hlt`` is privileged: Linux sends the user program SIGSEGV (glibc's abort ends in
+    one), reported at the hlt's address, never as a time-out."""
+    import vmsim as _vmsim
+
+    with _vmsim.Process(timeout=5.0) as proc:
+        code = proc.alloc(b"\x90\xf4\x90")            # nop; hlt; nop
+        proc.space.mprotect(code & ~0xFFF, 0x1000, 5)   # r-x
+        with pytest.raises(_vmsim.Fault) as caught:
+            proc.call(code)
+        assert caught.value.signal == "SIGSEGV" and caught.value.pc == code + 1

@@ -119,6 +119,7 @@ class Cpu:
         self._phys: npt.NDArray[np.uint8] | None = None  # held: see the module docstring
         self._remapping = False
         self._probing: int | None = None  # the page :meth:`_exact` watches
+        self._timed_out = False
         self.uc.mem_map(_SCRATCH, 2 * CPU_PAGE_SIZE, ucc.UC_PROT_ALL)
         self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._fill)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._interrupt)
@@ -281,6 +282,20 @@ class Cpu:
 
     # ---- running
 
+    def _time_up(self) -> None:
+        """The watchdog's stop: the run passed its time limit."""
+        self._timed_out = True
+        self.uc.emu_stop()
+
+    def _halted(self, pc: int) -> bool:
+        """The run stopped just past a ``hlt`` (Unicorn ends a run there; Linux sends a user
+        program that runs one SIGSEGV), not at its limit. (A run stopped by an instruction
+        budget right after an instruction whose last byte is 0xf4 would read as one too.)"""
+        try:
+            return bytes(self.mmu.load(pc - 1, 1, Access.EXECUTE)) == b"\xf4"
+        except Fault:
+            return False
+
     def _serve(self, addr: int) -> int:
         """Run the service at ``addr`` with this run's registers saved around it (it may run
         code of the process); pop what it says; where the run goes on."""
@@ -301,7 +316,8 @@ class Cpu:
         while True:
             self._map_physical()
             self._stop = None
-            token = None if timeout is None else WATCHDOG.arm(self.uc.emu_stop, timeout)
+            self._timed_out = False
+            token = None if timeout is None else WATCHDOG.arm(self._time_up, timeout)
             try:
                 self.uc.emu_start(pc, end, count=budget or 0)
                 error = None
@@ -323,6 +339,8 @@ class Cpu:
                 raise stop
             if error is not None:
                 raise _error_fault(error, pc)
+            if pc != end and not self._timed_out and self._halted(pc):   # hlt: #GP in user mode
+                raise Fault(pc - 1, Access.EXECUTE, "SIGSEGV", "SI_KERNEL", pc - 1)
             if pc != end:
                 limit = f"{budget} instructions" if budget else f"{timeout} s"
                 raise TimeoutError(f"no return after {limit} (at {pc:#x})")
