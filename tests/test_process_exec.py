@@ -387,3 +387,21 @@ def test_a_missing_interpreter_or_a_file_no_elf_is_refused_before_running(
         with pytest.raises(ElfError, match="PT_INTERP"):
             proc.exec(long)              # Linux: ENOEXEC past PATH_MAX
         assert proc.image is None and not any(r.path == str(long) for r in proc.space.maps())
+
+
+def test_devices_fifos_and_sockets_are_refused_harmless_devices_read(tmp_path: Path) -> None:
+    """A program may open regular files, directories and /dev/null, /dev/zero, /dev/urandom;
+    a device that could show host memory (/dev/mem, /dev/port) or a FIFO (whose open would
+    block the host) is EACCES, and the open never blocks."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with vmsim.Process() as proc:
+        for name in (b"/dev/mem", b"/dev/port", str(fifo).encode()):
+            if not os.path.exists(name):
+                continue
+            path = proc.alloc(name + b"\0")
+            assert syscall(proc, 257, -100, path, os.O_RDONLY, 0) == -errno.EACCES, name
+        fd = syscall(proc, 257, -100, proc.alloc(b"/dev/zero\0"), os.O_RDONLY, 0)
+        buf = proc.alloc(b"\xff" * 16)
+        assert fd >= 3 and syscall(proc, 0, fd, buf, 16) == 16
+        assert proc.space.read(buf, 16) == bytes(16)

@@ -268,7 +268,9 @@ class Syscalls:
         """Open a host file read-only (relative paths from the host's working directory when
         ``dirfd`` is AT_FDCWD, else from the program's directory descriptor). The process's
         own ``/proc/self/maps`` is the simulator's (:meth:`_maps_file`); any other file of
-        the host's /proc (its processes' memory, maps, fds) is EACCES."""
+        the host's /proc (its processes' memory, maps, fds) is EACCES, and so is anything
+        but a regular file, a directory or one of ``_HARMLESS_DEVICES`` (a device could read
+        the host's memory or block; the open itself never blocks: O_NONBLOCK)."""
         flags = c_int(flags)
         if flags & _WRITE_FLAGS:
             return -errno.EACCES
@@ -277,8 +279,8 @@ class Syscalls:
             return self._install(self._maps_file())
         base = self._dir_fd(dirfd, name)
         host = os.open(name, (flags & (os.O_DIRECTORY | os.O_NOFOLLOW)) | os.O_RDONLY
-                       | os.O_CLOEXEC, dir_fd=base)
-        if _on_host_proc(host):
+                       | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=base)
+        if _on_host_proc(host) or not _harmless(host):
             os.close(host)
             return -errno.EACCES
         return self._install(host)
@@ -415,6 +417,22 @@ class Syscalls:
                 return wrote
             total += wrote
         return total
+
+
+_HARMLESS_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"})
+"""Character devices a program may read (nothing of the host's memory, never blocking)."""
+
+
+def _harmless(host: int) -> bool:
+    """Whether the open ``host`` descriptor is a regular file, a directory, or a harmless
+    device (not /dev/mem, a FIFO, a socket or a terminal)."""
+    mode = os.fstat(host).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return True
+    try:
+        return stat.S_ISCHR(mode) and os.readlink(f"/proc/self/fd/{host}") in _HARMLESS_DEVICES
+    except OSError:
+        return False
 
 
 def _on_host_proc(host: int) -> bool:
