@@ -72,9 +72,11 @@ class _Bound:
 
 class ScopeResolver(Resolver):
     """Bind ``me``'s references over ``scope`` (module docstring). ``tls_of`` gives the TLS
-    module of a defining object; ``classes`` says how each symbol is looked up; ``runs_code``
-    whether IFUNC resolvers can run (the host). After ``resolve``, ``found`` maps each
-    bound symbol index to its Definition (absent: weak undefined, or a lazy slot unbound)."""
+    module of a defining object; ``classes`` says how each symbol is looked up; ``real``
+    that the bindings are real code (the backend runs code: init functions may run); the
+    keyword arguments are explained where they are kept. After ``resolve``, ``found`` maps
+    each bound symbol index to its Definition (absent: weak undefined, a hooked symbol, or
+    a lazy slot nobody defines)."""
 
     def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
                  *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
