@@ -54,7 +54,7 @@ from loader.hosttls import HostTls, check_no_initial_exec
 from loader.lazy import HostLazyBinder, LazyGot, binds_now, lazy_got, make_lazy, slot_wanted
 from loader.mmap import MapFlags, Mmap, MmapError, ProtFlags, code_runner
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
-from loader.reloc import Kind, TlsLayout, call_ifunc, type_name
+from loader.reloc import Kind, TlsLayout, call_ifunc, is_kind, type_name
 from loader.resident import ProcessObject, Resident, process_objects
 from loader.scope import Definition, Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
@@ -704,12 +704,12 @@ def _static_wants(m: _Member) -> list[tuple[str, bool]]:
     obj = m.loaded
     if obj.classified is None:
         return out
-    wanted = {_kind_code(Kind.TLS_TPOFF): False, _kind_code(Kind.TLS_DESC): True}
     for table, kinds in zip(obj.tables.relocs, obj.classified.kinds_all, strict=True):
-        for k in np.flatnonzero(np.isin(kinds, list(wanted))).tolist():
+        desc = is_kind(kinds, Kind.TLS_DESC)
+        for k in np.flatnonzero(desc | is_kind(kinds, Kind.TLS_TPOFF)).tolist():
             target = _tls_target(m, int(table.r_sym[k]))
             if target is not None:
-                out.append((target, wanted[int(kinds[k])]))
+                out.append((target, bool(desc[k])))
     return out
 
 
@@ -850,18 +850,13 @@ def _classes(m: _Member) -> Classes:
         return Classes(any_plt, copy, lazy_ok)
     for table, kinds in zip(tables.relocs, classified.kinds_all, strict=True):
         slot = table.r_type == int(R_X86_64.JUMP_SLOT)
-        plt = slot | np.isin(kinds, [_kind_code(k) for k in _PLT_KINDS])
+        plt = slot | is_kind(kinds, *_PLT_KINDS)
         any_plt[table.r_sym[plt]] = True
         any_other[table.r_sym[~plt]] = True
         copy[table.r_sym[table.r_type == int(R_X86_64.COPY)]] = True
         lazy_ok[table.r_sym[slot]] = True
     lazy = lazy_ok & ~any_other if m.lazy else np.zeros(n, dtype=bool)
     return Classes(any_plt & ~any_other, copy, lazy)
-
-
-def _kind_code(kind: Kind) -> int:
-    """The code ``loader.reloc`` stores for ``kind`` in its classified arrays."""
-    return list(Kind).index(kind)
 
 
 def _bindings_of(m: _Member, runs: bool) -> list[Binding]:
@@ -872,8 +867,7 @@ def _bindings_of(m: _Member, runs: bool) -> list[Binding]:
     tables = obj.tables
     out: list[Binding] = []
     for table, kinds in zip(tables.relocs, obj.classified.kinds_all, strict=True):
-        symbolic = (table.r_sym != 0) & ~np.isin(kinds, [_kind_code(Kind.RELATIVE),
-                                                          _kind_code(Kind.NONE)])
+        symbolic = (table.r_sym != 0) & ~is_kind(kinds, Kind.RELATIVE, Kind.NONE)
         for k in np.flatnonzero(symbolic).tolist():
             out.append(_binding(m, int(table.r_offset[k]), int(table.r_type[k]),
                                 int(table.r_sym[k]), runs))

@@ -164,9 +164,10 @@ def _kinds(table: RelocTable) -> npt.NDArray[np.uint8]:
 _POSITION = {kind: np.uint8(i) for i, kind in enumerate(_KINDS)}
 
 
-def _is(kinds: npt.NDArray[np.uint8], *wanted: Kind) -> npt.NDArray[np.bool_]:
-    """Which of ``kinds`` (from ``_kinds``) are one of ``wanted`` (one comparison per kind:
-    a fraction of a table lookup's cost on a large table)."""
+def is_kind(kinds: npt.NDArray[np.uint8], *wanted: Kind) -> npt.NDArray[np.bool_]:
+    """Which of ``kinds`` (a table's classified kinds: ``Classified.kinds_all``) are one of
+    ``wanted`` (one comparison per kind: a fraction of a table lookup's cost on a large
+    table)."""
     out: npt.NDArray[np.bool_] = kinds == _POSITION[wanted[0]]
     for kind in wanted[1:]:
         out |= kinds == _POSITION[kind]
@@ -194,7 +195,7 @@ class Classified:
 
     def of_kind(self, *wanted: Kind) -> list[npt.NDArray[np.bool_]]:
         """Per table, which entries are one of ``wanted``."""
-        return [_is(kinds, *wanted) for kinds in self.kinds_all]
+        return [is_kind(kinds, *wanted) for kinds in self.kinds_all]
 
 
 def classify(tables: DynamicTables) -> Classified:
@@ -357,7 +358,7 @@ def check_relocations(image: ElfImage, tables: DynamicTables, textrel: bool) -> 
             raise ElfRelocationError(f"{table.name} r_type", bad,
                                      "a supported x86-64 type " + str(sorted(X86_64)))
         widths = _lookup(_WIDTH_COLUMN, table.r_type)
-        copy = _is(kinds, Kind.COPY)
+        copy = is_kind(kinds, Kind.COPY)
         if copy.any():
             copied += _check_copies(tables, table, copy, starts, ends)
             widths[copy] = tables.symtab["st_size"][table.r_sym[copy]]
@@ -414,7 +415,7 @@ def _check_ifunc_resolvers(image: ElfImage, tables: DynamicTables,
     into data, past a segment's end or into nowhere is an ElfRelocationError, not a crash.
     ``needed``: the symbols the relocations use (``_needed_symbols``)."""
     for table, kinds in zip(tables.relocs, kinds_all, strict=True):
-        mask = _is(kinds, Kind.IRELATIVE)
+        mask = is_kind(kinds, Kind.IRELATIVE)
         if not mask.any():
             continue
         bad = first_outside_code(image, _addends(image, table, mask))
@@ -542,7 +543,7 @@ def _relative_words(image: ElfImage, tables: DynamicTables, kinds_all: Kinds, bi
     """Every RELATIVE entry and every RELR target, B + A, appended to the scatter lists."""
     b = _U64(bias & MASK64)
     for table, kinds in zip(tables.relocs, kinds_all, strict=True):
-        mask = _is(kinds, Kind.RELATIVE)
+        mask = is_kind(kinds, Kind.RELATIVE)
         if mask.any():
             places.append(table.r_offset[mask] + b)
             values.append(_addends(image, table, mask) + b)
@@ -557,7 +558,7 @@ def _needed_symbols(tables: DynamicTables, kinds_all: Kinds) -> npt.NDArray[np.i
     """Unique nonzero symbol indices referenced by symbolic relocations (a mark array, O(n))."""
     mark = np.zeros(tables.nsyms, dtype=bool)
     for t, kinds in zip(tables.relocs, kinds_all, strict=True):
-        mark[t.r_sym[_is(kinds, *_SYMBOLIC)]] = True
+        mark[t.r_sym[is_kind(kinds, *_SYMBOLIC)]] = True
     if len(mark):
         mark[0] = False
     idx: npt.NDArray[np.int64] = np.flatnonzero(mark).astype(np.int64)
@@ -689,7 +690,7 @@ class _Entries:
         firsts = np.cumsum(sizes) - sizes
         for table, kinds, first in zip(tables.relocs, ctx.kinds_all, firsts.tolist(),
                                        strict=True):
-            idx = np.flatnonzero(~_is(kinds, *_PLAIN))
+            idx = np.flatnonzero(~is_kind(kinds, *_PLAIN))
             if len(idx):
                 parts.append((idx + first, kinds[idx], table.r_type[idx], table.r_sym[idx],
                               table.r_offset[idx] + ctx.b, _addends(image, table, idx)))
@@ -819,7 +820,7 @@ def _exact(s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64], p: npt.NDArray[
 def _check_fit(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uint64]) -> None:
     """The 4-byte entries ``e`` (S + A, or S + A - P for PCREL) must fit their field: signed
     where the table says so. ElfRelocationError naming the first that does not."""
-    exact = _exact(s, a, np.where(_is(e.kinds, Kind.PCREL), e.p, _U64(0)))
+    exact = _exact(s, a, np.where(is_kind(e.kinds, Kind.PCREL), e.p, _U64(0)))
     signed = _lookup(_SIGNED_COLUMN, e.r_type)
     lo = np.where(signed, -(1 << 31), 0)
     hi = np.where(signed, (1 << 31) - 1, (1 << 32) - 1)
@@ -835,7 +836,7 @@ def _symbol_values(e: _Entries, s: npt.NDArray[np.uint64], a: npt.NDArray[np.uin
                    ) -> npt.NDArray[np.uint64]:
     """ABSOLUTE (S + A, or S) and PCREL (S + A - P), modulo 2**64."""
     with_a = np.where(_lookup(_ADDEND_COLUMN, e.r_type), a, _U64(0))
-    out: npt.NDArray[np.uint64] = s + with_a - np.where(_is(e.kinds, Kind.PCREL), e.p, _U64(0))
+    out: npt.NDArray[np.uint64] = s + with_a - np.where(is_kind(e.kinds, Kind.PCREL), e.p, _U64(0))
     return out
 
 
@@ -855,10 +856,10 @@ def _computed_values(ctx: _Context, e: _Entries, a: npt.NDArray[np.uint64]
     value = _symbol_values(e, ctx.addr[e.sym], a)
     desc_kind = Kind.TLS_DTPOFF if _dynamic_descriptors(ctx) else Kind.TLS_TPOFF
     for kind in (Kind.TLS_MODULE, Kind.TLS_DTPOFF, Kind.TLS_TPOFF):
-        sel = _is(e.kinds, kind, Kind.TLS_DESC) if kind is desc_kind else _is(e.kinds, kind)
+        sel = is_kind(e.kinds, kind, Kind.TLS_DESC) if kind is desc_kind else is_kind(e.kinds, kind)
         if sel.any():
             value[sel] = _tls_values(ctx, kind, e.sym[sel], a[sel])
-    irel = _is(e.kinds, Kind.IRELATIVE)
+    irel = is_kind(e.kinds, Kind.IRELATIVE)
     value[irel] = ctx.b + a[irel]
     return value
 
@@ -868,7 +869,7 @@ def _copy_entries(ctx: _Context) -> list[tuple[npt.NDArray[Any], ...]]:
     copies: list[tuple[npt.NDArray[Any], ...]] = []
     first = 0
     for table, kinds in zip(ctx.tables.relocs, ctx.kinds_all, strict=True):
-        copy = np.flatnonzero(_is(kinds, Kind.COPY))
+        copy = np.flatnonzero(is_kind(kinds, Kind.COPY))
         if len(copy):
             copies.append((copy + first, table.r_offset[copy] + ctx.b,
                            table.r_sym[copy].astype(np.int64)))
@@ -885,14 +886,14 @@ def _computed_pieces(ctx: _Context, e: _Entries, pieces: _Pieces) -> None:
     s = ctx.addr[e.sym]
     width = _lookup(_WIDTH_COLUMN, e.r_type)
     value = _computed_values(ctx, e, a)
-    irel = _is(e.kinds, Kind.IRELATIVE)
-    deferred = irel | (_is(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
+    irel = is_kind(e.kinds, Kind.IRELATIVE)
+    deferred = irel | (is_kind(e.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[e.sym])
     if ctx.where.lazy:
         slot = e.r_type == _JUMP_SLOT
         value[slot] = _file_words(ctx.where.image, e.p[slot] - ctx.b) + ctx.b
         deferred &= ~slot
     _check_narrow(e, width, s, a, skip=deferred)
-    desc = _is(e.kinds, Kind.TLS_DESC)
+    desc = is_kind(e.kinds, Kind.TLS_DESC)
     # A TLS descriptor is two words: glibc's static-TLS (_dl_tlsdesc_return, TPOFF). That
     # function lives in ld.so, which the simulator has not got: 0 there, and recorded.
     # A dynamic block's descriptors come from its layout's ``descriptor`` (the host's).
@@ -943,9 +944,9 @@ def _record(ctx: _Context, e: _Entries, width: npt.NDArray[np.uint64],
     counts = np.bincount(np.minimum(e.r_type, _TYPE_SLOTS - 1), minlength=_TYPE_SLOTS)
     for t in np.flatnonzero(counts).tolist():
         out.by_type[type_name(t)] += int(counts[t])
-    out.tlsdesc.extend(e.p[_is(e.kinds, Kind.TLS_DESC)].tolist())
-    irel = _is(e.kinds, Kind.IRELATIVE)
-    slot = deferred & ~irel & _is(e.kinds, Kind.ABSOLUTE) & (width == 8)
+    out.tlsdesc.extend(e.p[is_kind(e.kinds, Kind.TLS_DESC)].tolist())
+    irel = is_kind(e.kinds, Kind.IRELATIVE)
+    slot = deferred & ~irel & is_kind(e.kinds, Kind.ABSOLUTE) & (width == 8)
     out.irelative.extend(zip(e.p[slot].tolist(), s[slot].tolist(), strict=True))
     out.irelative.extend(zip(e.p[irel].tolist(), (ctx.b + a[irel]).tolist(), strict=True))
 
@@ -954,11 +955,11 @@ def _deferred_values(ctx: _Context, every: _Entries) -> npt.NDArray[np.uint64]:
     """The values of the deferred entries among ``every`` (sequence order), with resolvers
     run: an IRELATIVE slot gets what its resolver (B + A) selects, a slot bound to an own
     IFUNC symbol is recomputed with S = what that symbol's resolver selects."""
-    bound = _is(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
+    bound = is_kind(every.kinds, Kind.ABSOLUTE, Kind.PCREL) & ctx.ifunc_bound[every.sym]
     if ctx.where.lazy:          # a lazy JUMP_SLOT keeps its PLT address (_computed_pieces)
         bound &= every.r_type != _JUMP_SLOT
-    e = every.where(_is(every.kinds, Kind.IRELATIVE) | bound)
-    irel = _is(e.kinds, Kind.IRELATIVE)
+    e = every.where(is_kind(every.kinds, Kind.IRELATIVE) | bound)
+    irel = is_kind(e.kinds, Kind.IRELATIVE)
     a = e.a
     resolver = np.where(irel, ctx.b + a, ctx.addr[e.sym])
     chosen = _run_resolvers(resolver, ctx.where.runs_code, code_runner(ctx.where.mm))
@@ -1265,7 +1266,7 @@ def _bind(where: RelocContext, resolver: Resolver, out: RelocOutcome, classified
     """Run the resolver chain over the symbols the relocations reference."""
     tables = where.tables
     needed, kinds_all = classified.needed, classified.kinds_all
-    copies = [t.r_sym[_is(kinds, Kind.COPY)]
+    copies = [t.r_sym[is_kind(kinds, Kind.COPY)]
               for t, kinds in zip(tables.relocs, kinds_all, strict=True)]
     not_self = np.concatenate(copies).astype(np.int64) if copies else None
     res = resolver.resolve(tables, needed, where.bias, where.mm, where.near, not_self) \

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -93,11 +93,6 @@ class Definition:
 
     obj: Definitions
     index: int
-
-    @property
-    def symbol(self) -> Any:
-        """The defining symbol table entry."""
-        return self.obj.obj.tables.symtab[self.index]
 
     @property
     def address(self) -> int:
