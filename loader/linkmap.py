@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -56,6 +56,7 @@ from loader.mmap import MapFlags, Mmap, MmapError, ProtFlags, code_runner
 from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, is_kind, type_name
 from loader.resident import ProcessObject, Resident, process_objects
+from loader.rtld_start import RtldStart
 from loader.scope import Definition, Definitions, LookupStep, Scope, all_definitions, lookup
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import HostResolver, Resolver, split_version, symbol_label
@@ -171,6 +172,9 @@ class LinkMap:
         self.init_order: list[str] = []
         self.fini_order: list[str] = []
         self.program: LoadedObject | None = None
+        self.rtld_start = RtldStart(self.mm, self.runner) if self.runner else None
+        """On a backend that runs code (not the host): what ld.so's start-up would have left
+        for libc, written by this LinkMap (``loader.rtld_start``)."""
 
     # --- what the image holds -------------------------------------------------------------
 
@@ -298,6 +302,8 @@ class LinkMap:
             self._tls.assign(new, relocation_order, startup, self._members)
             self._relocate(relocation_order)
             self._tls.initialise(new, startup)
+            if startup:
+                self._start_libc(new)
             self._register_eh_frames(new)
             self._init([m for m in reversed(order) if m in new and not m.init_called])
         except BaseException:
@@ -378,13 +384,37 @@ class LinkMap:
             m.loaded.real_bindings = self.runs_code
             with _about(m.found, self._members):
                 relocate_object(m.loaded, m.resolver, lazy=m.lazy,
-                                before_seal=functools.partial(self._make_lazy, m) if m.lazy
-                                else None)
+                                before_seal=self._before_seal(m))
             if m.obj.relocations.unresolved:
                 raise ElfSymbolError(
                     f"undefined symbol {m.obj.relocations.unresolved[0]} of {m.obj.path}",
                     len(m.obj.relocations.unresolved),
                     f"defined in its scope (needed by {_chain(m, self._members)})")
+
+    def _before_seal(self, m: _Member) -> Callable[[LoadedObject], None] | None:
+        """What is written into ``m`` after relocation, before its RELRO is sealed: the lazy
+        GOT, or, for ld.so at startup where code runs, the TLS sizes libc reads from it."""
+        if m.lazy:
+            return functools.partial(self._make_lazy, m)
+        start = self.rtld_start
+        if start is None or not m.startup or not _is_rtld(m):
+            return None
+        ro = lookup(b"_rtld_global_ro", None, [[m.defs]], newest=True)
+        size = ro.size if ro is not None else 0
+        return lambda _obj: start.seed_rtld(_symbol_in(m), size, self._tls.state)
+
+    def _start_libc(self, new: list[_Member]) -> None:
+        """Where code runs (not the host), the rest of ld.so's start-up for a libc loaded at
+        startup: the main thread in libc's eyes, then ``__libc_early_init``."""
+        libc = next((m for m in new if m.name == SMALLEST_PROGRAM_NEEDS), None)
+        rtld = next((m for m in new if _is_rtld(m)), None)
+        thread = self._tls.thread
+        if self.rtld_start is None or libc is None or rtld is None or thread is None:
+            return
+        glob = lookup(b"_rtld_global", None, [[rtld.defs]], newest=True)
+        self.rtld_start.start_thread(_symbol_in(libc), _symbol_in(rtld),
+                                     glob.size if glob is not None else 0, thread.tp)
+        self.rtld_start.early_init(_symbol_in(libc))
 
     def _register_eh_frames(self, new: list[_Member]) -> None:
         """On the host, each new object's .eh_frame is registered with libgcc (after
@@ -741,6 +771,14 @@ def _may_be_lazy(obj: LoadedObject) -> bool:
     """Whether ``obj`` binds its JUMP_SLOTs lazily under RTLD_LAZY: it has a DT_JMPREL and
     no DT_BIND_NOW, DF_BIND_NOW or DF_1_NOW (``loader.lazy.binds_now``)."""
     return DT.JMPREL in obj.tables.tags and not binds_now(obj.tables)
+
+
+def _symbol_in(m: _Member) -> Callable[[str], int | None]:
+    """The address of a name ``m`` itself defines (default version), or None."""
+    def symbol(name: str) -> int | None:
+        found = lookup(name.encode(), None, [[m.defs]], newest=True)
+        return found.address if found is not None else None
+    return symbol
 
 
 def _is_rtld(m: _Member) -> bool:

@@ -48,8 +48,9 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ".eh_frame registration for ours", ("loader.resident", "loader.hosttls", "loader.ehframe")),
     ("library search", "DT_NEEDED names to files as ld.so finds them; ld.so.cache",
      ("loader.search", "loader.ldcache")),
-    ("process image", "a closure as ld.so builds it: scope, bindings, TLS, init order",
-     ("loader.linkmap", "loader.scope", "loader.binding", "loader.tls")),
+    ("process image", "a closure as ld.so builds it: scope, bindings, TLS, init order, "
+     "ld.so's start-up state for libc",
+     ("loader.linkmap", "loader.scope", "loader.binding", "loader.tls", "loader.rtld_start")),
     ("supervisor", "run a function in a forked child, under bounds",
      ("loader.isolate",)),
     ("MMU layer", "page table, frames, translate(va, access), the access paths",

@@ -55,6 +55,9 @@ _HLT = b"\xf4"
 _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _WORD = (1 << 64) - 1
 _RED_ZONE = 128 + 64   # the System V red zone, and a margin: what a nested call must not touch
+_CALLER_FRAME = 64
+"""Stack left above a call's return address, as a real caller's frame would be: a callee may
+read argument slots it was not given (libc's ``syscall`` always loads its seventh)."""
 _START_ZEROED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                  "r12", "r13", "r14", "r15", "fs_base", "gs_base")
 """The registers Linux's ELF_PLAT_INIT and start_thread leave zero at a program's entry
@@ -157,7 +160,7 @@ class Process:
         if self.linkmap is not None and self.linkmap.thread is not None:
             self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
-        top = self.stack_top if self._nested_sp is None else self._nested_sp
+        top = self.stack_top - _CALLER_FRAME if self._nested_sp is None else self._nested_sp
         sp = (top - 8 * len(extra)) & ~15
         frame = b"".join(a.to_bytes(8, "little") for a in [self.trap, *extra])
         self.space.write(sp - 8, frame)
