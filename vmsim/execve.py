@@ -48,12 +48,15 @@ class AT:
 
     NULL, PHDR, PHENT, PHNUM, PAGESZ, BASE, FLAGS, ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
     UID, EUID, GID, EGID, PLATFORM, HWCAP, CLKTCK = 11, 12, 13, 14, 15, 16, 17
-    SECURE, RANDOM, HWCAP2, EXECFN = 23, 25, 26, 31
+    SECURE, RANDOM, HWCAP2, RSEQ_FEATURE_SIZE, RSEQ_ALIGN, EXECFN = 23, 25, 26, 27, 28, 31
 
 
 ARG_MAX = (8 << 20) // 4
 """The most stack exec's strings and tables may take: a quarter of the stack (Linux's rule,
 for the default 8 MiB stack limit)."""
+RSEQ_FEATURE_SIZE, RSEQ_ALIGN = 28, 32
+"""AT_RSEQ_FEATURE_SIZE and AT_RSEQ_ALIGN: offsetof(struct rseq, end) and its alignment
+(Linux 6.3 to 6.18); the rseq syscall checks an area against them."""
 CLOCK_TICKS = 100
 """AT_CLKTCK: Linux's USER_HZ."""
 
@@ -204,7 +207,8 @@ def build_stack(space: AddressSpace, top: int, argv: list[bytes], envp: list[byt
     the top a zero word, below it the strings (argv's first, lowest; then envp's; then
     ``execfn``), then 16-aligned the platform string and the 16 ``random`` bytes, then the
     table: argc, argv pointers, NULL, envp pointers, NULL, ``aux`` with AT_RANDOM,
-    AT_HWCAP2 (0), AT_EXECFN, AT_PLATFORM and AT_NULL appended; its start 16-aligned.
+    AT_HWCAP2 (0), AT_EXECFN, AT_PLATFORM, the rseq area's size and alignment (Linux 6.3
+    and later) and AT_NULL appended; its start 16-aligned.
     Raises OSError(E2BIG), nothing written, when it all needs more than ``arg_max`` bytes."""
     check_arg_max([*argv, *envp, execfn], arg_max)
     strings = [s + b"\0" for s in (*argv, *envp, execfn)]
@@ -217,7 +221,8 @@ def build_stack(space: AddressSpace, top: int, argv: list[bytes], envp: list[byt
     rand = platform - len(random)
     space.write(rand, random + PLATFORM + b"\0")
     full = [*aux, (AT.RANDOM, rand), (AT.HWCAP2, 0), (AT.EXECFN, pointers[-1]),
-            (AT.PLATFORM, platform), (AT.NULL, 0)]
+            (AT.PLATFORM, platform), (AT.RSEQ_FEATURE_SIZE, RSEQ_FEATURE_SIZE),
+            (AT.RSEQ_ALIGN, RSEQ_ALIGN), (AT.NULL, 0)]
     table = [len(argv), *pointers[:len(argv)], 0, *pointers[len(argv):-1], 0,
              *(v for pair in full for v in pair)]
     sp = (rand - WORD * len(table)) & -_STACK_ALIGN

@@ -31,6 +31,7 @@ from typing import Any
 from loader.mmap import MmapError
 from loader.pages import page_round_up
 from vmsim.cpu import Cpu, Stop
+from vmsim.execve import RSEQ_ALIGN, RSEQ_FEATURE_SIZE
 from vmsim.fault import Fault
 from vmsim.space import AddressSpace
 from vmsim.syscall_args import MAP_ANON, MAP_NOREPLACE, MAP_PRIVATE, PROT_READ, PROT_WRITE
@@ -55,6 +56,8 @@ _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STA
 _STDIO = (0, 1, 2)
 _FUTEX_CMD = 0x7F   # the operation, without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
 _FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_BITSET
+_RSEQ_UNREGISTER = 1
+_RSEQ_ORIG_SIZE = 32
 PID = 1000
 """The simulated process's pid (and its one thread's tid)."""
 _PROC_SELF_EXE = "/proc/self/exe"
@@ -99,10 +102,13 @@ class Syscalls:
             63: self.uname, 89: self.readlink, 267: self.readlinkat, 269: self.faccessat,
             202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
             231: self.exit, 257: self.openat, 262: self.newfstatat,
-            273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom}
+            273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom,
+            334: self.rseq}
         self.handlers = {nr: (h, len(inspect.signature(h).parameters))
                          for nr, h in handlers.items()}
         self.cpu: Cpu | None = None
+        self.rseq_area: tuple[int, int, int] | None = None
+        """The thread's registered rseq area: (address, length, signature), or None."""
 
     def close_all(self) -> None:
         """Close the host descriptors the program still holds."""
@@ -171,6 +177,44 @@ class Syscalls:
         if word != val & 0xFFFF_FFFF:
             return -errno.EAGAIN
         return -errno.ETIMEDOUT if timeout else -errno.EINTR
+
+    def rseq(self, area: int, length: int, flags: int, sig: int) -> int:
+        """rseq(2) as Linux 6.x checks it: register the thread's area (once: the same one
+        again is EBUSY, another EINVAL, a wrong signature EPERM) or, with
+        RSEQ_FLAG_UNREGISTER, unregister it. A registered area gets cpu_id_start, cpu_id,
+        node_id and mm_cid (all 0: one CPU); an unregistered one cpu_id -1. Nothing ever
+        preempts the one thread, so no critical section is ever aborted. (Linux sends
+        SIGSEGV when the area cannot be written; here that is -EFAULT.)"""
+        length, sig, flags = length & 0xFFFF_FFFF, sig & 0xFFFF_FFFF, flags & 0xFFFF_FFFF
+        if flags & _RSEQ_UNREGISTER:
+            if flags != _RSEQ_UNREGISTER or self.rseq_area is None or \
+                    self.rseq_area[:2] != (area, length):
+                return -errno.EINVAL
+            if self.rseq_area[2] != sig:
+                return -errno.EPERM
+            self._rseq_update(area, cpu=0xFFFF_FFFF)
+            self.rseq_area = None
+            return 0
+        if flags:
+            return -errno.EINVAL
+        if self.rseq_area is not None:
+            if self.rseq_area[:2] != (area, length):
+                return -errno.EINVAL
+            return -errno.EPERM if self.rseq_area[2] != sig else -errno.EBUSY
+        if not _rseq_area_fits(area, length):
+            return -errno.EINVAL
+        if area + length > self.space.task_size:
+            return -errno.EFAULT
+        self._rseq_update(area, cpu=0)
+        self.rseq_area = (area, length, sig)
+        return 0
+
+    def _rseq_update(self, area: int, cpu: int) -> None:
+        """What Linux writes into an area it registers (on the way back to user space) or
+        unregisters: cpu_id_start 0, cpu_id ``cpu`` (0, the one CPU; -1 when unregistered),
+        node_id and mm_cid 0."""
+        self.space.write(area, struct.pack("<II", 0, cpu))
+        self.space.write(area + 20, struct.pack("<II", 0, 0))
 
     def uname(self, buf: int) -> int:
         """struct utsname: the host's, with the node name "vmsim"."""
@@ -455,3 +499,11 @@ def _stat_bytes(st: Any) -> bytes:
                       st.st_rdev, st.st_size, st.st_blksize, st.st_blocks,
                       int(st.st_atime), st.st_atime_ns % 10**9, int(st.st_mtime),
                       st.st_mtime_ns % 10**9, int(st.st_ctime), st.st_ctime_ns % 10**9)
+
+
+def _rseq_area_fits(area: int, length: int) -> bool:
+    """Linux's check of a new rseq area: the original 32 bytes aligned to 32, or at least the
+    features this kernel knows (AT_RSEQ_FEATURE_SIZE) aligned to AT_RSEQ_ALIGN."""
+    if length == _RSEQ_ORIG_SIZE:
+        return area % _RSEQ_ORIG_SIZE == 0
+    return length >= RSEQ_FEATURE_SIZE and area % RSEQ_ALIGN == 0
