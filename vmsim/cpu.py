@@ -23,6 +23,10 @@ holding: munmap, mprotect, a copy-on-write copy replacing a shared frame.
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import select
+import signal
 import threading
 import time
 from collections import Counter
@@ -120,6 +124,7 @@ class Cpu:
         self._remapping = False
         self._probing: int | None = None  # the page :meth:`_exact` watches
         self._timed_out = False
+        self._interrupted = False
         self.uc.mem_map(_SCRATCH, 2 * CPU_PAGE_SIZE, ucc.UC_PROT_ALL)
         self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._fill)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._interrupt)
@@ -282,9 +287,12 @@ class Cpu:
 
     # ---- running
 
-    def _time_up(self) -> None:
-        """The watchdog's stop: the run passed its time limit."""
-        self._timed_out = True
+    def _time_up(self, interrupted: bool) -> None:
+        """The watchdog's stop: the run passed its time limit, or Ctrl-C came."""
+        if interrupted:
+            self._interrupted = True
+        else:
+            self._timed_out = True
         self.uc.emu_stop()
 
     def _halted(self, pc: int) -> bool:
@@ -305,27 +313,49 @@ class Cpu:
         self.set_reg("rsp", self.reg("rsp") + pop)
         return target
 
+    def _start(self, pc: int, end: int, budget: int | None, timeout: float) -> uc.UcError | None:
+        """One emu_start under the watchdog; the error Unicorn stopped with, if any. In the
+        main thread a Ctrl-C during it stops the CPU: SIGINT's handler is ours (it records
+        the interrupt instead of raising inside one of Unicorn's callbacks) and its wakeup
+        fd the watchdog's (Python runs no handler while Unicorn runs code without hooks).
+        A process that ignores SIGINT keeps ignoring it."""
+        main = threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        if main:
+            handler = signal.signal(signal.SIGINT, self._on_interrupt)
+            wakeup = signal.set_wakeup_fd(WATCHDOG.wakeup_fd, warn_on_full_buffer=False)
+        token = WATCHDOG.arm(self._time_up, timeout)
+        try:
+            self.uc.emu_start(pc, end, count=budget or 0)
+            return None
+        except uc.UcError as err:
+            return err
+        finally:
+            WATCHDOG.disarm(token)
+            if main:
+                signal.set_wakeup_fd(wakeup)
+                signal.signal(signal.SIGINT, handler)
+
+    def _on_interrupt(self, _signum: int, _frame: Any) -> None:
+        """SIGINT while the CPU runs: stop it; :meth:`run` raises KeyboardInterrupt."""
+        self._time_up(True)
+
     def run(self, pc: int, end: int, budget: int | None, timeout: float | None = None) -> None:
         """Run from ``pc`` until the CPU reaches ``end``. Raises the Fault of a refused
         access or a trap (``pc`` set), :class:`Stop` when the program exits, MemoryError past
         the frame limit, TimeoutError
         after ``budget`` instructions (Unicorn counts each: several times slower) or
-        ``timeout`` seconds (a watchdog thread: full speed) without reaching ``end``. Both
-        count from the last resume: after the frame pool grew (at most once per doubling)
+        ``timeout`` seconds (a watchdog thread: full speed) without reaching ``end``, and
+        KeyboardInterrupt on Ctrl-C. Both limits count from the last
+        resume: after the frame pool grew (at most once per doubling)
         or a service ran (at most once per lazy slot)."""
         while True:
             self._map_physical()
             self._stop = None
-            self._timed_out = False
-            token = None if timeout is None else WATCHDOG.arm(self._time_up, timeout)
-            try:
-                self.uc.emu_start(pc, end, count=budget or 0)
-                error = None
-            except uc.UcError as err:
-                error = err
-            finally:
-                if token is not None:
-                    WATCHDOG.disarm(token)
+            self._timed_out = self._interrupted = False
+            error = self._start(pc, end, budget, math.inf if timeout is None else timeout)
+            if self._interrupted:
+                raise KeyboardInterrupt
             stop, self._stop = self._stop, None
             pc = self.reg("rip")
             if isinstance(stop, Stop) and stop.moved:
@@ -348,19 +378,32 @@ class Cpu:
 
 
 class Watchdog:
-    """Stops runs that pass their deadline: one thread for every CPU, started at the first
-    :meth:`arm`, sleeping until the nearest deadline (Unicorn runs without Python's lock
-    held, so the thread gets to run). It holds a run's ``stop`` only while the run is armed.
-    (Unicorn's own ``timeout`` starts and joins a thread per run: a quarter of a millisecond
-    a call.)"""
+    """Stops runs that pass their deadline, or on Ctrl-C: one thread for every CPU, started at
+    the first :meth:`arm`, sleeping until the nearest deadline (Unicorn runs without Python's
+    lock held, so the thread gets to run). It sleeps on a pipe: :meth:`arm` writes a zero
+    byte to wake it, and a running main thread makes the pipe Python's signal wakeup fd, so a
+    Ctrl-C writes SIGINT's number there even while the main thread runs no Python code. A
+    deadline passed is ``stop(False)``, a Ctrl-C ``stop(True)`` for every armed run. It holds
+    a run's ``stop`` only while the run is armed. (Unicorn's own ``timeout`` starts and joins
+    a thread per run: a quarter of a millisecond a call.)"""
 
     def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._runs: dict[int, tuple[float, Callable[[], None]]] = {}
         self._tokens = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._start_afresh()
+        os.register_at_fork(after_in_child=self._start_afresh)
 
-    def arm(self, stop: Callable[[], None], seconds: float) -> int:
+    def _start_afresh(self) -> None:
+        """No runs, no thread yet, a pipe of its own (also in a forked child, which has not
+        the parent's thread and must not read the parent's pipe)."""
+        for inherited in (getattr(self, "_wake_read", None), getattr(self, "wakeup_fd", None)):
+            if inherited is not None:
+                os.close(inherited)
+        self._lock = threading.Lock()
+        self._runs: dict[int, tuple[float, Callable[[bool], None]]] = {}
+        self._thread: threading.Thread | None = None
+        self._wake_read, self.wakeup_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def arm(self, stop: Callable[[bool], None], seconds: float) -> int:
         """Call ``stop`` unless :meth:`disarm` comes within ``seconds``; the run's token."""
         with self._lock:
             token = next(self._tokens)
@@ -369,8 +412,8 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._watch, daemon=True,
                                                 name="vmsim-cpu-watchdog")
                 self._thread.start()
-            self._lock.notify()
-            return token
+        os.write(self.wakeup_fd, b"\0")
+        return token
 
     def disarm(self, token: int) -> None:
         """The run ``token`` ended."""
@@ -378,16 +421,29 @@ class Watchdog:
             self._runs.pop(token, None)
 
     def _watch(self) -> None:
-        """The thread: wait for the nearest deadline, stop the runs past theirs."""
-        with self._lock:
-            while True:
+        """The thread: sleep until the nearest deadline or a byte on the pipe; stop the runs
+        past their deadline, or all of them when the bytes hold SIGINT."""
+        while True:
+            with self._lock:
                 now = time.monotonic()
-                for token, (deadline, stop) in list(self._runs.items()):
-                    if deadline <= now:
-                        del self._runs[token]
-                        stop()
-                nearest = min((d for d, _ in self._runs.values()), default=None)
-                self._lock.wait(None if nearest is None else nearest - now)
+                self._stop_until(now, interrupted=False)
+                nearest = min((d for d, _ in self._runs.values()), default=math.inf)
+            select.select([self._wake_read], [], [], None if nearest == math.inf
+                          else max(nearest - now, 0.0))
+            try:
+                woken = os.read(self._wake_read, 4096)
+            except BlockingIOError:
+                continue
+            if signal.SIGINT in woken:
+                with self._lock:
+                    self._stop_until(math.inf, interrupted=True)
+
+    def _stop_until(self, until: float, *, interrupted: bool) -> None:
+        """Stop (and forget) each armed run whose deadline is ``until`` or earlier."""
+        for token, (deadline, stop) in list(self._runs.items()):
+            if deadline <= until:
+                del self._runs[token]
+                stop(interrupted)
 
 
 WATCHDOG = Watchdog()
