@@ -19,6 +19,7 @@ readlink answer from the host's files (write access: EACCES), /proc/self/exe is 
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import os
 import resource
@@ -30,7 +31,9 @@ from typing import Any
 
 from loader.mmap import MmapError
 from loader.pages import page_round_up
+from vmsim import sysinfo
 from vmsim.cpu import Cpu, Stop
+from vmsim.dirents import Directory
 from vmsim.execve import RSEQ_ALIGN, RSEQ_FEATURE_SIZE
 from vmsim.fault import Fault
 from vmsim.space import AddressSpace
@@ -72,7 +75,8 @@ SYSCALL_NAMES = {
     56: "clone", 57: "fork", 58: "vfork", 59: "execve", 60: "exit", 61: "wait4", 62: "kill",
     63: "uname", 72: "fcntl", 79: "getcwd", 89: "readlink", 96: "gettimeofday",
     97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid",
-    131: "sigaltstack", 158: "arch_prctl", 186: "gettid", 201: "time", 202: "futex",
+    131: "sigaltstack", 137: "statfs", 138: "fstatfs", 158: "arch_prctl", 186: "gettid",
+    191: "getxattr", 192: "lgetxattr", 201: "time", 202: "futex", 217: "getdents64",
     218: "set_tid_address", 228: "clock_gettime", 231: "exit_group", 234: "tgkill",
     257: "openat", 262: "newfstatat", 267: "readlinkat", 273: "set_robust_list",
     293: "pipe2", 302: "prlimit64", 318: "getrandom", 332: "statx", 334: "rseq",
@@ -92,6 +96,10 @@ class Syscalls:
         self.counts: Counter[str] = Counter()
         self.enosys: Counter[str] = Counter()
         self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
+        self.stdio = set(_STDIO)
+        self.dirs: dict[int, Directory] = {}
+        """The directories the program reads with getdents64, by its fd."""
+        """Which of fds 0, 1 and 2 the program has not closed."""
         self.brk_base = self.brk = brk_base
         self.exe: str | None = None
         """The program ``exec`` ran (what readlink of /proc/self/exe gives), or None."""
@@ -103,9 +111,13 @@ class Syscalls:
             202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
             231: self.exit, 257: self.openat, 262: self.newfstatat,
             273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom,
-            334: self.rseq}
-        self.handlers = {nr: (h, len(inspect.signature(h).parameters))
-                         for nr, h in handlers.items()}
+            334: self.rseq, 217: self.getdents64,
+            96: functools.partial(sysinfo.gettimeofday, space),
+            201: functools.partial(sysinfo.time_call, space),
+            228: functools.partial(sysinfo.clock_gettime, space),
+            191: functools.partial(self.getxattr, follow=True),
+            192: functools.partial(self.getxattr, follow=False)}
+        self.handlers = {nr: (h, _positional(h)) for nr, h in handlers.items()}
         self.cpu: Cpu | None = None
         self.rseq_area: tuple[int, int, int] | None = None
         """The thread's registered rseq area: (address, length, signature), or None."""
@@ -330,8 +342,10 @@ class Syscalls:
         return self._install(host)
 
     def _install(self, host: int) -> int:
-        """The program's lowest free descriptor (from 3) for the host's ``host``."""
-        fd = next(n for n in range(3, len(self.fds) + 4) if n not in self.fds)
+        """The program's lowest free descriptor for the host's ``host`` (3, unless the
+        program closed one of 0, 1 and 2)."""
+        taken = self.fds.keys() | self.stdio
+        fd = next(n for n in range(len(taken) + 1) if n not in taken)
         self.fds[fd] = host
         return fd
 
@@ -346,15 +360,19 @@ class Syscalls:
         return host
 
     def close(self, fd: int) -> int:
-        """close(2) of one of the program's descriptors."""
+        """close(2) of one of the program's descriptors (stdio's too: then they are gone)."""
+        if c_int(fd) in self.stdio:
+            self.stdio.discard(c_int(fd))
+            return 0
         host = self._host_fd(fd)
         del self.fds[c_int(fd)]
+        self.dirs.pop(c_int(fd), None)
         os.close(host)
         return 0
 
     def read(self, fd: int, buf: int, count: int) -> int:
         """read(2): fd 0 is at its end; others are the program's host files."""
-        if c_int(fd) == 0:
+        if c_int(fd) == 0 and 0 in self.stdio:
             return 0
         data = os.read(self._host_fd(fd), min(count, MAX_IO))
         self.space.write(buf, data)
@@ -367,20 +385,43 @@ class Syscalls:
         return len(data)
 
     def lseek(self, fd: int, offset: int, whence: int) -> int:
-        """lseek(2) on one of the program's host files."""
+        """lseek(2) on one of the program's host files (on a directory it reads: back to its
+        first entry, as rewinddir asks, when the offset is 0)."""
+        if c_int(fd) in self.dirs and offset == 0:
+            self.dirs[c_int(fd)].rewind()
         return os.lseek(self._host_fd(fd), offset - (offset >> 63 << 64), c_int(whence))
+
+    def getxattr(self, path: int, name: int, value: int, size: int, *, follow: bool) -> int:
+        """getxattr(2) and lgetxattr(2): an extended attribute of a host file, read-only
+        (``vmsim.sysinfo``)."""
+        return sysinfo.getxattr(self.space, self._path(path), self._path(name), value, size,
+                                follow=follow)
+
+    def getdents64(self, fd: int, dirp: int, count: int) -> int:
+        """getdents64(2) on a directory the program opened: the host's entries
+        (``vmsim.dirents``), as many as fit in ``count`` bytes (at most MAX_IO); ENOTDIR for
+        another file, EINVAL when not one entry fits."""
+        host = self._host_fd(fd)
+        directory = self.dirs.get(c_int(fd))
+        if directory is None:
+            if not stat.S_ISDIR(os.fstat(host).st_mode):
+                return -errno.ENOTDIR
+            directory = self.dirs[c_int(fd)] = Directory(host)
+        data = directory.read(min(count & 0xFFFF_FFFF, MAX_IO))
+        self.space.write(dirp, data)
+        return len(data)
 
     def fstat(self, fd: int, buf: int) -> int:
         """fstat(2) on one of the program's host files; fds 0, 1 and 2 are pipes (as under
         ``subprocess.run(..., capture_output=True)``: a program's stdio is fully buffered)."""
-        st = _PIPE_STAT if c_int(fd) in _STDIO else _stat_bytes(os.fstat(self._host_fd(fd)))
+        st = _PIPE_STAT if c_int(fd) in self.stdio else _stat_bytes(os.fstat(self._host_fd(fd)))
         self.space.write(buf, st)
         return 0
 
     def ioctl(self, fd: int, _request: int, _arg: int) -> int:
         """ioctl(2): no descriptor of the program is a terminal or a device, so every
         request (TCGETS, isatty's) is ENOTTY; EBADF for a descriptor it does not have."""
-        if c_int(fd) not in _STDIO:
+        if c_int(fd) not in self.stdio:
             self._host_fd(fd)
         return -errno.ENOTTY
 
@@ -439,7 +480,8 @@ class Syscalls:
     def write(self, fd: int, buf: int, count: int) -> int:
         """write(2) to fd 1 or 2 (captured, up to MAX_OUTPUT); other descriptors are
         read-only (EBADF)."""
-        out = {1: self.stdout, 2: self.stderr}.get(c_int(fd))
+        out = {1: self.stdout, 2: self.stderr}.get(c_int(fd)) if c_int(fd) in self.stdio \
+            else None
         if out is None:
             return -errno.EBADF
         room = MAX_OUTPUT - len(out)
@@ -507,3 +549,9 @@ def _rseq_area_fits(area: int, length: int) -> bool:
     if length == _RSEQ_ORIG_SIZE:
         return area % _RSEQ_ORIG_SIZE == 0
     return length >= RSEQ_FEATURE_SIZE and area % RSEQ_ALIGN == 0
+
+
+def _positional(handler: Callable[..., int]) -> int:
+    """How many register arguments ``handler`` takes (its keyword-only ones are bound)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in inspect.signature(handler).parameters.values())

@@ -1,0 +1,76 @@
+"""System calls that read the host's clocks and file attributes for a simulated process.
+
+Part of ``vmsim``'s process layer (``vmsim.syscalls`` dispatches to them). Nothing here
+reaches the host's memory or changes anything: the clocks are the host's (without a vDSO,
+glibc asks the kernel for the time, so these are what ``time()``, ``gettimeofday`` and
+``clock_gettime`` return), and the extended attributes are read from the host's files, as
+the read-only ``stat`` calls are. Each function takes the process's space first and returns
+the syscall's result (``-errno`` on failure).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+
+from vmsim.space import AddressSpace
+
+__all__ = ["CLOCKS", "clock_gettime", "getxattr", "gettimeofday", "time_call"]
+
+CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC, 2: time.CLOCK_PROCESS_CPUTIME_ID,
+          3: time.CLOCK_THREAD_CPUTIME_ID, 4: time.CLOCK_MONOTONIC_RAW, 5: 5, 6: 6,
+          7: time.CLOCK_BOOTTIME}
+"""The clock ids a process may read: REALTIME, MONOTONIC, the two CPU-time clocks (the host
+process's: the emulation's cost, not the program's), MONOTONIC_RAW, the two COARSE ones,
+BOOTTIME."""
+_XATTR_NAME_MAX = 255
+_XATTR_MAX = 65536
+"""XATTR_SIZE_MAX: the longest value Linux hands out."""
+
+
+def _nanoseconds(clock: int) -> int:
+    """The host's ``clock`` now, in nanoseconds."""
+    return time.clock_gettime_ns(clock)
+
+
+def clock_gettime(space: AddressSpace, clock: int, ts: int) -> int:
+    """clock_gettime(2): a struct timespec from the host's clock; EINVAL for another id."""
+    host = CLOCKS.get(clock)
+    if host is None:
+        return -errno.EINVAL
+    seconds, nanoseconds = divmod(_nanoseconds(host), 1_000_000_000)
+    space.write(ts, struct.pack("<qq", seconds, nanoseconds))
+    return 0
+
+
+def gettimeofday(space: AddressSpace, tv: int, _tz: int) -> int:
+    """gettimeofday(2): a struct timeval of the real-time clock (when ``tv`` is not NULL)."""
+    if tv:
+        seconds, nanoseconds = divmod(_nanoseconds(time.CLOCK_REALTIME), 1_000_000_000)
+        space.write(tv, struct.pack("<qq", seconds, nanoseconds // 1000))
+    return 0
+
+
+def time_call(space: AddressSpace, where: int) -> int:
+    """time(2): seconds since the epoch, also stored at ``where`` unless it is NULL."""
+    now = _nanoseconds(time.CLOCK_REALTIME) // 1_000_000_000
+    if where:
+        space.write(where, struct.pack("<q", now))
+    return now
+
+
+def getxattr(space: AddressSpace, path: str, key: str, value: int, size: int, *,
+             follow: bool) -> int:
+    """getxattr(2) (``follow``) or lgetxattr(2) of a host file: the value's length, the
+    value copied when ``size`` is not 0 (ERANGE when it is too small, or the name longer
+    than XATTR_NAME_MAX); the host's errno (ENODATA: no such attribute)."""
+    if len(os.fsencode(key)) > _XATTR_NAME_MAX:
+        return -errno.ERANGE
+    data = os.getxattr(path, key, follow_symlinks=follow)[:_XATTR_MAX]
+    if size & 0xFFFF_FFFF_FFFF_FFFF:
+        if len(data) > size:
+            return -errno.ERANGE
+        space.write(value, data)
+    return len(data)
