@@ -61,7 +61,8 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("AddressSpace", "the simulator's façade: the Mmap protocol and a debugger's view",
      ("vmsim.space",)),
     ("CPU", "vmsim.Process: Unicorn with vmsim as its MMU, the simulator as its kernel",
-     ("vmsim.cpu", "vmsim.syscalls", "vmsim.process", "vmsim.execve")),
+     ("vmsim.cpu", "vmsim.syscalls", "vmsim.sysinfo", "vmsim.dirents", "vmsim.process",
+      "vmsim.execve")),
     ("fuzzing kit", "ELF writer, strategies, properties, campaign",
      ("vmsim.fuzz", "vmsim.fuzz.*", "vmsim.strategies", "loader.strategies",
       "vmsim._hypothesis_plugin")),
@@ -71,8 +72,8 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("vmsim.sweep",)),
     ("pictures", "maps and page states in matplotlib",
      ("vmsim.viz",)),
-    ("command", "vmsim load/maps/ldd/why/diff/plot/fuzz",
-     ("vmsim.cli", "vmsim.deps", "vmsim.__main__")),
+    ("command", "vmsim load/maps/ldd/why/diff/plot/run/fuzz",
+     ("vmsim.cli", "vmsim.deps", "vmsim.runcmd", "vmsim.__main__")),
 )
 
 EVERYONE_USES = "interface"   # its arrows are left out of the picture: nearly every part has one

@@ -27,7 +27,8 @@ EVERY_PRINTING_COMMAND = [
 ]
 """Every verb that writes to stdout, on both backends where it has a choice."""
 HELPS = [["--help"], ["load", "--help"], ["maps", "--help"], ["trace", "--help"],
-         ["explain", "--help"], ["plot", "--help"], ["diff", "--help"], ["fuzz", "--help"]]
+         ["explain", "--help"], ["plot", "--help"], ["diff", "--help"], ["fuzz", "--help"],
+         ["run", "--help"]]
 
 
 @pytest.mark.parametrize("argv", EVERY_PRINTING_COMMAND,

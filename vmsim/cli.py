@@ -46,6 +46,7 @@ from vmsim.deps import (
     open_image,
     why_lines,
 )
+from vmsim.runcmd import add_run
 
 __all__ = ["DEFAULT_LIBRARY", "EXIT", "Bounded", "Session", "load_report", "main", "maps_rows",
            "session"]
@@ -682,6 +683,7 @@ def parser() -> argparse.ArgumentParser:
     _search_options(dd)
     dd.set_defaults(func=cmd_ldd)
     _add_why(verbs)
+    add_run(verbs)
     verbs.add_parser("fuzz", help="run the loader's hypothesis properties as a campaign "
                      "(vmsim fuzz --help)", add_help=False)
     return top
