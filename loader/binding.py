@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from loader.elfdefs import MASK64, SHN, STB, st_bind, versym_index
+from loader.elfdefs import MASK64, SHN, STB, STT, st_bind, st_type, versym_index
 from loader.mmap import Mmap
 from loader.reloc import TlsLayout
 from loader.scope import (
@@ -25,7 +25,7 @@ from loader.scope import (
     Definition,
     Definitions,
     Scope,
-    lookup,
+    ScopeIndex,
     visibility,
 )
 from loader.symbols import Finder, Resolution, Resolver, TlsDefinitions, names_of
@@ -79,8 +79,7 @@ class ScopeResolver(Resolver):
     a lazy slot nobody defines)."""
 
     def __init__(self, me: Definitions, scope: Scope, tls_of: TlsOf, classes: Classes,
-                 *, real: bool, memo: dict[tuple[bytes, bytes | None, bool, bool],
-                                           Definition | None] | None = None,
+                 *, real: bool, index: ScopeIndex | None = None,
                  overrides: dict[bytes, int] | None = None,
                  hooks: Resolver | None = None,
                  unique: dict[bytes, Definition] | None = None) -> None:
@@ -91,8 +90,8 @@ class ScopeResolver(Resolver):
         self.hooked: dict[int, int] = {}
         """Symbols a user's hook bound (``pre_find`` before the scope, ``post_find`` after
         it found nothing), and to what."""
-        self.memo = {} if memo is None else memo
-        """Lookups already done over this same scope (objects loaded together share it)."""
+        self.index = ScopeIndex(scope) if index is None else index
+        """The scope ready for lookups (objects loaded together share it, and its answers)."""
         self.unique = {} if unique is None else unique
         """The process's STB_GNU_UNIQUE definitions by name: the first one bound wins for
         every later reference (glibc's unique symbol table)."""
@@ -100,25 +99,18 @@ class ScopeResolver(Resolver):
         """Names bound to a given address instead of the scope's definition (on the host,
         ``__tls_get_addr`` when objects of ours have TLS: ``loader.hosttls``)."""
 
-    def _lookup(self, name: bytes, version: bytes | None, plt: bool, copy: bool
-                ) -> Definition | None:
-        """``lookup`` over the scope, each question asked once per scope."""
-        key = (name, version, plt, copy)
-        if key not in self.memo:
-            self.memo[key] = lookup(name, version, self.search_lists, plt=plt, copy=copy)
-        return self.memo[key]
-
-    def _one(self, i: int, name: bytes, version: bytes | None) -> Definition | None:
-        """What symbol ``i`` of ``me`` binds to (None: nobody defines it)."""
+    def _one(self, i: int, name: bytes, version: bytes | None, plt: bool, copy: bool
+             ) -> Definition | None:
+        """What symbol ``i`` of ``me`` binds to (None: nobody defines it); ``plt``, ``copy``:
+        its ``classes``."""
         me = self.me
         defined = me.shndx[i] != SHN.UNDEF
         seen_as = visibility(me.other[i])
         if st_bind(me.info[i]) == STB.LOCAL or seen_as in (STV_HIDDEN, STV_INTERNAL):
             return Definition(me, i) if defined else None
-        plt, copy = bool(self.classes.plt[i]), bool(self.classes.copy[i])
-        found = self._lookup(name, version, plt, copy)
+        found = self.index.lookup(name, version, plt=plt, copy=copy)
         if defined and seen_as == STV_PROTECTED and found is not None and found.obj is not me:
-            again = found if plt else self._lookup(name, version, True, copy)
+            again = found if plt else self.index.lookup(name, version, plt=True, copy=copy)
             if again is not None and again.obj is not self.me:
                 return Definition(self.me, i)
         if found is not None and st_bind(found.obj.info[found.index]) == STB.GNU_UNIQUE:
@@ -136,26 +128,29 @@ class ScopeResolver(Resolver):
         vidx = versym_index(tables.versym[needed]).tolist() if tables.versym is not None \
             else [0] * len(needed)
         weak = (st_bind(tables.symtab["st_info"][needed]) == int(STB.WEAK)).tolist()
-        for i, name, v, is_weak in zip(needed.tolist(), names_of(tables, needed), vidx, weak,
-                                       strict=True):
+        plt, copy = self.classes.plt[needed].tolist(), self.classes.copy[needed].tolist()
+        hits: dict[int, Definition] = {}
+        for i, name, v, is_weak, is_plt, is_copy in zip(
+                needed.tolist(), names_of(tables, needed), vidx, weak, plt, copy, strict=True):
             version = versions.get(v) if v > 1 else None
             if name in self.overrides:
                 out.addr[i], out.bound[i] = self.overrides[name], True
                 continue
             hooked = self._ask(self.pre_find, name, version)
-            found = self._one(i, name, version) if hooked is None else None
+            found = self._one(i, name, version, is_plt, is_copy) if hooked is None else None
             if hooked is None and found is None:
                 hooked = self._ask(self.post_find, name, version)
             if hooked is not None:
                 out.addr[i], out.bound[i] = hooked, True
                 self.hooked[i] = hooked
             elif found is not None:
-                self._bind(out, i, found)
+                hits[i] = found
             elif is_weak:
                 out.bound[i] = True
             elif not self.classes.lazy[i]:
                 label = name.decode("utf-8", "surrogateescape")
                 unresolved.append(f"{label}@{version.decode()}" if version else label)
+        self._bind(out, hits)
         return Resolution(out.addr, out.bound, unresolved, ifunc=out.ifunc, tls=out.tls,
                           sizes=out.sizes)
 
@@ -172,16 +167,36 @@ class ScopeResolver(Resolver):
                 return found
         return None
 
-    def _bind(self, out: _Bound, i: int, found: Definition) -> None:
-        """Record symbol ``i`` bound to ``found``: its address, IFUNC mark, size, TLS."""
-        self.found[i] = found
-        out.addr[i] = found.address
-        out.bound[i] = True
-        out.ifunc[i] = found.is_ifunc
-        out.sizes[i] = found.size
-        if found.is_tls:
-            layout = self.tls_of(found.obj)
-            if layout is not None:
-                out.tls.module[i] = layout.module_id
-                out.tls.offset[i] = -1 if layout.tp_offset is None else layout.tp_offset
-                out.tls.value[i] = found.address & MASK64
+    def _bind(self, out: _Bound, hits: dict[int, Definition]) -> None:
+        """Record each symbol of ``hits`` bound to its definition (kept in ``found``): one
+        gather per defining object (``_bind_to``)."""
+        self.found.update(hits)
+        groups: dict[int, tuple[Definitions, list[int], list[int]]] = {}
+        for i, found in hits.items():
+            group = groups.get(id(found.obj))
+            if group is None:
+                group = groups[id(found.obj)] = (found.obj, [], [])
+            group[1].append(i)
+            group[2].append(found.index)
+        for defs, mine, theirs in groups.values():
+            self._bind_to(out, defs, np.array(mine, dtype=np.int64),
+                          np.array(theirs, dtype=np.int64))
+
+    def _bind_to(self, out: _Bound, defs: Definitions, mine: npt.NDArray[np.int64],
+                 theirs: npt.NDArray[np.int64]) -> None:
+        """Symbols ``mine`` bound to symbols ``theirs`` of ``defs``: the address (load bias
+        + st_value; for STT_TLS the offset in its module's block, and the module), IFUNC
+        mark and size, as ``Definition`` gives them one by one."""
+        syms = defs.obj.tables.symtab[theirs]
+        kind = st_type(syms["st_info"])
+        value = syms["st_value"].astype(np.uint64)
+        tls = kind == int(STT.TLS)
+        out.addr[mine] = np.where(tls, value, value + np.uint64(defs.obj.load_bias & MASK64))
+        out.bound[mine] = True
+        out.ifunc[mine] = kind == int(STT.GNU_IFUNC)
+        out.sizes[mine] = syms["st_size"]
+        layout = self.tls_of(defs) if tls.any() else None
+        if layout is not None:
+            out.tls.module[mine[tls]] = layout.module_id
+            out.tls.offset[mine[tls]] = -1 if layout.tp_offset is None else layout.tp_offset
+            out.tls.value[mine[tls]] = value[tls]

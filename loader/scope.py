@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
@@ -54,8 +55,8 @@ from loader.elfdefs import (
 from loader.symbols import names_of
 from loader.tables import DynamicTables
 
-__all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeObject", "lookup",
-           "visibility"]
+__all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeIndex", "ScopeObject",
+           "lookup", "visibility"]
 
 STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
 _ALLOWED_TYPES = [int(t) for t in (STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS,
@@ -145,10 +146,16 @@ class Definitions:
         keep = np.isin(kind, _ALLOWED_TYPES) & valued
         if len(keep):
             keep[0] = False
-        idx = np.flatnonzero(keep).astype(np.int64)
-        self.by_name: dict[bytes, list[int]] = {}
-        for i, name in zip(idx.tolist(), names_of(tables, idx), strict=True):
-            self.by_name.setdefault(name, []).append(i)
+        order = np.flatnonzero(keep).astype(np.int64)
+        names, idx = names_of(tables, order), order.tolist()
+        self.by_name: dict[bytes, int] = dict(zip(reversed(names), reversed(idx), strict=True))
+        """Each name's first candidate (built backwards: the first one is written last)."""
+        self.more: dict[bytes, list[int]] = {}
+        """Every candidate of each name that has more than one, in symbol order."""
+        if len(self.by_name) < len(idx):
+            for i, name in zip(idx, names, strict=True):
+                if self.by_name[name] != i:
+                    self.more.setdefault(name, [self.by_name[name]]).append(i)
         self.versions = {k: v.encode("utf-8", "surrogateescape")
                          for k, v in tables.versions.items()}
         self.versym: list[int] | None = None if tables.versym is None else \
@@ -160,6 +167,11 @@ class Definitions:
         self.shndx: list[int] = syms["st_shndx"].tolist()
         self.value: list[int] = syms["st_value"].tolist()
         self.size: list[int] = syms["st_size"].tolist()
+
+    def candidates(self, name: bytes) -> list[int]:
+        """The symbols that may define ``name``, in symbol order (none: an empty list)."""
+        first = self.by_name.get(name)
+        return [] if first is None else self.more.get(name) or [first]
 
     def _version_ok(self, i: int, version: bytes | None, newest: bool,
                     seen: list[int]) -> bool:
@@ -183,7 +195,7 @@ class Definitions:
               newest: bool = False) -> int | None:
         """The symbol index that decides for this object (``do_lookup_x``), or None."""
         seen: list[int] = []
-        for i in self.by_name.get(name, ()):
+        for i in self.candidates(name):
             if plt and self.shndx[i] == SHN.UNDEF:
                 continue
             if self._version_ok(i, version, newest, seen):
@@ -192,7 +204,7 @@ class Definitions:
 
     def what(self, name: bytes, version: bytes | None) -> str:
         """What this object has of ``name`` in words (``why``'s account of a miss)."""
-        found = self.by_name.get(name)
+        found = self.candidates(name)
         if not found:
             return "does not define it"
         if self.versym is None:
@@ -212,6 +224,50 @@ def _decides(found: Definitions, i: int) -> bool:
     if visibility(found.other[i]) in (STV_INTERNAL, STV_HIDDEN):
         return False
     return st_bind(found.info[i]) in _DECIDING_BINDS
+
+
+def _decision(found: Definitions, name: bytes, version: bytes | None, plt: bool, copy: bool
+              ) -> int | None:
+    """The symbol of ``found`` that ends a lookup of ``name`` (``lookup``'s question), or
+    None: the search goes on to the next object."""
+    if name not in found.by_name or (copy and found.obj.is_program):
+        return None
+    i = found.match(name, version, plt=plt)
+    return i if i is not None and _decides(found, i) else None
+
+
+class ScopeIndex:
+    """A scope made ready for many lookups (every reference of the objects a dlopen
+    relocates): its objects in search order, for each name the first of them that has a
+    candidate definition of it (the objects before it cannot answer: ``lookup`` starts
+    there), and the answers already given (``memo``: objects sharing the scope ask many
+    questions alike). Built once the objects' tables are final; the scope must not change
+    while it is used."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.objects = [found for search_list in scope for found in search_list]
+        self.first: dict[bytes, int] = {}
+        for at in range(len(self.objects) - 1, -1, -1):     # the earliest object wins
+            self.first.update(dict.fromkeys(self.objects[at].by_name, at))
+        self.memo: dict[tuple[bytes, bytes | None, bool, bool], Definition | None] = {}
+
+    def lookup(self, name: bytes, version: bytes | None, *, plt: bool = False,
+               copy: bool = False) -> Definition | None:
+        """``lookup(name, version, scope, plt=plt, copy=copy)``, each question answered
+        once."""
+        key = (name, version, plt, copy)
+        if key in self.memo:
+            return self.memo[key]
+        found: Definition | None = None
+        start = self.first.get(name)
+        if start is not None:
+            for obj in islice(self.objects, start, None):
+                i = _decision(obj, name, version, plt, copy)
+                if i is not None:
+                    found = Definition(obj, i)
+                    break
+        self.memo[key] = found
+        return found
 
 
 def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = False,
