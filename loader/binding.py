@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import compress
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +71,15 @@ class _Bound:
                                   np.zeros(self.n, dtype=np.uint64))
 
 
+def _versions_of(tables: DynamicTables, idx: npt.NDArray[np.int64]) -> list[bytes | None]:
+    """The version each symbol of ``idx`` references (None: unversioned)."""
+    if tables.versym is None:
+        return [None] * len(idx)
+    versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
+    return [versions.get(v) if v > 1 else None
+            for v in versym_index(tables.versym[idx]).tolist()]
+
+
 class ScopeResolver(Resolver):
     """Bind ``me``'s references over ``scope`` (module docstring). ``tls_of`` gives the TLS
     module of a defining object; ``classes`` says how each symbol is looked up; ``real``
@@ -86,7 +96,12 @@ class ScopeResolver(Resolver):
         super().__init__(hooks.pre_find if hooks else (), hooks.post_find if hooks else ())
         self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
         self.real = real
-        self.found: dict[int, Definition] = {}
+        self._hits: dict[int, Definition] = {}
+        """What the symbols looked up one by one bound to."""
+        self._settled_hits: list[tuple[Definitions, npt.NDArray[np.int64],
+                                       npt.NDArray[np.int64]]] = []
+        """Those bound in bulk: (defining object, our symbols, its symbols)."""
+        self._found: dict[int, Definition] | None = None
         self.hooked: dict[int, int] = {}
         """Symbols a user's hook bound (``pre_find`` before the scope, ``post_find`` after
         it found nothing), and to what."""
@@ -98,6 +113,18 @@ class ScopeResolver(Resolver):
         self.overrides = overrides or {}
         """Names bound to a given address instead of the scope's definition (on the host,
         ``__tls_get_addr`` when objects of ours have TLS: ``loader.hosttls``)."""
+
+    @property
+    def found(self) -> dict[int, Definition]:
+        """Each bound symbol index -> its Definition (built on first use: most loads never
+        ask)."""
+        if self._found is None:
+            self._found = {}
+            for defs, mine, theirs in self._settled_hits:
+                self._found.update(zip(mine.tolist(), [Definition(defs, i)
+                                                       for i in theirs.tolist()], strict=True))
+            self._found.update(self._hits)
+        return self._found
 
     def _one(self, i: int, name: bytes, version: bytes | None, plt: bool, copy: bool
              ) -> Definition | None:
@@ -121,18 +148,49 @@ class ScopeResolver(Resolver):
                 mm: Mmap, near: int,
                 not_self: npt.NDArray[np.int64] | None = None) -> Resolution:
         """Look every symbol of ``needed`` up; weak undefined ones bind to 0, lazy-only ones
-        stay unbound, the rest are listed unresolved."""
+        stay unbound, the rest are listed unresolved. The references the scope settles at
+        once (``ScopeIndex.settled``) are bound in bulk, the others one by one."""
         out = _Bound(tables.nsyms)
+        names = names_of(tables, needed)
+        versions = _versions_of(tables, needed)
+        where, symbol = self.index.settled(names, versions, self._plain(needed, names))
+        settled = where >= 0
+        for at in np.unique(where[settled]).tolist():
+            here = where == at
+            self._settled_hits.append((self.index.objects[at], needed[here], symbol[here]))
+            self._bind_to(out, *self._settled_hits[-1])
+        rest = (~settled).tolist()
+        hits, unresolved = self._each(out, needed[~settled], list(compress(names, rest)),
+                                      list(compress(versions, rest)))
+        self._bind(out, hits)
+        return Resolution(out.addr, out.bound, unresolved, ifunc=out.ifunc, tls=out.tls,
+                          sizes=out.sizes)
+
+    def _plain(self, needed: npt.NDArray[np.int64], names: list[bytes]
+               ) -> npt.NDArray[np.bool_]:
+        """The symbols of ``needed`` that bind to what the scope finds and nothing else:
+        not bound locally, not protected (``_one`` decides those), not a COPY's, not a name
+        a user's hook or an override may take."""
+        if self.pre_find:
+            return np.zeros(len(needed), dtype=bool)
+        syms = self.me.obj.tables.symtab[needed]
+        plain: npt.NDArray[np.bool_] = (st_bind(syms["st_info"]) != int(STB.LOCAL)) & \
+            ~np.isin(syms["st_other"] & 3, [STV_HIDDEN, STV_INTERNAL, STV_PROTECTED]) & \
+            ~self.classes.copy[needed]
+        if self.overrides:
+            plain &= np.array([name not in self.overrides for name in names], dtype=bool)
+        return plain
+
+    def _each(self, out: _Bound, needed: npt.NDArray[np.int64], names: list[bytes],
+              versions: list[bytes | None]) -> tuple[dict[int, Definition], list[str]]:
+        """Look the symbols of ``needed`` up one by one (overrides, hooks, ``_one``): what
+        each bound to, and the labels of those nobody defines."""
         unresolved: list[str] = []
-        versions = {k: v.encode("utf-8", "surrogateescape") for k, v in tables.versions.items()}
-        vidx = versym_index(tables.versym[needed]).tolist() if tables.versym is not None \
-            else [0] * len(needed)
-        weak = (st_bind(tables.symtab["st_info"][needed]) == int(STB.WEAK)).tolist()
-        plt, copy = self.classes.plt[needed].tolist(), self.classes.copy[needed].tolist()
         hits: dict[int, Definition] = {}
-        for i, name, v, is_weak, is_plt, is_copy in zip(
-                needed.tolist(), names_of(tables, needed), vidx, weak, plt, copy, strict=True):
-            version = versions.get(v) if v > 1 else None
+        weak = (st_bind(self.me.obj.tables.symtab["st_info"][needed]) == int(STB.WEAK)).tolist()
+        plt, copy = self.classes.plt[needed].tolist(), self.classes.copy[needed].tolist()
+        for i, name, version, is_weak, is_plt, is_copy in zip(
+                needed.tolist(), names, versions, weak, plt, copy, strict=True):
             if name in self.overrides:
                 out.addr[i], out.bound[i] = self.overrides[name], True
                 continue
@@ -150,9 +208,7 @@ class ScopeResolver(Resolver):
             elif not self.classes.lazy[i]:
                 label = name.decode("utf-8", "surrogateescape")
                 unresolved.append(f"{label}@{version.decode()}" if version else label)
-        self._bind(out, hits)
-        return Resolution(out.addr, out.bound, unresolved, ifunc=out.ifunc, tls=out.tls,
-                          sizes=out.sizes)
+        return hits, unresolved
 
     @staticmethod
     def _ask(hooks: list[Finder], name: bytes, version: bytes | None) -> int | None:
@@ -168,14 +224,13 @@ class ScopeResolver(Resolver):
         return None
 
     def _bind(self, out: _Bound, hits: dict[int, Definition]) -> None:
-        """Record each symbol of ``hits`` bound to its definition (kept in ``found``): one
-        gather per defining object (``_bind_to``)."""
-        self.found.update(hits)
+        """Record each symbol of ``hits`` bound to its definition: one gather per defining
+        object (``_bind_to``)."""
+        self._hits.update(hits)
+        self._found = None
         groups: dict[int, tuple[Definitions, list[int], list[int]]] = {}
         for i, found in hits.items():
-            group = groups.get(id(found.obj))
-            if group is None:
-                group = groups[id(found.obj)] = (found.obj, [], [])
+            group = groups.setdefault(id(found.obj), (found.obj, [], []))
             group[1].append(i)
             group[2].append(found.index)
         for defs, mine, theirs in groups.values():

@@ -36,10 +36,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import compress, islice
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from loader.elf import ElfImage
 from loader.elfdefs import (
@@ -59,6 +60,8 @@ __all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeIndex", "Sc
            "lookup", "visibility"]
 
 STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
+_DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
+_SETTLING_BINDS = [int(STB.GLOBAL), int(STB.WEAK)]
 _ALLOWED_TYPES = [int(t) for t in (STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS,
                                    STT.GNU_IFUNC)]
 
@@ -167,6 +170,31 @@ class Definitions:
         self.shndx: list[int] = syms["st_shndx"].tolist()
         self.value: list[int] = syms["st_value"].tolist()
         self.size: list[int] = syms["st_size"].tolist()
+        self.settled = self._settled(order, names)
+        """The names whose lone candidate answers every lookup (but a COPY's) alike."""
+
+    def _settled(self, order: npt.NDArray[np.int64], names: list[bytes]
+                 ) -> dict[bytes, tuple[int, bytes | None]]:
+        """``match`` and ``_decides`` read off in bulk for the common case, as name ->
+        (symbol, version): the name's only candidate, defined (the PLT class does not skip
+        it), global or weak (not unique: its binding has more to it) and not hidden, its
+        version not hidden. Such a symbol is the answer to an unversioned reference and to
+        one of its version (of any version when its index names none) and to no other
+        (``match``: an unversioned reference takes a lone non-hidden versioned definition)."""
+        syms = self.obj.tables.symtab[order]
+        seen_as = syms["st_other"] & 3
+        ok = (syms["st_shndx"] != int(SHN.UNDEF)) & (seen_as != STV_HIDDEN) & \
+            (seen_as != STV_INTERNAL) & np.isin(st_bind(syms["st_info"]), _SETTLING_BINDS)
+        ok &= ~np.fromiter(map(self.more.__contains__, names), dtype=bool, count=len(names))
+        versym = self.obj.tables.versym
+        if versym is None:
+            versions: list[bytes | None] = [None] * len(names)
+        else:
+            ok &= (versym[order] & VERSYM_HIDDEN) == 0
+            versions = list(map(self.versions.get, (versym[order] & VERSYM_VERSION).tolist()))
+        keep = ok.tolist()
+        answers = zip(compress(order.tolist(), keep), compress(versions, keep), strict=True)
+        return dict(zip(compress(names, keep), answers, strict=True))
 
     def candidates(self, name: bytes) -> list[int]:
         """The symbols that may define ``name``, in symbol order (none: an empty list)."""
@@ -216,7 +244,6 @@ class Definitions:
         return f"has versions {shown}; wanted {want}"
 
 
-_DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
 
 
 def _decides(found: Definitions, i: int) -> bool:
@@ -236,6 +263,14 @@ def _decision(found: Definitions, name: bytes, version: bytes | None, plt: bool,
     return i if i is not None and _decides(found, i) else None
 
 
+def _takes(settled: tuple[int, bytes | None] | None, version: bytes | None) -> int:
+    """The symbol a settled name (``Definitions.settled``) gives a reference of ``version``
+    (None: unversioned), or -1: the lookup must be asked."""
+    if settled is None or not (version is None or settled[1] in (None, version)):
+        return -1
+    return settled[0]
+
+
 class ScopeIndex:
     """A scope made ready for many lookups (every reference of the objects a dlopen
     relocates): its objects in search order, for each name the first of them that has a
@@ -251,21 +286,43 @@ class ScopeIndex:
             self.first.update(dict.fromkeys(self.objects[at].by_name, at))
         self.memo: dict[tuple[bytes, bytes | None, bool, bool], Definition | None] = {}
 
+    def settled(self, names: list[bytes], versions: list[bytes | None],
+                asked: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int64],
+                                                       npt.NDArray[np.int64]]:
+        """The answers to the ``asked`` questions (not a COPY's) that the first object
+        with the name settles (``Definitions.settled``), in bulk: per question the
+        object's position in ``objects`` and its symbol, both -1 where ``lookup`` must
+        be asked (not asked, nobody has the name, or it is not settled)."""
+        where = np.array([self.first.get(name, -1) if ask else -1
+                          for name, ask in zip(names, asked.tolist(), strict=True)],
+                         dtype=np.int64).reshape(-1)
+        symbol = np.full(len(names), -1, dtype=np.int64)
+        for at in np.unique(where[where >= 0]).tolist():
+            mine = np.flatnonzero(where == at)
+            settled = self.objects[at].settled
+            symbol[mine] = [_takes(settled.get(names[k]), versions[k]) for k in mine.tolist()]
+        where[symbol < 0] = -1
+        return where, symbol
+
     def lookup(self, name: bytes, version: bytes | None, *, plt: bool = False,
                copy: bool = False) -> Definition | None:
         """``lookup(name, version, scope, plt=plt, copy=copy)``, each question answered
         once."""
+        start = self.first.get(name)
+        if start is None:
+            return None
+        i = -1 if copy else _takes(self.objects[start].settled.get(name), version)
+        if i >= 0:
+            return Definition(self.objects[start], i)
         key = (name, version, plt, copy)
         if key in self.memo:
             return self.memo[key]
         found: Definition | None = None
-        start = self.first.get(name)
-        if start is not None:
-            for obj in islice(self.objects, start, None):
-                i = _decision(obj, name, version, plt, copy)
-                if i is not None:
-                    found = Definition(obj, i)
-                    break
+        for obj in islice(self.objects, start, None):
+            decided = _decision(obj, name, version, plt, copy)
+            if decided is not None:
+                found = Definition(obj, decided)
+                break
         self.memo[key] = found
         return found
 
