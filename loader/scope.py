@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress, islice
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
@@ -170,31 +170,37 @@ class Definitions:
         self.shndx: list[int] = syms["st_shndx"].tolist()
         self.value: list[int] = syms["st_value"].tolist()
         self.size: list[int] = syms["st_size"].tolist()
-        self.settled = self._settled(order, names)
-        """The names whose lone candidate answers every lookup (but a COPY's) alike."""
+        self.settled = self._settled(order)
+        """Per symbol: it alone answers every lookup of its name (but a COPY's) of some
+        versions (``settles``)."""
 
-    def _settled(self, order: npt.NDArray[np.int64], names: list[bytes]
-                 ) -> dict[bytes, tuple[int, bytes | None]]:
-        """``match`` and ``_decides`` read off in bulk for the common case, as name ->
-        (symbol, version): the name's only candidate, defined (the PLT class does not skip
-        it), global or weak (not unique: its binding has more to it) and not hidden, its
+    def _settled(self, order: npt.NDArray[np.int64]) -> list[bool]:
+        """``match`` and ``_decides`` read off in bulk for the common case: the candidates
+        ``order`` that are their name's only one, defined (the PLT class does not skip
+        them), global or weak (not unique: its binding has more to it) and not hidden, their
         version not hidden. Such a symbol is the answer to an unversioned reference and to
-        one of its version (of any version when its index names none) and to no other
+        one of its version (of any version when its index names none), and to no other
         (``match``: an unversioned reference takes a lone non-hidden versioned definition)."""
-        syms = self.obj.tables.symtab[order]
+        tables = self.obj.tables
+        syms = tables.symtab
         seen_as = syms["st_other"] & 3
         ok = (syms["st_shndx"] != int(SHN.UNDEF)) & (seen_as != STV_HIDDEN) & \
             (seen_as != STV_INTERNAL) & np.isin(st_bind(syms["st_info"]), _SETTLING_BINDS)
-        ok &= ~np.fromiter(map(self.more.__contains__, names), dtype=bool, count=len(names))
-        versym = self.obj.tables.versym
-        if versym is None:
-            versions: list[bytes | None] = [None] * len(names)
-        else:
-            ok &= (versym[order] & VERSYM_HIDDEN) == 0
-            versions = list(map(self.versions.get, (versym[order] & VERSYM_VERSION).tolist()))
-        keep = ok.tolist()
-        answers = zip(compress(order.tolist(), keep), compress(versions, keep), strict=True)
-        return dict(zip(compress(names, keep), answers, strict=True))
+        if tables.versym is not None:
+            ok &= (tables.versym & VERSYM_HIDDEN) == 0
+        lone = np.zeros(len(syms), dtype=bool)
+        lone[order] = True
+        lone[[i for many in self.more.values() for i in many]] = False
+        settled: list[bool] = (ok & lone).tolist()
+        return settled
+
+    def settles(self, i: int, version: bytes | None) -> bool:
+        """Candidate ``i`` is what every lookup of its name (but a COPY's) by a reference
+        of ``version`` (None: unversioned) finds in this object (``_settled``)."""
+        if not self.settled[i]:
+            return False
+        return version is None or self.versym is None or \
+            self.versions.get(self.versym[i] & VERSYM_VERSION) in (None, version)
 
     def candidates(self, name: bytes) -> list[int]:
         """The symbols that may define ``name``, in symbol order (none: an empty list)."""
@@ -263,14 +269,6 @@ def _decision(found: Definitions, name: bytes, version: bytes | None, plt: bool,
     return i if i is not None and _decides(found, i) else None
 
 
-def _takes(settled: tuple[int, bytes | None] | None, version: bytes | None) -> int:
-    """The symbol a settled name (``Definitions.settled``) gives a reference of ``version``
-    (None: unversioned), or -1: the lookup must be asked."""
-    if settled is None or not (version is None or settled[1] in (None, version)):
-        return -1
-    return settled[0]
-
-
 class ScopeIndex:
     """A scope made ready for many lookups (every reference of the objects a dlopen
     relocates): its objects in search order, for each name the first of them that has a
@@ -299,8 +297,10 @@ class ScopeIndex:
         symbol = np.full(len(names), -1, dtype=np.int64)
         for at in np.unique(where[where >= 0]).tolist():
             mine = np.flatnonzero(where == at)
-            settled = self.objects[at].settled
-            symbol[mine] = [_takes(settled.get(names[k]), versions[k]) for k in mine.tolist()]
+            obj = self.objects[at]
+            first = [obj.by_name[names[k]] for k in mine.tolist()]
+            symbol[mine] = [i if obj.settles(i, versions[k]) else -1
+                            for i, k in zip(first, mine.tolist(), strict=True)]
         where[symbol < 0] = -1
         return where, symbol
 
@@ -311,9 +311,9 @@ class ScopeIndex:
         start = self.first.get(name)
         if start is None:
             return None
-        i = -1 if copy else _takes(self.objects[start].settled.get(name), version)
-        if i >= 0:
-            return Definition(self.objects[start], i)
+        obj = self.objects[start]
+        if not copy and obj.settles(obj.by_name[name], version):
+            return Definition(obj, obj.by_name[name])
         key = (name, version, plt, copy)
         if key in self.memo:
             return self.memo[key]
