@@ -61,9 +61,11 @@ __all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeIndex", "Sc
 
 STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
 _DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
-_SETTLING_BINDS = [int(STB.GLOBAL), int(STB.WEAK)]
-_ALLOWED_TYPES = [int(t) for t in (STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS,
-                                   STT.GNU_IFUNC)]
+_SETTLING_BINDS = np.isin(np.arange(16), [int(STB.GLOBAL), int(STB.WEAK)])
+"""Per st_bind (4 bits): a binding that settles a lookup by itself (``_settled``)."""
+_ALLOWED_TYPES = np.isin(np.arange(16), [int(t) for t in (
+    STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS, STT.GNU_IFUNC)])
+"""Per st_type (4 bits): a type that defines something (``check_match``)."""
 
 
 def visibility(st_other: int) -> int:
@@ -146,7 +148,7 @@ class Definitions:
         kind = st_type(syms["st_info"])
         valued = (syms["st_value"] != 0) | (syms["st_shndx"] == int(SHN.ABS)) | \
             (kind == int(STT.TLS))
-        keep = np.isin(kind, _ALLOWED_TYPES) & valued
+        keep = _ALLOWED_TYPES[kind] & valued
         if len(keep):
             keep[0] = False
         order = np.flatnonzero(keep).astype(np.int64)
@@ -185,7 +187,7 @@ class Definitions:
         syms = tables.symtab
         seen_as = syms["st_other"] & 3
         ok = (syms["st_shndx"] != int(SHN.UNDEF)) & (seen_as != STV_HIDDEN) & \
-            (seen_as != STV_INTERNAL) & np.isin(st_bind(syms["st_info"]), _SETTLING_BINDS)
+            (seen_as != STV_INTERNAL) & _SETTLING_BINDS[st_bind(syms["st_info"])]
         if tables.versym is not None:
             ok &= (tables.versym & VERSYM_HIDDEN) == 0
         lone = np.zeros(len(syms), dtype=bool)
