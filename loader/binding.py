@@ -94,7 +94,7 @@ class ScopeResolver(Resolver):
                  hooks: Resolver | None = None,
                  unique: dict[bytes, Definition] | None = None) -> None:
         super().__init__(hooks.pre_find if hooks else (), hooks.post_find if hooks else ())
-        self.me, self.search_lists, self.tls_of, self.classes = me, scope, tls_of, classes
+        self.me, self.tls_of, self.classes = me, tls_of, classes
         self.real = real
         self._hits: dict[int, Definition] = {}
         """What the symbols looked up one by one bound to."""

@@ -30,6 +30,14 @@ with the non-PLT class (they differ only for an executable's canonical PLT entry
 reference version's "hidden" flag (never set by linkers for needs) is ignored.
 STB_GNU_UNIQUE is looked up as global here; ``loader.binding`` then applies glibc's
 process-wide table of them (the first definition bound wins everywhere).
+
+Many lookups at once (a dlopen asks about ten thousand): ``ScopeIndex`` knows for each
+name the first object of the scope that has it, so a lookup starts there instead of
+asking every object before it, and most lookups end at once: when that object's only
+candidate of the name is defined, global or weak, visible and of a version the reference
+accepts (``Definitions.settled``, read off the symbol table in bulk), it is the answer
+whatever the class; ``ScopeIndex.settled`` answers a whole object's references that way,
+and only the others walk the scope one by one.
 """
 
 from __future__ import annotations
