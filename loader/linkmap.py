@@ -42,7 +42,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -57,7 +57,15 @@ from loader.pipeline import LoadedObject, map_object, relocate_object, runs_code
 from loader.reloc import Kind, TlsLayout, call_ifunc, is_kind, type_name
 from loader.resident import ProcessObject, Resident, process_objects
 from loader.rtld_start import RtldStart
-from loader.scope import Definition, Definitions, LookupStep, Scope, all_definitions, lookup
+from loader.scope import (
+    Definition,
+    Definitions,
+    LookupStep,
+    Scope,
+    ScopeIndex,
+    all_definitions,
+    lookup,
+)
 from loader.search import RTLD, Found, SearchPath, closure, extend_closure, read_object
 from loader.symbols import HostResolver, Resolver, split_version, symbol_label
 from loader.tls import ThreadArea, TlsObject, TlsState, build_thread_area
@@ -356,15 +364,17 @@ class LinkMap:
         """Every version a new object needs (DT_VERNEED, not weak) is defined by the object
         of that name: ElfDependencyError naming the version, the file and the chain."""
         by_name = self._names()
+        defined: dict[int, set[str]] = {}       # per target (by id), read once
         for m in new:
             for file, version, weak in m.obj.tables.version_needs:
                 target = by_name.get(file)
                 if target is None or weak:
                     continue
-                defined = set(target.obj.tables.versions[k] for k in
-                              target.obj.tables.default_versions
-                              if k in target.obj.tables.versions)
-                if version not in defined:
+                if id(target) not in defined:
+                    tables = target.obj.tables
+                    defined[id(target)] = {tables.versions[k] for k in tables.default_versions
+                                           if k in tables.versions}
+                if version not in defined[id(target)]:
                     raise ElfDependencyError(
                         f"version {version} of {file}", target.found.path,
                         f"defined by it (required by {_chain(m, self._members)})")
@@ -372,12 +382,14 @@ class LinkMap:
     def _relocate(self, order: list[_Member]) -> None:
         """Relocate each object over its scope (dependencies first); an undefined symbol is
         an ElfSymbolError naming the object and its chain."""
-        memo: dict[int, dict[Any, Any]] = {}
+        indexes: dict[int, ScopeIndex] = {}
         for m in order:
+            if id(m.scope) not in indexes:
+                indexes[id(m.scope)] = ScopeIndex(m.scope)
             classes = _classes(m)
             m.resolver = ScopeResolver(m.defs, m.scope, self._tls.of, classes,
                                        real=self.runs_code,
-                                       memo=memo.setdefault(id(m.scope), {}),
+                                       index=indexes[id(m.scope)],
                                        overrides=self._tls.overrides(), hooks=self.resolver,
                                        unique=self._unique)
             m.obj.relocations.tls = self._tls.layout(m.name)

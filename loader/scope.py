@@ -30,15 +30,25 @@ with the non-PLT class (they differ only for an executable's canonical PLT entry
 reference version's "hidden" flag (never set by linkers for needs) is ignored.
 STB_GNU_UNIQUE is looked up as global here; ``loader.binding`` then applies glibc's
 process-wide table of them (the first definition bound wins everywhere).
+
+Many lookups at once (a dlopen asks about ten thousand): ``ScopeIndex`` knows for each
+name the first object of the scope that has it, so a lookup starts there instead of
+asking every object before it, and most lookups end at once: when that object's only
+candidate of the name is defined, global or weak, visible and of a version the reference
+accepts (``Definitions.settled``, read off the symbol table in bulk), it is the answer
+whatever the class; ``ScopeIndex.settled`` answers a whole object's references that way,
+and only the others walk the scope one by one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from loader.elf import ElfImage
 from loader.elfdefs import (
@@ -54,12 +64,16 @@ from loader.elfdefs import (
 from loader.symbols import names_of
 from loader.tables import DynamicTables
 
-__all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeObject", "lookup",
-           "visibility"]
+__all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeIndex", "ScopeObject",
+           "lookup", "visibility"]
 
 STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
-_ALLOWED_TYPES = [int(t) for t in (STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS,
-                                   STT.GNU_IFUNC)]
+_DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
+_SETTLING_BINDS = np.isin(np.arange(16), [int(STB.GLOBAL), int(STB.WEAK)])
+"""Per st_bind (4 bits): a binding that settles a lookup by itself (``_settled``)."""
+_ALLOWED_TYPES = np.isin(np.arange(16), [int(t) for t in (
+    STT.NOTYPE, STT.OBJECT, STT.FUNC, STT.COMMON, STT.TLS, STT.GNU_IFUNC)])
+"""Per st_type (4 bits): a type that defines something (``check_match``)."""
 
 
 def visibility(st_other: int) -> int:
@@ -142,13 +156,19 @@ class Definitions:
         kind = st_type(syms["st_info"])
         valued = (syms["st_value"] != 0) | (syms["st_shndx"] == int(SHN.ABS)) | \
             (kind == int(STT.TLS))
-        keep = np.isin(kind, _ALLOWED_TYPES) & valued
+        keep = _ALLOWED_TYPES[kind] & valued
         if len(keep):
             keep[0] = False
-        idx = np.flatnonzero(keep).astype(np.int64)
-        self.by_name: dict[bytes, list[int]] = {}
-        for i, name in zip(idx.tolist(), names_of(tables, idx), strict=True):
-            self.by_name.setdefault(name, []).append(i)
+        order = np.flatnonzero(keep).astype(np.int64)
+        names, idx = names_of(tables, order), order.tolist()
+        self.by_name: dict[bytes, int] = dict(zip(reversed(names), reversed(idx), strict=True))
+        """Each name's first candidate (built backwards: the first one is written last)."""
+        self.more: dict[bytes, list[int]] = {}
+        """Every candidate of each name that has more than one, in symbol order."""
+        if len(self.by_name) < len(idx):
+            for i, name in zip(idx, names, strict=True):
+                if self.by_name[name] != i:
+                    self.more.setdefault(name, [self.by_name[name]]).append(i)
         self.versions = {k: v.encode("utf-8", "surrogateescape")
                          for k, v in tables.versions.items()}
         self.versym: list[int] | None = None if tables.versym is None else \
@@ -160,6 +180,42 @@ class Definitions:
         self.shndx: list[int] = syms["st_shndx"].tolist()
         self.value: list[int] = syms["st_value"].tolist()
         self.size: list[int] = syms["st_size"].tolist()
+        self.settled = self._settled(order)
+        """Per symbol: it alone answers every lookup of its name (but a COPY's) of some
+        versions (``settles``)."""
+
+    def _settled(self, order: npt.NDArray[np.int64]) -> list[bool]:
+        """``match`` and ``_decides`` read off in bulk for the common case: the candidates
+        ``order`` that are their name's only one, defined (the PLT class does not skip
+        them), global or weak (not unique: its binding has more to it) and not hidden, their
+        version not hidden. Such a symbol is the answer to an unversioned reference and to
+        one of its version (of any version when its index names none), and to no other
+        (``match``: an unversioned reference takes a lone non-hidden versioned definition)."""
+        tables = self.obj.tables
+        syms = tables.symtab
+        seen_as = syms["st_other"] & 3
+        ok = (syms["st_shndx"] != int(SHN.UNDEF)) & (seen_as != STV_HIDDEN) & \
+            (seen_as != STV_INTERNAL) & _SETTLING_BINDS[st_bind(syms["st_info"])]
+        if tables.versym is not None:
+            ok &= (tables.versym & VERSYM_HIDDEN) == 0
+        lone = np.zeros(len(syms), dtype=bool)
+        lone[order] = True
+        lone[[i for many in self.more.values() for i in many]] = False
+        settled: list[bool] = (ok & lone).tolist()
+        return settled
+
+    def settles(self, i: int, version: bytes | None) -> bool:
+        """Candidate ``i`` is what every lookup of its name (but a COPY's) by a reference
+        of ``version`` (None: unversioned) finds in this object (``_settled``)."""
+        if not self.settled[i]:
+            return False
+        return version is None or self.versym is None or \
+            self.versions.get(self.versym[i] & VERSYM_VERSION) in (None, version)
+
+    def candidates(self, name: bytes) -> list[int]:
+        """The symbols that may define ``name``, in symbol order (none: an empty list)."""
+        first = self.by_name.get(name)
+        return [] if first is None else self.more.get(name) or [first]
 
     def _version_ok(self, i: int, version: bytes | None, newest: bool,
                     seen: list[int]) -> bool:
@@ -183,7 +239,7 @@ class Definitions:
               newest: bool = False) -> int | None:
         """The symbol index that decides for this object (``do_lookup_x``), or None."""
         seen: list[int] = []
-        for i in self.by_name.get(name, ()):
+        for i in self.candidates(name):
             if plt and self.shndx[i] == SHN.UNDEF:
                 continue
             if self._version_ok(i, version, newest, seen):
@@ -192,7 +248,7 @@ class Definitions:
 
     def what(self, name: bytes, version: bytes | None) -> str:
         """What this object has of ``name`` in words (``why``'s account of a miss)."""
-        found = self.by_name.get(name)
+        found = self.candidates(name)
         if not found:
             return "does not define it"
         if self.versym is None:
@@ -204,7 +260,6 @@ class Definitions:
         return f"has versions {shown}; wanted {want}"
 
 
-_DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
 
 
 def _decides(found: Definitions, i: int) -> bool:
@@ -212,6 +267,74 @@ def _decides(found: Definitions, i: int) -> bool:
     if visibility(found.other[i]) in (STV_INTERNAL, STV_HIDDEN):
         return False
     return st_bind(found.info[i]) in _DECIDING_BINDS
+
+
+def _decision(found: Definitions, name: bytes, version: bytes | None, plt: bool, copy: bool
+              ) -> int | None:
+    """The symbol of ``found`` that ends a lookup of ``name`` (``lookup``'s question), or
+    None: the search goes on to the next object."""
+    if name not in found.by_name or (copy and found.obj.is_program):
+        return None
+    i = found.match(name, version, plt=plt)
+    return i if i is not None and _decides(found, i) else None
+
+
+class ScopeIndex:
+    """A scope made ready for many lookups (every reference of the objects a dlopen
+    relocates): its objects in search order, for each name the first of them that has a
+    candidate definition of it (the objects before it cannot answer: ``lookup`` starts
+    there), and the answers already given (``memo``: objects sharing the scope ask many
+    questions alike). Built once the objects' tables are final; the scope must not change
+    while it is used."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.objects = [found for search_list in scope for found in search_list]
+        self.first: dict[bytes, int] = {}
+        for at in range(len(self.objects) - 1, -1, -1):     # the earliest object wins
+            self.first.update(dict.fromkeys(self.objects[at].by_name, at))
+        self.memo: dict[tuple[bytes, bytes | None, bool, bool], Definition | None] = {}
+
+    def settled(self, names: list[bytes], versions: list[bytes | None],
+                asked: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int64],
+                                                       npt.NDArray[np.int64]]:
+        """The answers to the ``asked`` questions (not a COPY's) that the first object
+        with the name settles (``Definitions.settled``), in bulk: per question the
+        object's position in ``objects`` and its symbol, both -1 where ``lookup`` must
+        be asked (not asked, nobody has the name, or it is not settled)."""
+        where = np.array([self.first.get(name, -1) if ask else -1
+                          for name, ask in zip(names, asked.tolist(), strict=True)],
+                         dtype=np.int64).reshape(-1)
+        symbol = np.full(len(names), -1, dtype=np.int64)
+        for at in np.unique(where[where >= 0]).tolist():
+            mine = np.flatnonzero(where == at)
+            obj = self.objects[at]
+            first = [obj.by_name[names[k]] for k in mine.tolist()]
+            symbol[mine] = [i if obj.settles(i, versions[k]) else -1
+                            for i, k in zip(first, mine.tolist(), strict=True)]
+        where[symbol < 0] = -1
+        return where, symbol
+
+    def lookup(self, name: bytes, version: bytes | None, *, plt: bool = False,
+               copy: bool = False) -> Definition | None:
+        """``lookup(name, version, scope, plt=plt, copy=copy)``, each question answered
+        once."""
+        start = self.first.get(name)
+        if start is None:
+            return None
+        obj = self.objects[start]
+        if not copy and obj.settles(obj.by_name[name], version):
+            return Definition(obj, obj.by_name[name])
+        key = (name, version, plt, copy)
+        if key in self.memo:
+            return self.memo[key]
+        found: Definition | None = None
+        for obj in islice(self.objects, start, None):
+            decided = _decision(obj, name, version, plt, copy)
+            if decided is not None:
+                found = Definition(obj, decided)
+                break
+        self.memo[key] = found
+        return found
 
 
 def lookup(name: bytes, version: bytes | None, scope: Scope, *, plt: bool = False,
