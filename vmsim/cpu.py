@@ -401,18 +401,22 @@ class Watchdog:
         self._lock = threading.Lock()
         self._runs: dict[int, tuple[float, Callable[[bool], None]]] = {}
         self._thread: threading.Thread | None = None
+        self._sleeping_until = math.inf   # the deadline the thread sleeps toward
         self._wake_read, self.wakeup_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def arm(self, stop: Callable[[bool], None], seconds: float) -> int:
         """Call ``stop`` unless :meth:`disarm` comes within ``seconds``; the run's token."""
         with self._lock:
             token = next(self._tokens)
-            self._runs[token] = (time.monotonic() + seconds, stop)
+            deadline = time.monotonic() + seconds
+            self._runs[token] = (deadline, stop)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, daemon=True,
                                                 name="vmsim-cpu-watchdog")
                 self._thread.start()
-        os.write(self.wakeup_fd, b"\0")
+            sooner = deadline < self._sleeping_until
+        if sooner:     # the thread sleeps past this deadline: wake it to sleep less
+            os.write(self.wakeup_fd, b"\0")
         return token
 
     def disarm(self, token: int) -> None:
@@ -428,6 +432,7 @@ class Watchdog:
                 now = time.monotonic()
                 self._stop_until(now, interrupted=False)
                 nearest = min((d for d, _ in self._runs.values()), default=math.inf)
+                self._sleeping_until = nearest
             select.select([self._wake_read], [], [], None if nearest == math.inf
                           else max(nearest - now, 0.0))
             try:
