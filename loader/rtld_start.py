@@ -77,6 +77,8 @@ class RtldStart:
         self.mm, self.call = mm, call
         self.done: list[str] = []
         self.skipped: list[str] = []
+        self.tls_sized = False
+        """The static TLS size is in ``_rtld_global_ro`` (``__libc_early_init`` divides by it)."""
 
     def seed_rtld(self, rtld: Symbol, rtld_ro_size: int, tls: TlsState) -> None:
         """Write the static TLS size and alignment into ld.so's ``_rtld_global_ro`` (before
@@ -93,6 +95,7 @@ class RtldStart:
             return
         for offset, value in zip(fields, (tls.static_size, tls.static_align), strict=True):
             self.mm.write(ro + offset, value.to_bytes(8, "little"))
+        self.tls_sized = True
         self.done.append(f"_rtld_global_ro: dl_tls_static_size={tls.static_size} at "
                          f"+{fields[0]:#x}, dl_tls_static_align={tls.static_align} at "
                          f"+{fields[1]:#x}")
@@ -158,7 +161,7 @@ class RtldStart:
         """``__libc_early_init(true)``, as ld.so calls it for the libc of the initial
         namespace, once the static TLS size it reads is in place."""
         fn = libc("__libc_early_init")
-        if fn is None or any(s.startswith("TLS static size") for s in self.skipped):
+        if fn is None or not self.tls_sized:
             self.skipped.append("__libc_early_init: not exported, or its TLS size not set")
             return
         self.call(fn, 1)
