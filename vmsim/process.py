@@ -26,8 +26,9 @@ Known differences from a Linux process: a page-cache page is refreshed from its 
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
 in the page cache (the file is not written; the syscalls open files read-only, so only a
 mapping made from the host side can be one); mremap and everything not listed in
-``vmsim.syscalls`` is -ENOSYS; one thread, no signals delivered to the program (a fault ends
-the call).
+``vmsim.syscalls`` is -ENOSYS; one thread; signal dispositions are kept but no handler ever
+runs (``vmsim.signals``: a fault ends the call, a signal the program sends itself acts by its
+default action).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from loader.errors import ElfSymbolError
 from vmsim.cpu import CPU_PAGE_SIZE, Cpu, Stop
 from vmsim.fault import Stats
+from vmsim.signals import Killed
 from vmsim.space import AddressSpace
 from vmsim.syscall_args import MAP_ANON, MAP_PRIVATE, PROT_EXEC, PROT_READ, PROT_WRITE
 from vmsim.syscalls import Syscalls
@@ -156,7 +158,8 @@ class Process:
         ``args`` (the first six in registers, the rest on the stack), returning to the trap
         page; its rax (unsigned). Raises Fault on a fault or trap (``pc`` set), TimeoutError
         past the budget or timeout, MemoryError past ``memory``, :class:`Exited` when the
-        program exits."""
+        program exits, :class:`~vmsim.signals.Killed` when it sends itself a signal that
+        ends it (``abort``)."""
         if self.linkmap is not None and self.linkmap.thread is not None:
             self.cpu.set_reg("fs_base", self.linkmap.thread.tp)
         extra = [a & _WORD for a in args[len(_ARG_REGS):]]
@@ -169,6 +172,8 @@ class Process:
         self.cpu.set_reg("rsp", sp - 8)
         try:
             self.cpu.run(addr, self.trap, self.budget, self.timeout)
+        except Killed:
+            raise
         except Stop as stop:
             assert stop.status is not None
             self.exit_status = stop.status
@@ -217,8 +222,9 @@ class Process:
         program, the initial stack with argv, envp and the auxiliary vector), then run from
         the entry (the interpreter's, when there is one) until the program exits; its exit
         status. ``argv`` defaults to ``[path]``. For a fresh Process (nothing dlopen'ed).
-        Raises Fault on a fault (``pc`` set), TimeoutError past the budget or timeout,
-        MemoryError past ``memory``, an ElfError kind for a file the loader refuses,
+        Raises Fault on a fault (``pc`` set), Killed when the program's own signal ends it,
+        TimeoutError past the budget or timeout, MemoryError past ``memory``, an ElfError
+        kind for a file the loader refuses,
         OSError(E2BIG) when argv and env take more than a quarter of the stack."""
         from vmsim.execve import brk_start, load_program
         if self.linkmap is not None or self.image is not None:
@@ -234,6 +240,8 @@ class Process:
         self.cpu.set_reg("rsp", self.image.stack.sp)
         try:
             self.cpu.run(self.image.start, self.trap, self.budget, self.timeout)
+        except Killed:
+            raise
         except Stop as stop:
             assert stop.status is not None
             self.exit_status = stop.status

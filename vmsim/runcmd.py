@@ -78,7 +78,7 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
 def cmd_run(args: argparse.Namespace) -> int:
     """Exec the program in a new Process, write its output, say how it stopped; the exit
     status as a shell reports it."""
-    from vmsim import Fault
+    from vmsim import Fault, Killed
     from vmsim.process import Process
 
     env = _environment(args)
@@ -88,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Fault as fault:
             status = 128 + signal.Signals[fault.signal].value
             _tell(f"{args.path}: {fault}{_where(proc.space.maps(), fault.pc)}")
+        except Killed as killed:
+            status = 128 + killed.signum
+            _tell(f"{args.path}: killed by {killed.signal} (its own kill, tgkill or abort)")
         except TimeoutError:
             status = TIMED_OUT
             _tell(f"{args.path}: still running after {args.timeout:g} s (--timeout): stopped")

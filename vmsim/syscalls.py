@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import itertools
 import os
 import resource
 import stat
@@ -36,6 +37,7 @@ from vmsim.cpu import Cpu, Stop
 from vmsim.dirents import Directory
 from vmsim.execve import RSEQ_ALIGN, RSEQ_FEATURE_SIZE
 from vmsim.fault import Fault
+from vmsim.signals import SignalState
 from vmsim.space import AddressSpace
 from vmsim.syscall_args import MAP_ANON, MAP_NOREPLACE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from vmsim.syscall_args import as_int_arg as c_int
@@ -48,7 +50,7 @@ MAX_OUTPUT = 64 << 20
 """The most bytes fds 1 and 2 capture each; a write past it is ENOSPC (a program writing in a
 loop cannot fill the host's memory)."""
 _PATH_MAX = 4096
-_AT_FDCWD = -100
+_AT_FDCWD = c_int(-100)   # as a register holds it: -100 sign-extended
 _AT_EMPTY_PATH, _AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
 _ARCH_SET_GS, _ARCH_SET_FS, _ARCH_GET_FS, _ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -59,6 +61,9 @@ _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STA
 _STDIO = (0, 1, 2)
 _FUTEX_CMD = 0x7F   # the operation, without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
 _FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_BITSET
+_CREAT_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_TRUNC   # creat(2) is this openat
+_FD_LIMIT = 1 << 20   # fs.nr_open's default: no descriptor number reaches it
+_F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_DUPFD_CLOEXEC = 0, 1, 2, 3, 1030
 _RSEQ_UNREGISTER = 1
 _RSEQ_ORIG_SIZE = 32
 PID = 1000
@@ -75,7 +80,8 @@ SYSCALL_NAMES = {
     56: "clone", 57: "fork", 58: "vfork", 59: "execve", 60: "exit", 61: "wait4", 62: "kill",
     63: "uname", 72: "fcntl", 79: "getcwd", 89: "readlink", 96: "gettimeofday",
     97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid",
-    131: "sigaltstack", 137: "statfs", 138: "fstatfs", 158: "arch_prctl", 186: "gettid",
+    80: "chdir", 81: "fchdir", 85: "creat", 99: "sysinfo", 131: "sigaltstack", 137: "statfs",
+    138: "fstatfs", 158: "arch_prctl", 186: "gettid", 200: "tkill",
     191: "getxattr", 192: "lgetxattr", 201: "time", 202: "futex", 217: "getdents64",
     218: "set_tid_address", 228: "clock_gettime", 231: "exit_group", 234: "tgkill",
     257: "openat", 262: "newfstatat", 267: "readlinkat", 273: "set_robust_list",
@@ -97,6 +103,12 @@ class Syscalls:
         self.enosys: Counter[str] = Counter()
         self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
         self.stdio = set(_STDIO)
+        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """The program's working directory (a host directory descriptor): it starts as the
+        host's; chdir and fchdir move it, never the host process's own."""
+        self.signals = SignalState()
+        self.cloexec: set[int] = set()
+        """The program's descriptors with FD_CLOEXEC (kept for F_GETFD: nothing is exec'ed)."""
         self.dirs: dict[int, Directory] = {}
         """The directories the program reads with getdents64, by its fd."""
         """Which of fds 0, 1 and 2 the program has not closed."""
@@ -116,7 +128,20 @@ class Syscalls:
             201: functools.partial(sysinfo.time_call, space),
             228: functools.partial(sysinfo.clock_gettime, space),
             191: functools.partial(self.getxattr, follow=True),
-            192: functools.partial(self.getxattr, follow=False)}
+            192: functools.partial(self.getxattr, follow=False),
+            13: functools.partial(self.signals.rt_sigaction, space),
+            14: functools.partial(self.signals.rt_sigprocmask, space),
+            131: functools.partial(self.signals.sigaltstack, space),
+            62: self.kill, 200: lambda tid, sig: self.kill(tid, sig),
+            234: lambda tgid, tid, sig: self.kill(tid, sig) if c_int(tgid) == PID
+            else -errno.ESRCH,
+            102: os.getuid, 104: os.getgid, 107: os.geteuid, 108: os.getegid,
+            110: lambda: 1, 79: self.getcwd, 72: self.fcntl, 221: self.fadvise64,
+            80: self.chdir, 81: self.fchdir,
+            2: lambda path, flags, mode: self.openat(_AT_FDCWD, path, flags, mode),
+            85: lambda path, mode: self.openat(_AT_FDCWD, path, _CREAT_FLAGS, mode),
+            137: self.statfs, 138: lambda fd, buf: sysinfo.fstatfs(space, self._any_fd(fd), buf),
+            99: functools.partial(sysinfo.sysinfo, space)}
         self.handlers = {nr: (h, _positional(h)) for nr, h in handlers.items()}
         self.cpu: Cpu | None = None
         self.rseq_area: tuple[int, int, int] | None = None
@@ -124,7 +149,7 @@ class Syscalls:
 
     def close_all(self) -> None:
         """Close the host descriptors the program still holds."""
-        for host in self.fds.values():
+        for host in [*self.fds.values(), self.cwd]:
             os.close(host)
         self.fds.clear()
 
@@ -314,11 +339,17 @@ class Syscalls:
         return host
 
     def _dir_fd(self, dirfd: int, name: str) -> int | None:
-        """The host directory descriptor a relative ``name`` is looked up from (None: the
-        host's working directory, for AT_FDCWD or an absolute name)."""
-        if c_int(dirfd) == _AT_FDCWD or name.startswith("/"):
+        """The host directory descriptor a relative ``name`` is looked up from: the
+        program's working directory for AT_FDCWD, else its ``dirfd`` (None for an absolute
+        name)."""
+        if name.startswith("/"):
             return None
-        return self._host_fd(dirfd)
+        return self.cwd if c_int(dirfd) == _AT_FDCWD else self._host_fd(dirfd)
+
+    def _any_fd(self, fd: int) -> int:
+        """The host descriptor behind the program's ``fd``, stdio's included (the host's
+        own: pipes to fstatfs)."""
+        return c_int(fd) if c_int(fd) in self.stdio else self._host_fd(fd)
 
     def openat(self, dirfd: int, path: int, flags: int, _mode: int) -> int:
         """Open a host file read-only (relative paths from the host's working directory when
@@ -341,11 +372,11 @@ class Syscalls:
             return -errno.EACCES
         return self._install(host)
 
-    def _install(self, host: int) -> int:
-        """The program's lowest free descriptor for the host's ``host`` (3, unless the
-        program closed one of 0, 1 and 2)."""
+    def _install(self, host: int, lowest: int = 0) -> int:
+        """The program's lowest free descriptor from ``lowest`` for the host's ``host`` (3,
+        unless the program closed one of 0, 1 and 2)."""
         taken = self.fds.keys() | self.stdio
-        fd = next(n for n in range(len(taken) + 1) if n not in taken)
+        fd = next(n for n in itertools.count(lowest) if n not in taken)
         self.fds[fd] = host
         return fd
 
@@ -367,6 +398,7 @@ class Syscalls:
         host = self._host_fd(fd)
         del self.fds[c_int(fd)]
         self.dirs.pop(c_int(fd), None)
+        self.cloexec.discard(c_int(fd))
         os.close(host)
         return 0
 
@@ -391,10 +423,93 @@ class Syscalls:
             self.dirs[c_int(fd)].rewind()
         return os.lseek(self._host_fd(fd), offset - (offset >> 63 << 64), c_int(whence))
 
+    def kill(self, pid: int, signum: int) -> int:
+        """kill(2), tkill and tgkill, to the process itself (its pid, 0, or -1: there is no
+        other); ESRCH for any other (``vmsim.signals``: a terminating signal stops the run)."""
+        if c_int(pid) not in (PID, 0, c_int(-1)):
+            return -errno.ESRCH
+        return self.signals.send_self(signum)
+
+    def getcwd(self, buf: int, size: int) -> int:
+        """getcwd(2): the host's working directory (relative paths are resolved from it);
+        ERANGE when it does not fit in ``size`` bytes."""
+        cwd = os.fsencode(self._cwd_path()) + b"\0"
+        if len(cwd) > size:
+            return -errno.ERANGE
+        self.space.write(buf, cwd)
+        return len(cwd)
+
+    def _cwd_path(self) -> str:
+        """The working directory's path (the host's own record of the descriptor)."""
+        return os.readlink(f"/proc/self/fd/{self.cwd}")
+
+    def chdir(self, path: int) -> int:
+        """chdir(2): the program's working directory moves (ENOENT, ENOTDIR, EACCES as the
+        host says)."""
+        name = self._path(path)
+        self._move_cwd(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                               dir_fd=self._dir_fd(_AT_FDCWD, name)))
+        return 0
+
+    def fchdir(self, fd: int) -> int:
+        """fchdir(2) to a directory the program opened (ENOTDIR for another file)."""
+        host = self._host_fd(fd)
+        if not stat.S_ISDIR(os.fstat(host).st_mode):
+            return -errno.ENOTDIR
+        self._move_cwd(os.dup(host))
+        return 0
+
+    def _move_cwd(self, host: int) -> None:
+        """The working directory is now the host directory ``host`` (the old one closed)."""
+        os.close(self.cwd)
+        self.cwd = host
+
+    def statfs(self, path: int, buf: int) -> int:
+        """statfs(2) of the file system holding a host path (``vmsim.sysinfo``)."""
+        name = self._path(path)
+        host = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=self._dir_fd(_AT_FDCWD, name))
+        try:
+            return sysinfo.fstatfs(self.space, host, buf)
+        finally:
+            os.close(host)
+
+    def fcntl(self, fd: int, cmd: int, arg: int) -> int:
+        """fcntl(2): F_GETFD/F_SETFD (FD_CLOEXEC), F_GETFL (how it was opened: read-only for
+        a host file, stdin a pipe's read end, stdout and stderr write ends), F_DUPFD and
+        F_DUPFD_CLOEXEC of a host file; other commands EINVAL."""
+        fd = c_int(fd)
+        if fd not in self.stdio:
+            self._host_fd(fd)
+        cmd = c_int(cmd)
+        if cmd == _F_GETFD:
+            return int(fd in self.cloexec)
+        if cmd == _F_SETFD:
+            (self.cloexec.add if arg & 1 else self.cloexec.discard)(fd)
+            return 0
+        if cmd == _F_GETFL:
+            return os.O_WRONLY if fd in (1, 2) and fd in self.stdio else os.O_RDONLY
+        if cmd in (_F_DUPFD, _F_DUPFD_CLOEXEC) and fd not in self.stdio:
+            if not 0 <= c_int(arg) < _FD_LIMIT:
+                return -errno.EINVAL
+            new = self._install(os.dup(self._host_fd(fd)), lowest=c_int(arg))
+            if cmd == _F_DUPFD_CLOEXEC:
+                self.cloexec.add(new)
+            return new
+        return -errno.EINVAL
+
+    def fadvise64(self, fd: int, _offset: int, _length: int, advice: int) -> int:
+        """fadvise64(2): advice about a host file, taken (nothing to do); EINVAL for an
+        unknown advice, ESPIPE for stdio's pipes."""
+        if c_int(fd) in self.stdio:
+            return -errno.ESPIPE
+        self._host_fd(fd)
+        return 0 if 0 <= c_int(advice) <= 5 else -errno.EINVAL
+
     def getxattr(self, path: int, name: int, value: int, size: int, *, follow: bool) -> int:
         """getxattr(2) and lgetxattr(2): an extended attribute of a host file, read-only
         (``vmsim.sysinfo``)."""
-        return sysinfo.getxattr(self.space, self._path(path), self._path(name), value, size,
+        file = os.path.join(self._cwd_path(), self._path(path))
+        return sysinfo.getxattr(self.space, file, self._path(name), value, size,
                                 follow=follow)
 
     def getdents64(self, fd: int, dirp: int, count: int) -> int:

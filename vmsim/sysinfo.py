@@ -3,13 +3,15 @@
 Part of ``vmsim``'s process layer (``vmsim.syscalls`` dispatches to them). Nothing here
 reaches the host's memory or changes anything: the clocks are the host's (without a vDSO,
 glibc asks the kernel for the time, so these are what ``time()``, ``gettimeofday`` and
-``clock_gettime`` return), and the extended attributes are read from the host's files, as
-the read-only ``stat`` calls are. Each function takes the process's space first and returns
+``clock_gettime`` return), and the extended attributes, the file systems' statistics and
+the machine's memory and load figures are read from the host, as the read-only ``stat`` calls
+are. Each function takes the process's space first and returns
 the syscall's result (``-errno`` on failure).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -17,7 +19,8 @@ import time
 
 from vmsim.space import AddressSpace
 
-__all__ = ["CLOCKS", "clock_gettime", "getxattr", "gettimeofday", "time_call"]
+__all__ = ["CLOCKS", "clock_gettime", "fstatfs", "getxattr", "gettimeofday", "sysinfo",
+           "time_call"]
 
 CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC, 2: time.CLOCK_PROCESS_CPUTIME_ID,
           3: time.CLOCK_THREAD_CPUTIME_ID, 4: time.CLOCK_MONOTONIC_RAW, 5: 5, 6: 6,
@@ -25,6 +28,9 @@ CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC, 2: time.CLOCK_PROCESS
 """The clock ids a process may read: REALTIME, MONOTONIC, the two CPU-time clocks (the host
 process's: the emulation's cost, not the program's), MONOTONIC_RAW, the two COARSE ones,
 BOOTTIME."""
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_STATFS_SIZE = 120    # sizeof(struct statfs), x86-64
+_SYSINFO_SIZE = 112   # sizeof(struct sysinfo), x86-64
 _XATTR_NAME_MAX = 255
 _XATTR_MAX = 65536
 """XATTR_SIZE_MAX: the longest value Linux hands out."""
@@ -74,3 +80,22 @@ def getxattr(space: AddressSpace, path: str, key: str, value: int, size: int, *,
             return -errno.ERANGE
         space.write(value, data)
     return len(data)
+
+
+def fstatfs(space: AddressSpace, host: int, buf: int) -> int:
+    """fstatfs(2) of the file system holding the host's descriptor ``host``: the host
+    kernel's struct statfs (its type, block counts, name length), copied."""
+    out = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _LIBC.fstatfs(host, out) != 0:
+        return -ctypes.get_errno()
+    space.write(buf, out.raw)
+    return 0
+
+
+def sysinfo(space: AddressSpace, buf: int) -> int:
+    """sysinfo(2): the host's uptime, load, memory and process counts, copied."""
+    out = ctypes.create_string_buffer(_SYSINFO_SIZE)
+    if _LIBC.sysinfo(out) != 0:
+        return -ctypes.get_errno()
+    space.write(buf, out.raw)
+    return 0
