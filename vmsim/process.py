@@ -25,7 +25,7 @@ the real syscalls), so ld.so's own allocations come in another order than on Lin
 Known differences from a Linux process: a page-cache page is refreshed from its file when the
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
 in the page cache (the file is not written; the syscalls open files read-only, so only a
-mapping made from the host side can be one); mremap and everything not listed in
+mapping made from the host side can be one); everything not listed in
 ``vmsim.syscalls`` is -ENOSYS; one thread, no signals delivered to the program (a fault ends
 the call).
 """
