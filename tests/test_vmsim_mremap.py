@@ -294,6 +294,22 @@ def test_growing_shared_anonymous_memory_is_sigbus_past_its_first_size(
     assert results[3:] == [b"shm", "SIGBUS"]
 
 
+def test_shared_memory_keeps_its_pages_when_unmapped_and_mapped_again(
+        sides: tuple[Side, Side]) -> None:
+    """Shared anonymous memory is a shmem file: a page cut off by a shrink is still there
+    when the mapping grows back, a duplicate (old_size 0) shares the pages, and a
+    MREMAP_DONTUNMAP source refaults them from the shmem file (not zeros)."""
+    results = run(sides, ("mmap", 2, 4, RW, SHARED, None), ("write", 2, 3 * P, b"page 3"),
+                  ("mremap", 2, 4 * P, P, 0, None), ("read", 2, 3 * P, 1),
+                  ("mremap", 2, P, 4 * P, 0, None), ("read", 2, 3 * P, 6),
+                  ("mremap", 2, 0, 4 * P, MAYMOVE | MFIXED, 10), ("read", 10, 3 * P, 6),
+                  ("write", 10, 0, b"via the copy"), ("read", 2, 0, 12),
+                  ("mremap", 2, 4 * P, 4 * P, MAYMOVE | DONTUNMAP | MFIXED, 16),
+                  ("read", 2, 3 * P, 6), ("read", 16, 0, 12))
+    assert results[3] == "SIGSEGV" and results[5] == results[7] == b"page 3"
+    assert results[9] == b"via the copy" and results[11:] == [b"page 3", b"via the copy"]
+
+
 def test_dontunmap_moves_the_pages_and_leaves_an_empty_mapping(
         sides: tuple[Side, Side]) -> None:
     results = run(sides, ("mmap", 2, 3, RW, PRIV, None), ("write", 2, P, b"moved data"),

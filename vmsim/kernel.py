@@ -489,7 +489,7 @@ class Kernel:
     def _fault(self, i: int, va: int, ptes: npt.NDArray[np.uint64],
                need: npt.NDArray[np.bool_], write: bool) -> None:
         """Fill the PTEs ``need`` of ``vmas[i]`` from ``va`` in place: the zero page, a new
-        frame, the file's page-cache page, or a copy-on-write copy."""
+        frame, the file's (or shmem's) page-cache page, or a copy-on-write copy."""
         vma = self.vmas[i]
         idx = set_indices(need)
         n = len(idx)
@@ -499,19 +499,18 @@ class Kernel:
         bits = self.pte_bits(vma.flags)
         file = vma.file
         pool = self.mmu.pool
-        if file is None or isinstance(file, Shmem) or file.zero:
-            if write or isinstance(file, Shmem):
-                if not isinstance(file, Shmem):
-                    self._anon_prepare(i)
-                    self.cows += int(np.count_nonzero(ptes[idx] & _N_COW))
+        if file is None or (isinstance(file, OpenFile) and file.zero):
+            if write:
+                self._anon_prepare(i)
+                self.cows += int(np.count_nonzero(ptes[idx] & _N_COW))
                 frames = pool.alloc(n)
                 ptes[idx] = (frames.astype(np.uint64) << _N_12) | _U64(bits)
             else:
                 ptes[idx] = _U64(PTE_COW | (bits & ~PTE_W))  # the zero page, frame 0
             return
         pages = vma.pgoff + ((va - vma.start) >> self.shift) + idx.astype(np.int64)
-        cache = self.files.cache_frames(file.inode, pages)
-        if vma.flags & VM_MAYSHARE:
+        cache = self.files.cache_frames(file if isinstance(file, Shmem) else file.inode, pages)
+        if vma.flags & VM_MAYSHARE or isinstance(file, Shmem):  # shmem: always shared
             ptes[idx] = (cache.astype(np.uint64) << _N_12) | _U64(PTE_FILE | bits)
         elif not write:
             ptes[idx] = (cache.astype(np.uint64) << _N_12) | _U64(PTE_FILE | PTE_COW
