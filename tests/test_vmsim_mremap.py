@@ -63,6 +63,7 @@ class Side:
         self.arena = base + P
         self.path = os.path.realpath(path)
         self.fd = os.open(path, os.O_RDWR)
+        self.zero = os.open("/dev/zero", os.O_RDWR)
         self.moved = 0
         self.outside: list[tuple[int, int]] = []
 
@@ -104,10 +105,11 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
 def _step(side: Side, op: tuple[Any, ...]) -> Any:
     """Run one step on one side; its comparable result."""
     kind, *args = op
-    if kind == "mmap":   # page, pages, prot, flags, file page (None: anonymous)
+    if kind == "mmap":   # page, pages, prot, flags, file page (None: anonymous; "zero")
         page, n, prot, flags, fpage = args
-        fd = None if fpage is None else side.fd
+        fd = None if fpage is None else side.zero if fpage == "zero" else side.fd
         flags = flags | FIXED | (ANON if fpage is None else 0)
+        fpage = 0 if fpage == "zero" else fpage
         got = _outcome(side.mm.mmap, side.at(page), n * P, prot, flags,
                        0 if fpage is None else fpage * P, fd)
         return got if got[0] == "errno" else ("ok", side.where(got[1].addr, n * P))
@@ -176,8 +178,9 @@ def sides(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
                 pass
         k.munmap(base, fenced)
         s.close()
-        os.close(kside.fd)
-        os.close(sside.fd)
+        for side in (kside, sside):
+            os.close(side.fd)
+            os.close(side.zero)
 
 
 def run(sides: tuple[Side, Side], *ops: tuple[Any, ...]) -> list[Any]:
@@ -231,6 +234,9 @@ ERRNO_CASES = {
     "growth blocked, moved": ("mremap", 8, 2 * P, 4 * P + 1, MAYMOVE, None),
     "fixed replaces the target": ("mremap", 8, 2 * P, 2 * P, MAYMOVE | MFIXED, 3),
     "fixed with a shrink": ("mremap", 2, 4 * P, 2 * P, MAYMOVE | MFIXED, 19),
+    "fixed with a shrink across mappings": ("mremap", 3, 6 * P, P, MAYMOVE | MFIXED, 19),
+    "fixed with a growth across the end": ("mremap", 3, 4 * P, 5 * P, MAYMOVE | MFIXED, 19),
+    "dontunmap across the end": ("mremap", 3, 4 * P, 4 * P, MAYMOVE | DONTUNMAP, None),
     "fixed with a growth": ("mremap", 8, 2 * P, 3 * P, MAYMOVE | MFIXED, 19),
     "duplicating a shared mapping": ("mremap", 16, 0, P, MAYMOVE | MFIXED, 20),
     "dontunmap to a fixed place": ("mremap", 2, 2 * P, 2 * P, MAYMOVE | DONTUNMAP | MFIXED, 19),
@@ -332,6 +338,19 @@ def test_a_fixed_move_of_several_mappings_keeps_their_gaps(sides: tuple[Side, Si
                   ("mremap", 15, 4 * P, 4 * P, MAYMOVE | MFIXED, 3))
     assert results[4:7] == [("ok", 12), b"third", "SIGSEGV"]
     assert results[8] == ("errno", "EFAULT")  # a gap at the start of the range
+
+
+def test_a_private_dev_zero_mapping_stops_a_multi_mapping_move(
+        sides: tuple[Side, Side]) -> None:
+    """vma_multi_allowed: /dev/zero has its own get_unmapped_area, so a private mapping of
+    it moves alone: EFAULT when it comes second (the mappings before it already moved), or
+    when the range passes its end."""
+    results = run(sides, ("mmap", 2, 1, RW, PRIV, None), ("mmap", 3, 1, RO, PRIV, "zero"),
+                  ("mremap", 2, 2 * P, 2 * P, MAYMOVE | MFIXED, 12),
+                  ("mremap", 3, 2 * P, 2 * P, MAYMOVE | MFIXED, 16),
+                  ("mremap", 3, P, P, MAYMOVE | MFIXED, 16), ("mremap", 12, 1 * P, P,
+                                                               MAYMOVE | MFIXED, 17))
+    assert results[2:4] == [("errno", "EFAULT")] * 2
 
 
 def test_merging_after_a_move_follows_the_anon_vma(sides: tuple[Side, Side]) -> None:

@@ -114,13 +114,15 @@ def _lookup(k: Kernel, addr: int) -> Vma:
 def _check_vma(k: Kernel, r: Remap, vma: Vma) -> bool:
     """check_prep_vma: whether the call maps new address space (grows, or moves), and if
     so that ``vma`` allows it: EINVAL for duplicating a private mapping (old_len 0) or a
-    file offset that wraps, EFAULT for a range crossing the VMA's end."""
+    file offset that wraps, EFAULT for a range crossing the VMA's end (only the part that
+    moves counts: Linux 6.18 lets a move that shrinks cut across mappings)."""
     if r.new_len <= r.old_len and not r.flags & _NEW_ADDR:
         return False
     if not r.old_len and not vma.flags & (VM_SHARED | VM_MAYSHARE):
         raise MmapError(errno.EINVAL, "mremap: old_size=0 duplicates only shared mappings")
-    if r.old_len > vma.end - r.addr:
-        raise MmapError(errno.EFAULT, f"mremap: {r.addr:#x}+{r.old_len:#x} crosses the end "
+    moved = min(r.old_len, r.new_len)  # a shrink with a new address cuts the tail first
+    if moved > vma.end - r.addr:
+        raise MmapError(errno.EFAULT, f"mremap: {r.addr:#x}+{moved:#x} crosses the end "
                         f"of the mapping at {vma.end:#x}")
     pgoff = vma.pgoff + ((r.addr - vma.start) >> k.shift)
     if r.new_len > r.old_len and pgoff + (r.new_len >> k.shift) > M64:
@@ -214,27 +216,27 @@ def _dontunmap_complete(k: Kernel, r: Remap) -> None:
 def _move_each(k: Kernel, r: Remap) -> int:
     """remap_move: MREMAP_FIXED without a resize moves every VMA of the range to the same
     offsets from ``new_addr`` (the gaps between them kept). EFAULT for a gap at the start
-    or an empty range; a VMA that cannot join a multi-VMA move (one of /dev/zero) stops it
-    with EFAULT, the VMAs before it already moved. Returns where the first went."""
+    or an empty range. A VMA that cannot join a multi-VMA move (a private /dev/zero
+    mapping) moves only alone, under the one-VMA rules (EFAULT past its end); met later,
+    it stops the move with EFAULT, the VMAs before it already moved. Returns where the
+    first went."""
     start, end = r.addr, r.addr + r.old_len
-    first, target, last_end, allowed = -1, r.new_addr, 0, True
+    first, target, last_end = -1, r.new_addr, 0
     pos = start
     while pos < end:  # the VMAs one by one, as Linux's iterator walks them
         i = k.vmas.first_ending_after(pos)
         if i == len(k.vmas) or k.vmas[i].start >= end:
             break
         vma = k.vmas[i]
-        if not allowed or (first < 0 and start < vma.start):
-            raise MmapError(errno.EFAULT, f"mremap: a gap or a lone mapping in {start:#x}-"
-                            f"{end:#x}")
+        alone = isinstance(vma.file, OpenFile) and vma.file.zero
+        if (first < 0 and start < vma.start) or (first >= 0 and alone):
+            raise MmapError(errno.EFAULT, f"mremap: a gap, or a mapping that moves alone, "
+                            f"in {start:#x}-{end:#x}")
         offset = vma.start - last_end if first >= 0 else 0
         last_end = vma.end
         a = max(vma.start, start)
-        n = min(end, vma.end) - a
+        n = r.old_len if alone else min(end, vma.end) - a
         piece = replace(r, addr=a, old_len=n, new_len=n, new_addr=target + offset)
-        allowed = not (isinstance(vma.file, OpenFile) and vma.file.zero)
-        if first >= 0 and not allowed:
-            raise MmapError(errno.EFAULT, "mremap: a /dev/zero mapping in a multi-VMA move")
         _check_vma(k, piece, vma)
         got = _remap_to(k, piece)
         first = got if first < 0 else first
