@@ -14,6 +14,11 @@ address is implied (MREMAP_FIXED or MREMAP_DONTUNMAP), an unaligned or too high
 max_map_count margin. A pure move (FIXED, equal lengths) moves every VMA of the range,
 keeping the gaps between them (6.17 and later); any other call works on the one VMA holding
 ``addr`` (EFAULT when none, or when a growth or move would cross its end).
+
+Not modelled, as elsewhere in the simulator: mseal (EPERM), hugetlb, userfaultfd,
+VM_DONTEXPAND/VM_PFNMAP mappings (the simulator makes none), and the RLIMIT_AS, RLIMIT_DATA
+and RLIMIT_MEMLOCK checks of a growth. Of the files with a get_unmapped_area of their own,
+only /dev/zero is known to keep a mapping out of a multi-VMA move.
 """
 
 from __future__ import annotations
