@@ -69,13 +69,9 @@ def mremap(k: Kernel, addr: int, old_len: int, new_len: int, flags: int,
     if r.flags & MREMAP_FIXED and r.old_len == r.new_len:
         return _move_each(k, r)
     vma = _lookup(k, r.addr)
-    if not _check_vma(k, r, vma):
-        return r.addr if r.old_len == r.new_len else _shrink(k, r)
-    if r.flags & _NEW_ADDR:
-        return _remap_to(k, r)
-    if r.new_len < r.old_len:
-        return _shrink(k, r)
-    return _expand(k, r, vma)
+    if not _check_vma(k, r, vma):  # neither grows nor moves: mremap_at's shrink or no-op
+        return _shrink(k, r) if r.new_len < r.old_len else r.addr
+    return _remap_to(k, r) if r.flags & _NEW_ADDR else _expand(k, r, vma)
 
 
 def _check_params(k: Kernel, r: Remap) -> None:
