@@ -149,9 +149,9 @@ class Kernel:
 
     def mmap_address(self, addr: int, length: int, flags: int, file: OpenFile | None,
                       pgoff: int) -> int:
-        """do_mmap's limits and placement: ENOMEM past max_map_count or the user space,
-        EINVAL for an unaligned MAP_FIXED, EPERM below mmap_min_addr, EEXIST for
-        MAP_FIXED_NOREPLACE over a mapping. Returns where the mapping goes."""
+        """do_mmap's limits and placement (get_unmapped_area; mremap's moves too): ENOMEM
+        past max_map_count or the user space, EINVAL for an unaligned MAP_FIXED, EPERM below
+        mmap_min_addr, EEXIST for MAP_FIXED_NOREPLACE over a mapping. Returns the address."""
         vmas, task = self.vmas, self.task_size
         if len(vmas) > vmas.max_map_count:
             raise MmapError(errno.ENOMEM, f"mmap: {len(vmas)} mappings exceed "
