@@ -3,7 +3,7 @@
 One machine drives ``vmsim.AddressSpace`` and the kernel (``loader.libc.LibcMmap``, this very
 process) with the same random sequence of mmap (anonymous and file; MAP_FIXED,
 MAP_FIXED_NOREPLACE and hinted; private and shared; three open files of one path: an fd, its
-dup and a second open, plus a read-only open), munmap, mprotect, reads, writes, probes,
+dup and a second open, plus a read-only open), munmap, mprotect, mremap, reads, writes, probes,
 write_words, the debugger's peek and poke (the kernel's are /proc/self/mem reads and writes),
 and writes to and truncation of the file. Both work inside an arena reserved at the same address
 (the kernel first, far below its mmap base so its own placements never land inside it), each
@@ -30,12 +30,14 @@ from harness_sim import host_like_space
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from test_vmsim_mremap import real_mremap
 
 from loader.isolate import probe, run_isolated
 from loader.libc import LibcMmap
 from loader.mmap import MapFlags, MmapError, ProtFlags, Region
-from loader.pages import HOST_PAGE_SIZE
+from loader.pages import HOST_PAGE_SIZE, page_round_up
 from vmsim import AddressSpace, Fault
+from vmsim.remap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE
 
 P = HOST_PAGE_SIZE
 PAGES = int(os.environ.get("VMSIM_VS_KERNEL_PAGES", "12"))  # arena pages
@@ -44,6 +46,11 @@ NONE = ProtFlags.PROT_NONE
 PRIV, SHARED, FIXED = MapFlags.MAP_PRIVATE, MapFlags.MAP_SHARED, MapFlags.MAP_FIXED
 KINDS = {"fixed": FIXED, "noreplace": MapFlags.MAP_FIXED_NOREPLACE, "hint": MapFlags(0)}
 FILE_PAGES = 5
+
+REMAP_FLAGS = [0, MREMAP_MAYMOVE, MREMAP_MAYMOVE | MREMAP_FIXED, MREMAP_MAYMOVE | MREMAP_FIXED,
+               MREMAP_MAYMOVE | MREMAP_DONTUNMAP, MREMAP_MAYMOVE | MREMAP_DONTUNMAP | MREMAP_FIXED]
+"""mremap's flags, the valid combinations (a bad one is EINVAL before anything is looked at:
+tests/test_vmsim_mremap.py tries those)."""
 
 prots = st.sampled_from([ProtFlags(p) for p in range(8)])
 pages = st.integers(0, PAGES - 1)
@@ -193,6 +200,45 @@ class SimVsKernel(RuleBasedStateMachine):
         length = self.clip(page, n) * P
         assert outcome(self.k.mprotect, self.at(page), length, prot) == \
             outcome(self.s.mprotect, self.at(page), length, prot)
+
+    @rule(page=pages, n=st.sampled_from([0, 1, 1, 2, 2, 3, 4]), grow=st.integers(-3, 4),
+          flags=st.sampled_from(REMAP_FLAGS), to=pages, odd=st.sampled_from([0, 0, 0, 1, P - 1]))
+    def mremap(self, page: int, n: int, grow: int, flags: int, to: int, odd: int) -> None:
+        """mremap on both sides: within the arena (a fixed target never passes its end),
+        or moved outside it, where the moved mapping's maps and bytes are compared, then it
+        is unmapped. ``odd`` bytes make lengths unaligned; ``n`` 0 duplicates (shared
+        mappings only); MREMAP_DONTUNMAP keeps the size (else EINVAL)."""
+        old_len = self.clip(page, n) * P if n else 0
+        new_len = max(0, old_len + (0 if flags & MREMAP_DONTUNMAP else grow * P) - odd)
+        if flags & MREMAP_FIXED:
+            new_len = min(new_len, (PAGES - to) * P)
+        args = (self.at(page), old_len, new_len, flags, self.at(to))
+        got_k, got_s = outcome(real_mremap, *args), outcome(self.s.mremap, *args)
+        if got_k[0] == "errno" or got_s[0] == "errno":
+            assert got_k == got_s
+            return
+        where_k, where_s = got_k[1], got_s[1]
+        inside = [self.arena <= w < self.arena + PAGES * P for w in (where_k, where_s)]
+        assert inside[0] == inside[1] and (where_k == where_s or not inside[0])
+        if not inside[0]:
+            self.same_moved(where_k, where_s, page_round_up(new_len))
+
+    def same_moved(self, where_k: int, where_s: int, length: int) -> None:
+        """A mapping moved outside the arena: equal maps lines and bytes (page by page, a
+        fault as its signal) relative to each side's start; then both unmapped."""
+        def rows(regions: list[Region], start: int) -> list[tuple[int, int, str]]:
+            return [(max(r.start, start) - start, min(r.end, start + length) - start, r.perms)
+                    for r in regions if r.start < start + length and r.end > start]
+        assert rows(self.k.maps(), where_k) == rows(self.s.maps(), where_s)
+        for off in range(0, length, P):
+            got = run_isolated(raw_load, where_k + off, 16)
+            try:
+                sim: bytes | str = self.s.read(where_s + off, 16)
+            except Fault as fault:
+                sim = fault.signal
+            assert (got.value if got.status == "ok" else got.status) == sim
+        self.k.munmap(where_k, length)
+        self.s.munmap(where_s, length)
 
     @rule(page=pages, offset=st.integers(0, P - 1), n=st.integers(1, 3 * P))
     def read(self, page: int, offset: int, n: int) -> None:

@@ -82,12 +82,15 @@ class OpenFile:
 
 class Shmem:
     """The hidden shmem file behind a shared anonymous mapping (or a shared mapping of
-    ``/dev/zero``, which is the same thing): never shared with another mapping, so such
-    mappings never merge with each other. Its size is the mapping's length (``pages``): a
-    page at file offset ``pages`` or beyond (a /dev/zero mapping at a non-zero offset) is
-    past its end, and an access there raises SIGBUS, as in Linux."""
+    ``/dev/zero``, which is the same thing): no other mmap shares it, so such mappings never
+    merge with each other (only mremap's pieces and copies of one refer to it). Its size is
+    the mapping's length (``pages``): a page at file offset ``pages`` or beyond (a /dev/zero
+    mapping at a non-zero offset, or an mremap growth) is past its end, and an access there
+    raises SIGBUS, as in Linux. ``cache`` holds its pages (page -> frame), kept while a VMA
+    uses it, as a file's page cache: a page unmapped and mapped again by mremap keeps its
+    data."""
 
-    __slots__ = ("ino", "pages", "users")
+    __slots__ = ("cache", "ino", "pages", "users")
     dev = "00:01"
     path = "/dev/zero (deleted)"
 
@@ -95,6 +98,7 @@ class Shmem:
         self.ino = ino
         self.pages = pages
         self.users = 0
+        self.cache: dict[int, int] = {}
 
 
 def is_paged(file: OpenFile | Shmem | None) -> bool:
@@ -269,6 +273,9 @@ class FileTable:
         """One VMA fewer uses ``file``; the last closes our dup (and drops the inode's page
         cache when no open file of it is left)."""
         file.users -= 1
+        if file.users == 0 and isinstance(file, Shmem):
+            self.pool.free(np.array(list(file.cache.values()), dtype=np.int64))
+            file.cache.clear()
         if file.users == 0 and isinstance(file, OpenFile):
             self._close(file.fd)
             file.fd = -1
@@ -336,8 +343,10 @@ class FileTable:
             file.fd = -1
         self.sweep_at = max(_SWEEP_MIN, 2 * len(self.owned_fds))
 
-    def cache_frames(self, inode: Inode, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The page-cache frames of the file pages ``pages``, allocated (zeroed) as needed."""
+    def cache_frames(self, inode: Inode | Shmem,
+                     pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The page-cache frames of the file (or shmem) pages ``pages``, allocated (zeroed)
+        as needed."""
         cache = inode.cache
         wanted = pages.tolist()
         missing = [p for p in wanted if p not in cache]

@@ -1,5 +1,5 @@
-"""The kernel layer: Linux's mmap, munmap and mprotect over the VMAs, and the page-fault
-handler the MMU calls.
+"""The kernel layer: Linux's mmap, munmap and mprotect over the VMAs (mremap in
+``vmsim.remap``), and the page-fault handler the MMU calls.
 
 Part of ``vmsim``: above ``vmsim.mmu`` (it fills PTEs through the page table the MMU walks)
 and below ``vmsim.space``, whose :class:`~vmsim.space.AddressSpace` is the façade users see.
@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from loader.mmap import MmapError
 from loader.pages import page_offset, page_round_down, page_round_up, pages_in
+from vmsim import remap
 from vmsim.fault import Access, Fault
 from vmsim.files import FileTable, Inode, OpenFile, Shmem, host_call, is_paged, is_sized
 from vmsim.mmu import VA_TOP, Mmu, beyond_user_space
@@ -141,16 +142,16 @@ class Kernel:
         length = page_round_up(length, page) & M64
         if not length:
             raise MmapError(errno.ENOMEM, "mmap: length rounds past the end of the address space")
-        addr = self._mmap_address(addr, length, flags, file, off >> self.shift)
+        addr = self.mmap_address(addr, length, flags, file, off >> self.shift)
         vm_flags, pgoff = new_vma_flags(prot, flags, file, off >> self.shift, length, addr,
                                         self.shift)
         return self._map_region(addr, length, vm_flags, file, pgoff, flags)
 
-    def _mmap_address(self, addr: int, length: int, flags: int, file: OpenFile | None,
+    def mmap_address(self, addr: int, length: int, flags: int, file: OpenFile | None,
                       pgoff: int) -> int:
-        """do_mmap's limits and placement: ENOMEM past max_map_count or the user space,
-        EINVAL for an unaligned MAP_FIXED, EPERM below mmap_min_addr, EEXIST for
-        MAP_FIXED_NOREPLACE over a mapping. Returns where the mapping goes."""
+        """do_mmap's limits and placement (get_unmapped_area; mremap's moves too): ENOMEM
+        past max_map_count or the user space, EINVAL for an unaligned MAP_FIXED, EPERM below
+        mmap_min_addr, EEXIST for MAP_FIXED_NOREPLACE over a mapping. Returns the address."""
         vmas, task = self.vmas, self.task_size
         if len(vmas) > vmas.max_map_count:
             raise MmapError(errno.ENOMEM, f"mmap: {len(vmas)} mappings exceed "
@@ -181,7 +182,7 @@ class Kernel:
         if vma is not None and covered and vma.start < addr and vma.end > end:
             self._check_three_way_split(vma, "mmap: MAP_FIXED")
         if vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE) == VM_WRITE:
-            self._charge(length)
+            self.charge(length)
             vm_flags |= VM_ACCOUNT
         vfile: OpenFile | Shmem | None = file
         if vm_flags & VM_SHARED and (file is None or file.zero):
@@ -213,7 +214,7 @@ class Kernel:
             raise MmapError(errno.ENOMEM, f"{call}: splitting {vma.start:#x}-{vma.end:#x} in "
                             f"three would pass max_map_count={self.vmas.max_map_count}")
 
-    def _charge(self, length: int) -> None:
+    def charge(self, length: int) -> None:
         """Heuristic overcommit: one request larger than RAM plus swap is refused."""
         if length >> self.shift > self.commit_limit_pages:
             raise MmapError(errno.ENOMEM, f"length={length:#x} exceeds RAM+swap "
@@ -232,14 +233,17 @@ class Kernel:
         end = start + page_round_up(length, self.page_size)
         if end == start:
             raise MmapError(errno.EINVAL, "munmap: length=0")
-        vmas = self.vmas
-        i, vma = vmas.find(start)
+        i, vma = self.vmas.find(start)
         if vma is None or vma.start >= end:
             return
         if vma.start < start and vma.end > end:
             self._check_three_way_split(vma, "munmap")
         self.mmu.unmap(start, end)
-        vmas.cut(start, end, i)
+        self.vmas.cut(start, end, i)
+
+    def mremap(self, addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
+        """mremap(2), arguments cast: :func:`vmsim.remap.mremap`. Returns the new start."""
+        return remap.mremap(self, addr, old_len, new_len, flags, new_addr)
 
     def mprotect(self, start: int, length: int, prot: int) -> None:
         """mprotect(2), arguments cast; not atomic as in Linux: mappings before a hole or a
@@ -302,7 +306,7 @@ class Kernel:
             return i
         if newflags & VM_WRITE:
             if not old & (VM_ACCOUNT | VM_WRITE | VM_SHARED | VM_NORESERVE):
-                self._charge(end - start)
+                self.charge(end - start)
                 newflags |= VM_ACCOUNT
         elif old & VM_ACCOUNT and vma.file is None and not vma.anon:
             newflags &= ~VM_ACCOUNT
@@ -451,8 +455,7 @@ class Kernel:
         page gets a new zeroed frame, exactly as :meth:`_fault` gives it (one fault, the
         VMA's anon_vma prepared), and its PTE word is returned; 0 for any other VMA, or
         none, left to :meth:`page_fault`."""
-        i = self.vmas.first_ending_after(va)
-        vma = self.vmas[i] if i < len(self.vmas) else None
+        i, vma = self.vmas.find(va)
         if vma is None or vma.start > va or vma.file is not None or not vma.flags & VM_WRITE:
             return 0
         self._anon_prepare(i)
@@ -486,7 +489,7 @@ class Kernel:
     def _fault(self, i: int, va: int, ptes: npt.NDArray[np.uint64],
                need: npt.NDArray[np.bool_], write: bool) -> None:
         """Fill the PTEs ``need`` of ``vmas[i]`` from ``va`` in place: the zero page, a new
-        frame, the file's page-cache page, or a copy-on-write copy."""
+        frame, the file's (or shmem's) page-cache page, or a copy-on-write copy."""
         vma = self.vmas[i]
         idx = set_indices(need)
         n = len(idx)
@@ -496,19 +499,18 @@ class Kernel:
         bits = self.pte_bits(vma.flags)
         file = vma.file
         pool = self.mmu.pool
-        if file is None or isinstance(file, Shmem) or file.zero:
-            if write or isinstance(file, Shmem):
-                if not isinstance(file, Shmem):
-                    self._anon_prepare(i)
-                    self.cows += int(np.count_nonzero(ptes[idx] & _N_COW))
+        if file is None or (isinstance(file, OpenFile) and file.zero):
+            if write:
+                self._anon_prepare(i)
+                self.cows += int(np.count_nonzero(ptes[idx] & _N_COW))
                 frames = pool.alloc(n)
                 ptes[idx] = (frames.astype(np.uint64) << _N_12) | _U64(bits)
             else:
                 ptes[idx] = _U64(PTE_COW | (bits & ~PTE_W))  # the zero page, frame 0
             return
         pages = vma.pgoff + ((va - vma.start) >> self.shift) + idx.astype(np.int64)
-        cache = self.files.cache_frames(file.inode, pages)
-        if vma.flags & VM_MAYSHARE:
+        cache = self.files.cache_frames(file if isinstance(file, Shmem) else file.inode, pages)
+        if vma.flags & VM_MAYSHARE or isinstance(file, Shmem):  # shmem: always shared
             ptes[idx] = (cache.astype(np.uint64) << _N_12) | _U64(PTE_FILE | bits)
         elif not write:
             ptes[idx] = (cache.astype(np.uint64) << _N_12) | _U64(PTE_FILE | PTE_COW

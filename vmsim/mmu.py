@@ -413,6 +413,25 @@ class Mmu:
             ptes[:] = 0
         self.flush_tlb()
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """move_page_tables: the PTEs of page-aligned ``[src, src+length)`` go to the same
+        places from ``dst`` (which holds none), frames, copy-on-write and file marks with
+        them; the source's are cleared. Nothing is freed, copied or re-read."""
+        if self._no_leaf_under(src, src + length):
+            return
+        moved = []
+        for va, row, i0, i1 in self.pt.chunks(src, src + length, False):
+            ptes = self.pt.tables[row, i0:i1]
+            if np.count_nonzero(ptes):
+                moved.append((dst + (va - src), ptes.copy()))
+                ptes[:] = 0
+        for va, words in moved:  # creating tables may grow the array: source views first
+            k = 0
+            for _, row, i0, i1 in self.pt.chunks(va, va + (len(words) << self.shift), True):
+                self.pt.tables[row, i0:i1] = words[k: k + i1 - i0]
+                k += i1 - i0
+        self.flush_tlb()
+
     def resident_pages(self) -> int:
         """Pages whose PTE holds a frame (present or PROT_NONE), the zero page excluded."""
         resident = 0

@@ -25,9 +25,9 @@ the real syscalls), so ld.so's own allocations come in another order than on Lin
 Known differences from a Linux process: a page-cache page is refreshed from its file when the
 CPU's TLB is filled, not at every access, and a store by code to a shared file mapping stays
 in the page cache (the file is not written; the syscalls open files read-only, so only a
-mapping made from the host side can be one); mremap and everything not listed in
-``vmsim.syscalls`` is -ENOSYS; one thread; signal dispositions are kept but no handler ever
-runs (``vmsim.signals``: a fault ends the call, a signal the program sends itself acts by its
+mapping made from the host side can be one); everything not listed in ``vmsim.syscalls``
+is -ENOSYS; one thread; signal dispositions are kept but no handler ever runs
+(``vmsim.signals``: a fault ends the call, a signal the program sends itself acts by its
 default action).
 """
 

@@ -1,4 +1,4 @@
-"""The simulated address space: Linux's mmap/munmap/mprotect over a software MMU.
+"""The simulated address space: Linux's mmap/munmap/mprotect/mremap over a software MMU.
 
 Top of ``vmsim``'s core: :class:`AddressSpace` is the simulated ``Mmap`` backend, a façade
 over the two layers of the simulated machine, as in the kernel:
@@ -196,6 +196,16 @@ class AddressSpace(MmapDefaults):
         ends. EINVAL for an unaligned, empty, kernel-half or wrapping range; ENOMEM when a
         split in three would pass vm.max_map_count."""
         self.kernel.munmap(as_size(addr), as_size(length))
+
+    def mremap(self, old_addr: int, old_len: int, new_len: int, flags: int = 0,
+               new_addr: int = 0) -> int:
+        """mremap(2): shrink (the tail unmapped), grow in place when the gap above is free,
+        else with MREMAP_MAYMOVE (1) move the pages (their PTEs: data, copy-on-write state
+        and file offset go along); MREMAP_FIXED (2) moves to ``new_addr``, unmapping what
+        was there; MREMAP_DONTUNMAP (4) leaves the old range mapped and empty. Returns the
+        mapping's start. MmapError with Linux 6.18's errno (see ``vmsim.remap``)."""
+        return self.kernel.mremap(as_size(old_addr), as_size(old_len), as_size(new_len),
+                                  as_size(flags), as_size(new_addr))
 
     def mprotect(self, addr: int, length: int, prot: ProtFlags) -> None:
         """mprotect(2), not atomic as in Linux: mappings before a hole or a refused one are

@@ -3,8 +3,8 @@
 Part of ``vmsim``'s process layer: :class:`Syscalls` serves the ``syscall`` instructions of
 a :class:`~vmsim.cpu.Cpu` (``vmsim.process`` wires them), reading its registers as Linux's
 x86-64 entry does (number in rax, arguments in rdi, rsi, rdx, r10, r8, r9, result in rax,
-``-errno`` on failure). Memory calls (mmap, munmap, mprotect, brk) go through the same
-``vmsim.kernel.Kernel`` calls as the ``Mmap`` methods of :class:`~vmsim.AddressSpace`; the
+``-errno`` on failure). Memory calls (mmap, munmap, mprotect, mremap, brk) go through the
+same ``vmsim.kernel.Kernel`` calls as the ``Mmap`` methods of :class:`~vmsim.AddressSpace`; the
 program's own memory is read and written as user-mode accesses (a fault is ``-EFAULT``).
 
 Host files are reachable read-only and only through descriptors of the program's own table:
@@ -118,6 +118,7 @@ class Syscalls:
         handlers: dict[int, Callable[..., int]] = {
             0: self.read, 1: self.write, 3: self.close, 5: self.fstat, 8: self.lseek,
             9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call, 17: self.pread64,
+            25: self.mremap,
             16: self.ioctl, 20: self.writev, 21: self.access, 39: lambda: PID, 60: self.exit,
             63: self.uname, 89: self.readlink, 267: self.readlinkat, 269: self.faccessat,
             202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
@@ -299,6 +300,10 @@ class Syscalls:
         """mprotect(2) on the simulator's kernel."""
         self.space.kernel.mprotect(addr, length, c_int(prot))
         return 0
+
+    def mremap(self, addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
+        """mremap(2) on the simulator's kernel (its flags are an unsigned long)."""
+        return self.space.kernel.mremap(addr, old_len, new_len, flags, new_addr)
 
     def brk_call(self, addr: int) -> int:
         """brk(2): move the program break (anonymous memory from ``brk_base``); returns the

@@ -278,7 +278,8 @@ class VmaMap:
 
     def insert(self, i: int, new: Vma) -> None:
         """Put a new VMA at index ``i``, merged with its neighbours as vma_merge_new_range
-        would (a new VMA has no anon_vma: it takes its neighbour's)."""
+        would (a new VMA has no anon_vma and takes its neighbour's; mremap's copy has its
+        source's, which the merged VMA keeps)."""
         store = self._store
         prev = store[~(i - 1)] if i else None
         nxt = store[~i] if i < len(store) else None
@@ -287,13 +288,13 @@ class VmaMap:
         if left and right and prev and nxt and prev.anon and nxt.anon and prev.anon != nxt.anon:
             right = False
         if left and prev:
-            high, anon = (nxt.end, prev.anon or nxt.anon) if right and nxt else (new.end,
-                                                                                  prev.anon)
+            high, anon = (nxt.end, prev.anon or new.anon or nxt.anon) if right and nxt else (
+                new.end, prev.anon or new.anon)
             self.replace(i - 1, i + right,
                          [Vma(prev.start, high, new.flags, prev.pgoff, new.file, anon)])
         elif right and nxt:
             self.replace(i, i + 1, [Vma(new.start, nxt.end, new.flags, new.pgoff, new.file,
-                                        nxt.anon)])
+                                        new.anon or nxt.anon)])
         else:
             self._put_alone(i, new)
 
