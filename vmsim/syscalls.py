@@ -35,8 +35,8 @@ from loader.pages import page_round_up
 from vmsim import sysinfo
 from vmsim.cpu import Cpu, Stop
 from vmsim.dirents import Directory
-from vmsim.execve import RSEQ_ALIGN, RSEQ_FEATURE_SIZE
 from vmsim.fault import Fault
+from vmsim.rseq import Rseq
 from vmsim.signals import SignalState
 from vmsim.space import AddressSpace
 from vmsim.syscall_args import MAP_ANON, MAP_NOREPLACE, MAP_PRIVATE, PROT_READ, PROT_WRITE
@@ -64,8 +64,6 @@ _FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_B
 _CREAT_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_TRUNC   # creat(2) is this openat
 _FD_LIMIT = 1 << 20   # fs.nr_open's default: no descriptor number reaches it
 _F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_DUPFD_CLOEXEC = 0, 1, 2, 3, 1030
-_RSEQ_UNREGISTER = 1
-_RSEQ_ORIG_SIZE = 32
 PID = 1000
 """The simulated process's pid (and its one thread's tid)."""
 _PROC_SELF_EXE = "/proc/self/exe"
@@ -103,50 +101,58 @@ class Syscalls:
         self.enosys: Counter[str] = Counter()
         self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
         self.stdio = set(_STDIO)
-        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        """The program's working directory (a host directory descriptor): it starts as the
-        host's; chdir and fchdir move it, never the host process's own."""
-        self.signals = SignalState()
+        """Which of fds 0, 1 and 2 the program has not closed."""
         self.cloexec: set[int] = set()
         """The program's descriptors with FD_CLOEXEC (kept for F_GETFD: nothing is exec'ed)."""
         self.dirs: dict[int, Directory] = {}
         """The directories the program reads with getdents64, by its fd."""
-        """Which of fds 0, 1 and 2 the program has not closed."""
+        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """The program's working directory (a host directory descriptor): it starts as the
+        host's; chdir and fchdir move it, never the host process's own."""
+        self.signals = SignalState()
+        self.rseq = Rseq()
         self.brk_base = self.brk = brk_base
         self.exe: str | None = None
         """The program ``exec`` ran (what readlink of /proc/self/exe gives), or None."""
-        handlers: dict[int, Callable[..., int]] = {
-            0: self.read, 1: self.write, 3: self.close, 5: self.fstat, 8: self.lseek,
-            9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call, 17: self.pread64,
+        self.cpu: Cpu | None = None
+        self.handlers = {nr: (h, _positional(h)) for nr, h in self._handlers().items()}
+
+    def _handlers(self) -> dict[int, Callable[..., int]]:
+        """What serves each syscall number (the arguments are its registers, in order)."""
+        space, at_cwd = self.space, _AT_FDCWD
+        return {
+            # memory
+            9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call,
             25: self.mremap,
-            16: self.ioctl, 20: self.writev, 21: self.access, 39: lambda: PID, 60: self.exit,
-            63: self.uname, 89: self.readlink, 267: self.readlinkat, 269: self.faccessat,
-            202: self.futex, 158: self.arch_prctl, 186: lambda: PID, 218: lambda _tidptr: PID,
-            231: self.exit, 257: self.openat, 262: self.newfstatat,
-            273: lambda _head, _len: 0, 302: self.prlimit64, 318: self.getrandom,
-            334: self.rseq, 217: self.getdents64,
-            96: functools.partial(sysinfo.gettimeofday, space),
-            201: functools.partial(sysinfo.time_call, space),
-            228: functools.partial(sysinfo.clock_gettime, space),
+            # files and directories, read-only
+            0: self.read, 1: self.write, 2: lambda path, flags, mode: self.openat(
+                at_cwd, path, flags, mode), 3: self.close, 5: self.fstat, 8: self.lseek,
+            16: self.ioctl, 17: self.pread64, 20: self.writev, 21: self.access,
+            72: self.fcntl, 79: self.getcwd, 80: self.chdir, 81: self.fchdir,
+            85: lambda path, mode: self.openat(at_cwd, path, _CREAT_FLAGS, mode),
+            89: self.readlink, 137: self.statfs,
+            138: lambda fd, buf: sysinfo.fstatfs(space, self._any_fd(fd), buf),
             191: functools.partial(self.getxattr, follow=True),
             192: functools.partial(self.getxattr, follow=False),
+            217: self.getdents64, 221: self.fadvise64, 257: self.openat, 262: self.newfstatat,
+            267: self.readlinkat, 269: self.faccessat,
+            # the process, its thread and its signals
             13: functools.partial(self.signals.rt_sigaction, space),
             14: functools.partial(self.signals.rt_sigprocmask, space),
             131: functools.partial(self.signals.sigaltstack, space),
-            62: self.kill, 200: lambda tid, sig: self.kill(tid, sig),
+            39: lambda: PID, 60: self.exit, 62: self.kill, 110: lambda: 1, 186: lambda: PID,
+            200: lambda tid, sig: self.kill(tid, sig),
             234: lambda tgid, tid, sig: self.kill(tid, sig) if c_int(tgid) == PID
             else -errno.ESRCH,
             102: os.getuid, 104: os.getgid, 107: os.geteuid, 108: os.getegid,
-            110: lambda: 1, 79: self.getcwd, 72: self.fcntl, 221: self.fadvise64,
-            80: self.chdir, 81: self.fchdir,
-            2: lambda path, flags, mode: self.openat(_AT_FDCWD, path, flags, mode),
-            85: lambda path, mode: self.openat(_AT_FDCWD, path, _CREAT_FLAGS, mode),
-            137: self.statfs, 138: lambda fd, buf: sysinfo.fstatfs(space, self._any_fd(fd), buf),
-            99: functools.partial(sysinfo.sysinfo, space)}
-        self.handlers = {nr: (h, _positional(h)) for nr, h in handlers.items()}
-        self.cpu: Cpu | None = None
-        self.rseq_area: tuple[int, int, int] | None = None
-        """The thread's registered rseq area: (address, length, signature), or None."""
+            158: self.arch_prctl, 202: self.futex, 218: lambda _tidptr: PID, 231: self.exit,
+            273: lambda _head, _len: 0, 302: self.prlimit64,
+            334: functools.partial(self.rseq.call, space),
+            # the machine
+            63: self.uname, 96: functools.partial(sysinfo.gettimeofday, space),
+            99: functools.partial(sysinfo.sysinfo, space),
+            201: functools.partial(sysinfo.time_call, space),
+            228: functools.partial(sysinfo.clock_gettime, space), 318: self.getrandom}
 
     def close_all(self) -> None:
         """Close the host descriptors the program still holds."""
@@ -215,44 +221,6 @@ class Syscalls:
         if word != val & 0xFFFF_FFFF:
             return -errno.EAGAIN
         return -errno.ETIMEDOUT if timeout else -errno.EINTR
-
-    def rseq(self, area: int, length: int, flags: int, sig: int) -> int:
-        """rseq(2) as Linux 6.x checks it: register the thread's area (once: the same one
-        again is EBUSY, another EINVAL, a wrong signature EPERM) or, with
-        RSEQ_FLAG_UNREGISTER, unregister it. A registered area gets cpu_id_start, cpu_id,
-        node_id and mm_cid (all 0: one CPU); an unregistered one cpu_id -1. Nothing ever
-        preempts the one thread, so no critical section is ever aborted. (Linux sends
-        SIGSEGV when the area cannot be written; here that is -EFAULT.)"""
-        length, sig, flags = length & 0xFFFF_FFFF, sig & 0xFFFF_FFFF, flags & 0xFFFF_FFFF
-        if flags & _RSEQ_UNREGISTER:
-            if flags != _RSEQ_UNREGISTER or self.rseq_area is None or \
-                    self.rseq_area[:2] != (area, length):
-                return -errno.EINVAL
-            if self.rseq_area[2] != sig:
-                return -errno.EPERM
-            self._rseq_update(area, cpu=0xFFFF_FFFF)
-            self.rseq_area = None
-            return 0
-        if flags:
-            return -errno.EINVAL
-        if self.rseq_area is not None:
-            if self.rseq_area[:2] != (area, length):
-                return -errno.EINVAL
-            return -errno.EPERM if self.rseq_area[2] != sig else -errno.EBUSY
-        if not _rseq_area_fits(area, length):
-            return -errno.EINVAL
-        if area + length > self.space.task_size:
-            return -errno.EFAULT
-        self._rseq_update(area, cpu=0)
-        self.rseq_area = (area, length, sig)
-        return 0
-
-    def _rseq_update(self, area: int, cpu: int) -> None:
-        """What Linux writes into an area it registers (on the way back to user space) or
-        unregisters: cpu_id_start 0, cpu_id ``cpu`` (0, the one CPU; -1 when unregistered),
-        node_id and mm_cid 0."""
-        self.space.write(area, struct.pack("<II", 0, cpu))
-        self.space.write(area + 20, struct.pack("<II", 0, 0))
 
     def uname(self, buf: int) -> int:
         """struct utsname: the host's, with the node name "vmsim"."""
@@ -662,13 +630,6 @@ def _stat_bytes(st: Any) -> bytes:
                       int(st.st_atime), st.st_atime_ns % 10**9, int(st.st_mtime),
                       st.st_mtime_ns % 10**9, int(st.st_ctime), st.st_ctime_ns % 10**9)
 
-
-def _rseq_area_fits(area: int, length: int) -> bool:
-    """Linux's check of a new rseq area: the original 32 bytes aligned to 32, or at least the
-    features this kernel knows (AT_RSEQ_FEATURE_SIZE) aligned to AT_RSEQ_ALIGN."""
-    if length == _RSEQ_ORIG_SIZE:
-        return area % _RSEQ_ORIG_SIZE == 0
-    return length >= RSEQ_FEATURE_SIZE and area % RSEQ_ALIGN == 0
 
 
 def _positional(handler: Callable[..., int]) -> int:
