@@ -328,7 +328,8 @@ class LinkMap:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
         with _about(found, self._members):
-            obj = map_object(found.path, self.mm, host_tls=self.host)
+            obj = map_object(found.path, self.mm, host_tls=self.host,
+                             parsed=found.info.parsed if found.info else None)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)

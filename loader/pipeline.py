@@ -8,6 +8,7 @@ init and fini functions) is the backend's declared capability ``Mmap.runs_code``
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import stat
@@ -18,7 +19,7 @@ from typing import NamedTuple, NoReturn
 
 import numpy as np
 
-from loader.elf import ElfImage, FileBytes, MemoryBytes, parse_image
+from loader.elf import ElfImage, FileBytes, MemoryBytes, ParsedFile, file_identity, parse_image
 from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
@@ -147,6 +148,10 @@ class _Source:
     fd: int | None
     label: str
     stamp: tuple[int, int] | None = None
+    identity: tuple[int, int, int, int] | None = None
+    """``file_identity`` of the open file (None for bytes)."""
+    image: ElfImage | None = None
+    """The headers parsed already, from ``data`` (``_reuse``), or None."""
 
 
 def _stamp(fd: int) -> tuple[int, int]:
@@ -184,7 +189,19 @@ def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> _S
         os.close(fd)
         raise
     return _Source(FileBytes(fd, st.st_size, label), fd, label,
-                   (st.st_size, st.st_mtime_ns))
+                   (st.st_size, st.st_mtime_ns), file_identity(st))
+
+
+def _reuse(src: _Source, parsed: ParsedFile | None, page_size: int) -> _Source:
+    """``src`` reading through ``parsed``'s image (which then reads from ``src``'s fd) when
+    that image was parsed from this very file (same ``file_identity``) at ``page_size``;
+    else ``src`` itself (``_parse`` parses it)."""
+    if parsed is None or src.identity is None or src.fd is None or \
+            parsed.identity != src.identity or parsed.image.page_size != page_size or \
+            not isinstance(parsed.image.data, FileBytes):
+        return src
+    parsed.image.data.reopen(src.fd, src.label)
+    return dataclasses.replace(src, data=parsed.image.data, image=parsed.image)
 
 
 def _file_change(src: _Source) -> ElfFileError | None:
@@ -421,7 +438,7 @@ def _parse(src: _Source, page_size: int) -> tuple[ElfImage, DynamicTables]:
     goes (``FileBytes``), so an error met while the file changed (a table cut short by a
     truncation, say) is the ElfFileError of that change, not a complaint about the bytes."""
     try:
-        image = parse_image(src.data, page_size)
+        image = src.image or parse_image(src.data, page_size)
         return image, parse_tables(image)
     except ElfError as exc:
         changed = _file_change(src)
@@ -466,20 +483,24 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
 
 
 def map_object(source: str | os.PathLike[str] | bytes, mm: TracingMmap, *,
-               base: int | None = None, host_tls: bool = False) -> LoadedObject:
+               base: int | None = None, host_tls: bool = False,
+               parsed: ParsedFile | None = None) -> LoadedObject:
     """The first stage of a load, for a process image (``loader.LinkMap``) that maps a
     whole closure before it relocates any of it: open, parse and check, plan, reserve and
     map. Nothing is relocated, protected or run. ``host_tls``: the caller runs the TLS of
-    this object on the host. Bad input raises an ElfError kind with nothing mapped. The
-    file stays open (relocation reads addends from it): ``obj.close_file()`` closes it."""
+    this object on the host. ``parsed``: the search's parse of the file (``ObjectInfo``),
+    whose headers are reused when the file opened now is the same (``_reuse``). Bad input
+    raises an ElfError kind with nothing mapped. The file stays open (relocation reads
+    addends from it): ``obj.close_file()`` closes it."""
     src = _open(source)
     try:
-        parsed = _checked(src, mm, SILENT, host_tls=host_tls)
-        obj = _map(src, parsed, mm, base, SILENT)
+        src = _reuse(src, parsed, mm.page_size)
+        checked = _checked(src, mm, SILENT, host_tls=host_tls)
+        obj = _map(src, checked, mm, base, SILENT)
     except BaseException:
         _close(src)
         raise
-    obj.classified = parsed.classified
+    obj.classified = checked.classified
     obj.close_file = functools.partial(_close, src)
     return obj
 
