@@ -410,6 +410,10 @@ VERNEED = struct.Struct("<HHIII")      # vn_version vn_cnt vn_file vn_aux vn_nex
 VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name vna_next
 
 
+_CLAIMS_CHUNK = 2048
+"""Bytes of a version table read at once: its records lie together (tens of bytes each)."""
+
+
 class _Claims:
     """The bytes of one version table (from its tag to the end of its PT_LOAD's file bytes)
     already read. Every chained record is read once: a link that leads outside those bytes,
@@ -417,7 +421,7 @@ class _Claims:
     ElfDynamicError naming the link. So the walks cost at most one step per record the bytes
     can hold (plus one shared leaf per definition).
 
-    Each record is read from the file when reached (the image's reads share windows), and
+    The bytes are read a chunk at a time (``_CLAIMS_CHUNK`` from the record reached), and
     the claimed records are kept as sorted [start, end) offsets: the span runs on over the
     relocation tables (half a megabyte in libcrypto), which neither a whole read nor a
     byte map of it should cost."""
@@ -427,6 +431,15 @@ class _Claims:
         self.room = _file_bytes_from(image, start)
         self.starts: list[int] = []
         self.ends: list[int] = []
+        self.chunk_at, self.chunk = 0, memoryview(b"")
+
+    def _bytes(self, off: int, size: int, link: str) -> memoryview:
+        """The record bytes ``[off, off+size)`` of the span (inside it: checked), from the
+        chunk read last, or from a new chunk starting there."""
+        if not self.chunk_at <= off <= self.chunk_at + len(self.chunk) - size:
+            length = min(self.room - off, max(size, _CLAIMS_CHUNK))
+            self.chunk_at, self.chunk = off, _table(self.image, self.start + off, length, link)
+        return self.chunk[off - self.chunk_at: off - self.chunk_at + size]
 
     def _claim(self, off: int, size: int, link: str, vaddr: int) -> None:
         """Mark ``[off, off+size)`` read; ElfDynamicError when it overlaps a claimed record."""
@@ -450,7 +463,7 @@ class _Claims:
                                   f"{self.start:#x}")
         if not shared:
             self._claim(off, layout.size, link, vaddr)
-        return layout.unpack(_table(self.image, vaddr, layout.size, link))
+        return layout.unpack(self._bytes(off, layout.size, link))
 
 
 def _check_version_count(image: ElfImage, tags: dict[int, int], tag: int, num_tag: int,
