@@ -221,6 +221,18 @@ class ParsedFile:
     image: ElfImage
     identity: tuple[int, int, int, int]
 
+    def image_for(self, fd: int, st: os.stat_result, label: str,
+                  page_size: int) -> ElfImage | None:
+        """The image, reading from ``fd`` (``st`` its fstat, opened as ``label``) from now
+        on, when it was parsed from that very file (same ``file_identity``) at
+        ``page_size``; else None (parse it afresh)."""
+        data = self.image.data
+        if self.identity != file_identity(st) or self.image.page_size != page_size or \
+                not isinstance(data, FileBytes):
+            return None
+        data.reopen(fd, label)
+        return self.image
+
 
 def _parse_header(data: ElfBytes) -> dict[str, Any]:
     """Check the identification bytes and read the ELF header (a dict of its fields)."""

@@ -251,7 +251,7 @@ class LinkMap:
             info = read_object(row.path)
             if info is None:
                 continue
-            m = _Member(Resident(row, info.soname or os.path.basename(row.path)),
+            m = _Member(Resident(row, info.soname or os.path.basename(row.path), info.parsed),
                         Found(row.path, row.path, "loaded", None, info))
             m.startup = True
             self._members.append(m)

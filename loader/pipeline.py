@@ -19,7 +19,7 @@ from typing import NamedTuple, NoReturn
 
 import numpy as np
 
-from loader.elf import ElfImage, FileBytes, MemoryBytes, ParsedFile, file_identity, parse_image
+from loader.elf import ElfBytes, ElfImage, FileBytes, MemoryBytes, ParsedFile, parse_image
 from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
@@ -144,12 +144,10 @@ class _Source:
     bytes given), the open fd (None for bytes), a label, and the (size, mtime) it had when
     opened, to notice a change during the load."""
 
-    data: FileBytes | MemoryBytes
+    data: ElfBytes
     fd: int | None
     label: str
     stamp: tuple[int, int] | None = None
-    identity: tuple[int, int, int, int] | None = None
-    """``file_identity`` of the open file (None for bytes)."""
     image: ElfImage | None = None
     """The headers parsed already, from ``data`` (``_reuse``), or None."""
 
@@ -189,19 +187,18 @@ def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> _S
         os.close(fd)
         raise
     return _Source(FileBytes(fd, st.st_size, label), fd, label,
-                   (st.st_size, st.st_mtime_ns), file_identity(st))
+                   (st.st_size, st.st_mtime_ns))
 
 
 def _reuse(src: _Source, parsed: ParsedFile | None, page_size: int) -> _Source:
-    """``src`` reading through ``parsed``'s image (which then reads from ``src``'s fd) when
-    that image was parsed from this very file (same ``file_identity``) at ``page_size``;
-    else ``src`` itself (``_parse`` parses it)."""
-    if parsed is None or src.identity is None or src.fd is None or \
-            parsed.identity != src.identity or parsed.image.page_size != page_size or \
-            not isinstance(parsed.image.data, FileBytes):
+    """``src`` reading through ``parsed``'s image (``ParsedFile.image_for``: the same file,
+    unchanged) when there is one; else ``src`` itself (``_parse`` parses it)."""
+    if parsed is None or src.fd is None:
         return src
-    parsed.image.data.reopen(src.fd, src.label)
-    return dataclasses.replace(src, data=parsed.image.data, image=parsed.image)
+    image = parsed.image_for(src.fd, os.fstat(src.fd), src.label, page_size)
+    if image is None:
+        return src
+    return dataclasses.replace(src, data=image.data, image=image)
 
 
 def _file_change(src: _Source) -> ElfFileError | None:

@@ -71,3 +71,25 @@ def test_a_file_rewritten_in_place_is_parsed_again(tmp_path: Path) -> None:
     obj = _mapped(lib, info.parsed)
     assert obj.image is not info.parsed.image
     assert obj.name == "libm.so.6"
+
+
+def test_image_for_wants_the_same_file_and_page_size(tmp_path: Path) -> None:
+    """``image_for`` hands the image over (reading from the new fd) only for the file it
+    was parsed from and the page size it was parsed at."""
+    lib = tmp_path / "libz.so.1"
+    shutil.copyfile(LIBZ, lib)
+    other = tmp_path / "libm.so.6"
+    shutil.copyfile(LIBM, other)
+    info = read_object(str(lib))
+    assert info is not None and info.parsed is not None
+    parsed = info.parsed
+    for path, page_size, want in ((other, parsed.image.page_size, False),
+                                  (lib, 4 * parsed.image.page_size, False),
+                                  (lib, parsed.image.page_size, True)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = parsed.image_for(fd, os.fstat(fd), str(path), page_size)
+            assert (got is parsed.image) is want
+            assert got is None or bytes(got.data.read(0, 4)) == b"\x7fELF"
+        finally:
+            os.close(fd)
