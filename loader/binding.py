@@ -20,6 +20,7 @@ from loader.elfdefs import MASK64, SHN, STB, STT, st_bind, st_type, versym_index
 from loader.mmap import Mmap
 from loader.reloc import TlsLayout
 from loader.scope import (
+    STV_DEFAULT,
     STV_HIDDEN,
     STV_INTERNAL,
     STV_PROTECTED,
@@ -175,7 +176,7 @@ class ScopeResolver(Resolver):
             return np.zeros(len(needed), dtype=bool)
         syms = self.me.obj.tables.symtab[needed]
         plain: npt.NDArray[np.bool_] = (st_bind(syms["st_info"]) != int(STB.LOCAL)) & \
-            ~np.isin(syms["st_other"] & 3, [STV_HIDDEN, STV_INTERNAL, STV_PROTECTED]) & \
+            ((syms["st_other"] & 3) == STV_DEFAULT) & \
             ~self.classes.copy[needed]
         if self.overrides:
             plain &= np.array([name not in self.overrides for name in names], dtype=bool)

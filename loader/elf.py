@@ -123,6 +123,16 @@ class FileBytes:
         """Forget the fd (its owner closes it): no read touches the file from now on."""
         self.fd = None
 
+    def reopen(self, fd: int, label: str) -> None:
+        """Read from ``fd`` (the same file opened again, as ``label``: the caller checked
+        that it is, ``file_identity``) where no window was read yet."""
+        self.fd, self.label = fd, label
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(st_dev, st_ino, st_size, st_mtime_ns): the same file, unchanged, has the same."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:
@@ -199,6 +209,29 @@ class ElfImage:
             if seg.p_vaddr <= vaddr and vaddr + length <= seg.p_vaddr + seg.p_filesz:
                 return seg.p_offset + (vaddr - seg.p_vaddr)
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFile:
+    """An ``ElfImage`` parsed from a file (its ``FileBytes`` closed since) and the file's
+    ``file_identity`` when it was opened. ``loader.search`` keeps one per object it finds,
+    so that mapping the object (``loader.pipeline.map_object``) parses no header twice: it
+    reuses the image when the file it opens has the same identity."""
+
+    image: ElfImage
+    identity: tuple[int, int, int, int]
+
+    def image_for(self, fd: int, st: os.stat_result, label: str,
+                  page_size: int) -> ElfImage | None:
+        """The image, reading from ``fd`` (``st`` its fstat, opened as ``label``) from now
+        on, when it was parsed from that very file (same ``file_identity``) at
+        ``page_size``; else None (parse it afresh)."""
+        data = self.image.data
+        if self.identity != file_identity(st) or self.image.page_size != page_size or \
+                not isinstance(data, FileBytes):
+            return None
+        data.reopen(fd, label)
+        return self.image
 
 
 def _parse_header(data: ElfBytes) -> dict[str, Any]:

@@ -251,7 +251,7 @@ class LinkMap:
             info = read_object(row.path)
             if info is None:
                 continue
-            m = _Member(Resident(row, info.soname or os.path.basename(row.path)),
+            m = _Member(Resident(row, info.soname or os.path.basename(row.path), info.parsed),
                         Found(row.path, row.path, "loaded", None, info))
             m.startup = True
             self._members.append(m)
@@ -328,7 +328,8 @@ class LinkMap:
         """Map one object (not relocated) and enter it in the link map."""
         assert found.path is not None
         with _about(found, self._members):
-            obj = map_object(found.path, self.mm, host_tls=self.host)
+            obj = map_object(found.path, self.mm, host_tls=self.host,
+                             parsed=found.info.parsed if found.info else None)
         obj.name = found.info.soname if found.info and found.info.soname else \
             os.path.basename(found.path)
         member = _Member(obj, found)

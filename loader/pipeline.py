@@ -8,6 +8,7 @@ init and fini functions) is the backend's declared capability ``Mmap.runs_code``
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import stat
@@ -18,7 +19,7 @@ from typing import NamedTuple, NoReturn
 
 import numpy as np
 
-from loader.elf import ElfImage, FileBytes, MemoryBytes, parse_image
+from loader.elf import ElfBytes, ElfImage, FileBytes, MemoryBytes, ParsedFile, parse_image
 from loader.elfdefs import ADDR_SIZE, DF, DT, ET, MASK64, PF, R_X86_64, STT, st_type
 from loader.errors import (
     ElfDynamicError,
@@ -143,10 +144,12 @@ class _Source:
     bytes given), the open fd (None for bytes), a label, and the (size, mtime) it had when
     opened, to notice a change during the load."""
 
-    data: FileBytes | MemoryBytes
+    data: ElfBytes
     fd: int | None
     label: str
     stamp: tuple[int, int] | None = None
+    image: ElfImage | None = None
+    """The headers parsed already, from ``data`` (``_reuse``), or None."""
 
 
 def _stamp(fd: int) -> tuple[int, int]:
@@ -185,6 +188,17 @@ def _open(source: str | os.PathLike[str] | bytes | bytearray | memoryview) -> _S
         raise
     return _Source(FileBytes(fd, st.st_size, label), fd, label,
                    (st.st_size, st.st_mtime_ns))
+
+
+def _reuse(src: _Source, parsed: ParsedFile | None, page_size: int) -> _Source:
+    """``src`` reading through ``parsed``'s image (``ParsedFile.image_for``: the same file,
+    unchanged) when there is one; else ``src`` itself (``_parse`` parses it)."""
+    if parsed is None or src.fd is None:
+        return src
+    image = parsed.image_for(src.fd, os.fstat(src.fd), src.label, page_size)
+    if image is None:
+        return src
+    return dataclasses.replace(src, data=image.data, image=image)
 
 
 def _file_change(src: _Source) -> ElfFileError | None:
@@ -421,7 +435,7 @@ def _parse(src: _Source, page_size: int) -> tuple[ElfImage, DynamicTables]:
     goes (``FileBytes``), so an error met while the file changed (a table cut short by a
     truncation, say) is the ElfFileError of that change, not a complaint about the bytes."""
     try:
-        image = parse_image(src.data, page_size)
+        image = src.image or parse_image(src.data, page_size)
         return image, parse_tables(image)
     except ElfError as exc:
         changed = _file_change(src)
@@ -466,20 +480,24 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
 
 
 def map_object(source: str | os.PathLike[str] | bytes, mm: TracingMmap, *,
-               base: int | None = None, host_tls: bool = False) -> LoadedObject:
+               base: int | None = None, host_tls: bool = False,
+               parsed: ParsedFile | None = None) -> LoadedObject:
     """The first stage of a load, for a process image (``loader.LinkMap``) that maps a
     whole closure before it relocates any of it: open, parse and check, plan, reserve and
     map. Nothing is relocated, protected or run. ``host_tls``: the caller runs the TLS of
-    this object on the host. Bad input raises an ElfError kind with nothing mapped. The
-    file stays open (relocation reads addends from it): ``obj.close_file()`` closes it."""
+    this object on the host. ``parsed``: the search's parse of the file (``ObjectInfo``),
+    whose headers are reused when the file opened now is the same (``_reuse``). Bad input
+    raises an ElfError kind with nothing mapped. The file stays open (relocation reads
+    addends from it): ``obj.close_file()`` closes it."""
     src = _open(source)
     try:
-        parsed = _checked(src, mm, SILENT, host_tls=host_tls)
-        obj = _map(src, parsed, mm, base, SILENT)
+        src = _reuse(src, parsed, mm.page_size)
+        checked = _checked(src, mm, SILENT, host_tls=host_tls)
+        obj = _map(src, checked, mm, base, SILENT)
     except BaseException:
         _close(src)
         raise
-    obj.classified = parsed.classified
+    obj.classified = checked.classified
     obj.close_file = functools.partial(_close, src)
     return obj
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from loader.elf import ElfImage, FileBytes, parse_image
+from loader.elf import ElfImage, FileBytes, ParsedFile, parse_image
 from loader.elfdefs import PHDR_DTYPE, PT
 from loader.pages import HOST_PAGE_SIZE, page_round_up
 from loader.reloc import RelocOutcome, TlsLayout
@@ -105,8 +105,9 @@ class Resident:
     runs_code = True
     classified = None
 
-    def __init__(self, row: ProcessObject, name: str) -> None:
+    def __init__(self, row: ProcessObject, name: str, parsed: ParsedFile | None = None) -> None:
         self.path, self.name = row.path, name
+        self.parsed = parsed
         self.load_bias, self.span = row.bias, row.span
         self.tls_modid = row.tls_modid
         self.tls_offset: int | None = None
@@ -118,14 +119,20 @@ class Resident:
 
     @functools.cached_property
     def _parsed(self) -> tuple[ElfImage, DynamicTables]:
+        """Its headers and tables, read from its file now: the headers the search parsed
+        (``parsed``) when the file is still that one (``ParsedFile.image_for``)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = FileBytes(fd, os.fstat(fd).st_size, self.path)
+            st = os.fstat(fd)
+            image = None if self.parsed is None else \
+                self.parsed.image_for(fd, st, self.path, HOST_PAGE_SIZE)
+            data = FileBytes(fd, st.st_size, self.path) if image is None else image.data
             try:
-                image = parse_image(data, HOST_PAGE_SIZE)
+                image = image or parse_image(data, HOST_PAGE_SIZE)
                 return image, parse_tables(image)
             finally:
-                data.close()
+                if isinstance(data, FileBytes):
+                    data.close()
         finally:
             os.close(fd)
 

@@ -67,7 +67,7 @@ from loader.tables import DynamicTables
 __all__ = ["Definition", "Definitions", "LookupStep", "Scope", "ScopeIndex", "ScopeObject",
            "lookup", "visibility"]
 
-STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 1, 2, 3
+STV_DEFAULT, STV_INTERNAL, STV_HIDDEN, STV_PROTECTED = 0, 1, 2, 3
 _DECIDING_BINDS = frozenset((int(STB.GLOBAL), int(STB.WEAK), int(STB.GNU_UNIQUE)))
 _SETTLING_BINDS = np.isin(np.arange(16), [int(STB.GLOBAL), int(STB.WEAK)])
 """Per st_bind (4 bits): a binding that settles a lookup by itself (``_settled``)."""

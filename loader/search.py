@@ -57,7 +57,7 @@ from typing import Literal
 
 import numpy as np
 
-from loader.elf import ElfImage, FileBytes, parse_image
+from loader.elf import ElfImage, FileBytes, ParsedFile, file_identity, parse_image
 from loader.elfdefs import DT
 from loader.errors import ElfDependencyError, ElfDynamicError, ElfError, ElfHeaderError
 from loader.ldcache import LdCache
@@ -135,6 +135,8 @@ class ObjectInfo:
     interp: str | None
     file_id: tuple[int, int]
     dynamic: bool = True
+    parsed: ParsedFile | None = field(default=None, compare=False, repr=False)
+    """The image the search parsed, for the map to reuse (``ParsedFile``)."""
 
 
 @dataclass(slots=True)
@@ -203,8 +205,9 @@ def _interp(image: ElfImage) -> str | None:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _info(image: ElfImage, path: str, file_id: tuple[int, int]) -> ObjectInfo:
-    """The search's view of a parsed image."""
+def _info(image: ElfImage, path: str, identity: tuple[int, int, int, int]) -> ObjectInfo:
+    """The search's view of a parsed image, read from the file of ``identity``
+    (``file_identity``)."""
     tags, needed = read_dynamic(image)
     strtab = read_strtab(image, tags)
     one = [t for t in (DT.SONAME, DT.RPATH, DT.RUNPATH) if t in tags]
@@ -215,8 +218,9 @@ def _info(image: ElfImage, path: str, file_id: tuple[int, int]) -> ObjectInfo:
                       needed=tuple(names[: len(needed)]),
                       rpath=None if runpath is not None else single.get(DT.RPATH),
                       runpath=runpath, nodeflib=bool(tags.get(DT.FLAGS_1, 0) & _DF_1_NODEFLIB),
-                      interp=_interp(image), file_id=file_id,
-                      dynamic=image.dynamic is not None)
+                      interp=_interp(image), file_id=identity[:2],
+                      dynamic=image.dynamic is not None,
+                      parsed=ParsedFile(image, identity))
 
 
 def read_object(path: str) -> ObjectInfo | None:
@@ -231,7 +235,7 @@ def read_object(path: str) -> ObjectInfo | None:
         if not _probe(fd, path):
             return None
         data = FileBytes(fd, st.st_size, path)
-        info = _info(parse_image(data, HOST_PAGE_SIZE), path, (st.st_dev, st.st_ino))
+        info = _info(parse_image(data, HOST_PAGE_SIZE), path, file_identity(st))
         data.close()
         return info
     finally:

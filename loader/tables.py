@@ -8,6 +8,7 @@ table is bounds-checked against the PT_LOAD that holds it.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -409,17 +410,46 @@ VERNEED = struct.Struct("<HHIII")      # vn_version vn_cnt vn_file vn_aux vn_nex
 VERNAUX = struct.Struct("<IHHII")      # vna_hash vna_flags vna_other vna_name vna_next
 
 
+_CLAIMS_CHUNK = 2048
+"""Bytes of a version table read at once: its records lie together (tens of bytes each)."""
+
+
 class _Claims:
     """The bytes of one version table (from its tag to the end of its PT_LOAD's file bytes)
     already read. Every chained record is read once: a link that leads outside those bytes,
     or onto a record already read (a loop, or two chains sharing entries), is an
     ElfDynamicError naming the link. So the walks cost at most one step per record the bytes
-    can hold (plus one shared leaf per definition)."""
+    can hold (plus one shared leaf per definition).
+
+    The bytes are read a chunk at a time (``_CLAIMS_CHUNK`` from the record reached), and
+    the claimed records are kept as sorted [start, end) offsets: the span runs on over the
+    relocation tables (half a megabyte in libcrypto), which neither a whole read nor a
+    byte map of it should cost."""
 
     def __init__(self, image: ElfImage, start: int, tag: str) -> None:
-        self.start, self.tag = start, tag
-        self.used = bytearray(_file_bytes_from(image, start))
-        self.bytes = _table(image, start, len(self.used), tag) if self.used else b""
+        self.image, self.start, self.tag = image, start, tag
+        self.room = _file_bytes_from(image, start)
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.chunk_at, self.chunk = 0, memoryview(b"")
+
+    def _bytes(self, off: int, size: int, link: str) -> memoryview:
+        """The record bytes ``[off, off+size)`` of the span (inside it: checked), from the
+        chunk read last, or from a new chunk starting there."""
+        if not self.chunk_at <= off <= self.chunk_at + len(self.chunk) - size:
+            length = min(self.room - off, max(size, _CLAIMS_CHUNK))
+            self.chunk_at, self.chunk = off, _table(self.image, self.start + off, length, link)
+        return self.chunk[off - self.chunk_at: off - self.chunk_at + size]
+
+    def _claim(self, off: int, size: int, link: str, vaddr: int) -> None:
+        """Mark ``[off, off+size)`` read; ElfDynamicError when it overlaps a claimed record."""
+        i = bisect.bisect_right(self.starts, off)
+        if (i and self.ends[i - 1] > off) or (i < len(self.starts) and
+                                              self.starts[i] < off + size):
+            raise ElfDynamicError(link, vaddr, "a record not read before (this link "
+                                  "loops back, or shares or overlaps another record)")
+        self.starts.insert(i, off)
+        self.ends.insert(i, off + size)
 
     def read(self, vaddr: int, layout: struct.Struct, link: str, *,
              shared: bool = False) -> tuple[int, ...]:
@@ -427,16 +457,13 @@ class _Claims:
         ``shared``: a leaf record that several others may point at (a Verdaux: linkers share
         one between definitions of the same name); it is read, not claimed."""
         off = vaddr - self.start
-        if not 0 <= off <= len(self.used) - layout.size:
+        if not 0 <= off <= self.room - layout.size:
             raise ElfDynamicError(link, vaddr, f"[{link}, +{layout.size}) inside the "
-                                  f"{len(self.used):#x} file bytes from {self.tag} "
+                                  f"{self.room:#x} file bytes from {self.tag} "
                                   f"{self.start:#x}")
         if not shared:
-            if self.used.find(1, off, off + layout.size) >= 0:
-                raise ElfDynamicError(link, vaddr, "a record not read before (this link "
-                                      "loops back, or shares or overlaps another record)")
-            self.used[off: off + layout.size] = b"\1" * layout.size
-        return layout.unpack_from(self.bytes, off)
+            self._claim(off, layout.size, link, vaddr)
+        return layout.unpack(self._bytes(off, layout.size, link))
 
 
 def _check_version_count(image: ElfImage, tags: dict[int, int], tag: int, num_tag: int,
