@@ -62,7 +62,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("vmsim.space",)),
     ("CPU", "vmsim.Process: Unicorn with vmsim as its MMU, the simulator as its kernel",
      ("vmsim.cpu", "vmsim.syscalls", "vmsim.sysinfo", "vmsim.dirents", "vmsim.signals",
-      "vmsim.rseq", "vmsim.process", "vmsim.execve")),
+      "vmsim.rseq", "vmsim.memcalls", "vmsim.process", "vmsim.execve")),
     ("fuzzing kit", "ELF writer, strategies, properties, campaign",
      ("vmsim.fuzz", "vmsim.fuzz.*", "vmsim.strategies", "loader.strategies",
       "vmsim._hypothesis_plugin")),

@@ -129,3 +129,50 @@ def test_tools_of_this_machine_with_relative_paths(tmp_path: Path, argv: list[st
             assert (status, proc.stdout) == (real.returncode, real.stdout)
     finally:
         os.chdir(before)
+
+
+SLEEP_AND_NULL = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    struct timespec a, b, nap = {0, 100 * 1000 * 1000};
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int slept = nanosleep(&nap, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    long ms = (b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
+    printf("nanosleep %d at least 100 ms %d\n", slept, ms >= 100);
+    struct timespec bad = {0, 2000000000L};
+    printf("bad timespec %d\n", nanosleep(&bad, NULL));
+    int null = open("/dev/null", O_WRONLY);
+    printf("null open %d write %zd\n", null >= 0, write(null, "gone", 4));
+    return 0;
+}
+"""
+
+
+def test_sleeping_and_writing_to_dev_null_as_natively(tmp_path: Path) -> None:
+    (tmp_path / "t.c").write_text(SLEEP_AND_NULL)
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")],
+                   check=True)
+    real = subprocess.run([str(tmp_path / "t")], capture_output=True, timeout=60, check=True)
+    assert b"at least 100 ms 1" in real.stdout and b"write 4" in real.stdout
+    with vmsim.Process(timeout=60) as proc:
+        assert proc.exec(tmp_path / "t") == 0
+        assert proc.stdout == real.stdout
+
+
+def test_git_opens_dev_null_for_writing() -> None:
+    """git refuses to start when /dev/null cannot be opened read-write."""
+    real = subprocess.run(["/usr/bin/git", "--version"], capture_output=True, timeout=60,
+                          check=True)
+    with vmsim.Process(timeout=60) as proc:
+        assert proc.exec("/usr/bin/git", argv=["git", "--version"]) == 0
+        assert proc.stdout == real.stdout
+
+
+def test_a_long_sleep_ends_at_the_time_limit() -> None:
+    with vmsim.Process(timeout=1.0) as proc:
+        with pytest.raises(TimeoutError):
+            proc.exec("/usr/bin/sleep", argv=["sleep", "30"])

@@ -287,6 +287,12 @@ class Cpu:
 
     # ---- running
 
+    @property
+    def stopping(self) -> bool:
+        """The run passed its time limit or was interrupted (Ctrl-C) and stops at the next
+        chance: a syscall that waits asks this to stop waiting."""
+        return self._timed_out or self._interrupted
+
     def _time_up(self, interrupted: bool) -> None:
         """The watchdog's stop: the run passed its time limit, or Ctrl-C came."""
         if interrupted:

@@ -3,19 +3,22 @@
 Part of ``vmsim``'s process layer: :class:`Syscalls` serves the ``syscall`` instructions of
 a :class:`~vmsim.cpu.Cpu` (``vmsim.process`` wires them), reading its registers as Linux's
 x86-64 entry does (number in rax, arguments in rdi, rsi, rdx, r10, r8, r9, result in rax,
-``-errno`` on failure). Memory calls (mmap, munmap, mprotect, mremap, brk) go through the
-same ``vmsim.kernel.Kernel`` calls as the ``Mmap`` methods of :class:`~vmsim.AddressSpace`; the
-program's own memory is read and written as user-mode accesses (a fault is ``-EFAULT``).
+``-errno`` on failure). Memory calls (``vmsim.memcalls``: mmap, munmap, mprotect, mremap; brk
+here) go through the same ``vmsim.kernel.Kernel`` calls as the ``Mmap`` methods of
+:class:`~vmsim.AddressSpace`; the program's own memory is read and written as user-mode
+accesses (a fault is ``-EFAULT``). The host's clocks and file-system figures come from
+``vmsim.sysinfo``, signal dispositions from ``vmsim.signals``, rseq from ``vmsim.rseq``.
 
 Host files are reachable read-only and only through descriptors of the program's own table:
-openat refuses any write access (EACCES), read/pread64/lseek/fstat/newfstatat/close work on
-what openat returned; fds 0, 1 and 2 are a closed stdin and two captured outputs (pipes to
-fstat, ENOTTY to ioctl). The host's /proc is refused (EACCES: its processes' memory is
-there) but for the process's own ``/proc/self/maps``, which the simulator writes. access and
-readlink answer from the host's files (write access: EACCES), /proc/self/exe is the program
-``exec`` ran. Anything else returns ``-ENOSYS`` and is counted by name.
+openat refuses any write access (EACCES) but to /dev/null, whose writes go nowhere;
+read/pread64/lseek/fstat/newfstatat/getdents64/close work on what openat returned; fds 0, 1
+and 2 are a closed stdin and two captured outputs (pipes to fstat, ENOTTY to ioctl). Relative
+paths start at the process's own working directory (chdir, fchdir), never the host's. The
+host's /proc is refused (EACCES: its processes' memory is there) but for the process's own
+``/proc/self/maps``, which the simulator writes. access and readlink answer from the host's
+files (write access: EACCES), /proc/self/exe is the program ``exec`` ran. Anything else
+returns ``-ENOSYS`` and is counted by name.
 """
-
 from __future__ import annotations
 
 import errno
@@ -32,7 +35,7 @@ from typing import Any
 
 from loader.mmap import MmapError
 from loader.pages import page_round_up
-from vmsim import sysinfo
+from vmsim import memcalls, sysinfo
 from vmsim.cpu import Cpu, Stop
 from vmsim.dirents import Directory
 from vmsim.fault import Fault
@@ -59,8 +62,8 @@ _RLIMITS = {0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STA
             4: "RLIMIT_CORE", 5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE",
             8: "RLIMIT_MEMLOCK", 9: "RLIMIT_AS"}
 _STDIO = (0, 1, 2)
-_FUTEX_CMD = 0x7F   # the operation, without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
-_FUTEX_WAITS, _FUTEX_WAKES = (0, 9), (1, 10)   # WAIT, WAIT_BITSET; WAKE, WAKE_BITSET
+_NULL_DEVICE = os.makedev(1, 3)
+_CLOCK_MONOTONIC = 1
 _CREAT_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_TRUNC   # creat(2) is this openat
 _FD_LIMIT = 1 << 20   # fs.nr_open's default: no descriptor number reaches it
 _F_DUPFD, _F_GETFD, _F_SETFD, _F_GETFL, _F_DUPFD_CLOEXEC = 0, 1, 2, 3, 1030
@@ -76,15 +79,15 @@ SYSCALL_NAMES = {
     19: "readv", 20: "writev", 21: "access", 22: "pipe", 24: "sched_yield", 25: "mremap",
     28: "madvise", 32: "dup", 33: "dup2", 35: "nanosleep", 39: "getpid", 41: "socket",
     56: "clone", 57: "fork", 58: "vfork", 59: "execve", 60: "exit", 61: "wait4", 62: "kill",
-    63: "uname", 72: "fcntl", 79: "getcwd", 89: "readlink", 96: "gettimeofday",
-    97: "getrlimit", 102: "getuid", 104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid",
-    80: "chdir", 81: "fchdir", 85: "creat", 99: "sysinfo", 131: "sigaltstack", 137: "statfs",
-    138: "fstatfs", 158: "arch_prctl", 186: "gettid", 200: "tkill",
-    191: "getxattr", 192: "lgetxattr", 201: "time", 202: "futex", 217: "getdents64",
-    218: "set_tid_address", 228: "clock_gettime", 231: "exit_group", 234: "tgkill",
-    257: "openat", 262: "newfstatat", 267: "readlinkat", 273: "set_robust_list",
-    293: "pipe2", 302: "prlimit64", 318: "getrandom", 332: "statx", 334: "rseq",
-    435: "clone3", 439: "faccessat2"}
+    63: "uname", 72: "fcntl", 79: "getcwd", 80: "chdir", 81: "fchdir", 85: "creat",
+    89: "readlink", 96: "gettimeofday", 97: "getrlimit", 99: "sysinfo", 102: "getuid",
+    104: "getgid", 107: "geteuid", 108: "getegid", 110: "getppid", 131: "sigaltstack",
+    137: "statfs", 138: "fstatfs", 158: "arch_prctl", 186: "gettid", 191: "getxattr",
+    192: "lgetxattr", 200: "tkill", 201: "time", 202: "futex", 204: "sched_getaffinity",
+    217: "getdents64", 218: "set_tid_address", 228: "clock_gettime", 230: "clock_nanosleep",
+    231: "exit_group", 234: "tgkill", 257: "openat", 262: "newfstatat", 267: "readlinkat",
+    273: "set_robust_list", 293: "pipe2", 302: "prlimit64", 318: "getrandom", 332: "statx",
+    334: "rseq", 435: "clone3", 439: "faccessat2"}
 """x86-64 syscall numbers, for the names calls are counted by (others: ``syscall_<nr>``)."""
 _ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
@@ -102,6 +105,8 @@ class Syscalls:
         self.fds: dict[int, int] = {}  # the program's fd -> the host's (read-only)
         self.stdio = set(_STDIO)
         """Which of fds 0, 1 and 2 the program has not closed."""
+        self.sinks: set[int] = set()
+        """The program's descriptors of /dev/null opened for writing."""
         self.cloexec: set[int] = set()
         """The program's descriptors with FD_CLOEXEC (kept for F_GETFD: nothing is exec'ed)."""
         self.dirs: dict[int, Directory] = {}
@@ -122,8 +127,12 @@ class Syscalls:
         space, at_cwd = self.space, _AT_FDCWD
         return {
             # memory
-            9: self.mmap, 10: self.mprotect, 11: self.munmap, 12: self.brk_call,
-            25: self.mremap,
+            9: lambda addr, length, prot, flags, fd, off: memcalls.mmap(
+                space, self.fds.get(c_int(fd), -1), addr, length, prot, flags, off),
+            10: functools.partial(memcalls.mprotect, space),
+            11: functools.partial(memcalls.munmap, space), 12: self.brk_call,
+            25: functools.partial(memcalls.mremap, space),
+            202: functools.partial(memcalls.futex, space),
             # files and directories, read-only
             0: self.read, 1: self.write, 2: lambda path, flags, mode: self.openat(
                 at_cwd, path, flags, mode), 3: self.close, 5: self.fstat, 8: self.lseek,
@@ -145,14 +154,23 @@ class Syscalls:
             234: lambda tgid, tid, sig: self.kill(tid, sig) if c_int(tgid) == PID
             else -errno.ESRCH,
             102: os.getuid, 104: os.getgid, 107: os.geteuid, 108: os.getegid,
-            158: self.arch_prctl, 202: self.futex, 218: lambda _tidptr: PID, 231: self.exit,
+            158: self.arch_prctl, 218: lambda _tidptr: PID, 231: self.exit,
             273: lambda _head, _len: 0, 302: self.prlimit64,
             334: functools.partial(self.rseq.call, space),
             # the machine
-            63: self.uname, 96: functools.partial(sysinfo.gettimeofday, space),
+            63: functools.partial(sysinfo.uname, space),
+            96: functools.partial(sysinfo.gettimeofday, space),
             99: functools.partial(sysinfo.sysinfo, space),
             201: functools.partial(sysinfo.time_call, space),
-            228: functools.partial(sysinfo.clock_gettime, space), 318: self.getrandom}
+            228: functools.partial(sysinfo.clock_gettime, space),
+            35: lambda request, remain: sysinfo.clock_nanosleep(
+                space, self._stopping, _CLOCK_MONOTONIC, 0, request, remain),
+            230: functools.partial(sysinfo.clock_nanosleep, space, self._stopping),
+            318: functools.partial(sysinfo.getrandom, space, MAX_IO)}
+
+    def _stopping(self) -> bool:
+        """The CPU's run must stop (time limit, Ctrl-C): a waiting syscall gives up."""
+        return self.cpu is not None and self.cpu.stopping
 
     def close_all(self) -> None:
         """Close the host descriptors the program still holds."""
@@ -206,29 +224,6 @@ class Syscalls:
             return 0
         return -errno.EINVAL
 
-    def futex(self, uaddr: int, op: int, val: int, timeout: int, _uaddr2: int,
-              _val3: int) -> int:
-        """futex(2) for the one thread there is: a wake wakes nobody (0); a wait returns
-        EAGAIN when the word is no longer ``val``, ETIMEDOUT with a timeout, else EINTR (a
-        lone thread would sleep forever: the caller's retry loop runs into the time
-        limit instead); other operations ENOSYS."""
-        cmd = c_int(op) & _FUTEX_CMD
-        if cmd in _FUTEX_WAKES:
-            return 0
-        if cmd not in _FUTEX_WAITS:
-            return -errno.ENOSYS
-        word = int.from_bytes(self.space.read(uaddr, 4), "little")
-        if word != val & 0xFFFF_FFFF:
-            return -errno.EAGAIN
-        return -errno.ETIMEDOUT if timeout else -errno.EINTR
-
-    def uname(self, buf: int) -> int:
-        """struct utsname: the host's, with the node name "vmsim"."""
-        host = os.uname()
-        fields = (host.sysname, "vmsim", host.release, host.version, host.machine, "(none)")
-        self.space.write(buf, b"".join(f.encode()[:64].ljust(65, b"\0") for f in fields))
-        return 0
-
     def prlimit64(self, pid: int, res: int, new: int, old: int) -> int:
         """Read a limit (the host's); setting one is refused (EPERM)."""
         if pid not in (0, PID):
@@ -242,36 +237,7 @@ class Syscalls:
             self.space.write(old, struct.pack("<qq", soft, hard))
         return 0
 
-    def getrandom(self, buf: int, count: int, _flags: int) -> int:
-        """Random bytes from the host (at most MAX_IO a call)."""
-        count = min(count, MAX_IO)
-        self.space.write(buf, os.urandom(count))
-        return count
-
     # ---- memory
-
-    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int, off: int) -> int:
-        """mmap(2) on the simulator's kernel; a file descriptor is the program's own."""
-        host = -1
-        if not c_int(flags) & MAP_ANON:
-            host = self.fds.get(c_int(fd), -1)
-            if host < 0:
-                return -errno.EBADF
-        return self.space.kernel.mmap(addr, length, c_int(prot), c_int(flags), off, host)
-
-    def munmap(self, addr: int, length: int) -> int:
-        """munmap(2) on the simulator's kernel."""
-        self.space.kernel.munmap(addr, length)
-        return 0
-
-    def mprotect(self, addr: int, length: int, prot: int) -> int:
-        """mprotect(2) on the simulator's kernel."""
-        self.space.kernel.mprotect(addr, length, c_int(prot))
-        return 0
-
-    def mremap(self, addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> int:
-        """mremap(2) on the simulator's kernel (its flags are an unsigned long)."""
-        return self.space.kernel.mremap(addr, old_len, new_len, flags, new_addr)
 
     def brk_call(self, addr: int) -> int:
         """brk(2): move the program break (anonymous memory from ``brk_base``); returns the
@@ -332,9 +298,9 @@ class Syscalls:
         but a regular file, a directory or one of ``_HARMLESS_DEVICES`` (a device could read
         the host's memory or block; the open itself never blocks: O_NONBLOCK)."""
         flags = c_int(flags)
-        if flags & _WRITE_FLAGS:
-            return -errno.EACCES
         name = self._path(path)
+        if flags & _WRITE_FLAGS and not self._is_null(dirfd, name):
+            return -errno.EACCES
         if name in _PROC_MAPS:
             return self._install(self._maps_file())
         base = self._dir_fd(dirfd, name)
@@ -343,7 +309,19 @@ class Syscalls:
         if _on_host_proc(host) or not _harmless(host):
             os.close(host)
             return -errno.EACCES
-        return self._install(host)
+        fd = self._install(host)
+        if flags & _WRITE_FLAGS:
+            self.sinks.add(fd)
+        return fd
+
+    def _is_null(self, dirfd: int, name: str) -> bool:
+        """``name`` is the null device (writes to it go nowhere: the one host file a
+        program may open for writing)."""
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd(dirfd, name))
+        except OSError:
+            return False
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == _NULL_DEVICE
 
     def _install(self, host: int, lowest: int = 0) -> int:
         """The program's lowest free descriptor from ``lowest`` for the host's ``host`` (3,
@@ -372,6 +350,7 @@ class Syscalls:
         del self.fds[c_int(fd)]
         self.dirs.pop(c_int(fd), None)
         self.cloexec.discard(c_int(fd))
+        self.sinks.discard(c_int(fd))
         os.close(host)
         return 0
 
@@ -566,8 +545,10 @@ class Syscalls:
     # ---- output
 
     def write(self, fd: int, buf: int, count: int) -> int:
-        """write(2) to fd 1 or 2 (captured, up to MAX_OUTPUT); other descriptors are
-        read-only (EBADF)."""
+        """write(2) to fd 1 or 2 (captured, up to MAX_OUTPUT) or to /dev/null (all taken,
+        nothing kept); other descriptors are read-only (EBADF)."""
+        if c_int(fd) in self.sinks:
+            return count
         out = {1: self.stdout, 2: self.stderr}.get(c_int(fd)) if c_int(fd) in self.stdio \
             else None
         if out is None:

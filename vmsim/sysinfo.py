@@ -16,11 +16,12 @@ import errno
 import os
 import struct
 import time
+from collections.abc import Callable
 
 from vmsim.space import AddressSpace
 
-__all__ = ["CLOCKS", "clock_gettime", "fstatfs", "getxattr", "gettimeofday", "sysinfo",
-           "time_call"]
+__all__ = ["CLOCKS", "clock_gettime", "clock_nanosleep", "fstatfs", "getrandom", "getxattr",
+           "gettimeofday", "sysinfo", "time_call", "uname"]
 
 CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC, 2: time.CLOCK_PROCESS_CPUTIME_ID,
           3: time.CLOCK_THREAD_CPUTIME_ID, 4: time.CLOCK_MONOTONIC_RAW, 5: 5, 6: 6,
@@ -33,6 +34,9 @@ _STATFS_SIZE = 120    # sizeof(struct statfs), x86-64
 _SYSINFO_SIZE = 112   # sizeof(struct sysinfo), x86-64
 _XATTR_NAME_MAX = 255
 _XATTR_MAX = 65536
+_TIMER_ABSTIME = 1
+_NAP = 0.05
+"""A sleep is taken in naps this long (seconds), so a time limit or Ctrl-C ends it soon."""
 """XATTR_SIZE_MAX: the longest value Linux hands out."""
 
 
@@ -98,4 +102,40 @@ def sysinfo(space: AddressSpace, buf: int) -> int:
     if _LIBC.sysinfo(out) != 0:
         return -ctypes.get_errno()
     space.write(buf, out.raw)
+    return 0
+
+
+def uname(space: AddressSpace, buf: int) -> int:
+    """struct utsname: the host's, with the node name "vmsim"."""
+    host = os.uname()
+    fields = (host.sysname, "vmsim", host.release, host.version, host.machine, "(none)")
+    space.write(buf, b"".join(f.encode()[:64].ljust(65, b"\0") for f in fields))
+    return 0
+
+
+def getrandom(space: AddressSpace, limit: int, buf: int, count: int, _flags: int) -> int:
+    """Random bytes from the host (at most ``limit`` a call)."""
+    count = min(count, limit)
+    space.write(buf, os.urandom(count))
+    return count
+
+
+def clock_nanosleep(space: AddressSpace, stopping: Callable[[], bool], clock: int,
+                    flags: int, request: int, remain: int) -> int:
+    """clock_nanosleep(2), and nanosleep (CLOCK_MONOTONIC, as Linux): the host sleeps, in
+    short naps; when the run must stop (``stopping``: its time limit, Ctrl-C) the sleep ends
+    early with EINTR and, for a relative sleep, the time left in ``remain``. EINVAL for a
+    bad clock or timespec."""
+    host = CLOCKS.get(clock)
+    seconds, nanoseconds = struct.unpack("<qq", space.read(request, 16))
+    if host is None or seconds < 0 or not 0 <= nanoseconds < 1_000_000_000:
+        return -errno.EINVAL
+    wanted = seconds * 1_000_000_000 + nanoseconds
+    deadline = wanted if flags & _TIMER_ABSTIME else _nanoseconds(host) + wanted
+    while (left := deadline - _nanoseconds(host)) > 0:
+        if stopping():
+            if remain and not flags & _TIMER_ABSTIME:
+                space.write(remain, struct.pack("<qq", *divmod(left, 1_000_000_000)))
+            return -errno.EINTR
+        time.sleep(min(left / 1e9, _NAP))
     return 0
