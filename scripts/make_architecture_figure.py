@@ -44,12 +44,11 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("loader.compare",)),
     ("host backend", "mmap/mprotect/munmap of this process",
      ("loader.libc",)),
-    ("host process", "this process's own objects; dynamic TLS, TLS descriptors and "
-     ".eh_frame registration for ours", ("loader.resident", "loader.hosttls", "loader.ehframe")),
+    ("host process", "this process's own objects; dynamic TLS and .eh_frame for ours",
+     ("loader.resident", "loader.hosttls", "loader.ehframe")),
     ("library search", "DT_NEEDED names to files as ld.so finds them; ld.so.cache",
      ("loader.search", "loader.ldcache")),
-    ("process image", "a closure as ld.so builds it: scope, bindings, TLS, init order, "
-     "ld.so's start-up state for libc",
+    ("process image", "a closure as ld.so builds it: scope, bindings, TLS, init, start-up",
      ("loader.linkmap", "loader.scope", "loader.binding", "loader.tls", "loader.rtld_start")),
     ("supervisor", "run a function in a forked child, under bounds",
      ("loader.isolate",)),
